@@ -1,0 +1,444 @@
+"""End-to-end merge benchmark: fusemerge side by side with mergekit 0.1.5.
+
+The one question: how long does a whole merge of a synthetic Llama-shaped model take (wall
+time of the whole process, imports included), how much anonymous memory does it need at peak,
+and at what rate does it consume its inputs (input GB/s = bytes of all input safetensors /
+wall time), compared with mergekit on the same machine and the same YAML?
+
+Both tools run as subprocesses on the same config, after the page cache has been warmed the
+same way (every input file read once). A monitor thread samples RssAnon and VmRSS from
+/proc/<pid>/status every ~5 ms over the child and all its descendants (summed over the tree);
+ru_maxrss comes from os.wait4 on the child (it counts file-backed mmap pages too). Outputs of
+the two tools are compared tensor by tensor (fraction of elements more than 1 ulp apart in the
+output dtype). Rows are appended to a CSV so the history stays. GB = 10^9 bytes.
+
+Setup (mergekit lives in its own venv; always pin torch first so pip does not pull another one):
+
+    python3 -m venv /work/mk-venv
+    /work/mk-venv/bin/pip install torch==2.13.0
+    /work/mk-venv/bin/pip install mergekit==0.1.5
+
+Run (from the repository root; models are generated once under --workdir and reused):
+
+    python bench/e2e.py --method ties --density 0.2 --experts 4
+    python bench/e2e.py --hidden 256 --intermediate 688 --layers 2 --vocab 4000   # a quick check
+    python bench/e2e.py --tools mergekit                                            # mergekit only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
+
+GB = 1e9
+SAMPLE_S = 0.005  # memory sampling period
+RESCAN_EVERY = 10  # look for new descendants every 10 samples (~50 ms): scanning /proc costs ~1 ms
+READ_CHUNK = 16 << 20  # bytes per read() when warming the page cache
+DENSITY_METHODS = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--method", default="ties")
+    p.add_argument("--density", type=float, default=0.2)
+    p.add_argument("--experts", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--intermediate", type=int, default=2816)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtype", default="bfloat16", help="dtype of the synthetic models and of the merge output")
+    p.add_argument("--merge-dtype", default=None, help="config `dtype:` (mergekit computes in it); default --dtype")
+    p.add_argument("--input-shard-size", type=int, default=None, help="shard the input models (bytes)")
+    p.add_argument("--out-shard-size", type=int, default=5_000_000_000, help="bytes, passed to both tools")
+    p.add_argument("--seed", type=int, default=0, help="DARE seed, passed to both tools")
+    p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-bench-e2e")
+    p.add_argument("--mergekit-venv", type=Path, default=Path("/work/mk-venv"))
+    p.add_argument("--fusemerge-args", default="", help="extra arguments for `fusemerge run`, e.g. '--max-memory 2GiB'")
+    p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml, e.g. '--lazy-unpickle'")
+    p.add_argument("--tools", default="fusemerge,mergekit", help="comma-separated subset of fusemerge,mergekit")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--no-compare", action="store_true", help="skip the output comparison")
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "e2e.csv")
+    return p.parse_args(argv)
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    ram_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram_gib": f"{ram_kb / 2**20:.1f}"}
+
+
+def version_of(python: Path | str, package: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        if package == "fusemerge":  # not installed: the checkout's pyproject
+            text = (REPO / "pyproject.toml").read_text()
+            return next(line.split('"')[1] for line in text.splitlines() if line.startswith("version")) + " (src)"
+        return "n/a"
+
+
+def ensure_models(args: argparse.Namespace) -> dict:
+    """Generate the synthetic family once per shape; reuse it when family.json matches."""
+    dtype = getattr(torch, args.dtype)
+    key = f"llama-h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}-e{args.experts}-{args.dtype}"
+    root = args.workdir / (key + (f"-s{args.input_shard_size}" if args.input_shard_size else ""))
+    shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, vocab=args.vocab)
+    meta = root / "family.json"
+    if meta.exists():
+        spec = json.loads(meta.read_text())["spec"]
+        if all(spec[k] == v for k, v in shape.items()) and spec["n_experts"] == args.experts:
+            print(f"models: reusing {root}")
+            experts = [root / f"expert_{i}" for i in range(1, args.experts + 1)]
+            return {"base": root / "base", "experts": experts}
+    print(f"models: generating {root} ...", flush=True)
+    t0 = time.perf_counter()
+    fam = make_llama_family(root, n_experts=args.experts, dtype=dtype, shard_bytes=args.input_shard_size, **shape)
+    print(f"models: {fam['total_bytes'] / GB:.2f} GB in {time.perf_counter() - t0:.1f} s")
+    return fam
+
+
+def read_all(files: list[Path]) -> float:
+    """Read every file once (warms the page cache); returns the elapsed seconds."""
+    buf = bytearray(READ_CHUNK)
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+class TreeMonitor(threading.Thread):
+    """Samples the summed RssAnon / VmRSS (bytes) of a process and all its descendants."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root, self.pids, self.stop = pid, {pid}, threading.Event()
+        self.peak_anon = self.peak_rss = 0
+
+    def _descendants(self) -> set[int]:
+        parent: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        found, frontier = {self.root}, [self.root]
+        while frontier:
+            p = frontier.pop()
+            kids = [c for c, pp in parent.items() if pp == p and c not in found]
+            found.update(kids)
+            frontier += kids
+        return found
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            if n % RESCAN_EVERY == 0:
+                self.pids |= self._descendants()
+            n += 1
+            anon = rss = 0
+            for pid in list(self.pids):
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("RssAnon:"):
+                            anon += int(line.split()[1]) * 1024
+                        elif line.startswith("VmRSS:"):
+                            rss += int(line.split()[1]) * 1024
+                except OSError:
+                    self.pids.discard(pid)
+            self.peak_anon, self.peak_rss = max(self.peak_anon, anon), max(self.peak_rss, rss)
+            time.sleep(SAMPLE_S)
+
+
+def timed_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
+    """Run `cmd`; wall time, sampled peaks and ru_maxrss (from wait4) of that child alone."""
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        mon = TreeMonitor(proc.pid)
+        mon.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        mon.stop.set()
+        mon.join()
+    return {
+        "rc": proc.returncode,
+        "wall": wall,
+        "anon": mon.peak_anon,
+        "rss": mon.peak_rss,
+        "maxrss": usage.ru_maxrss * 1024,
+        "cpu": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def model_tensors(d: Path) -> dict[str, Path]:
+    return {name: f for f in sorted(d.glob("*.safetensors")) for name in safe_open(f, "pt").keys()}
+
+
+def tie_mask(name: str, fam: dict, density: float) -> torch.Tensor:
+    """Where any expert's |delta| equals its TIES trim threshold (the k-th largest |delta|, k = max(1, int(d n)))."""
+    tensors = [model_tensors(Path(d)) for d in [fam["base"], *fam["experts"]]]
+    with safe_open(tensors[0][name], "pt") as fh:
+        base = fh.get_tensor(name).float()
+    mask = torch.zeros(base.shape, dtype=torch.bool)
+    k = max(1, int(density * base.numel()))
+    for files in tensors[1:]:
+        with safe_open(files[name], "pt") as fh:
+            mag = fh.get_tensor(name).float().sub_(base).abs_()
+        if k < mag.numel():
+            mask |= mag == mag.flatten().kthvalue(mag.numel() - k + 1).values
+    return mask
+
+
+def compare_outputs(a: Path, b: Path, ties: tuple[dict, float] | None = None) -> str:
+    """Fraction of elements more than 1 ulp (of the output dtype) apart, tensor by tensor.
+
+    With `ties` = (family, density), also counts the differing elements that are not at a trim
+    threshold tie of any expert (for TIES, the only place where the tools may legitimately differ).
+    """
+    ta, tb = model_tensors(a), model_tensors(b)
+    if ta.keys() != tb.keys():
+        return (
+            f"tensor names differ: only in {a.name}: {sorted(ta.keys() - tb.keys())[:5]}, "
+            f"only in {b.name}: {sorted(tb.keys() - ta.keys())[:5]}"
+        )
+    total = over = equal = off_tie = 0
+    worst, max_abs = ("", 0.0), 0.0
+    for name in sorted(ta):
+        with safe_open(ta[name], "pt") as fa, safe_open(tb[name], "pt") as fb:
+            xa, xb = fa.get_tensor(name), fb.get_tensor(name)
+        if xa.shape != xb.shape or xa.dtype != xb.dtype:
+            return f"{name}: {tuple(xa.shape)} {xa.dtype} vs {tuple(xb.shape)} {xb.dtype}"
+        mant = round(-torch.log2(torch.tensor(torch.finfo(xa.dtype).eps)).item())  # stored mantissa bits
+        xa, xb = xa.float(), xb.float()
+        diff = (xa - xb).abs()
+        _, exp = torch.frexp(torch.maximum(xa.abs(), xb.abs()))
+        ulp = torch.ldexp(torch.ones(()), (exp - 1 - mant).clamp(min=-149).float())
+        n_over = int((diff > ulp).sum())
+        total, over, equal = total + xa.numel(), over + n_over, equal + int((diff == 0).sum())
+        max_abs = max(max_abs, float(diff.max()))
+        if n_over / xa.numel() > worst[1]:
+            worst = (name, n_over / xa.numel())
+        if ties is not None and bool((diff > 0).any()):
+            off_tie += int(((diff > 0) & ~tie_mask(name, *ties)).sum())
+    text = (
+        f"{over / total:.3e} of {total} elements differ by > 1 ulp ({1 - equal / total:.3e} differ at all, "
+        f"max |diff| {max_abs:.3g}; worst tensor {worst[0] or '-'} {worst[1]:.3e})"
+    )
+    if ties is not None:
+        text += f"; differing elements not at a trim-threshold tie of any expert: {off_tie}"
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    notes: list[str] = []
+    mk_yaml = args.mergekit_venv / "bin" / "mergekit-yaml"
+    if "mergekit" in tools and not mk_yaml.exists():
+        notes.append(f"mergekit skipped: {mk_yaml} does not exist (see the module docstring for its venv)")
+        tools.remove("mergekit")
+    if "fusemerge" in tools and not (REPO / "fusemerge" / "cli.py").exists():
+        notes.append("fusemerge skipped: fusemerge/cli.py does not exist yet")
+        tools.remove("fusemerge")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    fam = ensure_models(args)
+    inputs = sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
+    input_bytes = sum(f.stat().st_size for f in inputs)
+    params = {"density": args.density} if args.method in DENSITY_METHODS else {}
+    merge_dtype = args.merge_dtype or args.dtype
+    params["dtype"] = merge_dtype
+    if merge_dtype != args.dtype:
+        params["out_dtype"] = args.dtype
+    config = args.workdir / f"{args.method}.yml"
+    write_config_yaml(config, args.method, fam["base"], fam["experts"], **params)
+    read_all(inputs)
+    ceiling = input_bytes / read_all(inputs) / GB  # warm page-cache read rate: the end-to-end ceiling
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    cmds = {
+        "fusemerge": [
+            sys.executable,
+            "-m",
+            "fusemerge",
+            "run",
+            str(config),
+            str(args.workdir / "out-fusemerge"),
+            "--quiet",
+            "--overwrite",
+            "--device",
+            args.device,
+            "--out-shard-size",
+            str(args.out_shard_size),
+            "--seed",
+            str(args.seed),
+            *shlex.split(args.fusemerge_args),
+        ],
+        "mergekit": [
+            str(mk_yaml),
+            str(config),
+            str(args.workdir / "out-mergekit"),
+            "--quiet",
+            "--out-shard-size",
+            str(args.out_shard_size),
+            "--random-seed",
+            str(args.seed),
+            *(["--cuda"] if args.device == "cuda" else []),
+            *shlex.split(args.mergekit_args),
+        ],
+    }
+    runs: dict[str, list[dict]] = {t: [] for t in tools}
+    for rep in range(args.repeats):
+        for tool in tools:
+            shutil.rmtree(args.workdir / f"out-{tool}", ignore_errors=True)
+            read_all(inputs)  # page cache: warm, the same for every tool and repeat
+            load = os.getloadavg()[0]
+            r = timed_run(cmds[tool], args.workdir / f"{tool}.log", env)
+            r["load"] = load
+            print(
+                f"{tool} run {rep + 1}/{args.repeats}: rc {r['rc']}, {r['wall']:.2f} s, "
+                f"peak anon {r['anon'] / GB:.2f} GB, load {load:.2f}",
+                flush=True,
+            )
+            if r["rc"] != 0:
+                tail = (args.workdir / f"{tool}.log").read_text()[-3000:]
+                notes.append(f"{tool} failed (exit {r['rc']}); log tail:\n{tail}")
+                break
+            runs[tool].append(r)
+    summary = {}
+    for tool, rs in runs.items():
+        if rs:
+            wall = statistics.median(r["wall"] for r in rs)
+            summary[tool] = {
+                "wall": wall,
+                "cpu": statistics.median(r["cpu"] for r in rs),
+                **{key: max(r[key] for r in rs) for key in ("anon", "rss", "maxrss", "load")},
+                "gbps": input_bytes / wall / GB,
+            }
+    parity = ""
+    if not args.no_compare and len(summary) == 2:
+        ties = (fam, args.density) if args.method == "ties" else None
+        parity = compare_outputs(args.workdir / "out-fusemerge", args.workdir / "out-mergekit", ties)
+    mk_python = args.mergekit_venv / "bin" / "python"
+    versions = {
+        "fusemerge": version_of(sys.executable, "fusemerge"),
+        "torch": torch.__version__,
+        "mergekit": version_of(mk_python, "mergekit") if mk_yaml.exists() else "n/a",
+        "mergekit_torch": version_of(mk_python, "torch") if mk_yaml.exists() else "n/a",
+    }
+    m = machine()
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(
+        f"\n## e2e: {args.method} (density {args.density}), {args.experts} experts, Llama h{args.hidden} "
+        f"i{args.intermediate} L{args.layers} V{args.vocab} {args.dtype} (merge dtype {merge_dtype})\n\n"
+        f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; device {args.device}; load avg (1 min) "
+        "before the runs: " + ", ".join(f"{t} {s['load']:.2f}" for t, s in summary.items()) + "\n"
+        f"- versions: fusemerge {versions['fusemerge']}, mergekit {versions['mergekit']}, torch {versions['torch']} "
+        f"(mergekit venv: torch {versions['mergekit_torch']}); date {date}\n"
+        f"- command: `{command}`"
+    )
+    for tool in runs:
+        print(f"- {tool}: `{shlex.join(cmds[tool])}`")
+    print(
+        f"- inputs: {len(inputs)} files, {input_bytes / GB:.3f} GB; page cache: warm (inputs read once before each "
+        f"run); warm read ceiling {ceiling:.2f} GB/s\n\n"
+        f"| tool | wall s (median of {args.repeats}) | CPU s | peak anon GB | peak RSS GB | ru_maxrss GB | input GB/s "
+        "| of read ceiling |\n|---|---|---|---|---|---|---|---|"
+    )
+    for tool, s in summary.items():
+        print(
+            f"| {tool} | {s['wall']:.2f} | {s['cpu']:.1f} | {s['anon'] / GB:.3f} | {s['rss'] / GB:.3f} "
+            f"| {s['maxrss'] / GB:.3f} | {s['gbps']:.3f} | {s['gbps'] / ceiling:.1%} |"
+        )
+    if len(summary) == 2:
+        f, k = summary["fusemerge"], summary["mergekit"]
+        ratios = [f[key] / k[key] for key in ("wall", "cpu", "anon", "rss", "maxrss", "gbps")]
+        print("| fusemerge / mergekit | " + " | ".join(f"{r:.3f}x" for r in ratios) + " | |")
+    print(
+        "\nwall: whole process (imports included). peak anon / RSS: max over time of the sum over the process "
+        "tree, sampled every ~5 ms; ru_maxrss from wait4 (includes file-backed mmap pages). GB = 10^9 bytes."
+    )
+    if parity:
+        print(f"\noutputs, fusemerge vs mergekit: {parity}")
+    for note in notes:
+        print(f"\nnote: {note}")
+    shape = {k: getattr(args, k) for k in ("method", "density", "experts", "hidden", "intermediate", "layers", "vocab")}
+    rows = [
+        {
+            "date": date,
+            **m,
+            "device": args.device,
+            "tool": tool,
+            "version": versions[tool],
+            "torch": versions["torch" if tool == "fusemerge" else "mergekit_torch"],
+            **shape,
+            "dtype": args.dtype,
+            "merge_dtype": merge_dtype,
+            "repeats": args.repeats,
+            "wall_s": f"{s['wall']:.3f}",
+            "cpu_s": f"{s['cpu']:.2f}",
+            "peak_anon_gb": f"{s['anon'] / GB:.4f}",
+            "peak_rss_gb": f"{s['rss'] / GB:.4f}",
+            "ru_maxrss_gb": f"{s['maxrss'] / GB:.4f}",
+            "input_gb": f"{input_bytes / GB:.4f}",
+            "input_gbps": f"{s['gbps']:.4f}",
+            "read_ceiling_gbps": f"{ceiling:.3f}",
+            "load1": f"{s['load']:.2f}",
+            "page_cache": "warm",
+            "parity": parity,
+            "tool_command": shlex.join(cmds[tool]),
+            "command": command,
+        }
+        for tool, s in summary.items()
+    ]
+    if rows:
+        append_csv(args.results, rows)
+    return 1 if any("failed" in n for n in notes) else 0
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows to the results CSV; the header is written when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nappended {len(rows)} row(s) to {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

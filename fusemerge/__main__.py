@@ -1,0 +1,3 @@
+from fusemerge.cli import main
+
+main()

@@ -1,0 +1,207 @@
+"""The `fusemerge` command line: thin click commands over the library.
+
+Exit codes: 0 success, 2 bad input (one line per problem on stderr), 1 anything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import click
+
+from fusemerge import __version__
+from fusemerge.errors import FusemergeError, InputError
+from fusemerge.sizes import format_size
+
+log = logging.getLogger("fusemerge")
+
+
+def _fail(problems: list[str], code: int) -> None:
+    for p in problems:
+        click.echo(f"fusemerge: error: {p}", err=True)
+    sys.exit(code)
+
+
+def _handle_errors(fn):
+    """Turn library errors into the documented exit codes and one-line messages."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        verbose = click.get_current_context().find_root().params.get("verbose", 0) or kwargs.get("verbose", 0)
+        try:
+            return fn(*args, **kwargs)
+        except InputError as e:
+            _fail(e.problems, 2)
+        except FusemergeError as e:
+            _fail([str(e)], 1)
+        except MemoryError:
+            _fail(["out of memory: lower --max-memory or use a machine with more memory"], 1)
+        except OSError as e:
+            _fail([f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"], 1)
+        except KeyboardInterrupt:
+            _fail(["interrupted; nothing was written to the output directory"], 130)
+        except Exception as e:  # a bug: say so, with the traceback when asked
+            if verbose:
+                traceback.print_exc()
+            _fail([f"internal error: {type(e).__name__}: {e} (run with -v for the traceback; please report it)"], 1)
+
+    return wrapper
+
+
+def _plan_options(fn):
+    options = [
+        click.option("--device", default="auto", show_default=True,
+                     help="Where the math runs: auto (first GPU, else CPU), cpu, cuda, cuda:N."),
+        click.option("--cuda", "cuda_flag", is_flag=True, help="mergekit's alias for --device cuda."),
+        click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
+                     help="auto: Triton kernels on CUDA, torch elsewhere; triton on CPU runs the interpreter (slow)."),
+        click.option("--max-memory", default=None,
+                     help="Working-memory bound on the compute device, e.g. 512MiB, 8GiB (default: a safe "
+                          "fraction of what is free). Tensors larger than fits are processed in chunks."),
+        click.option("--out-shard-size", default="5GB", show_default=True, help="Bytes per output shard."),
+        click.option("--seed", type=int, default=None, help="DARE seed (default 0)."),
+        click.option("--random-seed", type=int, default=None, help="mergekit's alias for --seed."),
+        click.option("--workers", type=int, default=None, help="Tensors merged at once (default: 2 on CPU, 1 on GPU)."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, random_seed, workers) -> dict:
+    if seed is not None and random_seed is not None and seed != random_seed:
+        raise InputError(f"--seed {seed} and --random-seed {random_seed} disagree")
+    return dict(device="cuda" if cuda_flag else device, backend=backend, max_memory=max_memory,
+                out_shard_size=out_shard_size, seed=seed if seed is not None else (random_seed or 0), workers=workers)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="fusemerge")
+@click.option("-v", "--verbose", count=True, help="More logging (-v: per-stage times).")
+def main(verbose: int) -> None:
+    """Merge fine-tuned LLM checkpoints from mergekit YAML configs, streaming, in bounded memory."""
+    logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+                        format="%(message)s")
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@_plan_options
+@click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
+              help="Copy tokenizer files from the base model (or tokenizer_source).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty OUT_DIR.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("-v", "--verbose", count=True, help="Print per-stage times.")
+@_handle_errors
+def run(config, out_dir, copy_tokenizer, overwrite, quiet, verbose, **opts) -> None:
+    """Merge the models of CONFIG (mergekit YAML) into OUT_DIR (Hugging Face layout)."""
+    from fusemerge.merge import run as run_merge
+    from fusemerge.planner import build_plan
+
+    plan = build_plan(config, **_plan_kwargs(**opts))
+    for w in plan.warnings:
+        click.echo(f"fusemerge: warning: {w}", err=True)
+    if verbose:
+        click.echo(plan.summary(), err=True)
+    bar = None if quiet else _progress_bar(plan.input_bytes)
+    try:
+        result = run_merge(config, out_dir, plan=plan, copy_tokenizer=copy_tokenizer, overwrite=overwrite,
+                           progress=bar.update if bar else None)
+    finally:
+        if bar:
+            bar.close()
+    if verbose:
+        t = result.times
+        click.echo(f"stage seconds (summed over {plan.workers} worker(s)): read {t.read:.2f}, statistics "
+                   f"{t.stats:.2f}, merge {t.merge:.2f}, write {t.write:.2f}", err=True)
+    if not quiet:
+        click.echo(f"merged {len(plan.tensors)} tensors ({format_size(result.input_bytes)} in, "
+                   f"{format_size(result.output_bytes)} out) in {result.seconds:.1f} s "
+                   f"({result.input_gbps:.2f} GB/s) -> {result.out_dir}")
+
+
+class _Progress:
+    """A thread-safe tqdm byte counter (bytes/s and ETA)."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+                         dynamic_ncols=True, file=sys.stderr)
+        self._lock = threading.Lock()
+
+    def update(self, n: int) -> None:
+        with self._lock:
+            self._bar.update(n)
+
+    def close(self) -> None:
+        self._bar.close()
+
+
+def _progress_bar(total: int) -> _Progress:
+    return _Progress(total)
+
+
+@main.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@_plan_options
+@_handle_errors
+def plan(config, **opts) -> None:
+    """Validate CONFIG and every input it names, print the plan, merge nothing."""
+    from fusemerge.planner import build_plan
+
+    p = build_plan(config, **_plan_kwargs(**opts))
+    click.echo(p.summary())
+    click.echo("plan OK: every model, tensor, shape, dtype and parameter checked")
+
+
+@main.command()
+@click.argument("path", type=click.Path())
+@click.option("--tensors/--no-tensors", default=True, show_default=True, help="List every tensor.")
+@_handle_errors
+def inspect(path, tensors) -> None:
+    """Show the tensors, dtypes, shapes, shards and parameter count of a model directory or file."""
+    from fusemerge.streaming.model_index import open_model
+
+    model = open_model(Path(path))
+    entries = sorted(model.tensors.values(), key=lambda e: e.name)
+    if tensors:
+        width = max((len(e.name) for e in entries), default=4)
+        many = len(model.files) > 1
+        for e in entries:
+            shard = f"  {e.file.name}" if many else ""
+            click.echo(f"{e.name:<{width}}  {e.dtype:<5} {str(list(e.shape)):<20}{shard}")
+        click.echo("")
+    dtypes = ", ".join(f"{k} x{v}" for k, v in sorted(model.dtype_counts().items()))
+    click.echo(f"model       {model.path}")
+    click.echo(f"shards      {len(model.files)}")
+    click.echo(f"tensors     {len(entries)} ({dtypes})")
+    click.echo(f"parameters  {model.num_parameters:,}")
+    click.echo(f"size        {format_size(model.total_bytes)}")
+    if model.config:
+        arch = model.config.get("architectures") or [model.config.get("model_type", "?")]
+        click.echo(f"config      {arch[0]}, {model.config.get('num_hidden_layers', '?')} layers, "
+                   f"torch_dtype {model.config.get('torch_dtype', '?')}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False), default="fusemerge-demo")
+@click.option("--method", default="ties", show_default=True, help="Merge method to demonstrate.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("-q", "--quiet", is_flag=True)
+@_handle_errors
+def demo(out_dir, method, device, quiet) -> None:
+    """Make a small base model and three experts in OUT_DIR, merge them, print a summary."""
+    from fusemerge.demo import run_demo
+
+    run_demo(Path(out_dir), method=method, device=device, echo=(lambda s: None) if quiet else click.echo)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,839 @@
+"""mergekit YAML -> a validated `MergeConfig`, and per-tensor parameter resolution.
+
+A config file is the one users already feed to `mergekit-yaml`:
+
+    merge_method: ties
+    base_model: ./base
+    models:
+      - model: ./math
+        parameters: {weight: 1.0, density: [0.2, 0.6]}     # a gradient over the layers
+      - model: ./code
+        parameters:
+          density:
+            - {filter: mlp, value: 0.3}                      # first matching rule wins
+            - value: 0.5                                     # no filter: matches every tensor
+    parameters: {lambda: 1.0, normalize: true}
+    dtype: bfloat16
+
+`load_config` reports every problem it finds at once (an `InputError`, one line per problem, each
+naming the key, e.g. `config.yml: models[1].parameters.density: 1.5 is outside (0, 1]`).
+
+Parameter values follow mergekit (`mergekit/config.py`, `mergekit/parameter_resolver.py`):
+a value is a scalar, a gradient (a list of scalars, interpolated over the layer stack) or a list of
+`{filter, value}` rules (a single rule may also be written without the list). A per-model value
+that does not apply to a tensor (no rule matches) falls back to the top-level `parameters:`, then
+to the method's default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fusemerge.errors import InputError
+from fusemerge.methods import METHODS, Method, ParamDef
+
+TOP_LEVEL_KEYS = (
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+    "name",
+)
+
+# mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
+MERGEKIT_ONLY_METHODS = (
+    "slerp",
+    "nuslerp",
+    "multislerp",
+    "karcher",
+    "model_stock",
+    "passthrough",
+    "della",
+    "della_linear",
+    "sce",
+    "arcee_fusion",
+    "nearswap",
+    "ram",
+    "ramplus_tl",
+)
+
+# Every spelling a user may write for the supported dtypes -> the canonical torch name.
+DTYPE_ALIASES: dict[str, str] = {
+    "float32": "float32",
+    "fp32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+}
+
+TRIM_SCOPES = ("tensor", "global")
+
+# Parameters mergekit accepts that change nothing in fusemerge's float32 math. `int8_mask` only picks
+# the dtype of mergekit's sign mask (mergekit/merge_methods/generalized_task_arithmetic.py:42, :127);
+# it is accepted (global-only, a bool) so mergekit configs load unchanged, and otherwise ignored.
+MERGEKIT_NOOP_PARAMS = ("int8_mask",)
+
+_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+_UNSET: Any = object()
+
+
+# --------------------------------------------------------------------------------------------------
+# The config objects
+
+
+@dataclass
+class ModelRef:
+    """One model of the config.
+
+    model:      the path exactly as written in the YAML.
+    path:       that path made absolute against the current working directory at load time (as
+                mergekit does: it opens the string as written, mergekit/common.py:161), `~` expanded.
+    parameters: the per-model `parameters:` as written (unresolved scalars, gradients, rules).
+    """
+
+    model: str
+    path: Path
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge config; build it with `load_config`.
+
+    models are the inputs the method combines, in order: for delta methods the experts (the base is
+    not one, even when listed under `models:`); for `linear` every listed model, then the base when
+    it is given and not listed (mergekit appends it, mergekit/plan.py:143-156). `listed_models` keeps
+    the `models:` list as written. `parameters` are the top-level parameters as written.
+
+    >>> cfg = load_config({"merge_method": "ties", "base_model": "b",
+    ...                    "models": [{"model": "b"}, {"model": "e", "parameters": {"density": 0.3}}]})
+    >>> [m.model for m in cfg.models], cfg.param("density", "model.layers.0.mlp.weight", 0)
+    (['e'], 0.3)
+    """
+
+    method: Method
+    base_model: ModelRef | None
+    models: list[ModelRef]
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    trim_scope: str = "tensor"
+    listed_models: list[ModelRef] = field(default_factory=list)
+    source_path: Path | None = field(default=None, compare=False)
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def param(self, name: str, tensor_name: str, expert: int | None = None,
+              num_layers: int | None = None) -> float | bool | str:
+        """The value of parameter `name` for one tensor and one input model.
+
+        Looks up the model's own `parameters:` (models[expert], when the parameter may be set per
+        model), then the top-level `parameters:`, then the method's default. A source whose rules do
+        not match `tensor_name` counts as unset. Floats come back as Python floats. `expert=None`
+        for whole-merge parameters such as `lambda` and `normalize`.
+
+        >>> cfg = load_config({"merge_method": "task_arithmetic", "base_model": "b",
+        ...                    "models": [{"model": "e", "parameters": {"weight": [0, 1]}}]})
+        >>> cfg.param("weight", "model.layers.2.mlp.weight", 0, num_layers=5), cfg.param("lambda", "x", None)
+        (0.5, 1.0)
+        """
+        if name == "trim_scope":
+            return self.trim_scope
+        pdef = self.method.params.get(name)
+        if pdef is None:
+            raise KeyError(f"{self.method.name} has no parameter {name!r}")
+        sources: list[Mapping[str, Any]] = []
+        if expert is not None and pdef.per_model:
+            sources.append(self.models[expert].parameters)
+        sources.append(self.parameters)
+        for source in sources:
+            if name in source:
+                value = resolve(source[name], tensor_name, num_layers, default=_UNSET)
+                if value is not _UNSET:
+                    return _as_kind(pdef, value)
+        return _as_kind(pdef, pdef.default)
+
+    @property
+    def label(self) -> str:
+        """How problem lines name this config: the file as given to load_config, or "config" for a dict."""
+        return str(self.source_path) if self.source_path is not None else "config"
+
+    @property
+    def output_dtype(self) -> str | None:
+        """`out_dtype`, else `dtype`; None means "the base model's dtype" (decided when the model is read)."""
+        return self.out_dtype or self.dtype
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML data, in canonical form (dtype aliases spelled out, `tokenizer:` folded
+        into `tokenizer_source`)."""
+        out: dict[str, Any] = {}
+        if self.name is not None:
+            out["name"] = self.name
+        out["merge_method"] = self.method.name
+        if self.base_model is not None:
+            out["base_model"] = self.base_model.model
+        models = []
+        for ref in self.listed_models:
+            entry: dict[str, Any] = {"model": ref.model}
+            if ref.parameters:
+                entry["parameters"] = _plain(ref.parameters)
+            models.append(entry)
+        out["models"] = models
+        if self.parameters:
+            out["parameters"] = _plain(self.parameters)
+        for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
+
+    def to_yaml(self) -> str:
+        """The config as YAML (for `fusemerge_config.yml`); `load_config` of it gives an equal config.
+
+        >>> print(load_config({"merge_method": "linear", "models": [{"model": "a"}], "dtype": "bf16"}).to_yaml())
+        merge_method: linear
+        models:
+        - model: a
+        dtype: bfloat16
+        <BLANKLINE>
+        """
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=120)
+
+
+# --------------------------------------------------------------------------------------------------
+# Parameter resolution
+
+
+def layer_index(tensor_name: str) -> int | None:
+    """The layer number in `.layers.N.` / `.h.N.` / `.blocks.N.`, or None outside the layer stack.
+
+    >>> layer_index("model.layers.12.mlp.up_proj.weight"), layer_index("transformer.h.3.attn.c_attn.weight")
+    (12, 3)
+    >>> layer_index("model.embed_tokens.weight") is None
+    True
+    """
+    match = _LAYER_RE.search(tensor_name)
+    return int(match.group(1)) if match else None
+
+
+def infer_num_layers(tensor_names: Iterable[str], model_config: Mapping[str, Any] | None = None) -> int | None:
+    """L for gradients: `num_hidden_layers` from config.json, else the largest layer index + 1, else None.
+
+    >>> infer_num_layers(["model.layers.0.a", "model.layers.7.a"]), infer_num_layers([], {"num_hidden_layers": 32})
+    (8, 32)
+    """
+    if model_config is not None:
+        declared = model_config.get("num_hidden_layers")
+        if isinstance(declared, int) and not isinstance(declared, bool) and declared > 0:
+            return declared
+    indices = [i for i in map(layer_index, tensor_names) if i is not None]
+    return max(indices) + 1 if indices else None
+
+
+def gradient_t(tensor_name: str, num_layers: int | None) -> float:
+    """Where a tensor sits on a gradient: t = layer / (L - 1); 0 outside the layer stack and when L == 1.
+
+    >>> gradient_t("model.layers.3.mlp.weight", 7), gradient_t("lm_head.weight", 7)
+    (0.5, 0.0)
+    """
+    layer = layer_index(tensor_name)
+    if layer is None:
+        return 0.0
+    if num_layers is None:
+        raise ValueError(f"{tensor_name}: resolving a gradient needs the number of layers")
+    if layer >= num_layers:
+        raise ValueError(f"{tensor_name}: layer {layer} is past the model's {num_layers} layers")
+    if num_layers <= 1:
+        return 0.0
+    return layer / (num_layers - 1)
+
+
+def interpolate(values: list[Any], t: float) -> float | bool | str:
+    """A gradient's value at t in [0, 1], exactly as mergekit computes it (mergekit/config.py:47-59).
+
+    Numbers are interpolated piecewise-linearly between evenly spaced points; a list holding bools
+    or strings picks the point at or below t instead.
+
+    >>> interpolate([0.0, 1.0, 0.0], 0.25), interpolate([0.2, 0.6], 1.0), interpolate([True, False], 0.9)
+    (0.5, 0.6, True)
+    """
+    if not values:
+        raise ValueError("an empty gradient has no value")
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    if not numeric:
+        return _scalar(values[int(t * (len(values) - 1))])
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return float((1 - frac) * values[i0] + frac * values[i1])
+
+
+def resolve(value: Any, tensor_name: str, num_layers: int | None = None, *, default: Any = None) -> Any:
+    """Resolve one parameter setting (scalar, gradient or filter rules) for one tensor.
+
+    Rules: the first whose `filter` is a substring of `tensor_name` wins; a rule without `filter`
+    (or with `filter: "*"`, as mergekit allows) matches every tensor; a rule's value may itself be a
+    gradient. When no rule matches, `default` is returned. Numbers come back as floats.
+
+    >>> rules = [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.7}]
+    >>> resolve(rules, "model.layers.1.mlp.up.weight", 3), resolve(rules, "model.layers.1.attn.q.weight", 3)
+    (0.5, 0.7)
+    >>> resolve([{"filter": "mlp", "value": 1}], "lm_head.weight", default="unset")
+    'unset'
+    """
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list):
+        if value and all(isinstance(rule, Mapping) for rule in value):
+            for rule in value:
+                flt = rule.get("filter")
+                if flt is None or flt == "*" or flt in tensor_name:
+                    return resolve(rule["value"], tensor_name, num_layers, default=default)
+            return default
+        return interpolate(value, gradient_t(tensor_name, num_layers))
+    return _scalar(value)
+
+
+def _scalar(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return float(value)
+
+
+def _as_kind(pdef: ParamDef, value: Any) -> float | bool | str:
+    if pdef.kind == "float":
+        return float(value)
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# YAML reading and writing
+
+# PyYAML follows YAML 1.1, where `1e-3` (no dot) and `1.5e3` (no exponent sign) are strings. YAML 1.2
+# and every other tool read them as numbers; so do we (`lambda: 1e-3` is a common spelling).
+_EXP_FLOAT_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that records duplicate mapping keys (YAML says they are an error; PyYAML keeps the last)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == _MERGE_TAG:
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable: the base class raises a proper error with the line
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                self.duplicates.append(f"line {line}: duplicate key {key!r} (first set on line {first})")
+            else:
+                seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_Loader.add_implicit_resolver(_FLOAT_TAG, _EXP_FLOAT_RE, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """Lists of numbers (gradients) in flow style, as mergekit writes them (mergekit/config.py:209-219)."""
+
+    def represent_list(self, data: list[Any]) -> yaml.SequenceNode:
+        flow = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in data)
+        return self.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_Dumper.add_representer(list, _Dumper.represent_list)
+# Quote strings such as "1e3" that our loader would otherwise read back as numbers.
+_Dumper.add_implicit_resolver(_FLOAT_TAG, _EXP_FLOAT_RE, list("-+0123456789."))
+
+
+def _plain(value: Any) -> Any:
+    """Deep copy into plain dicts / lists (the dumper does not know other Mapping types)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
+    """Read and validate a mergekit-style YAML config (a file path, or the already-parsed mapping).
+
+    Raises InputError listing every problem at once, each naming its key. Relative model paths are
+    taken relative to the current working directory, as mergekit does.
+
+    >>> cfg = load_config({"merge_method": "dare_ties", "base_model": "base",
+    ...                    "models": [{"model": "a", "parameters": {"density": 0.4}}]})
+    >>> cfg.method.name, cfg.param("rescale", "lm_head.weight"), cfg.param("density", "lm_head.weight", 0)
+    ('dare_ties', True, 0.4)
+    """
+    if isinstance(source, Mapping):
+        return _Validator("config").build(source, source_path=None)
+    path = Path(source)
+    label = str(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{label}: is a directory, not a YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise InputError(f"{label}: cannot read the file: {exc.strerror or exc}") from None
+    loader = _Loader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.MarkedYAMLError as exc:
+        raise InputError(f"{label}: {_yaml_error(exc)}") from None
+    except yaml.YAMLError as exc:
+        raise InputError(f"{label}: YAML error: {exc}") from None
+    finally:
+        loader.dispose()
+    validator = _Validator(label)
+    for dup in loader.duplicates:
+        validator.problems.append(f"{label}: {dup}")
+    if data is None:
+        raise InputError(validator.problems + [f"{label}: the file is empty"])
+    return validator.build(data, source_path=path)
+
+
+def _yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    what = exc.problem or exc.context or "invalid YAML"
+    if exc.problem and exc.context:
+        start = f" that starts on line {exc.context_mark.line + 1}" if exc.context_mark is not None else ""
+        what = f"{exc.problem} ({exc.context}{start})"
+    return f"{where}YAML syntax error: {what}"
+
+
+def _kind_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{value!r}"
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _fmt_bound(pdef: ParamDef) -> str:
+    low = "-inf" if pdef.low is None else f"{pdef.low:g}"
+    high = "inf" if pdef.high is None else f"{pdef.high:g}"
+    return f"{'(' if pdef.low_open or pdef.low is None else '['}{low}, {high}{']' if pdef.high is not None else ')'}"
+
+
+class _Validator:
+    """Walks the loaded YAML once, collecting every problem, and builds the MergeConfig."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.problems: list[str] = []
+        self.model_params: list[tuple[str, dict[str, Any]]] = []  # (key, parameters) of every models entry
+
+    def add(self, key: str, message: str) -> None:
+        self.problems.append(f"{self.label}: {key}: {message}")
+
+    # -- top level -------------------------------------------------------------------------------
+
+    def build(self, data: Any, source_path: Path | None) -> MergeConfig:
+        if not isinstance(data, Mapping):
+            self.problems.append(
+                f"{self.label}: the top level must be a mapping (merge_method:, models:, ...), not {_kind_name(data)}"
+            )
+            raise InputError(self.problems)
+        raw = dict(data)
+        for key in raw:
+            if key == "slices":
+                self.add("slices", "slices: configs are not supported yet; list whole models under models:")
+            elif key == "modules":
+                self.add("modules", "modules: configs are not supported yet; list whole models under models:")
+            elif key not in TOP_LEVEL_KEYS:
+                self.add(str(key), f"unknown top-level key{_suggest(str(key), TOP_LEVEL_KEYS)}; "
+                                   f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
+
+        method = self._method(raw.get("merge_method", _UNSET))
+        base = self._base(raw.get("base_model"), method)
+        listed = self._models(raw.get("models", _UNSET))
+        global_params = self._params_mapping(raw.get("parameters"), "parameters")
+        dtype = self._dtype(raw.get("dtype"), "dtype")
+        out_dtype = self._dtype(raw.get("out_dtype"), "out_dtype")
+        tokenizer_source = self._tokenizer(raw, base)
+        chat_template = self._optional_str(raw.get("chat_template"), "chat_template")
+        name = self._optional_str(raw.get("name"), "name")
+
+        trim_scope = "tensor"
+        if method is None:  # still check the values of every parameter some method knows
+            for where, params in [*self.model_params, ("parameters", global_params)]:
+                self._check_values_only(params, where)
+        else:
+            for where, params in self.model_params:
+                self._check_params(params, where, method, per_model=True)
+            self._check_params(global_params, "parameters", method, per_model=False)
+            scope = global_params.get("trim_scope")
+            if isinstance(scope, str) and scope in TRIM_SCOPES:
+                trim_scope = scope
+
+        models: list[ModelRef] = []
+        if base is not None:
+            base_at = [i for i, ref in enumerate(listed) if ref.path == base.path]
+            if base_at:
+                base.parameters = listed[base_at[0]].parameters
+        if method is not None:
+            if method.is_linear:
+                models = list(listed)
+                if base is not None and not any(ref.path == base.path for ref in listed):
+                    models.append(base)
+            else:
+                models = [ref for ref in listed if base is None or ref.path != base.path]
+                if listed and not models:
+                    self.add("models", f"lists only the base model; {method.name} needs at least one other model")
+            if not self.problems:
+                self._check_combinations(method, models, listed, global_params)
+
+        if self.problems:
+            raise InputError(self.problems)
+        assert method is not None
+        return MergeConfig(
+            method=method,
+            base_model=base,
+            models=models,
+            parameters=global_params,
+            dtype=dtype,
+            out_dtype=out_dtype,
+            tokenizer_source=tokenizer_source,
+            chat_template=chat_template,
+            name=name,
+            trim_scope=trim_scope,
+            listed_models=listed,
+            source_path=source_path,
+            raw=raw,
+        )
+
+    def _method(self, value: Any) -> Method | None:
+        known = ", ".join(METHODS)
+        if value is _UNSET or value is None:
+            self.add("merge_method", f"missing; one of {known}")
+            return None
+        if not isinstance(value, str):
+            self.add("merge_method", f"must be a method name, not {_kind_name(value)}; one of {known}")
+            return None
+        if value in METHODS:
+            return METHODS[value]
+        if value in MERGEKIT_ONLY_METHODS:
+            self.add("merge_method", f"{value!r} is a mergekit method fusemerge does not support yet; "
+                                     f"supported: {known}")
+        else:
+            self.add("merge_method", f"unknown method {value!r}{_suggest(value, METHODS)}; supported: {known}")
+        return None
+
+    def _model_path(self, value: Any, key: str) -> ModelRef | None:
+        if not isinstance(value, str) or not value.strip():
+            self.add(key, f"must be a model directory path, not {_kind_name(value)}")
+            return None
+        if "+" in value:
+            model, _, lora = value.partition("+")
+            self.add(key, f"{value!r} is mergekit's MODEL+LORA syntax (model {model!r}, LoRA {lora!r}); "
+                          "LoRA adapters are not supported yet: merge the adapter into its model first")
+            return None
+        return ModelRef(model=value, path=Path(os.path.abspath(os.path.expanduser(value))))
+
+    def _base(self, value: Any, method: Method | None) -> ModelRef | None:
+        if value is None:
+            if method is not None and method.needs_base:
+                self.add("base_model", f"missing; {method.name} merges differences from a base model, "
+                                       "so base_model: is required")
+            return None
+        return self._model_path(value, "base_model")
+
+    def _models(self, value: Any) -> list[ModelRef]:
+        if value is _UNSET or value is None:
+            self.add("models", "missing; list the models to merge as `- model: PATH` entries")
+            return []
+        if not isinstance(value, list):
+            self.add("models", f"must be a list of `- model: PATH` entries, not {_kind_name(value)}")
+            return []
+        if not value:
+            self.add("models", "is empty; list the models to merge as `- model: PATH` entries")
+            return []
+        refs: list[ModelRef] = []
+        first_at: dict[Path, int] = {}
+        for i, entry in enumerate(value):
+            key = f"models[{i}]"
+            if not isinstance(entry, Mapping) or "model" not in entry:
+                what = "a mapping without model:" if isinstance(entry, Mapping) else _kind_name(entry)
+                self.add(key, f"must be a mapping with `model: PATH` (and optionally parameters:), not {what}")
+                continue
+            for extra in entry:
+                if extra not in ("model", "parameters"):
+                    self.add(f"{key}.{extra}", f"unknown key{_suggest(str(extra), ('model', 'parameters'))}; "
+                                               "a models entry has only model: and parameters:")
+            ref = self._model_path(entry["model"], f"{key}.model")
+            params = self._params_mapping(entry.get("parameters"), f"{key}.parameters")
+            self.model_params.append((f"{key}.parameters", params))
+            if ref is None:
+                continue
+            ref.parameters = params
+            if ref.path in first_at:
+                self.add(f"{key}.model", f"{ref.model!r} is listed twice (also models[{first_at[ref.path]}])")
+                continue
+            first_at[ref.path] = i
+            refs.append(ref)
+        return refs
+
+    def _params_mapping(self, value: Any, key: str) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.add(key, f"must be a mapping of parameter names to values, not {_kind_name(value)}")
+            return {}
+        return dict(value)
+
+    def _dtype(self, value: Any, key: str) -> str | None:
+        if value is None:
+            return None
+        name = value[len("torch."):] if isinstance(value, str) and value.startswith("torch.") else value
+        if isinstance(name, str) and name.lower() in DTYPE_ALIASES:
+            return DTYPE_ALIASES[name.lower()]
+        self.add(key, f"{_kind_name(value)} is not a supported dtype; use float32, float16 or bfloat16 "
+                      "(or fp32, fp16, bf16, float, half)")
+        return None
+
+    def _optional_str(self, value: Any, key: str) -> str | None:
+        if value is None or isinstance(value, str):
+            return value
+        self.add(key, f"must be a string, not {_kind_name(value)}")
+        return None
+
+    def _tokenizer(self, raw: Mapping[str, Any], base: ModelRef | None) -> str | None:
+        source = raw.get("tokenizer_source")
+        key = "tokenizer_source"
+        if "tokenizer" in raw and raw["tokenizer"] is not None:
+            tok = raw["tokenizer"]
+            if source is not None:
+                self.add("tokenizer", "set tokenizer_source: or tokenizer:, not both")
+                return None
+            if not isinstance(tok, Mapping):
+                self.add("tokenizer", f"must be a mapping (source: ...), not {_kind_name(tok)}")
+                return None
+            for extra in tok:
+                if extra != "source":
+                    self.add(f"tokenizer.{extra}", "is not supported yet; fusemerge only copies a tokenizer "
+                                                   "(tokenizer: {source: base} or {source: MODEL_PATH})")
+            # mergekit's TokenizerConfig.source defaults to "union" (mergekit/tokenizer/config.py:38).
+            source = tok.get("source", "union")
+            key = "tokenizer.source"
+        if source is None:
+            return None
+        if not isinstance(source, str) or not source.strip():
+            self.add(key, f"must be 'base' or a model path, not {_kind_name(source)}")
+            return None
+        if source == "union":
+            self.add(key, "'union' (building a merged vocabulary) is not supported yet; "
+                          "use 'base' or a model path")
+            return None
+        if source == "base":
+            if base is None and "base_model" not in raw:
+                self.add(key, "'base' needs a base_model:")
+            return source
+        if self._model_path(source, key) is None:
+            return None
+        return source
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def _check_params(self, params: Mapping[str, Any], where: str, method: Method, per_model: bool) -> None:
+        allowed = [n for n, p in method.params.items() if p.per_model or not per_model]
+        if not per_model:
+            if method.needs_thresholds:
+                allowed.append("trim_scope")
+            if not method.is_linear:
+                allowed.extend(MERGEKIT_NOOP_PARAMS)
+        for name, value in params.items():
+            key = f"{where}.{name}"
+            pdef = method.params.get(name) if isinstance(name, str) else None
+            if name == "trim_scope":
+                if per_model:
+                    self.add(key, "trim_scope applies to the whole merge, not one model; "
+                                  "set it under the top-level parameters:")
+                elif not method.needs_thresholds:
+                    trims = ", ".join(m.name for m in METHODS.values() if m.needs_thresholds)
+                    self.add(key, f"only methods that trim by magnitude ({trims}) take trim_scope; "
+                                  f"{method.name} does not")
+                elif not isinstance(value, str) or value not in TRIM_SCOPES:
+                    self.add(key, f"must be 'tensor' or 'global', not {_kind_name(value)}")
+                continue
+            if name in MERGEKIT_NOOP_PARAMS and not method.is_linear:
+                if per_model:
+                    self.add(key, f"{name} applies to the whole merge, not one model; "
+                                  "set it under the top-level parameters:")
+                elif not isinstance(value, bool):
+                    self.add(key, f"must be true or false, not {_kind_name(value)}")
+                continue
+            if pdef is None:
+                self.add(key, f"unknown parameter for {method.name}{_suggest(str(name), allowed)}; "
+                              f"it takes {', '.join(allowed)}")
+                continue
+            if per_model and not pdef.per_model:
+                self.add(key, f"{name} applies to the whole merge, not one model; "
+                              "set it under the top-level parameters:")
+                continue
+            self._check_setting(value, pdef, key)
+
+    def _check_values_only(self, params: Mapping[str, Any], where: str) -> None:
+        """With no valid merge_method, names cannot be judged; values of names any method knows still can."""
+        known = {name: pdef for m in METHODS.values() for name, pdef in m.params.items()}
+        for name, value in params.items():
+            if name in known:
+                self._check_setting(value, known[name], f"{where}.{name}")
+
+    def _check_setting(self, value: Any, pdef: ParamDef, key: str) -> None:
+        """A scalar, a gradient (list of scalars), or filter rules ({filter, value} or a list of them)."""
+        if isinstance(value, Mapping):
+            self._check_rule(value, pdef, key)
+        elif isinstance(value, list):
+            if not value:
+                self.add(key, "is an empty list; give a value, a gradient [v0, v1, ...] or {filter, value} rules")
+            elif all(isinstance(rule, Mapping) for rule in value):
+                for i, rule in enumerate(value):
+                    self._check_rule(rule, pdef, f"{key}[{i}]")
+            elif any(isinstance(rule, Mapping) for rule in value):
+                self.add(key, "mixes plain values and {filter, value} rules; use one or the other")
+            else:
+                self._check_gradient(value, pdef, key)
+        else:
+            self._check_scalar(value, pdef, key)
+
+    def _check_rule(self, rule: Mapping[str, Any], pdef: ParamDef, key: str) -> None:
+        for extra in rule:
+            if extra not in ("filter", "value"):
+                self.add(f"{key}.{extra}", f"unknown key{_suggest(str(extra), ('filter', 'value'))}; "
+                                           "a rule has only filter: and value:")
+        flt = rule.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            self.add(f"{key}.filter", f"must be a substring of tensor names, not {_kind_name(flt)}")
+        if "value" not in rule:
+            self.add(key, "a rule needs value:")
+            return
+        value = rule["value"]
+        if isinstance(value, list):
+            if not value:
+                self.add(f"{key}.value", "is an empty list; give a value or a gradient [v0, v1, ...]")
+            elif any(isinstance(v, (Mapping, list)) for v in value):
+                self.add(f"{key}.value", "must be a value or a gradient (a list of values); rules do not nest")
+            else:
+                self._check_gradient(value, pdef, f"{key}.value")
+        elif isinstance(value, Mapping):
+            self.add(f"{key}.value", "must be a value or a gradient (a list of values); rules do not nest")
+        else:
+            self._check_scalar(value, pdef, f"{key}.value")
+
+    def _check_gradient(self, values: list[Any], pdef: ParamDef, key: str) -> None:
+        for i, v in enumerate(values):
+            if isinstance(v, list):
+                self.add(f"{key}[{i}]", "a gradient is a flat list of values; lists do not nest")
+            else:
+                self._check_scalar(v, pdef, f"{key}[{i}]")
+
+    def _check_scalar(self, value: Any, pdef: ParamDef, key: str) -> None:
+        if pdef.kind == "bool":
+            if not isinstance(value, bool):
+                self.add(key, f"must be true or false, not {_kind_name(value)}")
+            return
+        if pdef.kind == "rescale":
+            if not isinstance(value, bool) and value != "inverse":
+                self.add(key, f"must be true, false or 'inverse', not {_kind_name(value)}")
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            self.add(key, f"must be a number, not {_kind_name(value)}")
+            return
+        if not math.isfinite(value):
+            self.add(key, f"must be a finite number, not {value!r}")
+            return
+        low_bad = pdef.low is not None and (value <= pdef.low if pdef.low_open else value < pdef.low)
+        high_bad = pdef.high is not None and value > pdef.high
+        if low_bad or high_bad:
+            self.add(key, f"{value!r} is outside {_fmt_bound(pdef)}")
+
+    def _check_combinations(self, method: Method, models: list[ModelRef], listed: list[ModelRef],
+                            global_params: Mapping[str, Any]) -> None:
+        """Checks across parameters that can be made when the values involved are plain scalars."""
+
+        def effective(ref: ModelRef, name: str, index: int) -> tuple[Any, str]:
+            if name in ref.parameters:
+                return ref.parameters[name], f"models[{index}].parameters.{name}"
+            if name in global_params:
+                return global_params[name], f"parameters.{name}"
+            return method.params[name].default, f"{name} (default)"
+
+        listed_index = {id(ref): i for i, ref in enumerate(listed)}
+        listed_index.update({id(ref): -1 for ref in models if id(ref) not in listed_index})  # the appended base
+        seen: set[str] = set()
+        if "gamma" in method.params:
+            for ref in models:
+                i = listed_index[id(ref)]
+                density, dkey = effective(ref, "density", i)
+                gamma, gkey = effective(ref, "gamma", i)
+                if not (_is_number(density) and _is_number(gamma)):
+                    continue
+                # density 1 keeps every entry (mergekit skips sparsification, mergekit/sparsify.py:97).
+                if density < 1 and density + gamma > 1:
+                    msg = (f"{dkey} = {density!r} plus {gkey} = {gamma!r} is more than 1; breadcrumbs drops the "
+                           f"gamma fraction of largest entries and keeps the next density fraction")
+                    if msg not in seen:
+                        seen.add(msg)
+                        self.add(dkey if dkey.startswith(("models", "parameters")) else gkey, msg)
+        normalize = global_params.get("normalize", method.params["normalize"].default)
+        if method.consensus == "none" and normalize is True:
+            weights = [effective(ref, "weight", listed_index[id(ref)])[0] for ref in models]
+            if weights and all(_is_number(w) for w in weights) and math.fsum(weights) == 0:
+                self.add("models[].parameters.weight", "the weights add up to 0 and normalize is true, "
+                                                       "so the merge would divide by 0")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

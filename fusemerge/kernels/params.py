@@ -1,0 +1,52 @@
+"""What one merge kernel launch needs to know: the method's shape and every per-expert number.
+
+A `ChunkParams` is built once per tensor (after its statistics pass) and used for every chunk of
+that tensor, by every backend. All floats are rounded to float32 by the backends; thresholds are
+int32 bit patterns of |delta| and index cuts are global flat indices (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The "empty set" for in_top(): no |delta| bit pattern exceeds 2^31 - 1 and no index is below 0.
+EMPTY_T = 2**31 - 1
+EMPTY_C = 0
+
+
+@dataclass(frozen=True)
+class ChunkParams:
+    """Per-tensor merge parameters shared by all chunks of the tensor.
+
+    sparsifier: "none" | "magnitude" | "dare" | "breadcrumbs"
+    consensus:  "none" | "sign"
+    linear:     True for `linear` (average the models, not deltas; `base` is not used)
+    weights:    one per expert (for linear: one per averaged model)
+    lam:        lambda, the scale of the merged delta
+    normalize:  divide by the (agreeing) weight sum
+    t_keep, c_keep: per expert, the kept set is in_top(t_keep, c_keep) (magnitude, breadcrumbs)
+    t_drop, c_drop: per expert, breadcrumbs' dropped top outliers in_top(t_drop, c_drop)
+    keys, density:  per expert, DARE's Philox key (signed int64) and keep probability
+    scale:      per expert, rescale factor for kept entries (1.0 = none)
+    """
+
+    sparsifier: str
+    consensus: str
+    linear: bool
+    weights: tuple[float, ...]
+    lam: float = 1.0
+    normalize: bool = False
+    t_keep: tuple[int, ...] = ()
+    c_keep: tuple[int, ...] = ()
+    t_drop: tuple[int, ...] = ()
+    c_drop: tuple[int, ...] = ()
+    keys: tuple[int, ...] = ()
+    density: tuple[float, ...] = ()
+    scale: tuple[float, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return len(self.weights)
+
+    def scales(self) -> tuple[float, ...]:
+        return self.scale if self.scale else (1.0,) * self.n

@@ -1,0 +1,240 @@
+"""The torch backend: the CPU merge path, and the reference the Triton kernels are tested against.
+
+Every function follows docs/architecture.md to the operation: float32 math, one IEEE operation per
+torch call (no `alpha=`, `addcmul` or `lerp`, which may fuse a multiply and an add), sums left to
+right in expert order. That is what makes this backend, the Triton kernels and every chunking give
+the same bits.
+
+Inputs are 1-D chunks of one tensor (any float dtype; all inputs of a call share it); `start` is the
+global flat index of element 0 of the chunk, so index cuts and DARE's random stream do not depend
+on how a tensor is chunked. Works on any torch device (the GPU path uses Triton by default).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fusemerge.kernels.params import EMPTY_T, ChunkParams
+
+F32 = torch.float32
+HI_BINS = 1 << 15  # bits(|d|) >> 16: the sign bit is clear, so 15 significant bits remain
+LO_BINS = 1 << 16
+
+
+def _scalar(x: float, device: torch.device) -> torch.Tensor:
+    """A 0-d float32 tensor: torch then multiplies in float32 exactly as a kernel would."""
+    return torch.tensor(x, dtype=F32, device=device)
+
+
+def delta(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """d = float32(expert) - float32(base)."""
+    return expert.to(F32) - base.to(F32)
+
+
+def abs_bits(d: torch.Tensor) -> torch.Tensor:
+    """The int32 bit patterns of |d|: non-negative, and ordered like the magnitudes."""
+    return d.abs().view(torch.int32)
+
+
+def in_top(a: torch.Tensor, start: int, t: int, c: int) -> torch.Tensor:
+    """Entries of the top set described by threshold bits `t` and index cut `c`, as a bool tensor.
+
+    in_top = (a > t) | ((a == t) & (j < c)), j the global index; the chunk covers [start, start + n).
+    """
+    return top_mask(a, start, t, c) != 0
+
+
+def top_mask(a: torch.Tensor, start: int, t: int, c: int) -> torch.Tensor:
+    """in_top as an int32 mask: -1 (all bits set) inside the set, 0 outside.
+
+    Integer arithmetic instead of comparisons and torch.where, which are several times slower on CPU:
+    for non-negative int32 a and t, (t - a) >> 31 is -1 exactly when a > t.
+    """
+    if t >= EMPTY_T:  # the empty set
+        return torch.zeros_like(a)
+    cut = min(max(c - start, 0), a.numel())
+    mask = torch.empty_like(a)
+    torch.sub(t - 1, a[:cut], out=mask[:cut])  # ties before the cut are in: a >= t
+    torch.sub(t, a[cut:], out=mask[cut:])  # after it only a > t
+    return mask.bitwise_right_shift_(31)
+
+
+def keep_mask(d: torch.Tensor, i: int, start: int, p: ChunkParams) -> torch.Tensor | None:
+    """The sparsifier's keep mask for expert `i` on this chunk as int32 -1/0 (None: keep everything)."""
+    if p.sparsifier == "none":
+        return None
+    if p.sparsifier == "dare":
+        from fusemerge.kernels.philox import philox_rand
+
+        offsets = torch.arange(start, start + d.numel(), dtype=torch.int64, device=d.device)
+        u = philox_rand(p.keys[i], offsets).view(torch.int32)  # u in [0, 1): its bits order like its value
+        density_bits = int(np.float32(p.density[i]).view(np.int32))
+        return u.sub_(density_bits).bitwise_right_shift_(31)  # -1 where u < density
+    a = abs_bits(d)
+    keep = top_mask(a, start, p.t_keep[i], p.c_keep[i])
+    if p.sparsifier == "breadcrumbs" and p.t_drop[i] < EMPTY_T:
+        keep.bitwise_and_(top_mask(a, start, p.t_drop[i], p.c_drop[i]).bitwise_not_())
+    return keep
+
+
+def merge_chunk(
+    base: torch.Tensor | None,
+    experts: list[torch.Tensor],
+    start: int,
+    params: ChunkParams,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Merge one chunk: `experts[i]` and `base` are 1-D chunks of the same elements of one tensor.
+
+    Returns the merged chunk in `out_dtype`. For `linear`, `experts` are the averaged models and
+    `base` is ignored.
+
+    >>> b = torch.zeros(4); e = [torch.ones(4), -torch.ones(4) * 3]
+    >>> merge_chunk(b, e, 0, ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
+    tensor([-2., -2., -2., -2.])
+    """
+    p = params
+    if len(experts) != p.n:
+        raise ValueError(f"{len(experts)} expert chunks but {p.n} weights")
+    device = experts[0].device
+    if p.linear:
+        return _linear(experts, p, out_dtype)
+    if base is None:
+        raise ValueError("this method needs a base model chunk")
+    base32 = base.to(F32)
+    scales = p.scales()
+    products = []
+    for i, x in enumerate(experts):
+        d = x.to(F32) - base32
+        keep = keep_mask(d, i, start, p)
+        if scales[i] != 1.0:
+            d.mul_(_scalar(scales[i], device))
+        if keep is not None:  # where(keep, d, +0.0), by masking the bits
+            d.view(torch.int32).bitwise_and_(keep)
+        if p.weights[i] != 1.0:
+            d.mul_(_scalar(p.weights[i], device))
+        products.append(d)
+
+    if p.consensus == "sign":
+        num, den = _sign_consensus(products, p, device)
+    else:
+        num = products[0]
+        for q in products[1:]:
+            num.add_(q)
+        den = _weight_sum(p.weights, device) if p.normalize else None
+    if den is not None:
+        num.div_(den)
+    if p.lam != 1.0:
+        num.mul_(_scalar(p.lam, device))
+    return num.add_(base32).to(out_dtype)
+
+
+def _weight_sum(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """sum w_i in float32, left to right; 0 -> 1."""
+    total = np.float32(0.0)
+    for w in weights:
+        total = np.float32(total + np.float32(w))
+    return _scalar(float(total) if total != 0 else 1.0, device)
+
+
+def _sign_consensus(
+    products: list[torch.Tensor], p: ChunkParams, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """TIES election and disjoint mean, without comparisons or torch.where (slow on CPU).
+
+    g = +1 where S = p_0 + p_1 + ... >= 0 (S + 0.0 turns -0 into +0), else -1.
+    c_i = max(g * p_i, 0) is |p_i| where p_i agrees with g and +0 elsewhere, so
+    num = g * (c_0 + c_1 + ...) is the sum of the agreeing p_i, bit for bit (negation is exact), and
+    den = sign(c_0) * w_0 + sign(c_1) * w_1 + ... the sum of their weights.
+    """
+    s = products[0].clone()
+    for q in products[1:]:
+        s.add_(q)
+    g = torch.copysign(_scalar(1.0, device), s.add_(0.0))
+    num = torch.zeros_like(g)
+    den = torch.zeros_like(g) if p.normalize else None
+    for i, q in enumerate(products):
+        c = q.mul_(g).clamp_min_(0.0)
+        num.add_(c)
+        if den is not None:
+            agree = c.sign_()
+            if p.weights[i] != 1.0:
+                agree.mul_(_scalar(p.weights[i], device))
+            den.add_(agree)
+    num.mul_(g).add_(0.0)
+    if den is not None:
+        den.masked_fill_(den == 0, 1.0)
+    return num, den
+
+
+def _linear(models: list[torch.Tensor], p: ChunkParams, out_dtype: torch.dtype) -> torch.Tensor:
+    """sum w_i theta_i (left to right), divided by sum w_i when normalize."""
+    device = models[0].device
+    num = None
+    for i, x in enumerate(models):
+        term = x.to(F32, copy=True)
+        if p.weights[i] != 1.0:
+            term.mul_(_scalar(p.weights[i], device))
+        num = term if num is None else num.add_(term)
+    if p.normalize:
+        num.div_(_weight_sum(p.weights, device))
+    return num.to(out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics on one chunk of one expert. Counts and integer sums: exact on every backend.
+# ---------------------------------------------------------------------------------------------
+
+
+def abs_hist_hi(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """int64[32768]: histogram of bits(|d|) >> 16."""
+    a = abs_bits(delta(base, expert))
+    return torch.bincount((a >> 16).view(-1), minlength=HI_BINS).to(torch.int64)
+
+
+def abs_hist_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor:
+    """int64[65536]: histogram of bits(|d|) & 0xFFFF over the entries whose high half is `hi_bin`."""
+    a = abs_bits(delta(base, expert))
+    sel = a[(a >> 16) == hi_bin]
+    return torch.bincount(sel & 0xFFFF, minlength=LO_BINS).to(torch.int64)
+
+
+def count_equal(base: torch.Tensor, expert: torch.Tensor, t: int) -> int:
+    """How many entries have bits(|d|) == t."""
+    return int((abs_bits(delta(base, expert)) == t).sum())
+
+
+def nth_equal(base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -> int:
+    """Local index of the q-th (1-based) entry with bits(|d|) == t, or -1 if there are fewer."""
+    hits = torch.nonzero(abs_bits(delta(base, expert)) == t).view(-1)
+    return int(hits[q - 1]) if 1 <= q <= hits.numel() else -1
+
+
+def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
+    """max |d| over the chunk (0.0 for an empty chunk)."""
+    d = delta(base, expert)
+    return float(d.abs().max()) if d.numel() else 0.0
+
+
+def l1_fixed(
+    base: torch.Tensor,
+    expert: torch.Tensor,
+    shift: int,
+    keep: tuple[int, float, int] | None = None,
+) -> tuple[int, int]:
+    """Fixed-point L1 sums: (sum trunc(|d| * 2^shift), the same over DARE-kept entries).
+
+    `keep` = (key, density, start) selects the kept entries as in merge_chunk; None: all kept.
+    """
+    d = delta(base, expert)
+    q = (d.abs() * _scalar(2.0**shift, d.device)).to(torch.int64)
+    total = int(q.sum())
+    if keep is None:
+        return total, total
+    from fusemerge.kernels.philox import dare_keep
+
+    key, density, start = keep
+    offsets = torch.arange(start, start + d.numel(), dtype=torch.int64, device=d.device)
+    kept = int(q[dare_keep(key, offsets, density)].sum())
+    return total, kept

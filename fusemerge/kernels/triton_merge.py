@@ -1,0 +1,355 @@
+"""The fused merge kernel: one pass over a chunk of the base and the N experts, one write of the result.
+
+Every method is one launch of one kernel, `_merge_kernel`; its variants (sparsifier, consensus,
+linear, normalize) are `tl.constexpr` flags. The math is docs/architecture.md's per-chunk contract,
+operation for operation, so the result is bit-identical to `fusemerge.kernels.reference.merge_chunk`:
+
+- inputs widen to float32 exactly (bf16 by an integer shift, see `_load_f32`);
+- every sum runs left to right in expert order; no multiply is fused into an add: the launch passes
+  `enable_fp_fusion=False`, which makes Triton compile LLVM without fp contraction and run ptxas with
+  `--fmad=false` (without it, `S + w * dh` and `base + lam * q` become FMAs on the GPU and the elected
+  sign and the last bit of the output change);
+- the division is `tl.math.div_rn` (IEEE `div.rn.f32`): Triton's `/` is `div.full.f32` on NVIDIA
+  (up to 2 ulp off, triton-lang/triton#10661);
+- the result is rounded once, to nearest even, at the store (bf16 by integer ops, see `_store_rounded`).
+
+Bytes moved per output element: (N + 1) reads of the input dtype + 1 write (sign consensus re-reads the
+agreeing experts' entries of the block it just read, which the L1/L2 caches serve).
+
+Input layout: the experts are the rows of one [N, row_stride] buffer (one pointer + one row stride),
+not N separate pointer arguments. Why:
+- any N (up to MAX_EXPERTS) with one kernel signature and one loop, instead of a fixed maximum of
+  pointer arguments and N copies of the load code, or a device table of pointers that must be
+  rebuilt (a host-to-device copy) for every chunk;
+- the streaming executor reads each expert's chunk into its own row of one preallocated staging
+  buffer, so the layout costs no copy: `merge_chunk` detects that the chunks it is given are rows of
+  one buffer (equal spacing in one storage) and passes them as they are. Only separately allocated
+  chunks are stacked (one extra copy of N chunks; correct, but the executor should use rows);
+- rows whose stride is a multiple of 16 elements keep every row 16-byte aligned, so Triton emits
+  vectorized loads for all of them (choose a staging chunk that is a multiple of 64 elements).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from fusemerge.kernels.params import ChunkParams
+
+# Elements per program: 8 per thread at 4 warps, i.e. one 16-byte load per thread per bf16 input. Not yet
+# tuned on a GPU (bench/kernels.py measures it); block size does not change any result.
+BLOCK = 1024
+NUM_WARPS = 4
+# The sign-consensus pass keeps one agree-bit per expert in an int32 (N <= 32) or int64 word.
+MAX_EXPERTS = 64
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# Sparsifier codes, as tl.constexpr flag values.
+SPARSIFIERS = {"none": 0, "magnitude": 1, "dare": 2, "breadcrumbs": 3}
+_NONE = tl.constexpr(0)
+_MAGNITUDE = tl.constexpr(1)
+_DARE = tl.constexpr(2)
+_BREADCRUMBS = tl.constexpr(3)
+
+
+@triton.jit
+def _load_f32(ptrs, mask):
+    """Load bf16 / fp16 / fp32 and widen to float32 exactly.
+
+    bf16 widens by `bits << 16`: the interpreter's bf16 -> fp32 cast mangles subnormals, the shift is
+    exact everywhere and costs the GPU the same as its own conversion.
+    """
+    raw = tl.load(ptrs, mask=mask, other=0)
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        x = (raw.to(tl.int16, bitcast=True).to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = raw.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_rounded(ptrs, y, mask):
+    """Round float32 `y` once, to nearest even, to the pointer's dtype and store it.
+
+    bf16 rounds with integer ops, (bits + 0x7FFF + lsb) >> 16, NaN -> 0x7FC0: the interpreter's
+    fp32 -> bf16 cast truncates. No overflow: for finite and infinite y the int32 sum stays in range.
+    fp16 uses the cast (cvt.rn.f16.f32 on the GPU, numpy's correctly rounded cast in the interpreter).
+    """
+    if ptrs.dtype.element_ty == tl.bfloat16:
+        bits = y.to(tl.int32, bitcast=True)
+        r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+        r = tl.where(y != y, 0x7FC0, r)
+        tl.store(ptrs, r.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+    else:
+        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _in_top(a, j, t, c):
+    """in_top(a, j, t, c) = (a > t) | ((a == t) & (j < c)): the top set with index-order ties."""
+    return (a > t) | ((a == t) & (j < c))
+
+
+@triton.jit(do_not_specialize=["start"])
+def _merge_kernel(
+    out_ptr,  # [n] out dtype
+    base_ptr,  # [n] base chunk (unused for LINEAR)
+    x_ptr,  # expert i, element k at x_ptr + i * row_stride + k
+    f_ptr,  # float32 [3N + 1]: weights, scales, densities, lambda
+    i_ptr,  # int64 [5N]: keys, t_keep, c_keep, t_drop, c_drop
+    row_stride,
+    n,
+    start,  # global flat index of element 0 (DARE offsets and index cuts are global)
+    N: tl.constexpr,
+    SPARSIFIER: tl.constexpr,
+    SIGN: tl.constexpr,
+    LINEAR: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    MASK_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+
+    if LINEAR:
+        # num = w_0 * theta_0 + w_1 * theta_1 + ... (left to right), out = num / sum(w) if normalize
+        num = _load_f32(x_ptr + offs, mask) * tl.load(f_ptr)
+        for i in tl.static_range(1, N):
+            p = _load_f32(x_ptr + i * row_stride + offs, mask) * tl.load(f_ptr + i)
+            num = num + p
+        if NORMALIZE:
+            den = tl.load(f_ptr) + 0.0
+            for i in tl.static_range(1, N):
+                den = den + tl.load(f_ptr + i)
+            den = tl.where(den == 0.0, 1.0, den)
+            num = tl.math.div_rn(num, den)
+        _store_rounded(out_ptr + offs, num, mask)
+    else:
+        j = start + offs
+        b = _load_f32(base_ptr + offs, mask)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)  # consensus none: num; sign: the election sum S
+        pos_bits = tl.zeros([BLOCK], dtype=MASK_T)  # sign: bit i set where p_i > 0
+        neg_bits = tl.zeros([BLOCK], dtype=MASK_T)  # sign: bit i set where p_i < 0
+        for i in tl.static_range(N):
+            d = _load_f32(x_ptr + i * row_stride + offs, mask) - b
+            dh = d * tl.load(f_ptr + N + i)  # d * s_i, the rescale factor
+            if SPARSIFIER == _DARE:
+                u = tl.rand(tl.load(i_ptr + i), j)
+                dh = tl.where(u < tl.load(f_ptr + 2 * N + i), dh, 0.0)
+            elif SPARSIFIER != _NONE:
+                a = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+                keep = _in_top(a, j, tl.load(i_ptr + N + i).to(tl.int32), tl.load(i_ptr + 2 * N + i))
+                if SPARSIFIER == _BREADCRUMBS:
+                    top = _in_top(a, j, tl.load(i_ptr + 3 * N + i).to(tl.int32), tl.load(i_ptr + 4 * N + i))
+                    keep = keep & ~top
+                dh = tl.where(keep, dh, 0.0)
+            p = tl.load(f_ptr + i) * dh  # p_i = w_i * dh_i
+            if i == 0:
+                acc = p
+            else:
+                acc = acc + p
+            if SIGN:
+                pos_bits = pos_bits | ((p > 0.0).to(MASK_T) << i)
+                neg_bits = neg_bits | ((p < 0.0).to(MASK_T) << i)
+
+        if SIGN:
+            # g = +1 where S >= 0; expert i agrees where sign(p_i) == g (p_i = 0 never agrees). Pass 2
+            # re-reads only agreeing entries and recomputes p_i with the same operations as above
+            # (bit-identical, and no second Philox draw: the DARE mask is already in the bits).
+            agree_bits = tl.where(acc >= 0.0, pos_bits, neg_bits)
+            num = tl.zeros([BLOCK], dtype=tl.float32)
+            den = tl.zeros([BLOCK], dtype=tl.float32)
+            for i in tl.static_range(N):
+                agree = ((agree_bits >> i) & 1) != 0
+                d = _load_f32(x_ptr + i * row_stride + offs, mask & agree) - b
+                dh = d * tl.load(f_ptr + N + i)
+                w = tl.load(f_ptr + i)
+                p = w * dh
+                num = num + tl.where(agree, p, 0.0)
+                if NORMALIZE:
+                    den = den + tl.where(agree, w, 0.0)
+            if NORMALIZE:
+                den = tl.where(den == 0.0, 1.0, den)
+                num = tl.math.div_rn(num, den)
+        else:
+            num = acc
+            if NORMALIZE:
+                den = tl.load(f_ptr) + 0.0
+                for i in tl.static_range(1, N):
+                    den = den + tl.load(f_ptr + i)
+                den = tl.where(den == 0.0, 1.0, den)
+                num = tl.math.div_rn(num, den)
+        r = tl.load(f_ptr + 3 * N) * num  # lam * (num / den), then base + that: two roundings
+        _store_rounded(out_ptr + offs, b + r, mask)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def check_device(t: torch.Tensor, what: str) -> None:
+    """Kernels run on CUDA (or ROCm) tensors, or on CPU tensors under TRITON_INTERPRET=1."""
+    if t.device.type == "cuda" or (t.device.type == "cpu" and _interpreting()):
+        return
+    hint = " (set TRITON_INTERPRET=1 to run the kernels on CPU)" if t.device.type == "cpu" else ""
+    raise ValueError(f"{what} is on {t.device}: Triton kernels need a CUDA device{hint}")
+
+
+def _check_chunk(t: torch.Tensor, what: str, n: int, device: torch.device) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what} has dtype {t.dtype}; supported: bfloat16, float16, float32")
+    if t.dim() != 1 or t.numel() != n:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}; expected a 1-D chunk of {n} elements")
+    if n > 1 and t.stride(0) != 1:
+        raise ValueError(f"{what} is not contiguous")
+    if t.device != device:
+        raise ValueError(f"{what} is on {t.device}, the other inputs on {device}")
+
+
+def _expert_rows(experts: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(tensor whose data pointer is row 0, row stride in elements) for the experts' [N, n] layout.
+
+    Zero-copy when `experts` is a 2-D tensor with contiguous rows, or a list of equally spaced rows of
+    one storage (what the executor's staging buffer gives); otherwise the chunks are stacked (a copy).
+    """
+    if isinstance(experts, torch.Tensor):
+        if experts.dim() != 2 or (experts.shape[1] > 1 and experts.stride(1) != 1):
+            raise ValueError("experts as one tensor must be [N, n] with contiguous rows")
+        return experts, experts.stride(0)
+    first = experts[0]
+    if len(experts) == 1:
+        return first, 0
+    size = first.element_size()
+    gap = experts[1].data_ptr() - first.data_ptr()
+    same_storage = all(
+        e.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and e.dtype == first.dtype
+        for e in experts
+    )
+    if same_storage and gap > 0 and gap % size == 0:
+        if all(e.data_ptr() - first.data_ptr() == i * gap for i, e in enumerate(experts)):
+            return first, gap // size
+    return torch.stack(list(experts)), first.numel()
+
+
+@functools.lru_cache(maxsize=64)
+def _device_params(params: ChunkParams, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-expert numbers as two small device tensors, built once per tensor (ChunkParams is per tensor).
+
+    Device tensors, not kernel scalars: the values change with every tensor, and scalars would be
+    specialized on (recompiling) and would need an argument list that grows with N.
+    """
+    n = params.n
+    zeros = (0,) * n
+    empty_t = (2**31 - 1,) * n
+    floats = (*params.weights, *params.scales(), *(params.density or (1.0,) * n), params.lam)
+    ints = (
+        *(params.keys or zeros),
+        *(params.t_keep or empty_t),
+        *(params.c_keep or zeros),
+        *(params.t_drop or empty_t),
+        *(params.c_drop or zeros),
+    )
+    f = torch.tensor(floats, dtype=torch.float32).to(device)
+    i = torch.tensor(ints, dtype=torch.int64).to(device)
+    return f, i
+
+
+def _check_params(params: ChunkParams) -> None:
+    n = params.n
+    if not 1 <= n <= MAX_EXPERTS:
+        raise ValueError(f"{n} experts; the merge kernel takes 1 to {MAX_EXPERTS}")
+    if params.sparsifier not in SPARSIFIERS:
+        raise ValueError(f"unknown sparsifier {params.sparsifier!r}")
+    if params.consensus not in ("none", "sign"):
+        raise ValueError(f"unknown consensus {params.consensus!r}")
+    needed = {"magnitude": ("t_keep", "c_keep"), "breadcrumbs": ("t_keep", "c_keep", "t_drop", "c_drop"),
+              "dare": ("keys", "density")}.get(params.sparsifier, ())
+    if params.linear:
+        needed = ()
+    for name in (*needed, "scale"):
+        value = getattr(params, name)
+        if (value or name != "scale") and len(value) != n:
+            raise ValueError(f"ChunkParams.{name} has {len(value)} values for {n} experts")
+
+
+def merge_chunk(
+    base: torch.Tensor | None,
+    experts: Sequence[torch.Tensor] | torch.Tensor,
+    start: int,
+    params: ChunkParams,
+    out_dtype: torch.dtype,
+    *,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Merge one chunk on the GPU: bit-identical to `fusemerge.kernels.reference.merge_chunk`.
+
+    `base` and each of `experts` are 1-D contiguous chunks of the same `n` elements of one tensor
+    (bfloat16, float16 or float32; the experts share one dtype, the base may differ); `start` is the
+    global flat index of element 0. `experts` may also be one [N, n] tensor with contiguous rows; rows of
+    one staging buffer are used without a copy (see the module docstring). For `linear`, `experts` are
+    the averaged models and `base` is ignored. `out` (optional, 1-D, `out_dtype`, n elements) receives
+    the result; otherwise it is allocated.
+
+    >>> import torch
+    >>> from fusemerge.kernels.params import ChunkParams
+    >>> b = torch.zeros(4, device="cuda"); e = [torch.ones(4, device="cuda"), -3 * torch.ones(4, device="cuda")]
+    >>> merge_chunk(b, e, 0, ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)  # doctest: +SKIP
+    tensor([-2., -2., -2., -2.], device='cuda:0')
+    """
+    _check_params(params)
+    rows = [experts[i] for i in range(len(experts))]
+    if len(rows) != params.n:
+        raise ValueError(f"{len(rows)} expert chunks but {params.n} weights")
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"out_dtype {out_dtype}; supported: bfloat16, float16, float32")
+    first = rows[0]
+    n = first.numel()
+    device = first.device
+    check_device(first, "experts[0]")
+    for i, e in enumerate(rows):
+        _check_chunk(e, f"experts[{i}]", n, device)
+        if e.dtype != first.dtype:
+            raise TypeError(f"experts[{i}] is {e.dtype}, experts[0] {first.dtype}: expert chunks share one dtype")
+    if not params.linear:
+        if base is None:
+            raise ValueError(f"{params.sparsifier}/{params.consensus} merges need a base chunk")
+        _check_chunk(base, "base", n, device)
+    if start < 0 or start + n > 2**63 - 1:
+        raise ValueError(f"start {start} out of range")
+    if out is None:
+        out = torch.empty(n, dtype=out_dtype, device=device)
+    else:
+        if out.dtype != out_dtype:
+            raise TypeError(f"out has dtype {out.dtype}, expected {out_dtype}")
+        _check_chunk(out, "out", n, device)
+    if n == 0:
+        return out
+
+    x, row_stride = _expert_rows(experts if isinstance(experts, torch.Tensor) else rows)
+    f, i = _device_params(params, device)
+    grid = (triton.cdiv(n, BLOCK),)
+    _merge_kernel[grid](
+        out,
+        base if base is not None and not params.linear else x,
+        x,
+        f,
+        i,
+        row_stride,
+        n,
+        start,
+        N=params.n,
+        SPARSIFIER=0 if params.linear else SPARSIFIERS[params.sparsifier],
+        SIGN=(params.consensus == "sign") and not params.linear,
+        LINEAR=params.linear,
+        NORMALIZE=params.normalize,
+        MASK_T=tl.int32 if params.n <= 32 else tl.int64,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
+    )
+    return out

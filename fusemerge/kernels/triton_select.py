@@ -1,0 +1,247 @@
+"""Triton statistics kernels over one chunk of (base, expert): where the trim threshold and DARE's L1 come from.
+
+Each function has the signature and the result of its namesake in `fusemerge.kernels.reference`, and
+every result is an integer (a count, an index, an integer sum or a float's bit pattern), so the two
+backends agree exactly by construction, whatever the block size or the order of atomic updates:
+
+- `abs_hist_hi`, `abs_hist_lo`: the two levels of the radix select over a = bits(|d|) (int32,
+  sign cleared; non-negative floats order like their bits), histograms by integer atomics;
+- `count_equal`, `nth_equal`: per-block counts of a == t, a prefix sum over blocks, then one program
+  scans the block holding the q-th tie (the index cut of exact top-k);
+- `max_abs`: the maximum of a as a bit pattern (NaN, whose bits exceed inf's, propagates);
+- `l1_fixed`: sum trunc(|d| * 2^shift) computed from the float's bits with integer shifts (exact: the
+  same integers as the reference's float32 product, which is exact whenever the result is >= 1).
+
+Bytes moved per element: two reads of the input dtype (base and expert) per pass; the selection pass
+(abs_hist_hi + abs_hist_lo) is two passes, so 2 x 2 reads per expert element.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fusemerge.kernels.triton_merge import SUPPORTED_DTYPES, _load_f32, check_device
+
+# Elements per program: 8 per thread at 4 warps (16-byte bf16 loads). Not tuned on a GPU yet.
+BLOCK = 1024
+NUM_WARPS = 4
+HI_BINS = 1 << 15  # bits(|d|) >> 16: the sign bit is clear, 15 significant bits remain
+LO_BINS = 1 << 16
+# Privatized histogram copies: program pid adds into copy pid % HIST_COPIES, so the few hot bins (deltas
+# share a handful of exponents) take 1/HIST_COPIES of the same-address atomics each; 32 x 32768 x 8 B =
+# 8 MiB stays in L2. The copies are summed by torch afterwards (integers: order does not matter).
+HIST_COPIES = 32
+# Programs scanning for the q-th tie: one block, located from the per-block counts' prefix sum.
+_NOT_FOUND = 2**62
+
+
+@triton.jit
+def _abs_bits(base_ptr, x_ptr, offs, mask):
+    """a = bits(|float32(x) - float32(base)|) as int32, 0 on masked lanes."""
+    d = _load_f32(x_ptr + offs, mask) - _load_f32(base_ptr + offs, mask)
+    a = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    return tl.where(mask, a, 0)
+
+
+@triton.jit(do_not_specialize=["hi_bin"])
+def _hist_kernel(
+    base_ptr,
+    x_ptr,
+    hist_ptr,  # int64 [HIST_COPIES, NBINS], zeroed
+    n,
+    hi_bin,  # LOW only: count entries whose a >> 16 == hi_bin, by a & 0xFFFF
+    LOW: tl.constexpr,
+    NBINS: tl.constexpr,
+    COPIES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    if LOW:
+        bins = a & 0xFFFF
+        mask = mask & ((a >> 16) == hi_bin)
+    else:
+        bins = a >> 16
+    row = (pid % COPIES) * NBINS
+    ones = tl.full([BLOCK], 1, dtype=tl.int64)
+    tl.atomic_add(hist_ptr + row + bins, ones, mask=mask, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["t"])
+def _count_kernel(base_ptr, x_ptr, counts_ptr, n, t, BLOCK: tl.constexpr):
+    """counts[pid] = #{a == t} in block pid; block_max[pid] written by _max_kernel instead."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    hit = mask & (a == t)
+    tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int64), axis=0))
+
+
+@triton.jit(do_not_specialize=["t", "q", "block"])
+def _nth_kernel(base_ptr, x_ptr, out_ptr, n, t, q, block, BLOCK: tl.constexpr):
+    """out = local index of the q-th entry with a == t inside block `block` (one program)."""
+    offs = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    hit = mask & (a == t)
+    rank = tl.cumsum(hit.to(tl.int64), axis=0)
+    idx = tl.where(hit & (rank == q), offs, _NOT_FOUND)
+    tl.store(out_ptr, tl.min(idx, axis=0))
+
+
+@triton.jit
+def _max_kernel(base_ptr, x_ptr, block_max_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    tl.store(block_max_ptr + pid, tl.max(a, axis=0))
+
+
+@triton.jit(do_not_specialize=["shift", "start"])
+def _l1_kernel(
+    base_ptr,
+    x_ptr,
+    sums_ptr,  # int64 [2, programs]: row 0 all entries, row 1 DARE-kept entries
+    key_ptr,  # int64 [1]: DARE key (KEEP only)
+    density_ptr,  # float32 [1]: DARE density (KEEP only)
+    n,
+    shift,
+    start,  # global flat index of element 0 (KEEP only)
+    KEEP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    # |d| = m * 2^(e - 150) with m the 24-bit significand (implicit bit unless subnormal, e = max(E, 1));
+    # trunc(|d| * 2^shift) = m << s or m >> -s for s = e - 150 + shift. Shift amounts are clamped to
+    # [0, 63]: m < 2^24, so m >> 63 = 0 is the right answer, and m << 63 only happens outside the contract.
+    expo = a >> 23
+    frac = a & 0x7FFFFF
+    m = tl.where(expo == 0, frac, frac | 0x800000).to(tl.int64)
+    s = tl.maximum(expo, 1) - 150 + shift
+    up = tl.minimum(tl.maximum(s, 0), 63).to(tl.int64)
+    down = tl.minimum(tl.maximum(-s, 0), 63).to(tl.int64)
+    q = tl.where(s >= 0, m << up, m >> down)
+    q = tl.where(mask, q, 0)
+    tl.store(sums_ptr + pid, tl.sum(q, axis=0))
+    if KEEP:
+        u = tl.rand(tl.load(key_ptr), start + offs)
+        kept = tl.where(u < tl.load(density_ptr), q, 0)
+        tl.store(sums_ptr + tl.num_programs(0) + pid, tl.sum(kept, axis=0))
+
+
+def _check_pair(base: torch.Tensor, expert: torch.Tensor) -> int:
+    for what, t in (("base", base), ("expert", expert)):
+        check_device(t, what)
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{what} has dtype {t.dtype}; supported: bfloat16, float16, float32")
+        if t.dim() != 1 or (t.numel() > 1 and t.stride(0) != 1):
+            raise ValueError(f"{what} must be a 1-D contiguous chunk, got shape {tuple(t.shape)}")
+    if base.numel() != expert.numel() or base.device != expert.device:
+        raise ValueError(f"base ({base.numel()} on {base.device}) and expert ({expert.numel()} on "
+                         f"{expert.device}) chunks differ")
+    return expert.numel()
+
+
+def _hist(base: torch.Tensor, expert: torch.Tensor, low: bool, hi_bin: int) -> torch.Tensor:
+    n = _check_pair(base, expert)
+    nbins = LO_BINS if low else HI_BINS
+    grid_n = triton.cdiv(n, BLOCK)
+    copies = max(1, min(HIST_COPIES, grid_n))
+    hist = torch.zeros((copies, nbins), dtype=torch.int64, device=expert.device)
+    if n:
+        _hist_kernel[(grid_n,)](base, expert, hist, n, hi_bin, LOW=low, NBINS=nbins, COPIES=copies, BLOCK=BLOCK,
+                                num_warps=NUM_WARPS)
+    return hist.sum(dim=0)
+
+
+def abs_hist_hi(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """int64[32768]: histogram of bits(|d|) >> 16, d = float32(expert) - float32(base).
+
+    >>> abs_hist_hi(base, expert).sum() == expert.numel()  # doctest: +SKIP
+    """
+    return _hist(base, expert, False, 0)
+
+
+def abs_hist_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor:
+    """int64[65536]: histogram of bits(|d|) & 0xFFFF over the entries whose bits(|d|) >> 16 == hi_bin."""
+    if not 0 <= hi_bin < HI_BINS:
+        raise ValueError(f"hi_bin {hi_bin} outside [0, {HI_BINS})")
+    return _hist(base, expert, True, hi_bin)
+
+
+def _block_counts(base: torch.Tensor, expert: torch.Tensor, t: int) -> torch.Tensor:
+    n = _check_pair(base, expert)
+    grid_n = triton.cdiv(n, BLOCK)
+    counts = torch.empty(grid_n, dtype=torch.int64, device=expert.device)
+    if n:
+        _count_kernel[(grid_n,)](base, expert, counts, n, t, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return counts
+
+
+def count_equal(base: torch.Tensor, expert: torch.Tensor, t: int) -> int:
+    """How many entries have bits(|d|) == t."""
+    return int(_block_counts(base, expert, t).sum())
+
+
+def nth_equal(base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -> int:
+    """Local index of the q-th (1-based) entry with bits(|d|) == t, or -1 if there are fewer than q."""
+    counts = _block_counts(base, expert, t)
+    if q < 1 or counts.numel() == 0:
+        return -1
+    cum = counts.cumsum(0)
+    if int(cum[-1]) < q:
+        return -1
+    block = int(torch.searchsorted(cum, torch.tensor([q], dtype=torch.int64, device=cum.device)))
+    before = int(cum[block - 1]) if block > 0 else 0
+    out = torch.empty(1, dtype=torch.int64, device=expert.device)
+    _nth_kernel[(1,)](base, expert, out, expert.numel(), t, q - before, block, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return int(out)
+
+
+def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
+    """max |d| over the chunk (0.0 for an empty chunk; NaN if any |d| is NaN)."""
+    n = _check_pair(base, expert)
+    if n == 0:
+        return 0.0
+    grid_n = triton.cdiv(n, BLOCK)
+    block_max = torch.empty(grid_n, dtype=torch.int32, device=expert.device)
+    _max_kernel[(grid_n,)](base, expert, block_max, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return float(block_max.max().view(torch.float32))
+
+
+def l1_fixed(
+    base: torch.Tensor,
+    expert: torch.Tensor,
+    shift: int,
+    keep: tuple[int, float, int] | None = None,
+) -> tuple[int, int]:
+    """Fixed-point L1 sums: (sum trunc(|d| * 2^shift), the same over the DARE-kept entries).
+
+    `keep` = (key, density, start) keeps entry j where `tl.rand(key, start + j) < float32(density)`, as the
+    merge does; None: every entry is kept (both sums equal). The caller picks `shift` so the sums fit in
+    int64 (select.fixed_point_shift); non-finite |d| are outside the contract.
+    """
+    n = _check_pair(base, expert)
+    if n == 0:
+        return 0, 0
+    grid_n = triton.cdiv(n, BLOCK)
+    sums = torch.zeros((2, grid_n), dtype=torch.int64, device=expert.device)
+    if keep is None:
+        key, density, start = 0, 1.0, 0
+    else:
+        key, density, start = keep
+    key_t = torch.tensor([key], dtype=torch.int64).to(expert.device)
+    density_t = torch.tensor([density], dtype=torch.float32).to(expert.device)
+    _l1_kernel[(grid_n,)](base, expert, sums, key_t, density_t, n, shift, start, KEEP=keep is not None,
+                          BLOCK=BLOCK, num_warps=NUM_WARPS)
+    total = int(sums[0].sum())
+    return (total, int(sums[1].sum())) if keep is not None else (total, total)

@@ -1,0 +1,142 @@
+"""`run`: plan, merge into a temporary directory, write the Hugging Face extras, rename into place."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusemerge import __version__
+from fusemerge.config import MergeConfig
+from fusemerge.errors import FusemergeError, InputError
+from fusemerge.planner import MergePlan, build_plan
+from fusemerge.streaming.executor import Executor, StageTimes
+from fusemerge.streaming.writer import ShardedWriter, check_out_dir, finalize, make_temp_dir
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+
+
+@dataclass
+class MergeResult:
+    """What `run` did: where, how long, how many bytes, and the per-stage times."""
+
+    out_dir: Path
+    seconds: float
+    input_bytes: int
+    output_bytes: int
+    files: list[str]
+    times: StageTimes
+    plan: MergePlan
+
+    @property
+    def input_gbps(self) -> float:
+        return self.input_bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def run(
+    config: str | Path | dict | MergeConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    backend: str = "auto",
+    max_memory: str | int | None = None,
+    out_shard_size: str | int = "5GB",
+    seed: int = 0,
+    copy_tokenizer: bool = True,
+    overwrite: bool = False,
+    workers: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    plan: MergePlan | None = None,
+) -> MergeResult:
+    """Merge the models of a mergekit-style config into `out_dir` (Hugging Face layout).
+
+    Every input is validated first (InputError lists every problem); the output is written into a
+    temporary directory next to `out_dir` and renamed into place only when complete.
+
+    >>> import fusemerge
+    >>> fusemerge.run("config.yml", "out/", device="cpu", max_memory="2GiB")  # doctest: +SKIP
+    """
+    plan = plan or build_plan(config, device=device, backend=backend, max_memory=max_memory,
+                              out_shard_size=out_shard_size, seed=seed, workers=workers)
+    out = Path(out_dir)
+    inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
+    problems = check_out_dir(out, overwrite, inputs)
+    if problems:
+        raise InputError(problems)
+
+    t0 = time.perf_counter()
+    temp = make_temp_dir(out)
+    try:
+        writer = ShardedWriter(temp, plan.layout)
+        try:
+            times = Executor(plan, writer, progress).run()
+        finally:
+            writer.close()
+        _write_extras(plan, temp, copy_tokenizer)
+        files = sorted(p.name for p in temp.iterdir())
+        finalize(temp, out, overwrite)
+    except OSError as e:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise FusemergeError(f"writing {out}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes, files, times, plan)
+
+
+def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> None:
+    """config.json (dtype updated), tokenizer files, fusemerge_config.yml and a README model card."""
+    ref_dir = _model_dir(plan.reference.path)
+    config_path = ref_dir / "config.json"
+    if config_path.is_file() and plan.reference.config is not None:
+        cfg = dict(plan.reference.config)
+        if plan.out_dtype_name:
+            cfg["torch_dtype"] = plan.out_dtype_name
+            if "dtype" in cfg:
+                cfg["dtype"] = plan.out_dtype_name
+        (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if copy_tokenizer:
+        src = _tokenizer_dir(plan)
+        for name in TOKENIZER_FILES:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, directory / name)
+    (directory / "fusemerge_config.yml").write_text(plan.config.to_yaml())
+    (directory / "README.md").write_text(_model_card(plan))
+
+
+def _model_dir(path: Path) -> Path:
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def _tokenizer_dir(plan: MergePlan) -> Path:
+    source = plan.config.tokenizer_source
+    if source and source != "base":
+        return _model_dir(Path(source))
+    return _model_dir(plan.reference.path)
+
+
+def _model_card(plan: MergePlan) -> str:
+    lines = [
+        "---",
+        "tags: [merge, fusemerge]",
+        "---",
+        "# Merged model",
+        "",
+        f"Made with [fusemerge](https://github.com/fusemerge/fusemerge) {__version__} using the "
+        f"`{plan.method.name}` method ({plan.method.paper}).",
+        "",
+    ]
+    if plan.base is not None:
+        lines.append(f"Base model: `{plan.base.path}`")
+        lines.append("")
+    lines.append("Models merged:")
+    lines += [f"- `{m.path}`" for m in plan.models]
+    lines += ["", "Configuration:", "", "```yaml", plan.config.to_yaml().rstrip(), "```", ""]
+    return "\n".join(lines)

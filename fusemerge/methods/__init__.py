@@ -1,0 +1,101 @@
+"""The method registry: every merge method is a sparsifier, a consensus rule and its defaults.
+
+This is mergekit's "generalized task arithmetic" idea without its task graph:
+
+    sparsifier   none | magnitude (TIES trim) | dare (random drop) | breadcrumbs (drop both tails)
+    consensus    none (weighted sum) | sign (TIES election + disjoint mean)
+
+`linear` is the one method that averages the models themselves rather than their deltas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs")
+CONSENSUS = ("none", "sign")
+
+
+@dataclass(frozen=True)
+class ParamDef:
+    """A parameter a method accepts: where it may be set and its default (None = required)."""
+
+    name: str
+    default: Any
+    per_model: bool  # True: may differ per model (weight, density); False: one value per tensor (lambda)
+    kind: str  # "float", "bool" or "rescale"
+    low: float | None = None  # inclusive lower bound for floats
+    high: float | None = None  # inclusive upper bound for floats
+    low_open: bool = False  # True: the lower bound is exclusive (density in (0, 1])
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    sparsifier: str
+    consensus: str
+    needs_base: bool
+    params: dict[str, ParamDef] = field(default_factory=dict)
+    paper: str = ""
+
+    @property
+    def is_linear(self) -> bool:
+        return self.name == "linear"
+
+    @property
+    def needs_thresholds(self) -> bool:
+        """True when each tensor needs a selection pass (k-th largest |delta|) before merging."""
+        return self.sparsifier in ("magnitude", "breadcrumbs")
+
+
+def _p(name: str, default: Any, per_model: bool, kind: str = "float", **kw: Any) -> ParamDef:
+    return ParamDef(name=name, default=default, per_model=per_model, kind=kind, **kw)
+
+
+WEIGHT = _p("weight", 1.0, True)
+LAMBDA = _p("lambda", 1.0, False)
+DENSITY = _p("density", 1.0, True, low=0.0, high=1.0, low_open=True)
+GAMMA = _p("gamma", 0.01, True, low=0.0, high=1.0)
+
+
+def _normalize(default: bool) -> ParamDef:
+    return _p("normalize", default, False, kind="bool")
+
+
+RESCALE = _p("rescale", True, False, kind="rescale")
+
+_ALL = [
+    Method("linear", "none", "none", needs_base=False,
+           params={"weight": WEIGHT, "normalize": _normalize(True)},
+           paper="https://arxiv.org/abs/2203.05482"),
+    Method("task_arithmetic", "none", "none", needs_base=True,
+           params={"weight": WEIGHT, "lambda": LAMBDA, "normalize": _normalize(False)},
+           paper="https://arxiv.org/abs/2212.04089"),
+    Method("ties", "magnitude", "sign", needs_base=True,
+           params={"weight": WEIGHT, "density": DENSITY, "lambda": LAMBDA, "normalize": _normalize(True)},
+           paper="https://arxiv.org/abs/2306.01708"),
+    Method("dare_ties", "dare", "sign", needs_base=True,
+           params={"weight": WEIGHT, "density": DENSITY, "lambda": LAMBDA, "normalize": _normalize(False),
+                   "rescale": RESCALE},
+           paper="https://arxiv.org/abs/2311.03099"),
+    Method("dare_linear", "dare", "none", needs_base=True,
+           params={"weight": WEIGHT, "density": DENSITY, "lambda": LAMBDA, "normalize": _normalize(False),
+                   "rescale": RESCALE},
+           paper="https://arxiv.org/abs/2311.03099"),
+    Method("breadcrumbs", "breadcrumbs", "none", needs_base=True,
+           params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
+                   "normalize": _normalize(False)},
+           paper="https://arxiv.org/abs/2312.06795"),
+    Method("breadcrumbs_ties", "breadcrumbs", "sign", needs_base=True,
+           params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
+                   "normalize": _normalize(True)},
+           paper="https://arxiv.org/abs/2312.06795"),
+]
+
+METHODS: dict[str, Method] = {m.name: m for m in _ALL}
+
+
+def get_method(name: str) -> Method:
+    """The method called `name`; KeyError if there is none (config.py turns that into an InputError)."""
+    return METHODS[name]

@@ -1,0 +1,361 @@
+"""Validate every input at once and decide what the merge will do, before any tensor is merged.
+
+`build_plan` opens every model's safetensors headers (never the data), checks that every model has
+every tensor with the same shape and dtype, resolves every parameter for every tensor, lays out the
+output shards and sizes the chunks from the memory budget. Every problem found is reported together
+in one InputError (CLI exit code 2); nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fusemerge.config import MergeConfig, load_config
+from fusemerge.errors import InputError
+from fusemerge.methods import Method
+from fusemerge.sizes import format_size, parse_size
+from fusemerge.streaming.model_index import ModelIndex, open_model
+from fusemerge.streaming.safetensors_header import DTYPES, TensorEntry
+from fusemerge.streaming.writer import OutputLayout, OutputTensor, plan_layout
+
+FLOAT_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+CODE_NAMES = {v: k for k, v in DTYPE_NAMES.items()}
+
+# Tied embeddings: where a model without lm_head.weight keeps the matrix it ties to.
+TIED_ALIASES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
+LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+
+# CPU chunk cap: 2^18 elements keeps each float32 temporary at 1 MiB, inside L2/L3, where torch's
+# elementwise ops run several times faster than from DRAM; bigger chunks only add memory.
+CPU_CHUNK_CAP = 1 << 18
+GPU_CHUNK_CAP = 1 << 26
+MIN_CHUNK = 1 << 12
+DEFAULT_CPU_BUDGET = 2 << 30
+
+
+@dataclass
+class TensorPlan:
+    """One output tensor: its inputs and its resolved parameters."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str  # input safetensors dtype code (shared by every input)
+    out_dtype: str
+    base: TensorEntry | None
+    inputs: list[TensorEntry]  # the experts, or for linear the averaged models
+    weights: list[float]
+    density: list[float]
+    gamma: list[float]
+    lam: float
+    normalize: bool
+    rescale: object  # True / False / "inverse"
+    copy_only: bool = False  # a non-float tensor: copied from the reference model unchanged
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def input_bytes(self) -> int:
+        entries = self.inputs + ([self.base] if self.base is not None else [])
+        return sum(e.nbytes for e in entries)
+
+
+@dataclass
+class MergePlan:
+    """Everything `run` needs; `summary()` is what `fusemerge plan` prints."""
+
+    config: MergeConfig
+    method: Method
+    base: ModelIndex | None
+    models: list[ModelIndex]  # experts (linear: averaged models), in order
+    reference: ModelIndex  # where config.json, tokenizer and the tensor layout come from
+    tensors: list[TensorPlan]
+    layout: OutputLayout
+    out_dtype_name: str | None
+    device: torch.device
+    backend: str
+    budget: int
+    chunk_elems: int
+    workers: int
+    seed: int
+    num_layers: int | None
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.input_bytes for t in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return self.layout.total_size
+
+    def passes(self) -> int:
+        """Reads of each input byte: the merge pass plus the statistics passes the method needs."""
+        if self.method.needs_thresholds:
+            return 4 if self.config.trim_scope == "global" else 3
+        if self.method.sparsifier == "dare" and any(t.rescale is True for t in self.tensors):
+            return 3
+        return 1
+
+    def summary(self) -> str:
+        cfg = self.config
+        lines = [
+            f"method        {self.method.name} ({self.method.paper})",
+            f"base model    {self.base.path if self.base else '-'}",
+        ]
+        label = "models" if self.method.is_linear else "experts"
+        for i, m in enumerate(self.models):
+            lines.append(f"{label + ' ' * (13 - len(label)) if i == 0 else ' ' * 13} {m.path}")
+        chunked = sum(1 for t in self.tensors if t.numel > self.chunk_elems)
+        params = sum(t.numel for t in self.tensors)
+        lines += [
+            f"tensors       {len(self.tensors)} ({params:,} parameters, {chunked} larger than one chunk)",
+            f"input         {format_size(self.input_bytes)} read {self.passes()}x"
+            + (" (statistics passes re-read from the page cache)" if self.passes() > 1 else ""),
+            f"output        {format_size(self.output_bytes)} in {len(self.layout.shards)} shard(s),"
+            f" dtype {self.out_dtype_name or 'as the inputs'}",
+            f"device        {self.device} (backend {self.backend}, {self.workers} worker(s))",
+            f"memory        budget {format_size(self.budget)}, chunks of {self.chunk_elems:,} elements",
+        ]
+        if cfg.trim_scope == "global":
+            lines.append("trim scope    global (one threshold per expert over the whole model)")
+        lines += [f"warning       {w}" for w in self.warnings]
+        return "\n".join(lines)
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    if backend in (None, "auto"):
+        return "triton" if device.type == "cuda" else "torch"
+    if backend not in ("torch", "triton"):
+        raise InputError(f"--backend {backend}: expected auto, torch or triton")
+    return backend
+
+
+def layer_count(reference: ModelIndex) -> int | None:
+    cfg = reference.config or {}
+    if isinstance(cfg.get("num_hidden_layers"), int):
+        return cfg["num_hidden_layers"]
+    indices = [int(m.group(1)) for name in reference.tensors if (m := LAYER_RE.search(name))]
+    return max(indices) + 1 if indices else None
+
+
+def _entry(model: ModelIndex, name: str) -> TensorEntry | None:
+    entry = model.tensors.get(name)
+    if entry is None and (model.config or {}).get("tie_word_embeddings"):
+        for alias in TIED_ALIASES.get(name, ()):
+            if alias in model.tensors:
+                return model.tensors[alias]
+    return entry
+
+
+def _natural_key(name: str) -> list:
+    return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def build_plan(
+    config: str | Path | dict | MergeConfig,
+    *,
+    device: str | None = "auto",
+    backend: str | None = "auto",
+    max_memory: str | int | None = None,
+    out_shard_size: str | int = "5GB",
+    seed: int = 0,
+    workers: int | None = None,
+) -> MergePlan:
+    """Validate everything and return the plan; raises InputError listing every problem."""
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    method = cfg.method
+    problems: list[str] = []
+
+    dev = resolve_device(device)
+    backend_name = resolve_backend(backend, dev)
+    try:
+        shard_bytes = parse_size(out_shard_size)
+    except ValueError as e:
+        problems.append(f"--out-shard-size: {e}")
+        shard_bytes = 5 * 10**9
+    try:
+        budget = parse_size(max_memory) if max_memory not in (None, "auto") else _default_budget(dev)
+    except ValueError as e:
+        problems.append(f"--max-memory: {e}")
+        budget = DEFAULT_CPU_BUDGET
+
+    # Open every model once (a model listed twice is one index).
+    opened: dict[Path, ModelIndex] = {}
+
+    def open_once(path: Path) -> ModelIndex | None:
+        key = Path(os.path.abspath(path))
+        if key not in opened:
+            try:
+                opened[key] = open_model(path)
+            except InputError as e:
+                problems.extend(e.problems)
+                return None
+        return opened[key]
+
+    base = open_once(cfg.base_model.path) if cfg.base_model is not None else None
+    base_key = Path(os.path.abspath(cfg.base_model.path)) if cfg.base_model is not None else None
+    members: list[tuple[ModelIndex | None, int | None]] = []  # (model, index into cfg.models or None = base)
+    for i, ref in enumerate(cfg.models):
+        is_base = base_key is not None and Path(os.path.abspath(ref.path)) == base_key
+        if is_base and not method.is_linear:
+            continue  # the base listed under models is not an expert
+        members.append((open_once(ref.path), i))
+    if method.is_linear and base is not None and not any(
+        Path(os.path.abspath(cfg.models[i].path)) == base_key for _, i in members if i is not None
+    ):
+        members.append((base, None))  # mergekit averages in a base that is not listed
+    if not members:
+        problems.append(f"{cfg.label}: models: no model to merge besides the base model")
+    if problems or (base is None and cfg.base_model is not None) or any(m is None for m, _ in members):
+        raise InputError(problems)
+
+    models = [m for m, _ in members]
+    reference = base if base is not None else models[0]
+    num_layers = layer_count(reference)
+    out_code = _out_code(cfg)
+
+    tensors: list[TensorPlan] = []
+    warnings: list[str] = []
+    for name in sorted(reference.tensors, key=_natural_key):
+        ref_entry = reference.tensors[name]
+        entries = [_entry(m, name) for m in models]
+        base_entry = base.tensors[name] if base is not None and not method.is_linear else None
+        missing = [str(m.path) for m, e in zip(models, entries, strict=True) if e is None]
+        if missing:
+            problems.append(f"tensor '{name}' is missing in {', '.join(missing)} (present in {reference.path})")
+            continue
+        bad = [f"{m.path} has {list(e.shape)}" for m, e in zip(models, entries, strict=True) if e.shape != ref_entry.shape]
+        if bad:
+            hint = " (the vocabularies differ: merging models with different vocabularies is not supported)" if (
+                "embed" in name or "lm_head" in name or "wte" in name) else ""
+            problems.append(f"tensor '{name}': shape mismatch: {reference.path} has {list(ref_entry.shape)}, "
+                            f"{'; '.join(bad)}{hint}")
+            continue
+        bad = [f"{m.path} has {e.dtype}" for m, e in zip(models, entries, strict=True) if e.dtype != ref_entry.dtype]
+        if bad:
+            problems.append(f"tensor '{name}': dtype mismatch: {reference.path} has {ref_entry.dtype}, {'; '.join(bad)}")
+            continue
+        if ref_entry.dtype not in FLOAT_CODES:
+            tensors.append(TensorPlan(name, ref_entry.shape, ref_entry.dtype, ref_entry.dtype, None, [ref_entry],
+                                      [1.0], [], [], 1.0, False, False, copy_only=True))
+            warnings.append(f"tensor '{name}' has dtype {ref_entry.dtype}: copied from {reference.path} unchanged")
+            continue
+        try:
+            tensors.append(_tensor_plan(cfg, method, name, ref_entry, base_entry, entries, members, num_layers,
+                                        out_code or ref_entry.dtype))
+        except InputError as e:
+            problems.extend(e.problems)
+
+    for m in models:
+        extra = [n for n in m.tensors if n not in reference.tensors and not _is_alias_source(n, reference)]
+        if extra:
+            warnings.append(f"{m.path}: {len(extra)} tensor(s) not in {reference.path} are ignored "
+                            f"(first: '{extra[0]}')")
+    if cfg.trim_scope == "global":
+        for t in tensors:
+            if t.copy_only:
+                continue
+            first = next(x for x in tensors if not x.copy_only)
+            if t.density != first.density:
+                problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
+                                f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
+                break
+    if problems:
+        raise InputError(problems)
+
+    out_tensors = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors]
+    layout = plan_layout(out_tensors, shard_bytes)
+    n_inputs = max(len(models) + 1, 2)
+    n_workers = workers or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)
+    chunk = _chunk_elems(budget, n_inputs, n_workers, dev)
+    if chunk < MIN_CHUNK:
+        raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
+                         f"{n_inputs} inputs need at least {format_size(MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))}")
+    return MergePlan(cfg, method, base, models, reference, tensors, layout,
+                     CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
+                     seed, num_layers, warnings)
+
+
+def _is_alias_source(name: str, reference: ModelIndex) -> bool:
+    return any(name in aliases and src in reference.tensors for src, aliases in TIED_ALIASES.items())
+
+
+def _out_code(cfg: MergeConfig) -> str | None:
+    name = cfg.out_dtype or cfg.dtype
+    return DTYPE_NAMES[name] if name else None
+
+
+def _tensor_plan(cfg: MergeConfig, method: Method, name: str, ref_entry: TensorEntry, base_entry: TensorEntry | None,
+                 entries: list[TensorEntry], members: list[tuple[ModelIndex | None, int | None]],
+                 num_layers: int | None, out_code: str) -> TensorPlan:
+    problems = []
+
+    def per_model(pname: str) -> list[float]:
+        if pname not in method.params:
+            return []
+        values = [cfg.param(pname, name, idx, num_layers) for _, idx in members]
+        return [float(v) for v in values]
+
+    def global_param(pname: str, default):
+        return cfg.param(pname, name, None, num_layers) if pname in method.params else default
+
+    weights = per_model("weight")
+    density = per_model("density")
+    gamma = per_model("gamma")
+    for i, d in enumerate(density):
+        if not 0.0 < d <= 1.0:
+            problems.append(f"tensor '{name}': density of model {i} resolves to {d}, outside (0, 1]")
+    for i, g in enumerate(gamma):
+        if not 0.0 <= g <= 1.0:
+            problems.append(f"tensor '{name}': gamma of model {i} resolves to {g}, outside [0, 1]")
+    if problems:
+        raise InputError(problems)
+    return TensorPlan(name=name, shape=ref_entry.shape, dtype=ref_entry.dtype, out_dtype=out_code, base=base_entry,
+                      inputs=entries, weights=weights, density=density, gamma=gamma,
+                      lam=float(global_param("lambda", 1.0)), normalize=bool(global_param("normalize", False)),
+                      rescale=global_param("rescale", False))
+
+
+def _bytes_per_elem(n_inputs: int) -> int:
+    # float32 copies of every input, one product per expert, ~6 float32 temporaries, the output.
+    return 4 * (2 * n_inputs + 6) + 4
+
+
+def _chunk_elems(budget: int, n_inputs: int, workers: int, dev: torch.device) -> int:
+    cap = CPU_CHUNK_CAP if dev.type == "cpu" else GPU_CHUNK_CAP
+    return min(cap, budget // (workers * _bytes_per_elem(n_inputs)))
+
+
+def _default_budget(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free * 0.8)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return DEFAULT_CPU_BUDGET
+    return max(64 << 20, min(DEFAULT_CPU_BUDGET, avail // 4))
+
+
+def dtype_of(code: str) -> torch.dtype:
+    return DTYPES[code][0] if isinstance(DTYPES[code], tuple) else DTYPES[code]

@@ -1,0 +1,33 @@
+"""Streaming I/O: safetensors headers, model indexes over shards, memory-mapped chunk reads, sharded writes."""
+
+from fusemerge.streaming.model_index import ModelIndex, open_model
+from fusemerge.streaming.reader import ChunkReader
+from fusemerge.streaming.safetensors_header import DTYPES, SafetensorsHeader, TensorEntry, read_header
+from fusemerge.streaming.writer import (
+    OutputLayout,
+    OutputShard,
+    OutputTensor,
+    ShardedWriter,
+    check_out_dir,
+    finalize,
+    make_temp_dir,
+    plan_layout,
+)
+
+__all__ = [
+    "DTYPES",
+    "ChunkReader",
+    "ModelIndex",
+    "OutputLayout",
+    "OutputShard",
+    "OutputTensor",
+    "SafetensorsHeader",
+    "ShardedWriter",
+    "TensorEntry",
+    "check_out_dir",
+    "finalize",
+    "make_temp_dir",
+    "open_model",
+    "plan_layout",
+    "read_header",
+]

@@ -1,0 +1,176 @@
+"""The merge loop: for each tensor, statistics (if the method needs them), then chunks -> kernel -> disk.
+
+    for tensor in plan:                       (workers run different tensors at once)
+        params = statistics(tensor)           thresholds / DARE rescale, streamed over chunks
+        for chunk in tensor:
+            read N+1 chunks (mmap)  ->  merge_chunk  ->  pwrite at the chunk's offset in its shard
+
+Chunks are bounded by the memory budget, never whole tensors, and the output bytes do not depend on
+the chunk size: statistics are integers and every element's math is the same in every chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import ModuleType
+
+import torch
+
+from fusemerge.kernels.params import EMPTY_C, ChunkParams
+from fusemerge.kernels.select import Segment, tensor_params, top_cuts, trim_counts
+from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
+from fusemerge.streaming.reader import ChunkReader
+from fusemerge.streaming.writer import ShardedWriter
+
+F32 = torch.float32
+
+
+@dataclass
+class StageTimes:
+    """Seconds spent per stage, summed over workers (so they can exceed the wall time)."""
+
+    read: float = 0.0
+    stats: float = 0.0
+    merge: float = 0.0
+    write: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, **kw: float) -> None:
+        with self.lock:
+            for k, v in kw.items():
+                setattr(self, k, getattr(self, k) + v)
+
+
+def backend_module(plan: MergePlan) -> tuple[ModuleType, ModuleType]:
+    """(merge kernels, statistics kernels) for the plan's backend."""
+    if plan.backend == "triton":
+        from fusemerge.kernels import triton_merge, triton_select
+
+        return triton_merge, triton_select
+    from fusemerge.kernels import reference
+
+    return reference, reference
+
+
+class Executor:
+    """Runs a MergePlan into a ShardedWriter. `progress(nbytes)` is called as input bytes are merged."""
+
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None):
+        self.plan = plan
+        self.writer = writer
+        self.progress = progress or (lambda n: None)
+        self.reader = ChunkReader()
+        self.merge_kernels, self.stat_kernels = backend_module(plan)
+        self.times = StageTimes()
+        self.global_cuts: dict[str, list[tuple[int, int, int, int]]] | None = None
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def _load(self, entry, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of `entry` as a tensor on the compute device.
+
+        On CPU the bytes leave the page cache here (mmap) and are converted to float32, then the
+        mapped pages are released so the process's RSS stays bounded by the chunk size.
+        """
+        t0 = time.perf_counter()
+        raw = self.reader.read(entry, start, count)
+        if self.plan.device.type == "cpu":
+            out = raw.to(F32) if raw.dtype != F32 else raw.clone()
+        else:
+            out = raw.to(self.plan.device, non_blocking=False)
+        self.reader.release(entry, start, count)
+        self.times.add(read=time.perf_counter() - t0)
+        return out
+
+    def _segment(self, t: TensorPlan, i: int) -> Segment:
+        def load(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self._load(t.base, start, count), self._load(t.inputs[i], start, count)
+
+        return Segment(t.numel, load)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def chunk_params(self, t: TensorPlan) -> ChunkParams:
+        """Every per-expert number the kernel needs for tensor `t` (runs its statistics pass)."""
+        t0 = time.perf_counter()
+        params = tensor_params(
+            self.plan.method, name=t.name, numel=t.numel, segments=lambda i: [self._segment(t, i)],
+            weights=t.weights, density=t.density, gamma=t.gamma, lam=t.lam, normalize=t.normalize,
+            rescale=t.rescale, seed=self.plan.seed, chunk=self.plan.chunk_elems, backend=self.stat_kernels,
+            cuts=self.global_cuts[t.name] if self.global_cuts is not None else None)
+        self.times.add(stats=time.perf_counter() - t0)
+        return params
+
+    def compute_global_cuts(self) -> None:
+        """trim_scope: global: one threshold per expert over every merged tensor, in plan order."""
+        plan = self.plan
+        merged = [t for t in plan.tensors if not t.copy_only]
+        cuts: dict[str, list[tuple[int, int, int, int]]] = {t.name: [] for t in merged}
+        total = sum(t.numel for t in merged)
+        for i in range(len(plan.models)):
+            first = merged[0]
+            keep_rank, drop_rank = trim_counts(plan.method.sparsifier, total, first.density[i],
+                                               first.gamma[i] if first.gamma else 0.0)
+            segments = [self._segment(t, i) for t in merged]
+            (tk, ck), (td, cd) = top_cuts(self.stat_kernels, segments, plan.chunk_elems, [keep_rank, drop_rank])
+            offset = 0
+            for t in merged:  # a global index cut becomes each tensor's local cut
+                cuts[t.name].append((tk, _local_cut(ck, offset, t.numel), td, _local_cut(cd, offset, t.numel)))
+                offset += t.numel
+        self.global_cuts = cuts
+
+    # -- merging -------------------------------------------------------------------------------
+
+    def merge_tensor(self, t: TensorPlan) -> None:
+        chunk = self.plan.chunk_elems
+        itemsize = t.inputs[0].nbytes // max(t.numel, 1)
+        out_item = torch.empty((), dtype=FLOAT_CODES.get(t.out_dtype, torch.uint8)).element_size()
+        if t.copy_only:
+            data = self.reader.read(t.inputs[0], 0, t.numel).contiguous()
+            self.writer.write(t.name, 0, data.cpu())
+            self.progress(t.input_bytes)
+            return
+        params = self.chunk_params(t)
+        out_dtype = FLOAT_CODES[t.out_dtype]
+        for start in range(0, t.numel, chunk):
+            count = min(chunk, t.numel - start)
+            base = self._load(t.base, start, count) if t.base is not None else None
+            inputs = [self._load(e, start, count) for e in t.inputs]
+            t0 = time.perf_counter()
+            out = self.merge_kernels.merge_chunk(base, inputs, start, params, out_dtype)
+            t1 = time.perf_counter()
+            self.writer.write(t.name, start * out_item, out.cpu())
+            self.times.add(merge=t1 - t0, write=time.perf_counter() - t1)
+            self.progress(count * itemsize * (len(t.inputs) + (t.base is not None)))
+
+    def run(self) -> StageTimes:
+        plan = self.plan
+        torch_threads = torch.get_num_threads()
+        if plan.device.type == "cpu" and plan.workers > 1:
+            torch.set_num_threads(1)  # parallelism comes from the workers; no oversubscription
+        try:
+            if plan.method.needs_thresholds and plan.config.trim_scope == "global":
+                self.compute_global_cuts()
+            order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
+            if plan.workers == 1:
+                for t in order:
+                    self.merge_tensor(t)
+            else:
+                with ThreadPoolExecutor(plan.workers, thread_name_prefix="fusemerge") as pool:
+                    for fut in [pool.submit(self.merge_tensor, t) for t in order]:
+                        fut.result()
+        finally:
+            torch.set_num_threads(torch_threads)
+            self.reader.close()
+        return self.times
+
+
+def _local_cut(c: int, offset: int, numel: int) -> int:
+    """A global index cut as a cut inside the tensor that starts at `offset`."""
+    if c <= offset:
+        return EMPTY_C
+    return min(c - offset, numel)

@@ -1,0 +1,153 @@
+"""A model on disk as one map: tensor name -> (file, dtype, shape, byte range), over however many shards it has.
+
+Shard boundaries differ between models (a base in 2 shards, a fine-tune in 4): nothing downstream looks at
+`files`, only at `tensors`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from fusemerge.errors import InputError, raise_if
+from fusemerge.streaming.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+
+SINGLE_FILE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class ModelIndex:
+    """Every tensor of one model. `path` is what the user gave; `config` is the parsed config.json, if any."""
+
+    path: Path
+    files: list[Path]
+    tensors: dict[str, TensorEntry]
+    config: dict | None
+
+    @property
+    def num_parameters(self) -> int:
+        """Total number of elements over all tensors."""
+        return sum(e.numel for e in self.tensors.values())
+
+    @property
+    def total_bytes(self) -> int:
+        """Total bytes of tensor data over all tensors."""
+        return sum(e.nbytes for e in self.tensors.values())
+
+    def dtype_counts(self) -> dict[str, int]:
+        """Number of tensors per safetensors dtype code, most common first, e.g. `{"BF16": 290, "F32": 1}`."""
+        return dict(Counter(e.dtype for e in self.tensors.values()).most_common())
+
+
+def open_model(path: str | os.PathLike) -> ModelIndex:
+    """Index the model at `path`: a directory or a single `.safetensors` file. Reads headers only.
+
+    A directory holds `model.safetensors`; else the shards listed in `model.safetensors.index.json`
+    (`weight_map`: tensor -> shard file name); else any `*.safetensors` files. Tensors present in a listed shard
+    but missing from `weight_map` are included, as transformers loads whole shards. Raises `InputError` with
+    every problem found over all shards and config.json.
+
+    >>> model = open_model("models/llama-7b")  # doctest: +SKIP
+    >>> model.num_parameters, model.dtype_counts()  # doctest: +SKIP
+    (6738415616, {'BF16': 291})
+    """
+    path = Path(path)
+    problems: list[str] = []
+    files, weight_map = _weight_files(path, problems)
+    headers: dict[Path, SafetensorsHeader] = {}
+    for file in files:
+        try:
+            headers[file] = read_header(file)
+        except InputError as e:
+            problems += e.problems
+
+    tensors: dict[str, TensorEntry] = {}
+    for header in headers.values():
+        for name, entry in header.tensors.items():
+            if name in tensors:
+                problems.append(f"{entry.file}: tensor {name!r} is also in {tensors[name].file}; which one is meant?")
+            else:
+                tensors[name] = entry
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            header = headers.get(path / shard)
+            if header is not None and name not in header.tensors:
+                problems.append(f"{path / INDEX_NAME}: maps tensor {name!r} to {shard}, which has no such tensor")
+
+    config = _read_config((path if path.is_dir() else path.parent) / CONFIG_NAME, problems)
+    raise_if(problems)
+    return ModelIndex(path, list(headers), tensors, config)
+
+
+def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str, str] | None]:
+    """The safetensors files of the model at `path`, and the index's weight_map if the model has one.
+
+    Raises `InputError` when there is nothing to read; records other problems (missing shards) and goes on.
+    """
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise InputError(f"{path}: not a .safetensors file nor a model directory")
+        return [path], None
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    try:
+        names = sorted(os.listdir(path))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read directory: {e.strerror or e}") from e
+
+    if SINGLE_FILE_NAME in names and (path / SINGLE_FILE_NAME).is_file():
+        return [path / SINGLE_FILE_NAME], None
+    if INDEX_NAME in names:
+        weight_map = _read_weight_map(path / INDEX_NAME)
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            if Path(shard).name != shard:
+                problems.append(f"{path / INDEX_NAME}: shard {shard!r} is not a plain file name")
+            elif not (path / shard).is_file():
+                problems.append(f"{path / INDEX_NAME}: names shard {shard}, which does not exist in {path}")
+            else:
+                files.append(path / shard)
+        return files, weight_map
+    files = [path / name for name in names if name.endswith(".safetensors") and (path / name).is_file()]
+    if not files:
+        raise InputError(f"{path}: no {SINGLE_FILE_NAME}, {INDEX_NAME} or other .safetensors file in this directory")
+    return files, None
+
+
+def _read_weight_map(index_path: Path) -> dict[str, str]:
+    """The `weight_map` of a `model.safetensors.index.json`; raises `InputError` if the file is malformed."""
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"{index_path}: cannot read: {e.strerror or e}") from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{index_path}: not valid JSON: {e}") from e
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise InputError(f"{index_path}: must be an object with a \"weight_map\" of tensor name -> shard file name")
+    if not weight_map:
+        raise InputError(f"{index_path}: weight_map is empty")
+    return weight_map
+
+
+def _read_config(config_path: Path, problems: list[str]) -> dict | None:
+    """The parsed config.json, None if there is none; records a problem if it cannot be read or parsed."""
+    if not config_path.exists():
+        return None
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        problems.append(f"{config_path}: cannot read: {e.strerror or e}")
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        problems.append(f"{config_path}: not valid JSON: {e}")
+        return None
+    if not isinstance(config, dict):
+        problems.append(f"{config_path}: must be a JSON object, got a {type(config).__name__}")
+        return None
+    return config

@@ -1,0 +1,290 @@
+"""Output layout, sharded writer and atomic finalize: where bytes reach the disk.
+
+The whole output is laid out before the first byte is written: every shard's header and every tensor's byte
+offset are known up front, so chunks can be written in any order, from any thread, with `os.pwrite`.
+The merge writes into a temporary sibling of OUT_DIR and `finalize` renames it into place, so OUT_DIR never holds
+something that looks like a finished model unless the merge finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fusemerge.errors import InputError
+from fusemerge.streaming.model_index import INDEX_NAME, SINGLE_FILE_NAME
+from fusemerge.streaming.safetensors_header import DTYPES
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    """A tensor to write: name, safetensors dtype code and shape."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data."""
+        return math.prod(self.shape) * DTYPES[self.dtype][1]
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    """One output file: `header` is every byte before the data (8-byte length + padded JSON), so
+    `data_start == len(header)`; `size` is the final file size."""
+
+    filename: str
+    header: bytes
+    data_start: int
+    size: int
+    tensor_names: tuple[str, ...]
+
+
+class OutputLayout:
+    """Where every output tensor goes: shards with their headers, and each tensor's absolute byte offset."""
+
+    def __init__(self, shards: list[OutputShard], locations: dict[str, tuple[str, int, int]], total_size: int):
+        self.shards = shards
+        self._locations = locations
+        self.total_size = total_size  # bytes of tensor data over all shards, as in the index's metadata
+
+    def locate(self, name: str) -> tuple[str, int, int]:
+        """(shard file name, absolute byte offset of the tensor in that file, nbytes) of tensor `name`."""
+        return self._locations[name]
+
+    def index_json(self) -> dict:
+        """The Hugging Face `model.safetensors.index.json` content: `metadata.total_size` and `weight_map`."""
+        weight_map = {name: shard for name, (shard, _, _) in self._locations.items()}
+        return {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+
+
+def plan_layout(
+    tensors: list[OutputTensor], max_shard_bytes: int, metadata: dict[str, str] | None = None
+) -> OutputLayout:
+    """Lay `tensors` out in shards of at most `max_shard_bytes` of tensor data, keeping their order.
+
+    A new shard starts when adding a tensor would exceed the limit; a tensor larger than the limit gets a shard of
+    its own. One shard is named `model.safetensors`, several `model-00001-of-00003.safetensors` and so on.
+    Each header carries `metadata` (default `{"format": "pt"}`) and is padded with spaces to a multiple of 8
+    bytes, as the safetensors library does. Deterministic.
+
+    >>> layout = plan_layout([OutputTensor("w", "BF16", (4, 4))], max_shard_bytes=5 * 10**9)
+    >>> layout.locate("w")
+    ('model.safetensors', 104, 32)
+    """
+    if max_shard_bytes <= 0:
+        raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+    names = [t.name for t in tensors]
+    if len(set(names)) != len(names):
+        raise ValueError("output tensor names are not unique")
+    groups: list[list[OutputTensor]] = [[]]
+    group_bytes = 0
+    for t in tensors:
+        if groups[-1] and group_bytes + t.nbytes > max_shard_bytes:
+            groups.append([])
+            group_bytes = 0
+        groups[-1].append(t)
+        group_bytes += t.nbytes
+
+    metadata = {"format": "pt"} if metadata is None else metadata
+    shards: list[OutputShard] = []
+    locations: dict[str, tuple[str, int, int]] = {}
+    for i, group in enumerate(groups, start=1):
+        filename = SINGLE_FILE_NAME if len(groups) == 1 else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+        header = _header_bytes(group, metadata)
+        offset = len(header)
+        for t in group:
+            locations[t.name] = (filename, offset, t.nbytes)
+            offset += t.nbytes
+        shards.append(OutputShard(filename, header, len(header), offset, tuple(t.name for t in group)))
+    return OutputLayout(shards, locations, sum(t.nbytes for t in tensors))
+
+
+def _header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> bytes:
+    """8-byte little-endian length + header JSON padded with spaces to a multiple of 8, tensors contiguous."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text
+
+
+class ShardedWriter:
+    """Writes the shards of `layout` into `directory`: every file is created at its final size up front, then
+    chunks land at their offsets with `os.pwrite`. `write` is thread-safe. A context manager: a clean exit calls
+    `close`; an exception closes the files without writing the index.
+
+    >>> with ShardedWriter(tmp, layout) as writer:  # doctest: +SKIP
+    ...     writer.write("w", 0, chunk)  # chunk: bytes, memoryview or contiguous CPU tensor
+    """
+
+    def __init__(self, directory: Path, layout: OutputLayout):
+        self.directory = Path(directory)
+        self.layout = layout
+        self._lock = threading.Lock()
+        self._fds: dict[str, int] = {}
+        try:
+            for shard in layout.shards:
+                fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds[shard.filename] = fd
+                _pwrite_all(fd, memoryview(shard.header), 0)
+                os.ftruncate(fd, shard.size)
+        except BaseException:
+            self._close_files(sync=False)
+            raise
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._close_files(sync=False)
+
+    def write(self, name: str, byte_offset: int, data: bytes | bytearray | memoryview | torch.Tensor) -> None:
+        """Write `data` at byte `byte_offset` of tensor `name`. A tensor must be contiguous and on the CPU; its
+        bytes are written as they are in memory (little-endian on every platform torch supports)."""
+        buf = _as_bytes(data)
+        filename, start, nbytes = self.layout.locate(name)
+        if byte_offset < 0 or byte_offset + buf.nbytes > nbytes:
+            raise ValueError(
+                f"writing bytes [{byte_offset}, {byte_offset + buf.nbytes}) of tensor {name!r} of {nbytes} bytes"
+            )
+        fd = self._fds.get(filename)
+        if fd is None:
+            raise ValueError(f"writing tensor {name!r}: the writer is closed")
+        _pwrite_all(fd, buf, start + byte_offset)
+
+    def close(self) -> None:
+        """Flush every shard to disk, close it, and write `model.safetensors.index.json` if there are several."""
+        self._close_files(sync=True)
+        if len(self.layout.shards) > 1:
+            index = json.dumps(self.layout.index_json(), indent=2, sort_keys=True) + "\n"
+            with open(self.directory / INDEX_NAME, "w", encoding="utf-8") as f:
+                f.write(index)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _close_files(self, sync: bool) -> None:
+        with self._lock:
+            fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                if sync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _as_bytes(data: bytes | bytearray | memoryview | torch.Tensor) -> memoryview:
+    """A flat byte view of `data`, without copying."""
+    if isinstance(data, torch.Tensor):
+        if data.device.type != "cpu" or not data.is_contiguous():
+            raise ValueError(f"can only write contiguous CPU tensors, got one on {data.device}, or not contiguous")
+        # via uint8, as numpy has no bfloat16 / float8
+        return memoryview(data.detach().reshape(-1).view(torch.uint8).numpy())
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
+    """`os.pwrite` until every byte of `buf` is written (it may write fewer)."""
+    while buf.nbytes:
+        n = os.pwrite(fd, buf, offset)
+        buf, offset = buf[n:], offset + n
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    """Create and return an empty directory `.{name}.fusemerge-tmp-<random>` next to `out_dir` (same filesystem,
+    so `finalize` is a rename). Creates `out_dir`'s parent if needed."""
+    out_dir = Path(os.path.abspath(out_dir))
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        temp_dir = out_dir.parent / f".{out_dir.name}.fusemerge-tmp-{secrets.token_hex(4)}"
+        try:
+            temp_dir.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
+            return temp_dir
+        except FileExistsError:
+            continue
+
+
+def finalize(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Put the finished `temp_dir` in place of `out_dir` by renaming it.
+
+    `out_dir` missing or empty: it becomes `temp_dir`. Not empty: without `overwrite`, `InputError` and nothing is
+    touched (`temp_dir` stays for the caller to remove); with `overwrite`, the old directory is renamed aside, the
+    new one renamed in, then the old one deleted. Call `check_out_dir` first: this does not check the inputs.
+    """
+    temp_dir, out_dir = Path(temp_dir), Path(out_dir)
+    if not out_dir.exists() and not out_dir.is_symlink():
+        os.rename(temp_dir, out_dir)
+        return
+    if not out_dir.is_dir() or out_dir.is_symlink():
+        raise InputError(f"{out_dir}: exists and is not a directory")
+    if not any(out_dir.iterdir()):
+        out_dir.rmdir()
+        os.rename(temp_dir, out_dir)
+        return
+    if not overwrite:
+        raise InputError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+    old_dir = out_dir.parent / f".{out_dir.name}.fusemerge-old-{secrets.token_hex(4)}"
+    os.rename(out_dir, old_dir)
+    try:
+        os.rename(temp_dir, out_dir)
+    except BaseException:
+        os.rename(old_dir, out_dir)
+        raise
+    shutil.rmtree(old_dir)
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> list[str]:
+    """Problems with writing the merge to `out_dir`, found before any work, as one message each.
+
+    `out_dir` must not be a file, must be empty unless `overwrite`, must not be, contain or lie inside any of the
+    `inputs` (never delete a user's models, even with --overwrite), and its parent must be writable.
+    """
+    out_dir = Path(out_dir)
+    problems = []
+    if out_dir.is_symlink():
+        problems.append(f"{out_dir}: is a symbolic link; give the directory it points to, or another path")
+    elif out_dir.exists() and not out_dir.is_dir():
+        problems.append(f"{out_dir}: exists and is not a directory")
+    elif out_dir.is_dir():
+        try:
+            non_empty = any(out_dir.iterdir())
+        except OSError as e:
+            non_empty = True
+            problems.append(f"{out_dir}: cannot read directory: {e.strerror or e}")
+        if non_empty and not overwrite:
+            problems.append(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+
+    out = out_dir.resolve()
+    for model in inputs:
+        model_path = Path(model).resolve()
+        if model_path == out or out in model_path.parents:
+            problems.append(f"{out_dir}: holds the input model {model}; choose another output directory")
+        elif model_path in out.parents:
+            problems.append(f"{out_dir}: lies inside the input model {model}; choose another output directory")
+
+    ancestor = out.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        problems.append(f"{out_dir}: cannot be created: {ancestor} is not a directory")
+    elif not os.access(ancestor, os.W_OK | os.X_OK):
+        problems.append(f"{out_dir}: cannot be created: {ancestor} is not writable")
+    return problems

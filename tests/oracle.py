@@ -1,0 +1,94 @@
+"""The float64 oracle: METHODS.md written as plainly as possible, with sorts instead of selection.
+
+Deliberately independent of fusemerge's kernels: top-k by a stable sort of (-|d|, index), norms in
+float64, no chunking. Only what METHODS.md pins to float32 is float32 here: the deltas and the
+sign-election sum (so the elected sign is the same bit for bit).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from fusemerge.kernels.philox import dare_key, philox_rand
+from fusemerge.methods import METHODS
+
+
+def topk_mask(absd: np.ndarray, k: int) -> np.ndarray:
+    """Exactly the k largest entries, ties broken by lowest index (stable sort)."""
+    order = np.argsort(-absd, kind="stable")
+    mask = np.zeros(absd.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def sparsify(method, d32: np.ndarray, i: int, density: float, gamma: float, seed: int, name: str,
+             rescale) -> np.ndarray:
+    """float64 sparsified delta of one expert."""
+    n = d32.size
+    absd = np.abs(d32.astype(np.float64))
+    d = d32.astype(np.float64)
+    if method.sparsifier == "magnitude":
+        return np.where(topk_mask(absd, max(1, math.floor(density * n))), d, 0.0)
+    if method.sparsifier == "breadcrumbs":
+        if density >= 1.0:
+            return d
+        keep = math.floor(density * n)
+        top = min(math.floor(gamma * n), n - keep)
+        mask = topk_mask(absd, top + keep) & ~topk_mask(absd, top)
+        return np.where(mask, d, 0.0)
+    if method.sparsifier == "dare":
+        u = philox_rand(dare_key(seed, name, i), torch.arange(n, dtype=torch.int64)).numpy()
+        kept = u < np.float32(density)
+        dh = np.where(kept, d, 0.0)
+        if rescale is True:
+            s = np.abs(dh).sum()
+            return dh * (absd.sum() / s) if s > 0 else dh
+        if rescale == "inverse":
+            return dh / density
+        return dh
+    return d
+
+
+def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, lam=1.0, normalize=None,
+          rescale=True, seed=0, name="") -> np.ndarray:
+    """The merged tensor in float64 (flat)."""
+    method = METHODS[method_name]
+    n = len(experts)
+    w = [float(x) for x in weight]
+    dens = density if isinstance(density, list) else [density] * n
+    gam = gamma if isinstance(gamma, list) else [gamma] * n
+    if normalize is None:
+        normalize = method.params["normalize"].default
+    if method.is_linear:
+        models = [e.reshape(-1).to(torch.float64).numpy() for e in experts]
+        num = sum(wi * m for wi, m in zip(w, models))
+        return num / sum(w) if normalize and sum(w) != 0 else num
+    b32 = base.reshape(-1).to(torch.float32).numpy()
+    dh = []
+    for i, e in enumerate(experts):
+        d32 = e.reshape(-1).to(torch.float32).numpy() - b32
+        dh.append(sparsify(method, d32, i, dens[i], gam[i], seed, name, rescale))
+    if method.consensus == "sign":
+        # the election, to the bit: float32 products summed left to right in float32
+        s = np.zeros_like(b32)
+        p32 = []
+        for wi, x in zip(w, dh):
+            p32.append(np.float32(wi) * x.astype(np.float32))
+        s = p32[0].copy()
+        for p in p32[1:]:
+            s = s + p
+        g = np.where(s >= 0, 1.0, -1.0)
+        agree = [np.sign(p.astype(np.float64)) == g for p in p32]
+        num = sum(np.where(a, wi * x, 0.0) for a, wi, x in zip(agree, w, dh))
+        if normalize:
+            den = sum(np.where(a, wi, 0.0) for a, wi in zip(agree, w))
+            den = np.where(den == 0, 1.0, den)
+            num = num / den
+    else:
+        num = sum(wi * x for wi, x in zip(w, dh))
+        if normalize and sum(w) != 0:
+            num = num / sum(w)
+    return b32.astype(np.float64) + lam * num

@@ -1,0 +1,359 @@
+"""plan_layout, ShardedWriter, make_temp_dir / finalize / check_out_dir."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from fusemerge.errors import InputError
+from fusemerge.streaming.model_index import open_model
+from fusemerge.streaming.safetensors_header import read_header
+from fusemerge.streaming.writer import (
+    OutputTensor,
+    ShardedWriter,
+    check_out_dir,
+    finalize,
+    make_temp_dir,
+    plan_layout,
+)
+from tests.streaming.helpers import as_bytes, assert_same, random_tensor
+
+
+def out_tensors(tensors: dict[str, torch.Tensor]) -> list[OutputTensor]:
+    codes = {torch.bfloat16: "BF16", torch.float32: "F32", torch.float16: "F16", torch.int64: "I64", torch.bool: "BOOL"}
+    return [OutputTensor(name, codes[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+
+
+def mixed(gen: torch.Generator, n: int = 9) -> dict[str, torch.Tensor]:
+    codes = ["BF16", "F32", "F16", "BF16", "I64", "BOOL"]
+    shapes = [(13, 7), (5,), (), (0, 3), (3, 3, 3), (11,)]
+    return {f"layer.{i}": random_tensor(codes[i % 6], shapes[i % 6], gen) for i in range(n)}
+
+
+def shard_sizes(layout) -> list[list[str]]:
+    return [list(s.tensor_names) for s in layout.shards]
+
+
+# -- plan_layout ------------------------------------------------------------------------------------------------
+
+
+def test_output_tensor_nbytes() -> None:
+    assert OutputTensor("a", "BF16", (3, 5)).nbytes == 30
+    assert OutputTensor("a", "F64", ()).nbytes == 8
+    assert OutputTensor("a", "F32", (4, 0)).nbytes == 0
+
+
+def test_one_shard_header_is_what_safetensors_writes(gen: torch.Generator) -> None:
+    """Same dtype, names in order: the library's layout is ours, so the headers must be byte-identical."""
+    tensors = {name: random_tensor("F32", shape, gen) for name, shape in [("a", (3,)), ("b", (2, 5)), ("c", ())]}
+    layout = plan_layout(out_tensors(tensors), max_shard_bytes=10**9)
+    [shard] = layout.shards
+    library = save(tensors, metadata={"format": "pt"})
+    assert shard.filename == "model.safetensors"
+    assert shard.header == library[: shard.data_start]
+    assert shard.data_start == len(shard.header) and shard.data_start % 8 == 0
+    assert shard.size == len(library)
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"),
+    [
+        (120, [["a", "b", "c"]]),
+        (80, [["a", "b"], ["c"]]),  # exactly at the limit stays in
+        (79, [["a"], ["b"], ["c"]]),
+        (1, [["a"], ["b"], ["c"]]),  # larger than the limit: a shard each
+    ],
+)
+def test_shard_boundaries(limit: int, expected: list[list[str]]) -> None:
+    tensors = [OutputTensor(name, "F32", (10,)) for name in "abc"]
+    assert shard_sizes(plan_layout(tensors, limit)) == expected
+
+
+def test_large_tensor_gets_its_own_shard() -> None:
+    tensors = [OutputTensor("a", "U8", (10,)), OutputTensor("big", "U8", (100,)), OutputTensor("b", "U8", (10,)),
+               OutputTensor("c", "U8", (10,))]
+    layout = plan_layout(tensors, 50)
+    assert shard_sizes(layout) == [["a"], ["big"], ["b", "c"]]
+    assert [s.filename for s in layout.shards] == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+
+
+def test_layout_offsets_and_index(gen: torch.Generator) -> None:
+    tensors = out_tensors(mixed(gen))
+    layout = plan_layout(tensors, max_shard_bytes=400, metadata={"merged_by": "fusemerge"})
+    assert len(layout.shards) > 1
+    assert layout.total_size == sum(t.nbytes for t in tensors)
+    assert [n for s in layout.shards for n in s.tensor_names] == [t.name for t in tensors]  # order kept
+    for shard in layout.shards:
+        n = int.from_bytes(shard.header[:8], "little")
+        header = json.loads(shard.header[8:])
+        assert n == len(shard.header) - 8 and n % 8 == 0
+        assert header["__metadata__"] == {"merged_by": "fusemerge"}
+        offset = shard.data_start
+        for name in shard.tensor_names:  # contiguous, in order
+            filename, start, nbytes = layout.locate(name)
+            assert (filename, start) == (shard.filename, offset)
+            assert header[name]["data_offsets"] == [start - shard.data_start, start - shard.data_start + nbytes]
+            offset += nbytes
+        assert offset == shard.size
+    index = layout.index_json()
+    assert index["metadata"] == {"total_size": layout.total_size}
+    assert index["weight_map"] == {t.name: layout.locate(t.name)[0] for t in tensors}
+
+
+def test_layout_is_deterministic(gen: torch.Generator) -> None:
+    tensors = out_tensors(mixed(gen))
+    a, b = plan_layout(tensors, 300), plan_layout(list(tensors), 300)
+    assert [(s.filename, s.header, s.size) for s in a.shards] == [(s.filename, s.header, s.size) for s in b.shards]
+
+
+def test_layout_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError):
+        plan_layout([OutputTensor("a", "F32", (1,))], 0)
+    with pytest.raises(ValueError):
+        plan_layout([OutputTensor("a", "F32", (1,)), OutputTensor("a", "F16", (1,))], 100)
+
+
+# -- ShardedWriter ------------------------------------------------------------------------------------------------
+
+
+def write_all(directory: Path, tensors: dict[str, torch.Tensor], limit: int, chunk_bytes: int = 10) -> None:
+    """Write every tensor in chunks of `chunk_bytes`, in shuffled order, from 4 threads."""
+    layout = plan_layout(out_tensors(tensors), limit)
+    jobs = []
+    for name, t in tensors.items():
+        data = as_bytes(t)
+        jobs += [(name, off, data[off : off + chunk_bytes]) for off in range(0, len(data), chunk_bytes)]
+    random.Random(0).shuffle(jobs)
+    with ShardedWriter(directory, layout) as writer, ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda job: writer.write(*job), jobs))
+
+
+@pytest.mark.parametrize(("limit", "shards"), [(10**9, 1), (200, 4), (1, 6)])
+def test_written_files_load_back_identically(tmp_path: Path, gen: torch.Generator, limit: int, shards: int) -> None:
+    tensors = mixed(gen, n=6)
+    write_all(tmp_path, tensors, limit)
+    files = sorted(tmp_path.glob("*.safetensors"))
+    assert len(files) == shards
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(f))
+    assert loaded.keys() == tensors.keys()
+    for name, t in tensors.items():
+        assert_same(loaded[name], t)
+    model = open_model(tmp_path)  # our own reader agrees (index.json included)
+    assert list(model.tensors) == list(tensors)
+    if shards == 1:
+        assert [f.name for f in files] == ["model.safetensors"]
+        assert not (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        assert index == plan_layout(out_tensors(tensors), limit).index_json()
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+        assert set(index["weight_map"].values()) == {f.name for f in files}
+
+
+def test_files_have_their_final_size_before_any_write(tmp_path: Path, gen: torch.Generator) -> None:
+    layout = plan_layout(out_tensors(mixed(gen)), 300)
+    writer = ShardedWriter(tmp_path, layout)
+    try:
+        for shard in layout.shards:
+            assert (tmp_path / shard.filename).stat().st_size == shard.size
+            assert (tmp_path / shard.filename).read_bytes()[: shard.data_start] == shard.header
+    finally:
+        writer.close()
+
+
+def test_write_accepts_bytes_memoryview_and_tensors(tmp_path: Path, gen: torch.Generator) -> None:
+    a = random_tensor("BF16", (4, 6), gen)
+    b = random_tensor("F32", (10,), gen)
+    c = random_tensor("F16", (), gen)
+    layout = plan_layout(out_tensors({"a": a, "b": b, "c": c}), 10**9, metadata={"k": "v"})
+    with ShardedWriter(tmp_path, layout) as writer:
+        writer.write("a", 0, a[:2].contiguous())  # a tensor (bfloat16: no numpy equivalent)
+        writer.write("a", 24, memoryview(as_bytes(a[2:])))
+        writer.write("b", 0, b.numpy().view("u1")[:20])  # a numpy byte array, via the buffer protocol
+        writer.write("b", 20, memoryview(b.numpy()[5:]))  # a float memoryview: cast to bytes
+        writer.write("c", 0, c)
+    loaded = load_file(tmp_path / "model.safetensors")
+    for name, t in {"a": a, "b": b, "c": c}.items():
+        assert_same(loaded[name], t)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert f.metadata() == {"k": "v"}
+
+
+def test_write_rejects_bad_chunks(tmp_path: Path, gen: torch.Generator) -> None:
+    a = random_tensor("F32", (4, 6), gen)
+    with ShardedWriter(tmp_path, plan_layout(out_tensors({"a": a}), 10**9)) as writer:
+        with pytest.raises(ValueError):
+            writer.write("a", 90, a.reshape(-1)[:2])  # past the end of the tensor
+        with pytest.raises(ValueError):
+            writer.write("a", -4, b"abcd")
+        with pytest.raises(ValueError):
+            writer.write("a", 0, a.t())  # not contiguous
+        with pytest.raises(KeyError):
+            writer.write("nope", 0, b"abcd")
+        writer.write("a", 0, a)
+    with pytest.raises(ValueError, match="closed"):
+        writer.write("a", 0, a)
+    assert_same(load_file(tmp_path / "model.safetensors")["a"], a)
+
+
+def test_failed_write_leaves_no_index(tmp_path: Path, gen: torch.Generator) -> None:
+    layout = plan_layout(out_tensors(mixed(gen)), 300)
+    with pytest.raises(RuntimeError), ShardedWriter(tmp_path, layout):
+        raise RuntimeError("merge failed")
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_written_header_reads_back(tmp_path: Path, gen: torch.Generator) -> None:
+    tensors = mixed(gen)
+    layout = plan_layout(out_tensors(tensors), 300)
+    write_all(tmp_path, tensors, 300)
+    for shard in layout.shards:
+        header = read_header(tmp_path / shard.filename)
+        for name, entry in header.tensors.items():
+            assert layout.locate(name) == (shard.filename, entry.start, entry.nbytes)
+
+
+# -- temp dir, finalize, check_out_dir ------------------------------------------------------------------------
+
+
+def fill(directory: Path, files: dict[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / name).write_text(text)
+
+
+def test_make_temp_dir(tmp_path: Path) -> None:
+    out = tmp_path / "deep" / "out"
+    a, b = make_temp_dir(out), make_temp_dir(out)
+    assert a != b
+    for temp in (a, b):
+        assert temp.parent == out.parent and temp.is_dir() and not any(temp.iterdir())
+        assert temp.name.startswith(".out.fusemerge-tmp-")
+    assert not out.exists()
+
+
+def test_finalize_into_missing_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    temp = make_temp_dir(out)
+    fill(temp, {"model.safetensors": "new"})
+    finalize(temp, out, overwrite=False)
+    assert (out / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_finalize_into_empty_dir(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    temp = make_temp_dir(out)
+    fill(temp, {"model.safetensors": "new"})
+    finalize(temp, out, overwrite=False)
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_finalize_never_touches_a_non_empty_dir_without_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    fill(out, {"precious.txt": "keep me", "model.safetensors": "old"})
+    temp = make_temp_dir(out)
+    fill(temp, {"model.safetensors": "new"})
+    with pytest.raises(InputError) as info:
+        finalize(temp, out, overwrite=False)
+    assert info.value.problems == [f"{out}: exists and is not empty; pass --overwrite to replace it"]
+    assert (out / "precious.txt").read_text() == "keep me" and (out / "model.safetensors").read_text() == "old"
+    assert (temp / "model.safetensors").read_text() == "new"
+
+
+def test_finalize_with_overwrite_replaces(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    fill(out, {"stale.txt": "old", "model.safetensors": "old"})
+    temp = make_temp_dir(out)
+    fill(temp, {"model.safetensors": "new"})
+    finalize(temp, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["model.safetensors"]
+    assert (out / "model.safetensors").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp, no old copy left
+
+
+def test_finalize_refuses_a_file(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.write_text("a file")
+    temp = make_temp_dir(out)
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        finalize(temp, out, overwrite=True)
+    assert out.read_text() == "a file"
+
+
+def test_check_out_dir_accepts_new_and_empty(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "base"
+    model.mkdir(parents=True)
+    assert check_out_dir(tmp_path / "out", False, [model]) == []
+    assert check_out_dir(tmp_path / "a" / "b" / "out", False, [model]) == []
+    (tmp_path / "empty").mkdir()
+    assert check_out_dir(tmp_path / "empty", False, [model]) == []
+
+
+def test_check_out_dir_non_empty(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    fill(out, {"x": "y"})
+    assert check_out_dir(out, False, []) == [f"{out}: exists and is not empty; pass --overwrite to replace it"]
+    assert check_out_dir(out, True, []) == []
+
+
+def test_check_out_dir_file(tmp_path: Path) -> None:
+    (tmp_path / "out").write_text("x")
+    [problem] = check_out_dir(tmp_path / "out", True, [])
+    assert problem == f"{tmp_path / 'out'}: exists and is not a directory"
+
+
+def test_check_out_dir_symlink(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    [problem] = check_out_dir(tmp_path / "link", True, [])
+    assert problem.startswith(f"{tmp_path / 'link'}: is a symbolic link")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_check_out_dir_never_replaces_inputs(tmp_path: Path, overwrite: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    base = models / "base"
+    fill(base, {"model.safetensors": "weights"})
+    single = models / "ft.safetensors"
+    single.write_text("weights")
+
+    def problems(out: Path) -> list[str]:
+        found = check_out_dir(out, overwrite, [base, single])
+        assert all(p.startswith(f"{out}: ") for p in found)
+        return [p for p in found if "input model" in p]
+
+    assert len(problems(base)) == 1  # the input itself
+    assert len(problems(models)) == 2  # holds both inputs
+    assert len(problems(tmp_path)) == 2
+    assert len(problems(base / "merged")) == 1  # inside an input
+    assert problems(tmp_path / "elsewhere") == []
+    monkeypatch.chdir(models)
+    assert len(problems(Path("."))) == 2  # relative paths are resolved
+    assert len(problems(Path("base"))) == 1
+    (tmp_path / "alias").symlink_to(models)
+    assert len(problems(tmp_path / "alias" / "base")) == 1  # symlinks are resolved
+
+
+def test_check_out_dir_parent_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == locked else real_access(p, mode))
+    for out in (locked / "out", locked / "a" / "out"):  # the nearest existing ancestor is the one checked
+        assert check_out_dir(out, False, []) == [f"{out}: cannot be created: {locked} is not writable"]
+    (tmp_path / "file").write_text("x")
+    [problem] = check_out_dir(tmp_path / "file" / "out", False, [])
+    assert problem.endswith(f"{tmp_path / 'file'} is not a directory")

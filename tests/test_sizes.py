@@ -1,0 +1,124 @@
+"""parse_size / format_size: the units users type for --max-memory and --out-shard-size."""
+
+from __future__ import annotations
+
+import doctest
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fusemerge.sizes import format_size, parse_size
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("512MiB", 512 * 2**20),
+        ("8GiB", 8 * 2**30),
+        ("5GB", 5 * 10**9),
+        ("1.5G", 3 * 2**29),
+        ("100M", 100 * 2**20),
+        ("4096", 4096),
+        ("2KB", 2000),
+        ("7kb", 7000),
+        ("3kib", 3 * 1024),
+        ("3KIB", 3 * 1024),
+        ("2 TB", 2 * 10**12),
+        ("1t", 2**40),
+        ("3TiB", 3 * 2**40),
+        ("2PB", 2 * 10**15),
+        ("1.5PiB", 3 * 2**49),
+        ("6k", 6 * 1024),
+        ("12B", 12),
+        ("12b", 12),
+        ("0.5KiB", 512),
+        ("  64 mib ", 64 * 2**20),
+        ("1.1KB", 1100),  # 1.1 * 1000 is 1100.0000000000002 in binary floats; Decimal keeps it exact
+        ("0.29KB", 290),  # 0.29 * 1000 is 289.99999999999994 in binary floats
+        ("1.0005K", 1024),  # 1024.512 bytes round down
+        (".5M", 2**19),
+        ("1.", 1),
+        (4096, 4096),
+        (1, 1),
+    ],
+)
+def test_parse_size_accepts(text: str | int, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("", "expected a positive number"),
+        ("abc", "expected a positive number"),
+        ("GiB", "expected a positive number"),
+        ("5XB", "unknown unit 'XB'"),
+        ("5 G B", "expected a positive number"),
+        ("1e9", "expected a positive number"),
+        ("2EiB", "unknown unit 'EiB'"),
+        ("-5GB", "must be positive"),
+        ("0", "at least 1 byte"),
+        ("0MiB", "at least 1 byte"),
+        ("0.0001K", "at least 1 byte"),
+        ("1.5", "must be whole"),
+        ("1.5B", "must be whole"),
+        (0, "must be positive"),
+        (-3, "must be positive"),
+        (True, "invalid size True"),
+        (1.5, "invalid size 1.5"),
+        (None, "invalid size None"),
+    ],
+)
+def test_parse_size_rejects(text: object, fragment: str) -> None:
+    with pytest.raises(ValueError, match="invalid size") as info:
+        parse_size(text)  # type: ignore[arg-type]
+    assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("n", "expected"),
+    [
+        (0, "0 B"),
+        (7, "7 B"),
+        (1023, "1023 B"),
+        (1024, "1.00 KiB"),
+        (1536, "1.50 KiB"),
+        (3 * 2**29, "1.50 GiB"),
+        (5 * 10**9, "4.66 GiB"),
+        (2**40, "1.00 TiB"),
+        (2**20 - 1, "1.00 MiB"),  # 1023.999 KiB would round to "1024.00 KiB"
+        (3 * 2**50, "3.00 PiB"),
+        (2**60, "1024.00 PiB"),  # the largest unit keeps growing
+        (-2048, "-2.00 KiB"),
+    ],
+)
+def test_format_size(n: int, expected: str) -> None:
+    assert format_size(n) == expected
+
+
+_UNITS = [("", 1), ("B", 1), ("kB", 10**3), ("Mb", 10**6), ("GB", 10**9), ("tb", 10**12),
+          ("KiB", 2**10), ("mib", 2**20), ("GIB", 2**30), ("TiB", 2**40), ("k", 2**10), ("M", 2**20),
+          ("g", 2**30), ("T", 2**40), ("PB", 10**15), ("pib", 2**50), ("P", 2**50)]
+
+
+@given(st.integers(min_value=1, max_value=10**6), st.sampled_from(_UNITS), st.booleans())
+def test_parse_size_whole_numbers_any_unit(n: int, unit: tuple[str, int], space: bool) -> None:
+    suffix, factor = unit
+    assert parse_size(f"{n}{' ' if space and suffix else ''}{suffix}") == n * factor
+
+
+@given(st.integers(min_value=1, max_value=2**62))
+def test_format_then_parse_is_close(n: int) -> None:
+    back = parse_size(format_size(n))
+    if n < 1024:
+        assert back == n
+    else:
+        # two decimals of a value in [1, 1024) lose at most 0.005 units, i.e. < 0.5 %
+        assert abs(back - n) <= 0.005 * n + 1
+
+
+def test_docstring_examples() -> None:
+    import fusemerge.sizes
+
+    assert doctest.testmod(fusemerge.sizes).failed == 0
