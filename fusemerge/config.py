@@ -404,7 +404,7 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
     if isinstance(source, Mapping):
         return _Validator("config").build(source, source_path=None)
     path = Path(source)
-    label = str(source)
+    label = str(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:

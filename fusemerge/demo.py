@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from fusemerge.errors import InputError
+from fusemerge.errors import FusemergeError, InputError
 from fusemerge.merge import run
 from fusemerge.sizes import format_size
 from fusemerge.synthetic import make_llama_family, write_config_yaml
@@ -47,12 +47,12 @@ def run_demo(out_dir: Path, method: str = "ties", device: str = "auto", echo: Ca
 
     t0 = time.perf_counter()
     family = make_llama_family(out_dir / "inputs", n_experts=3, seed=0, **SHAPE)
-    echo(f"made a base model and 3 experts ({family['parameters']:,} parameters each, bf16) "
+    echo(f"made a base model and 3 experts ({family['params']:,} parameters each, bf16) "
          f"in {out_dir / 'inputs'} ({time.perf_counter() - t0:.1f} s)")
     params = METHOD_PARAMS[method]
     weights = [1.0, 0.8, 0.6]
     config = write_config_yaml(out_dir / f"{method}.yml", method, family["base"], family["experts"],
-                               weight=weights, **params)
+                               weight=tuple(weights), **params)
     del config
     merged = out_dir / "merged"
     result = run(out_dir / f"{method}.yml", merged, device=device)
@@ -66,14 +66,14 @@ def run_demo(out_dir: Path, method: str = "ties", device: str = "auto", echo: Ca
     base = _load(family["base"], name)
     experts = [_load(p, name) for p in family["experts"]]
     kw = {"lambda_": params["lambda"]} if "lambda" in params else {}
-    expect = merge_tensors(base, experts, method, weight=weights, name=name,
+    expect = merge_tensors(None if method == "linear" else base, experts, method, weight=weights, name=name,
                            **{k: v for k, v in params.items() if k != "lambda"}, **kw)
     same = torch.equal(on_disk.view(torch.int16), expect.view(torch.int16))
     echo(f"check: '{name}' on disk {'equals' if same else 'DIFFERS FROM'} the in-memory merge_tensors result")
     echo(f"output: {merged}  ({', '.join(result.files)})")
     echo(f"config: {out_dir / f'{method}.yml'}  (try: fusemerge plan {out_dir / f'{method}.yml'})")
     if not same:
-        raise InputError("demo check failed: the file merge and the in-memory merge differ")
+        raise FusemergeError("demo check failed: the file merge and the in-memory merge differ")
     return merged
 
 

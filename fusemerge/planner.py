@@ -21,7 +21,7 @@ from fusemerge.errors import InputError
 from fusemerge.methods import Method
 from fusemerge.sizes import format_size, parse_size
 from fusemerge.streaming.model_index import ModelIndex, open_model
-from fusemerge.streaming.safetensors_header import DTYPES, TensorEntry
+from fusemerge.streaming.safetensors_header import TensorEntry
 from fusemerge.streaming.writer import OutputLayout, OutputTensor, plan_layout
 
 FLOAT_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -36,7 +36,7 @@ LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 # elementwise ops run several times faster than from DRAM; bigger chunks only add memory.
 CPU_CHUNK_CAP = 1 << 18
 GPU_CHUNK_CAP = 1 << 26
-MIN_CHUNK = 1 << 12
+MIN_CHUNK = 1 << 8  # below this, per-chunk overhead dominates; only tests go near it
 DEFAULT_CPU_BUDGET = 2 << 30
 
 
@@ -182,7 +182,10 @@ def build_plan(
     workers: int | None = None,
 ) -> MergePlan:
     """Validate everything and return the plan; raises InputError listing every problem."""
-    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    try:
+        cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    except InputError as e:  # still check the models the config names, to report everything at once
+        raise InputError(e.problems + _model_problems(config)) from None
     method = cfg.method
     problems: list[str] = []
 
@@ -200,7 +203,7 @@ def build_plan(
         budget = DEFAULT_CPU_BUDGET
 
     # Open every model once (a model listed twice is one index).
-    opened: dict[Path, ModelIndex] = {}
+    opened: dict[Path, ModelIndex | None] = {}
 
     def open_once(path: Path) -> ModelIndex | None:
         key = Path(os.path.abspath(path))
@@ -209,25 +212,22 @@ def build_plan(
                 opened[key] = open_model(path)
             except InputError as e:
                 problems.extend(e.problems)
-                return None
+                opened[key] = None
         return opened[key]
 
     base = open_once(cfg.base_model.path) if cfg.base_model is not None else None
-    base_key = Path(os.path.abspath(cfg.base_model.path)) if cfg.base_model is not None else None
-    members: list[tuple[ModelIndex | None, int | None]] = []  # (model, index into cfg.models or None = base)
-    for i, ref in enumerate(cfg.models):
-        is_base = base_key is not None and Path(os.path.abspath(ref.path)) == base_key
-        if is_base and not method.is_linear:
-            continue  # the base listed under models is not an expert
-        members.append((open_once(ref.path), i))
-    if method.is_linear and base is not None and not any(
-        Path(os.path.abspath(cfg.models[i].path)) == base_key for _, i in members if i is not None
-    ):
-        members.append((base, None))  # mergekit averages in a base that is not listed
+    # cfg.models: the experts (base excluded), or for linear every averaged model (base appended if unlisted)
+    members = [(open_once(ref.path), i) for i, ref in enumerate(cfg.models)]
     if not members:
         problems.append(f"{cfg.label}: models: no model to merge besides the base model")
-    if problems or (base is None and cfg.base_model is not None) or any(m is None for m, _ in members):
+    usable = [(m, i) for m, i in members if m is not None]
+    if not usable or (cfg.base_model is not None and base is None):
         raise InputError(problems)
+    if len(usable) < len(members):  # check the models that did open against each other, then stop
+        members = usable
+        checked_only = True
+    else:
+        checked_only = False
 
     models = [m for m, _ in members]
     reference = base if base is not None else models[0]
@@ -280,7 +280,7 @@ def build_plan(
                 problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
                                 f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
                 break
-    if problems:
+    if problems or checked_only:
         raise InputError(problems)
 
     out_tensors = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors]
@@ -296,6 +296,30 @@ def build_plan(
                      seed, num_layers, warnings)
 
 
+def _model_problems(config: object) -> list[str]:
+    """Problems opening the models a config names, read from the raw YAML (used when the config is invalid)."""
+    import yaml
+
+    try:
+        raw = config if isinstance(config, dict) else yaml.safe_load(Path(config).read_text())
+    except (OSError, ValueError, yaml.YAMLError, TypeError):
+        return []
+    paths = []
+    if isinstance(raw, dict):
+        if isinstance(raw.get("base_model"), str):
+            paths.append(raw["base_model"])
+        for m in raw.get("models") or []:
+            if isinstance(m, dict) and isinstance(m.get("model"), str):
+                paths.append(m["model"])
+    problems: list[str] = []
+    for p in dict.fromkeys(paths):
+        try:
+            open_model(Path(p))
+        except InputError as e:
+            problems.extend(e.problems)
+    return problems
+
+
 def _is_alias_source(name: str, reference: ModelIndex) -> bool:
     return any(name in aliases and src in reference.tensors for src, aliases in TIED_ALIASES.items())
 
@@ -306,7 +330,7 @@ def _out_code(cfg: MergeConfig) -> str | None:
 
 
 def _tensor_plan(cfg: MergeConfig, method: Method, name: str, ref_entry: TensorEntry, base_entry: TensorEntry | None,
-                 entries: list[TensorEntry], members: list[tuple[ModelIndex | None, int | None]],
+                 entries: list[TensorEntry], members: list[tuple[ModelIndex | None, int]],
                  num_layers: int | None, out_code: str) -> TensorPlan:
     problems = []
 
@@ -357,5 +381,3 @@ def _default_budget(dev: torch.device) -> int:
     return max(64 << 20, min(DEFAULT_CPU_BUDGET, avail // 4))
 
 
-def dtype_of(code: str) -> torch.dtype:
-    return DTYPES[code][0] if isinstance(DTYPES[code], tuple) else DTYPES[code]

@@ -33,8 +33,8 @@ LO_BINS = 1 << 16
 # share a handful of exponents) take 1/HIST_COPIES of the same-address atomics each; 32 x 32768 x 8 B =
 # 8 MiB stays in L2. The copies are summed by torch afterwards (integers: order does not matter).
 HIST_COPIES = 32
-# Programs scanning for the q-th tie: one block, located from the per-block counts' prefix sum.
-_NOT_FOUND = 2**62
+# "No q-th tie in this block": larger than any chunk index, so tl.min picks a real hit when there is one.
+_NOT_FOUND = tl.constexpr(2**62)
 
 
 @triton.jit
@@ -73,7 +73,7 @@ def _hist_kernel(
 
 @triton.jit(do_not_specialize=["t"])
 def _count_kernel(base_ptr, x_ptr, counts_ptr, n, t, BLOCK: tl.constexpr):
-    """counts[pid] = #{a == t} in block pid; block_max[pid] written by _max_kernel instead."""
+    """counts[pid] = #{a == t} in block pid."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n

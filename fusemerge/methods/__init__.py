@@ -89,7 +89,7 @@ _ALL = [
            paper="https://arxiv.org/abs/2312.06795"),
     Method("breadcrumbs_ties", "breadcrumbs", "sign", needs_base=True,
            params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
-                   "normalize": _normalize(True)},
+                   "normalize": _normalize(False)},
            paper="https://arxiv.org/abs/2312.06795"),
 ]
 

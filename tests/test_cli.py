@@ -1,0 +1,169 @@
+"""The command line: exit codes, one line per problem naming the file / tensor / key, nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+from fusemerge.cli import main
+from fusemerge.synthetic import make_llama_family, write_config_yaml
+
+SHAPE = dict(hidden=16, intermediate=40, layers=2, vocab=53)
+
+
+@pytest.fixture()
+def fam(tmp_path: Path) -> dict:
+    fam = make_llama_family(tmp_path / "models", n_experts=2, seed=1, **SHAPE)
+    fam["config"] = tmp_path / "ties.yml"
+    write_config_yaml(fam["config"], "ties", fam["base"], fam["experts"], density=0.5)
+    return fam
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def errors(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("fusemerge: error:")]
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if ".fusemerge-tmp" in p.name]
+
+
+def test_run_plan_inspect_succeed(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = invoke("plan", fam["config"])
+    assert r.exit_code == 0, r.output
+    assert "plan OK" in r.stdout and "ties" in r.stdout
+    r = invoke("run", fam["config"], out, "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").is_file() and (out / "fusemerge_config.yml").is_file()
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (out / "tokenizer.json").is_file()
+    r = invoke("inspect", out)
+    assert r.exit_code == 0 and "parameters" in r.stdout and "model.norm.weight" in r.stdout
+
+
+def test_run_without_tokenizer_and_out_dtype(fam: dict, tmp_path: Path) -> None:
+    cfg = yaml.safe_load(fam["config"].read_text())
+    cfg["out_dtype"] = "float32"
+    path = tmp_path / "f32.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = invoke("run", path, tmp_path / "out", "--quiet", "--no-copy-tokenizer")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "out" / "tokenizer.json").exists()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "float32"
+
+
+def _break(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) - 100])
+    elif how == "header_length":
+        path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
+    elif how == "garbage":
+        path.write_bytes(b"\x00\x01not a safetensors file at all")
+
+
+@pytest.mark.parametrize("how", ["truncated", "header_length", "garbage"])
+def test_broken_safetensors_exit_2_naming_the_file(fam: dict, tmp_path: Path, how: str) -> None:
+    broken = fam["experts"][1] / "model.safetensors"
+    _break(broken, how)
+    for cmd in (["plan", fam["config"]], ["run", fam["config"], tmp_path / "out"]):
+        r = invoke(*cmd)
+        assert r.exit_code == 2, r.output
+        assert errors(r) and all(str(broken) in e or "expert_2" in e for e in errors(r)), r.stderr
+        assert "Traceback" not in r.output
+    assert_nothing_written(tmp_path / "out")
+
+
+def _edit_config(fam: dict, tmp_path: Path, fn) -> Path:
+    cfg = yaml.safe_load(fam["config"].read_text())
+    fn(cfg)
+    path = tmp_path / "edited.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(merge_method="tiez"), "tiez"),
+    (lambda c: c["models"][0]["parameters"].update(densty=0.3), "densty"),
+    (lambda c: c["models"][1]["parameters"].update(density=1.5), "density"),
+    (lambda c: c["models"][1]["parameters"].update(density=0), "density"),
+    (lambda c: c["models"][0].update(model="/nonexistent/model"), "/nonexistent/model"),
+    (lambda c: c.update(slices=[]), "slices"),
+])
+def test_bad_config_exit_2_naming_the_key(fam: dict, tmp_path: Path, edit, needle: str) -> None:
+    path = _edit_config(fam, tmp_path, edit)
+    r = invoke("run", path, tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert any(needle in e for e in errors(r)), r.stderr
+    assert_nothing_written(tmp_path / "out")
+
+
+def _rewrite(model_dir: Path, fn) -> None:
+    from safetensors.torch import load_file
+
+    tensors = load_file(model_dir / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, str(model_dir / "model.safetensors"))
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight' is missing"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(17, dtype=torch.bfloat16)}), "shape mismatch"),
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}), "dtype mismatch"),
+    (lambda t: t.update({"model.embed_tokens.weight": torch.ones(60, 16, dtype=torch.bfloat16)}), "vocabularies"),
+])
+def test_model_mismatch_exit_2(fam: dict, tmp_path: Path, change, needle: str) -> None:
+    _rewrite(fam["experts"][0], change)
+    r = invoke("run", fam["config"], tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert any(needle in e and "expert_1" in e for e in errors(r)), r.stderr
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_every_problem_is_reported_at_once(fam: dict, tmp_path: Path) -> None:
+    _rewrite(fam["experts"][0], lambda t: t.pop("model.norm.weight"))
+    _break(fam["experts"][1] / "model.safetensors", "truncated")
+    path = _edit_config(fam, tmp_path, lambda c: c["models"].append({"model": str(tmp_path / "missing")}))
+    r = invoke("plan", path)
+    assert r.exit_code == 2
+    text = "\n".join(errors(r))
+    assert "missing" in text and "expert_2" in text and "truncated" in text
+
+
+def test_existing_out_dir_is_refused_and_kept(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = invoke("run", fam["config"], out)
+    assert r.exit_code == 2 and any("--overwrite" in e for e in errors(r))
+    assert (out / "notes.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
+    r = invoke("run", fam["config"], out, "--overwrite", "--quiet")
+    assert r.exit_code == 0, r.output
+    assert (out / "model.safetensors").is_file() and not (out / "notes.txt").exists()
+
+
+def test_out_dir_containing_an_input_is_refused_even_with_overwrite(fam: dict, tmp_path: Path) -> None:
+    r = invoke("run", fam["config"], fam["base"].parent, "--overwrite")
+    assert r.exit_code == 2
+    assert fam["base"].is_dir() and (fam["base"] / "model.safetensors").is_file()
+
+
+def test_demo(tmp_path: Path) -> None:
+    r = invoke("demo", tmp_path / "demo")
+    assert r.exit_code == 0, r.output
+    assert "equals the in-memory" in r.stdout
+    r = invoke("demo", tmp_path / "demo", "--method", "dare_linear", "-q")  # a demo dir is reused
+    assert r.exit_code == 0, r.output
+    shutil.rmtree(tmp_path / "demo")
