@@ -244,16 +244,18 @@ def build_plan(
         if missing:
             problems.append(f"tensor '{name}' is missing in {', '.join(missing)} (present in {reference.path})")
             continue
-        bad = [f"{m.path} has {list(e.shape)}" for m, e in zip(models, entries, strict=True) if e.shape != ref_entry.shape]
+        pairs = list(zip(models, entries, strict=True))
+        bad = [f"{m.path} has {list(e.shape)}" for m, e in pairs if e.shape != ref_entry.shape]
         if bad:
             hint = " (the vocabularies differ: merging models with different vocabularies is not supported)" if (
                 "embed" in name or "lm_head" in name or "wte" in name) else ""
             problems.append(f"tensor '{name}': shape mismatch: {reference.path} has {list(ref_entry.shape)}, "
                             f"{'; '.join(bad)}{hint}")
             continue
-        bad = [f"{m.path} has {e.dtype}" for m, e in zip(models, entries, strict=True) if e.dtype != ref_entry.dtype]
+        bad = [f"{m.path} has {e.dtype}" for m, e in pairs if e.dtype != ref_entry.dtype]
         if bad:
-            problems.append(f"tensor '{name}': dtype mismatch: {reference.path} has {ref_entry.dtype}, {'; '.join(bad)}")
+            problems.append(f"tensor '{name}': dtype mismatch: {reference.path} has {ref_entry.dtype}, "
+                            f"{'; '.join(bad)}")
             continue
         if ref_entry.dtype not in FLOAT_CODES:
             tensors.append(TensorPlan(name, ref_entry.shape, ref_entry.dtype, ref_entry.dtype, None, [ref_entry],
@@ -289,8 +291,9 @@ def build_plan(
     n_workers = workers or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)
     chunk = _chunk_elems(budget, n_inputs, n_workers, dev)
     if chunk < MIN_CHUNK:
+        need = format_size(MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
         raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
-                         f"{n_inputs} inputs need at least {format_size(MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))}")
+                         f"{n_inputs} inputs need at least {need}")
     return MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
                      seed, num_layers, warnings)

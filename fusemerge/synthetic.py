@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,7 @@ class _ShardedWriter:
         for old in [*out.glob("*.safetensors"), *out.glob("model.safetensors.index.json")]:
             old.unlink()
         itemsize = torch.empty((), dtype=dtype).element_size()
-        self.sizes = [itemsize * _numel(shape) for _, shape in tensors]
+        self.sizes = [itemsize * math.prod(shape) for _, shape in tensors]
         shards: list[list[int]] = [[]]
         used = 0
         for i, size in enumerate(self.sizes):
@@ -144,13 +145,6 @@ class _ShardedWriter:
         if self.n_shards > 1:
             index = {"metadata": {"total_size": sum(self.sizes)}, "weight_map": self.weight_map}
             (self.out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def make_llama_family(
@@ -226,7 +220,7 @@ def make_llama_family(
         for ti, (name, shape) in enumerate(tensors):
             for w in writers:
                 w.begin_tensor(ti)
-            numel = _numel(shape)
+            numel = math.prod(shape)
             for start in range(0, numel, BLOCK):
                 base = _base_block(name, start, min(BLOCK, numel - start), seed)
                 writers[0].write(base.to(dtype))
@@ -238,23 +232,13 @@ def make_llama_family(
         for w in writers:
             w.close()
     nbytes = sum(writers[0].sizes)
-    spec = {
-        "n_experts": n_experts,
-        "hidden": hidden,
-        "intermediate": intermediate,
-        "layers": layers,
-        "vocab": vocab,
-        "heads": heads,
-        "kv_heads": kv_heads,
-        "dtype": dtype_name,
-        "tie_embeddings": tie_embeddings,
-        "shard_bytes": per_model,
-        "seed": seed,
-    }
+    spec = {"n_experts": n_experts, "hidden": hidden, "intermediate": intermediate, "layers": layers, "vocab": vocab}
+    spec |= {"heads": heads, "kv_heads": kv_heads, "dtype": dtype_name, "tie_embeddings": tie_embeddings, "seed": seed}
+    spec["shard_bytes"] = per_model
     result = {
         "base": dirs[0],
         "experts": dirs[1:],
-        "params": sum(_numel(s) for _, s in tensors),
+        "params": sum(math.prod(s) for _, s in tensors),
         "bytes_per_model": nbytes,
         "total_bytes": nbytes * len(dirs),
         "tensors": len(tensors),

@@ -64,7 +64,7 @@ def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, l
         normalize = method.params["normalize"].default
     if method.is_linear:
         models = [e.reshape(-1).to(torch.float64).numpy() for e in experts]
-        num = sum(wi * m for wi, m in zip(w, models))
+        num = sum(wi * m for wi, m in zip(w, models, strict=False))
         return num / sum(w) if normalize and sum(w) != 0 else num
     b32 = base.reshape(-1).to(torch.float32).numpy()
     dh = []
@@ -75,20 +75,20 @@ def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, l
         # the election, to the bit: float32 products summed left to right in float32
         s = np.zeros_like(b32)
         p32 = []
-        for wi, x in zip(w, dh):
+        for wi, x in zip(w, dh, strict=False):
             p32.append(np.float32(wi) * x.astype(np.float32))
         s = p32[0].copy()
         for p in p32[1:]:
             s = s + p
         g = np.where(s >= 0, 1.0, -1.0)
         agree = [np.sign(p.astype(np.float64)) == g for p in p32]
-        num = sum(np.where(a, wi * x, 0.0) for a, wi, x in zip(agree, w, dh))
+        num = sum(np.where(a, wi * x, 0.0) for a, wi, x in zip(agree, w, dh, strict=False))
         if normalize:
-            den = sum(np.where(a, wi, 0.0) for a, wi in zip(agree, w))
+            den = sum(np.where(a, wi, 0.0) for a, wi in zip(agree, w, strict=False))
             den = np.where(den == 0, 1.0, den)
             num = num / den
     else:
-        num = sum(wi * x for wi, x in zip(w, dh))
+        num = sum(wi * x for wi, x in zip(w, dh, strict=False))
         if normalize and sum(w) != 0:
             num = num / sum(w)
     return b32.astype(np.float64) + lam * num

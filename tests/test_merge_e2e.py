@@ -95,8 +95,8 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
 def test_tied_embeddings_expert_without_lm_head(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     emb, head, norm = (torch.randn(17, 8, generator=g), torch.randn(17, 8, generator=g), torch.randn(8, generator=g))
-    base = _write(tmp_path / "base", {"model.embed_tokens.weight": emb, "lm_head.weight": head, "model.norm.weight": norm},
-                  {"tie_word_embeddings": False})
+    tensors = {"model.embed_tokens.weight": emb, "lm_head.weight": head, "model.norm.weight": norm}
+    base = _write(tmp_path / "base", tensors, {"tie_word_embeddings": False})
     e_emb = emb + 0.1 * torch.randn(17, 8, generator=g)
     tied = _write(tmp_path / "tied", {"model.embed_tokens.weight": e_emb, "model.norm.weight": norm + 0.1},
                   {"tie_word_embeddings": True})

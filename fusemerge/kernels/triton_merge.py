@@ -115,12 +115,15 @@ def _merge_kernel(
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    # int64 before any i * stride: rows of a 2^26-element staging buffer pass 2^31 elements at i = 32.
+    # tl.cast, not .to(): a stride equal to 1 arrives as a constexpr (Triton specializes on it).
+    stride = tl.cast(row_stride, tl.int64)
 
     if LINEAR:
         # num = w_0 * theta_0 + w_1 * theta_1 + ... (left to right), out = num / sum(w) if normalize
         num = _load_f32(x_ptr + offs, mask) * tl.load(f_ptr)
         for i in tl.static_range(1, N):
-            p = _load_f32(x_ptr + i * row_stride + offs, mask) * tl.load(f_ptr + i)
+            p = _load_f32(x_ptr + i * stride + offs, mask) * tl.load(f_ptr + i)
             num = num + p
         if NORMALIZE:
             den = tl.load(f_ptr) + 0.0
@@ -136,7 +139,7 @@ def _merge_kernel(
         pos_bits = tl.zeros([BLOCK], dtype=MASK_T)  # sign: bit i set where p_i > 0
         neg_bits = tl.zeros([BLOCK], dtype=MASK_T)  # sign: bit i set where p_i < 0
         for i in tl.static_range(N):
-            d = _load_f32(x_ptr + i * row_stride + offs, mask) - b
+            d = _load_f32(x_ptr + i * stride + offs, mask) - b
             dh = d * tl.load(f_ptr + N + i)  # d * s_i, the rescale factor
             if SPARSIFIER == _DARE:
                 u = tl.rand(tl.load(i_ptr + i), j)
@@ -166,7 +169,7 @@ def _merge_kernel(
             den = tl.zeros([BLOCK], dtype=tl.float32)
             for i in tl.static_range(N):
                 agree = ((agree_bits >> i) & 1) != 0
-                d = _load_f32(x_ptr + i * row_stride + offs, mask & agree) - b
+                d = _load_f32(x_ptr + i * stride + offs, mask & agree) - b
                 dh = d * tl.load(f_ptr + N + i)
                 w = tl.load(f_ptr + i)
                 p = w * dh

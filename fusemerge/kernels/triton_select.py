@@ -85,7 +85,7 @@ def _count_kernel(base_ptr, x_ptr, counts_ptr, n, t, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["t", "q", "block"])
 def _nth_kernel(base_ptr, x_ptr, out_ptr, n, t, q, block, BLOCK: tl.constexpr):
     """out = local index of the q-th entry with a == t inside block `block` (one program)."""
-    offs = block * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = _abs_bits(base_ptr, x_ptr, offs, mask)
     hit = mask & (a == t)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -67,6 +67,7 @@ class Executor:
         self.merge_kernels, self.stat_kernels = backend_module(plan)
         self.times = StageTimes()
         self.global_cuts: dict[str, list[tuple[int, int, int, int]]] | None = None
+        self._stop = threading.Event()  # set on the first failure: the other workers stop at their next chunk
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -137,6 +138,8 @@ class Executor:
         params = self.chunk_params(t)
         out_dtype = FLOAT_CODES[t.out_dtype]
         for start in range(0, t.numel, chunk):
+            if self._stop.is_set():
+                return
             count = min(chunk, t.numel - start)
             base = self._load(t.base, start, count) if t.base is not None else None
             inputs = [self._load(e, start, count) for e in t.inputs]
@@ -161,8 +164,15 @@ class Executor:
                     self.merge_tensor(t)
             else:
                 with ThreadPoolExecutor(plan.workers, thread_name_prefix="fusemerge") as pool:
-                    for fut in [pool.submit(self.merge_tensor, t) for t in order]:
-                        fut.result()
+                    futures = [pool.submit(self.merge_tensor, t) for t in order]
+                    try:
+                        for fut in as_completed(futures):
+                            fut.result()
+                    except BaseException:
+                        self._stop.set()
+                        for fut in futures:
+                            fut.cancel()
+                        raise
         finally:
             torch.set_num_threads(torch_threads)
             self.reader.close()

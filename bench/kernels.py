@@ -1,0 +1,327 @@
+"""Kernel benchmark: how close does the fused merge kernel get to the GPU's memory bandwidth?
+
+The one question: for each merge method and N experts, how fast does one chunk merge run, as GB/s of
+its compulsory traffic ((N + 1) input reads + 1 output write, bf16) and as a fraction of the
+device-to-device copy bandwidth measured in the same run (a torch copy moving the same byte count)?
+Providers side by side:
+
+- fusemerge-triton   fusemerge.kernels.triton_merge.merge_chunk (experts as rows of one staging buffer)
+- fusemerge-torch    fusemerge.kernels.reference.merge_chunk on the same CUDA tensors
+- mergekit-eager     mergekit-style torch eager code (below): float32 copies of every delta, a
+                     torch.stack of all of them, argsort over the whole tensor for the trim,
+                     torch.bernoulli for DARE, full-size masks and temporaries
+
+The selection pass of TIES / breadcrumbs (abs_hist_hi + abs_hist_lo for every expert: the k-th
+largest |d| by radix select) is reported separately, as GB/s over the same (N + 1) logical reads;
+its actual traffic is 2 passes x 2 inputs per expert.
+
+Times come from triton.testing.do_bench (median, 0.2 and 0.8 quantiles, in ms). GB = 10^9 bytes.
+A markdown table goes to stdout; rows are appended to bench/results/kernels.csv.
+
+Run (from the repository root, on a machine with a CUDA GPU):
+
+    python bench/kernels.py                                  # every method, N in 2 4 8, 2^26 elements
+    python bench/kernels.py --methods ties dare_ties --experts 8 --log2-numel 24
+    TRITON_INTERPRET=1 python bench/kernels.py --smoke     # CPU check of the script itself, measures nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+METHOD_NAMES = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"]
+PROVIDERS = ["fusemerge-triton", "fusemerge-torch", "mergekit-eager"]
+CSV_FIELDS = [
+    "date", "device", "torch", "triton", "fusemerge", "kind", "method", "provider", "experts", "numel", "dtype",
+    "median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps", "frac_copy", "command",
+]
+DENSITY = 0.5  # ties / DARE keep half of each delta
+BREADCRUMBS_DENSITY, GAMMA = 0.9, 0.01
+GB = 1e9
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
+    p.add_argument("--experts", nargs="+", type=int, default=[2, 4, 8])
+    p.add_argument("--log2-numel", type=int, default=26, help="elements per expert: 2^this (default 2^26)")
+    p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--no-select", action="store_true", help="skip the selection-pass rows")
+    p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "kernels.csv")
+    p.add_argument("--smoke", action="store_true",
+                   help="run every code path on CPU through TRITON_INTERPRET=1 at 2^10 elements, wall-clock timed;\n"
+                        "prints the table, appends nothing (checks the script, not the kernels' speed)")
+    return p.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------
+# mergekit-style eager implementation (the way generalized task arithmetic is usually written in
+# torch: whole-tensor temporaries, a stack of all deltas, sorts for the trim).
+# ------------------------------------------------------------------------------------------------
+
+
+def _eager_sparsify(delta: torch.Tensor, sparsifier: str) -> torch.Tensor:
+    if sparsifier == "magnitude":
+        k = max(1, int(DENSITY * delta.numel()))
+        mask = torch.zeros_like(delta)
+        mask[torch.argsort(delta.abs(), descending=True)[:k]] = 1
+        return delta * mask
+    if sparsifier == "breadcrumbs":
+        n = delta.numel()
+        keep, top = int(BREADCRUMBS_DENSITY * n), int(GAMMA * n)
+        bottom = max(0, n - keep - top)
+        mask = torch.zeros_like(delta)
+        mask[torch.sort(delta.abs()).indices[bottom:bottom + keep]] = 1
+        return delta * mask
+    if sparsifier == "dare":
+        mask = torch.bernoulli(torch.full_like(delta, DENSITY))
+        kept = delta * mask
+        return kept * (delta.abs().sum() / kept.abs().sum())  # L1 rescale
+    return delta
+
+
+def eager_merge(base: torch.Tensor, experts: list[torch.Tensor], method, weights: list[float], lam: float,
+                normalize: bool) -> torch.Tensor:
+    if method.is_linear:
+        models = torch.stack([x.float() for x in [*experts, base]])
+        w = torch.tensor([*weights, 1.0], device=base.device).view(-1, 1)
+        out = (models * w).sum(0)
+        return (out / w.sum() if normalize else out).to(base.dtype)
+    deltas = torch.stack([_eager_sparsify(x.float() - base.float(), method.sparsifier) for x in experts])
+    w = torch.tensor(weights, device=base.device).view(-1, 1)
+    weighted = deltas * w
+    if method.consensus == "sign":
+        sign = weighted.sum(0).sign()
+        sign[sign == 0] = 1
+        mask = weighted.sign() == sign
+        mixed = (weighted * mask).sum(0)
+        if normalize:
+            divisor = (w * mask).sum(0)
+            divisor[divisor.abs() < 1e-8] = 1
+            mixed = mixed / divisor
+    else:
+        mixed = weighted.sum(0)
+        if normalize:
+            mixed = mixed / w.sum()
+    return (base.float() + lam * mixed).to(base.dtype)
+
+
+# ------------------------------------------------------------------------------------------------
+# fusemerge parameters: thresholds by the real selection path, DARE keys by the documented hash.
+# ------------------------------------------------------------------------------------------------
+
+
+def chunk_params(method, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], lam: float,
+                 normalize: bool):
+    from fusemerge.kernels import select, triton_select
+    from fusemerge.kernels.params import ChunkParams
+    from fusemerge.kernels.philox import dare_key
+
+    n = base.numel()
+    kw: dict = {}
+    if method.sparsifier in ("magnitude", "breadcrumbs"):
+        density = DENSITY if method.sparsifier == "magnitude" else BREADCRUMBS_DENSITY
+        k_keep, k_drop = select.trim_counts(method.sparsifier, n, density, GAMMA)
+        t_keep, c_keep, t_drop, c_drop = [], [], [], []
+        for x in experts:
+            seg = select.Segment(n, lambda lo, cnt, x=x: (base[lo:lo + cnt], x[lo:lo + cnt]))
+            (tk, ck), (td, cd) = select.top_cuts(triton_select, [seg], n, [k_keep, k_drop])
+            t_keep.append(tk)
+            c_keep.append(ck)
+            t_drop.append(td)
+            c_drop.append(cd)
+        kw = {"t_keep": tuple(t_keep), "c_keep": tuple(c_keep)}
+        if method.sparsifier == "breadcrumbs":
+            kw.update(t_drop=tuple(t_drop), c_drop=tuple(c_drop))
+    if method.sparsifier == "dare":
+        kw = {"keys": tuple(dare_key(0, "bench.weight", i) for i in range(len(experts))),
+              "density": (DENSITY,) * len(experts), "scale": (1.0 / DENSITY,) * len(experts)}
+    if method.is_linear:
+        return ChunkParams("none", "none", True, (*weights, 1.0), normalize=normalize)
+    return ChunkParams(method.sparsifier, method.consensus, False, tuple(weights), lam=lam, normalize=normalize,
+                       **kw)
+
+
+def selection_pass(backend, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
+    """The radix select's two histogram levels for every expert (the k-th largest |d| at rank n/2)."""
+    rank = base.numel() // 2
+    for x in experts:
+        hi = backend.abs_hist_hi(base, x)
+        above = torch.flip(torch.cumsum(torch.flip(hi, [0]), 0), [0]) - hi
+        b = int(torch.nonzero((above < rank) & (above + hi >= rank))[-1])
+        backend.abs_hist_lo(base, x, b)
+
+
+class Timer:
+    """do_bench on the GPU (median, 0.2 and 0.8 quantiles, ms); plain wall clock for --smoke."""
+
+    def __init__(self, smoke: bool):
+        self.smoke = smoke
+
+    def __call__(self, fn) -> tuple[float, float, float]:
+        if self.smoke:
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1e3)
+            times.sort()
+            return times[1], times[0], times[2]
+        import triton.testing
+
+        med, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return med, p20, p80
+
+
+def copy_bandwidth(nbytes: int, device: torch.device, timer: Timer) -> float:
+    """GB/s of a torch device-to-device copy of nbytes (nbytes read + nbytes written): the ceiling."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    med, _, _ = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (med * 1e-3) / GB
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.device, meta: dict,
+                  timer: Timer) -> list[dict]:
+    """Every requested method and provider for N = n_exp experts of n bf16 elements."""
+    from fusemerge.kernels import reference, triton_merge, triton_select
+    from fusemerge.methods import METHODS
+
+    dtype = torch.bfloat16
+    esize = 2
+    traffic = (n_exp + 2) * n * esize  # (N + 1) reads + 1 write
+    copy_gbps = copy_bandwidth(traffic // 2, device, timer)
+
+    g = torch.Generator(device=device).manual_seed(n_exp)
+    base = torch.randn(n, generator=g, device=device).to(dtype)
+    staging = torch.empty((n_exp + 1, n), dtype=dtype, device=device)  # the executor's staging buffer
+    for i in range(n_exp):
+        staging[i] = (base.float() + 0.01 * torch.randn(n, generator=g, device=device)).to(dtype)
+    staging[n_exp] = base  # linear averages the N experts and the base: N + 1 inputs like the others
+    experts = [staging[i] for i in range(n_exp)]
+    weights = [1.0 / n_exp + 0.1 * i for i in range(n_exp)]
+    out = torch.empty(n, dtype=dtype, device=device)
+
+    rows: list[dict] = []
+
+    def record(kind: str, method: str, provider: str, timing: tuple[float, float, float], nbytes: int) -> None:
+        med, p20, p80 = timing
+        gbps = nbytes / (med * 1e-3) / GB
+        rows.append({**meta, "kind": kind, "method": method, "provider": provider, "experts": n_exp,
+                     "median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": gbps, "copy_gbps": copy_gbps,
+                     "frac_copy": gbps / copy_gbps})
+
+    for mname in args.methods:
+        method = METHODS[mname]
+        normalize = bool(method.params["normalize"].default)
+        params = chunk_params(method, base, experts, weights, 1.0, normalize)
+        rows_in = staging if method.is_linear else staging[:n_exp]
+        list_in = [staging[i] for i in range(rows_in.shape[0])]
+        providers = {
+            "fusemerge-triton": lambda p=params, x=rows_in: triton_merge.merge_chunk(base, x, 0, p, dtype, out=out),
+            "fusemerge-torch": lambda p=params, x=list_in: reference.merge_chunk(base, x, 0, p, dtype),
+            "mergekit-eager": lambda m=method, z=normalize: eager_merge(base, experts, m, weights, 1.0, z),
+        }
+        for prov in args.providers:
+            try:
+                record("merge", mname, prov, timer(providers[prov]), traffic)
+            except torch.OutOfMemoryError:
+                print(f"{mname} N={n_exp} {prov}: out of GPU memory, row skipped", file=sys.stderr)
+            _release(device)
+
+    if not args.no_select:
+        reads = (n_exp + 1) * n * esize
+        for prov, backend in (("fusemerge-triton", triton_select), ("fusemerge-torch", reference)):
+            if prov in args.providers:
+                record("select", "abs_hist_hi+lo", prov, timer(lambda b=backend: selection_pass(b, base, experts)),
+                       reads)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print("--smoke runs the kernels on CPU: set TRITON_INTERPRET=1", file=sys.stderr)
+            return 2
+    elif not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing was measured.\n"
+              "Run it on a GPU machine, or check the script itself with: "
+              "TRITON_INTERPRET=1 python bench/kernels.py --smoke", file=sys.stderr)
+        return 2
+
+    import triton
+
+    import fusemerge
+
+    device = torch.device("cpu" if args.smoke else "cuda")
+    n = 1 << (10 if args.smoke else args.log2_numel)
+    shown = argv if argv is not None else sys.argv[1:]
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": "cpu (TRITON_INTERPRET=1 smoke run)" if args.smoke else torch.cuda.get_device_name(device),
+        "torch": torch.__version__, "triton": triton.__version__, "fusemerge": getattr(fusemerge, "__version__", "?"),
+        "dtype": "bfloat16", "numel": n,
+        "command": "python bench/kernels.py " + " ".join(shlex.quote(a) for a in shown),
+    }
+    timer = Timer(args.smoke)
+    rows: list[dict] = []
+    for n_exp in args.experts:
+        rows += bench_experts(args, n_exp, n, device, meta, timer)
+        _release(device)
+
+    print_table(rows, meta)
+    if args.smoke:
+        print("\nsmoke run: nothing appended")
+        return 0
+    write_csv(rows, args.results)
+    print(f"\n{len(rows)} rows appended to {args.results}")
+    return 0
+
+
+def print_table(rows: list[dict], meta: dict) -> None:
+    print(f"# fusemerge kernel benchmark\n\n- device: {meta['device']}\n- date: {meta['date']}\n"
+          f"- torch {meta['torch']}, triton {meta['triton']}, fusemerge {meta['fusemerge']}\n"
+          f"- {meta['numel']:,} ({int(math.log2(meta['numel']))} bits) bfloat16 elements per expert\n"
+          f"- command: `{meta['command']}`\n")
+    print("| kind | method | N | provider | median ms | p20 ms | p80 ms | GB/s | of copy |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['kind']} | {r['method']} | {r['experts']} | {r['provider']} | {r['median_ms']:.3f} | "
+              f"{r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['gbps']:.0f} | {r['frac_copy']:.0%} |")
+    ceilings = sorted({(r["experts"], r["copy_gbps"]) for r in rows})
+    print("\ncopy ceiling (torch device-to-device copy of the same bytes): "
+          + ", ".join(f"N={n_exp}: {copy:.0f} GB/s" for n_exp, copy in ceilings))
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k in CSV_FIELDS})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
