@@ -25,83 +25,82 @@ import torch
 
 from fusemerge.kernels.params import EMPTY_C, EMPTY_T
 
-Loader = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+Loader = Callable[[int, int], tuple[torch.Tensor, list[torch.Tensor]]]
 
 
 @dataclass(frozen=True)
 class Segment:
-    """A run of elements of one expert: `load(start, count)` gives (base chunk, expert chunk)."""
+    """A run of elements: `load(start, count)` gives (base chunk, [chunk of each expert])."""
 
     numel: int
     load: Loader
 
 
-def _chunks(segments: list[Segment], chunk: int) -> Iterator[tuple[int, Segment, int, int]]:
-    """(global start, segment, local start, count) over every segment in order."""
+def _chunks(segments: list[Segment], chunk: int) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+    """(global start, base chunk, expert chunks) over every segment in order; each chunk is read once."""
     offset = 0
     for seg in segments:
         for local in range(0, seg.numel, chunk):
-            yield offset + local, seg, local, min(chunk, seg.numel - local)
+            base, experts = seg.load(local, min(chunk, seg.numel - local))
+            yield offset + local, base, experts
         offset += seg.numel
 
 
 def _locate(hist: np.ndarray, rank: int) -> tuple[int, int]:
     """The bin holding the `rank`-th largest entry (1-based) and how many entries lie in higher bins."""
     above = np.cumsum(hist[::-1])[::-1] - hist  # entries in bins strictly above each bin
-    b = int(np.nonzero((above < rank) & (above + hist >= rank))[0][-1])
+    b = int(np.nonzero((above < rank) & (above + hist >= rank))[0][0])
     return b, int(above[b])
 
 
-def top_cuts(backend: ModuleType, segments: list[Segment], chunk: int, ranks: list[int]) -> list[tuple[int, int]]:
-    """For each rank r, the (t, c) whose set in_top(t, c) holds exactly the r largest |d|.
+def top_cuts(
+    backend: ModuleType, segments: list[Segment], chunk: int, ranks: list[list[int]]
+) -> list[list[tuple[int, int]]]:
+    """For expert i and each rank r in ranks[i], the (t, c) whose set in_top(t, c) holds exactly the r largest |d|.
 
-    Ties at the threshold are kept lowest global index first. r = 0 gives the empty set.
+    Ties at the threshold are kept lowest global index first; r = 0 gives the empty set. Every pass reads
+    each chunk once for all experts.
     """
     total = sum(s.numel for s in segments)
-    if any(r < 0 or r > total for r in ranks):
+    n = len(ranks)
+    if any(r < 0 or r > total for rs in ranks for r in rs):
         raise ValueError(f"ranks {ranks} outside [0, {total}]")
-    live = [r for r in ranks if r > 0]
-    if not live:
-        return [(EMPTY_T, EMPTY_C)] * len(ranks)
+    live = [sorted({r for r in rs if r > 0}) for rs in ranks]
+    found: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n)]  # rank -> (t, ties kept, ties)
+    if any(live):
+        hi = np.zeros((n, 1 << 15), dtype=np.int64)
+        for _, base, experts in _chunks(segments, chunk):
+            for i in range(n):
+                if live[i]:
+                    hi[i] += backend.abs_hist_hi(base, experts[i]).cpu().numpy()
+        located = [{r: _locate(hi[i], r) for r in live[i]} for i in range(n)]
+        bins = [sorted({b for b, _ in located[i].values()}) for i in range(n)]
+        lo = [{b: np.zeros(1 << 16, dtype=np.int64) for b in bins[i]} for i in range(n)]
+        for _, base, experts in _chunks(segments, chunk):
+            for i in range(n):
+                for b in bins[i]:
+                    lo[i][b] += backend.abs_hist_lo(base, experts[i], b).cpu().numpy()
+        for i in range(n):
+            for r in live[i]:
+                b, above = located[i][r]
+                low, above_lo = _locate(lo[i][b], r - above)
+                found[i][r] = ((b << 16) | low, r - above - above_lo, int(lo[i][b][low]))
 
-    hi = np.zeros(1 << 15, dtype=np.int64)
-    for _, seg, local, count in _chunks(segments, chunk):
-        hi += backend.abs_hist_hi(*seg.load(local, count)).cpu().numpy()
-    located = {r: _locate(hi, r) for r in live}
-
-    bins = sorted({b for b, _ in located.values()})
-    lo = {b: np.zeros(1 << 16, dtype=np.int64) for b in bins}
-    for _, seg, local, count in _chunks(segments, chunk):
-        base, expert = seg.load(local, count)
-        for b in bins:
-            lo[b] += backend.abs_hist_lo(base, expert, b).cpu().numpy()
-
-    found: dict[int, tuple[int, int, int]] = {}  # rank -> (t, ties to keep, ties in total)
-    for r in live:
-        b, above = located[r]
-        low, above_lo = _locate(lo[b], r - above)
-        ties = int(lo[b][low])
-        found[r] = ((b << 16) | low, r - above - above_lo, ties)
-
-    cuts = {r: total for r, (_, q, ties) in found.items() if q == ties}
-    pending = {r: (t, q) for r, (t, q, ties) in found.items() if q < ties}
-    if pending:
+    cuts = [{r: total for r, (_, q, ties) in found[i].items() if q == ties} for i in range(n)]
+    pending = {(i, r): (t, q) for i in range(n) for r, (t, q, ties) in found[i].items() if q < ties}
+    if pending:  # only some of the entries equal to t fit: find the index just after the q-th, in order
         seen = dict.fromkeys(pending, 0)
-        for start, seg, local, count in _chunks(segments, chunk):
-            base, expert = seg.load(local, count)
-            for r, (t, q) in list(pending.items()):
-                here = backend.count_equal(base, expert, t)
-                if seen[r] + here >= q:
-                    cuts[r] = start + backend.nth_equal(base, expert, t, q - seen[r]) + 1
-                    del pending[r]
+        for start, base, experts in _chunks(segments, chunk):
+            for (i, r), (t, q) in list(pending.items()):
+                here = backend.count_equal(base, experts[i], t)
+                if seen[i, r] + here >= q:
+                    cuts[i][r] = start + backend.nth_equal(base, experts[i], t, q - seen[i, r]) + 1
+                    del pending[i, r]
                 else:
-                    seen[r] += here
+                    seen[i, r] += here
             if not pending:
                 break
-    out = []
-    for r in ranks:
-        out.append((found[r][0], cuts[r]) if r > 0 else (EMPTY_T, EMPTY_C))
-    return out
+    return [[(found[i][r][0], cuts[i][r]) if r > 0 else (EMPTY_T, EMPTY_C) for r in ranks[i]] for i in range(n)]
 
 
 def trim_counts(sparsifier: str, numel: int, density: float, gamma: float = 0.0) -> tuple[int, int]:
@@ -129,28 +128,28 @@ def fixed_point_shift(max_abs: float, numel: int) -> int:
     return max(-126, min(127, 62 - numel.bit_length() - e))
 
 
-def dare_scale(
-    backend: ModuleType, segments: list[Segment], chunk: int, key: int, density: float, start_offset: int = 0
-) -> float:
-    """mergekit's L1 rescale: ||d||_1 / ||kept d||_1 for one expert and tensor (1.0 if nothing is kept).
+def dare_scales(
+    backend: ModuleType, segments: list[Segment], chunk: int, keys: list[int], density: list[float]
+) -> list[float]:
+    """mergekit's L1 rescale per expert: ||d||_1 / ||kept d||_1 over the tensor (1.0 if nothing is kept).
 
     Both norms are fixed-point integer sums, so the factor is identical for every chunking.
     """
+    n = len(keys)
     total = sum(s.numel for s in segments)
-    top = 0.0
-    for _, seg, local, count in _chunks(segments, chunk):
-        top = max(top, backend.max_abs(*seg.load(local, count)))
-    if top == 0.0 or not math.isfinite(top):
-        return 1.0
-    shift = fixed_point_shift(top, total)
-    all_sum = kept_sum = 0
-    for start, seg, local, count in _chunks(segments, chunk):
-        a, k = backend.l1_fixed(*seg.load(local, count), shift, (key, density, start_offset + start))
-        all_sum += a
-        kept_sum += k
-    if kept_sum == 0:
-        return 1.0
-    return float(np.float32(all_sum / kept_sum))
+    top = [0.0] * n
+    for _, base, experts in _chunks(segments, chunk):
+        top = [max(top[i], backend.max_abs(base, experts[i])) for i in range(n)]
+    live = [i for i in range(n) if top[i] != 0.0 and math.isfinite(top[i])]
+    shift = {i: fixed_point_shift(top[i], total) for i in live}
+    sums = {i: [0, 0] for i in live}
+    if live:
+        for start, base, experts in _chunks(segments, chunk):
+            for i in live:
+                a, k = backend.l1_fixed(base, experts[i], shift[i], (keys[i], density[i], start))
+                sums[i][0] += a
+                sums[i][1] += k
+    return [float(np.float32(sums[i][0] / sums[i][1])) if i in sums and sums[i][1] else 1.0 for i in range(n)]
 
 
 def tensor_params(
@@ -158,7 +157,7 @@ def tensor_params(
     *,
     name: str,
     numel: int,
-    segments: Callable[[int], list[Segment]],
+    segments: list[Segment],
     weights: list[float],
     density: list[float],
     gamma: list[float],
@@ -172,7 +171,7 @@ def tensor_params(
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
-    `segments(i)` gives expert i's data; `cuts` (trim_scope: global) skips the per-tensor selection.
+    `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection.
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -180,23 +179,21 @@ def tensor_params(
     kw: dict = {}
     if method.needs_thresholds:
         if cuts is None:
-            cuts = []
-            for i in range(n):
-                ranks = trim_counts(method.sparsifier, numel, density[i], gamma[i] if gamma else 0.0)
-                (tk, ck), (td, cd) = top_cuts(backend, segments(i), chunk, list(ranks))
-                cuts.append((tk, ck, td, cd))
+            ranks = [list(trim_counts(method.sparsifier, numel, density[i], gamma[i] if gamma else 0.0))
+                     for i in range(n)]
+            cuts = [(tk, ck, td, cd) for (tk, ck), (td, cd) in top_cuts(backend, segments, chunk, ranks)]
         kw = dict(t_keep=tuple(c[0] for c in cuts), c_keep=tuple(c[1] for c in cuts),
                   t_drop=tuple(c[2] for c in cuts), c_drop=tuple(c[3] for c in cuts))
     elif method.sparsifier == "dare":
         from fusemerge.kernels.philox import dare_key
 
-        keys = tuple(dare_key(seed, name, i) for i in range(n))
+        keys = [dare_key(seed, name, i) for i in range(n)]
         if rescale is True:
-            scale = tuple(dare_scale(backend, segments(i), chunk, keys[i], density[i]) for i in range(n))
+            scale = tuple(dare_scales(backend, segments, chunk, keys, density))
         elif rescale == "inverse":
             scale = tuple(float(np.float32(1.0) / np.float32(d)) for d in density)
         else:
             scale = (1.0,) * n
-        kw = dict(keys=keys, density=tuple(density), scale=scale)
+        kw = dict(keys=tuple(keys), density=tuple(density), scale=scale)
     return ChunkParams(sparsifier=method.sparsifier, consensus=method.consensus, linear=method.is_linear,
                        weights=tuple(weights), lam=lam, normalize=normalize, **kw)

@@ -87,9 +87,9 @@ class Executor:
         self.times.add(read=time.perf_counter() - t0)
         return out
 
-    def _segment(self, t: TensorPlan, i: int) -> Segment:
-        def load(start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return self._load(t.base, start, count), self._load(t.inputs[i], start, count)
+    def _segment(self, t: TensorPlan) -> Segment:
+        def load(start: int, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+            return self._load(t.base, start, count), [self._load(e, start, count) for e in t.inputs]
 
         return Segment(t.numel, load)
 
@@ -99,7 +99,7 @@ class Executor:
         """Every per-expert number the kernel needs for tensor `t` (runs its statistics pass)."""
         t0 = time.perf_counter()
         params = tensor_params(
-            self.plan.method, name=t.name, numel=t.numel, segments=lambda i: [self._segment(t, i)],
+            self.plan.method, name=t.name, numel=t.numel, segments=[self._segment(t)],
             weights=t.weights, density=t.density, gamma=t.gamma, lam=t.lam, normalize=t.normalize,
             rescale=t.rescale, seed=self.plan.seed, chunk=self.plan.chunk_elems, backend=self.stat_kernels,
             cuts=self.global_cuts[t.name] if self.global_cuts is not None else None)
@@ -112,16 +112,16 @@ class Executor:
         merged = [t for t in plan.tensors if not t.copy_only]
         cuts: dict[str, list[tuple[int, int, int, int]]] = {t.name: [] for t in merged}
         total = sum(t.numel for t in merged)
-        for i in range(len(plan.models)):
-            first = merged[0]
-            keep_rank, drop_rank = trim_counts(plan.method.sparsifier, total, first.density[i],
-                                               first.gamma[i] if first.gamma else 0.0)
-            segments = [self._segment(t, i) for t in merged]
-            (tk, ck), (td, cd) = top_cuts(self.stat_kernels, segments, plan.chunk_elems, [keep_rank, drop_rank])
-            offset = 0
-            for t in merged:  # a global index cut becomes each tensor's local cut
-                cuts[t.name].append((tk, _local_cut(ck, offset, t.numel), td, _local_cut(cd, offset, t.numel)))
-                offset += t.numel
+        first = merged[0]
+        gamma = first.gamma or [0.0] * len(plan.models)
+        ranks = [list(trim_counts(plan.method.sparsifier, total, first.density[i], gamma[i]))
+                 for i in range(len(plan.models))]
+        found = top_cuts(self.stat_kernels, [self._segment(t) for t in merged], plan.chunk_elems, ranks)
+        offset = 0
+        for t in merged:  # a global index cut becomes each tensor's local cut
+            cuts[t.name] = [(tk, _local_cut(ck, offset, t.numel), td, _local_cut(cd, offset, t.numel))
+                            for (tk, ck), (td, cd) in found]
+            offset += t.numel
         self.global_cuts = cuts
 
     # -- merging -------------------------------------------------------------------------------
@@ -153,8 +153,11 @@ class Executor:
     def run(self) -> StageTimes:
         plan = self.plan
         torch_threads = torch.get_num_threads()
-        if plan.device.type == "cpu" and plan.workers > 1:
-            torch.set_num_threads(1)  # parallelism comes from the workers; no oversubscription
+        if plan.device.type == "cpu":
+            # Parallelism comes from the workers. torch's own intra-op threads on cache-sized chunks gain
+            # little and, on a busy machine, stall in OpenMP barriers (a 17 s merge took 8 minutes with
+            # one worker and two intra-op threads while another process held one of the two cores).
+            torch.set_num_threads(1)
         try:
             if plan.method.needs_thresholds and plan.config.trim_scope == "global":
                 self.compute_global_cuts()

@@ -84,8 +84,8 @@ def test_trim_keeps_exactly_k_lowest_index_ties(density: float, chunk: int) -> N
     base, (expert,) = family(1, 10_000, torch.bfloat16, seed=5)
     d = expert.float() - base.float()
     k = max(1, math.floor(density * d.numel()))
-    seg = Segment(d.numel(), lambda s, c: (base[s:s + c], expert[s:s + c]))
-    (t, c), = top_cuts(reference, [seg], chunk, [k])
+    seg = Segment(d.numel(), lambda s, c: (base[s:s + c], [expert[s:s + c]]))
+    [[(t, c)]] = top_cuts(reference, [seg], chunk, [[k]])
     kept = reference.in_top(reference.abs_bits(d), 0, t, c)
     assert int(kept.sum()) == k
     expect = oracle.topk_mask(d.abs().double().numpy(), k)
@@ -95,8 +95,8 @@ def test_trim_keeps_exactly_k_lowest_index_ties(density: float, chunk: int) -> N
 def test_ties_at_the_threshold_are_kept_by_index_order() -> None:
     base = torch.zeros(12)
     expert = torch.tensor([1.0, 3.0, 2.0, 2.0, -2.0, 2.0, 0.5, -3.0, 2.0, 1.0, 2.0, 0.1])
-    seg = Segment(12, lambda s, c: (base[s:s + c], expert[s:s + c]))
-    (t, c), = top_cuts(reference, [seg], 5, [5])  # 3, -3, then three of the six 2s: indices 2, 3, 4
+    seg = Segment(12, lambda s, c: (base[s:s + c], [expert[s:s + c]]))
+    [[(t, c)]] = top_cuts(reference, [seg], 5, [[5]])  # 3, -3, then three of the six 2s: indices 2, 3, 4
     kept = reference.in_top(reference.abs_bits(expert), 0, t, c)
     assert kept.nonzero().view(-1).tolist() == [1, 2, 3, 4, 7]
 
