@@ -85,6 +85,7 @@ class MergePlan:
     budget: int
     chunk_elems: int
     workers: int
+    resident_bytes: int  # per worker: a tensor whose float32 inputs fit is read once for all its passes
     seed: int
     num_layers: int | None
     warnings: list[str] = field(default_factory=list)
@@ -296,7 +297,7 @@ def build_plan(
                          f"{n_inputs} inputs need at least {need}")
     return MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
-                     seed, num_layers, warnings)
+                     budget // (2 * n_workers), seed, num_layers, warnings)
 
 
 def _model_problems(config: object) -> list[str]:
@@ -369,8 +370,9 @@ def _bytes_per_elem(n_inputs: int) -> int:
 
 
 def _chunk_elems(budget: int, n_inputs: int, workers: int, dev: torch.device) -> int:
+    """Elements per chunk: each worker's share of the budget is half chunk working memory, half resident inputs."""
     cap = CPU_CHUNK_CAP if dev.type == "cpu" else GPU_CHUNK_CAP
-    return min(cap, budget // (workers * _bytes_per_elem(n_inputs)))
+    return min(cap, budget // (2 * workers * _bytes_per_elem(n_inputs)))
 
 
 def _default_budget(dev: torch.device) -> int:

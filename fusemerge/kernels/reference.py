@@ -144,27 +144,30 @@ def _sign_consensus(
     """TIES election and disjoint mean, without comparisons or torch.where (slow on CPU).
 
     g = +1 where S = p_0 + p_1 + ... >= 0 (S + 0.0 turns -0 into +0), else -1.
-    c_i = max(g * p_i, 0) is |p_i| where p_i agrees with g and +0 elsewhere, so
-    num = g * (c_0 + c_1 + ...) is the sum of the agreeing p_i, bit for bit (negation is exact), and
-    den = sign(c_0) * w_0 + sign(c_1) * w_1 + ... the sum of their weights.
+    c_i = max(g * p_i, 0) is |p_i| where p_i agrees with g and +0 or -0 elsewhere, so
+    num = g * (c_0 + c_1 + ...) + 0.0 is the sum of the agreeing p_i from +0.0, bit for bit (negation is
+    exact and adding a zero changes nothing but the sign of a zero sum, which + 0.0 makes +0), and
+    den = sign(c_0) * w_0 + sign(c_1) * w_1 + ... is the sum of their weights (a zero sum becomes 1).
     """
     s = products[0].clone()
     for q in products[1:]:
         s.add_(q)
     g = torch.copysign(_scalar(1.0, device), s.add_(0.0))
-    num = torch.zeros_like(g)
-    den = torch.zeros_like(g) if p.normalize else None
+    num = den = None
     for i, q in enumerate(products):
         c = q.mul_(g).clamp_min_(0.0)
-        num.add_(c)
-        if den is not None:
-            agree = c.sign_()
+        if p.normalize:
+            agree = c.sign()
             if p.weights[i] != 1.0:
                 agree.mul_(_scalar(p.weights[i], device))
-            den.add_(agree)
+            den = agree if den is None else den.add_(agree)
+        num = c if num is None else num.add_(c)
     num.mul_(g).add_(0.0)
     if den is not None:
-        den.masked_fill_(den == 0, 1.0)
+        if min(p.weights) > 0:  # den is 0 or at least the smallest weight; where it is 0, num is +0 too
+            den.clamp_min_(float(np.float32(min(p.weights))))
+        else:
+            den.masked_fill_(den == 0, 1.0)
     return num, den
 
 
@@ -195,20 +198,33 @@ def abs_hist_hi(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
 
 def abs_hist_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor:
     """int64[65536]: histogram of bits(|d|) & 0xFFFF over the entries whose high half is `hi_bin`."""
+    return torch.bincount(abs_select_lo(base, expert, hi_bin), minlength=LO_BINS).to(torch.int64)
+
+
+def abs_select_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor:
+    """The low 16 bits of bits(|d|), in index order, of the entries whose high half is `hi_bin` (int32)."""
     a = abs_bits(delta(base, expert))
-    sel = a[(a >> 16) == hi_bin]
-    return torch.bincount(sel & 0xFFFF, minlength=LO_BINS).to(torch.int64)
+    if a.device.type == "cpu":  # numpy's compare and boolean indexing run ~8x faster than torch's here
+        x = a.numpy()
+        return torch.from_numpy(x[(x >> 16) == hi_bin] & 0xFFFF)
+    return a[(a >> 16) == hi_bin] & 0xFFFF
+
+
+def _equal(base: torch.Tensor, expert: torch.Tensor, t: int):
+    a = abs_bits(delta(base, expert))
+    return a.numpy() == t if a.device.type == "cpu" else a == t
 
 
 def count_equal(base: torch.Tensor, expert: torch.Tensor, t: int) -> int:
     """How many entries have bits(|d|) == t."""
-    return int((abs_bits(delta(base, expert)) == t).sum())
+    return int(_equal(base, expert, t).sum())
 
 
 def nth_equal(base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -> int:
     """Local index of the q-th (1-based) entry with bits(|d|) == t, or -1 if there are fewer."""
-    hits = torch.nonzero(abs_bits(delta(base, expert)) == t).view(-1)
-    return int(hits[q - 1]) if 1 <= q <= hits.numel() else -1
+    eq = _equal(base, expert, t)
+    hits = np.flatnonzero(eq) if isinstance(eq, np.ndarray) else torch.nonzero(eq).view(-1)
+    return int(hits[q - 1]) if 1 <= q <= len(hits) else -1
 
 
 def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:

@@ -87,19 +87,36 @@ class Executor:
         self.times.add(read=time.perf_counter() - t0)
         return out
 
-    def _segment(self, t: TensorPlan) -> Segment:
-        def load(start: int, count: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-            return self._load(t.base, start, count), [self._load(e, start, count) for e in t.inputs]
+    def _segment(self, t: TensorPlan, keep: bool = False) -> Segment:
+        """Tensor `t`'s data. With `keep`, loaded chunks stay in memory for the next pass over `t`
+        (statistics passes, then the merge pass): each input byte is then read and converted once."""
+        cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] | None = {} if keep else None
 
-        return Segment(t.numel, load)
+        def load(start: int, count: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            if cache is not None and start in cache:
+                return cache[start]
+            base = self._load(t.base, start, count) if t.base is not None else None
+            chunk = base, [self._load(e, start, count) for e in t.inputs]
+            if cache is not None:
+                cache[start] = chunk
+            return chunk
+
+        return Segment(t.numel, load, cache)
+
+    def _resident(self, t: TensorPlan) -> bool:
+        """Whether t's float32 inputs fit in this worker's half of the budget (the other half is for chunks)."""
+        needs_stats = self.plan.method.needs_thresholds or (
+            self.plan.method.sparsifier == "dare" and t.rescale is True)
+        inputs = len(t.inputs) + (t.base is not None)
+        return needs_stats and self.global_cuts is None and inputs * 4 * t.numel <= self.plan.resident_bytes
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def chunk_params(self, t: TensorPlan) -> ChunkParams:
+    def chunk_params(self, t: TensorPlan, segment: Segment) -> ChunkParams:
         """Every per-expert number the kernel needs for tensor `t` (runs its statistics pass)."""
         t0 = time.perf_counter()
         params = tensor_params(
-            self.plan.method, name=t.name, numel=t.numel, segments=[self._segment(t)],
+            self.plan.method, name=t.name, numel=t.numel, segments=[segment],
             weights=t.weights, density=t.density, gamma=t.gamma, lam=t.lam, normalize=t.normalize,
             rescale=t.rescale, seed=self.plan.seed, chunk=self.plan.chunk_elems, backend=self.stat_kernels,
             cuts=self.global_cuts[t.name] if self.global_cuts is not None else None)
@@ -135,14 +152,16 @@ class Executor:
             self.writer.write(t.name, 0, data.cpu())
             self.progress(t.input_bytes)
             return
-        params = self.chunk_params(t)
+        segment = self._segment(t, keep=self._resident(t))
+        params = self.chunk_params(t, segment)
         out_dtype = FLOAT_CODES[t.out_dtype]
         for start in range(0, t.numel, chunk):
             if self._stop.is_set():
                 return
             count = min(chunk, t.numel - start)
-            base = self._load(t.base, start, count) if t.base is not None else None
-            inputs = [self._load(e, start, count) for e in t.inputs]
+            base, inputs = segment.load(start, count)
+            if segment.cache is not None:
+                del segment.cache[start]  # the last pass over this chunk: free it as we go
             t0 = time.perf_counter()
             out = self.merge_kernels.merge_chunk(base, inputs, start, params, out_dtype)
             t1 = time.perf_counter()
