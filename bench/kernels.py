@@ -22,6 +22,7 @@ Run (from the repository root, on a machine with a CUDA GPU):
 
     python bench/kernels.py                                  # every method, N in 2 4 8, 2^26 elements
     python bench/kernels.py --methods ties dare_ties --experts 8 --log2-numel 24
+    python bench/kernels.py --methods ties dare_ties --block 512 --num-warps 4  # tune the merge launch
     TRITON_INTERPRET=1 python bench/kernels.py --smoke     # CPU check of the script itself, measures nothing
 """
 
@@ -60,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log2-numel", type=int, default=26, help="elements per expert: 2^this (default 2^26)")
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     p.add_argument("--no-select", action="store_true", help="skip the selection-pass rows")
+    p.add_argument("--block", type=int, default=None, help="override triton_merge.BLOCK (elements per program)")
+    p.add_argument("--num-warps", type=int, default=None, help="override triton_merge.NUM_WARPS")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "kernels.csv")
     p.add_argument("--smoke", action="store_true",
                    help="run every code path on CPU through TRITON_INTERPRET=1 at 2^10 elements, wall-clock timed;\n"
@@ -282,6 +285,13 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": "bfloat16", "numel": n,
         "command": "python bench/kernels.py " + " ".join(shlex.quote(a) for a in shown),
     }
+    from fusemerge.kernels import triton_merge
+
+    if args.block:
+        triton_merge.BLOCK = args.block
+    if args.num_warps:
+        triton_merge.NUM_WARPS = args.num_warps
+    meta["command"] += f"  # merge BLOCK={triton_merge.BLOCK} num_warps={triton_merge.NUM_WARPS}"
     timer = Timer(args.smoke)
     rows: list[dict] = []
     for n_exp in args.experts:
