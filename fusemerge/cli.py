@@ -203,5 +203,45 @@ def demo(out_dir, method, device, quiet) -> None:
     run_demo(Path(out_dir), method=method, device=device, echo=(lambda s: None) if quiet else click.echo)
 
 
+@main.command()
+@click.option("--method", default="ties", show_default=True)
+@click.option("--density", type=float, default=0.2, show_default=True)
+@click.option("--experts", type=int, default=4, show_default=True)
+@click.option("--hidden", type=int, default=1024, show_default=True)
+@click.option("--intermediate", type=int, default=2816, show_default=True)
+@click.option("--layers", type=int, default=8, show_default=True)
+@click.option("--vocab", type=int, default=32000, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True)
+@click.option("--max-memory", default=None)
+@click.option("--workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the synthetic models are made (default: a temporary directory, removed afterwards).")
+@_handle_errors
+def bench(method, density, experts, hidden, intermediate, layers, vocab, device, backend, max_memory, workdir) -> None:
+    """End-to-end throughput on a synthetic Llama-shaped model (bench/ in the repository has the full benchmarks)."""
+    import shutil
+    import tempfile
+
+    from fusemerge.merge import run as run_merge
+    from fusemerge.synthetic import make_llama_family, write_config_yaml
+
+    root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fusemerge-bench-"))
+    try:
+        fam = make_llama_family(root / "models", n_experts=experts, hidden=hidden, intermediate=intermediate,
+                                layers=layers, vocab=vocab, seed=0)
+        params = {"density": density} if method not in ("linear", "task_arithmetic") else {}
+        write_config_yaml(root / "bench.yml", method, fam["base"], fam["experts"], **params)
+        result = run_merge(root / "bench.yml", root / "out", device=device, backend=backend, max_memory=max_memory,
+                           overwrite=True)
+        p = result.plan
+        click.echo(f"{method}, {experts} experts + base, {fam['params']:,} parameters each, bf16, on {p.device} "
+                   f"({p.backend}, {p.workers} worker(s))")
+        click.echo(f"{format_size(result.input_bytes)} in, {format_size(result.output_bytes)} out in "
+                   f"{result.seconds:.2f} s: {result.input_gbps:.3f} GB/s of input (page cache warm: just written)")
+    finally:
+        if not workdir:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 if __name__ == "__main__":
     main()

@@ -167,3 +167,17 @@ def test_demo(tmp_path: Path) -> None:
     r = invoke("demo", tmp_path / "demo", "--method", "dare_linear", "-q")  # a demo dir is reused
     assert r.exit_code == 0, r.output
     shutil.rmtree(tmp_path / "demo")
+
+
+def test_bench_and_inspect_of_one_file(fam: dict) -> None:
+    r = invoke("bench", "--hidden", "16", "--intermediate", "40", "--layers", "2", "--vocab", "53", "--experts", "2")
+    assert r.exit_code == 0, r.output
+    assert "GB/s of input" in r.stdout
+    r = invoke("inspect", fam["base"] / "model.safetensors", "--no-tensors")
+    assert r.exit_code == 0, r.output
+    assert "parameters" in r.stdout and "shards      1" in r.stdout
+
+
+def test_inspect_missing_path_exit_2(tmp_path: Path) -> None:
+    r = invoke("inspect", tmp_path / "nope")
+    assert r.exit_code == 2 and errors(r) and str(tmp_path / "nope") in errors(r)[0]
