@@ -129,33 +129,19 @@ def eager_merge(base: torch.Tensor, experts: list[torch.Tensor], method, weights
 
 def chunk_params(method, base: torch.Tensor, experts: list[torch.Tensor], weights: list[float], lam: float,
                  normalize: bool):
+    """The merge's ChunkParams by the real statistics path (select.tensor_params on the Triton backend)."""
     from fusemerge.kernels import select, triton_select
     from fusemerge.kernels.params import ChunkParams
-    from fusemerge.kernels.philox import dare_key
 
-    n = base.numel()
-    kw: dict = {}
-    if method.sparsifier in ("magnitude", "breadcrumbs"):
-        density = DENSITY if method.sparsifier == "magnitude" else BREADCRUMBS_DENSITY
-        k_keep, k_drop = select.trim_counts(method.sparsifier, n, density, GAMMA)
-        t_keep, c_keep, t_drop, c_drop = [], [], [], []
-        for x in experts:
-            seg = select.Segment(n, lambda lo, cnt, x=x: (base[lo:lo + cnt], x[lo:lo + cnt]))
-            (tk, ck), (td, cd) = select.top_cuts(triton_select, [seg], n, [k_keep, k_drop])
-            t_keep.append(tk)
-            c_keep.append(ck)
-            t_drop.append(td)
-            c_drop.append(cd)
-        kw = {"t_keep": tuple(t_keep), "c_keep": tuple(c_keep)}
-        if method.sparsifier == "breadcrumbs":
-            kw.update(t_drop=tuple(t_drop), c_drop=tuple(c_drop))
-    if method.sparsifier == "dare":
-        kw = {"keys": tuple(dare_key(0, "bench.weight", i) for i in range(len(experts))),
-              "density": (DENSITY,) * len(experts), "scale": (1.0 / DENSITY,) * len(experts)}
-    if method.is_linear:
+    n, n_exp = base.numel(), len(experts)
+    if method.is_linear:  # the N experts and the base, averaged
         return ChunkParams("none", "none", True, (*weights, 1.0), normalize=normalize)
-    return ChunkParams(method.sparsifier, method.consensus, False, tuple(weights), lam=lam, normalize=normalize,
-                       **kw)
+    density = BREADCRUMBS_DENSITY if method.sparsifier == "breadcrumbs" else DENSITY
+    segment = select.Segment(n, lambda lo, cnt: (base[lo:lo + cnt], [x[lo:lo + cnt] for x in experts]))
+    return select.tensor_params(
+        method, name="bench.weight", numel=n, segments=[segment], weights=list(weights), density=[density] * n_exp,
+        gamma=[GAMMA] * n_exp, lam=lam, normalize=normalize, rescale=True, seed=0, chunk=n, backend=triton_select,
+    )
 
 
 def selection_pass(backend, base: torch.Tensor, experts: list[torch.Tensor]) -> None:

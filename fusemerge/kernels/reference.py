@@ -153,9 +153,14 @@ def _sign_consensus(
     for q in products[1:]:
         s.add_(q)
     g = torch.copysign(_scalar(1.0, device), s.add_(0.0))
+    nan = bool(torch.isnan(s.sum()))  # a NaN input: the slow path below keeps the contract exactly
+    if nan:
+        g[torch.isnan(s)] = -1.0  # NaN >= 0 is false: the election gives -1
     num = den = None
     for i, q in enumerate(products):
         c = q.mul_(g).clamp_min_(0.0)
+        if nan:  # a NaN p_i agrees with neither sign
+            torch.nan_to_num_(c, nan=0.0, posinf=float("inf"))
         if p.normalize:
             agree = c.sign()
             if p.weights[i] != 1.0:

@@ -8,7 +8,8 @@ operation for operation, so the result is bit-identical to `fusemerge.kernels.re
 - every sum runs left to right in expert order; no multiply is fused into an add: the launch passes
   `enable_fp_fusion=False`, which makes Triton compile LLVM without fp contraction and run ptxas with
   `--fmad=false` (without it, `S + w * dh` and `base + lam * q` become FMAs on the GPU and the elected
-  sign and the last bit of the output change);
+  sign and the last bit of the output change). Checked offline on PTX for sm_90: every variant has
+  0 `fma.rn.f32` with the flag, 16 to 136 without it (tests/kernels: test_compiled_kernel_has_no_fma_...);
 - the division is `tl.math.div_rn` (IEEE `div.rn.f32`): Triton's `/` is `div.full.f32` on NVIDIA
   (up to 2 ulp off, triton-lang/triton#10661);
 - the result is rounded once, to nearest even, at the store (bf16 by integer ops, see `_store_rounded`).
@@ -31,8 +32,10 @@ not N separate pointer arguments. Why:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -41,8 +44,11 @@ import triton.language as tl
 
 from fusemerge.kernels.params import ChunkParams
 
-# Elements per program: 8 per thread at 4 warps, i.e. one 16-byte load per thread per bf16 input. Not yet
-# tuned on a GPU (bench/kernels.py measures it); block size does not change any result.
+# Elements per program: 8 per thread at 4 warps, i.e. one 16-byte load per thread per bf16 input (when the
+# chunk length and row stride are multiples of 16, which Triton specializes on). Compiled offline for sm_90
+# (Triton 3.9): 32-40 registers for linear / task arithmetic, 63-96 for ties / dare_ties / breadcrumbs_ties
+# at N = 8, 127 for dare_ties at N = 40, no spills. Not yet timed on a GPU: bench/kernels.py --block
+# --num-warps sweeps it. The block size does not change any result.
 BLOCK = 1024
 NUM_WARPS = 4
 # The sign-consensus pass keeps one agree-bit per expert in an int32 (N <= 32) or int64 word.
@@ -94,6 +100,33 @@ def _in_top(a, j, t, c):
     return (a > t) | ((a == t) & (j < c))
 
 
+@triton.jit
+def _weight_sum(f_ptr, N: tl.constexpr):
+    """den = w_0 + w_1 + ... in float32, left to right (as 0.0 + w_0 + ...: same bits); 0 -> 1."""
+    den = tl.load(f_ptr) + 0.0
+    for i in tl.static_range(1, N):
+        den = den + tl.load(f_ptr + i)
+    return tl.where(den == 0.0, 1.0, den)
+
+
+@triton.jit
+def _product(x_ptrs, b, mask, j, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: tl.constexpr):
+    """p_i = w_i * dh_i for expert i: d = x - b, dh = keep ? d * s_i : 0 (docs/architecture.md)."""
+    d = _load_f32(x_ptrs, mask) - b
+    dh = d * tl.load(f_ptr + N + i)  # d * s_i, the rescale factor
+    if SPARSIFIER == _DARE:
+        u = tl.rand(tl.load(i_ptr + i), j)
+        dh = tl.where(u < tl.load(f_ptr + 2 * N + i), dh, 0.0)
+    elif SPARSIFIER != _NONE:
+        a = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        keep = _in_top(a, j, tl.load(i_ptr + N + i).to(tl.int32), tl.load(i_ptr + 2 * N + i))
+        if SPARSIFIER == _BREADCRUMBS:
+            top = _in_top(a, j, tl.load(i_ptr + 3 * N + i).to(tl.int32), tl.load(i_ptr + 4 * N + i))
+            keep = keep & ~top
+        dh = tl.where(keep, dh, 0.0)
+    return tl.load(f_ptr + i) * dh
+
+
 @triton.jit(do_not_specialize=["start"])
 def _merge_kernel(
     out_ptr,  # [n] out dtype
@@ -118,44 +151,29 @@ def _merge_kernel(
     # int64 before any i * stride: rows of a 2^26-element staging buffer pass 2^31 elements at i = 32.
     # tl.cast, not .to(): a stride equal to 1 arrives as a constexpr (Triton specializes on it).
     stride = tl.cast(row_stride, tl.int64)
+    # The expert loops are scf.for loops, not unrolled: unrolled, the compiler hoists all N experts' loads
+    # and Philox states and spills (sm_90, 1024 elements x 4 warps: dare_ties N=8 used 255 registers + 168 B
+    # of stack, N=16 3.3 KB). Expert 0 is peeled so sums start from p_0 exactly as the contract writes them.
 
     if LINEAR:
         # num = w_0 * theta_0 + w_1 * theta_1 + ... (left to right), out = num / sum(w) if normalize
         num = _load_f32(x_ptr + offs, mask) * tl.load(f_ptr)
-        for i in tl.static_range(1, N):
+        for i in range(1, N):
             p = _load_f32(x_ptr + i * stride + offs, mask) * tl.load(f_ptr + i)
             num = num + p
         if NORMALIZE:
-            den = tl.load(f_ptr) + 0.0
-            for i in tl.static_range(1, N):
-                den = den + tl.load(f_ptr + i)
-            den = tl.where(den == 0.0, 1.0, den)
-            num = tl.math.div_rn(num, den)
+            num = tl.math.div_rn(num, _weight_sum(f_ptr, N))
         _store_rounded(out_ptr + offs, num, mask)
     else:
         j = start + offs
         b = _load_f32(base_ptr + offs, mask)
-        acc = tl.zeros([BLOCK], dtype=tl.float32)  # consensus none: num; sign: the election sum S
-        pos_bits = tl.zeros([BLOCK], dtype=MASK_T)  # sign: bit i set where p_i > 0
-        neg_bits = tl.zeros([BLOCK], dtype=MASK_T)  # sign: bit i set where p_i < 0
-        for i in tl.static_range(N):
-            d = _load_f32(x_ptr + i * stride + offs, mask) - b
-            dh = d * tl.load(f_ptr + N + i)  # d * s_i, the rescale factor
-            if SPARSIFIER == _DARE:
-                u = tl.rand(tl.load(i_ptr + i), j)
-                dh = tl.where(u < tl.load(f_ptr + 2 * N + i), dh, 0.0)
-            elif SPARSIFIER != _NONE:
-                a = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-                keep = _in_top(a, j, tl.load(i_ptr + N + i).to(tl.int32), tl.load(i_ptr + 2 * N + i))
-                if SPARSIFIER == _BREADCRUMBS:
-                    top = _in_top(a, j, tl.load(i_ptr + 3 * N + i).to(tl.int32), tl.load(i_ptr + 4 * N + i))
-                    keep = keep & ~top
-                dh = tl.where(keep, dh, 0.0)
-            p = tl.load(f_ptr + i) * dh  # p_i = w_i * dh_i
-            if i == 0:
-                acc = p
-            else:
-                acc = acc + p
+        # consensus none: acc = num; sign: acc = the election sum S, and bit i of pos / neg says p_i > 0 / < 0
+        acc = _product(x_ptr + offs, b, mask, j, f_ptr, i_ptr, 0, N, SPARSIFIER)
+        pos_bits = (acc > 0.0).to(MASK_T)
+        neg_bits = (acc < 0.0).to(MASK_T)
+        for i in range(1, N):
+            p = _product(x_ptr + i * stride + offs, b, mask, j, f_ptr, i_ptr, i, N, SPARSIFIER)
+            acc = acc + p
             if SIGN:
                 pos_bits = pos_bits | ((p > 0.0).to(MASK_T) << i)
                 neg_bits = neg_bits | ((p < 0.0).to(MASK_T) << i)
@@ -163,11 +181,12 @@ def _merge_kernel(
         if SIGN:
             # g = +1 where S >= 0; expert i agrees where sign(p_i) == g (p_i = 0 never agrees). Pass 2
             # re-reads only agreeing entries and recomputes p_i with the same operations as above
-            # (bit-identical, and no second Philox draw: the DARE mask is already in the bits).
+            # (bit-identical; no Philox draw or threshold test: a kept p_i is w_i * (d * s_i), and a
+            # dropped one, being 0, has no agree bit).
             agree_bits = tl.where(acc >= 0.0, pos_bits, neg_bits)
             num = tl.zeros([BLOCK], dtype=tl.float32)
             den = tl.zeros([BLOCK], dtype=tl.float32)
-            for i in tl.static_range(N):
+            for i in range(N):
                 agree = ((agree_bits >> i) & 1) != 0
                 d = _load_f32(x_ptr + i * stride + offs, mask & agree) - b
                 dh = d * tl.load(f_ptr + N + i)
@@ -182,17 +201,24 @@ def _merge_kernel(
         else:
             num = acc
             if NORMALIZE:
-                den = tl.load(f_ptr) + 0.0
-                for i in tl.static_range(1, N):
-                    den = den + tl.load(f_ptr + i)
-                den = tl.where(den == 0.0, 1.0, den)
-                num = tl.math.div_rn(num, den)
+                num = tl.math.div_rn(num, _weight_sum(f_ptr, N))
         r = tl.load(f_ptr + 3 * N) * num  # lam * (num / den), then base + that: two roundings
         _store_rounded(out_ptr + offs, b + r, mask)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# Triton's interpreter is not thread-safe: each launch patches triton.language's globals and keeps the grid
+# index in one global builder, so two threads launching at once fail ("Did you forget to add @triton.jit"),
+# as the executor's CPU workers would. Launches are serialized while interpreting; on a GPU this is unused.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def launch_guard() -> contextlib.AbstractContextManager:
+    """Hold this around a kernel launch: a lock under TRITON_INTERPRET=1, nothing on a GPU."""
+    return _INTERPRETER_LOCK if _interpreting() else contextlib.nullcontext()
 
 
 def check_device(t: torch.Tensor, what: str) -> None:
@@ -298,10 +324,10 @@ def merge_chunk(
     the averaged models and `base` is ignored. `out` (optional, 1-D, `out_dtype`, n elements) receives
     the result; otherwise it is allocated.
 
-    >>> import torch
     >>> from fusemerge.kernels.params import ChunkParams
-    >>> b = torch.zeros(4, device="cuda"); e = [torch.ones(4, device="cuda"), -3 * torch.ones(4, device="cuda")]
-    >>> merge_chunk(b, e, 0, ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)  # doctest: +SKIP
+    >>> staging = torch.stack([torch.ones(4), -3 * torch.ones(4)]).cuda()  # doctest: +SKIP
+    >>> merge_chunk(torch.zeros(4, device="cuda"), staging, 0,  # doctest: +SKIP
+    ...             ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
     tensor([-2., -2., -2., -2.], device='cuda:0')
     """
     _check_params(params)
@@ -336,23 +362,24 @@ def merge_chunk(
     x, row_stride = _expert_rows(experts if isinstance(experts, torch.Tensor) else rows)
     f, i = _device_params(params, device)
     grid = (triton.cdiv(n, BLOCK),)
-    _merge_kernel[grid](
-        out,
-        base if base is not None and not params.linear else x,
-        x,
-        f,
-        i,
-        row_stride,
-        n,
-        start,
-        N=params.n,
-        SPARSIFIER=0 if params.linear else SPARSIFIERS[params.sparsifier],
-        SIGN=(params.consensus == "sign") and not params.linear,
-        LINEAR=params.linear,
-        NORMALIZE=params.normalize,
-        MASK_T=tl.int32 if params.n <= 32 else tl.int64,
-        BLOCK=BLOCK,
-        num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
-    )
+    with launch_guard():
+        _merge_kernel[grid](
+            out,
+            base if base is not None and not params.linear else x,
+            x,
+            f,
+            i,
+            row_stride,
+            n,
+            start,
+            N=params.n,
+            SPARSIFIER=0 if params.linear else SPARSIFIERS[params.sparsifier],
+            SIGN=(params.consensus == "sign") and not params.linear,
+            LINEAR=params.linear,
+            NORMALIZE=params.normalize,
+            MASK_T=tl.int32 if params.n <= 32 else tl.int64,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
     return out

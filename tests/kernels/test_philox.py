@@ -55,10 +55,10 @@ def _triton_rand(key: int, offsets: torch.Tensor, scalar_seed: bool = False) -> 
     block = 256
     grid = (triton.cdiv(offsets.numel(), block),)
     if scalar_seed:
-        _rand_scalar_seed_kernel[grid](key, offsets, out, offsets.numel(), BLOCK=block)
+        _rand_scalar_seed_kernel[grid](key, offsets, out, offsets.numel(), BLOCK=block, enable_fp_fusion=False)
     else:
         keys = torch.tensor([key], dtype=torch.int64, device=offsets.device)
-        _rand_kernel[grid](keys, offsets, out, offsets.numel(), BLOCK=block)
+        _rand_kernel[grid](keys, offsets, out, offsets.numel(), BLOCK=block, enable_fp_fusion=False)
     return out
 
 
@@ -116,11 +116,11 @@ def test_known_values() -> None:
 
 def test_numpy_and_torch_paths_agree() -> None:
     """The CPU (numpy) and the other-device (torch) implementations give the same bits, across chunks."""
-    offsets = torch.cat([torch.arange(0, (1 << 16) + 1234), torch.arange(2**32 - 100, 2**32 + 100)])
+    offsets = torch.cat([torch.arange(0, 3000), torch.arange(2**32 - 100, 2**32 + 100)])
     for key in (0, -1, 2**63 - 1, dare_key(9, "x", 1)):
         k0, k1 = philox._split_key(key)
         a = torch.from_numpy(philox._uniform_numpy(k0, k1, offsets.numpy()))
-        b = philox._uniform_torch(k0, k1, offsets, chunk=1 << 16)
+        b = philox._uniform_torch(k0, k1, offsets, chunk=1000)
         assert torch.equal(a.view(torch.int32), b.view(torch.int32))
 
 

@@ -8,8 +8,13 @@ Runs on CUDA when present, else through TRITON_INTERPRET=1 (tests/kernels/confte
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -333,7 +338,9 @@ def test_nan_and_inf_follow_the_contract(device):
         with np.errstate(invalid="ignore"):
             got = tm.merge_chunk(base, experts, 0, p, torch.bfloat16)
             want = oracle_merge(base, experts, 0, p, torch.bfloat16)
+            ref = reference.merge_chunk(base.cpu(), [e.cpu() for e in experts], 0, p, torch.bfloat16)
         assert_same_bits(got, want, f"nan/inf, {consensus}")
+        assert_same_bits(ref, want, f"nan/inf, {consensus}, torch backend")
 
 
 def test_out_argument_and_empty_chunk(device):
@@ -372,6 +379,26 @@ def test_rejects_bad_inputs(device):
         tm.merge_chunk(base, [experts[0]] * (tm.MAX_EXPERTS + 1), 0, too_many, torch.bfloat16)
 
 
+def test_concurrent_launches_from_threads(device):
+    """The executor merges tensors on worker threads; launches from several threads give the same bits
+    (under the interpreter they are serialized: it is not thread-safe)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fusemerge.kernels import triton_select as ts
+
+    base, experts = make_inputs(2100, 3, torch.bfloat16, 12, device)
+    params = [make_params(s, "sign", False, base, experts, 0, 12) for s in ("dare", "magnitude", "breadcrumbs")]
+    want = [tm.merge_chunk(base, experts, 0, p, torch.bfloat16) for p in params]
+    want_hist = ts.abs_hist_hi(base, experts[0])
+    with ThreadPoolExecutor(4) as pool:
+        merges = [pool.submit(tm.merge_chunk, base, experts, 0, p, torch.bfloat16) for p in params * 2]
+        hists = [pool.submit(ts.abs_hist_hi, base, experts[0]) for _ in range(2)]
+        for k, fut in enumerate(merges):
+            assert_same_bits(fut.result(), want[k % len(params)], "threaded merge")
+        for fut in hists:
+            assert torch.equal(fut.result(), want_hist)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_rejects_cpu_tensors_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
@@ -394,3 +421,52 @@ def test_compiled_kernel_has_no_fma_and_precise_division():
         ptx = k.asm["ptx"]
         assert not re.search(r"\b(fma|mad)\.[a-z.]*f32", ptx), "FMA contraction in the merge kernel"
         assert "div.full.f32" not in ptx
+
+
+_OFFLINE_COMPILE = textwrap.dedent("""
+    import re, sys
+    import triton, triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from fusemerge.kernels import triton_merge as tm, triton_select as ts
+
+    target = GPUTarget("cuda", 90, 32)
+    sig = {"out_ptr": "*bf16", "base_ptr": "*bf16", "x_ptr": "*bf16", "f_ptr": "*fp32", "i_ptr": "*i64",
+           "row_stride": "i32", "n": "i32", "start": "i64"}
+    names = ["N", "SPARSIFIER", "SIGN", "LINEAR", "NORMALIZE", "MASK_T", "BLOCK"]
+    sig.update(dict.fromkeys(names, "constexpr"))
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
+    for sp, sign, linear, norm, n in [(0, 0, 1, 1, 3), (1, 1, 0, 1, 3), (2, 1, 0, 1, 8), (3, 1, 0, 1, 40)]:
+        const = dict(zip(names, [n, sp, bool(sign), bool(linear), bool(norm), tl.int32 if n <= 32 else tl.int64,
+                                 tm.BLOCK]))
+        for fusion in (False, True) if sp == 1 else (False,):
+            k = triton.compile(ASTSource(tm._merge_kernel, sig, const, attrs), target=target,
+                               options={"num_warps": tm.NUM_WARPS, "enable_fp_fusion": fusion})
+            ptx = k.asm["ptx"]
+            fma = len(re.findall(r"\\b(?:fma|mad)\\.[a-z.]*f32", ptx))
+            print(sp, sign, linear, norm, n, fusion, fma, "div.full.f32" in ptx, ptx.count("div.rn.f32"))
+""")
+
+
+def test_kernels_compile_for_sm90_without_fma(tmp_path):
+    """Offline (no GPU needed): the merge kernel compiles to PTX for sm_90 with no fma/mad.f32 and div.rn.
+
+    The same variants compiled with enable_fp_fusion=True do contain FMAs, so the check has teeth.
+    """
+    ptxas = Path(__import__("triton").__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("Triton's bundled ptxas is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(tm.__file__).parents[2]), env.get("PYTHONPATH", "")])
+    run = subprocess.run([sys.executable, "-c", _OFFLINE_COMPILE], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = [line.split() for line in run.stdout.strip().splitlines()]
+    assert len(lines) == 5
+    for sp, sign, linear, norm, n, fusion, fma, div_full, div_rn in lines:
+        if fusion == "False":
+            assert fma == "0", f"FMA in variant {(sp, sign, linear, norm, n)}"
+        else:
+            assert int(fma) > 0  # the flag is what keeps them out
+        assert div_full == "False" and int(div_rn) > 0
