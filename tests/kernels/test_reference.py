@@ -73,7 +73,7 @@ def test_matches_float64_oracle(method: str, n: int, size: int, dtype: torch.dty
 def test_chunking_does_not_change_a_bit(method: str) -> None:
     base, experts = family(3, 5003, torch.bfloat16, seed=11)
     outs = [merge_tensors(base, experts, method, weight=[1.0, 0.6, 1.4], chunk=c, **{**PARAMS[method]})
-            for c in (1, 13, 512, 5003)]
+            for c in (7, 13, 512, 5003)]
     for o in outs[1:]:
         assert torch.equal(o.view(torch.int16), outs[0].view(torch.int16))
 
