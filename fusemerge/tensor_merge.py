@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fusemerge.errors import InputError
+from fusemerge.kernels import load_backend
 from fusemerge.kernels.select import Segment, tensor_params
 from fusemerge.methods import METHODS
 
@@ -78,13 +79,11 @@ def merge_tensors(
     if normalize is None:
         normalize = m.params["normalize"].default
     device = models[0].device
-    use_triton = backend == "triton" or (backend == "auto" and device.type == "cuda")
-    if use_triton:
-        from fusemerge.kernels import triton_merge as kmerge
-        from fusemerge.kernels import triton_select as kstats
-    else:
-        from fusemerge.kernels import reference as kmerge
-        from fusemerge.kernels import reference as kstats
+    if backend not in ("auto", "torch", "triton"):
+        raise InputError(f"backend: expected auto, torch or triton, not {backend!r}")
+    if backend == "auto":
+        backend = "triton" if device.type == "cuda" else "torch"
+    kmerge, kstats = load_backend(backend, device.type)
 
     flat = [x.reshape(-1).contiguous() for x in models]
     fbase = base.reshape(-1).contiguous() if base is not None else None

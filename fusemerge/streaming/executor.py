@@ -16,10 +16,10 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 
+from fusemerge.kernels import load_backend
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, tensor_params, top_cuts, trim_counts
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
@@ -45,17 +45,6 @@ class StageTimes:
                 setattr(self, k, getattr(self, k) + v)
 
 
-def backend_module(plan: MergePlan) -> tuple[ModuleType, ModuleType]:
-    """(merge kernels, statistics kernels) for the plan's backend."""
-    if plan.backend == "triton":
-        from fusemerge.kernels import triton_merge, triton_select
-
-        return triton_merge, triton_select
-    from fusemerge.kernels import reference
-
-    return reference, reference
-
-
 class Executor:
     """Runs a MergePlan into a ShardedWriter. `progress(nbytes)` is called as input bytes are merged."""
 
@@ -64,7 +53,7 @@ class Executor:
         self.writer = writer
         self.progress = progress or (lambda n: None)
         self.reader = ChunkReader()
-        self.merge_kernels, self.stat_kernels = backend_module(plan)
+        self.merge_kernels, self.stat_kernels = load_backend(plan.backend, plan.device.type)
         self.times = StageTimes()
         self.global_cuts: dict[str, list[tuple[int, int, int, int]]] | None = None
         self._stop = threading.Event()  # set on the first failure: the other workers stop at their next chunk
