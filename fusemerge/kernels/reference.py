@@ -238,6 +238,11 @@ def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
     return float(d.abs().max()) if d.numel() else 0.0
 
 
+def count_nonfinite(base: torch.Tensor, expert: torch.Tensor) -> int:
+    """How many entries have a non-finite d (inf or NaN): bits(|d|) >= 0x7F800000."""
+    return int((abs_bits(delta(base, expert)) >= 0x7F800000).sum())
+
+
 def l1_fixed(
     base: torch.Tensor,
     expert: torch.Tensor,

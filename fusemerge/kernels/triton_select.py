@@ -105,6 +105,15 @@ def _max_kernel(base_ptr, x_ptr, block_max_ptr, n, BLOCK: tl.constexpr):
     tl.store(block_max_ptr + pid, tl.max(a, axis=0))
 
 
+@triton.jit
+def _nonfinite_kernel(base_ptr, x_ptr, block_count_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    a = _abs_bits(base_ptr, x_ptr, offs, mask)  # 0 on masked lanes: never counted
+    tl.store(block_count_ptr + pid, tl.sum((a >= 0x7F800000).to(tl.int32), axis=0))
+
+
 @triton.jit(do_not_specialize=["shift", "start"])
 def _l1_kernel(
     base_ptr,
@@ -224,6 +233,18 @@ def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
     with launch_guard():
         _max_kernel[(grid_n,)](base, expert, block_max, n, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return float(block_max.max().view(torch.float32))
+
+
+def count_nonfinite(base: torch.Tensor, expert: torch.Tensor) -> int:
+    """How many entries have a non-finite d (inf or NaN): bits(|d|) >= 0x7F800000."""
+    n = _check_pair(base, expert)
+    if n == 0:
+        return 0
+    grid_n = triton.cdiv(n, BLOCK)
+    counts = torch.empty(grid_n, dtype=torch.int32, device=expert.device)
+    with launch_guard():
+        _nonfinite_kernel[(grid_n,)](base, expert, counts, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return int(counts.sum(dtype=torch.int64))
 
 
 def l1_fixed(

@@ -179,3 +179,18 @@ def test_empty_chunk(device):
     assert ts.count_equal(empty, empty, 0) == 0
     assert ts.nth_equal(empty, empty, 0, 1) == -1
     assert ts.l1_fixed(empty, empty, 10, (1, 0.5, 0)) == (0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("n", [7, 1000, 4099])
+def test_count_nonfinite(n, dtype, device):
+    base, expert = make_pair(n, dtype, 300 + n, device)
+    bad = torch.randperm(n, generator=torch.Generator().manual_seed(n))[: max(1, n // 50)]
+    values = torch.tensor([float("nan"), float("inf"), float("-inf")], dtype=dtype)
+    expert[bad.to(device)] = values[torch.arange(bad.numel()) % 3].to(device)
+    base[0] = float("inf") if n > 1 and 0 not in bad else base[0]  # inf in the base makes d non-finite too
+    a = abs_bits(base, expert)
+    want = int((a >= 0x7F800000).sum())
+    assert want >= bad.numel()
+    with np.errstate(invalid="ignore"):
+        assert ts.count_nonfinite(base, expert) == want == reference.count_nonfinite(base.cpu(), expert.cpu())
