@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import time
@@ -14,7 +15,10 @@ from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
 from fusemerge.planner import MergePlan, build_plan
 from fusemerge.streaming.executor import Executor, StageTimes
+from fusemerge.streaming.lock import out_dir_lock
+from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import ShardedWriter, check_out_dir, finalize, make_temp_dir
+from fusemerge.verify import write_manifest
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -57,7 +61,9 @@ def run(
     """Merge the models of a mergekit-style config into `out_dir` (Hugging Face layout).
 
     Every input is validated first (InputError lists every problem); the output is written into a
-    temporary directory next to `out_dir` and renamed into place only when complete.
+    temporary directory next to `out_dir` and renamed into place only when complete. A lock next to `out_dir`
+    refuses a second run into it while this one writes; `fusemerge_manifest.json` records each shard's SHA-256
+    (see `fusemerge.verify`).
 
     >>> import fusemerge
     >>> fusemerge.run("config.yml", "out/", device="cpu", max_memory="2GiB")  # doctest: +SKIP
@@ -71,23 +77,37 @@ def run(
         raise InputError(problems)
 
     t0 = time.perf_counter()
-    temp = make_temp_dir(out)
-    try:
-        writer = ShardedWriter(temp, plan.layout)
+    with out_dir_lock(out):
+        temp = make_temp_dir(out)
         try:
-            times = Executor(plan, writer, progress).run()
-        finally:
-            writer.close()
-        _write_extras(plan, temp, copy_tokenizer)
-        files = sorted(p.name for p in temp.iterdir())
-        finalize(temp, out, overwrite)
-    except OSError as e:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise FusemergeError(f"writing {out}: {e.strerror or e}") from e
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+            writer = ShardedWriter(temp, plan.layout)
+            try:
+                times = Executor(plan, writer, progress).run()
+            finally:
+                writer.close()
+            shards = [s.filename for s in plan.layout.shards]
+            write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []))
+            _write_extras(plan, temp, copy_tokenizer)
+            files = sorted(p.name for p in temp.iterdir())
+            finalize(temp, out, overwrite)
+        except OSError as e:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise FusemergeError(_write_error(out, e)) from e
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
     return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes, files, times, plan)
+
+
+def _write_error(out: Path, e: OSError) -> str:
+    """One line for an OSError met while writing the output; disk full and file too large said plainly."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"writing {out}{where}: the disk is full ({e.strerror}); nothing was written to {out}"
+    if e.errno == errno.EFBIG:
+        return (f"writing {out}{where}: file too large ({e.strerror}) for the file system or the file-size limit; "
+                f"nothing was written to {out}")
+    return f"writing {out}{where}: {e.strerror or e}"
 
 
 def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> None:
