@@ -331,7 +331,7 @@ def _as_kind(pdef: ParamDef, value: Any) -> float | bool | str:
 
 # PyYAML follows YAML 1.1, where `1e-3` (no dot) and `1.5e3` (no exponent sign) are strings. YAML 1.2
 # and every other tool read them as numbers; so do we (`lambda: 1e-3` is a common spelling).
-_EXP_FLOAT_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_EXP_FLOAT_RE = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$")
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
@@ -360,7 +360,15 @@ class _Loader(yaml.SafeLoader):
                 seen[key] = line
         return super().construct_mapping(node, deep=deep)
 
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        """An int, refusing hex / binary ones too large for a float (and too long for Python to print)."""
+        value = super().construct_yaml_int(node)
+        if abs(value).bit_length() > 4096:
+            raise yaml.constructor.ConstructorError(None, None, "integer too large", node.start_mark)
+        return value
 
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
 _Loader.add_implicit_resolver(_FLOAT_TAG, _EXP_FLOAT_RE, list("-+0123456789."))
 
 
@@ -415,15 +423,21 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
         raise InputError(f"{label}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
         raise InputError(f"{label}: cannot read the file: {exc.strerror or exc}") from None
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)  # checks every character: may raise a ReaderError
         data = loader.get_single_data()
     except yaml.MarkedYAMLError as exc:
         raise InputError(f"{label}: {_yaml_error(exc)}") from None
     except yaml.YAMLError as exc:
-        raise InputError(f"{label}: YAML error: {exc}") from None
+        raise InputError(f"{label}: YAML error: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise InputError(f"{label}: YAML is nested too deeply") from None
+    except ValueError as exc:  # a scalar PyYAML cannot construct: 2020-13-45, an int of over 4300 digits
+        raise InputError(f"{label}: YAML value error: {' '.join(str(exc).split())}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     validator = _Validator(label)
     for dup in loader.duplicates:
         validator.problems.append(f"{label}: {dup}")
@@ -791,6 +805,9 @@ class _Validator:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.add(key, f"must be a number, not {_kind_name(value)}")
             return
+        if isinstance(value, int) and abs(value) > 2**1023:  # float(value) would raise OverflowError
+            self.add(key, "must be a finite number, not an integer too large for a float")
+            return
         if not math.isfinite(value):
             self.add(key, f"must be a finite number, not {value!r}")
             return
@@ -830,10 +847,17 @@ class _Validator:
         normalize = global_params.get("normalize", method.params["normalize"].default)
         if method.consensus == "none" and normalize is True:
             weights = [effective(ref, "weight", listed_index[id(ref)])[0] for ref in models]
-            if weights and all(_is_number(w) for w in weights) and math.fsum(weights) == 0:
+            if weights and all(_is_number(w) for w in weights) and _sums_to_zero(weights):
                 self.add("models[].parameters.weight", "the weights add up to 0 and normalize is true, "
                                                        "so the merge would divide by 0")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _sums_to_zero(values: list[Any]) -> bool:
+    try:
+        return math.fsum(values) == 0
+    except OverflowError:  # weights near the float limit: the exact sum is past it, so not 0
+        return False

@@ -9,3 +9,11 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Show how many fuzz cases tests/test_fuzz.py tried, so CI output records it."""
+    from tests import fuzz_count
+
+    if fuzz_count.COUNTS:
+        terminalreporter.write_line(fuzz_count.summary())

@@ -77,7 +77,7 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
         for name, shard in weight_map.items():
             header = headers.get(path / shard)
             if header is not None and name not in header.tensors:
-                problems.append(f"{path / INDEX_NAME}: maps tensor {name!r} to {shard}, which has no such tensor")
+                problems.append(f"{path / INDEX_NAME}: maps tensor {name!r} to {shard!r}, which has no such tensor")
 
     config = _read_config((path if path.is_dir() else path.parent) / CONFIG_NAME, problems)
     raise_if(problems)
@@ -109,7 +109,7 @@ def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str
             if Path(shard).name != shard:
                 problems.append(f"{path / INDEX_NAME}: shard {shard!r} is not a plain file name")
             elif not (path / shard).is_file():
-                problems.append(f"{path / INDEX_NAME}: names shard {shard}, which does not exist in {path}")
+                problems.append(f"{path / INDEX_NAME}: names shard {shard!r}, which does not exist in {path}")
             else:
                 files.append(path / shard)
         return files, weight_map

@@ -190,13 +190,18 @@ def _check_entry(
 ) -> TensorEntry | None:
     """Validate one header entry; record its problems and return None, or return the TensorEntry."""
     where = f"{path}: tensor {name!r}"
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # a JSON escape of a lone surrogate, e.g. "\ud800": safetensors refuses it too
+        problems.append(f"{where}: name is not valid Unicode (a lone surrogate)")
+        return None
     if not isinstance(info, dict) or set(info) != _ENTRY_KEYS:
         got = sorted(info) if isinstance(info, dict) else type(info).__name__
         problems.append(f"{where}: entry must be an object with exactly dtype, shape, data_offsets; got {got}")
         return None
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
     ok = True
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         problems.append(f"{where}: unknown dtype {json.dumps(dtype)} (known: {', '.join(DTYPES)})")
         ok = False
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
