@@ -185,9 +185,25 @@ def inspect(path, tensors) -> None:
     click.echo(f"parameters  {model.num_parameters:,}")
     click.echo(f"size        {format_size(model.total_bytes)}")
     if model.config:
-        arch = model.config.get("architectures") or [model.config.get("model_type", "?")]
-        click.echo(f"config      {arch[0]}, {model.config.get('num_hidden_layers', '?')} layers, "
+        arch = model.config.get("architectures")
+        arch = arch[0] if isinstance(arch, list) and arch else model.config.get("model_type", "?")
+        click.echo(f"config      {arch}, {model.config.get('num_hidden_layers', '?')} layers, "
                    f"torch_dtype {model.config.get('torch_dtype', '?')}")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@_handle_errors
+def verify(out_dir) -> None:
+    """Check every shard of a merge's OUT_DIR against its fusemerge_manifest.json (size, SHA-256, header)."""
+    from fusemerge.verify import read_manifest
+    from fusemerge.verify import verify as verify_dir
+
+    problems = verify_dir(out_dir)
+    if problems:
+        raise InputError(problems)
+    shards = [name for name in read_manifest(out_dir) if name.endswith(".safetensors")]
+    click.echo(f"OK: {len(shards)} shards verified")
 
 
 @main.command()
