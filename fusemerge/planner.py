@@ -292,7 +292,7 @@ def build_plan(
     n_workers = workers or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)
     chunk = _chunk_elems(budget, n_inputs, n_workers, dev)
     if chunk < MIN_CHUNK:
-        need = format_size(MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
+        need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
         raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
                          f"{n_inputs} inputs need at least {need}")
     return MergePlan(cfg, method, base, models, reference, tensors, layout,

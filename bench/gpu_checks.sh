@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU check fusemerge has, in one command (a lent GPU machine bills by the minute):
+#   1. the machine (GPU, driver, torch, triton)
+#   2. GPU tests: the Triton kernels on CUDA against the torch backend and the float64 oracle, and
+#      byte-identical output across devices and backends (tests/test_determinism.py)
+#   3. bench/kernels.py: fused-kernel GB/s vs the device-to-device copy, side by side with eager torch
+#   4. bench/e2e.py --device cuda (fusemerge only) on the 168M Llama shape
+# Run from the repository root:  bash bench/gpu_checks.sh      (logs and CSVs under $OUT or bench/results/gpu)
+# Skip steps with SKIP="tests e2e" etc.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-bench/results/gpu}"
+mkdir -p "$out"
+export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+skip="${SKIP:-}"
+step() { [[ " $skip " != *" $1 "* ]]; }
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+  nproc; free -g | head -2; } 2>&1 | tee "$out/env.txt"
+
+if step tests; then
+  xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
+  timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider $xdist tests/kernels tests/test_determinism.py \
+    ${PYTEST_ARGS:-} > "$out/pytest.log" 2>&1
+  echo "pytest rc=$?"; tail -25 "$out/pytest.log"
+fi
+if step kernels; then
+  timeout "${KERNELS_S:-300}" python3 bench/kernels.py --results "$out/kernels.csv" ${KERNELS_ARGS:-} 2>&1 | tee "$out/kernels.log"
+fi
+if step e2e; then
+  timeout "${E2E_S:-240}" python3 bench/e2e.py --device cuda --tools fusemerge --no-compare --workdir /tmp/fm-e2e \
+    --results "$out/e2e.csv" ${E2E_ARGS:-} 2>&1 | tee "$out/e2e.log" | tail -30
+fi

@@ -1,0 +1,103 @@
+"""Byte-identical output across every axis a user can change without changing the merge.
+
+One reference run (torch backend, CPU, one worker, unbounded memory) per method; each other run changes
+one axis and must write the same bytes: repeated runs, memory budgets (chunk sizes), worker threads,
+torch's intra-op threads, the Triton backend (interpreter on CPU) and, where a GPU is present, the CUDA
+device with either backend. The seed is the one input that must change DARE's output.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusemerge
+from fusemerge.synthetic import make_llama_family, write_config_yaml
+from tests.kernels.test_reference import PARAMS
+
+SHAPE = dict(hidden=20, intermediate=52, layers=2, vocab=97)
+METHODS = ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "dare_linear"]
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict:
+    return make_llama_family(tmp_path_factory.mktemp("family"), n_experts=3, seed=21, shard_bytes=4000, **SHAPE)
+
+
+@pytest.fixture(scope="module")
+def configs(tmp_path_factory, fam) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("configs")
+    out = {}
+    for method in METHODS:
+        out[method] = root / f"{method}.yml"
+        write_config_yaml(out[method], method, fam["base"], fam["experts"], weight=(1.0, 0.7, 1.2),
+                          **PARAMS[method])
+    return out
+
+
+def merged_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+_reference_cache: dict[str, dict[str, bytes]] = {}
+
+
+def reference(cfg: Path, tmp_path_factory) -> dict[str, bytes]:
+    if str(cfg) not in _reference_cache:
+        out = tmp_path_factory.mktemp("ref") / "out"
+        fusemerge.run(cfg, out, device="cpu", backend="torch", workers=1)
+        _reference_cache[str(cfg)] = merged_bytes(out)
+    return _reference_cache[str(cfg)]
+
+
+AXES = {
+    "repeat": dict(device="cpu", backend="torch", workers=1),
+    "budget-32KiB": dict(device="cpu", backend="torch", workers=1, max_memory="32KiB"),
+    "budget-64KiB-2-workers": dict(device="cpu", backend="torch", workers=2, max_memory="64KiB"),
+    "3-workers": dict(device="cpu", backend="torch", workers=3),
+    "triton-interpreter": dict(device="cpu", backend="triton", workers=1, max_memory="64KiB"),
+    "cuda-triton": dict(device="cuda", backend="triton"),
+    "cuda-triton-32KiB": dict(device="cuda", backend="triton", max_memory="32KiB"),
+    "cuda-torch": dict(device="cuda", backend="torch"),
+}
+
+
+@pytest.mark.parametrize("axis", list(AXES))
+@pytest.mark.parametrize("method", METHODS)
+def test_same_bytes_on_every_axis(method, axis, configs, tmp_path, tmp_path_factory) -> None:
+    opts = AXES[axis]
+    if opts["device"] == "cuda" and not HAS_CUDA:
+        pytest.skip("no CUDA device")
+    if axis == "triton-interpreter" and HAS_CUDA:
+        pytest.skip("TRITON_INTERPRET is off on a GPU machine (the cuda-triton axes run the kernels there)")
+    expect = reference(configs[method], tmp_path_factory)
+    fusemerge.run(configs[method], tmp_path / "out", **opts)
+    got = merged_bytes(tmp_path / "out")
+    assert got.keys() == expect.keys()
+    for name in expect:
+        assert got[name] == expect[name], f"{axis}: {name} differs"
+
+
+def test_torch_intra_op_threads_do_not_change_bytes(configs, tmp_path, tmp_path_factory) -> None:
+    """The executor pins torch to one thread on CPU; a caller's thread setting must not leak into the math."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        fusemerge.run(configs["ties"], tmp_path / "out", device="cpu", backend="torch")
+    finally:
+        torch.set_num_threads(before)
+    assert merged_bytes(tmp_path / "out") == reference(configs["ties"], tmp_path_factory)
+    assert torch.get_num_threads() == before
+
+
+def test_dare_seed_changes_the_output_and_only_the_seed(configs, fam, tmp_path) -> None:
+    cfg = tmp_path / "seeded.yml"
+    write_config_yaml(cfg, "dare_ties", fam["base"], fam["experts"], weight=(1.0, 0.7, 1.2), **PARAMS["dare_ties"])
+    fusemerge.run(cfg, tmp_path / "s1", device="cpu", seed=1)
+    fusemerge.run(cfg, tmp_path / "s1b", device="cpu", seed=1, max_memory="64KiB")
+    fusemerge.run(cfg, tmp_path / "s2", device="cpu", seed=2)
+    assert merged_bytes(tmp_path / "s1") == merged_bytes(tmp_path / "s1b")
+    assert merged_bytes(tmp_path / "s1") != merged_bytes(tmp_path / "s2")
