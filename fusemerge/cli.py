@@ -97,9 +97,11 @@ def main(verbose: int) -> None:
               help="Copy tokenizer files from the base model (or tokenizer_source).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty OUT_DIR.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Merge inputs that hold NaN or Inf (default: stop, naming the tensor and the model).")
 @click.option("-v", "--verbose", count=True, help="Print per-stage times.")
 @_handle_errors
-def run(config, out_dir, copy_tokenizer, overwrite, quiet, verbose, **opts) -> None:
+def run(config, out_dir, copy_tokenizer, overwrite, allow_nonfinite, quiet, verbose, **opts) -> None:
     """Merge the models of CONFIG (mergekit YAML) into OUT_DIR (Hugging Face layout)."""
     from fusemerge.merge import run as run_merge
     from fusemerge.planner import build_plan
@@ -112,10 +114,12 @@ def run(config, out_dir, copy_tokenizer, overwrite, quiet, verbose, **opts) -> N
     bar = None if quiet else _progress_bar(plan.input_bytes)
     try:
         result = run_merge(config, out_dir, plan=plan, copy_tokenizer=copy_tokenizer, overwrite=overwrite,
-                           progress=bar.update if bar else None)
+                           allow_nonfinite=allow_nonfinite, progress=bar.update if bar else None)
     finally:
         if bar:
             bar.close()
+    for line in result.nonfinite:
+        click.echo(f"fusemerge: warning: {line} (merged: --allow-nonfinite)", err=True)
     if verbose:
         t = result.times
         click.echo(f"stage seconds (summed over {plan.workers} worker(s)): read {t.read:.2f}, statistics "

@@ -7,7 +7,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fusemerge import __version__
@@ -37,6 +37,7 @@ class MergeResult:
     files: list[str]
     times: StageTimes
     plan: MergePlan
+    nonfinite: list[str] = field(default_factory=list)  # with allow_nonfinite: one line per tensor with NaN / Inf
 
     @property
     def input_gbps(self) -> float:
@@ -53,6 +54,7 @@ def run(
     out_shard_size: str | int = "5GB",
     seed: int = 0,
     copy_tokenizer: bool = True,
+    allow_nonfinite: bool = False,
     overwrite: bool = False,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
@@ -82,7 +84,8 @@ def run(
         try:
             writer = ShardedWriter(temp, plan.layout)
             try:
-                times = Executor(plan, writer, progress).run()
+                executor = Executor(plan, writer, progress, allow_nonfinite=allow_nonfinite)
+                times = executor.run()
             finally:
                 writer.close()
             shards = [s.filename for s in plan.layout.shards]
@@ -96,7 +99,8 @@ def run(
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
-    return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes, files, times, plan)
+    return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes, files, times, plan,
+                       executor.nonfinite)
 
 
 def _write_error(out: Path, e: OSError) -> str:

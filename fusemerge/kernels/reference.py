@@ -84,11 +84,14 @@ def merge_chunk(
     start: int,
     params: ChunkParams,
     out_dtype: torch.dtype,
+    *,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one chunk: `experts[i]` and `base` are 1-D chunks of the same elements of one tensor.
 
     Returns the merged chunk in `out_dtype`. For `linear`, `experts` are the averaged models and
-    `base` is ignored.
+    `base` is ignored. `nonfinite` (optional, int64 [N + 1]): entry i += the number of NaN / Inf values
+    in expert i's chunk, entry N in the base's.
 
     >>> b = torch.zeros(4); e = [torch.ones(4), -torch.ones(4) * 3]
     >>> merge_chunk(b, e, 0, ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
@@ -98,6 +101,11 @@ def merge_chunk(
     if len(experts) != p.n:
         raise ValueError(f"{len(experts)} expert chunks but {p.n} weights")
     device = experts[0].device
+    if nonfinite is not None:
+        for i, x in enumerate(experts):
+            _count_nonfinite_into(nonfinite, i, x)
+        if base is not None and not p.linear:
+            _count_nonfinite_into(nonfinite, p.n, base)
     if p.linear:
         return _linear(experts, p, out_dtype)
     if base is None:
@@ -128,6 +136,13 @@ def merge_chunk(
     if p.lam != 1.0:
         num.mul_(_scalar(p.lam, device))
     return num.add_(base32).to(out_dtype)
+
+
+def _count_nonfinite_into(nonfinite: torch.Tensor, slot: int, x: torch.Tensor) -> None:
+    """nonfinite[slot] += the number of NaN / Inf entries of x. A finite float32 sum proves every entry
+    finite, so a clean chunk costs one vectorized sum; the exact count runs only when the sum is not."""
+    if x.is_floating_point() and not torch.isfinite(x.sum(dtype=F32)):
+        nonfinite[slot] += int((~torch.isfinite(x)).sum())
 
 
 def _weight_sum(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:

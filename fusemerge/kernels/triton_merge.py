@@ -14,8 +14,11 @@ operation for operation, so the result is bit-identical to `fusemerge.kernels.re
   (up to 2 ulp off, triton-lang/triton#10661);
 - the result is rounded once, to nearest even, at the store (bf16 by integer ops, see `_store_rounded`).
 
-Bytes moved per output element: (N + 1) reads of the input dtype + 1 write (sign consensus re-reads the
-agreeing experts' entries of the block it just read, which the L1/L2 caches serve).
+Bytes moved per output element: (N + 1) reads of the input dtype + 1 write, for every method (sign
+consensus keeps the two candidate disjoint sums in registers instead of re-reading the agreeing experts).
+
+Non-finite inputs are counted in the same pass (`nonfinite=`): an int64 counter per expert and one for the
+base, updated by an atomic only in blocks that hold a NaN or an Inf.
 
 Input layout: the experts are the rows of one [N, row_stride] buffer (one pointer + one row stride),
 not N separate pointer arguments. Why:
@@ -51,7 +54,7 @@ from fusemerge.kernels.params import ChunkParams
 # --num-warps sweeps it. The block size does not change any result.
 BLOCK = 1024
 NUM_WARPS = 4
-# The sign-consensus pass keeps one agree-bit per expert in an int32 (N <= 32) or int64 word.
+# Experts are a loop, not unrolled, so N only costs time; 64 bounds the parameter tables and the tests.
 MAX_EXPERTS = 64
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Sparsifier codes, as tl.constexpr flag values.
@@ -95,6 +98,18 @@ def _store_rounded(ptrs, y, mask):
 
 
 @triton.jit
+def _count_nonfinite(nf_ptr, x, mask, slot, COUNT: tl.constexpr):
+    """nf[slot] += the number of NaN / Inf entries of x in this block (exponent bits all ones).
+
+    Costs a few integer ops per loaded value; the atomic is issued only by a block that found one, so
+    a clean model pays no atomics at all (the counters are the inputs' NaN check, METHODS.md)."""
+    if COUNT:
+        bad = ((x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000) & mask
+        cnt = tl.sum(bad.to(tl.int32), axis=0)
+        tl.atomic_add(nf_ptr + slot, cnt.to(tl.int64), mask=cnt > 0, sem="relaxed")
+
+
+@triton.jit
 def _in_top(a, j, t, c):
     """in_top(a, j, t, c) = (a > t) | ((a == t) & (j < c)): the top set with index-order ties."""
     return (a > t) | ((a == t) & (j < c))
@@ -110,9 +125,12 @@ def _weight_sum(f_ptr, N: tl.constexpr):
 
 
 @triton.jit
-def _product(x_ptrs, b, mask, j, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: tl.constexpr):
+def _product(x_ptrs, b, mask, j, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: tl.constexpr, nf_ptr,
+             COUNT: tl.constexpr):
     """p_i = w_i * dh_i for expert i: d = x - b, dh = keep ? d * s_i : 0 (docs/architecture.md)."""
-    d = _load_f32(x_ptrs, mask) - b
+    x = _load_f32(x_ptrs, mask)
+    _count_nonfinite(nf_ptr, x, mask, i, COUNT)
+    d = x - b
     dh = d * tl.load(f_ptr + N + i)  # d * s_i, the rescale factor
     if SPARSIFIER == _DARE:
         u = tl.rand(tl.load(i_ptr + i), j)
@@ -134,6 +152,7 @@ def _merge_kernel(
     x_ptr,  # expert i, element k at x_ptr + i * row_stride + k
     f_ptr,  # float32 [3N + 1]: weights, scales, densities, lambda
     i_ptr,  # int64 [5N]: keys, t_keep, c_keep, t_drop, c_drop
+    nf_ptr,  # int64 [N + 1] (COUNT only): non-finite entries seen, experts 0..N-1 then the base
     row_stride,
     n,
     start,  # global flat index of element 0 (DARE offsets and index cuts are global)
@@ -142,7 +161,7 @@ def _merge_kernel(
     SIGN: tl.constexpr,
     LINEAR: tl.constexpr,
     NORMALIZE: tl.constexpr,
-    MASK_T: tl.constexpr,
+    COUNT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -157,45 +176,50 @@ def _merge_kernel(
 
     if LINEAR:
         # num = w_0 * theta_0 + w_1 * theta_1 + ... (left to right), out = num / sum(w) if normalize
-        num = _load_f32(x_ptr + offs, mask) * tl.load(f_ptr)
+        x = _load_f32(x_ptr + offs, mask)
+        _count_nonfinite(nf_ptr, x, mask, 0, COUNT)
+        num = x * tl.load(f_ptr)
         for i in range(1, N):
-            p = _load_f32(x_ptr + i * stride + offs, mask) * tl.load(f_ptr + i)
-            num = num + p
+            x = _load_f32(x_ptr + i * stride + offs, mask)
+            _count_nonfinite(nf_ptr, x, mask, i, COUNT)
+            num = num + x * tl.load(f_ptr + i)
         if NORMALIZE:
             num = tl.math.div_rn(num, _weight_sum(f_ptr, N))
         _store_rounded(out_ptr + offs, num, mask)
     else:
         j = start + offs
         b = _load_f32(base_ptr + offs, mask)
-        # consensus none: acc = num; sign: acc = the election sum S, and bit i of pos / neg says p_i > 0 / < 0
-        acc = _product(x_ptr + offs, b, mask, j, f_ptr, i_ptr, 0, N, SPARSIFIER)
-        pos_bits = (acc > 0.0).to(MASK_T)
-        neg_bits = (acc < 0.0).to(MASK_T)
+        _count_nonfinite(nf_ptr, b, mask, N, COUNT)
+        # consensus none: acc = num. sign: acc = the election sum S = p_0 + p_1 + ..., and alongside it the
+        # two candidate disjoint sums, pos = sum of the p_i > 0 and neg = sum of the p_i < 0 (and their
+        # weights), each accumulated in expert order from +0.0 with +0.0 for every other expert. Once S
+        # elects g, num = pos or neg: the same operations, in the same order, as summing
+        # where(agree_i, p_i, 0.0) over i after the election, so one pass over the inputs suffices.
+        p = _product(x_ptr + offs, b, mask, j, f_ptr, i_ptr, 0, N, SPARSIFIER, nf_ptr, COUNT)
+        acc = p
+        if SIGN:
+            zero = tl.zeros([BLOCK], dtype=tl.float32)
+            w = tl.load(f_ptr)
+            pos = zero + tl.where(p > 0.0, p, 0.0)
+            neg = zero + tl.where(p < 0.0, p, 0.0)
+            pos_w = zero + tl.where(p > 0.0, w, 0.0)
+            neg_w = zero + tl.where(p < 0.0, w, 0.0)
         for i in range(1, N):
-            p = _product(x_ptr + i * stride + offs, b, mask, j, f_ptr, i_ptr, i, N, SPARSIFIER)
+            p = _product(x_ptr + i * stride + offs, b, mask, j, f_ptr, i_ptr, i, N, SPARSIFIER, nf_ptr, COUNT)
             acc = acc + p
             if SIGN:
-                pos_bits = pos_bits | ((p > 0.0).to(MASK_T) << i)
-                neg_bits = neg_bits | ((p < 0.0).to(MASK_T) << i)
+                w = tl.load(f_ptr + i)
+                pos = pos + tl.where(p > 0.0, p, 0.0)
+                neg = neg + tl.where(p < 0.0, p, 0.0)
+                pos_w = pos_w + tl.where(p > 0.0, w, 0.0)
+                neg_w = neg_w + tl.where(p < 0.0, w, 0.0)
 
         if SIGN:
-            # g = +1 where S >= 0; expert i agrees where sign(p_i) == g (p_i = 0 never agrees). Pass 2
-            # re-reads only agreeing entries and recomputes p_i with the same operations as above
-            # (bit-identical; no Philox draw or threshold test: a kept p_i is w_i * (d * s_i), and a
-            # dropped one, being 0, has no agree bit).
-            agree_bits = tl.where(acc >= 0.0, pos_bits, neg_bits)
-            num = tl.zeros([BLOCK], dtype=tl.float32)
-            den = tl.zeros([BLOCK], dtype=tl.float32)
-            for i in range(N):
-                agree = ((agree_bits >> i) & 1) != 0
-                d = _load_f32(x_ptr + i * stride + offs, mask & agree) - b
-                dh = d * tl.load(f_ptr + N + i)
-                w = tl.load(f_ptr + i)
-                p = w * dh
-                num = num + tl.where(agree, p, 0.0)
-                if NORMALIZE:
-                    den = den + tl.where(agree, w, 0.0)
+            # g = +1 where S >= 0 (a NaN S elects -1); p_i = 0 and NaN p_i agree with neither sign.
+            elect_pos = acc >= 0.0
+            num = tl.where(elect_pos, pos, neg)
             if NORMALIZE:
+                den = tl.where(elect_pos, pos_w, neg_w)
                 den = tl.where(den == 0.0, 1.0, den)
                 num = tl.math.div_rn(num, den)
         else:
@@ -314,6 +338,7 @@ def merge_chunk(
     out_dtype: torch.dtype,
     *,
     out: torch.Tensor | None = None,
+    nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one chunk on the GPU: bit-identical to `fusemerge.kernels.reference.merge_chunk`.
 
@@ -322,7 +347,8 @@ def merge_chunk(
     global flat index of element 0. `experts` may also be one [N, n] tensor with contiguous rows; rows of
     one staging buffer are used without a copy (see the module docstring). For `linear`, `experts` are
     the averaged models and `base` is ignored. `out` (optional, 1-D, `out_dtype`, n elements) receives
-    the result; otherwise it is allocated.
+    the result; otherwise it is allocated. `nonfinite` (optional, int64 [N + 1] on the same device): entry
+    i += the number of NaN / Inf values in expert i's chunk, entry N in the base's (not for linear).
 
     >>> from fusemerge.kernels.params import ChunkParams
     >>> staging = torch.stack([torch.ones(4), -3 * torch.ones(4)]).cuda()  # doctest: +SKIP
@@ -356,6 +382,9 @@ def merge_chunk(
         if out.dtype != out_dtype:
             raise TypeError(f"out has dtype {out.dtype}, expected {out_dtype}")
         _check_chunk(out, "out", n, device)
+    if nonfinite is not None and (nonfinite.dtype != torch.int64 or nonfinite.shape != (params.n + 1,)
+                                  or nonfinite.device != device):
+        raise ValueError(f"nonfinite must be an int64 tensor of {params.n + 1} counters on {device}")
     if n == 0:
         return out
 
@@ -369,6 +398,7 @@ def merge_chunk(
             x,
             f,
             i,
+            nonfinite if nonfinite is not None else i,
             row_stride,
             n,
             start,
@@ -377,7 +407,7 @@ def merge_chunk(
             SIGN=(params.consensus == "sign") and not params.linear,
             LINEAR=params.linear,
             NORMALIZE=params.normalize,
-            MASK_T=tl.int32 if params.n <= 32 else tl.int64,
+            COUNT=nonfinite is not None,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, tensor_params, top_cuts, trim_counts
@@ -48,8 +49,11 @@ class StageTimes:
 class Executor:
     """Runs a MergePlan into a ShardedWriter. `progress(nbytes)` is called as input bytes are merged."""
 
-    def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None):
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None,
+                 *, allow_nonfinite: bool = False):
         self.plan = plan
+        self.allow_nonfinite = allow_nonfinite
+        self.nonfinite: list[str] = []  # with allow_nonfinite: one line per tensor whose inputs hold NaN / Inf
         self.writer = writer
         self.progress = progress or (lambda n: None)
         self.reader = ChunkReader()
@@ -144,6 +148,8 @@ class Executor:
         segment = self._segment(t, keep=self._resident(t))
         params = self.chunk_params(t, segment)
         out_dtype = FLOAT_CODES[t.out_dtype]
+        # NaN / Inf in any input, counted by the merge kernel as it reads (no extra pass): experts, then base
+        nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.plan.device)
         for start in range(0, t.numel, chunk):
             if self._stop.is_set():
                 return
@@ -152,11 +158,24 @@ class Executor:
             if segment.cache is not None:
                 del segment.cache[start]  # the last pass over this chunk: free it as we go
             t0 = time.perf_counter()
-            out = self.merge_kernels.merge_chunk(base, inputs, start, params, out_dtype)
+            out = self.merge_kernels.merge_chunk(base, inputs, start, params, out_dtype, nonfinite=nonfinite)
             t1 = time.perf_counter()
             self.writer.write(t.name, start * out_item, out.cpu())
             self.times.add(merge=t1 - t0, write=time.perf_counter() - t1)
             self.progress(count * itemsize * (len(t.inputs) + (t.base is not None)))
+        self._check_finite(t, nonfinite.tolist())
+
+    def _check_finite(self, t: TensorPlan, counts: list[int]) -> None:
+        """Stop the merge at the first tensor whose inputs hold NaN / Inf (or note it with allow_nonfinite)."""
+        if not any(counts):
+            return
+        paths = [m.path for m in self.plan.models] + [self.plan.base.path if self.plan.base else "base"]
+        found = ", ".join(f"{c:,} in {path}" for c, path in zip(counts, paths, strict=True) if c)
+        line = f"{t.name}: NaN/Inf values in the inputs ({found})"
+        if not self.allow_nonfinite:
+            raise InputError([f"{line}; the merge stopped (--allow-nonfinite merges them anyway)"])
+        with self.times.lock:
+            self.nonfinite.append(line)
 
     def run(self) -> StageTimes:
         plan = self.plan

@@ -343,6 +343,42 @@ def test_nan_and_inf_follow_the_contract(device):
         assert_same_bits(ref, want, f"nan/inf, {consensus}, torch backend")
 
 
+@pytest.mark.parametrize("method", [("magnitude", "sign", False), ("dare", "none", False), ("none", "none", True)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nonfinite_counts_per_input(method, dtype, device):
+    """The merge counts NaN / Inf per expert and in the base, in the same pass; both backends, exactly."""
+    sparsifier, consensus, linear = method
+    n, n_exp = 3000, 3
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((method, dtype)).encode()))
+    base, experts = make_inputs(n, n_exp, dtype, 17, device)
+    expect = [0] * (n_exp + 1)
+    for slot, count in ((0, 5), (2, 1), (n_exp, 3)):  # expert 1 stays clean
+        target = base if slot == n_exp else experts[slot]
+        where = torch.randperm(n, generator=gen)[:count]
+        for k, idx in enumerate(where.tolist()):
+            target[idx] = (float("nan"), float("inf"), float("-inf"))[k % 3]
+        expect[slot] = count
+    if linear:
+        expect[n_exp] = 0  # linear reads no base
+    p = ChunkParams(sparsifier, consensus, linear, (1.0, 0.5, 0.25), t_keep=(2**31 - 1,) * n_exp,
+                    c_keep=(n // 2,) * n_exp, keys=(1, 2, 3), density=(0.5,) * n_exp)
+    got = torch.zeros(n_exp + 1, dtype=torch.int64, device=device)
+    tm.merge_chunk(base, experts, 0, p, torch.bfloat16, nonfinite=got)
+    tm.merge_chunk(base, experts, 0, p, torch.bfloat16, nonfinite=got)  # counters accumulate
+    ref = torch.zeros(n_exp + 1, dtype=torch.int64)
+    with np.errstate(invalid="ignore"):
+        reference.merge_chunk(base.cpu(), [e.cpu() for e in experts], 0, p, torch.bfloat16, nonfinite=ref)
+    assert got.cpu().tolist() == [2 * c for c in expect]
+    assert ref.tolist() == expect
+
+
+def test_nonfinite_counter_is_checked(device):
+    base, experts = make_inputs(10, 2, torch.bfloat16, 1, device)
+    p = ChunkParams("none", "none", False, (0.5, 0.5))
+    with pytest.raises(ValueError, match="int64 tensor of 3 counters"):
+        tm.merge_chunk(base, experts, 0, p, torch.float32, nonfinite=torch.zeros(2, dtype=torch.int64, device=device))
+
+
 def test_out_argument_and_empty_chunk(device):
     base, experts = make_inputs(100, 2, torch.bfloat16, 1, device)
     p = ChunkParams("none", "none", False, (0.5, 0.5))
@@ -432,13 +468,12 @@ _OFFLINE_COMPILE = textwrap.dedent("""
 
     target = GPUTarget("cuda", 90, 32)
     sig = {"out_ptr": "*bf16", "base_ptr": "*bf16", "x_ptr": "*bf16", "f_ptr": "*fp32", "i_ptr": "*i64",
-           "row_stride": "i32", "n": "i32", "start": "i64"}
-    names = ["N", "SPARSIFIER", "SIGN", "LINEAR", "NORMALIZE", "MASK_T", "BLOCK"]
+           "nf_ptr": "*i64", "row_stride": "i32", "n": "i32", "start": "i64"}
+    names = ["N", "SPARSIFIER", "SIGN", "LINEAR", "NORMALIZE", "COUNT", "BLOCK"]
     sig.update(dict.fromkeys(names, "constexpr"))
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
     for sp, sign, linear, norm, n in [(0, 0, 1, 1, 3), (1, 1, 0, 1, 3), (2, 1, 0, 1, 8), (3, 1, 0, 1, 40)]:
-        const = dict(zip(names, [n, sp, bool(sign), bool(linear), bool(norm), tl.int32 if n <= 32 else tl.int64,
-                                 tm.BLOCK]))
+        const = dict(zip(names, [n, sp, bool(sign), bool(linear), bool(norm), n != 3, tm.BLOCK]))
         for fusion in (False, True) if sp == 1 else (False,):
             k = triton.compile(ASTSource(tm._merge_kernel, sig, const, attrs), target=target,
                                options={"num_warps": tm.NUM_WARPS, "enable_fp_fusion": fusion})

@@ -1,0 +1,76 @@
+"""NaN / Inf in an input stops the merge by default, naming the tensor and the model; --allow-nonfinite merges."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import fusemerge
+from fusemerge.cli import main
+from fusemerge.errors import InputError
+from fusemerge.synthetic import make_llama_family, write_config_yaml
+
+SHAPE = dict(hidden=24, intermediate=40, layers=2, vocab=67)
+TENSOR = "model.layers.1.mlp.up_proj.weight"
+
+
+def poison(model_dir: Path, name: str, values: list[float]) -> None:
+    """Write NaN / Inf into the first entries of tensor `name` of the (single-file) model."""
+    path = model_dir / "model.safetensors"
+    tensors = load_file(path)
+    flat = tensors[name].view(-1)
+    for k, v in enumerate(values):
+        flat[7 * k + 3] = v
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture
+def fam(tmp_path) -> dict:
+    fam = make_llama_family(tmp_path / "family", n_experts=3, seed=5, **SHAPE)
+    poison(fam["experts"][1], TENSOR, [float("nan"), float("inf"), float("nan")])
+    return fam
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear", "linear"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nonfinite_stops_the_merge_naming_tensor_and_model(tmp_path, fam, method, backend) -> None:
+    cfg = tmp_path / "c.yml"
+    params = {"density": 0.5} if method != "linear" else {}
+    write_config_yaml(cfg, method, fam["base"], fam["experts"], weight=(1.0, 0.5, 0.5), **params)
+    with pytest.raises(InputError) as err:
+        fusemerge.run(cfg, tmp_path / "out", device="cpu", backend=backend)
+    (line,) = err.value.problems
+    assert TENSOR in line and f"3 in {fam['experts'][1]}" in line and "--allow-nonfinite" in line
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dir left behind
+
+    result = fusemerge.run(cfg, tmp_path / "out", device="cpu", backend=backend, allow_nonfinite=True)
+    (note,) = result.nonfinite
+    assert TENSOR in note and "3 in" in note
+    merged = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.isfinite(merged["model.embed_tokens.weight"].float()).all()
+
+
+def test_nan_in_the_base_is_reported_as_the_base(tmp_path) -> None:
+    fam = make_llama_family(tmp_path / "family", n_experts=2, seed=6, **SHAPE)
+    poison(fam["base"], "model.norm.weight", [float("-inf")])
+    cfg = tmp_path / "c.yml"
+    write_config_yaml(cfg, "task_arithmetic", fam["base"], fam["experts"])
+    with pytest.raises(InputError, match=r"model\.norm\.weight: NaN/Inf values in the inputs \(1 in .*base"):
+        fusemerge.run(cfg, tmp_path / "out", device="cpu")
+
+
+def test_cli_exit_codes(tmp_path, fam) -> None:
+    cfg = tmp_path / "c.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.5)
+    res = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "--device", "cpu", "-q"])
+    assert res.exit_code == 2, res.output
+    assert f"error: {TENSOR}: NaN/Inf values" in res.output and res.output.count("\n") == 1
+    res = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "--device", "cpu", "-q",
+                                    "--allow-nonfinite"])
+    assert res.exit_code == 0, res.output
+    assert f"warning: {TENSOR}: NaN/Inf" in res.output
