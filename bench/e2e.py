@@ -33,6 +33,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import statistics
@@ -77,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml, e.g. '--lazy-unpickle'")
     p.add_argument("--tools", default="fusemerge,mergekit", help="comma-separated subset of fusemerge,mergekit")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--mergekit-cmd", default=None,
+                   help="command running mergekit-yaml instead of the venv's: 'python3 -m mergekit.scripts.run_yaml'")
+    p.add_argument("--drop-caches", action="store_true",
+                   help="also time a cold read of the inputs (writes /proc/sys/vm/drop_caches: needs root)")
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--no-compare", action="store_true", help="skip the output comparison")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "e2e.csv")
@@ -123,6 +128,30 @@ def ensure_models(args: argparse.Namespace) -> dict:
     fam = make_llama_family(root, n_experts=args.experts, dtype=dtype, shard_bytes=args.input_shard_size, **shape)
     print(f"models: {fam['total_bytes'] / GB:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return fam
+
+
+def cold_read(files: list[Path]) -> float | None:
+    """Seconds to read every file after dropping the page cache (None when that is not permitted)."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        return None
+    return read_all(files)
+
+
+def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Median host-to-device bandwidth (GB/s) of one pinned buffer of `nbytes`."""
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    times = []
+    for _ in range(repeats + 1):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        dev.copy_(host, non_blocking=True)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times[1:]) / GB
 
 
 def read_all(files: list[Path]) -> float:
@@ -268,7 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     tools = [t.strip() for t in args.tools.split(",") if t.strip()]
     notes: list[str] = []
     mk_yaml = args.mergekit_venv / "bin" / "mergekit-yaml"
-    if "mergekit" in tools and not mk_yaml.exists():
+    mk_cmd = shlex.split(args.mergekit_cmd) if args.mergekit_cmd else [str(mk_yaml)]
+    if "mergekit" in tools and not args.mergekit_cmd and not mk_yaml.exists():
         notes.append(f"mergekit skipped: {mk_yaml} does not exist (see the module docstring for its venv)")
         tools.remove("mergekit")
     if "fusemerge" in tools and not (REPO / "fusemerge" / "cli.py").exists():
@@ -285,8 +315,11 @@ def main(argv: list[str] | None = None) -> int:
         params["out_dtype"] = args.dtype
     config = args.workdir / f"{args.method}.yml"
     write_config_yaml(config, args.method, fam["base"], fam["experts"], **params)
+    cold = cold_read(inputs) if args.drop_caches else None
     read_all(inputs)
-    ceiling = input_bytes / read_all(inputs) / GB  # warm page-cache read rate: the end-to-end ceiling
+    warm_read_s = read_all(inputs)
+    ceiling = input_bytes / warm_read_s / GB  # warm page-cache read rate: the end-to-end ceiling
+    h2d = pinned_h2d_gbps() if args.device == "cuda" else None
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     cmds = {
         "fusemerge": [
@@ -296,7 +329,6 @@ def main(argv: list[str] | None = None) -> int:
             "run",
             str(config),
             str(args.workdir / "out-fusemerge"),
-            "--quiet",
             "--overwrite",
             "--device",
             args.device,
@@ -307,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
             *shlex.split(args.fusemerge_args),
         ],
         "mergekit": [
-            str(mk_yaml),
+            *mk_cmd,
             str(config),
             str(args.workdir / "out-mergekit"),
             "--quiet",
@@ -336,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
                 tail = (args.workdir / f"{tool}.log").read_text()[-3000:]
                 notes.append(f"{tool} failed (exit {r['rc']}); log tail:\n{tail}")
                 break
+            if tool == "fusemerge":
+                found = re.search(r"\) in ([0-9.]+) s \(", (args.workdir / "fusemerge.log").read_text())
+                r["merge_s"] = float(found.group(1)) if found else float("nan")
             runs[tool].append(r)
     summary = {}
     for tool, rs in runs.items():
@@ -351,12 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_compare and len(summary) == 2:
         ties = (fam, args.density) if args.method == "ties" else None
         parity = compare_outputs(args.workdir / "out-fusemerge", args.workdir / "out-mergekit", ties)
-    mk_python = args.mergekit_venv / "bin" / "python"
+    mk_python = Path(mk_cmd[0]) if args.mergekit_cmd else args.mergekit_venv / "bin" / "python"
+    have_mk = bool(args.mergekit_cmd) or mk_yaml.exists()
     versions = {
         "fusemerge": version_of(sys.executable, "fusemerge"),
         "torch": torch.__version__,
-        "mergekit": version_of(mk_python, "mergekit") if mk_yaml.exists() else "n/a",
-        "mergekit_torch": version_of(mk_python, "torch") if mk_yaml.exists() else "n/a",
+        "mergekit": version_of(mk_python, "mergekit") if have_mk else "n/a",
+        "mergekit_torch": version_of(mk_python, "torch") if have_mk else "n/a",
     }
     m = machine()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -390,6 +426,19 @@ def main(argv: list[str] | None = None) -> int:
         "\nwall: whole process (imports included). peak anon / RSS: max over time of the sum over the process "
         "tree, sampled every ~5 ms; ru_maxrss from wait4 (includes file-backed mmap pages). GB = 10^9 bytes."
     )
+    if "fusemerge" in summary:
+        merge_s = statistics.median(r["merge_s"] for r in runs["fusemerge"])
+        floor_terms = {"warm read": warm_read_s}
+        if cold is not None:
+            floor_terms["cold read"] = cold
+        if h2d is not None:
+            floor_terms["input / pinned H2D"] = input_bytes / GB / h2d
+        floor_name, floor = max(floor_terms.items(), key=lambda kv: kv[1])
+        print("\nI/O floor: " + ", ".join(f"{k} {v:.2f} s" for k, v in floor_terms.items())
+              + (f" (pinned H2D {h2d:.1f} GB/s)" if h2d is not None else "")
+              + f"; fusemerge merge time (its own summary line, after imports and device start-up) {merge_s:.2f} s"
+              f" = {merge_s / floor:.2f}x the floor ({floor_name}); whole process {summary['fusemerge']['wall']:.2f} s"
+              f" = {summary['fusemerge']['wall'] / floor:.2f}x")
     if parity:
         print(f"\noutputs, fusemerge vs mergekit: {parity}")
     for note in notes:

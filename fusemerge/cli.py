@@ -67,17 +67,21 @@ def _plan_options(fn):
         click.option("--seed", type=int, default=None, help="DARE seed (default 0)."),
         click.option("--random-seed", type=int, default=None, help="mergekit's alias for --seed."),
         click.option("--workers", type=int, default=None, help="Tensors merged at once (default: 2 on CPU, 1 on GPU)."),
+        click.option("--max-pinned-memory", default=None,
+                     help="Pinned host memory of the GPU pipeline's read-ahead and write-back buffers (default 1GiB)."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
-def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, random_seed, workers) -> dict:
+def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, random_seed, workers,
+                 max_pinned_memory) -> dict:
     if seed is not None and random_seed is not None and seed != random_seed:
         raise InputError(f"--seed {seed} and --random-seed {random_seed} disagree")
     return dict(device="cuda" if cuda_flag else device, backend=backend, max_memory=max_memory,
-                out_shard_size=out_shard_size, seed=seed if seed is not None else (random_seed or 0), workers=workers)
+                out_shard_size=out_shard_size, seed=seed if seed is not None else (random_seed or 0), workers=workers,
+                max_pinned_memory=max_pinned_memory)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -122,8 +126,10 @@ def run(config, out_dir, copy_tokenizer, overwrite, allow_nonfinite, quiet, verb
         click.echo(f"fusemerge: warning: {line} (merged: --allow-nonfinite)", err=True)
     if verbose:
         t = result.times
-        click.echo(f"stage seconds (summed over {plan.workers} worker(s)): read {t.read:.2f}, statistics "
-                   f"{t.stats:.2f}, merge {t.merge:.2f}, write {t.write:.2f}", err=True)
+        gpu = plan.device.type == "cuda"
+        click.echo(f"stage seconds (summed over {'reader threads' if gpu else f'{plan.workers} worker(s)'}): "
+                   f"read {t.read:.2f}, " + (f"H2D {t.h2d:.2f}, " if gpu else "") + f"statistics {t.stats:.2f}, "
+                   f"merge {t.merge:.2f}" + (" (kernel + D2H)" if gpu else "") + f", write {t.write:.2f}", err=True)
     if not quiet:
         click.echo(f"merged {len(plan.tensors)} tensors ({format_size(result.input_bytes)} in, "
                    f"{format_size(result.output_bytes)} out) in {result.seconds:.1f} s "

@@ -89,6 +89,7 @@ class MergePlan:
     seed: int
     num_layers: int | None
     warnings: list[str] = field(default_factory=list)
+    pinned_bytes: int | None = None  # pinned host memory of the CUDA pipeline (None: its default, 1 GiB)
 
     @property
     def input_bytes(self) -> int:
@@ -126,6 +127,13 @@ class MergePlan:
             f"device        {self.device} (backend {self.backend}, {self.workers} worker(s))",
             f"memory        budget {format_size(self.budget)}, chunks of {self.chunk_elems:,} elements",
         ]
+        if self.device.type == "cuda":
+            twice = [t for t in self.tensors if not t.copy_only and self.passes() > 1
+                     and t.input_bytes > self.resident_bytes]
+            lines.append(f"pipeline      pinned host memory {format_size(self.pinned_bytes or (1 << 30))}; tensors "
+                         f"needing statistics are kept on the GPU and read once"
+                         + (f", except {len(twice)} larger than {format_size(self.resident_bytes)} (read twice)"
+                            if twice else ""))
         if cfg.trim_scope == "global":
             lines.append("trim scope    global (one threshold per expert over the whole model)")
         lines += [f"warning       {w}" for w in self.warnings]
@@ -181,6 +189,7 @@ def build_plan(
     out_shard_size: str | int = "5GB",
     seed: int = 0,
     workers: int | None = None,
+    max_pinned_memory: str | int | None = None,
 ) -> MergePlan:
     """Validate everything and return the plan; raises InputError listing every problem."""
     try:
@@ -295,9 +304,15 @@ def build_plan(
         need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
         raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
                          f"{n_inputs} inputs need at least {need}")
+    pinned = None
+    if max_pinned_memory is not None:
+        try:
+            pinned = parse_size(max_pinned_memory)
+        except ValueError as e:
+            raise InputError(f"--max-pinned-memory: {e}") from None
     return MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
-                     budget // (2 * n_workers), seed, num_layers, warnings)
+                     budget // (2 * n_workers), seed, num_layers, warnings, pinned)
 
 
 def _model_problems(config: object) -> list[str]:

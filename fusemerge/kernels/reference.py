@@ -85,9 +85,12 @@ def merge_chunk(
     params: ChunkParams,
     out_dtype: torch.dtype,
     *,
+    out: torch.Tensor | None = None,
     nonfinite: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Merge one chunk: `experts[i]` and `base` are 1-D chunks of the same elements of one tensor.
+
+    `out` (optional, `out_dtype`, n elements) receives the result, as in the Triton backend.
 
     Returns the merged chunk in `out_dtype`. For `linear`, `experts` are the averaged models and
     `base` is ignored. `nonfinite` (optional, int64 [N + 1]): entry i += the number of NaN / Inf values
@@ -97,6 +100,11 @@ def merge_chunk(
     >>> merge_chunk(b, e, 0, ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
     tensor([-2., -2., -2., -2.])
     """
+    result = _merge(base, experts, start, params, out_dtype, nonfinite)
+    return result if out is None else out.copy_(result)
+
+
+def _merge(base, experts, start, params, out_dtype, nonfinite) -> torch.Tensor:
     p = params
     if len(experts) != p.n:
         raise ValueError(f"{len(experts)} expert chunks but {p.n} weights")

@@ -35,6 +35,7 @@ class StageTimes:
     """Seconds spent per stage, summed over workers (so they can exceed the wall time)."""
 
     read: float = 0.0
+    h2d: float = 0.0  # host-to-device copies (CUDA pipeline only), measured by CUDA events
     stats: float = 0.0
     merge: float = 0.0
     write: float = 0.0
@@ -50,8 +51,12 @@ class Executor:
     """Runs a MergePlan into a ShardedWriter. `progress(nbytes)` is called as input bytes are merged."""
 
     def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None,
-                 *, allow_nonfinite: bool = False):
+                 *, allow_nonfinite: bool = False, pipeline: bool | None = None, readers: int | None = None):
         self.plan = plan
+        # the overlapped disk -> pinned -> GPU -> disk pipeline (streaming/pipeline.py): on CUDA by default;
+        # pipeline=True runs it on CPU too (synchronous stand-ins for streams: how CI tests it)
+        self.pipeline = plan.device.type == "cuda" if pipeline is None else pipeline
+        self.readers = readers
         self.allow_nonfinite = allow_nonfinite
         self.nonfinite: list[str] = []  # with allow_nonfinite: one line per tensor whose inputs hold NaN / Inf
         self.writer = writer
@@ -189,7 +194,11 @@ class Executor:
             if plan.method.needs_thresholds and plan.config.trim_scope == "global":
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
-            if plan.workers == 1:
+            if self.pipeline:
+                from fusemerge.streaming.pipeline import Pipeline
+
+                Pipeline(self, readers=self.readers).run(order)
+            elif plan.workers == 1:
                 for t in order:
                     self.merge_tensor(t)
             else:

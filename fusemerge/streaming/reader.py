@@ -8,6 +8,7 @@ process's RSS but stay in the page cache), which is what keeps a merge of a 100 
 from __future__ import annotations
 
 import mmap
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -37,6 +38,7 @@ class ChunkReader:
 
     def __init__(self) -> None:
         self._maps: dict[Path, mmap.mmap] = {}
+        self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()
 
     def __enter__(self) -> ChunkReader:
@@ -64,6 +66,24 @@ class ChunkReader:
         out.view(torch.uint8).copy_(torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=first))
         return out
 
+    def read_into(self, entry: TensorEntry, start: int, count: int, out: torch.Tensor) -> None:
+        """Copy elements `[start, start + count)` of `entry` into the first bytes of `out` (a contiguous uint8
+        CPU tensor, e.g. pinned) with `pread`: no page faults on a map, and the GIL is released meanwhile."""
+        first, nbytes = self._byte_range(entry, start, count)
+        if nbytes == 0:
+            return
+        if out.dtype != torch.uint8 or not out.is_contiguous() or out.numel() < nbytes or out.device.type != "cpu":
+            raise ValueError(f"read_into needs a contiguous uint8 CPU tensor of at least {nbytes} bytes")
+        self._map(entry)  # checks the file still holds the tensor
+        view = memoryview(out.numpy()).cast("B")[:nbytes]
+        fd = self._fd(entry)
+        done = 0
+        while done < nbytes:
+            n = os.preadv(fd, [view[done:]], first + done)
+            if n <= 0:
+                raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
+            done += n
+
     def read_tensor(self, entry: TensorEntry) -> torch.Tensor:
         """The whole tensor, with its shape, as a copy that stays valid after `release` / `close`. For small
         tensors and tests; large tensors are read in chunks."""
@@ -85,6 +105,21 @@ class ChunkReader:
         """Forget every map. A map is unmapped once no tensor returned by `read` refers to it any more."""
         with self._lock:
             self._maps.clear()
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+    def _fd(self, entry: TensorEntry) -> int:
+        """A read-only descriptor of `entry.file` for `read_into`, opened once."""
+        with self._lock:
+            fd = self._fds.get(entry.file)
+            if fd is None:
+                try:
+                    fd = os.open(entry.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError as e:
+                    raise InputError(f"{entry.file}: cannot open for reading: {e.strerror}") from e
+                self._fds[entry.file] = fd
+            return fd
 
     def _advise(self, entry: TensorEntry, start: int, count: int, option: int | None) -> None:
         first, nbytes = self._byte_range(entry, start, count)

@@ -1,0 +1,313 @@
+"""The device pipeline: disk -> pinned host memory -> GPU -> pinned host memory -> disk, every stage overlapped.
+
+    reader threads (R)            copy stream               compute stream                   writer thread
+    mmap --memcpy--> in-slot  ->  H2D into GPU staging  ->  statistics + merge kernel  ->     wait event,
+    (pinned, (N+1) rows)          (rows = experts, base)    D2H into a pinned out-slot        pwrite at offset
+
+This is where bytes enter the GPU (`_h2d`). Reads run ahead of the GPU by up to `slots` chunks; the GPU
+copies chunk k+1 while the kernel merges chunk k (two staging buffers, ordered by CUDA events); the writer
+writes chunk k-1 meanwhile. Output offsets are known before any data is written (the layout is planned), so
+chunks land wherever they belong, in any order.
+
+Tensors whose method needs statistics (thresholds, DARE's L1) and whose inputs fit `resident_bytes` are
+gathered on the GPU first: the statistics pass and the merge then run on resident data, so every input byte
+crosses the disk and the PCIe bus once. A larger tensor (or `trim_scope: global`) streams twice through the
+plain executor path, which is correct and bounded, only slower.
+
+Memory: GPU: the resident tensor (<= resident_bytes) + 2 staging buffers + 2 output buffers of one chunk
+each. Host: `slots` pinned in-slots of (N + 1) x chunk x itemsize + `slots // 2 + 1` pinned out-slots,
+together <= `pinned_bytes` (the chunk is sized from it). Output bytes are identical to the executor's:
+statistics are integers and each element's math does not depend on the chunk.
+
+On a machine without CUDA the same code runs with ordinary host buffers and no streams (events are
+complete at once); tests use that to check the pipeline's ordering and bookkeeping in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from fusemerge.kernels.select import Segment
+from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
+
+DEFAULT_PINNED = 1 << 30
+MIN_PIPE_CHUNK = 1 << 8
+ALIGN = 64  # staging rows stay 128-byte aligned for bf16, so the kernel's loads vectorize
+
+
+class Pipeline:
+    """Runs the merge of a plan through the overlapped pipeline; `Executor.run` uses it on CUDA devices."""
+
+    def __init__(self, executor, *, readers: int | None = None, pinned_bytes: int | None = None):
+        self.ex = executor
+        self.plan: MergePlan = executor.plan
+        self.device = self.plan.device
+        self.cuda = self.device.type == "cuda"
+        self.rows = max(len(t.inputs) + (t.base is not None) for t in self.plan.tensors)
+        self.readers = readers or min(8, os.cpu_count() or 1)
+        self.slots = max(4, self.readers + 2)
+        self.n_out = self.slots // 2 + 1
+        budget = pinned_bytes or self.plan.pinned_bytes or DEFAULT_PINNED
+        # pinned bytes per element of a chunk: in-slots of (N + 1) rows x 4 (the widest dtype) + out-slots x 4
+        per_elem = (self.slots * self.rows + self.n_out) * 4
+        chunk = min(self.plan.chunk_elems, budget // per_elem)
+        self.chunk = max(MIN_PIPE_CHUNK, chunk - chunk % ALIGN)
+        self.pinned_total = self.chunk * per_elem
+        self._error: BaseException | None = None
+        self._stop = threading.Event()
+        self._jobs: queue.Queue = queue.Queue()
+        self._free_in: queue.Queue = queue.Queue()
+        self._free_out: queue.Queue = queue.Queue()
+
+    # -- small device abstractions (CUDA, or synchronous host stand-ins) -----------------------------
+
+    def _host(self, rows: int, row_bytes: int) -> torch.Tensor:
+        return torch.empty((rows, row_bytes), dtype=torch.uint8, pin_memory=self.cuda)
+
+    def _event(self):
+        return torch.cuda.Event(enable_timing=True) if self.cuda else _DoneEvent()
+
+    def _record(self, stream):
+        event = self._event()
+        if self.cuda:
+            event.record(stream)
+        return event
+
+    def _on(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
+
+    def _keep_alive(self, t: torch.Tensor, *streams) -> None:
+        """A buffer allocated here but used on other streams is not reused before their work on it is done."""
+        if self.cuda:
+            for s in streams:
+                t.record_stream(s)
+
+    # -- stage 1: reader threads fill pinned in-slots ------------------------------------------------
+
+    def _fill(self, slot: torch.Tensor, t: TensorPlan, start: int, count: int) -> None:
+        """Elements [start, start + count) of every input of `t` into the rows of `slot` (experts, then base)."""
+        t0 = time.perf_counter()
+        for r, e in enumerate(_entries(t)):
+            self.ex.reader.read_into(e, start, count, slot[r])
+        self.ex.times.add(read=time.perf_counter() - t0)
+
+    def _feed(self, units: list, ready: queue.Queue, pool: ThreadPoolExecutor) -> None:
+        """Walk the chunks in merge order; each waits for a free in-slot, then its read goes to the pool."""
+        try:
+            for t, start, count in units:
+                slot = self._free_in.get()
+                if slot is None or self._stop.is_set():
+                    return
+                ready.put((start, count, slot, pool.submit(self._fill, slot, t, start, count)))
+        except BaseException as e:  # noqa: BLE001 - handed to the GPU thread, which raises it
+            ready.put(e)
+
+    # -- stage 4: the writer thread ------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        """Each job: wait for its event, run its action (a pwrite, a NaN check), then free its slots."""
+        while (job := self._jobs.get()) is not None:
+            done, action, in_slot, out_slot, timings = job
+            try:
+                done.synchronize()
+                for field_name, e0, e1 in timings if self.cuda else ():
+                    self.ex.times.add(**{field_name: e0.elapsed_time(e1) / 1e3})
+                if action is not None and not self._stop.is_set():
+                    t0 = time.perf_counter()
+                    action()
+                    self.ex.times.add(write=time.perf_counter() - t0)
+            except BaseException as e:  # noqa: BLE001 - raised by run()
+                self._fail(e)
+            finally:
+                if in_slot is not None:
+                    self._free_in.put(in_slot)
+                if out_slot is not None:
+                    self._free_out.put(out_slot)
+
+    def _fail(self, e: BaseException) -> None:
+        if self._error is None:
+            self._error = e
+        self._stop.set()
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- stages 2 and 3: the GPU thread (this one) ---------------------------------------------------
+
+    def run(self, order: list[TensorPlan]) -> None:
+        ex = self.ex
+        merged = [t for t in order if not t.copy_only]
+        streamed = [t for t in merged if not (self._needs_stats(t) and not self._fits(t))]
+        too_big = [t for t in merged if t not in streamed]
+        units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
+        for _ in range(self.slots):
+            self._free_in.put(self._host(self.rows, self.chunk * 4))
+        for _ in range(self.n_out):
+            self._free_out.put(self._host(1, self.chunk * 4)[0])
+        self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self.compute = torch.cuda.Stream(self.device) if self.cuda else None
+        self.staging = [torch.empty((self.rows, self.chunk * 4), dtype=torch.uint8, device=self.device)
+                        for _ in range(2)]
+        self.staging_free = [self._event(), self._event()]  # recorded after the kernel that read staging[s]
+        self.gpu_out = [torch.empty(self.chunk * 4, dtype=torch.uint8, device=self.device) for _ in range(2)]
+        self.turn = 0
+
+        ready: queue.Queue = queue.Queue()
+        writer = threading.Thread(target=self._write_loop, name="fusemerge-writer")
+        pool = ThreadPoolExecutor(self.readers, thread_name_prefix="fusemerge-read")
+        feeder = threading.Thread(target=self._feed, args=(units, ready, pool), name="fusemerge-feed")
+        writer.start()
+        feeder.start()
+        try:
+            for t in order:
+                if t.copy_only:  # non-float tensors are copied as they are
+                    data = ex.reader.read(t.inputs[0], 0, t.numel).contiguous().clone()
+                    self._jobs.put((_DoneEvent(), _write(ex, t.name, 0, data, t.input_bytes), None, None, ()))
+            for t in streamed:
+                chunks = (_ready(ready) for _ in range(-(-t.numel // self.chunk)))  # as they arrive
+                self._merge_tensor(t, chunks)
+                self._check()
+            for t in too_big:  # statistics on a tensor too large to keep on the device: two streamed reads
+                ex.merge_tensor(t)
+                self._check()
+        except BaseException as e:
+            self._fail(e)
+        finally:
+            self._free_in.put(None)  # wakes the feeder if it waits for a slot (after a failure)
+            feeder.join()
+            pool.shutdown(wait=True, cancel_futures=True)
+            self._jobs.put(None)
+            writer.join()
+            if self.cuda:
+                torch.cuda.synchronize(self.device)
+        self._check()
+
+    def _needs_stats(self, t: TensorPlan) -> bool:
+        m = self.plan.method
+        return not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True))
+
+    def _fits(self, t: TensorPlan) -> bool:
+        return self.ex.global_cuts is None and sum(e.nbytes for e in _entries(t)) <= self.plan.resident_bytes
+
+    def _merge_tensor(self, t: TensorPlan, chunks) -> None:
+        entries = _entries(t)
+        out_dtype = FLOAT_CODES[t.out_dtype]
+        nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.device)
+        self._keep_alive(nonfinite, *filter(None, [self.compute]))
+        if not self._needs_stats(t):
+            params = self.ex.chunk_params(t, Segment(t.numel, _no_statistics))
+            for start, count, slot, fut in chunks:
+                fut.result()
+                s, self.turn = self.turn % 2, self.turn + 1
+                stage = self.staging[s]
+                h = self._h2d(slot, stage, [(r, 0, count * e.itemsize) for r, e in enumerate(entries)],
+                              after=self.staging_free[s])
+                base, experts = _views(t, stage, 0, count)
+                self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, h, slot,
+                             free_after=self.staging_free[s])
+        else:
+            # the whole tensor on the device: statistics and merge read it there (one read from disk)
+            width = max(e.itemsize for e in entries) * t.numel
+            resident = torch.empty((len(entries), width), dtype=torch.uint8, device=self.device)
+            self._keep_alive(resident, *filter(None, [self.copy_stream, self.compute]))
+            for start, count, slot, fut in chunks:
+                fut.result()
+                h = self._h2d(slot, resident, [(r, start * e.itemsize, count * e.itemsize)
+                                               for r, e in enumerate(entries)], after=None)
+                self._jobs.put((h[1], None, slot, None, (("h2d", *h),)))  # the in-slot is free once copied
+            copied = self._record(self.copy_stream)
+            with self._on(self.compute):
+                if self.cuda:
+                    self.compute.wait_event(copied)
+                params = self.ex.chunk_params(t, Segment(t.numel, lambda a, c: _views(t, resident, a, c)))
+            for start in range(0, t.numel, self.chunk):
+                count = min(self.chunk, t.numel - start)
+                base, experts = _views(t, resident, start, count)
+                self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, None, None)
+        done = self._record(self.compute)  # the tensor's last kernel: its NaN / Inf counts are final
+        self._jobs.put((done, lambda: self.ex._check_finite(t, nonfinite.tolist()), None, None, ()))
+
+    def _h2d(self, slot: torch.Tensor, dst: torch.Tensor, rows: list[tuple[int, int, int]], after) -> tuple:
+        """Copy slot row r's first n bytes to dst row r at byte `at`, for each (r, at, n), on the copy stream,
+        once `after` (the kernel last reading dst) has completed. Returns the copy's start and end events."""
+        with self._on(self.copy_stream):
+            if self.cuda and after is not None:
+                self.copy_stream.wait_event(after)
+            h0 = self._record(self.copy_stream)
+            for r, at, n in rows:
+                dst[r, at:at + n].copy_(slot[r, :n], non_blocking=True)
+            h1 = self._record(self.copy_stream)
+        return h0, h1
+
+    def _kernel(self, t, base, experts, start, count, params, out_dtype, nonfinite, h2d, in_slot,
+                free_after=None) -> None:
+        """Merge [start, start + count) on the compute stream (after `h2d`), D2H into a pinned out-slot,
+        and queue its write. `free_after` is recorded once the kernel has read its inputs."""
+        out_slot = self._free_out.get()
+        s = self.turn % 2 if h2d is None else (self.turn - 1) % 2
+        if h2d is None:
+            self.turn += 1
+        nbytes = count * torch.empty((), dtype=out_dtype).element_size()
+        with self._on(self.compute):
+            if self.cuda and h2d is not None:
+                self.compute.wait_event(h2d[1])
+            k0 = self._record(self.compute)
+            out = self.ex.merge_kernels.merge_chunk(base, experts, start, params, out_dtype,
+                                                    out=self.gpu_out[s].view(out_dtype)[:count], nonfinite=nonfinite)
+            k1 = self._record(self.compute)
+            if self.cuda and free_after is not None:
+                free_after.record(self.compute)
+            out_slot[:nbytes].copy_(out.view(torch.uint8), non_blocking=True)
+            done = self._record(self.compute)
+        timings = (("merge", k0, k1),) + ((("h2d", *h2d),) if h2d is not None else ())
+        in_bytes = sum(e.itemsize for e in _entries(t)) * count
+        data = out_slot[:nbytes]
+        self._jobs.put((done, _write(self.ex, t.name, start * (nbytes // max(count, 1)), data, in_bytes), in_slot,
+                        out_slot, timings))
+
+
+class _DoneEvent:
+    """An event on a machine without CUDA: the work it marks was synchronous, so it is complete."""
+
+    def synchronize(self) -> None:
+        pass
+
+
+def _entries(t: TensorPlan) -> list:
+    return t.inputs + ([t.base] if t.base is not None else [])
+
+
+def _views(t: TensorPlan, rows: torch.Tensor, start: int, count: int):
+    """(base, experts) as typed views of elements [start, start + count) of the byte rows of `rows`."""
+    entries = _entries(t)
+    typed = [rows[r].view(e.torch_dtype)[start:start + count] for r, e in enumerate(entries)]
+    n_exp = len(t.inputs)
+    return (typed[n_exp] if t.base is not None else None), typed[:n_exp]
+
+
+def _no_statistics(start: int, count: int):
+    raise AssertionError("this method needs no statistics pass")
+
+
+def _ready(ready: queue.Queue):
+    item = ready.get()
+    if isinstance(item, BaseException):
+        raise item
+    return item
+
+
+def _write(ex, name: str, offset: int, data: torch.Tensor, progress_bytes: int) -> Callable[[], None]:
+    def write() -> None:
+        ex.writer.write(name, offset, data)
+        ex.progress(progress_bytes)
+
+    return write

@@ -1,0 +1,100 @@
+"""The overlapped pipeline (streaming/pipeline.py) writes the executor's bytes, whatever its chunking.
+
+On CPU the pipeline runs with synchronous stand-ins for CUDA streams, so these tests check its ordering,
+slot bookkeeping, resident/streamed/too-large paths and failures in CI; on a GPU machine the same tests
+run it on CUDA.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusemerge
+from fusemerge.errors import InputError
+from fusemerge.streaming.executor import Executor
+from fusemerge.streaming.writer import ShardedWriter
+from fusemerge.synthetic import make_llama_family, write_config_yaml
+from tests.kernels.test_reference import PARAMS
+
+SHAPE = dict(hidden=36, intermediate=100, layers=2, vocab=301)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict:
+    return make_llama_family(tmp_path_factory.mktemp("family"), n_experts=3, seed=8, shard_bytes=9000, **SHAPE)
+
+
+def config(tmp_path: Path, fam: dict, method: str) -> Path:
+    path = tmp_path / f"{method}.yml"
+    write_config_yaml(path, method, fam["base"], fam["experts"], weight=(1.0, 0.6, 1.3), **PARAMS[method])
+    return path
+
+
+def shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+def pipeline_run(cfg: Path, out: Path, *, max_memory=None, pinned="64KiB", readers=2, backend="auto"):
+    plan = fusemerge.build_plan(cfg, device=DEVICE, backend=backend, max_memory=max_memory, workers=1,
+                                max_pinned_memory=pinned)
+    out.mkdir()
+    ex = Executor(plan, None, pipeline=True, readers=readers)
+    with ShardedWriter(out, plan.layout) as writer:
+        ex.writer = writer
+        ex.run()
+    return plan, ex
+
+
+@pytest.mark.parametrize("method", list(PARAMS))
+def test_pipeline_bytes_equal_the_executor(tmp_path, fam, method) -> None:
+    cfg = config(tmp_path, fam, method)
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
+    # statistics on resident tensors; chunks of ~200 elements (every tensor is many chunks)
+    pipeline_run(cfg, tmp_path / "resident", pinned="64KiB")
+    assert shards(tmp_path / "resident") == shards(tmp_path / "ref")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_tensors_too_large_to_keep_take_the_two_read_path(tmp_path, fam, method) -> None:
+    cfg = config(tmp_path, fam, method)
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
+    plan, ex = pipeline_run(cfg, tmp_path / "small", max_memory="96KiB", pinned="32KiB", readers=3)
+    assert any(t.input_bytes > plan.resident_bytes for t in plan.tensors)  # the embedding does not fit
+    assert shards(tmp_path / "small") == shards(tmp_path / "ref")
+    assert ex.times.read > 0 and ex.times.write > 0
+
+
+def test_a_read_failure_stops_the_pipeline(tmp_path, fam, monkeypatch) -> None:
+    cfg = config(tmp_path, fam, "ties")
+    calls = {"n": 0}
+    from fusemerge.streaming.reader import ChunkReader
+
+    real = ChunkReader.read_into
+
+    def flaky(self, entry, start, count, out):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
+        return real(self, entry, start, count, out)
+
+    monkeypatch.setattr(ChunkReader, "read_into", flaky)
+    with pytest.raises(InputError, match="truncated while reading"):
+        pipeline_run(cfg, tmp_path / "out")
+
+
+def test_nonfinite_inputs_stop_the_pipeline(tmp_path) -> None:
+    fam = make_llama_family(tmp_path / "family", n_experts=2, seed=3, **SHAPE)
+    from safetensors.torch import load_file, save_file
+
+    path = fam["experts"][0] / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.0.mlp.down_proj.weight"].view(-1)[5] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+    cfg = tmp_path / "c.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.5)
+    with pytest.raises(InputError, match=r"down_proj.weight: NaN/Inf values in the inputs \(1 in"):
+        pipeline_run(cfg, tmp_path / "out")
