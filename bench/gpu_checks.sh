@@ -6,12 +6,13 @@
 #   3. bench/kernels.py: fused-kernel GB/s vs the device-to-device copy, side by side with eager torch
 #   4. bench/e2e.py --device cuda (fusemerge only) on the 168M Llama shape
 # Run from the repository root:  bash bench/gpu_checks.sh      (logs and CSVs under $OUT or bench/results/gpu)
-# Skip steps with SKIP="tests e2e" etc.
+# Skip steps with SKIP="tests e2e" etc.; extra arguments per step in PYTEST_ARGS, KERNELS_ARGS, E2E_ARGS;
+# MERGEKIT_CMD="python3 -m mergekit.scripts.run_yaml" runs mergekit side by side in the e2e step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results/gpu}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD" PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 skip="${SKIP:-}"
 step() { [[ " $skip " != *" $1 "* ]]; }
 
@@ -21,7 +22,7 @@ step() { [[ " $skip " != *" $1 "* ]]; }
 
 if step tests; then
   xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
-  timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider $xdist tests/kernels tests/test_determinism.py \
+  timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider $xdist tests/kernels tests/test_determinism.py tests/streaming/test_pipeline.py tests/test_nonfinite.py \
     ${PYTEST_ARGS:-} > "$out/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$out/pytest.log"
 fi
@@ -29,6 +30,6 @@ if step kernels; then
   timeout "${KERNELS_S:-300}" python3 bench/kernels.py --results "$out/kernels.csv" ${KERNELS_ARGS:-} 2>&1 | tee "$out/kernels.log"
 fi
 if step e2e; then
-  timeout "${E2E_S:-240}" python3 bench/e2e.py --device cuda --tools fusemerge --no-compare --workdir /tmp/fm-e2e \
-    --results "$out/e2e.csv" ${E2E_ARGS:-} 2>&1 | tee "$out/e2e.log" | tail -30
+  timeout "${E2E_S:-240}" python3 bench/e2e.py --device cuda --tools "${E2E_TOOLS:-fusemerge}" --workdir /tmp/fm-e2e \
+    --results "$out/e2e.csv" ${MERGEKIT_CMD:+--mergekit-cmd "$MERGEKIT_CMD"} ${E2E_ARGS:-} 2>&1 | tee "$out/e2e.log" | tail -30
 fi
