@@ -32,4 +32,8 @@ fi
 if step e2e; then
   timeout "${E2E_S:-240}" python3 bench/e2e.py --device cuda --tools "${E2E_TOOLS:-fusemerge}" --workdir /tmp/fm-e2e \
     --results "$out/e2e.csv" ${MERGEKIT_CMD:+--mergekit-cmd "$MERGEKIT_CMD"} ${E2E_ARGS:-} 2>&1 | tee "$out/e2e.log" | tail -30
+  cp /tmp/fm-e2e/fusemerge.log "$out/e2e-fusemerge.log" 2>/dev/null
+fi
+if step scale; then
+  timeout "${SCALE_S:-420}" python3 bench/scale.py --results "$out/scale.csv" ${SCALE_ARGS:-} 2>&1 | tee "$out/scale.log" | tail -20
 fi

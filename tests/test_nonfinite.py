@@ -38,6 +38,8 @@ def fam(tmp_path) -> dict:
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "linear"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_nonfinite_stops_the_merge_naming_tensor_and_model(tmp_path, fam, method, backend) -> None:
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("Triton on CPU needs the interpreter, off on a GPU machine (the pipeline tests cover CUDA)")
     cfg = tmp_path / "c.yml"
     params = {"density": 0.5} if method != "linear" else {}
     write_config_yaml(cfg, method, fam["base"], fam["experts"], weight=(1.0, 0.5, 0.5), **params)

@@ -110,9 +110,13 @@ def _count_nonfinite(nf_ptr, x, mask, slot, COUNT: tl.constexpr):
 
 
 @triton.jit
-def _in_top(a, j, t, c):
-    """in_top(a, j, t, c) = (a > t) | ((a == t) & (j < c)): the top set with index-order ties."""
-    return (a > t) | ((a == t) & (j < c))
+def _in_top(a, j, t, c, lo, local, BLOCK: tl.constexpr):
+    """in_top(a, j, t, c) = (a > t) | ((a == t) & (j < c)): the top set with index-order ties.
+
+    With j = lo + local (lo the block's first global index), j < c is local < clamp(c - lo, 0, BLOCK): one
+    int32 compare per element instead of int64 arithmetic."""
+    cut = tl.minimum(tl.maximum(c - lo, 0), BLOCK).to(tl.int32)
+    return (a > t) | ((a == t) & (local < cut))
 
 
 @triton.jit
@@ -125,8 +129,8 @@ def _weight_sum(f_ptr, N: tl.constexpr):
 
 
 @triton.jit
-def _product(x_ptrs, b, mask, j, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: tl.constexpr, nf_ptr,
-             COUNT: tl.constexpr):
+def _product(x_ptrs, b, mask, j, lo, local, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: tl.constexpr, nf_ptr,
+             COUNT: tl.constexpr, BLOCK: tl.constexpr):
     """p_i = w_i * dh_i for expert i: d = x - b, dh = keep ? d * s_i : 0 (docs/architecture.md)."""
     x = _load_f32(x_ptrs, mask)
     _count_nonfinite(nf_ptr, x, mask, i, COUNT)
@@ -137,9 +141,10 @@ def _product(x_ptrs, b, mask, j, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: t
         dh = tl.where(u < tl.load(f_ptr + 2 * N + i), dh, 0.0)
     elif SPARSIFIER != _NONE:
         a = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-        keep = _in_top(a, j, tl.load(i_ptr + N + i).to(tl.int32), tl.load(i_ptr + 2 * N + i))
+        keep = _in_top(a, j, tl.load(i_ptr + N + i).to(tl.int32), tl.load(i_ptr + 2 * N + i), lo, local, BLOCK)
         if SPARSIFIER == _BREADCRUMBS:
-            top = _in_top(a, j, tl.load(i_ptr + 3 * N + i).to(tl.int32), tl.load(i_ptr + 4 * N + i))
+            top = _in_top(a, j, tl.load(i_ptr + 3 * N + i).to(tl.int32), tl.load(i_ptr + 4 * N + i), lo, local,
+                          BLOCK)
             keep = keep & ~top
         dh = tl.where(keep, dh, 0.0)
     return tl.load(f_ptr + i) * dh
@@ -188,6 +193,8 @@ def _merge_kernel(
         _store_rounded(out_ptr + offs, num, mask)
     else:
         j = start + offs
+        lo = start + pid * BLOCK  # global index of the block's first element (int64)
+        local = tl.arange(0, BLOCK)
         b = _load_f32(base_ptr + offs, mask)
         _count_nonfinite(nf_ptr, b, mask, N, COUNT)
         # consensus none: acc = num. sign: acc = the election sum S = p_0 + p_1 + ..., and alongside it the
@@ -195,22 +202,26 @@ def _merge_kernel(
         # weights), each accumulated in expert order from +0.0 with +0.0 for every other expert. Once S
         # elects g, num = pos or neg: the same operations, in the same order, as summing
         # where(agree_i, p_i, 0.0) over i after the election, so one pass over the inputs suffices.
-        p = _product(x_ptr + offs, b, mask, j, f_ptr, i_ptr, 0, N, SPARSIFIER, nf_ptr, COUNT)
+        # max(p, 0) / min(p, 0) stand for where(p > 0, p, 0) / where(p < 0, p, 0): they differ only in the sign
+        # of a zero and in NaN (tl.maximum returns the other operand), and a sum that starts at +0.0 and gains
+        # only same-signed terms is unchanged by adding -0.0 or +0.0.
+        p = _product(x_ptr + offs, b, mask, j, lo, local, f_ptr, i_ptr, 0, N, SPARSIFIER, nf_ptr, COUNT, BLOCK)
         acc = p
         if SIGN:
             zero = tl.zeros([BLOCK], dtype=tl.float32)
             w = tl.load(f_ptr)
-            pos = zero + tl.where(p > 0.0, p, 0.0)
-            neg = zero + tl.where(p < 0.0, p, 0.0)
+            pos = zero + tl.maximum(p, 0.0)
+            neg = zero + tl.minimum(p, 0.0)
             pos_w = zero + tl.where(p > 0.0, w, 0.0)
             neg_w = zero + tl.where(p < 0.0, w, 0.0)
         for i in range(1, N):
-            p = _product(x_ptr + i * stride + offs, b, mask, j, f_ptr, i_ptr, i, N, SPARSIFIER, nf_ptr, COUNT)
+            p = _product(x_ptr + i * stride + offs, b, mask, j, lo, local, f_ptr, i_ptr, i, N, SPARSIFIER, nf_ptr,
+                         COUNT, BLOCK)
             acc = acc + p
             if SIGN:
                 w = tl.load(f_ptr + i)
-                pos = pos + tl.where(p > 0.0, p, 0.0)
-                neg = neg + tl.where(p < 0.0, p, 0.0)
+                pos = pos + tl.maximum(p, 0.0)
+                neg = neg + tl.minimum(p, 0.0)
                 pos_w = pos_w + tl.where(p > 0.0, w, 0.0)
                 neg_w = neg_w + tl.where(p < 0.0, w, 0.0)
 
