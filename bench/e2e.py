@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--mergekit-cmd", default=None,
                    help="command running mergekit-yaml instead of the venv's: 'python3 -m mergekit.scripts.run_yaml'")
+    p.add_argument("--cold", action="store_true",
+                   help="drop the page cache before every run (root only) instead of warming it; implies --drop-caches")
     p.add_argument("--drop-caches", action="store_true",
                    help="also time a cold read of the inputs (writes /proc/sys/vm/drop_caches: needs root)")
     p.add_argument("--repeats", type=int, default=1)
@@ -130,14 +132,19 @@ def ensure_models(args: argparse.Namespace) -> dict:
     return fam
 
 
-def cold_read(files: list[Path]) -> float | None:
-    """Seconds to read every file after dropping the page cache (None when that is not permitted)."""
+def drop_caches() -> bool:
+    """Drop the page cache (root only); False when not permitted."""
     try:
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:
-        return None
-    return read_all(files)
+        return False
+    return True
+
+
+def cold_read(files: list[Path]) -> float | None:
+    """Seconds to read every file after dropping the page cache (None when that is not permitted)."""
+    return read_all(files) if drop_caches() else None
 
 
 def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
@@ -315,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
         params["out_dtype"] = args.dtype
     config = args.workdir / f"{args.method}.yml"
     write_config_yaml(config, args.method, fam["base"], fam["experts"], **params)
-    cold = cold_read(inputs) if args.drop_caches else None
+    cold = cold_read(inputs) if args.drop_caches or args.cold else None
+    if args.cold and cold is None:
+        notes.append("--cold: the page cache could not be dropped (not root?); runs are warm")
+        args.cold = False
     read_all(inputs)
     warm_read_s = read_all(inputs)
     ceiling = input_bytes / warm_read_s / GB  # warm page-cache read rate: the end-to-end ceiling
@@ -355,7 +365,10 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for tool in tools:
             shutil.rmtree(args.workdir / f"out-{tool}", ignore_errors=True)
-            read_all(inputs)  # page cache: warm, the same for every tool and repeat
+            if args.cold:
+                drop_caches()  # page cache: cold, the same for every tool and repeat
+            else:
+                read_all(inputs)  # page cache: warm, the same for every tool and repeat
             load = os.getloadavg()[0]
             r = timed_run(cmds[tool], args.workdir / f"{tool}.log", env)
             r["load"] = load
@@ -408,8 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     for tool in runs:
         print(f"- {tool}: `{shlex.join(cmds[tool])}`")
     print(
-        f"- inputs: {len(inputs)} files, {input_bytes / GB:.3f} GB; page cache: warm (inputs read once before each "
-        f"run); warm read ceiling {ceiling:.2f} GB/s\n\n"
+        f"- inputs: {len(inputs)} files, {input_bytes / GB:.3f} GB; page cache: "
+        + ("cold (dropped before each run)" if args.cold else "warm (inputs read once before each run)")
+        + f"; warm read ceiling {ceiling:.2f} GB/s\n\n"
         f"| tool | wall s (median of {args.repeats}) | CPU s | peak anon GB | peak RSS GB | ru_maxrss GB | input GB/s "
         "| of read ceiling |\n|---|---|---|---|---|---|---|---|"
     )
@@ -465,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             "input_gbps": f"{s['gbps']:.4f}",
             "read_ceiling_gbps": f"{ceiling:.3f}",
             "load1": f"{s['load']:.2f}",
-            "page_cache": "warm",
+            "page_cache": "cold" if args.cold else "warm",
             "parity": parity,
             "tool_command": shlex.join(cmds[tool]),
             "command": command,

@@ -129,7 +129,8 @@ def run(config, out_dir, copy_tokenizer, overwrite, allow_nonfinite, quiet, verb
         gpu = plan.device.type == "cuda"
         click.echo(f"stage seconds (summed over {'reader threads' if gpu else f'{plan.workers} worker(s)'}): "
                    f"read {t.read:.2f}, " + (f"H2D {t.h2d:.2f}, " if gpu else "") + f"statistics {t.stats:.2f}, "
-                   f"merge {t.merge:.2f}" + (" (kernel + D2H)" if gpu else "") + f", write {t.write:.2f}", err=True)
+                   f"merge {t.merge:.2f}" + (" (kernels)" if gpu else "") + f", write {t.write:.2f}; then fsync "
+                   f"{t.flush:.2f}, shard SHA-256 {t.manifest:.2f}", err=True)
     if not quiet:
         click.echo(f"merged {len(plan.tensors)} tensors ({format_size(result.input_bytes)} in, "
                    f"{format_size(result.output_bytes)} out) in {result.seconds:.1f} s "

@@ -85,11 +85,16 @@ def run(
             writer = ShardedWriter(temp, plan.layout)
             try:
                 executor = Executor(plan, writer, progress, allow_nonfinite=allow_nonfinite)
-                times = executor.run()
+                times = executor.times
+                executor.run()
             finally:
-                writer.close()
+                t1 = time.perf_counter()
+                writer.close()  # flushes the shards to disk (fsync) before anything is renamed
+                times.add(flush=time.perf_counter() - t1)
+            t1 = time.perf_counter()
             shards = [s.filename for s in plan.layout.shards]
             write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []))
+            times.add(manifest=time.perf_counter() - t1)
             _write_extras(plan, temp, copy_tokenizer)
             files = sorted(p.name for p in temp.iterdir())
             finalize(temp, out, overwrite)

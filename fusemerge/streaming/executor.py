@@ -39,6 +39,8 @@ class StageTimes:
     stats: float = 0.0
     merge: float = 0.0
     write: float = 0.0
+    flush: float = 0.0  # wall seconds: fsync of the output shards
+    manifest: float = 0.0  # wall seconds: SHA-256 of the written shards
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, **kw: float) -> None:
