@@ -61,6 +61,10 @@ class PeakAnon(threading.Thread):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=8192)
+    p.add_argument("--intermediate", type=int, default=28672)
+    p.add_argument("--vocab", type=int, default=256000)
+    p.add_argument("--device", default="cuda", help="cuda (the benchmark); cpu only checks the script at small sizes")
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--method", default="ties")
     p.add_argument("--density", type=float, default=0.2)
@@ -75,32 +79,46 @@ def main() -> int:
     import fusemerge
     from fusemerge.synthetic import make_llama_family, write_config_yaml
 
-    if not torch.cuda.is_available():
-        print("scale.py needs a CUDA GPU", file=sys.stderr)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("scale.py needs a CUDA GPU (--device cpu checks the script only)", file=sys.stderr)
         return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    fam = make_llama_family(args.workdir / "models", n_experts=args.experts, hidden=8192, intermediate=28672,
-                            layers=args.layers, vocab=256000, heads=64, kv_heads=8, tie_embeddings=True,
+    fam = make_llama_family(args.workdir / "models", n_experts=args.experts, hidden=args.hidden,
+                            intermediate=args.intermediate, layers=args.layers, vocab=args.vocab,
+                            heads=max(1, args.hidden // 128), kv_heads=max(1, args.hidden // 1024), tie_embeddings=True,
                             shard_bytes=5 * 10**9, seed=1)
     print(f"models: {fam['total_bytes'] / GB:.1f} GB written in {time.perf_counter() - t0:.0f} s", flush=True)
     cfg = args.workdir / "scale.yml"
     params = {"density": args.density} if args.method != "linear" else {}
     write_config_yaml(cfg, args.method, fam["base"], fam["experts"], **params)
 
-    plan = fusemerge.build_plan(cfg, device="cuda", max_memory=args.max_memory,
+    plan = fusemerge.build_plan(cfg, device=args.device, max_memory=args.max_memory,
                                 max_pinned_memory=args.max_pinned_memory)
     print(plan.summary(), flush=True)
-    torch.cuda.init()
-    torch.cuda.reset_peak_memory_stats()
-    base_alloc = torch.cuda.memory_allocated()
+    if cuda:
+        torch.cuda.init()
+        torch.cuda.reset_peak_memory_stats()
+    base_alloc = torch.cuda.memory_allocated() if cuda else 0
     mon = PeakAnon()
     anon0 = anon_bytes()
     mon.start()
+    from fusemerge.streaming.executor import Executor
+
+    real_init = Executor.__init__
+
+    def pipelined(self, *a, **kw):  # the CUDA pipeline on CPU too, so --device cpu checks its path
+        real_init(self, *a, **kw)
+        self.pipeline = True
+
+    if not cuda:
+        Executor.__init__ = pipelined
     res = fusemerge.run(cfg, args.workdir / "out-gpu", plan=plan, overwrite=True)
+    Executor.__init__ = real_init
     mon.stop.set()
     mon.join()
-    peak_gpu = torch.cuda.max_memory_allocated() - base_alloc
+    peak_gpu = torch.cuda.max_memory_allocated() - base_alloc if cuda else 0
     t = res.times
     print(f"gpu merge: {res.seconds:.1f} s, {res.input_gbps:.2f} GB/s input; peak GPU allocated "
           f"{peak_gpu / 2**30:.2f} GiB (budget {args.max_memory}); peak host anon {mon.peak / GB:.2f} GB "
@@ -124,7 +142,7 @@ def main() -> int:
         equal = "yes" if [x.name for x in a] == [x.name for x in b] and all(
             _same(x, y) for x, y in zip(a, b, strict=True)) else "NO"
         print(f"cpu merge: {cpu_s:.1f} s; outputs byte-identical: {equal}", flush=True)
-    device = torch.cuda.get_device_name()
+    device = torch.cuda.get_device_name() if cuda else "cpu (script check)"
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     layers80 = f"{res.seconds + 79 * per_layer * args.layers / args.layers:.0f}" if per_layer else "n/a"
     print(f"\n| device | experts | layers | input GB | merge s | GB/s | peak GPU GiB | budget | peak anon GB | "
