@@ -31,10 +31,13 @@ BLOCK = 1024
 NUM_WARPS = 4
 HI_BINS = 1 << 15  # bits(|d|) >> 16: the sign bit is clear, 15 significant bits remain
 LO_BINS = 1 << 16
-# Privatized histogram copies: program pid adds into copy pid % HIST_COPIES, so the few hot bins (deltas
-# share a handful of exponents) take 1/HIST_COPIES of the same-address atomics each; 32 x 32768 x 8 B =
-# 8 MiB stays in L2. The copies are summed by torch afterwards (integers: order does not matter).
-HIST_COPIES = 32
+# Privatized histogram copies: program pid adds into copy pid % copies, so the few hot bins (deltas share a
+# handful of exponents, and bf16-derived deltas share their low bits) take 1/copies of the same-address
+# atomics each. int32 counts (a chunk has < 2^31 elements); HIST_BYTES of copies stay in an H100's 50 MB L2
+# (256 copies of the 32768 high bins, 128 of the 65536 low bins). The copies are summed by torch afterwards
+# (integers: order does not matter). On an H100, 32 int64 copies ran the selection pass at 2-3% of the copy
+# bandwidth (bench/results/gpu-h100-2026-11-24): same-address atomics, not bytes, bound it.
+HIST_BYTES = 32 << 20
 # "No q-th tie in this block": larger than any chunk index, so tl.min picks a real hit when there is one.
 _NOT_FOUND = tl.constexpr(2**62)
 
@@ -51,7 +54,7 @@ def _abs_bits(base_ptr, x_ptr, offs, mask):
 def _hist_kernel(
     base_ptr,
     x_ptr,
-    hist_ptr,  # int64 [HIST_COPIES, NBINS], zeroed
+    hist_ptr,  # int32 [COPIES, NBINS], zeroed
     n,
     hi_bin,  # LOW only: count entries whose a >> 16 == hi_bin, by a & 0xFFFF
     LOW: tl.constexpr,
@@ -69,7 +72,7 @@ def _hist_kernel(
     else:
         bins = a >> 16
     row = (pid % COPIES) * NBINS
-    ones = tl.full([BLOCK], 1, dtype=tl.int64)
+    ones = tl.full([BLOCK], 1, dtype=tl.int32)
     tl.atomic_add(hist_ptr + row + bins, ones, mask=mask, sem="relaxed")
 
 
@@ -166,13 +169,13 @@ def _hist(base: torch.Tensor, expert: torch.Tensor, low: bool, hi_bin: int) -> t
     n = _check_pair(base, expert)
     nbins = LO_BINS if low else HI_BINS
     grid_n = triton.cdiv(n, BLOCK)
-    copies = max(1, min(HIST_COPIES, grid_n))
-    hist = torch.zeros((copies, nbins), dtype=torch.int64, device=expert.device)
+    copies = max(1, min(HIST_BYTES // (4 * nbins), grid_n))
+    hist = torch.zeros((copies, nbins), dtype=torch.int32, device=expert.device)
     if n:
         with launch_guard():
             _hist_kernel[(grid_n,)](base, expert, hist, n, hi_bin, LOW=low, NBINS=nbins, COPIES=copies, BLOCK=BLOCK,
                                     num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return hist.sum(dim=0)
+    return hist.sum(dim=0, dtype=torch.int64)
 
 
 def abs_hist_hi(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
