@@ -105,11 +105,11 @@ class TreeMonitor(threading.Thread):
             time.sleep(SAMPLE_S)
 
 
-def timed_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
-    """Run `cmd`; wall time, sampled peaks and ru_maxrss (from wait4) of that child alone."""
+def timed_run(cmd: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> dict:
+    """Run `cmd` in `cwd`; wall time, sampled peaks and ru_maxrss (from wait4) of that child alone."""
     with open(log, "w") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
         mon = TreeMonitor(proc.pid)
         mon.start()
         _, status, usage = os.wait4(proc.pid, 0)
