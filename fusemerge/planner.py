@@ -337,6 +337,7 @@ class _SlicePlanner:
         self.out_code, self.problems = out_code, problems
         self.tensors: list[TensorPlan] = []
         self.warnings: list[str] = []
+        self._templates: dict[Path, set[str]] = {}
 
     def plan(self) -> tuple[list[TensorPlan], list[str], list[ModelIndex], ModelIndex]:
         cfg = self.cfg
@@ -377,15 +378,16 @@ class _SlicePlanner:
                         f"{self.cfg.label}: slices[{i}].sources[{j}].layer_range: {list(src.layer_range)} is past "
                         f"the {n} layers of {model.path}")
 
+    def _layer_names(self, path: Path) -> set[str]:
+        """The names a layer of this model has, with layer number 0 (over all its layers: a tensor missing from
+        one layer is reported missing, not silently left out)."""
+        if path not in self._templates:
+            model = self.indices[path]
+            self._templates[path] = {_with_layer(n, 0) for n in model.tensors if layer_index(n) is not None}
+        return self._templates[path]
+
     def _plan_layer(self, i: int, sl: OutputSlice, offset: int, out_layer: int) -> None:
-        first = sl.sources[0]
-        model = self.indices[first.ref.path]
-        layer = first.layer_range[0] + offset
-        names = [n for n in model.tensors if layer_index(n) == layer]
-        if not names:
-            self.problems.append(f"{self.cfg.label}: slices[{i}].sources[0]: {model.path} has no tensors of "
-                                 f"layer {layer}")
-            return
+        names = set().union(*(self._layer_names(src.ref.path) for src in sl.sources))
         t = slice_t(offset, sl.num_layers)
         for name in sorted(names, key=_natural_key):
             out_name = _with_layer(name, out_layer)
