@@ -28,33 +28,26 @@ Run (from the repository root; models are generated once under --workdir and reu
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import json
 import os
-import platform
 import re
 import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from bench.common import GB, append_csv, machine, read_all, timed_run, version_of  # noqa: E402
+from bench.parity import compare_outputs  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
-GB = 1e9
-SAMPLE_S = 0.005  # memory sampling period
-RESCAN_EVERY = 10  # look for new descendants every 10 samples (~50 ms): scanning /proc costs ~1 ms
-READ_CHUNK = 16 << 20  # bytes per read() when warming the page cache
 DENSITY_METHODS = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
@@ -88,28 +81,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-compare", action="store_true", help="skip the output comparison")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "e2e.csv")
     return p.parse_args(argv)
-
-
-def machine() -> dict[str, str]:
-    cpu = platform.processor() or "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    ram_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram_gib": f"{ram_kb / 2**20:.1f}"}
-
-
-def version_of(python: Path | str, package: str) -> str:
-    code = f"import importlib.metadata as m; print(m.version({package!r}))"
-    try:
-        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        if package == "fusemerge":  # not installed: the checkout's pyproject
-            text = (REPO / "pyproject.toml").read_text()
-            return next(line.split('"')[1] for line in text.splitlines() if line.startswith("version")) + " (src)"
-        return "n/a"
 
 
 def ensure_models(args: argparse.Namespace) -> dict:
@@ -159,143 +130,6 @@ def pinned_h2d_gbps(nbytes: int = 1 << 30, repeats: int = 5) -> float:
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return nbytes / statistics.median(times[1:]) / GB
-
-
-def read_all(files: list[Path]) -> float:
-    """Read every file once (warms the page cache); returns the elapsed seconds."""
-    buf = bytearray(READ_CHUNK)
-    t0 = time.perf_counter()
-    for f in files:
-        with open(f, "rb", buffering=0) as fh:
-            while fh.readinto(buf):
-                pass
-    return time.perf_counter() - t0
-
-
-class TreeMonitor(threading.Thread):
-    """Samples the summed RssAnon / VmRSS (bytes) of a process and all its descendants."""
-
-    def __init__(self, pid: int) -> None:
-        super().__init__(daemon=True)
-        self.root, self.pids, self.stop = pid, {pid}, threading.Event()
-        self.peak_anon = self.peak_rss = 0
-
-    def _descendants(self) -> set[int]:
-        parent: dict[int, int] = {}
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                try:
-                    stat = Path(f"/proc/{entry}/stat").read_text()
-                    parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-        found, frontier = {self.root}, [self.root]
-        while frontier:
-            p = frontier.pop()
-            kids = [c for c, pp in parent.items() if pp == p and c not in found]
-            found.update(kids)
-            frontier += kids
-        return found
-
-    def run(self) -> None:
-        n = 0
-        while not self.stop.is_set():
-            if n % RESCAN_EVERY == 0:
-                self.pids |= self._descendants()
-            n += 1
-            anon = rss = 0
-            for pid in list(self.pids):
-                try:
-                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                        if line.startswith("RssAnon:"):
-                            anon += int(line.split()[1]) * 1024
-                        elif line.startswith("VmRSS:"):
-                            rss += int(line.split()[1]) * 1024
-                except OSError:
-                    self.pids.discard(pid)
-            self.peak_anon, self.peak_rss = max(self.peak_anon, anon), max(self.peak_rss, rss)
-            time.sleep(SAMPLE_S)
-
-
-def timed_run(cmd: list[str], log: Path, env: dict[str, str]) -> dict:
-    """Run `cmd`; wall time, sampled peaks and ru_maxrss (from wait4) of that child alone."""
-    with open(log, "w") as out:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env)
-        mon = TreeMonitor(proc.pid)
-        mon.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        mon.stop.set()
-        mon.join()
-    return {
-        "rc": proc.returncode,
-        "wall": wall,
-        "anon": mon.peak_anon,
-        "rss": mon.peak_rss,
-        "maxrss": usage.ru_maxrss * 1024,
-        "cpu": usage.ru_utime + usage.ru_stime,
-    }
-
-
-def model_tensors(d: Path) -> dict[str, Path]:
-    return {name: f for f in sorted(d.glob("*.safetensors")) for name in safe_open(f, "pt").keys()}
-
-
-def tie_mask(name: str, fam: dict, density: float) -> torch.Tensor:
-    """Where any expert's |delta| equals its TIES trim threshold (the k-th largest |delta|, k = max(1, int(d n)))."""
-    tensors = [model_tensors(Path(d)) for d in [fam["base"], *fam["experts"]]]
-    with safe_open(tensors[0][name], "pt") as fh:
-        base = fh.get_tensor(name).float()
-    mask = torch.zeros(base.shape, dtype=torch.bool)
-    k = max(1, int(density * base.numel()))
-    for files in tensors[1:]:
-        with safe_open(files[name], "pt") as fh:
-            mag = fh.get_tensor(name).float().sub_(base).abs_()
-        if k < mag.numel():
-            mask |= mag == mag.flatten().kthvalue(mag.numel() - k + 1).values
-    return mask
-
-
-def compare_outputs(a: Path, b: Path, ties: tuple[dict, float] | None = None) -> str:
-    """Fraction of elements more than 1 ulp (of the output dtype) apart, tensor by tensor.
-
-    With `ties` = (family, density), also counts the differing elements that are not at a trim
-    threshold tie of any expert (for TIES, the only place where the tools may legitimately differ).
-    """
-    ta, tb = model_tensors(a), model_tensors(b)
-    if ta.keys() != tb.keys():
-        return (
-            f"tensor names differ: only in {a.name}: {sorted(ta.keys() - tb.keys())[:5]}, "
-            f"only in {b.name}: {sorted(tb.keys() - ta.keys())[:5]}"
-        )
-    total = over = equal = off_tie = 0
-    worst, max_abs = ("", 0.0), 0.0
-    for name in sorted(ta):
-        with safe_open(ta[name], "pt") as fa, safe_open(tb[name], "pt") as fb:
-            xa, xb = fa.get_tensor(name), fb.get_tensor(name)
-        if xa.shape != xb.shape or xa.dtype != xb.dtype:
-            return f"{name}: {tuple(xa.shape)} {xa.dtype} vs {tuple(xb.shape)} {xb.dtype}"
-        mant = round(-torch.log2(torch.tensor(torch.finfo(xa.dtype).eps)).item())  # stored mantissa bits
-        xa, xb = xa.float(), xb.float()
-        diff = (xa - xb).abs()
-        _, exp = torch.frexp(torch.maximum(xa.abs(), xb.abs()))
-        ulp = torch.ldexp(torch.ones(()), (exp - 1 - mant).clamp(min=-149).float())
-        n_over = int((diff > ulp).sum())
-        total, over, equal = total + xa.numel(), over + n_over, equal + int((diff == 0).sum())
-        max_abs = max(max_abs, float(diff.max()))
-        if n_over / xa.numel() > worst[1]:
-            worst = (name, n_over / xa.numel())
-        if ties is not None and bool((diff > 0).any()):
-            off_tie += int(((diff > 0) & ~tie_mask(name, *ties)).sum())
-    text = (
-        f"{over / total:.3e} of {total} elements differ by > 1 ulp ({1 - equal / total:.3e} differ at all, "
-        f"max |diff| {max_abs:.3g}; worst tensor {worst[0] or '-'} {worst[1]:.3e})"
-    )
-    if ties is not None:
-        text += f"; differing elements not at a trim-threshold tie of any expert: {off_tie}"
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,8 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             }
     parity = ""
     if not args.no_compare and len(summary) == 2:
-        ties = (fam, args.density) if args.method == "ties" else None
-        parity = compare_outputs(args.workdir / "out-fusemerge", args.workdir / "out-mergekit", ties)
+        parity = compare_outputs(args.workdir / "out-fusemerge", args.workdir / "out-mergekit", config)
     mk_python = Path(mk_cmd[0]) if args.mergekit_cmd else args.mergekit_venv / "bin" / "python"
     have_mk = bool(args.mergekit_cmd) or mk_yaml.exists()
     versions = {
@@ -489,18 +322,6 @@ def main(argv: list[str] | None = None) -> int:
     if rows:
         append_csv(args.results, rows)
     return 1 if any("failed" in n for n in notes) else 0
-
-
-def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows to the results CSV; the header is written when the file is new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nappended {len(rows)} row(s) to {path}")
 
 
 if __name__ == "__main__":

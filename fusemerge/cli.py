@@ -63,23 +63,46 @@ def _plan_options(fn):
         click.option("--max-memory", default=None,
                      help="Working-memory bound on the compute device, e.g. 512MiB, 8GiB (default: a safe "
                           "fraction of what is free). Tensors larger than fits are processed in chunks."),
-        click.option("--out-shard-size", default="5GB", show_default=True, help="Bytes per output shard."),
+        click.option("--out-shard-size", default="5GB", show_default=True,
+                     help="Bytes per output shard: 5GB, 2GiB, or mergekit's forms (an integer; 500M, 5B with k/M/B "
+                          "= thousand / million / billion bytes)."),
         click.option("--seed", type=int, default=None, help="DARE seed (default 0)."),
         click.option("--random-seed", type=int, default=None, help="mergekit's alias for --seed."),
         click.option("--workers", type=int, default=None, help="Tensors merged at once (default: 2 on CPU, 1 on GPU)."),
         click.option("--max-pinned-memory", default=None,
                      help="Pinned host memory of the GPU pipeline's read-ahead and write-back buffers (default 1GiB)."),
+        click.option("--allow-crimes", is_flag=True,
+                     help="mergekit's flag (mix architectures); accepted with a note: fusemerge checks tensor "
+                          "names, shapes and dtypes, never architecture names."),
+        click.option("--lazy-unpickle/--no-lazy-unpickle", "lazy_unpickle", default=False,
+                     help="mergekit's flag; accepted, does nothing (fusemerge reads safetensors through mmap)."),
+        click.option("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", default=False,
+                     help="mergekit's flag; accepted with a note: fusemerge never runs model code."),
     ]
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
+MERGEKIT_FLAG_NOTES = {
+    "allow_crimes": "--allow-crimes is accepted for mergekit compatibility and changes nothing: fusemerge checks "
+                    "tensor names, shapes and dtypes, not architecture names",
+    "trust_remote_code": "--trust-remote-code is accepted for mergekit compatibility and changes nothing: "
+                         "fusemerge reads config.json and safetensors only and never runs model code",
+}
+
+
 def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, random_seed, workers,
-                 max_pinned_memory) -> dict:
+                 max_pinned_memory=None, allow_crimes=False, lazy_unpickle=False, trust_remote_code=False) -> dict:
+    """The build_plan arguments of the shared options; mergekit-only flags print their one-line note here."""
+    for flag, on in (("allow_crimes", allow_crimes), ("trust_remote_code", trust_remote_code)):
+        if on:
+            click.echo(f"fusemerge: note: {MERGEKIT_FLAG_NOTES[flag]}", err=True)
+    if cuda_flag and device not in ("auto", "cuda") and not device.startswith("cuda:"):
+        raise InputError(f"--cuda and --device {device} disagree")
     if seed is not None and random_seed is not None and seed != random_seed:
         raise InputError(f"--seed {seed} and --random-seed {random_seed} disagree")
-    return dict(device="cuda" if cuda_flag else device, backend=backend, max_memory=max_memory,
+    return dict(device="cuda" if cuda_flag and device == "auto" else device, backend=backend, max_memory=max_memory,
                 out_shard_size=out_shard_size, seed=seed if seed is not None else (random_seed or 0), workers=workers,
                 max_pinned_memory=max_pinned_memory)
 

@@ -45,6 +45,7 @@ TOP_LEVEL_KEYS = (
     "merge_method",
     "base_model",
     "models",
+    "slices",
     "parameters",
     "dtype",
     "out_dtype",
@@ -61,7 +62,6 @@ MERGEKIT_ONLY_METHODS = (
     "multislerp",
     "karcher",
     "model_stock",
-    "passthrough",
     "della",
     "della_linear",
     "sce",
@@ -90,7 +90,7 @@ TRIM_SCOPES = ("tensor", "global")
 # it is accepted (global-only, a bool) so mergekit configs load unchanged, and otherwise ignored.
 MERGEKIT_NOOP_PARAMS = ("int8_mask",)
 
-_LAYER_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+LAYER_NAME_RE = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
 _UNSET: Any = object()
 
 
@@ -114,6 +114,33 @@ class ModelRef:
 
 
 @dataclass
+class SliceSource:
+    """One source of a `slices:` entry: layers [start, end) of one model, with its own `parameters:`."""
+
+    ref: ModelRef
+    layer_range: tuple[int, int]
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass
+class OutputSlice:
+    """One `slices:` entry: output layers made from equally long layer ranges of its sources.
+
+    Output layer `offset` of the slice takes layer `source.layer_range[0] + offset` of every source.
+    """
+
+    sources: list[SliceSource]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.sources[0].num_layers
+
+
+@dataclass
 class MergeConfig:
     """A validated merge config; build it with `load_config`.
 
@@ -121,6 +148,9 @@ class MergeConfig:
     not one, even when listed under `models:`); for `linear` every listed model, then the base when
     it is given and not listed (mergekit appends it, mergekit/plan.py:143-156). `listed_models` keeps
     the `models:` list as written. `parameters` are the top-level parameters as written.
+
+    A `slices:` config has `slices` set (and `listed_models` empty); `models` then lists every model its
+    sources name, once, in order of first appearance (the base excluded for delta methods).
 
     >>> cfg = load_config({"merge_method": "ties", "base_model": "b",
     ...                    "models": [{"model": "b"}, {"model": "e", "parameters": {"density": 0.3}}]})
@@ -139,6 +169,7 @@ class MergeConfig:
     name: str | None = None
     trim_scope: str = "tensor"
     listed_models: list[ModelRef] = field(default_factory=list)
+    slices: list[OutputSlice] | None = None
     source_path: Path | None = field(default=None, compare=False)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
@@ -172,6 +203,35 @@ class MergeConfig:
                     return _as_kind(pdef, value)
         return _as_kind(pdef, pdef.default)
 
+    def slice_param(self, name: str, out_slice: OutputSlice, source: SliceSource | None, tensor_name: str,
+                    t: float) -> float | bool | str:
+        """The value of `name` for one tensor of a `slices:` config, as mergekit resolves it.
+
+        Looks up the source's own `parameters:` (when `source` is given and the parameter may be set per
+        model), then the slice's `parameters:`, then the top-level `parameters:`, then the default
+        (mergekit/config.py ConfigReader.parameter_sources). Gradients are read at `t`, the position in
+        the slice (mergekit/plan.py plan_slice). Per-model values take the source's *input* tensor name
+        for `tensor_name`, whole-merge values the output name, as mergekit does.
+        """
+        pdef = self.method.params.get(name)
+        if pdef is None:
+            raise KeyError(f"{self.method.name} has no parameter {name!r}")
+        sources: list[Mapping[str, Any]] = []
+        if source is not None and pdef.per_model:
+            sources.append(source.ref.parameters)
+        sources += [out_slice.parameters, self.parameters]
+        for settings in sources:
+            if name in settings:
+                value = resolve(settings[name], tensor_name, default=_UNSET, t=t)
+                if value is not _UNSET:
+                    return _as_kind(pdef, value)
+        return _as_kind(pdef, pdef.default)
+
+    @property
+    def num_output_layers(self) -> int | None:
+        """For a `slices:` config, the number of layers of the output (the sum of the slices' lengths)."""
+        return sum(s.num_layers for s in self.slices) if self.slices is not None else None
+
     @property
     def label(self) -> str:
         """How problem lines name this config: the file as given to load_config, or "config" for a dict."""
@@ -191,13 +251,28 @@ class MergeConfig:
         out["merge_method"] = self.method.name
         if self.base_model is not None:
             out["base_model"] = self.base_model.model
-        models = []
-        for ref in self.listed_models:
-            entry: dict[str, Any] = {"model": ref.model}
-            if ref.parameters:
-                entry["parameters"] = _plain(ref.parameters)
-            models.append(entry)
-        out["models"] = models
+        if self.slices is not None:
+            slices = []
+            for sl in self.slices:
+                sources = []
+                for src in sl.sources:
+                    entry: dict[str, Any] = {"model": src.ref.model, "layer_range": list(src.layer_range)}
+                    if src.ref.parameters:
+                        entry["parameters"] = _plain(src.ref.parameters)
+                    sources.append(entry)
+                item: dict[str, Any] = {"sources": sources}
+                if sl.parameters:
+                    item["parameters"] = _plain(sl.parameters)
+                slices.append(item)
+            out["slices"] = slices
+        else:
+            models = []
+            for ref in self.listed_models:
+                entry = {"model": ref.model}
+                if ref.parameters:
+                    entry["parameters"] = _plain(ref.parameters)
+                models.append(entry)
+            out["models"] = models
         if self.parameters:
             out["parameters"] = _plain(self.parameters)
         for key in ("dtype", "out_dtype", "tokenizer_source", "chat_template"):
@@ -231,7 +306,7 @@ def layer_index(tensor_name: str) -> int | None:
     >>> layer_index("model.embed_tokens.weight") is None
     True
     """
-    match = _LAYER_RE.search(tensor_name)
+    match = LAYER_NAME_RE.search(tensor_name)
     return int(match.group(1)) if match else None
 
 
@@ -250,10 +325,12 @@ def infer_num_layers(tensor_names: Iterable[str], model_config: Mapping[str, Any
 
 
 def gradient_t(tensor_name: str, num_layers: int | None) -> float:
-    """Where a tensor sits on a gradient: t = layer / (L - 1); 0 outside the layer stack and when L == 1.
+    """Where a tensor sits on a gradient: t = layer / (L - 1); 0 outside the layer stack, 1 when L == 1.
 
-    >>> gradient_t("model.layers.3.mlp.weight", 7), gradient_t("lm_head.weight", 7)
-    (0.5, 0.0)
+    L == 1 gives t = 1 as in mergekit (mergekit/plan.py plan_slice: `t = 1` for a one-layer slice).
+
+    >>> gradient_t("model.layers.3.mlp.weight", 7), gradient_t("lm_head.weight", 7), gradient_t("x.layers.0.w", 1)
+    (0.5, 0.0, 1.0)
     """
     layer = layer_index(tensor_name)
     if layer is None:
@@ -262,9 +339,16 @@ def gradient_t(tensor_name: str, num_layers: int | None) -> float:
         raise ValueError(f"{tensor_name}: resolving a gradient needs the number of layers")
     if layer >= num_layers:
         raise ValueError(f"{tensor_name}: layer {layer} is past the model's {num_layers} layers")
-    if num_layers <= 1:
-        return 0.0
-    return layer / (num_layers - 1)
+    return slice_t(layer, num_layers)
+
+
+def slice_t(offset: int, num_layers: int) -> float:
+    """mergekit's gradient position of layer `offset` in a run of `num_layers` layers (1 for a single layer).
+
+    >>> slice_t(0, 3), slice_t(2, 3), slice_t(0, 1)
+    (0.0, 1.0, 1.0)
+    """
+    return offset / (num_layers - 1) if num_layers > 1 else 1.0
 
 
 def interpolate(values: list[Any], t: float) -> float | bool | str:
@@ -288,12 +372,14 @@ def interpolate(values: list[Any], t: float) -> float | bool | str:
     return float((1 - frac) * values[i0] + frac * values[i1])
 
 
-def resolve(value: Any, tensor_name: str, num_layers: int | None = None, *, default: Any = None) -> Any:
+def resolve(value: Any, tensor_name: str, num_layers: int | None = None, *, default: Any = None,
+            t: float | None = None) -> Any:
     """Resolve one parameter setting (scalar, gradient or filter rules) for one tensor.
 
     Rules: the first whose `filter` is a substring of `tensor_name` wins; a rule without `filter`
     (or with `filter: "*"`, as mergekit allows) matches every tensor; a rule's value may itself be a
-    gradient. When no rule matches, `default` is returned. Numbers come back as floats.
+    gradient. When no rule matches, `default` is returned. Numbers come back as floats. A gradient is
+    read at `t` when given, else at `gradient_t(tensor_name, num_layers)`.
 
     >>> rules = [{"filter": "mlp", "value": [0.0, 1.0]}, {"value": 0.7}]
     >>> resolve(rules, "model.layers.1.mlp.up.weight", 3), resolve(rules, "model.layers.1.attn.q.weight", 3)
@@ -308,9 +394,9 @@ def resolve(value: Any, tensor_name: str, num_layers: int | None = None, *, defa
             for rule in value:
                 flt = rule.get("filter")
                 if flt is None or flt == "*" or flt in tensor_name:
-                    return resolve(rule["value"], tensor_name, num_layers, default=default)
+                    return resolve(rule["value"], tensor_name, num_layers, default=default, t=t)
             return default
-        return interpolate(value, gradient_t(tensor_name, num_layers))
+        return interpolate(value, gradient_t(tensor_name, num_layers) if t is None else t)
     return _scalar(value)
 
 
@@ -488,6 +574,7 @@ class _Validator:
         self.label = label
         self.problems: list[str] = []
         self.model_params: list[tuple[str, dict[str, Any]]] = []  # (key, parameters) of every models entry
+        self.slice_params: list[tuple[str, dict[str, Any]]] = []  # (key, parameters) of every slices entry
 
     def add(self, key: str, message: str) -> None:
         self.problems.append(f"{self.label}: {key}: {message}")
@@ -502,9 +589,7 @@ class _Validator:
             raise InputError(self.problems)
         raw = dict(data)
         for key in raw:
-            if key == "slices":
-                self.add("slices", "slices: configs are not supported yet; list whole models under models:")
-            elif key == "modules":
+            if key == "modules":
                 self.add("modules", "modules: configs are not supported yet; list whole models under models:")
             elif key not in TOP_LEVEL_KEYS:
                 self.add(str(key), f"unknown top-level key{_suggest(str(key), TOP_LEVEL_KEYS)}; "
@@ -512,7 +597,14 @@ class _Validator:
 
         method = self._method(raw.get("merge_method", _UNSET))
         base = self._base(raw.get("base_model"), method)
-        listed = self._models(raw.get("models", _UNSET))
+        slices: list[OutputSlice] | None = None
+        if "slices" in raw:
+            if "models" in raw:
+                self.add("slices", "give models: or slices:, not both (mergekit takes exactly one of them)")
+            slices = self._slices(raw["slices"])
+            listed: list[ModelRef] = []
+        else:
+            listed = self._models(raw.get("models", _UNSET))
         global_params = self._params_mapping(raw.get("parameters"), "parameters")
         dtype = self._dtype(raw.get("dtype"), "dtype")
         out_dtype = self._dtype(raw.get("out_dtype"), "out_dtype")
@@ -522,11 +614,13 @@ class _Validator:
 
         trim_scope = "tensor"
         if method is None:  # still check the values of every parameter some method knows
-            for where, params in [*self.model_params, ("parameters", global_params)]:
+            for where, params in [*self.model_params, *self.slice_params, ("parameters", global_params)]:
                 self._check_values_only(params, where)
         else:
             for where, params in self.model_params:
                 self._check_params(params, where, method, per_model=True)
+            for where, params in self.slice_params:
+                self._check_params(params, where, method, per_model=False)
             self._check_params(global_params, "parameters", method, per_model=False)
             scope = global_params.get("trim_scope")
             if isinstance(scope, str) and scope in TRIM_SCOPES:
@@ -537,8 +631,15 @@ class _Validator:
             base_at = [i for i, ref in enumerate(listed) if ref.path == base.path]
             if base_at:
                 base.parameters = listed[base_at[0]].parameters
-        if method is not None:
-            if method.is_linear:
+        if method is not None and slices is not None:
+            models = self._slice_structure(method, base, slices, global_params)
+        elif method is not None:
+            if method.is_passthrough:
+                models = list(listed)
+                if len(listed) > 1 or (base is not None and listed and listed[0].path != base.path):
+                    self.add("models", "passthrough copies exactly one model (the base_model, if given, counts as "
+                                       "one, as in mergekit); to stack layers of several models use slices:")
+            elif method.is_linear:
                 models = list(listed)
                 if base is not None and not any(ref.path == base.path for ref in listed):
                     models.append(base)
@@ -546,7 +647,7 @@ class _Validator:
                 models = [ref for ref in listed if base is None or ref.path != base.path]
                 if listed and not models:
                     self.add("models", f"lists only the base model; {method.name} needs at least one other model")
-            if not self.problems:
+            if not self.problems and slices is None and not method.is_passthrough:
                 self._check_combinations(method, models, listed, global_params)
 
         if self.problems:
@@ -564,6 +665,7 @@ class _Validator:
             name=name,
             trim_scope=trim_scope,
             listed_models=listed,
+            slices=slices,
             source_path=source_path,
             raw=raw,
         )
@@ -639,6 +741,112 @@ class _Validator:
             refs.append(ref)
         return refs
 
+    def _slices(self, value: Any) -> list[OutputSlice]:
+        """mergekit's `slices:` list: `- sources: [{model, layer_range: [a, b], parameters}]` (+ parameters)."""
+        if not isinstance(value, list) or not value:
+            what = "an empty list" if isinstance(value, list) else _kind_name(value)
+            self.add("slices", f"must be a non-empty list of `- sources: [...]` entries, not {what}")
+            return []
+        out: list[OutputSlice] = []
+        for i, entry in enumerate(value):
+            key = f"slices[{i}]"
+            if not isinstance(entry, Mapping) or "sources" not in entry:
+                what = "a mapping without sources:" if isinstance(entry, Mapping) else _kind_name(entry)
+                self.add(key, f"must be a mapping with `sources:` (and optionally parameters:), not {what}")
+                continue
+            for extra in entry:
+                if extra in ("base_model", "residual_weight"):
+                    self.add(f"{key}.{extra}", f"a per-slice {extra}: is not supported yet; "
+                                               "set base_model: at the top level")
+                elif extra not in ("sources", "parameters"):
+                    self.add(f"{key}.{extra}", f"unknown key{_suggest(str(extra), ('sources', 'parameters'))}; "
+                                               "a slices entry has sources: and parameters:")
+            params = self._params_mapping(entry.get("parameters"), f"{key}.parameters")
+            self.slice_params.append((f"{key}.parameters", params))
+            sources = self._slice_sources(entry["sources"], f"{key}.sources")
+            if sources is None:
+                continue
+            lengths = {src.num_layers for src in sources}
+            if len(lengths) > 1:
+                ranges = ", ".join(f"{s.ref.model} {list(s.layer_range)}" for s in sources)
+                self.add(f"{key}.sources", f"every source of a slice needs the same number of layers ({ranges})")
+                continue
+            out.append(OutputSlice(sources=sources, parameters=params))
+        return out
+
+    def _slice_sources(self, value: Any, key: str) -> list[SliceSource] | None:
+        if not isinstance(value, list) or not value:
+            what = "an empty list" if isinstance(value, list) else _kind_name(value)
+            self.add(key, f"must be a non-empty list of `- model: PATH` + `layer_range: [start, end]`, not {what}")
+            return None
+        sources: list[SliceSource] = []
+        first_at: dict[Path, int] = {}
+        ok = True
+        for j, entry in enumerate(value):
+            skey = f"{key}[{j}]"
+            if not isinstance(entry, Mapping) or "model" not in entry or "layer_range" not in entry:
+                what = _kind_name(entry) if not isinstance(entry, Mapping) else (
+                    "a mapping without " + ("model:" if "model" not in entry else "layer_range:"))
+                self.add(skey, f"must be a mapping with `model: PATH` and `layer_range: [start, end]`, not {what}")
+                ok = False
+                continue
+            for extra in entry:
+                if extra not in ("model", "layer_range", "parameters"):
+                    allowed = ("model", "layer_range", "parameters")
+                    self.add(f"{skey}.{extra}", f"unknown key{_suggest(str(extra), allowed)}; "
+                                                "a source has model:, layer_range: and parameters:")
+            ref = self._model_path(entry["model"], f"{skey}.model")
+            params = self._params_mapping(entry.get("parameters"), f"{skey}.parameters")
+            self.model_params.append((f"{skey}.parameters", params))
+            layer_range = self._layer_range(entry["layer_range"], f"{skey}.layer_range")
+            if ref is None or layer_range is None:
+                ok = False
+                continue
+            ref.parameters = params
+            if ref.path in first_at:
+                self.add(f"{skey}.model", f"{ref.model!r} is listed twice in this slice "
+                                          f"(also {key}[{first_at[ref.path]}]); mergekit merges each model once")
+                ok = False
+                continue
+            first_at[ref.path] = j
+            sources.append(SliceSource(ref=ref, layer_range=layer_range))
+        return sources if ok else None
+
+    def _layer_range(self, value: Any, key: str) -> tuple[int, int] | None:
+        ints = isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ints:
+            self.add(key, f"must be [start, end], two whole numbers (layers start..end-1), not {_kind_name(value)}")
+            return None
+        start, end = value
+        if start < 0 or end <= start:
+            self.add(key, f"[{start}, {end}] is empty or negative; need 0 <= start < end")
+            return None
+        return start, end
+
+    def _slice_structure(self, method: Method, base: ModelRef | None, slices: list[OutputSlice],
+                         global_params: Mapping[str, Any]) -> list[ModelRef]:
+        """What each method needs of every slice (mergekit's InputContract), and the models the slices name."""
+        if global_params.get("trim_scope") == "global":
+            self.add("parameters.trim_scope", "trim_scope: global is not supported with slices: yet")
+        models: dict[Path, ModelRef] = {}
+        for i, sl in enumerate(slices):
+            key = f"slices[{i}].sources"
+            paths = [src.ref.path for src in sl.sources]
+            if method.is_passthrough and len(sl.sources) != 1:
+                self.add(key, f"passthrough takes exactly one source per slice, not {len(sl.sources)}")
+            if method.needs_base and base is not None:
+                if base.path not in paths:
+                    self.add(key, f"the base model {base.model!r} is not among the sources; {method.name} needs "
+                                  "it in every slice, with the layer_range its deltas are taken from (as mergekit)")
+                elif len(paths) < 2:
+                    self.add(key, f"lists only the base model; {method.name} needs at least one other model")
+            for src in sl.sources:
+                if method.needs_base and base is not None and src.ref.path == base.path:
+                    continue
+                models.setdefault(src.ref.path, src.ref)
+        return list(models.values())
+
     def _params_mapping(self, value: Any, key: str) -> dict[str, Any]:
         if value is None:
             return {}
@@ -705,7 +913,7 @@ class _Validator:
         if not per_model:
             if method.needs_thresholds:
                 allowed.append("trim_scope")
-            if not method.is_linear:
+            if not method.combines_models:
                 allowed.extend(MERGEKIT_NOOP_PARAMS)
         for name, value in params.items():
             key = f"{where}.{name}"
@@ -721,7 +929,7 @@ class _Validator:
                 elif not isinstance(value, str) or value not in TRIM_SCOPES:
                     self.add(key, f"must be 'tensor' or 'global', not {_kind_name(value)}")
                 continue
-            if name in MERGEKIT_NOOP_PARAMS and not method.is_linear:
+            if name in MERGEKIT_NOOP_PARAMS and not method.combines_models:
                 if per_model:
                     self.add(key, f"{name} applies to the whole merge, not one model; "
                                   "set it under the top-level parameters:")

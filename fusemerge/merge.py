@@ -26,6 +26,10 @@ TOKENIZER_FILES = (
 )
 
 
+# config.json keys holding the number of layers (Llama / Mistral / Qwen ..., GPT-2, GPT-NeoX-style).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
 @dataclass
 class MergeResult:
     """What `run` did: where, how long, how many bytes, and the per-stage times."""
@@ -129,6 +133,10 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> Non
             cfg["torch_dtype"] = plan.out_dtype_name
             if "dtype" in cfg:
                 cfg["dtype"] = plan.out_dtype_name
+        if plan.config.slices is not None:  # layer stacking: the output's layer count (mergekit/merge.py)
+            keys = [k for k in LAYER_COUNT_KEYS if k in cfg] or [LAYER_COUNT_KEYS[0]]
+            for key in keys:
+                cfg[key] = plan.config.num_output_layers
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if copy_tokenizer:
         src = _tokenizer_dir(plan)

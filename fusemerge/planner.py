@@ -11,15 +11,24 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fusemerge.config import MergeConfig, load_config
+from fusemerge.config import (
+    LAYER_NAME_RE,
+    MergeConfig,
+    OutputSlice,
+    SliceSource,
+    layer_index,
+    load_config,
+    slice_t,
+)
 from fusemerge.errors import InputError
 from fusemerge.methods import Method
-from fusemerge.sizes import format_size, parse_size
+from fusemerge.sizes import format_size, parse_shard_size, parse_size
 from fusemerge.streaming.model_index import ModelIndex, open_model
 from fusemerge.streaming.safetensors_header import TensorEntry
 from fusemerge.streaming.writer import OutputLayout, OutputTensor, plan_layout
@@ -202,7 +211,7 @@ def build_plan(
     dev = resolve_device(device)
     backend_name = resolve_backend(backend, dev)
     try:
-        shard_bytes = parse_size(out_shard_size)
+        shard_bytes = parse_shard_size(out_shard_size)
     except ValueError as e:
         problems.append(f"--out-shard-size: {e}")
         shard_bytes = 5 * 10**9
@@ -226,6 +235,50 @@ def build_plan(
         return opened[key]
 
     base = open_once(cfg.base_model.path) if cfg.base_model is not None else None
+    out_code = _out_code(cfg)
+    if cfg.slices is not None:
+        sliced = _SlicePlanner(cfg, method, open_once, base, out_code, problems)
+        tensors, warnings, models, reference = sliced.plan()
+        num_layers, checked_only = cfg.num_output_layers, False
+        n_inputs = max([len(t.inputs) + (t.base is not None) for t in tensors] + [2])
+    else:
+        tensors, warnings, models, reference, num_layers, checked_only = _models_plan(
+            cfg, method, open_once, base, out_code, problems)
+        n_inputs = max(len(models) + 1, 2)
+    if cfg.trim_scope == "global":
+        for t in tensors:
+            if t.copy_only:
+                continue
+            first = next(x for x in tensors if not x.copy_only)
+            if t.density != first.density:
+                problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
+                                f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
+                break
+    if problems or checked_only:
+        raise InputError(problems)
+
+    out_tensors = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors]
+    layout = plan_layout(out_tensors, shard_bytes)
+    n_workers = workers or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)
+    chunk = _chunk_elems(budget, n_inputs, n_workers, dev)
+    if chunk < MIN_CHUNK:
+        need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
+        raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
+                         f"{n_inputs} inputs need at least {need}")
+    pinned = None
+    if max_pinned_memory is not None:
+        try:
+            pinned = parse_size(max_pinned_memory)
+        except ValueError as e:
+            raise InputError(f"--max-pinned-memory: {e}") from None
+    return MergePlan(cfg, method, base, models, reference, tensors, layout,
+                     CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
+                     budget // (2 * n_workers), seed, num_layers, warnings, pinned)
+
+
+def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], ModelIndex | None],
+                 base: ModelIndex | None, out_code: str | None, problems: list[str]):
+    """The TensorPlans of a `models:` config: output tensor X merges tensor X of every model."""
     # cfg.models: the experts (base excluded), or for linear every averaged model (base appended if unlisted)
     members = [(open_once(ref.path), i) for i, ref in enumerate(cfg.models)]
     if not members:
@@ -242,38 +295,33 @@ def build_plan(
     models = [m for m, _ in members]
     reference = base if base is not None else models[0]
     num_layers = layer_count(reference)
-    out_code = _out_code(cfg)
 
     tensors: list[TensorPlan] = []
     warnings: list[str] = []
     for name in sorted(reference.tensors, key=_natural_key):
         ref_entry = reference.tensors[name]
         entries = [_entry(m, name) for m in models]
-        base_entry = base.tensors[name] if base is not None and not method.is_linear else None
+        base_entry = base.tensors[name] if base is not None and not method.combines_models else None
         missing = [str(m.path) for m, e in zip(models, entries, strict=True) if e is None]
         if missing:
             problems.append(f"tensor '{name}' is missing in {', '.join(missing)} (present in {reference.path})")
             continue
-        pairs = list(zip(models, entries, strict=True))
-        bad = [f"{m.path} has {list(e.shape)}" for m, e in pairs if e.shape != ref_entry.shape]
-        if bad:
-            hint = " (the vocabularies differ: merging models with different vocabularies is not supported)" if (
-                "embed" in name or "lm_head" in name or "wte" in name) else ""
-            problems.append(f"tensor '{name}': shape mismatch: {reference.path} has {list(ref_entry.shape)}, "
-                            f"{'; '.join(bad)}{hint}")
-            continue
-        bad = [f"{m.path} has {e.dtype}" for m, e in pairs if e.dtype != ref_entry.dtype]
-        if bad:
-            problems.append(f"tensor '{name}': dtype mismatch: {reference.path} has {ref_entry.dtype}, "
-                            f"{'; '.join(bad)}")
+        labelled = [(str(m.path), e) for m, e in zip(models, entries, strict=True)]
+        if not _same_shape_and_dtype(name, str(reference.path), ref_entry, labelled, problems):
             continue
         if ref_entry.dtype not in FLOAT_CODES:
-            tensors.append(TensorPlan(name, ref_entry.shape, ref_entry.dtype, ref_entry.dtype, None, [ref_entry],
-                                      [1.0], [], [], 1.0, False, False, copy_only=True))
+            tensors.append(_copy_plan(name, ref_entry))
             warnings.append(f"tensor '{name}' has dtype {ref_entry.dtype}: copied from {reference.path} unchanged")
             continue
+
+        def per_model(pname: str, name: str = name) -> list[float]:
+            return [float(cfg.param(pname, name, idx, num_layers)) for _, idx in members]
+
+        def global_param(pname: str, default: object, name: str = name) -> object:
+            return cfg.param(pname, name, None, num_layers) if pname in method.params else default
+
         try:
-            tensors.append(_tensor_plan(cfg, method, name, ref_entry, base_entry, entries, members, num_layers,
+            tensors.append(_tensor_plan(method, name, ref_entry, base_entry, entries, per_model, global_param,
                                         out_code or ref_entry.dtype))
         except InputError as e:
             problems.extend(e.problems)
@@ -283,36 +331,163 @@ def build_plan(
         if extra:
             warnings.append(f"{m.path}: {len(extra)} tensor(s) not in {reference.path} are ignored "
                             f"(first: '{extra[0]}')")
-    if cfg.trim_scope == "global":
-        for t in tensors:
-            if t.copy_only:
-                continue
-            first = next(x for x in tensors if not x.copy_only)
-            if t.density != first.density:
-                problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
-                                f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
-                break
-    if problems or checked_only:
-        raise InputError(problems)
+    return tensors, warnings, models, reference, num_layers, checked_only
 
-    out_tensors = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors]
-    layout = plan_layout(out_tensors, shard_bytes)
-    n_inputs = max(len(models) + 1, 2)
-    n_workers = workers or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)
-    chunk = _chunk_elems(budget, n_inputs, n_workers, dev)
-    if chunk < MIN_CHUNK:
-        need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
-        raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
-                         f"{n_inputs} inputs need at least {need}")
-    pinned = None
-    if max_pinned_memory is not None:
+
+class _SlicePlanner:
+    """The TensorPlans of a `slices:` config, following mergekit/plan.py (plan_module / plan_slice).
+
+    Output layers are the slices' layer ranges one after another, renumbered from 0: output layer
+    `n + offset` (n = the layers of the slices before) merges layer `source.layer_range[0] + offset` of
+    every source of its slice, under the same tensor name with that layer number. A gradient is read at
+    `t = offset / (slice length - 1)` (1 for a one-layer slice). Tensors outside the layer stack come
+    from the first slice's sources when they are embeddings (mergekit's "pre" weights: `embed_tokens`,
+    `wte`, ...) and from the last slice's sources otherwise ("post" weights: final norm, `lm_head`), at
+    t = 0 and with that slice's parameters.
+    """
+
+    def __init__(self, cfg: MergeConfig, method: Method, open_once: Callable[[Path], ModelIndex | None],
+                 base: ModelIndex | None, out_code: str | None, problems: list[str]):
+        self.cfg, self.method, self.open_once, self.base = cfg, method, open_once, base
+        self.out_code, self.problems = out_code, problems
+        self.tensors: list[TensorPlan] = []
+        self.warnings: list[str] = []
+        self._templates: dict[Path, set[str]] = {}
+
+    def plan(self) -> tuple[list[TensorPlan], list[str], list[ModelIndex], ModelIndex]:
+        cfg = self.cfg
+        assert cfg.slices is not None
+        indices = {src.ref.path: self.open_once(src.ref.path) for sl in cfg.slices for src in sl.sources}
+        if any(m is None for m in indices.values()) or (cfg.base_model is not None and self.base is None):
+            raise InputError(self.problems)
+        self.indices: dict[Path, ModelIndex] = indices  # type: ignore[assignment]
+        self._check_ranges()
+        if self.problems:
+            raise InputError(self.problems)
+        first = cfg.slices[0].sources[0]
+        reference = self.base if self.base is not None else self.indices[first.ref.path]
+        out_layer = 0
+        for i, sl in enumerate(cfg.slices):
+            for offset in range(sl.num_layers):
+                self._plan_layer(i, sl, offset, out_layer)
+                out_layer += 1
+        # Non-layer tensors: the names the first source model has outside the layer stack.
+        for name in sorted(self.indices[first.ref.path].tensors, key=_natural_key):
+            if layer_index(name) is not None:
+                continue
+            sl = cfg.slices[0] if _is_pre_weight(name) else cfg.slices[-1]
+            sources = sl.sources[:len(cfg.slices[0].sources)]  # mergekit zips post weights with slice 0's count
+            self._plan_tensor(name, sl, [(src, name) for src in sources], t=0.0)
+        self.tensors.sort(key=lambda t: _natural_key(t.name))
+        models = [self.indices[ref.path] for ref in cfg.models]
+        return self.tensors, self.warnings, models, reference
+
+    def _check_ranges(self) -> None:
+        assert self.cfg.slices is not None
+        for i, sl in enumerate(self.cfg.slices):
+            for j, src in enumerate(sl.sources):
+                model = self.indices[src.ref.path]
+                n = layer_count(model) or 0
+                if src.layer_range[1] > n:
+                    self.problems.append(
+                        f"{self.cfg.label}: slices[{i}].sources[{j}].layer_range: {list(src.layer_range)} is past "
+                        f"the {n} layers of {model.path}")
+
+    def _layer_names(self, path: Path) -> set[str]:
+        """The names a layer of this model has, with layer number 0 (over all its layers: a tensor missing from
+        one layer is reported missing, not silently left out)."""
+        if path not in self._templates:
+            model = self.indices[path]
+            self._templates[path] = {_with_layer(n, 0) for n in model.tensors if layer_index(n) is not None}
+        return self._templates[path]
+
+    def _plan_layer(self, i: int, sl: OutputSlice, offset: int, out_layer: int) -> None:
+        names = set().union(*(self._layer_names(src.ref.path) for src in sl.sources))
+        t = slice_t(offset, sl.num_layers)
+        for name in sorted(names, key=_natural_key):
+            out_name = _with_layer(name, out_layer)
+            inputs = [(src, _with_layer(name, src.layer_range[0] + offset)) for src in sl.sources]
+            self._plan_tensor(out_name, sl, inputs, t)
+
+    def _plan_tensor(self, out_name: str, sl: OutputSlice, inputs: list[tuple[SliceSource, str]], t: float) -> None:
+        cfg, method = self.cfg, self.method
+        base_path = cfg.base_model.path if cfg.base_model is not None and method.needs_base else None
+        found: list[tuple[SliceSource, str, TensorEntry]] = []
+        missing = []
+        for src, in_name in inputs:
+            entry = _entry(self.indices[src.ref.path], in_name)
+            if entry is None:
+                missing.append(f"'{in_name}' in {self.indices[src.ref.path].path}")
+            else:
+                found.append((src, in_name, entry))
+        if missing:
+            self.problems.append(f"tensor '{out_name}': input tensor {', '.join(missing)} is missing")
+            return
+        base_at = [k for k, (src, _, _) in enumerate(found) if src.ref.path == base_path]
+        if base_path is not None and not base_at:
+            self.problems.append(f"tensor '{out_name}': the base model {cfg.base_model.model!r} is not among "
+                                 "its sources")
+            return
+        base_entry = found[base_at[0]][2] if base_at else None
+        members = [f for k, f in enumerate(found) if k not in base_at]
+        ref_src, ref_name, ref_entry = found[0]
+        labelled = [(f"{self.indices[src.ref.path].path} ('{n}')", e) for src, n, e in found[1:]]
+        ref_label = f"{self.indices[ref_src.ref.path].path} ('{ref_name}')"
+        if not _same_shape_and_dtype(out_name, ref_label, ref_entry, labelled, self.problems):
+            return
+        if ref_entry.dtype not in FLOAT_CODES:
+            self.tensors.append(_copy_plan(out_name, ref_entry))
+            self.warnings.append(f"tensor '{out_name}' has dtype {ref_entry.dtype}: copied from {ref_label} unchanged")
+            return
+
+        def per_model(pname: str) -> list[float]:
+            return [float(cfg.slice_param(pname, sl, src, in_name, t)) for src, in_name, _ in members]
+
+        def global_param(pname: str, default: object) -> object:
+            return cfg.slice_param(pname, sl, None, out_name, t) if pname in method.params else default
+
         try:
-            pinned = parse_size(max_pinned_memory)
-        except ValueError as e:
-            raise InputError(f"--max-pinned-memory: {e}") from None
-    return MergePlan(cfg, method, base, models, reference, tensors, layout,
-                     CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
-                     budget // (2 * n_workers), seed, num_layers, warnings, pinned)
+            self.tensors.append(_tensor_plan(method, out_name, ref_entry, base_entry, [e for _, _, e in members],
+                                             per_model, global_param, self.out_code or ref_entry.dtype))
+        except InputError as e:
+            self.problems.extend(e.problems)
+
+
+_PRE_WEIGHT_RE = re.compile(r"(?:^|\.)(?:embed\w*|wte|wpe)(?:\.|$)")
+
+
+def _is_pre_weight(name: str) -> bool:
+    """Embeddings come before the layer stack (mergekit's pre_weights); other non-layer tensors after it."""
+    return _PRE_WEIGHT_RE.search(name) is not None
+
+
+def _with_layer(name: str, layer: int) -> str:
+    """`name` with its layer number replaced: _with_layer("model.layers.3.mlp.w", 7) == "model.layers.7.mlp.w"."""
+    match = LAYER_NAME_RE.search(name)
+    assert match is not None, name
+    return f"{name[:match.start(1)]}{layer}{name[match.end(1):]}"
+
+
+def _same_shape_and_dtype(name: str, ref_label: str, ref_entry: TensorEntry, others: list[tuple[str, TensorEntry]],
+                          problems: list[str]) -> bool:
+    bad = [f"{label} has {list(e.shape)}" for label, e in others if e.shape != ref_entry.shape]
+    if bad:
+        hint = " (the vocabularies differ: merging models with different vocabularies is not supported)" if (
+            "embed" in name or "lm_head" in name or "wte" in name) else ""
+        problems.append(f"tensor '{name}': shape mismatch: {ref_label} has {list(ref_entry.shape)}, "
+                        f"{'; '.join(bad)}{hint}")
+        return False
+    bad = [f"{label} has {e.dtype}" for label, e in others if e.dtype != ref_entry.dtype]
+    if bad:
+        problems.append(f"tensor '{name}': dtype mismatch: {ref_label} has {ref_entry.dtype}, {'; '.join(bad)}")
+        return False
+    return True
+
+
+def _copy_plan(name: str, entry: TensorEntry) -> TensorPlan:
+    """A tensor copied byte for byte (non-float tensors; passthrough without scale or dtype change)."""
+    return TensorPlan(name, entry.shape, entry.dtype, entry.dtype, None, [entry], [1.0], [], [], 1.0, False, False,
+                      copy_only=True)
 
 
 def _model_problems(config: object) -> list[str]:
@@ -348,20 +523,22 @@ def _out_code(cfg: MergeConfig) -> str | None:
     return DTYPE_NAMES[name] if name else None
 
 
-def _tensor_plan(cfg: MergeConfig, method: Method, name: str, ref_entry: TensorEntry, base_entry: TensorEntry | None,
-                 entries: list[TensorEntry], members: list[tuple[ModelIndex | None, int]],
-                 num_layers: int | None, out_code: str) -> TensorPlan:
+def _tensor_plan(method: Method, name: str, ref_entry: TensorEntry, base_entry: TensorEntry | None,
+                 entries: list[TensorEntry], per_model_values: Callable[[str], list[float]],
+                 global_value: Callable[[str, object], object], out_code: str) -> TensorPlan:
+    """One float tensor's plan from its inputs and its parameters, resolved by the given callables."""
     problems = []
 
     def per_model(pname: str) -> list[float]:
-        if pname not in method.params:
-            return []
-        values = [cfg.param(pname, name, idx, num_layers) for _, idx in members]
-        return [float(v) for v in values]
+        return per_model_values(pname) if pname in method.params else []
 
-    def global_param(pname: str, default):
-        return cfg.param(pname, name, None, num_layers) if pname in method.params else default
-
+    if method.is_passthrough:
+        scale = per_model("scale")
+        if scale == [1.0] and out_code == ref_entry.dtype:
+            return _copy_plan(name, entries[0])
+        return TensorPlan(name=name, shape=ref_entry.shape, dtype=ref_entry.dtype, out_dtype=out_code, base=None,
+                          inputs=entries, weights=scale, density=[], gamma=[], lam=1.0, normalize=False,
+                          rescale=False)
     weights = per_model("weight")
     density = per_model("density")
     gamma = per_model("gamma")
@@ -375,8 +552,8 @@ def _tensor_plan(cfg: MergeConfig, method: Method, name: str, ref_entry: TensorE
         raise InputError(problems)
     return TensorPlan(name=name, shape=ref_entry.shape, dtype=ref_entry.dtype, out_dtype=out_code, base=base_entry,
                       inputs=entries, weights=weights, density=density, gamma=gamma,
-                      lam=float(global_param("lambda", 1.0)), normalize=bool(global_param("normalize", False)),
-                      rescale=global_param("rescale", False))
+                      lam=float(global_value("lambda", 1.0)), normalize=bool(global_value("normalize", False)),
+                      rescale=global_value("rescale", False))
 
 
 def _bytes_per_elem(n_inputs: int) -> int:

@@ -7,7 +7,11 @@ Units are case-insensitive:
     KiB MiB GiB TiB PiB   binary:  2^10, 2^20, 2^30, 2^40, 2^50
     K   M   G   T   P     binary (as in `free -h` and most GPU tools)
 
-Note that mergekit's `--out-shard-size 5B` means five billion *parameters*; here `B` is a byte.
+`--out-shard-size` is mergekit's flag, so it also reads mergekit's spellings (`parse_shard_size`): an
+integer followed by a single `k`, `m` or `b` means thousand, million or billion bytes (`5B` = 5 * 10^9
+bytes, `500M` = 5 * 10^8), as mergekit/common.py `parse_kmb` does; its shard writer compares that number
+with tensor bytes (mergekit/io/tensor_writer.py), whatever its help text says about parameters.
+Everywhere else (`--max-memory`) a lone `B` is a byte and `M` a mebibyte.
 """
 
 from __future__ import annotations
@@ -100,3 +104,23 @@ def format_size(n: int) -> str:
         index += 1
         value = size / 1024**index
     return f"{sign}{value:.2f} {_PRINT_UNITS[index]}"
+
+
+_KMB_RE = re.compile(r"^\s*(\d+)\s*([kKmMbB])\s*$")
+_KMB = {"k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_shard_size(text: str | int) -> int:
+    """`--out-shard-size`: mergekit's `parse_kmb` forms (`5B`, `500M`, `100k`: decimal thousand / million /
+    billion bytes), else `parse_size`.
+
+    >>> parse_shard_size("5B"), parse_shard_size("500M"), parse_shard_size("2GiB"), parse_shard_size("4096")
+    (5000000000, 500000000, 2147483648, 4096)
+    """
+    match = _KMB_RE.match(text) if isinstance(text, str) else None
+    if match is None:
+        return parse_size(text)
+    n = int(match.group(1)) * _KMB[match.group(2).lower()]
+    if n <= 0:
+        raise ValueError(f"invalid size {text!r}: a size must be at least 1 byte")
+    return n

@@ -54,6 +54,9 @@ def merge_tensors(
     if method not in METHODS:
         raise InputError(f"method: unknown merge method '{method}' (known: {', '.join(METHODS)})")
     m = METHODS[method]
+    if m.is_passthrough:
+        raise InputError("method: passthrough copies one model's tensors (slices: configs); there is nothing to "
+                         "merge in memory")
     lam = float(params.pop("lambda_", params.pop("lambda", 1.0)))
     if params:
         raise InputError(f"unknown parameter(s) for merge_tensors: {', '.join(params)}")

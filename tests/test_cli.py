@@ -181,3 +181,79 @@ def test_bench_and_inspect_of_one_file(fam: dict) -> None:
 def test_inspect_missing_path_exit_2(tmp_path: Path) -> None:
     r = invoke("inspect", tmp_path / "nope")
     assert r.exit_code == 2 and errors(r) and str(tmp_path / "nope") in errors(r)[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# mergekit's command-line habits
+
+
+def test_mergekit_flags_are_accepted_with_a_note(fam: dict, tmp_path: Path) -> None:
+    r = invoke("run", fam["config"], tmp_path / "out", "--quiet", "--allow-crimes", "--lazy-unpickle",
+               "--trust-remote-code", "--copy-tokenizer")
+    assert r.exit_code == 0, r.output
+    notes = [line for line in r.stderr.splitlines() if line.startswith("fusemerge: note:")]
+    assert len(notes) == 2 and "--allow-crimes" in notes[0] and "--trust-remote-code" in notes[1]
+    r = invoke("plan", fam["config"], "--no-lazy-unpickle", "--allow-crimes")
+    assert r.exit_code == 0 and "plan OK" in r.stdout
+    r = invoke("run", fam["config"], tmp_path / "out2", "--quiet", "--lazy-unpickle")
+    assert r.exit_code == 0 and not r.stderr  # a silent no-op
+
+
+def test_cuda_flag_is_device_cuda(fam: dict, tmp_path: Path) -> None:
+    r = invoke("plan", fam["config"], "--cuda")
+    if torch.cuda.is_available():
+        assert r.exit_code == 0 and "device        cuda" in r.stdout
+    else:
+        assert r.exit_code == 2 and errors(r) == ["fusemerge: error: --device cuda: no CUDA device is available on "
+                                                  "this machine"]
+    r = invoke("plan", fam["config"], "--cuda", "--device", "cpu")
+    assert r.exit_code == 2 and "--cuda and --device cpu disagree" in r.stderr
+
+
+def test_random_seed_is_seed(fam: dict, tmp_path: Path) -> None:
+    cfg = _edit_config(fam, tmp_path, lambda c: c.update(merge_method="dare_ties"))
+    for i, flags in enumerate([("--seed", "7"), ("--random-seed", "7"), ("--seed", "8")]):
+        r = invoke("run", cfg, tmp_path / f"out{i}", "--quiet", *flags)
+        assert r.exit_code == 0, r.output
+    data = [(tmp_path / f"out{i}" / "model.safetensors").read_bytes() for i in range(3)]
+    assert data[0] == data[1] != data[2]
+    r = invoke("plan", cfg, "--seed", "1", "--random-seed", "2")
+    assert r.exit_code == 2 and "--seed 1 and --random-seed 2 disagree" in r.stderr
+
+
+def test_out_shard_size_reads_mergekit_forms(fam: dict, tmp_path: Path) -> None:
+    # mergekit's parse_kmb: "5k" is 5,000 bytes (--max-memory would read "5K" as KiB); "5B" is 5e9 bytes
+    r = invoke("run", fam["config"], tmp_path / "out", "--quiet", "--out-shard-size", "5k")
+    assert r.exit_code == 0, r.output
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    sizes = [(tmp_path / "out" / s).stat().st_size for s in shards]
+    biggest_tensor = max(t.numel() * 2 for t in load_file_all(fam["base"]).values())
+    assert all(s <= max(5_000, biggest_tensor) + 4096 for s in sizes)  # + header
+    r = invoke("run", fam["config"], tmp_path / "one", "--quiet", "--out-shard-size", "5B")
+    assert r.exit_code == 0 and (tmp_path / "one" / "model.safetensors").is_file()
+
+
+def load_file_all(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(merge_method="slerp"), "'slerp' is a mergekit method fusemerge does not support yet"),
+    (lambda c: c.update(modules={"text": {}}), "modules: configs are not supported yet"),
+    (lambda c: (c.pop("models"), c.update(slices=[{"sources": [{"model": c["base_model"], "layer_range": [0, 2]}],
+                                                    "base_model": c["base_model"]}])),
+     "slices[0].base_model: a per-slice base_model: is not supported yet"),
+    (lambda c: c.update(tokenizer={"source": "union"}), "'union' (building a merged vocabulary) is not supported"),
+    (lambda c: c["models"][0].update(model=c["models"][0]["model"] + "+lora"), "LoRA adapters are not supported"),
+])
+def test_unsupported_feature_fails_in_plan_naming_it(fam: dict, tmp_path: Path, edit, needle: str) -> None:
+    path = _edit_config(fam, tmp_path, edit)
+    for args in (("plan", path), ("run", path, tmp_path / "out")):
+        r = invoke(*args)
+        assert r.exit_code == 2, r.output
+        assert any(needle in e for e in errors(r)), r.stderr
+    assert_nothing_written(tmp_path / "out")

@@ -166,11 +166,18 @@ def test_unknown_top_level_key_with_suggestion() -> None:
     assert message.startswith("config: dtpye: unknown top-level key (did you mean 'dtype'?)")
 
 
-@pytest.mark.parametrize("key", ["slices", "modules"])
-def test_slices_and_modules_are_not_supported(key: str) -> None:
+def test_modules_are_not_supported() -> None:
     data = cfg()
-    data[key] = [{"sources": [{"model": "a", "layer_range": [0, 4]}]}]
-    assert one_problem(data) == f"config: {key}: {key}: configs are not supported yet; list whole models under models:"
+    data["modules"] = {"text": {"models": [{"model": "a"}]}}
+    assert one_problem(data) == ("config: modules: modules: configs are not supported yet; "
+                                 "list whole models under models:")
+
+
+def test_models_and_slices_together_are_refused() -> None:
+    data = cfg()
+    data["slices"] = [{"sources": [{"model": "base", "layer_range": [0, 4]}, {"model": "e1", "layer_range": [0, 4]}]}]
+    assert one_problem(data) == ("config: slices: give models: or slices:, not both "
+                                 "(mergekit takes exactly one of them)")
 
 
 def test_name_and_chat_template_are_kept() -> None:
@@ -617,9 +624,10 @@ def test_one_point_gradient_is_constant() -> None:
     assert resolve([0.42], "lm_head.weight", None) == 0.42
 
 
-def test_single_layer_model_uses_t_zero() -> None:
-    assert gradient_t(MLP.format(0), 1) == 0.0
-    assert resolve([0.2, 0.8], MLP.format(0), 1) == 0.2
+def test_single_layer_model_uses_t_one_as_mergekit() -> None:
+    # mergekit/plan.py plan_slice: `t = 1` when the slice (here the whole model) has one layer.
+    assert gradient_t(MLP.format(0), 1) == 1.0
+    assert resolve([0.2, 0.8], MLP.format(0), 1) == 0.8
 
 
 def test_tensors_outside_the_layer_stack_use_t_zero() -> None:
@@ -653,11 +661,11 @@ def test_gradient_properties(values: list[float], num_layers: int, data: st.Data
     layer = data.draw(st.integers(min_value=0, max_value=num_layers - 1))
     got = resolve(values, MLP.format(layer), num_layers)
     assert min(values) - 1e-9 <= got <= max(values) + 1e-9
-    assert resolve(values, MLP.format(0), num_layers) == values[0]
+    assert resolve(values, MLP.format(num_layers - 1), num_layers) == values[-1]
     if num_layers > 1:
-        assert resolve(values, MLP.format(num_layers - 1), num_layers) == values[-1]
-    # between its two neighbouring points
-    t = layer / (num_layers - 1) if num_layers > 1 else 0.0
+        assert resolve(values, MLP.format(0), num_layers) == values[0]
+    # between its two neighbouring points (a one-layer model sits at t = 1, as in mergekit)
+    t = layer / (num_layers - 1) if num_layers > 1 else 1.0
     scaled = t * (len(values) - 1)
     lo, hi = values[int(scaled)], values[min(len(values) - 1, int(scaled) + 1)]
     assert min(lo, hi) - 1e-9 <= got <= max(lo, hi) + 1e-9

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fusemerge.sizes import format_size, parse_size
+from fusemerge.sizes import format_size, parse_shard_size, parse_size
 
 
 @pytest.mark.parametrize(
@@ -122,3 +122,18 @@ def test_docstring_examples() -> None:
     import fusemerge.sizes
 
     assert doctest.testmod(fusemerge.sizes).failed == 0
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("5B", 5 * 10**9), ("5b", 5 * 10**9), ("500M", 5 * 10**8), ("100k", 10**5), ("4096", 4096), (4096, 4096),
+    ("2GiB", 2 * 2**30), ("5GB", 5 * 10**9), ("1.5G", 3 * 2**29),
+])
+def test_out_shard_size_reads_mergekit_parse_kmb_forms(text, expected: int) -> None:
+    # mergekit/common.py parse_kmb: k / m / b are decimal thousand / million / billion (bytes, in its writer)
+    assert parse_shard_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0B", "0k", "-5B", "5X", ""])
+def test_bad_shard_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_shard_size(text)

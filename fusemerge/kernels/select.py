@@ -269,5 +269,5 @@ def tensor_params(
         else:
             scale = (1.0,) * n
         kw = dict(keys=tuple(keys), density=tuple(density), scale=scale)
-    return ChunkParams(sparsifier=method.sparsifier, consensus=method.consensus, linear=method.is_linear,
+    return ChunkParams(sparsifier=method.sparsifier, consensus=method.consensus, linear=method.combines_models,
                        weights=tuple(weights), lam=lam, normalize=normalize, **kw)

@@ -5,7 +5,8 @@ This is mergekit's "generalized task arithmetic" idea without its task graph:
     sparsifier   none | magnitude (TIES trim) | dare (random drop) | breadcrumbs (drop both tails)
     consensus    none (weighted sum) | sign (TIES election + disjoint mean)
 
-`linear` is the one method that averages the models themselves rather than their deltas.
+`linear` averages the models themselves rather than their deltas; `passthrough` copies one model's tensors
+(optionally scaled), the building block of `slices:` layer stacking ("frankenmerges").
 """
 
 from __future__ import annotations
@@ -44,6 +45,15 @@ class Method:
         return self.name == "linear"
 
     @property
+    def is_passthrough(self) -> bool:
+        return self.name == "passthrough"
+
+    @property
+    def combines_models(self) -> bool:
+        """True when the kernel combines the models themselves (a weighted sum), not deltas from a base."""
+        return self.name in ("linear", "passthrough")
+
+    @property
     def needs_thresholds(self) -> bool:
         """True when each tensor needs a selection pass (k-th largest |delta|) before merging."""
         return self.sparsifier in ("magnitude", "breadcrumbs")
@@ -64,6 +74,8 @@ def _normalize(default: bool) -> ParamDef:
 
 
 RESCALE = _p("rescale", True, False, kind="rescale")
+# passthrough's optional per-model factor (mergekit/merge_methods/passthrough.py: `scale`).
+SCALE = _p("scale", 1.0, True)
 
 _ALL = [
     Method("linear", "none", "none", needs_base=False,
@@ -91,6 +103,9 @@ _ALL = [
            params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
                    "normalize": _normalize(False)},
            paper="https://arxiv.org/abs/2312.06795"),
+    Method("passthrough", "none", "none", needs_base=False,
+           params={"scale": SCALE},
+           paper="mergekit's passthrough: one model's tensors, copied"),
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}

@@ -147,10 +147,19 @@ class Executor:
         chunk = self.plan.chunk_elems
         itemsize = t.inputs[0].nbytes // max(t.numel, 1)
         out_item = torch.empty((), dtype=FLOAT_CODES.get(t.out_dtype, torch.uint8)).element_size()
-        if t.copy_only:
-            data = self.reader.read(t.inputs[0], 0, t.numel).contiguous()
-            self.writer.write(t.name, 0, data.cpu())
-            self.progress(t.input_bytes)
+        if t.copy_only:  # bytes as they are, a chunk at a time (passthrough copies whole embeddings)
+            entry = t.inputs[0]
+            for start in range(0, t.numel, chunk):
+                if self._stop.is_set():
+                    return
+                count = min(chunk, t.numel - start)
+                t0 = time.perf_counter()
+                data = self.reader.read(entry, start, count).clone()
+                self.reader.release(entry, start, count)
+                t1 = time.perf_counter()
+                self.writer.write(t.name, start * entry.itemsize, data)
+                self.times.add(read=t1 - t0, write=time.perf_counter() - t1)
+                self.progress(count * entry.itemsize)
             return
         segment = self._segment(t, keep=self._resident(t))
         params = self.chunk_params(t, segment)

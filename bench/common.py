@@ -1,0 +1,143 @@
+"""Measurement pieces shared by the end-to-end benchmarks (e2e.py, compare_mergekit.py).
+
+- `machine()`: CPU model, cores, RAM, for the tables.
+- `timed_run(cmd, log, env)`: run a command as a subprocess; whole-process wall time, CPU seconds, peak
+  anonymous memory and peak RSS summed over its process tree (sampled every ~5 ms from /proc), ru_maxrss.
+- `read_all(files)`: read files once (warms the page cache the same way before every run).
+- `append_csv(path, rows)`: append result rows, header when the file is new, so the history stays.
+- `model_tensors(dir)`: tensor name -> the safetensors file holding it.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+
+REPO = Path(__file__).resolve().parents[1]
+GB = 1e9
+SAMPLE_S = 0.005  # memory sampling period
+RESCAN_EVERY = 10  # look for new descendants every 10 samples (~50 ms): scanning /proc costs ~1 ms
+READ_CHUNK = 16 << 20  # bytes per read() when warming the page cache
+
+
+def machine() -> dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    ram_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": str(os.cpu_count()), "ram_gib": f"{ram_kb / 2**20:.1f}"}
+
+
+def version_of(python: Path | str, package: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({package!r}))"
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        if package == "fusemerge":  # not installed: the checkout's pyproject
+            text = (REPO / "pyproject.toml").read_text()
+            return next(line.split('"')[1] for line in text.splitlines() if line.startswith("version")) + " (src)"
+        return "n/a"
+
+
+def read_all(files: list[Path]) -> float:
+    """Read every file once (warms the page cache); returns the elapsed seconds."""
+    buf = bytearray(READ_CHUNK)
+    t0 = time.perf_counter()
+    for f in files:
+        with open(f, "rb", buffering=0) as fh:
+            while fh.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+class TreeMonitor(threading.Thread):
+    """Samples the summed RssAnon / VmRSS (bytes) of a process and all its descendants."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.root, self.pids, self.stop = pid, {pid}, threading.Event()
+        self.peak_anon = self.peak_rss = 0
+
+    def _descendants(self) -> set[int]:
+        parent: dict[int, int] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    stat = Path(f"/proc/{entry}/stat").read_text()
+                    parent[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+        found, frontier = {self.root}, [self.root]
+        while frontier:
+            p = frontier.pop()
+            kids = [c for c, pp in parent.items() if pp == p and c not in found]
+            found.update(kids)
+            frontier += kids
+        return found
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            if n % RESCAN_EVERY == 0:
+                self.pids |= self._descendants()
+            n += 1
+            anon = rss = 0
+            for pid in list(self.pids):
+                try:
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                        if line.startswith("RssAnon:"):
+                            anon += int(line.split()[1]) * 1024
+                        elif line.startswith("VmRSS:"):
+                            rss += int(line.split()[1]) * 1024
+                except OSError:
+                    self.pids.discard(pid)
+            self.peak_anon, self.peak_rss = max(self.peak_anon, anon), max(self.peak_rss, rss)
+            time.sleep(SAMPLE_S)
+
+
+def timed_run(cmd: list[str], log: Path, env: dict[str, str], cwd: Path = REPO) -> dict:
+    """Run `cmd` in `cwd`; wall time, sampled peaks and ru_maxrss (from wait4) of that child alone."""
+    with open(log, "w") as out:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env)
+        mon = TreeMonitor(proc.pid)
+        mon.start()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        mon.stop.set()
+        mon.join()
+    return {
+        "rc": proc.returncode,
+        "wall": wall,
+        "anon": mon.peak_anon,
+        "rss": mon.peak_rss,
+        "maxrss": usage.ru_maxrss * 1024,
+        "cpu": usage.ru_utime + usage.ru_stime,
+    }
+
+
+def model_tensors(d: Path) -> dict[str, Path]:
+    return {name: f for f in sorted(d.glob("*.safetensors")) for name in safe_open(f, "pt").keys()}
+
+
+def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows to the results CSV; the header is written when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nappended {len(rows)} row(s) to {path}")

@@ -1,0 +1,160 @@
+"""Parity with mergekit 0.1.5 itself, on tiny synthetic models (needs a mergekit venv; skipped without one).
+
+mergekit is found through FUSEMERGE_MERGEKIT_PYTHON (the python of a venv with mergekit==0.1.5), else
+/work/mk-venv/bin/python. All mergekit merges run in one subprocess (one import of mergekit and torch);
+fusemerge runs in this process. Configs use `dtype: float32` + `out_dtype: bfloat16`, so both tools do
+float32 math and round once (mergekit otherwise computes in the config dtype; a documented difference).
+
+What must hold (issue 6, docs/mergekit.md):
+- linear and task_arithmetic, with gradients, filters and lambda: every element within 1 bf16 ulp of
+  mergekit's, except where the weighted sum cancels to far below its terms and the two tools' float32
+  rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
+- ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
+- passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json.
+
+Run just these:
+
+    FUSEMERGE_MERGEKIT_PYTHON=/path/to/mk-venv/bin/python python -m pytest -q tests/test_mergekit_parity.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fusemerge
+from bench.parity import compare_dirs
+from fusemerge.synthetic import make_llama_family
+
+DEFAULT_MERGEKIT_PYTHON = Path("/work/mk-venv/bin/python")
+SHAPE = dict(hidden=64, intermediate=160, layers=4, vocab=96)
+WEIGHTS = [0.6, [0.2, 0.9], [{"filter": "mlp", "value": 0.4}, {"value": 0.7}]]
+
+_DRIVER = textwrap.dedent("""
+    import sys, yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+    for config, out in zip(sys.argv[1::2], sys.argv[2::2]):
+        source = open(config).read()
+        run_merge(MergeConfiguration.model_validate(yaml.safe_load(source)), out,
+                  options=MergeOptions(quiet=True, random_seed=0), config_source=source)
+""")
+
+
+def _candidate() -> Path:
+    env = os.environ.get("FUSEMERGE_MERGEKIT_PYTHON")
+    return Path(env) if env else DEFAULT_MERGEKIT_PYTHON
+
+
+def _mergekit_python() -> Path | None:
+    return _candidate() if _candidate().is_file() else None
+
+
+pytestmark = pytest.mark.skipif(
+    _mergekit_python() is None,
+    reason=f"mergekit not installed: {_candidate()} does not exist (set FUSEMERGE_MERGEKIT_PYTHON to the python of "
+           f"a venv with mergekit==0.1.5; default {DEFAULT_MERGEKIT_PYTHON})",
+)
+
+
+def _models_config(method: str, fam: dict, **global_params) -> dict:
+    models = []
+    for i, expert in enumerate(fam["experts"]):
+        params: dict = {"weight": WEIGHTS[i % len(WEIGHTS)]}
+        if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+            params["density"] = [0.3, 0.5] if i == 0 else 0.4
+        models.append({"model": str(expert), "parameters": params})
+    cfg: dict = {"merge_method": method, "models": models, "dtype": "float32", "out_dtype": "bfloat16"}
+    if method == "linear":  # mergekit appends an unlisted base and then needs a weight for it: list it
+        models.append({"model": str(fam["base"]), "parameters": {"weight": 0.5}})
+    cfg["base_model"] = str(fam["base"])
+    if global_params:
+        cfg["parameters"] = global_params
+    return cfg
+
+
+def _configs(fam: dict) -> dict[str, dict]:
+    base, (e1, e2, e3) = str(fam["base"]), [str(e) for e in fam["experts"]]
+    return {
+        "linear": _models_config("linear", fam),
+        "task_arithmetic": _models_config("task_arithmetic", fam, **{"lambda": 0.8}),
+        "ties": _models_config("ties", fam, **{"lambda": 0.9, "normalize": True}),
+        "breadcrumbs": _models_config("breadcrumbs", fam, gamma=0.02),
+        "breadcrumbs_ties": _models_config("breadcrumbs_ties", fam),
+        "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
+            {"sources": [{"model": e1, "layer_range": [0, 3]}]},
+            {"sources": [{"model": e2, "layer_range": [1, 4]}]},
+            {"sources": [{"model": base, "layer_range": [2, 3]}]}]},
+        "ties_slices": {"merge_method": "ties", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                        "slices": [
+                            {"sources": [{"model": base, "layer_range": [0, 2]},
+                                         {"model": e1, "layer_range": [2, 4], "parameters": {"density": 0.3}},
+                                         {"model": e3, "layer_range": [0, 2], "parameters": {"weight": [0.3, 1]}}],
+                             "parameters": {"density": 0.5}},
+                            {"sources": [{"model": base, "layer_range": [3, 4]},
+                                         {"model": e1, "layer_range": [0, 1]},
+                                         {"model": e3, "layer_range": [3, 4]}]}],
+                        "parameters": {"weight": 0.7, "density": 0.4}},
+    }
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, Path]]:
+    """{name: (config, fusemerge output, mergekit output)} for every config of `_configs`."""
+    root = tmp_path_factory.mktemp("parity")
+    fam = make_llama_family(root / "models", n_experts=3, seed=11, **SHAPE)
+    out: dict[str, tuple[Path, Path, Path]] = {}
+    argv = []
+    for name, cfg in _configs(fam).items():
+        path = root / f"{name}.yml"
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        out[name] = (path, root / f"fm-{name}", root / f"mk-{name}")
+        argv += [str(path), str(root / f"mk-{name}")]
+        fusemerge.run(path, root / f"fm-{name}", device="cpu")
+    proc = subprocess.run([str(_mergekit_python()), "-c", _DRIVER, *argv], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic"])
+def test_linear_and_task_arithmetic_within_one_ulp(merged: dict, name: str) -> None:
+    config, fm, mk = merged[name]
+    par = compare_dirs(fm, mk, config)
+    assert not par.problems, par.problems
+    assert par.elements > 0 and par.differ == par.rounding and par.unexplained == 0, par.summary()
+    assert par.rounding <= par.elements * 1e-4, par.summary()  # cancellation is rare
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices"])
+def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str) -> None:
+    config, fm, mk = merged[name]
+    par = compare_dirs(fm, mk, config)
+    assert not par.problems, par.problems
+    assert par.unexplained == 0 and par.differ == par.tie + par.rounding, par.summary()
+
+
+def test_passthrough_slices_are_byte_identical(merged: dict) -> None:
+    config, fm, mk = merged["passthrough"]
+    par = compare_dirs(fm, mk, config)
+    assert par.identical_bytes and par.elements > 0, par.summary()
+    layers = [json.loads((d / "config.json").read_text())["num_hidden_layers"] for d in (fm, mk)]
+    assert layers == [7, 7]
+
+
+def test_mergekit_is_0_1_5() -> None:
+    code = "import importlib.metadata as m; print(m.version('mergekit'))"
+    out = subprocess.run([str(_mergekit_python()), "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0.1.5", f"parity is pinned to mergekit 0.1.5, found {out.stdout.strip()}"
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
