@@ -97,7 +97,7 @@ def run(
                 times.add(flush=time.perf_counter() - t1)
             t1 = time.perf_counter()
             shards = [s.filename for s in plan.layout.shards]
-            write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []))
+            write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests)
             times.add(manifest=time.perf_counter() - t1)
             _write_extras(plan, temp, copy_tokenizer)
             files = sorted(p.name for p in temp.iterdir())

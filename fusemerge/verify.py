@@ -1,8 +1,10 @@
 """Integrity of a merge's output: the shard manifest written by `run`, and `verify`, which checks it.
 
 `run` records the SHA-256 and size of every output shard (and of `model.safetensors.index.json`) in
-`fusemerge_manifest.json`, computed by re-reading the files once they are written and flushed, so the hashes are of
-what reached the disk. `verify` re-reads them and reports every file that is missing, has another size or hash, or
+`fusemerge_manifest.json`. A shard's hash is fed with the bytes written to it while they are written in file
+order (`PrefixDigest`: the GPU pipeline writes in file order, so its shards are hashed as the merge runs); from
+the first byte not written in order, the rest is read back from the file once it is flushed. `verify`
+re-reads them and reports every file that is missing, has another size or hash, or
 whose safetensors header does not parse.
 
     $ fusemerge verify out/
@@ -11,7 +13,6 @@ whose safetensors header does not parse.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -19,38 +20,34 @@ from pathlib import Path
 
 from fusemerge import __version__
 from fusemerge.errors import InputError
+from fusemerge.streaming.digest import PrefixDigest, file_digest
 from fusemerge.streaming.safetensors_header import read_header
 
 MANIFEST_NAME = "fusemerge_manifest.json"
-CHUNK_BYTES = 4 * 1024 * 1024  # read buffer: bounded memory whatever the shard size
 _HASH_THREADS = 4  # hashlib releases the GIL on large buffers, so shards hash in parallel
 
 
-def file_digest(path: str | os.PathLike) -> tuple[str, int]:
-    """(SHA-256 hex digest, size in bytes) of the file at `path`, read in `CHUNK_BYTES` chunks."""
-    h = hashlib.sha256()
-    size = 0
-    buf = bytearray(CHUNK_BYTES)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            size += n
-    return h.hexdigest(), size
+def _digests(directory: Path, names: list[str],
+             partial: dict[str, PrefixDigest] | None = None) -> dict[str, tuple[str, int]]:
+    partial = partial or {}
 
+    def digest(name: str) -> tuple[str, int]:
+        return partial[name].finish(directory / name) if name in partial else file_digest(directory / name)
 
-def _digests(directory: Path, names: list[str]) -> dict[str, tuple[str, int]]:
     with ThreadPoolExecutor(max_workers=max(1, min(_HASH_THREADS, len(names)))) as pool:
-        return dict(zip(names, pool.map(lambda name: file_digest(directory / name), names), strict=True))
+        return dict(zip(names, pool.map(digest, names), strict=True))
 
 
-def write_manifest(directory: str | os.PathLike, names: list[str]) -> Path:
+def write_manifest(directory: str | os.PathLike, names: list[str],
+                   partial: dict[str, PrefixDigest] | None = None) -> Path:
     """Hash the files `names` of `directory` and write `fusemerge_manifest.json` there (flushed to disk).
 
-    The manifest maps each file name to `{"sha256", "bytes"}` and records the fusemerge version.
+    The manifest maps each file name to `{"sha256", "bytes"}` and records the fusemerge version. `partial`
+    holds digests fed while the files were written (`ShardedWriter.digests`); they are finished from the file.
     """
     directory = Path(directory)
-    files = {name: {"sha256": digest, "bytes": size} for name, (digest, size) in _digests(directory, names).items()}
+    digests = _digests(directory, names, partial)
+    files = {name: {"sha256": digest, "bytes": size} for name, (digest, size) in digests.items()}
     manifest = {"fusemerge_version": __version__, "algorithm": "sha256", "files": files}
     path = directory / MANIFEST_NAME
     with open(path, "w", encoding="utf-8") as f:

@@ -131,6 +131,8 @@ class Pipeline:
                     self._free_in.put(in_slot)
                 if out_slot is not None:
                     self._free_out.put(out_slot)
+                self._jobs.task_done()
+        self._jobs.task_done()  # the None that ended the loop
 
     def _fail(self, e: BaseException) -> None:
         if self._error is None:
@@ -145,9 +147,17 @@ class Pipeline:
 
     def run(self, order: list[TensorPlan]) -> None:
         ex = self.ex
+        layout = self.plan.layout
+        shard_index = {shard.filename: i for i, shard in enumerate(layout.shards)}
+
+        def file_position(t: TensorPlan) -> tuple[int, int]:
+            filename, start, _ = layout.locate(t.name)
+            return shard_index[filename], start
+
+        order = sorted(order, key=file_position)
         merged = [t for t in order if not t.copy_only]
         streamed = [t for t in merged if not (self._needs_stats(t) and not self._fits(t))]
-        too_big = [t for t in merged if t not in streamed]
+        too_big = {t.name for t in merged} - {t.name for t in streamed}
         units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
         for _ in range(self.slots):
             self._free_in.put(self._host(self.rows, self.chunk * 4))
@@ -168,16 +178,20 @@ class Pipeline:
         writer.start()
         feeder.start()
         try:
+            # file order: the writer then writes each shard front to back, and its SHA-256 is fed as it goes
             for t in order:
                 if t.copy_only:  # non-float tensors are copied as they are
                     data = ex.reader.read(t.inputs[0], 0, t.numel).contiguous().clone()
-                    self._jobs.put((_DoneEvent(), _write(ex, t.name, 0, data, t.input_bytes), None, None, ()))
-            for t in streamed:
-                chunks = (_ready(ready) for _ in range(-(-t.numel // self.chunk)))  # as they arrive
-                self._merge_tensor(t, chunks)
-                self._check()
-            for t in too_big:  # statistics on a tensor too large to keep on the device: two streamed reads
-                ex.merge_tensor(t)
+                    self._jobs.put((_DoneEvent(), _write(ex, t.name, 0, data, t.input_bytes, done=True), None,
+                                    None, ()))
+                elif t.name in too_big:  # statistics on a tensor too large to keep on the device: two streamed reads
+                    self._jobs.join()  # its writes come from this thread: after everything queued before it
+                    self._check()
+                    ex.merge_tensor(t)
+                    self._tensor_done(t)
+                else:
+                    chunks = (_ready(ready) for _ in range(-(-t.numel // self.chunk)))  # as they arrive
+                    self._merge_tensor(t, chunks)
                 self._check()
         except BaseException as e:
             self._fail(e)
@@ -234,7 +248,18 @@ class Pipeline:
                 base, experts = _views(t, resident, start, count)
                 self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, None, None)
         done = self._record(self.compute)  # the tensor's last kernel: its NaN / Inf counts are final
-        self._jobs.put((done, lambda: self.ex._check_finite(t, nonfinite.tolist()), None, None, ()))
+
+        def finish() -> None:
+            self.ex._check_finite(t, nonfinite.tolist())
+            self._tensor_done(t)
+
+        self._jobs.put((done, finish, None, None, ()))
+
+    def _tensor_done(self, t: TensorPlan) -> None:
+        """Every byte of `t` is written (the executor's resume hook, where it has one)."""
+        hook = getattr(self.ex, "on_tensor_done", None)
+        if hook is not None and not self._stop.is_set():
+            hook(t.name)
 
     def _h2d(self, slot: torch.Tensor, dst: torch.Tensor, rows: list[tuple[int, int, int]], after) -> tuple:
         """Copy slot row r's first n bytes to dst row r at byte `at`, for each (r, at, n), on the copy stream,
@@ -305,9 +330,13 @@ def _ready(ready: queue.Queue):
     return item
 
 
-def _write(ex, name: str, offset: int, data: torch.Tensor, progress_bytes: int) -> Callable[[], None]:
+def _write(ex, name: str, offset: int, data: torch.Tensor, progress_bytes: int, done: bool = False
+           ) -> Callable[[], None]:
     def write() -> None:
         ex.writer.write(name, offset, data)
         ex.progress(progress_bytes)
+        hook = getattr(ex, "on_tensor_done", None)
+        if done and hook is not None:
+            hook(name)
 
     return write

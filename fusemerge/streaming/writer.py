@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fusemerge.errors import InputError
+from fusemerge.streaming.digest import PrefixDigest
 from fusemerge.streaming.model_index import INDEX_NAME, SINGLE_FILE_NAME
 from fusemerge.streaming.safetensors_header import DTYPES
 
@@ -136,11 +137,14 @@ class ShardedWriter:
         self.layout = layout
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        # each shard's SHA-256, fed with the bytes written in file order (fusemerge.verify.PrefixDigest)
+        self.digests = {shard.filename: PrefixDigest() for shard in layout.shards}
         try:
             for shard in layout.shards:
                 fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self._fds[shard.filename] = fd
                 _pwrite_all(fd, memoryview(shard.header), 0)
+                self.digests[shard.filename].feed(0, memoryview(shard.header))
                 os.ftruncate(fd, shard.size)
         except BaseException:
             self._close_files(sync=False)
@@ -168,6 +172,7 @@ class ShardedWriter:
         if fd is None:
             raise ValueError(f"writing tensor {name!r}: the writer is closed")
         _pwrite_all(fd, buf, start + byte_offset)
+        self.digests[filename].feed(start + byte_offset, buf)
 
     def close(self) -> None:
         """Flush every shard to disk, close it, and write `model.safetensors.index.json` if there are several."""

@@ -14,6 +14,7 @@ import torch
 
 import fusemerge
 from fusemerge.errors import InputError
+from fusemerge.streaming.digest import PrefixDigest, file_digest
 from fusemerge.streaming.executor import Executor
 from fusemerge.streaming.writer import ShardedWriter
 from fusemerge.synthetic import make_llama_family, write_config_yaml
@@ -46,7 +47,7 @@ def pipeline_run(cfg: Path, out: Path, *, max_memory=None, pinned="64KiB", reade
     with ShardedWriter(out, plan.layout) as writer:
         ex.writer = writer
         ex.run()
-    return plan, ex
+    return plan, ex, writer
 
 
 @pytest.mark.parametrize("method", list(PARAMS))
@@ -54,15 +55,19 @@ def test_pipeline_bytes_equal_the_executor(tmp_path, fam, method) -> None:
     cfg = config(tmp_path, fam, method)
     fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
     # statistics on resident tensors; chunks of ~200 elements (every tensor is many chunks)
-    pipeline_run(cfg, tmp_path / "resident", pinned="64KiB")
+    _, _, writer = pipeline_run(cfg, tmp_path / "resident", pinned="64KiB")
     assert shards(tmp_path / "resident") == shards(tmp_path / "ref")
+    for name, digest in writer.digests.items():  # written in file order: hashed as written, nothing read back
+        path = tmp_path / "resident" / name
+        assert digest.upto == path.stat().st_size
+        assert digest.finish(path) == file_digest(path)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
 def test_tensors_too_large_to_keep_take_the_two_read_path(tmp_path, fam, method) -> None:
     cfg = config(tmp_path, fam, method)
     fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
-    plan, ex = pipeline_run(cfg, tmp_path / "small", max_memory="96KiB", pinned="32KiB", readers=3)
+    plan, ex, _ = pipeline_run(cfg, tmp_path / "small", max_memory="96KiB", pinned="32KiB", readers=3)
     assert any(t.input_bytes > plan.resident_bytes for t in plan.tensors)  # the embedding does not fit
     assert shards(tmp_path / "small") == shards(tmp_path / "ref")
     assert ex.times.read > 0 and ex.times.write > 0
@@ -98,3 +103,14 @@ def test_nonfinite_inputs_stop_the_pipeline(tmp_path) -> None:
     write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.5)
     with pytest.raises(InputError, match=r"down_proj.weight: NaN/Inf values in the inputs \(1 in"):
         pipeline_run(cfg, tmp_path / "out")
+
+
+def test_prefix_digest_reads_back_what_was_written_out_of_order(tmp_path) -> None:
+    data = bytes(range(256)) * 40
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    d = PrefixDigest()
+    for lo, hi in [(0, 1000), (3000, 5000), (1000, 2000), (5000, 6000), (2000, 3000)]:
+        d.feed(lo, memoryview(data)[lo:hi])
+    assert d.upto == 3000  # 3000-5000 came early: from there on, the file is read back
+    assert d.finish(path) == file_digest(path)
