@@ -112,13 +112,14 @@ class Executor:
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def chunk_params(self, t: TensorPlan, segment: Segment) -> ChunkParams:
-        """Every per-expert number the kernel needs for tensor `t` (runs its statistics pass)."""
+    def chunk_params(self, t: TensorPlan, segment: Segment, chunk: int | None = None) -> ChunkParams:
+        """Every per-expert number the kernel needs for tensor `t` (runs its statistics pass over `segment`,
+        `chunk` elements at a time: the plan's chunk by default)."""
         t0 = time.perf_counter()
         params = tensor_params(
             self.plan.method, name=t.name, numel=t.numel, segments=[segment],
             weights=t.weights, density=t.density, gamma=t.gamma, lam=t.lam, normalize=t.normalize,
-            rescale=t.rescale, seed=self.plan.seed, chunk=self.plan.chunk_elems, backend=self.stat_kernels,
+            rescale=t.rescale, seed=self.plan.seed, chunk=chunk or self.plan.chunk_elems, backend=self.stat_kernels,
             cuts=self.global_cuts[t.name] if self.global_cuts is not None else None)
         self.times.add(stats=time.perf_counter() - t0)
         return params

@@ -56,8 +56,9 @@ class Pipeline:
         self.slots = max(4, self.readers + 2)
         self.n_out = self.slots // 2 + 1
         budget = pinned_bytes or self.plan.pinned_bytes or DEFAULT_PINNED
-        # pinned bytes per element of a chunk: in-slots of (N + 1) rows x 4 (the widest dtype) + out-slots x 4
-        per_elem = (self.slots * self.rows + self.n_out) * 4
+        # pinned bytes per element of a chunk: in-slots (and 2 statistics buffers) of (N + 1) rows x 4 (the
+        # widest dtype) + out-slots x 4
+        per_elem = ((self.slots + 2) * self.rows + self.n_out) * 4
         chunk = min(self.plan.chunk_elems, budget // per_elem)
         self.chunk = max(MIN_PIPE_CHUNK, chunk - chunk % ALIGN)
         self.pinned_total = self.chunk * per_elem
@@ -66,6 +67,8 @@ class Pipeline:
         self._jobs: queue.Queue = queue.Queue()
         self._free_in: queue.Queue = queue.Queue()
         self._free_out: queue.Queue = queue.Queue()
+        self._stat_bufs: list[torch.Tensor] | None = None
+        self._stat_pool: ThreadPoolExecutor | None = None
 
     # -- small device abstractions (CUDA, or synchronous host stand-ins) -----------------------------
 
@@ -155,9 +158,7 @@ class Pipeline:
             return shard_index[filename], start
 
         order = sorted(order, key=file_position)
-        merged = [t for t in order if not t.copy_only]
-        streamed = [t for t in merged if not (self._needs_stats(t) and not self._fits(t))]
-        too_big = {t.name for t in merged} - {t.name for t in streamed}
+        streamed = [t for t in order if not t.copy_only]
         units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
         for _ in range(self.slots):
             self._free_in.put(self._host(self.rows, self.chunk * 4))
@@ -184,11 +185,6 @@ class Pipeline:
                     data = ex.reader.read(t.inputs[0], 0, t.numel).contiguous().clone()
                     self._jobs.put((_DoneEvent(), _write(ex, t.name, 0, data, t.input_bytes, done=True), None,
                                     None, ()))
-                elif t.name in too_big:  # statistics on a tensor too large to keep on the device: two streamed reads
-                    self._jobs.join()  # its writes come from this thread: after everything queued before it
-                    self._check()
-                    ex.merge_tensor(t)
-                    self._tensor_done(t)
                 else:
                     chunks = (_ready(ready) for _ in range(-(-t.numel // self.chunk)))  # as they arrive
                     self._merge_tensor(t, chunks)
@@ -199,6 +195,8 @@ class Pipeline:
             self._free_in.put(None)  # wakes the feeder if it waits for a slot (after a failure)
             feeder.join()
             pool.shutdown(wait=True, cancel_futures=True)
+            if self._stat_pool is not None:
+                self._stat_pool.shutdown(wait=True, cancel_futures=True)
             self._jobs.put(None)
             writer.join()
             if self.cuda:
@@ -217,8 +215,11 @@ class Pipeline:
         out_dtype = FLOAT_CODES[t.out_dtype]
         nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.device)
         self._keep_alive(nonfinite, *filter(None, [self.compute]))
-        if not self._needs_stats(t):
-            params = self.ex.chunk_params(t, Segment(t.numel, _no_statistics))
+        if not self._needs_stats(t) or not self._fits(t):
+            # no statistics, or a tensor too large to keep on the device: its statistics passes stream it
+            # through two buffers of their own first (a second read of its inputs), then it merges as it streams
+            params = (self.ex.chunk_params(t, Segment(t.numel, _no_statistics)) if not self._needs_stats(t)
+                      else self._streamed_statistics(t))
             for start, count, slot, fut in chunks:
                 fut.result()
                 s, self.turn = self.turn % 2, self.turn + 1
@@ -260,6 +261,55 @@ class Pipeline:
         hook = getattr(self.ex, "on_tensor_done", None)
         if hook is not None and not self._stop.is_set():
             hook(t.name)
+
+    def _streamed_statistics(self, t: TensorPlan):
+        """ChunkParams of a tensor whose inputs do not fit the device: the statistics passes read it chunk by
+        chunk, each chunk's N + 1 inputs in parallel into a pinned buffer while the previous one is used."""
+        entries = _entries(t)
+        if self._stat_bufs is None:
+            self._stat_bufs = [self._host(self.rows, self.chunk * 4) for _ in range(2)]
+            self._stat_gpu = torch.empty((self.rows, self.chunk * 4), dtype=torch.uint8, device=self.device)
+            self._stat_pool = ThreadPoolExecutor(min(self.rows, self.readers), thread_name_prefix="fusemerge-stat")
+        bufs, copied = self._stat_bufs, [None, None]
+        pending: dict[int, tuple[int, list]] = {}
+        turn = [0]
+
+        def schedule(start: int) -> None:
+            k = turn[0] % 2
+            turn[0] += 1
+            if copied[k] is not None:
+                copied[k].synchronize()  # its last H2D is done: the buffer can be refilled
+            count = min(self.chunk, t.numel - start)
+            pending[start] = (k, [self._stat_pool.submit(self._timed_read, e, start, count, bufs[k][r])
+                                  for r, e in enumerate(entries)])
+
+        def load(start: int, count: int):
+            if start not in pending:  # not the chunk read ahead (a tie pass jumps): drop the read-ahead
+                for _, futures in pending.values():
+                    for f in futures:
+                        f.result()
+                pending.clear()
+                schedule(start)
+            k, futures = pending.pop(start)
+            for f in futures:
+                f.result()
+            nxt = start + count if start + count < t.numel else 0  # the next chunk, or the next pass's first
+            schedule(nxt)
+            for r, e in enumerate(entries):
+                self._stat_gpu[r, :count * e.itemsize].copy_(bufs[k][r, :count * e.itemsize], non_blocking=True)
+            copied[k] = self._record(torch.cuda.current_stream(self.device) if self.cuda else None)
+            return _views(t, self._stat_gpu, 0, count)
+
+        params = self.ex.chunk_params(t, Segment(t.numel, load), chunk=self.chunk)
+        for _, futures in pending.values():  # the speculative read of a pass that did not come
+            for f in futures:
+                f.result()
+        return params
+
+    def _timed_read(self, e, start: int, count: int, out: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.ex.reader.read_into(e, start, count, out)
+        self.ex.times.add(read=time.perf_counter() - t0)
 
     def _h2d(self, slot: torch.Tensor, dst: torch.Tensor, rows: list[tuple[int, int, int]], after) -> tuple:
         """Copy slot row r's first n bytes to dst row r at byte `at`, for each (r, at, n), on the copy stream,

@@ -114,3 +114,14 @@ def test_prefix_digest_reads_back_what_was_written_out_of_order(tmp_path) -> Non
         d.feed(lo, memoryview(data)[lo:hi])
     assert d.upto == 3000  # 3000-5000 came early: from there on, the file is read back
     assert d.finish(path) == file_digest(path)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_global_trim_scope_through_the_pipeline(tmp_path, fam, method) -> None:
+    """trim_scope: global keeps nothing resident: every tensor's statistics stream through their own buffers."""
+    cfg = tmp_path / "g.yml"
+    write_config_yaml(cfg, method, fam["base"], fam["experts"], weight=(1.0, 0.6, 1.3), trim_scope="global",
+                      **PARAMS[method])
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
+    pipeline_run(cfg, tmp_path / "pipe", pinned="32KiB")
+    assert shards(tmp_path / "pipe") == shards(tmp_path / "ref")
