@@ -105,8 +105,16 @@ class Pipeline:
     def _feed(self, units: list, ready: queue.Queue, pool: ThreadPoolExecutor) -> None:
         """Walk the chunks in merge order; each waits for a free in-slot, then its read goes to the pool."""
         try:
+            allocated = 0
             for t, start, count in units:
-                slot = self._free_in.get()
+                try:
+                    slot = self._free_in.get_nowait()
+                except queue.Empty:  # pinned slots are allocated as the read-ahead first needs them
+                    if allocated < self.slots:
+                        allocated += 1
+                        slot = self._host(self.rows, self.chunk * 4)
+                    else:
+                        slot = self._free_in.get()
                 if slot is None or self._stop.is_set():
                     return
                 ready.put((start, count, slot, pool.submit(self._fill, slot, t, start, count)))
@@ -160,8 +168,6 @@ class Pipeline:
         order = sorted(order, key=file_position)
         streamed = [t for t in order if not t.copy_only]
         units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
-        for _ in range(self.slots):
-            self._free_in.put(self._host(self.rows, self.chunk * 4))
         for _ in range(self.n_out):
             self._free_out.put(self._host(1, self.chunk * 4)[0])
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
