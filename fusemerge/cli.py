@@ -44,7 +44,8 @@ def _handle_errors(fn):
         except OSError as e:
             _fail([f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"], 1)
         except KeyboardInterrupt:
-            _fail(["interrupted; nothing was written to the output directory"], 130)
+            _fail(["interrupted; nothing was written to the output directory (run the same command with --resume "
+                   "to continue)"], 130)
         except Exception as e:  # a bug: say so, with the traceback when asked
             if verbose:
                 traceback.print_exc()
@@ -123,13 +124,21 @@ def main(verbose: int) -> None:
 @click.option("--copy-tokenizer/--no-copy-tokenizer", default=True, show_default=True,
               help="Copy tokenizer files from the base model (or tokenizer_source).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty OUT_DIR.")
+@click.option("--resume", is_flag=True,
+              help="Continue a merge into OUT_DIR that was killed or interrupted, merging only the tensors it had "
+                   "not written; same bytes as an uninterrupted run. Refused (exit 2) if the config, --seed, "
+                   "--out-shard-size or an input changed since. With nothing to resume, starts from the beginning.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge inputs that hold NaN or Inf (default: stop, naming the tensor and the model).")
 @click.option("-v", "--verbose", count=True, help="Print per-stage times.")
 @_handle_errors
-def run(config, out_dir, copy_tokenizer, overwrite, allow_nonfinite, quiet, verbose, **opts) -> None:
-    """Merge the models of CONFIG (mergekit YAML) into OUT_DIR (Hugging Face layout)."""
+def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, quiet, verbose, **opts) -> None:
+    """Merge the models of CONFIG (mergekit YAML) into OUT_DIR (Hugging Face layout).
+
+    The merge is written into .OUT_DIR.fusemerge-tmp next to OUT_DIR and renamed into place when complete. A run
+    that is killed leaves it behind: --resume continues it; a run without --resume removes it and starts over.
+    """
     from fusemerge.merge import run as run_merge
     from fusemerge.planner import build_plan
 
@@ -141,7 +150,8 @@ def run(config, out_dir, copy_tokenizer, overwrite, allow_nonfinite, quiet, verb
     bar = None if quiet else _progress_bar(plan.input_bytes)
     try:
         result = run_merge(config, out_dir, plan=plan, copy_tokenizer=copy_tokenizer, overwrite=overwrite,
-                           allow_nonfinite=allow_nonfinite, progress=bar.update if bar else None)
+                           resume=resume, allow_nonfinite=allow_nonfinite, progress=bar.update if bar else None,
+                           notify=_note)
     finally:
         if bar:
             bar.close()
@@ -155,9 +165,15 @@ def run(config, out_dir, copy_tokenizer, overwrite, allow_nonfinite, quiet, verb
                    f"merge {t.merge:.2f}" + (" (kernels)" if gpu else "") + f", write {t.write:.2f}; then fsync "
                    f"{t.flush:.2f}, shard SHA-256 {t.manifest:.2f}", err=True)
     if not quiet:
+        resumed = (f", {result.resumed_tensors} of them ({format_size(result.resumed_bytes)} in) already written "
+                   "by the interrupted run") if result.resumed_tensors else ""
         click.echo(f"merged {len(plan.tensors)} tensors ({format_size(result.input_bytes)} in, "
-                   f"{format_size(result.output_bytes)} out) in {result.seconds:.1f} s "
+                   f"{format_size(result.output_bytes)} out{resumed}) in {result.seconds:.1f} s "
                    f"({result.input_gbps:.2f} GB/s) -> {result.out_dir}")
+
+
+def _note(line: str) -> None:
+    click.echo(f"fusemerge: note: {line}", err=True)
 
 
 class _Progress:

@@ -1,9 +1,11 @@
-"""`run`: plan, merge into a temporary directory, write the Hugging Face extras, rename into place."""
+"""`run`: plan, merge into a temporary directory (journaled, resumable), write the Hugging Face extras, rename
+into place."""
 
 from __future__ import annotations
 
 import errno
 import json
+import logging
 import shutil
 import time
 from collections.abc import Callable
@@ -15,10 +17,13 @@ from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
 from fusemerge.planner import MergePlan, build_plan
 from fusemerge.streaming.executor import Executor, StageTimes
+from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
-from fusemerge.streaming.writer import ShardedWriter, check_out_dir, finalize, make_temp_dir
+from fusemerge.streaming.writer import ShardedWriter, check_out_dir, finalize, make_temp_dir, temp_dir_path
 from fusemerge.verify import write_manifest
+
+log = logging.getLogger("fusemerge")
 
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
@@ -32,7 +37,8 @@ LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 @dataclass
 class MergeResult:
-    """What `run` did: where, how long, how many bytes, and the per-stage times."""
+    """What `run` did: where, how long, how many bytes, and the per-stage times. A resumed merge also says how
+    many tensors (and input bytes) were already written by the interrupted run and not merged again."""
 
     out_dir: Path
     seconds: float
@@ -41,11 +47,14 @@ class MergeResult:
     files: list[str]
     times: StageTimes
     plan: MergePlan
+    resumed_tensors: int = 0
+    resumed_bytes: int = 0
     nonfinite: list[str] = field(default_factory=list)  # with allow_nonfinite: one line per tensor with NaN / Inf
 
     @property
     def input_gbps(self) -> float:
-        return self.input_bytes / max(self.seconds, 1e-9) / 1e9
+        """Input bytes merged by this run (not counting resumed ones) per second, in GB/s."""
+        return (self.input_bytes - self.resumed_bytes) / max(self.seconds, 1e-9) / 1e9
 
 
 def run(
@@ -60,56 +69,131 @@ def run(
     copy_tokenizer: bool = True,
     allow_nonfinite: bool = False,
     overwrite: bool = False,
+    resume: bool = False,
     workers: int | None = None,
     progress: Callable[[int], None] | None = None,
+    notify: Callable[[str], None] | None = None,
     plan: MergePlan | None = None,
 ) -> MergeResult:
     """Merge the models of a mergekit-style config into `out_dir` (Hugging Face layout).
 
-    Every input is validated first (InputError lists every problem); the output is written into a
-    temporary directory next to `out_dir` and renamed into place only when complete. A lock next to `out_dir`
-    refuses a second run into it while this one writes; `fusemerge_manifest.json` records each shard's SHA-256
-    (see `fusemerge.verify`).
+    Every input is validated first (InputError lists every problem); the output is written into the temporary
+    directory `.{name}.fusemerge-tmp` next to `out_dir` and renamed into place only when complete. A lock next to
+    `out_dir` refuses a second run into it while this one writes; `fusemerge_manifest.json` records each shard's
+    SHA-256 (see `fusemerge.verify`).
+
+    A run killed (or interrupted with Ctrl-C) leaves its temporary directory and journal behind. With `resume`,
+    the next run continues from them, merging only the tensors not yet durably written, into the same bytes an
+    uninterrupted run writes; it refuses (InputError) if the config, seed, output layout or an input changed
+    (`streaming/journal.py`). With `resume` and nothing to resume, it starts from the beginning. Without
+    `resume`, a partial merge left behind is removed first. `notify(line)` receives those notes (default: the
+    "fusemerge" logger's warnings).
 
     >>> import fusemerge
     >>> fusemerge.run("config.yml", "out/", device="cpu", max_memory="2GiB")  # doctest: +SKIP
+    >>> fusemerge.run("config.yml", "out/", device="cpu", resume=True)  # after a kill  # doctest: +SKIP
     """
     plan = plan or build_plan(config, device=device, backend=backend, max_memory=max_memory,
                               out_shard_size=out_shard_size, seed=seed, workers=workers)
+    notify = notify or log.warning
     out = Path(out_dir)
     inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
     problems = check_out_dir(out, overwrite, inputs)
     if problems:
         raise InputError(problems)
 
+    kill = KillSwitch.from_env()
     t0 = time.perf_counter()
     with out_dir_lock(out):
-        temp = make_temp_dir(out)
+        temp = temp_dir_path(out)
+        resumed = Journal.resume(temp, plan, out, kill) if resume and temp.is_dir() else None
+        if resumed is None:
+            if resume:
+                notify(f"no interrupted merge into {out} to resume; starting from the beginning")
+            elif temp.exists():
+                notify(f"removed the partial merge an interrupted run left in {temp} (--resume would have "
+                       "continued it)")
+            temp = make_temp_dir(out)
+        journal: Journal | None = None
         try:
-            writer = ShardedWriter(temp, plan.layout)
+            skipped: list = []
+            skipped_bytes = 0
+            if resumed is not None:
+                journal, dropped = resumed
+                _keep_only_shards(temp, plan)
+                skipped = [t for t in plan.tensors if t.name in journal.done]
+                skipped_bytes = sum(t.input_bytes for t in skipped)
+                notify(f"resuming the interrupted merge into {out}: {len(skipped)} of {len(plan.tensors)} tensors "
+                       "already written and verified"
+                       + (f"; {dropped} journal entries did not match the written bytes and are redone"
+                          if dropped else ""))
+            executor = None
+            writer = ShardedWriter(temp, plan.layout, resume=resumed is not None)
             try:
-                executor = Executor(plan, writer, progress, allow_nonfinite=allow_nonfinite)
+                if journal is None:
+                    journal = Journal.create(temp, plan, kill)
+                kill.wrap_write(writer)
+                kill.stage("started")
+                if progress is not None and skipped_bytes:
+                    progress(skipped_bytes)  # the progress bar counts resumed bytes as done
+                executor = Executor(plan, writer, progress, skip=journal.done, on_tensor_done=journal.record,
+                                    allow_nonfinite=allow_nonfinite)
                 times = executor.times
                 executor.run()
             finally:
                 t1 = time.perf_counter()
                 writer.close()  # flushes the shards to disk (fsync) before anything is renamed
-                times.add(flush=time.perf_counter() - t1)
+                if executor is not None:
+                    executor.times.add(flush=time.perf_counter() - t1)
+            journal.close(flush=True)
+            kill.stage("merged")
             t1 = time.perf_counter()
             shards = [s.filename for s in plan.layout.shards]
             write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests)
             times.add(manifest=time.perf_counter() - t1)
             _write_extras(plan, temp, copy_tokenizer)
+            kill.stage("extras")
+            journal.remove()  # killed between here and the rename, a resume starts over: no work is left to lose
             files = sorted(p.name for p in temp.iterdir())
             finalize(temp, out, overwrite)
+        except KeyboardInterrupt:  # keep the partial merge for --resume, with every finished tensor journaled
+            if journal is not None:
+                try:
+                    journal.close(flush=True)
+                except OSError:
+                    pass
+            raise
         except OSError as e:
-            shutil.rmtree(temp, ignore_errors=True)
+            _discard(journal, temp)
             raise FusemergeError(_write_error(out, e)) from e
         except BaseException:
-            shutil.rmtree(temp, ignore_errors=True)
+            _discard(journal, temp)
             raise
     return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes, files, times, plan,
-                       executor.nonfinite)
+                       resumed_tensors=len(skipped), resumed_bytes=skipped_bytes, nonfinite=executor.nonfinite)
+
+
+def _discard(journal: Journal | None, temp: Path) -> None:
+    """A failed merge: stop the journal and remove the temporary directory."""
+    if journal is not None:
+        try:
+            journal.close()
+        except OSError:
+            pass
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _keep_only_shards(temp: Path, plan: MergePlan) -> None:
+    """Before resuming into `temp`: remove what the interrupted run wrote besides its shards and journal (an
+    index, a manifest, config and tokenizer files), so only what this run writes ends up in the output."""
+    keep = {s.filename for s in plan.layout.shards} | {JOURNAL_NAME}
+    for p in temp.iterdir():
+        if p.name in keep:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
 
 
 def _write_error(out: Path, e: OSError) -> str:

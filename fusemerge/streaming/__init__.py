@@ -1,4 +1,5 @@
-"""Streaming I/O: safetensors headers, model indexes over shards, memory-mapped chunk reads, sharded writes."""
+"""Streaming I/O: safetensors headers, model indexes over shards, memory-mapped chunk reads, sharded writes, the
+resume journal (`fusemerge.streaming.journal`)."""
 
 from fusemerge.streaming.model_index import ModelIndex, open_model
 from fusemerge.streaming.reader import ChunkReader
@@ -12,6 +13,7 @@ from fusemerge.streaming.writer import (
     finalize,
     make_temp_dir,
     plan_layout,
+    temp_dir_path,
 )
 
 __all__ = [
@@ -30,4 +32,5 @@ __all__ = [
     "open_model",
     "plan_layout",
     "read_header",
+    "temp_dir_path",
 ]

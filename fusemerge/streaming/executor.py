@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
@@ -50,10 +50,17 @@ class StageTimes:
 
 
 class Executor:
-    """Runs a MergePlan into a ShardedWriter. `progress(nbytes)` is called as input bytes are merged."""
+    """Runs a MergePlan into a ShardedWriter. `progress(nbytes)` is called as input bytes are merged.
 
-    def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None,
-                 *, allow_nonfinite: bool = False, pipeline: bool | None = None, readers: int | None = None):
+    Hooks for `--resume` (streaming/journal.py): tensors named in `skip` are not merged (they are already in the
+    output; statistics over the whole model, as `trim_scope: global`, still read them), and `on_tensor_done(name)`
+    is called, from the worker that merged it, once every byte of tensor `name` has been written by
+    `writer.write`; never for a tensor cut short by a failure.
+    """
+
+    def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None, *,
+                 skip: Collection[str] = (), on_tensor_done: Callable[[str], None] | None = None,
+                 allow_nonfinite: bool = False, pipeline: bool | None = None, readers: int | None = None):
         self.plan = plan
         # the overlapped disk -> pinned -> GPU -> disk pipeline (streaming/pipeline.py): on CUDA by default;
         # pipeline=True runs it on CPU too (synchronous stand-ins for streams: how CI tests it)
@@ -63,6 +70,8 @@ class Executor:
         self.nonfinite: list[str] = []  # with allow_nonfinite: one line per tensor whose inputs hold NaN / Inf
         self.writer = writer
         self.progress = progress or (lambda n: None)
+        self.skip = frozenset(skip)
+        self.on_tensor_done = on_tensor_done or (lambda name: None)
         self.reader = ChunkReader()
         self.merge_kernels, self.stat_kernels = load_backend(plan.backend, plan.device.type)
         self.times = StageTimes()
@@ -194,6 +203,11 @@ class Executor:
         with self.times.lock:
             self.nonfinite.append(line)
 
+    def _merge_and_report(self, t: TensorPlan) -> None:
+        self.merge_tensor(t)
+        if not self._stop.is_set():  # merge_tensor returns early, unfinished, once _stop is set
+            self.on_tensor_done(t.name)
+
     def run(self) -> StageTimes:
         plan = self.plan
         torch_threads = torch.get_num_threads()
@@ -206,16 +220,17 @@ class Executor:
             if plan.method.needs_thresholds and plan.config.trim_scope == "global":
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
+            order = [t for t in order if t.name not in self.skip]
             if self.pipeline:
                 from fusemerge.streaming.pipeline import Pipeline
 
                 Pipeline(self, readers=self.readers).run(order)
             elif plan.workers == 1:
                 for t in order:
-                    self.merge_tensor(t)
+                    self._merge_and_report(t)
             else:
                 with ThreadPoolExecutor(plan.workers, thread_name_prefix="fusemerge") as pool:
-                    futures = [pool.submit(self.merge_tensor, t) for t in order]
+                    futures = [pool.submit(self._merge_and_report, t) for t in order]
                     try:
                         for fut in as_completed(futures):
                             fut.result()

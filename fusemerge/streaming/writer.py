@@ -126,22 +126,25 @@ def _header_bytes(tensors: list[OutputTensor], metadata: dict[str, str]) -> byte
 class ShardedWriter:
     """Writes the shards of `layout` into `directory`: every file is created at its final size up front, then
     chunks land at their offsets with `os.pwrite`. `write` is thread-safe. A context manager: a clean exit calls
-    `close`; an exception closes the files without writing the index.
+    `close`; an exception closes the files without writing the index. With `resume`, existing shard files are
+    not truncated: their data stays, their headers and sizes are set again (see `streaming/journal.py`).
 
     >>> with ShardedWriter(tmp, layout) as writer:  # doctest: +SKIP
     ...     writer.write("w", 0, chunk)  # chunk: bytes, memoryview or contiguous CPU tensor
     """
 
-    def __init__(self, directory: Path, layout: OutputLayout):
+    def __init__(self, directory: Path, layout: OutputLayout, *, resume: bool = False):
         self.directory = Path(directory)
         self.layout = layout
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        # resume: keep the bytes already in the shards (tensors a journal says are done); headers are rewritten
+        flags = os.O_WRONLY | os.O_CREAT | (0 if resume else os.O_TRUNC)
         # each shard's SHA-256, fed with the bytes written in file order (fusemerge.verify.PrefixDigest)
         self.digests = {shard.filename: PrefixDigest() for shard in layout.shards}
         try:
             for shard in layout.shards:
-                fd = os.open(self.directory / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                fd = os.open(self.directory / shard.filename, flags, 0o644)
                 self._fds[shard.filename] = fd
                 _pwrite_all(fd, memoryview(shard.header), 0)
                 self.digests[shard.filename].feed(0, memoryview(shard.header))
@@ -213,18 +216,25 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
         buf, offset = buf[n:], offset + n
 
 
-def make_temp_dir(out_dir: Path) -> Path:
-    """Create and return an empty directory `.{name}.fusemerge-tmp-<random>` next to `out_dir` (same filesystem,
-    so `finalize` is a rename). Creates `out_dir`'s parent if needed."""
+def temp_dir_path(out_dir: str | os.PathLike) -> Path:
+    """The temporary directory of `out_dir`: `.{name}.fusemerge-tmp` in its parent (same filesystem, so
+    `finalize` is a rename). A fixed name, so the partial merge a killed run leaves behind is found again, to be
+    resumed (`--resume`) or removed by the next run; only the holder of `out_dir`'s lock may touch it."""
     out_dir = Path(os.path.abspath(out_dir))
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        temp_dir = out_dir.parent / f".{out_dir.name}.fusemerge-tmp-{secrets.token_hex(4)}"
-        try:
-            temp_dir.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
-            return temp_dir
-        except FileExistsError:
-            continue
+    return out_dir.parent / f".{out_dir.name}.fusemerge-tmp"
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    """Create and return the empty temporary directory of `out_dir` (`temp_dir_path`), first removing what an
+    interrupted run left there. Creates `out_dir`'s parent if needed. Hold `out_dir`'s lock while calling it."""
+    temp_dir = temp_dir_path(out_dir)
+    temp_dir.parent.mkdir(parents=True, exist_ok=True)
+    if temp_dir.is_symlink() or temp_dir.is_file():
+        temp_dir.unlink()
+    elif temp_dir.exists():
+        shutil.rmtree(temp_dir)
+    temp_dir.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0o700
+    return temp_dir
 
 
 def finalize(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:

@@ -23,6 +23,7 @@ from fusemerge.streaming.writer import (
     finalize,
     make_temp_dir,
     plan_layout,
+    temp_dir_path,
 )
 from tests.streaming.helpers import as_bytes, assert_same, random_tensor
 
@@ -234,12 +235,24 @@ def fill(directory: Path, files: dict[str, str]) -> None:
 
 def test_make_temp_dir(tmp_path: Path) -> None:
     out = tmp_path / "deep" / "out"
-    a, b = make_temp_dir(out), make_temp_dir(out)
-    assert a != b
-    for temp in (a, b):
-        assert temp.parent == out.parent and temp.is_dir() and not any(temp.iterdir())
-        assert temp.name.startswith(".out.fusemerge-tmp-")
-    assert not out.exists()
+    temp = make_temp_dir(out)
+    assert temp == temp_dir_path(out) == out.parent / ".out.fusemerge-tmp"  # fixed: found again by --resume
+    assert temp.is_dir() and not any(temp.iterdir()) and not out.exists()
+    fill(temp / "sub", {"model.safetensors": "left by a killed run"})
+    (temp / "x").write_text("stale")
+    assert make_temp_dir(out) == temp and not any(temp.iterdir())  # what a killed run left is removed
+
+
+def test_writer_resume_keeps_written_data(tmp_path: Path) -> None:
+    layout = plan_layout([OutputTensor("a", "F32", (3,)), OutputTensor("b", "F32", (2,))], max_shard_bytes=10**9)
+    with ShardedWriter(tmp_path, layout) as w:
+        w.write("a", 0, torch.tensor([1.0, 2.0, 3.0]))
+    with ShardedWriter(tmp_path, layout, resume=True) as w:
+        w.write("b", 0, torch.tensor([4.0, 5.0]))
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["a"], torch.tensor([1.0, 2.0, 3.0]))
+    with ShardedWriter(tmp_path, layout) as w:  # without resume: a fresh, zeroed file
+        w.write("b", 0, torch.tensor([4.0, 5.0]))
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["a"], torch.zeros(3))
 
 
 def test_finalize_into_missing_dir(tmp_path: Path) -> None:

@@ -1,0 +1,357 @@
+"""`run --resume`: a merge killed at any point continues from its journal into the same bytes; a resume against a
+changed config, changed options or changed inputs is refused; torn journal entries are redone.
+
+Real kills: `python -m fusemerge run` subprocesses SIGKILL themselves at fixed points through the test hook
+`FUSEMERGE_TEST_KILL_AT` (streaming/journal.py); they run in parallel, so the whole file stays at a few seconds.
+Interruptions in-process: a progress callback raises KeyboardInterrupt (what Ctrl-C does), which keeps the partial
+merge for --resume too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+import fusemerge
+from fusemerge.cli import main
+from fusemerge.streaming.executor import Executor
+from fusemerge.streaming.journal import JOURNAL_NAME, KILL_ENV
+from fusemerge.streaming.writer import temp_dir_path
+from fusemerge.synthetic import make_llama_family, write_config_yaml
+from fusemerge.verify import verify
+
+REPO = Path(__file__).resolve().parents[1]
+# 21 tensors of up to 2304 elements; --max-memory 64KiB gives chunks of 315 elements: most tensors take 8 chunks
+SHAPE = dict(hidden=32, intermediate=72, layers=2, vocab=101)
+N_TENSORS = 21
+# The killed runs and their resumes: small chunks, several shards, two workers. The reference run uses other
+# memory and worker settings: they do not change the bytes, so a resume may change them too.
+RUN_OPTS = ["--quiet", "--device", "cpu", "--max-memory", "64KiB", "--workers", "2", "--out-shard-size", "6KB"]
+SHARDS = "6KB"
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("resume")
+    fam = make_llama_family(root / "models", n_experts=2, seed=3, **SHAPE)
+    fam["config"] = root / "ties.yml"
+    write_config_yaml(fam["config"], "ties", fam["base"], fam["experts"], density=0.4)
+    fam["reference"] = root / "reference"
+    fusemerge.run(fam["config"], fam["reference"], device="cpu", workers=1, out_shard_size=SHARDS)
+    assert len(fusemerge.build_plan(fam["config"], device="cpu").tensors) == N_TENSORS
+    return fam
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def errors(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("fusemerge: error:")]
+
+
+def files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def journal_entries(out: Path) -> list[str]:
+    lines = (temp_dir_path(out) / JOURNAL_NAME).read_bytes().split(b"\n")
+    return [json.loads(line)["tensor"] for line in lines[1:] if line]
+
+
+def leftovers(out: Path) -> list[str]:
+    """What runs into `out` left next to it: its temporary directory, lock file, an old copy."""
+    return [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.fusemerge")]
+
+
+def assert_resumed_identical(fam: dict, out: Path, r) -> None:
+    assert r.exit_code == 0, r.output
+    assert files(out) == files(fam["reference"])  # every file, manifest and model card included
+    assert verify(out) == [] and leftovers(out) == []
+
+
+# -- real SIGKILLs ---------------------------------------------------------------------------------------------
+
+# kill point -> journal entries the killed run leaves (None: depends on timing, fewer than all)
+KILL_POINTS = {
+    "stage:started": 0,            # shards and journal created, nothing merged
+    "chunk:40": None,              # mid-run, tensors half written
+    "tensor:1": 1,
+    "tensor:19": 19,               # nearly all
+    "stage:merged": N_TENSORS,     # every tensor written, no manifest yet
+    "stage:extras": N_TENSORS,     # manifest and model card written, not yet renamed
+}
+
+
+@pytest.fixture(scope="module")
+def killed(fam: dict, tmp_path_factory) -> dict[str, tuple[Path, subprocess.CompletedProcess]]:
+    """One merge per kill point, all started at once, each killed by the hook; -> (OUT_DIR, the finished process)."""
+    root = tmp_path_factory.mktemp("killed")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    procs = {}
+    for i, point in enumerate(KILL_POINTS):
+        out = root / f"out{i}"
+        cmd = [sys.executable, "-m", "fusemerge", "run", str(fam["config"]), str(out), *RUN_OPTS]
+        procs[point] = out, subprocess.Popen(cmd, env=dict(env, **{KILL_ENV: point}), cwd=REPO,
+                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    done = {}
+    for point, (out, proc) in procs.items():
+        stdout, stderr = proc.communicate(timeout=300)
+        done[point] = out, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return done
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_killed_merge_resumes_byte_identical(fam: dict, killed: dict, point: str) -> None:
+    out, proc = killed[point]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not out.exists()  # nothing that looks like a finished model
+    entries = journal_entries(out)
+    expected = KILL_POINTS[point]
+    if expected is None:
+        assert len(entries) < N_TENSORS
+    else:
+        assert len(entries) == expected
+    r = invoke("run", fam["config"], out, *RUN_OPTS[1:], "--resume")  # not --quiet: the summary says what resumed
+    assert_resumed_identical(fam, out, r)
+    assert f"{len(entries)} of {N_TENSORS} tensors already written and verified" in r.stderr
+    if entries:
+        assert f"{len(entries)} of them" in r.stdout
+
+
+# -- interrupted in-process (Ctrl-C) --------------------------------------------------------------------------
+
+
+def interrupt(fam: dict, out: Path, after_bytes: int = 60_000, **kwargs) -> None:
+    """Start a merge into `out` and interrupt it (KeyboardInterrupt, as Ctrl-C) once `after_bytes` input bytes
+    are merged; check that OUT_DIR never looks finished meanwhile and that the partial merge is kept."""
+    seen = [0]
+
+    def progress(n: int) -> None:
+        assert not out.exists()
+        seen[0] += n
+        if seen[0] >= after_bytes:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fusemerge.run(fam["config"], out, device="cpu", workers=1, max_memory="64KiB", out_shard_size=SHARDS,
+                      progress=progress, **kwargs)
+    assert not out.exists()
+    assert 0 < len(journal_entries(out)) < N_TENSORS
+
+
+def test_interrupted_merge_keeps_its_journal_and_resumes(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    interrupt(fam, out)
+    done = len(journal_entries(out))
+    notes: list[str] = []
+    total: list[int] = []
+    result = fusemerge.run(fam["config"], out, device="cpu", out_shard_size=SHARDS, resume=True,
+                           notify=notes.append, progress=total.append)
+    assert files(out) == files(fam["reference"])
+    assert result.resumed_tensors == done and 0 < result.resumed_bytes < result.input_bytes
+    assert total[0] == result.resumed_bytes and sum(total) == result.input_bytes  # the bar starts at the resumed
+    assert notes == [f"resuming the interrupted merge into {out}: {done} of {N_TENSORS} tensors already written "
+                     "and verified"]
+
+
+def test_corrupted_tensor_and_torn_journal_lines_are_redone(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    interrupt(fam, out, after_bytes=90_000)
+    temp = temp_dir_path(out)
+    entries = journal_entries(out)
+    plan = fusemerge.build_plan(fam["config"], device="cpu", out_shard_size=SHARDS)
+    shard, offset, nbytes = plan.layout.locate(entries[0])
+    with open(temp / shard, "r+b") as f:  # a torn write: the tensor's last bytes never reached the disk
+        f.seek(offset + nbytes - 4)
+        f.write(b"\0\0\0\0")
+    with open(temp / JOURNAL_NAME, "ab") as f:  # a garbage line, then a torn one
+        f.write(b'{"tensor": "model.norm.wei\n{"tensor": "lm_head.weight", "sha2')
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--resume")
+    assert_resumed_identical(fam, out, r)
+    assert (f"{len(entries) - 1} of {N_TENSORS} tensors already written and verified; 3 journal entries did not "
+            "match the written bytes and are redone") in r.stderr
+
+
+# -- refusals ---------------------------------------------------------------------------------------------------
+
+
+def _touch(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
+def _resave(path: Path, metadata: dict[str, str]) -> None:
+    """Rewrite a safetensors file with the same tensors and other header metadata, keeping its mtime."""
+    st = path.stat()
+    save_file(load_file(path), str(path), metadata=metadata)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _edit_config(fam: dict, path: Path) -> None:
+    write_config_yaml(path, "ties", fam["base"], fam["experts"], density=0.5)
+
+
+@pytest.mark.parametrize("change, args, needle", [
+    ("mtime", [], "changed since the interrupted run (modification time differs)"),
+    ("header", [], "changed since the interrupted run (its header differs)"),
+    ("size", [], "bytes)"),
+    ("model config", [], "config.json changed since the interrupted run (its content differs)"),
+    ("merge config", [], "the merge config differs from the interrupted run's"),
+    ("shard size", ["--out-shard-size", "5GB"], "the output layout differs"),
+    ("out dtype", [], "the merge config differs"),
+])
+def test_resume_refused_when_something_changed(fam: dict, tmp_path: Path, change: str, args: list,
+                                               needle: str) -> None:
+    family = make_llama_family(tmp_path / "models", n_experts=2, seed=3, **SHAPE)  # ours to change
+    fam = dict(fam, base=family["base"], experts=family["experts"], config=tmp_path / "c.yml")
+    write_config_yaml(fam["config"], "ties", fam["base"], fam["experts"], density=0.4)
+    expert = fam["experts"][1] / "model.safetensors"
+    _resave(expert, {"format": "pt"})
+    size = expert.stat().st_size
+    out = tmp_path / "out"
+    interrupt(fam, out)
+    if change == "mtime":
+        _touch(expert)
+    elif change == "header":
+        _resave(expert, {"format": "pX"})  # same size, same data, same mtime: only the header differs
+        assert expert.stat().st_size == size
+    elif change == "size":
+        _resave(expert, {"note": "a longer header than before"})
+    elif change == "model config":
+        path = fam["base"] / "config.json"  # num_hidden_layers places gradient parameters: the bytes would differ
+        st, text = path.stat(), path.read_text()
+        path.write_text(text.replace('"num_hidden_layers": 2', '"num_hidden_layers": 3'))  # same size
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+        assert path.read_text() != text and path.stat().st_size == st.st_size
+    elif change == "merge config":
+        _edit_config(fam, fam["config"])
+    elif change == "out dtype":
+        write_config_yaml(fam["config"], "ties", fam["base"], fam["experts"], density=0.4, out_dtype="float32")
+    journal_before = (temp_dir_path(out) / JOURNAL_NAME).read_bytes()
+    r = invoke("run", fam["config"], out, *RUN_OPTS, *args, "--resume")
+    assert r.exit_code == 2, r.output
+    lines = errors(r.stderr)
+    assert len(lines) == 1 and lines == r.stderr.strip().splitlines(), r.stderr
+    assert str(out) in lines[0] and "cannot resume the interrupted merge" in lines[0] and needle in lines[0]
+    assert "run without --resume to start it over" in lines[0]
+    # refused without touching anything: the partial merge is still there to resume once the change is undone
+    assert not out.exists() and (temp_dir_path(out) / JOURNAL_NAME).read_bytes() == journal_before
+
+
+def test_resume_refused_when_the_dare_seed_changed(fam: dict, tmp_path: Path) -> None:
+    fam = dict(fam, config=tmp_path / "dare.yml")
+    write_config_yaml(fam["config"], "dare_ties", fam["base"], fam["experts"], density=0.5)
+    out = tmp_path / "out"
+    interrupt(fam, out, seed=7)
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--seed", "8", "--resume")
+    assert r.exit_code == 2 and "--seed 8 differs from the interrupted run's 7" in errors(r.stderr)[0], r.output
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--seed", "7", "--resume")
+    assert r.exit_code == 0, r.output
+    fusemerge.run(fam["config"], tmp_path / "ref", device="cpu", seed=7, out_shard_size=SHARDS)
+    assert files(out) == files(tmp_path / "ref")
+
+
+# -- nothing to resume, and runs without --resume ----------------------------------------------------------------
+
+
+def test_resume_with_nothing_to_resume_starts_fresh_with_a_note(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--resume")
+    assert_resumed_identical(fam, out, r)
+    assert f"fusemerge: note: no interrupted merge into {out} to resume; starting from the beginning" in r.stderr
+
+
+def test_unreadable_journal_starts_fresh(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    interrupt(fam, out)
+    (temp_dir_path(out) / JOURNAL_NAME).write_bytes(b"not a journal")
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--resume")
+    assert_resumed_identical(fam, out, r)
+    assert "no interrupted merge" in r.stderr
+
+
+def test_run_without_resume_removes_the_partial_merge(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    interrupt(fam, out)
+    stale = temp_dir_path(out) / "stale.txt"
+    stale.write_text("left by the killed run")
+    r = invoke("run", fam["config"], out, *RUN_OPTS)
+    assert_resumed_identical(fam, out, r)
+    assert f"removed the partial merge an interrupted run left in {temp_dir_path(out)}" in r.stderr
+
+
+def test_resume_drops_files_the_interrupted_run_wrote_besides_shards(fam: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    interrupt(fam, out)
+    (temp_dir_path(out) / "tokenizer.json").write_text("{}")  # as if that run had copied a tokenizer
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--no-copy-tokenizer", "--resume")
+    assert r.exit_code == 0, r.output
+    assert "tokenizer.json" not in files(out) and verify(out) == []
+
+
+# -- the executor's hooks ------------------------------------------------------------------------------------------
+
+
+class RecordingWriter:
+    """Stands in for a ShardedWriter: records (event, tensor) pairs; `hook(name)` runs before each write."""
+
+    def __init__(self, hook=lambda name: None):
+        self.events: list[tuple[str, str]] = []
+        self.hook = hook
+
+    def write(self, name: str, byte_offset: int, data) -> None:
+        self.hook(name)
+        self.events.append(("write", name))
+
+    def done(self, name: str) -> None:
+        self.events.append(("done", name))
+
+
+def test_executor_skips_and_reports_each_tensor_after_its_last_write(fam: dict) -> None:
+    plan = fusemerge.build_plan(fam["config"], device="cpu", max_memory="64KiB", workers=1)
+    skip = {t.name for t in plan.tensors[::3]}
+    writer = RecordingWriter()
+    Executor(plan, writer, skip=skip, on_tensor_done=writer.done).run()
+    merged = [t.name for t in plan.tensors if t.name not in skip]
+    assert {name for _, name in writer.events} == set(merged)
+    assert sorted(name for event, name in writer.events if event == "done") == sorted(merged)
+    for t in plan.tensors:
+        if t.name in merged:  # every chunk, then done
+            chunks = -(-t.numel // plan.chunk_elems)
+            assert [event for event, n in writer.events if n == t.name] == ["write"] * chunks + ["done"]
+    assert max(-(-t.numel // plan.chunk_elems) for t in plan.tensors) > 5
+
+
+def test_executor_never_reports_a_tensor_cut_short(fam: dict) -> None:
+    plan = fusemerge.build_plan(fam["config"], device="cpu", max_memory="64KiB", workers=2)
+    first, second = sorted(plan.tensors, key=lambda t: -t.numel)[:2]  # what the two workers start with
+    executor: Executor | None = None
+    second_writing = threading.Event()
+
+    def hook(name: str) -> None:
+        if name == first.name:  # fails once the other worker is mid-tensor
+            assert second_writing.wait(30)
+            raise OSError(28, "No space left on device")
+        if name == second.name:
+            second_writing.set()
+            deadline = time.monotonic() + 30
+            while not executor._stop.is_set():
+                assert time.monotonic() < deadline
+                time.sleep(0.001)
+
+    writer = RecordingWriter(hook)
+    executor = Executor(plan, writer, on_tensor_done=writer.done)
+    with pytest.raises(OSError):
+        executor.run()
+    assert ("write", second.name) in writer.events and not [e for e in writer.events if e[0] == "done"]
