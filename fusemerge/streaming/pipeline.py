@@ -116,6 +116,9 @@ class Pipeline:
                     else:
                         slot = self._free_in.get()
                 if slot is None or self._stop.is_set():
+                    # after a failure: wake the GPU thread, which may be waiting for this chunk (run() raises
+                    # the first error, not this one)
+                    ready.put(_Stopped("the pipeline stopped after an error"))
                     return
                 ready.put((start, count, slot, pool.submit(self._fill, slot, t, start, count)))
         except BaseException as e:  # noqa: BLE001 - handed to the GPU thread, which raises it
@@ -354,6 +357,10 @@ class Pipeline:
         data = out_slot[:nbytes]
         self._jobs.put((done, _write(self.ex, t.name, start * (nbytes // max(count, 1)), data, in_bytes), in_slot,
                         out_slot, timings))
+
+
+class _Stopped(RuntimeError):
+    """Handed to the GPU thread by the feeder when it stops early because another stage failed."""
 
 
 class _DoneEvent:
