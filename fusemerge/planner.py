@@ -496,13 +496,14 @@ def _model_problems(config: object) -> list[str]:
 
     try:
         raw = config if isinstance(config, dict) else yaml.safe_load(Path(config).read_text())
-    except (OSError, ValueError, yaml.YAMLError, TypeError):
-        return []
+    except (OSError, ValueError, yaml.YAMLError, TypeError, RecursionError):
+        return []  # load_config has said what is wrong with the file
     paths = []
     if isinstance(raw, dict):
         if isinstance(raw.get("base_model"), str):
             paths.append(raw["base_model"])
-        for m in raw.get("models") or []:
+        models = raw.get("models")
+        for m in models if isinstance(models, list) else []:
             if isinstance(m, dict) and isinstance(m.get("model"), str):
                 paths.append(m["model"])
     problems: list[str] = []

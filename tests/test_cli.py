@@ -257,3 +257,14 @@ def test_unsupported_feature_fails_in_plan_naming_it(fam: dict, tmp_path: Path, 
         assert r.exit_code == 2, r.output
         assert any(needle in e for e in errors(r)), r.stderr
     assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("text", ["[" * 3000, "models: " + "[" * 3000 + "]" * 3000, "merge_method: ties\nmodels: 5\n",
+                                  "base_model: " + "{a: " * 2000 + "}" * 2000])
+def test_plan_of_a_broken_config_is_exit_2_never_an_internal_error(tmp_path: Path, text: str) -> None:
+    """Found by bench/fuzz.py at 10^5 cases: `plan` re-reads an invalid config for its model paths too."""
+    cfg = tmp_path / "bad.yml"
+    cfg.write_text(text)
+    res = invoke("plan", cfg)
+    assert res.exit_code == 2, res.output
+    assert "internal error" not in res.output and str(cfg) in res.output
