@@ -288,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
               f" = {summary['fusemerge']['wall'] / floor:.2f}x")
     if parity:
         print(f"\noutputs, fusemerge vs mergekit: {parity}")
+        if merge_dtype != "float32":
+            print(f"(mergekit does its arithmetic in the config's dtype, {merge_dtype}; fusemerge always in float32, "
+                  "so 'unexplained' here includes mergekit's own rounding. `--merge-dtype float32` compares the "
+                  "methods alone; bench/compare_mergekit.py does that by default.)")
     for note in notes:
         print(f"\nnote: {note}")
     shape = {k: getattr(args, k) for k in ("method", "density", "experts", "hidden", "intermediate", "layers", "vocab")}
