@@ -9,25 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from fusemerge.cli import main
-from fusemerge.synthetic import make_llama_family, write_config_yaml
-
-SHAPE = dict(hidden=16, intermediate=40, layers=2, vocab=53)
+from tests.cli_helpers import invoke, make_cli_family
 
 
 @pytest.fixture()
 def fam(tmp_path: Path) -> dict:
-    fam = make_llama_family(tmp_path / "models", n_experts=2, seed=1, **SHAPE)
-    fam["config"] = tmp_path / "ties.yml"
-    write_config_yaml(fam["config"], "ties", fam["base"], fam["experts"], density=0.5)
-    return fam
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    return make_cli_family(tmp_path)
 
 
 def errors(result) -> list[str]:

@@ -140,21 +140,28 @@ def safetensors_bytes(draw: st.DrawFn) -> bytes:
     return bytes(raw)
 
 
+def _load_or_input_error(kind: str, load, path: Path):
+    """load(path), or None once the InputError it raised is checked to name `path`; within MAX_SECONDS."""
+    tried(kind)
+    t0 = time.monotonic()
+    try:
+        return load(path)
+    except InputError as e:
+        _assert_input_error(e, str(path))
+        return None
+    finally:
+        assert time.monotonic() - t0 < MAX_SECONDS
+
+
 # --------------------------------------------------------------------------------------------------
 # 1. safetensors headers
 
 
 def check_read_header(path: Path) -> None:
     """The property: a header whose tensors all lie inside the file, or an InputError naming the file."""
-    tried("safetensors")
-    t0 = time.monotonic()
-    try:
-        header = read_header(path)
-    except InputError as e:
-        _assert_input_error(e, str(path))
+    header = _load_or_input_error("safetensors", read_header, path)
+    if header is None:
         return
-    finally:
-        assert time.monotonic() - t0 < MAX_SECONDS
     size = path.stat().st_size
     assert header.file_size == size
     assert header.data_start == 8 + header.header_len <= size
@@ -258,15 +265,9 @@ def _write_dir(files: dict[str, bytes]) -> Path:
 
 def check_open_model(path: Path) -> None:
     """The property: a model whose tensors all lie inside its files, or an InputError naming the directory."""
-    tried("model_dir")
-    t0 = time.monotonic()
-    try:
-        model = open_model(path)
-    except InputError as e:
-        _assert_input_error(e, str(path))
+    model = _load_or_input_error("model_dir", open_model, path)
+    if model is None:
         return
-    finally:
-        assert time.monotonic() - t0 < MAX_SECONDS
     assert isinstance(model, ModelIndex)
     for name, e in model.tensors.items():
         assert e.name == name and e.file in model.files
@@ -322,15 +323,9 @@ _fragments = st.sampled_from([
 
 def check_load_config(path: Path) -> None:
     """The property: a MergeConfig, or an InputError naming the config file on every line."""
-    tried("config")
-    t0 = time.monotonic()
-    try:
-        cfg = load_config(path)
-    except InputError as e:
-        _assert_input_error(e, str(path))
+    cfg = _load_or_input_error("config", load_config, path)
+    if cfg is None:
         return
-    finally:
-        assert time.monotonic() - t0 < MAX_SECONDS
     assert isinstance(cfg, MergeConfig)
 
 

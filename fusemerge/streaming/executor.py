@@ -112,12 +112,16 @@ class Executor:
 
         return Segment(t.numel, load, cache)
 
+    def needs_statistics(self, t: TensorPlan) -> bool:
+        """Whether t's parameters come from a statistics pass over its inputs (thresholds, DARE's L1 rescale)."""
+        m = self.plan.method
+        return not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True))
+
     def _resident(self, t: TensorPlan) -> bool:
         """Whether t's float32 inputs fit in this worker's half of the budget (the other half is for chunks)."""
-        needs_stats = self.plan.method.needs_thresholds or (
-            self.plan.method.sparsifier == "dare" and t.rescale is True)
         inputs = len(t.inputs) + (t.base is not None)
-        return needs_stats and self.global_cuts is None and inputs * 4 * t.numel <= self.plan.resident_bytes
+        return (self.needs_statistics(t) and self.global_cuts is None
+                and inputs * 4 * t.numel <= self.plan.resident_bytes)
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -174,7 +178,7 @@ class Executor:
         segment = self._segment(t, keep=self._resident(t))
         params = self.chunk_params(t, segment)
         out_dtype = FLOAT_CODES[t.out_dtype]
-        # NaN / Inf in any input, counted by the merge kernel as it reads (no extra pass): experts, then base
+        # NaN / Inf in any input, counted by merge_chunk on the chunks it is given (no extra read): experts, base
         nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.plan.device)
         for start in range(0, t.numel, chunk):
             if self._stop.is_set():

@@ -46,7 +46,7 @@ ALIGN = 64  # staging rows stay 128-byte aligned for bf16, so the kernel's loads
 class Pipeline:
     """Runs the merge of a plan through the overlapped pipeline; `Executor.run` uses it on CUDA devices."""
 
-    def __init__(self, executor, *, readers: int | None = None, pinned_bytes: int | None = None):
+    def __init__(self, executor, *, readers: int | None = None):
         self.ex = executor
         self.plan: MergePlan = executor.plan
         self.device = self.plan.device
@@ -55,13 +55,12 @@ class Pipeline:
         self.readers = readers or min(8, os.cpu_count() or 1)
         self.slots = max(4, self.readers + 2)
         self.n_out = self.slots // 2 + 1
-        budget = pinned_bytes or self.plan.pinned_bytes or DEFAULT_PINNED
+        budget = self.plan.pinned_bytes or DEFAULT_PINNED
         # pinned bytes per element of a chunk: in-slots (and 2 statistics buffers) of (N + 1) rows x 4 (the
         # widest dtype) + out-slots x 4
         per_elem = ((self.slots + 2) * self.rows + self.n_out) * 4
         chunk = min(self.plan.chunk_elems, budget // per_elem)
         self.chunk = max(MIN_PIPE_CHUNK, chunk - chunk % ALIGN)
-        self.pinned_total = self.chunk * per_elem
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._jobs: queue.Queue = queue.Queue()
@@ -192,8 +191,7 @@ class Pipeline:
             for t in order:
                 if t.copy_only:  # non-float tensors are copied as they are
                     data = ex.reader.read(t.inputs[0], 0, t.numel).contiguous().clone()
-                    self._jobs.put((_DoneEvent(), _write(ex, t.name, 0, data, t.input_bytes, done=True), None,
-                                    None, ()))
+                    self._jobs.put((_DoneEvent(), _write(ex, t, 0, data, t.input_bytes, last=True), None, None, ()))
                 else:
                     chunks = (_ready(ready) for _ in range(-(-t.numel // self.chunk)))  # as they arrive
                     self._merge_tensor(t, chunks)
@@ -212,10 +210,6 @@ class Pipeline:
                 torch.cuda.synchronize(self.device)
         self._check()
 
-    def _needs_stats(self, t: TensorPlan) -> bool:
-        m = self.plan.method
-        return not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True))
-
     def _fits(self, t: TensorPlan) -> bool:
         return self.ex.global_cuts is None and sum(e.nbytes for e in _entries(t)) <= self.plan.resident_bytes
 
@@ -223,26 +217,25 @@ class Pipeline:
         entries = _entries(t)
         out_dtype = FLOAT_CODES[t.out_dtype]
         nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.device)
-        self._keep_alive(nonfinite, *filter(None, [self.compute]))
-        if not self._needs_stats(t) or not self._fits(t):
+        self._keep_alive(nonfinite, self.compute)
+        needs_stats = self.ex.needs_statistics(t)
+        if not needs_stats or not self._fits(t):
             # no statistics, or a tensor too large to keep on the device: its statistics passes stream it
             # through two buffers of their own first (a second read of its inputs), then it merges as it streams
-            params = (self.ex.chunk_params(t, Segment(t.numel, _no_statistics)) if not self._needs_stats(t)
-                      else self._streamed_statistics(t))
+            params = (self._streamed_statistics(t) if needs_stats
+                      else self.ex.chunk_params(t, Segment(t.numel, _no_statistics)))
             for start, count, slot, fut in chunks:
                 fut.result()
-                s, self.turn = self.turn % 2, self.turn + 1
-                stage = self.staging[s]
-                h = self._h2d(slot, stage, [(r, 0, count * e.itemsize) for r, e in enumerate(entries)],
+                s = self._next_buffer()
+                h = self._h2d(slot, self.staging[s], [(r, 0, count * e.itemsize) for r, e in enumerate(entries)],
                               after=self.staging_free[s])
-                base, experts = _views(t, stage, 0, count)
-                self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, h, slot,
-                             free_after=self.staging_free[s])
+                base, experts = _views(t, self.staging[s], 0, count)
+                self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, s, h2d=h, in_slot=slot)
         else:
             # the whole tensor on the device: statistics and merge read it there (one read from disk)
             width = max(e.itemsize for e in entries) * t.numel
             resident = torch.empty((len(entries), width), dtype=torch.uint8, device=self.device)
-            self._keep_alive(resident, *filter(None, [self.copy_stream, self.compute]))
+            self._keep_alive(resident, self.copy_stream, self.compute)
             for start, count, slot, fut in chunks:
                 fut.result()
                 h = self._h2d(slot, resident, [(r, start * e.itemsize, count * e.itemsize)
@@ -256,7 +249,7 @@ class Pipeline:
             for start in range(0, t.numel, self.chunk):
                 count = min(self.chunk, t.numel - start)
                 base, experts = _views(t, resident, start, count)
-                self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, None, None)
+                self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, self._next_buffer())
         done = self._record(self.compute)  # the tensor's last kernel: its NaN / Inf counts are final
 
         def finish() -> None:
@@ -266,10 +259,14 @@ class Pipeline:
         self._jobs.put((done, finish, None, None, ()))
 
     def _tensor_done(self, t: TensorPlan) -> None:
-        """Every byte of `t` is written (the executor's resume hook, where it has one)."""
-        hook = getattr(self.ex, "on_tensor_done", None)
-        if hook is not None and not self._stop.is_set():
-            hook(t.name)
+        """Every byte of `t` is written: the executor's resume hook (never after a failure)."""
+        if not self._stop.is_set():
+            self.ex.on_tensor_done(t.name)
+
+    def _next_buffer(self) -> int:
+        """Which of the two staging / output buffers the next chunk uses."""
+        s, self.turn = self.turn % 2, self.turn + 1
+        return s
 
     def _streamed_statistics(self, t: TensorPlan):
         """ChunkParams of a tensor whose inputs do not fit the device: the statistics passes read it chunk by
@@ -332,15 +329,14 @@ class Pipeline:
             h1 = self._record(self.copy_stream)
         return h0, h1
 
-    def _kernel(self, t, base, experts, start, count, params, out_dtype, nonfinite, h2d, in_slot,
-                free_after=None) -> None:
-        """Merge [start, start + count) on the compute stream (after `h2d`), D2H into a pinned out-slot,
-        and queue its write. `free_after` is recorded once the kernel has read its inputs."""
+    def _kernel(self, t, base, experts, start, count, params, out_dtype, nonfinite, s, h2d=None,
+                in_slot=None) -> None:
+        """Merge [start, start + count) into output buffer `s` on the compute stream (after `h2d`, the copy
+        into staging buffer `s`, whose free event is then recorded), D2H into a pinned out-slot, and queue its
+        write, which returns `in_slot`."""
         out_slot = self._free_out.get()
-        s = self.turn % 2 if h2d is None else (self.turn - 1) % 2
-        if h2d is None:
-            self.turn += 1
-        nbytes = count * torch.empty((), dtype=out_dtype).element_size()
+        item = out_dtype.itemsize
+        nbytes = count * item
         with self._on(self.compute):
             if self.cuda and h2d is not None:
                 self.compute.wait_event(h2d[1])
@@ -348,15 +344,14 @@ class Pipeline:
             out = self.ex.merge_kernels.merge_chunk(base, experts, start, params, out_dtype,
                                                     out=self.gpu_out[s].view(out_dtype)[:count], nonfinite=nonfinite)
             k1 = self._record(self.compute)
-            if self.cuda and free_after is not None:
-                free_after.record(self.compute)
+            if self.cuda and h2d is not None:
+                self.staging_free[s].record(self.compute)
             out_slot[:nbytes].copy_(out.view(torch.uint8), non_blocking=True)
             done = self._record(self.compute)
         timings = (("merge", k0, k1),) + ((("h2d", *h2d),) if h2d is not None else ())
         in_bytes = sum(e.itemsize for e in _entries(t)) * count
         data = out_slot[:nbytes]
-        self._jobs.put((done, _write(self.ex, t.name, start * (nbytes // max(count, 1)), data, in_bytes), in_slot,
-                        out_slot, timings))
+        self._jobs.put((done, _write(self.ex, t, start * item, data, in_bytes), in_slot, out_slot, timings))
 
 
 class _Stopped(RuntimeError):
@@ -393,13 +388,13 @@ def _ready(ready: queue.Queue):
     return item
 
 
-def _write(ex, name: str, offset: int, data: torch.Tensor, progress_bytes: int, done: bool = False
+def _write(ex, t: TensorPlan, offset: int, data: torch.Tensor, progress_bytes: int, last: bool = False
            ) -> Callable[[], None]:
+    """The writer thread's action for one chunk of `t`; `last`: the chunk completes `t` (the resume hook)."""
     def write() -> None:
-        ex.writer.write(name, offset, data)
+        ex.writer.write(t.name, offset, data)
         ex.progress(progress_bytes)
-        hook = getattr(ex, "on_tensor_done", None)
-        if done and hook is not None:
-            hook(name)
+        if last:
+            ex.on_tensor_done(t.name)
 
     return write
