@@ -92,7 +92,7 @@ def merge_tensors(
     fbase = base.reshape(-1).contiguous() if base is not None else None
     numel = flat[0].numel()
     p = tensor_params(m, name=name, numel=numel,
-                      segments=[Segment(numel, lambda s, c: (fbase[s:s + c], [x[s:s + c] for x in flat]))],
+                      segments=[Segment(numel, lambda s, c: (fbase[s:s + c], [x[s:s + c] for x in flat]), whole=True)],
                       weights=weights, density=dens, gamma=gam, lam=lam, normalize=bool(normalize), rescale=rescale,
                       seed=seed, chunk=chunk, backend=kstats)
     out_dtype = out_dtype or models[0].dtype

@@ -6,7 +6,17 @@ functions (`fusemerge.kernels.reference` on CPU, `fusemerge.kernels.triton_selec
 quantity is an integer count or an integer sum, so the result does not depend on chunk size,
 backend or device.
 
-Top-k of |d| without sorting (METHODS.md, "Trim"):
+Top-k of |d| without sorting the tensor (METHODS.md, "Trim"), two ways with the same exact result:
+
+Bracket select (`bracket_cuts`, one pass; a tensor held whole in memory, as the GPU pipeline holds it):
+  1. a sample of |d| at s spread-out positions brackets the k-th largest: lo <= t <= hi with high probability
+  2. one pass over the base and all N experts counts, per block, a > hi, a == hi and a == lo, and compacts
+     the few entries lo < a < hi with their indices
+  3. the rank k falls in one of those classes: t and the index cut c follow from the compacted entries or
+     from the per-block counts (one block rescanned). If the sample misled (k outside the bracket), the
+     radix select below runs instead; the sample only decides the speed, never the result.
+
+Radix select (any chunking, `trim_scope: global`):
   1. histogram of bits(|d|) >> 16 (32768 bins)  -> the bin holding the k-th largest
   2. histogram of the low 16 bits inside that bin -> the exact bit pattern t of the k-th largest
   3. if only some of the entries equal to t fit in k: an in-order count finds the index cut c
@@ -33,11 +43,13 @@ class Segment:
     """A run of elements: `load(start, count)` gives (base chunk, [chunk of each expert]).
 
     `cache`, when the loader keeps chunks between passes, is where it keeps them (its owner frees it).
+    `whole`: the data is in memory, so `load(0, numel)` gives all of it as views (no copy, no read).
     """
 
     numel: int
     load: Loader
     cache: dict | None = None
+    whole: bool = False
 
 
 def _chunks(segments: list[Segment], chunk: int) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
@@ -107,6 +119,10 @@ def top_cuts(
     n = len(ranks)
     if any(r < 0 or r > total for rs in ranks for r in rs):
         raise ValueError(f"ranks {ranks} outside [0, {total}]")
+    if len(segments) == 1 and segments[0].whole and getattr(backend, "ONE_PASS_SELECT", False) and total < 2**32:
+        fast = bracket_cuts(backend, *segments[0].load(0, total), ranks)
+        if fast is not None:
+            return fast
     live = [sorted({r for r in rs if r > 0}) for rs in ranks]
     found: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n)]  # rank -> (t, ties kept, ties)
     if any(live):
@@ -175,6 +191,147 @@ def top_cuts(
             if not pending:
                 break
     return [[(found[i][r][0], cuts[i][r]) if r > 0 else (EMPTY_T, EMPTY_C) for r in ranks[i]] for i in range(n)]
+
+
+# -- the bracket select -------------------------------------------------------------------------------
+
+# Sampled positions per expert: at most 1 in SAMPLE_SHARE elements (a gather reads a 32-byte sector per
+# position: ~6% of a bf16 tensor's bytes at 1 in 256) and at most SAMPLE_MAX; all of a small tensor.
+SAMPLE_MAX = 1 << 17
+SAMPLE_SHARE = 256
+SAMPLE_MIN = 1 << 12
+# Bracket half-width in standard deviations of the sample's rank: the k-th largest falls outside with
+# probability ~6e-5 per rank (then the radix select runs). Entries inside, to compact: ~2 Z sqrt(p(1-p) / s) n.
+BRACKET_Z = 4.0
+# Candidate room: this times the expected count, plus a little (a fuller bracket also falls back).
+CAP_SLACK = 1.5
+_TOP_BITS = 0x7FFFFFFF  # hi when the bracket reaches the largest |d|
+
+
+def sample_size(n: int) -> int:
+    """How many positions of an n-element tensor the bracket select samples."""
+    return n if n <= SAMPLE_MIN else max(SAMPLE_MIN, min(SAMPLE_MAX, n // SAMPLE_SHARE))
+
+
+def weyl_step(n: int) -> int:
+    """The sample's stride: positions k * step mod n (a Weyl sequence), step ~ n / golden ratio and coprime with
+    n, so the positions are distinct and spread over rows and columns alike (a fixed stride can hit one column)."""
+    step = int(n * 0.6180339887498949) | 1
+    while math.gcd(step, n) != 1:
+        step += 2
+    return step
+
+
+def _bracket_positions(s: int, n: int, r: int) -> tuple[int, int]:
+    """(hi, lo): the 1-based positions, largest first, of the sample values that bracket rank r of n (they
+    may fall outside the sample: the bracket then reaches the largest or the smallest |d|)."""
+    rs = r * s / n
+    m = 0 if s == n else math.ceil(BRACKET_Z * math.sqrt(s * (r / n) * (1 - r / n))) + 1
+    return math.floor(rs) - m, math.ceil(rs) + m
+
+
+def _bounds(sorted_desc: dict[int, int], s: int, n: int, r: int) -> tuple[int, int, int]:
+    """(lo, hi, expected candidates) of the bracket around rank r (1-based, largest first) from the sample's
+    values at the positions it needs (sorted_desc maps a 1-based sample position to its value)."""
+    hi_pos, lo_pos = _bracket_positions(s, n, r)
+    hi = sorted_desc[hi_pos] if hi_pos >= 1 else _TOP_BITS
+    lo = sorted_desc[lo_pos] if lo_pos <= s else 0
+    return lo, hi, math.ceil((min(lo_pos, s + 1) - max(hi_pos, 0)) * n / s)
+
+
+def bracket_cuts(
+    backend: ModuleType, base: torch.Tensor, experts: list[torch.Tensor], ranks: list[list[int]]
+) -> list[list[tuple[int, int]]] | None:
+    """top_cuts for one tensor held whole in memory, in one pass over its data (see the module docstring).
+
+    The experts must be rows of one buffer (the pipeline's resident tensor), or the kernels would stack whole
+    copies of them. Returns None when they are not, or when the sample's bracket missed a rank or overflowed:
+    the caller then runs the radix select.
+    """
+    from fusemerge.kernels.layout import expert_rows
+
+    n = base.numel()
+    n_exp = len(experts)
+    if expert_rows(experts)[0].dim() == 2:
+        return None
+    width = max(len(rs) for rs in ranks)
+    cols = [c for c in range(width) if any(c < len(rs) and rs[c] > 0 for rs in ranks)]
+    if not cols:
+        return [[(EMPTY_T, EMPTY_C)] * len(rs) for rs in ranks]
+    s = sample_size(n)
+    sample = backend.sample_abs_bits(base, experts, 1 if s == n else weyl_step(n), s)
+    sample = sample.sort(dim=1, descending=True).values
+    # the sample values each bracket needs, fetched in one transfer: positions floor/ceil(r s / n) -/+ margin
+    wanted: list[tuple[int, int]] = []  # (expert, rank) per segment, rank 0 = a dead segment
+    for i in range(n_exp):
+        wanted += [(i, ranks[i][c] if c < len(ranks[i]) else 0) for c in cols]
+    need = sorted({p for _, r in wanted if r for p in _bracket_positions(s, n, r) if 1 <= p <= s})
+    at = torch.tensor(need, dtype=torch.int64, device=base.device) - 1
+    values = sample[:, at].tolist() if need else [[] for _ in range(n_exp)]
+    lo, hi, room = [], [], 0
+    for i, r in wanted:
+        if r == 0:
+            lo.append(EMPTY_T)
+            hi.append(EMPTY_T)
+            continue
+        lookup = dict(zip(need, values[i], strict=True))
+        b_lo, b_hi, expected = _bounds(lookup, s, n, r)
+        lo.append(b_lo)
+        hi.append(b_hi)
+        room = max(room, expected)
+    cap = min(n, math.ceil(CAP_SLACK * room) + 1024)
+    counts, fill, keys, block = backend.bracket_pass(base, experts, lo, hi, cap)
+    totals = torch.cat([counts.sum(dim=2, dtype=torch.int64), fill.to(torch.int64).view(1, -1)]).tolist()
+
+    found: dict[int, tuple[int, int]] = {}  # segment -> (t, c)
+    tie_queries: list[tuple[int, int, int, int]] = []  # (segment, class row of counts, t, q)
+    for seg, (_, r) in enumerate(wanted):
+        if r == 0:
+            continue
+        above, at_hi, at_lo, inside = (totals[row][seg] for row in range(4))
+        if inside > cap or r <= above:
+            return None
+        if r <= above + at_hi:
+            t, q, ties, row = hi[seg], r - above, at_hi, 1
+        elif lo[seg] != hi[seg] and r <= above + at_hi + inside:
+            found[seg] = _cut_among(keys[seg, :inside], r - above - at_hi, n)
+            continue
+        elif lo[seg] != hi[seg] and r <= above + at_hi + inside + at_lo:
+            t, q, ties, row = lo[seg], r - above - at_hi - inside, at_lo, 2
+        else:
+            return None
+        if q == ties:
+            found[seg] = (t, n)
+        else:
+            tie_queries.append((seg, row, t, q))
+    if tie_queries:  # only some of the entries equal to t fit: the q-th in index order, found via its block
+        segs = len(wanted)
+        queries = [(wanted[seg][0], t, q, row * segs + seg) for seg, row, t, q in tie_queries]
+        hits = backend.tie_cuts(base, experts, counts.view(3 * segs, -1), queries, block)
+        for (seg, _, t, _), j in zip(tie_queries, hits, strict=True):
+            if j < 0:
+                raise AssertionError(f"bracket select: tie {t} not found in its block")
+            found[seg] = (t, j + 1)
+    out: list[list[tuple[int, int]]] = [[] for _ in range(n_exp)]
+    seg = 0
+    for i in range(n_exp):
+        cuts = {c: (EMPTY_T, EMPTY_C) for c in range(len(ranks[i]))}
+        for c in cols:
+            if found.get(seg) is not None:
+                cuts[c] = found[seg]
+            seg += 1
+        out[i] = [cuts[c] for c in range(len(ranks[i]))]
+    return out
+
+
+def _cut_among(keys: torch.Tensor, r: int, n: int) -> tuple[int, int]:
+    """(t, c) of the r-th entry (1-based) of the compacted candidates, ordered by |d| descending, then index."""
+    ordered = keys.sort().values
+    key = int(ordered[r - 1])
+    same = (ordered >> 32) == (key >> 32)
+    first, ties = (int(v) for v in torch.stack([same.to(torch.int64).argmax(), same.sum()]).tolist())
+    t = _TOP_BITS - (key >> 32)
+    return t, (n if r - first == ties else (key & 0xFFFFFFFF) + 1)
 
 
 def trim_counts(sparsifier: str, numel: int, density: float, gamma: float = 0.0) -> tuple[int, int]:

@@ -45,6 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusemerge.kernels.layout import expert_rows
 from fusemerge.kernels.params import ChunkParams
 
 # Elements per program: 8 per thread at 4 warps, i.e. one 16-byte load per thread per bf16 input (when the
@@ -275,31 +276,6 @@ def _check_chunk(t: torch.Tensor, what: str, n: int, device: torch.device) -> No
         raise ValueError(f"{what} is on {t.device}, the other inputs on {device}")
 
 
-def _expert_rows(experts: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(tensor whose data pointer is row 0, row stride in elements) for the experts' [N, n] layout.
-
-    Zero-copy when `experts` is a 2-D tensor with contiguous rows, or a list of equally spaced rows of
-    one storage (what the executor's staging buffer gives); otherwise the chunks are stacked (a copy).
-    """
-    if isinstance(experts, torch.Tensor):
-        if experts.dim() != 2 or (experts.shape[1] > 1 and experts.stride(1) != 1):
-            raise ValueError("experts as one tensor must be [N, n] with contiguous rows")
-        return experts, experts.stride(0)
-    first = experts[0]
-    if len(experts) == 1:
-        return first, 0
-    size = first.element_size()
-    gap = experts[1].data_ptr() - first.data_ptr()
-    same_storage = all(
-        e.untyped_storage().data_ptr() == first.untyped_storage().data_ptr() and e.dtype == first.dtype
-        for e in experts
-    )
-    if same_storage and gap > 0 and gap % size == 0:
-        if all(e.data_ptr() - first.data_ptr() == i * gap for i, e in enumerate(experts)):
-            return first, gap // size
-    return torch.stack(list(experts)), first.numel()
-
-
 @functools.lru_cache(maxsize=64)
 def _device_params(params: ChunkParams, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The per-expert numbers as two small device tensors, built once per tensor (ChunkParams is per tensor).
@@ -361,7 +337,8 @@ def merge_chunk(
     the result; otherwise it is allocated. `nonfinite` (optional, int64 [N + 1] on the same device): entry
     i += the number of NaN / Inf values in expert i's chunk, entry N in the base's (not for linear).
 
-    >>> from fusemerge.kernels.params import ChunkParams
+    >>> from fusemerge.kernels.layout import expert_rows
+from fusemerge.kernels.params import ChunkParams
     >>> staging = torch.stack([torch.ones(4), -3 * torch.ones(4)]).cuda()  # doctest: +SKIP
     >>> merge_chunk(torch.zeros(4, device="cuda"), staging, 0,  # doctest: +SKIP
     ...             ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
@@ -399,7 +376,7 @@ def merge_chunk(
     if n == 0:
         return out
 
-    x, row_stride = _expert_rows(experts if isinstance(experts, torch.Tensor) else rows)
+    x, row_stride = expert_rows(experts if isinstance(experts, torch.Tensor) else rows)
     f, i = _device_params(params, device)
     grid = (triton.cdiv(n, BLOCK),)
     with launch_guard():

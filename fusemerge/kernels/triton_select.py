@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fusemerge.kernels.layout import expert_rows
 from fusemerge.kernels.triton_merge import SUPPORTED_DTYPES, _load_f32, check_device, launch_guard
 
 # Elements per program: 8 per thread at 4 warps (16-byte bf16 loads). Not tuned on a GPU yet; every kernel
@@ -38,6 +39,14 @@ LO_BINS = 1 << 16
 # (integers: order does not matter). On an H100, 32 int64 copies ran the selection pass at 2-3% of the copy
 # bandwidth (bench/results/gpu-h100-2026-11-24): same-address atomics, not bytes, bound it.
 HIST_BYTES = 32 << 20
+# Elements per program of the bracket pass (one read of the base and all N experts): its per-block counts
+# are 3 int32 per (expert, bracket) per block, 1.2% of the bf16 bytes read at 1024; the tie cut rescans one
+# block. Not yet timed on a GPU.
+BRACKET_BLOCK = 1024
+# Block counts the tie cut adds up per step (one program reads a whole row of them).
+TIE_SCAN = 4096
+# select.top_cuts runs the one-pass bracket select (select.bracket_cuts) on tensors held whole on the device.
+ONE_PASS_SELECT = True
 # "No q-th tie in this block": larger than any chunk index, so tl.min picks a real hit when there is one.
 _NOT_FOUND = tl.constexpr(2**62)
 
@@ -78,25 +87,110 @@ def _hist_kernel(
 
 @triton.jit(do_not_specialize=["t"])
 def _count_kernel(base_ptr, x_ptr, counts_ptr, n, t, BLOCK: tl.constexpr):
-    """counts[pid] = #{a == t} in block pid."""
+    """counts[pid] = #{a == t} in block pid (int32)."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     a = _abs_bits(base_ptr, x_ptr, offs, mask)
     hit = mask & (a == t)
-    tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int64), axis=0))
+    tl.store(counts_ptr + pid, tl.sum(hit.to(tl.int32), axis=0))
 
 
-@triton.jit(do_not_specialize=["t", "q", "block"])
-def _nth_kernel(base_ptr, x_ptr, out_ptr, n, t, q, block, BLOCK: tl.constexpr):
-    """out = local index of the q-th entry with a == t inside block `block` (one program)."""
-    offs = tl.cast(block, tl.int64) * BLOCK + tl.arange(0, BLOCK)
+@triton.jit
+def _tie_cut_kernel(
+    base_ptr,
+    x_ptr,  # expert i, element k at x_ptr + i * row_stride + k
+    counts_ptr,  # int32 [rows, blocks]: entries a == t of each block of BLOCK elements, one row per query's t
+    query_ptr,  # int64 [4, Q]: expert row, t, q, counts row
+    out_ptr,  # int64 [Q]: the index of the q-th entry with a == t, or _NOT_FOUND
+    row_stride,
+    n,
+    blocks,
+    Q,
+    BLOCK: tl.constexpr,
+    SCAN: tl.constexpr,
+):
+    """One program per query: find the block holding the q-th tie from the per-block counts, then its index.
+
+    The prefix sum over the counts row runs here, SCAN counts at a time (no loop exit in Triton: every tile is
+    read, 256 KB for 2^26 elements), so a tie cut is one launch and one transfer back."""
+    k = tl.program_id(0)
+    row = tl.load(query_ptr + k)
+    t = tl.load(query_ptr + Q + k).to(tl.int32)
+    q = tl.load(query_ptr + 2 * Q + k)
+    crow = tl.load(query_ptr + 3 * Q + k) * blocks
+    seen = tl.zeros([], dtype=tl.int64)
+    block = tl.zeros([], dtype=tl.int64)
+    before = tl.zeros([], dtype=tl.int64)
+    for first in range(0, blocks, SCAN):
+        offs = first + tl.arange(0, SCAN)
+        c = tl.load(counts_ptr + crow + offs, mask=offs < blocks, other=0).to(tl.int64)
+        cum = seen + tl.cumsum(c, axis=0)
+        cross = (cum >= q) & (cum - c < q) & (offs < blocks)  # true at one block of one tile at most
+        block += tl.sum(tl.where(cross, offs, 0), axis=0)
+        before += tl.sum(tl.where(cross, cum - c, 0), axis=0)
+        seen += tl.sum(c, axis=0)
+    offs = block * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    a = _abs_bits(base_ptr, x_ptr + row * tl.cast(row_stride, tl.int64), offs, mask)
     hit = mask & (a == t)
     rank = tl.cumsum(hit.to(tl.int64), axis=0)
-    idx = tl.where(hit & (rank == q), offs, _NOT_FOUND)
-    tl.store(out_ptr, tl.min(idx, axis=0))
+    idx = tl.min(tl.where(hit & (rank == q - before), offs, _NOT_FOUND), axis=0)
+    tl.store(out_ptr + k, tl.where((q >= 1) & (q <= seen), idx, _NOT_FOUND))
+
+
+@triton.jit
+def _sample_kernel(base_ptr, x_ptr, out_ptr, row_stride, n, s, step, N: tl.constexpr, BLOCK: tl.constexpr):
+    """out[i, k] = bits(|d_i|) at position (k * step) mod n, for k < s (the bracket select's sample)."""
+    pid = tl.program_id(0).to(tl.int64)
+    k = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = k < s
+    pos = (k * step) % n
+    b = _load_f32(base_ptr + pos, mask)
+    stride = tl.cast(row_stride, tl.int64)
+    for i in range(N):
+        d = _load_f32(x_ptr + i * stride + pos, mask) - b
+        tl.store(out_ptr + i * s + k, d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, mask=mask)
+
+
+@triton.jit
+def _bracket_kernel(
+    base_ptr,
+    x_ptr,  # expert i, element k at x_ptr + i * row_stride + k
+    bounds_ptr,  # int32 [2, N * R]: lo, then hi, of each (expert, rank) bracket
+    counts_ptr,  # int32 [3, N * R, programs]: #(a > hi), #(a == hi), #(a == lo) in each block
+    fill_ptr,  # int32 [N * R], zeroed: candidates found so far (lo < a < hi)
+    keys_ptr,  # int64 [N * R, cap]: candidate keys (0x7FFFFFFF - a) << 32 | j, in no particular order
+    row_stride,
+    n,
+    cap,
+    N: tl.constexpr,
+    R: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = tl.num_programs(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    stride = tl.cast(row_stride, tl.int64)
+    b = _load_f32(base_ptr + offs, mask)
+    for i in range(N):  # a loop, not unrolled (as the merge kernel: unrolled, the loads are hoisted and spill)
+        d = _load_f32(x_ptr + i * stride + offs, mask) - b
+        a = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+        for r in tl.static_range(R):
+            seg = i * R + r
+            lo = tl.load(bounds_ptr + seg)
+            hi = tl.load(bounds_ptr + N * R + seg)
+            tl.store(counts_ptr + seg * blocks + pid, tl.sum((mask & (a > hi)).to(tl.int32), axis=0))
+            tl.store(counts_ptr + (N * R + seg) * blocks + pid, tl.sum((mask & (a == hi)).to(tl.int32), axis=0))
+            tl.store(counts_ptr + (2 * N * R + seg) * blocks + pid, tl.sum((mask & (a == lo)).to(tl.int32), axis=0))
+            inside = (mask & (a > lo) & (a < hi)).to(tl.int32)
+            found = tl.sum(inside, axis=0)
+            # one atomic per block that found candidates reserves their slots (not one per element)
+            first = tl.atomic_add(fill_ptr + seg, found, mask=found > 0, sem="relaxed")
+            pos = first + tl.cumsum(inside, axis=0) - 1
+            key = ((0x7FFFFFFF - a).to(tl.int64) << 32) | offs
+            tl.store(keys_ptr + seg * cap + pos, key, mask=(inside != 0) & (pos < cap))
 
 
 @triton.jit
@@ -196,7 +290,7 @@ def abs_hist_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.
 def _block_counts(base: torch.Tensor, expert: torch.Tensor, t: int) -> torch.Tensor:
     n = _check_pair(base, expert)
     grid_n = triton.cdiv(n, BLOCK)
-    counts = torch.empty(grid_n, dtype=torch.int64, device=expert.device)
+    counts = torch.empty(grid_n, dtype=torch.int32, device=expert.device)
     if n:
         with launch_guard():
             _count_kernel[(grid_n,)](base, expert, counts, n, t, BLOCK=BLOCK, num_warps=NUM_WARPS,
@@ -206,24 +300,47 @@ def _block_counts(base: torch.Tensor, expert: torch.Tensor, t: int) -> torch.Ten
 
 def count_equal(base: torch.Tensor, expert: torch.Tensor, t: int) -> int:
     """How many entries have bits(|d|) == t."""
-    return int(_block_counts(base, expert, t).sum())
+    return int(_block_counts(base, expert, t).sum(dtype=torch.int64))
 
 
 def nth_equal(base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -> int:
     """Local index of the q-th (1-based) entry with bits(|d|) == t, or -1 if there are fewer than q."""
     counts = _block_counts(base, expert, t)
-    if q < 1 or counts.numel() == 0:
+    if counts.numel() == 0:
         return -1
-    cum = counts.cumsum(0)
-    if int(cum[-1]) < q:
-        return -1
-    block = int(torch.searchsorted(cum, torch.tensor([q], dtype=torch.int64, device=cum.device)))
-    before = int(cum[block - 1]) if block > 0 else 0
-    out = torch.empty(1, dtype=torch.int64, device=expert.device)
+    return tie_cuts(base, [expert], counts.view(1, -1), [(0, t, q, 0)], BLOCK)[0]
+
+
+def tie_cuts(
+    base: torch.Tensor, experts: list[torch.Tensor], counts: torch.Tensor, queries: list[tuple[int, int, int, int]],
+    block: int,
+) -> list[int]:
+    """For each query (expert i, t, q, row): the index of the q-th entry with bits(|d_i|) == t, or -1 if there
+    are fewer; `counts[row]` holds that t's count in each block of `block` elements. One launch for all."""
+    n = _check_pair(base, experts[0])
+    if not queries:
+        return []
+    if counts.dtype != torch.int32 or counts.dim() != 2 or not counts.is_contiguous():
+        raise ValueError("counts must be a contiguous int32 [rows, blocks] tensor")
+    rows, stride = expert_rows(experts)
+    table = torch.tensor(queries, dtype=torch.int64).t().contiguous().to(base.device)
+    out = torch.empty(len(queries), dtype=torch.int64, device=base.device)
     with launch_guard():
-        _nth_kernel[(1,)](base, expert, out, expert.numel(), t, q - before, block, BLOCK=BLOCK, num_warps=NUM_WARPS,
-                          enable_fp_fusion=False)
-    return int(out)
+        _tie_cut_kernel[(len(queries),)](base, rows, counts, table, out, stride, n, counts.shape[1], len(queries),
+                                         BLOCK=block, SCAN=TIE_SCAN, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return [-1 if v >= 2**62 else v for v in out.tolist()]
+
+
+def sample_abs_bits(base: torch.Tensor, experts: list[torch.Tensor], step: int, s: int) -> torch.Tensor:
+    """int32 [N, s]: bits(|d_i|) at positions (k * step) mod n, k < s, in one launch (see select.py)."""
+    n = _check_pair(base, experts[0])
+    rows, stride = expert_rows(experts)
+    out = torch.empty((len(experts), s), dtype=torch.int32, device=base.device)
+    if s:
+        with launch_guard():
+            _sample_kernel[(triton.cdiv(s, BLOCK),)](base, rows, out, stride, n, s, step, N=len(experts), BLOCK=BLOCK,
+                                                     num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return out
 
 
 def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
@@ -278,3 +395,37 @@ def l1_fixed(
                               BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     total = int(sums[0].sum())
     return (total, int(sums[1].sum())) if keep is not None else (total, total)
+
+
+def bracket_pass(
+    base: torch.Tensor, experts: list[torch.Tensor], lo: list[int], hi: list[int], cap: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One pass over the base and all N experts, for R = len(lo) // N brackets per expert (expert i's are
+    entries i * R ... i * R + R - 1 of `lo` and `hi`, bit patterns of |d| with lo <= hi).
+
+    Returns (counts, fill, keys, block): counts int32 [3, N * R, blocks] holds, per block of `block` elements,
+    #(a > hi), #(a == hi) and #(a == lo); fill int32 [N * R] the number of candidates lo < a < hi; keys int64
+    [N * R, cap] their keys (0x7FFFFFFF - a) << 32 | j, the first min(fill, cap) valid, in no particular
+    order (a fill above cap means some were not stored). The chunk's indices j must be below 2^32.
+    """
+    n = _check_pair(base, experts[0])
+    for e in experts[1:]:
+        _check_pair(base, e)
+    segs = len(lo)
+    if segs != len(hi) or segs % len(experts):
+        raise ValueError(f"{len(lo)} / {len(hi)} bracket bounds for {len(experts)} experts")
+    if n >= 2**32:
+        raise ValueError(f"{n} elements: bracket keys hold indices below 2^32")
+    rows, stride = expert_rows(experts)
+    blocks = triton.cdiv(n, BRACKET_BLOCK)
+    device = base.device
+    bounds = torch.tensor([lo, hi], dtype=torch.int32).to(device)
+    counts = torch.empty((3, segs, blocks), dtype=torch.int32, device=device)
+    fill = torch.zeros(segs, dtype=torch.int32, device=device)
+    keys = torch.empty((segs, max(cap, 1)), dtype=torch.int64, device=device)
+    if n:
+        with launch_guard():
+            _bracket_kernel[(blocks,)](base, rows, bounds, counts, fill, keys, stride, n, cap, N=len(experts),
+                                       R=segs // len(experts), BLOCK=BRACKET_BLOCK, num_warps=NUM_WARPS,
+                                       enable_fp_fusion=False)
+    return counts, fill, keys, BRACKET_BLOCK

@@ -245,7 +245,8 @@ class Pipeline:
             with self._on(self.compute):
                 if self.cuda:
                     self.compute.wait_event(copied)
-                params = self.ex.chunk_params(t, Segment(t.numel, lambda a, c: _views(t, resident, a, c)))
+                # whole: the statistics may read the resident tensor at once (the one-pass bracket select)
+                params = self.ex.chunk_params(t, Segment(t.numel, lambda a, c: _views(t, resident, a, c), whole=True))
             for start in range(0, t.numel, self.chunk):
                 count = min(self.chunk, t.numel - start)
                 base, experts = _views(t, resident, start, count)

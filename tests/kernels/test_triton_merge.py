@@ -22,6 +22,7 @@ import torch
 
 from fusemerge.kernels import reference
 from fusemerge.kernels import triton_merge as tm
+from fusemerge.kernels.layout import expert_rows
 from fusemerge.kernels.params import EMPTY_C, EMPTY_T, ChunkParams
 from fusemerge.kernels.philox import dare_key, philox_rand
 
@@ -280,7 +281,7 @@ def test_input_layouts_agree(device):
     separate = [r.clone() for r in rows]
     assert_same_bits(tm.merge_chunk(base, separate, START, p, torch.bfloat16), from_rows, "separate")
     assert_same_bits(tm.merge_chunk(base, torch.stack(separate), START, p, torch.bfloat16), from_rows, "2-D")
-    x, stride = tm._expert_rows(rows)
+    x, stride = expert_rows(rows)
     assert x.data_ptr() == rows[0].data_ptr() and stride == rows[1].data_ptr() // 2 - rows[0].data_ptr() // 2
 
 
