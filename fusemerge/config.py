@@ -577,7 +577,9 @@ class _Validator:
         self.slice_params: list[tuple[str, dict[str, Any]]] = []  # (key, parameters) of every slices entry
 
     def add(self, key: str, message: str) -> None:
-        self.problems.append(f"{self.label}: {key}: {message}")
+        # one line per problem, whatever a key holds (a YAML key may contain a line break: "tokenizer.\r")
+        line = f"{self.label}: {key}: {message}"
+        self.problems.append(line.replace("\r", "\\r").replace("\n", "\\n"))
 
     # -- top level -------------------------------------------------------------------------------
 

@@ -63,6 +63,14 @@ def write(tmp_path: Path, text: str, name: str = "config.yml") -> Path:
 # Reading the file
 
 
+def test_a_key_with_a_line_break_stays_on_one_line() -> None:
+    """Found by tests/test_fuzz.py: a YAML key holding "\r" or "\n" is shown escaped, one problem per line."""
+    found = one_problem(cfg(tokenizer={"\r": 1, "source": "base"}))
+    assert "tokenizer.\\r:" in found and "\r" not in found
+    found = problems(cfg(models=[{"model": "e1", "parameters": {"a\nb": 1}}]))
+    assert found and all("\n" not in p for p in found)
+
+
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     path = tmp_path / "nope.yml"
     assert one_problem(path) == f"{path}: no such file"
