@@ -11,9 +11,13 @@ Providers side by side:
                      torch.stack of all of them, argsort over the whole tensor for the trim,
                      torch.bernoulli for DARE, full-size masks and temporaries
 
-The selection pass of TIES / breadcrumbs (abs_hist_hi + abs_hist_lo for every expert: the k-th
-largest |d| by radix select) is reported separately, as GB/s over the same (N + 1) logical reads;
-its actual traffic is 2 passes x 2 inputs per expert.
+The selection of TIES / breadcrumbs (every expert's exact k-th largest |d| and index cut, select.top_cuts on
+a tensor held whole on the GPU, as the pipeline holds it) is reported separately, as GB/s over the (N + 1)
+reads of one pass:
+- select / fusemerge-triton        what a merge runs: the one-pass bracket select (select.bracket_cuts)
+- select / fusemerge-triton-radix  the radix select it replaces (2 histogram passes x 2 reads per expert)
+- select / fusemerge-torch         the torch backend's radix select on the same CUDA tensors
+- select-pass / fusemerge-triton   the bracket kernel alone (bounds given): the pass's share of the select
 
 Times come from triton.testing.do_bench (median, 0.2 and 0.8 quantiles, in ms). GB = 10^9 bytes.
 A markdown table goes to stdout; rows are appended to bench/results/kernels.csv.
@@ -23,6 +27,7 @@ Run (from the repository root, on a machine with a CUDA GPU):
     python bench/kernels.py                                  # every method, N in 2 4 8, 2^26 elements
     python bench/kernels.py --methods ties dare_ties --experts 8 --log2-numel 24
     python bench/kernels.py --methods ties dare_ties --block 512 --num-warps 4  # tune the merge launch
+    python bench/kernels.py --only-select --experts 2 4 8     # the selection rows only
     TRITON_INTERPRET=1 python bench/kernels.py --smoke     # CPU check of the script itself, measures nothing
 """
 
@@ -60,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--log2-numel", type=int, default=26, help="elements per expert: 2^this (default 2^26)")
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
-    p.add_argument("--no-select", action="store_true", help="skip the selection-pass rows")
+    p.add_argument("--no-select", action="store_true", help="skip the selection rows")
+    p.add_argument("--only-select", action="store_true", help="only the selection rows (no merge rows)")
     p.add_argument("--block", type=int, default=None, help="override triton_merge.BLOCK (elements per program)")
     p.add_argument("--num-warps", type=int, default=None, help="override triton_merge.NUM_WARPS")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "kernels.csv")
@@ -144,14 +150,40 @@ def chunk_params(method, base: torch.Tensor, experts: list[torch.Tensor], weight
     )
 
 
-def selection_pass(backend, base: torch.Tensor, experts: list[torch.Tensor]) -> None:
-    """The radix select's two histogram levels for every expert (the k-th largest |d| at rank n/2)."""
-    rank = base.numel() // 2
-    for x in experts:
-        hi = backend.abs_hist_hi(base, x)
-        above = torch.flip(torch.cumsum(torch.flip(hi, [0]), 0), [0]) - hi
-        b = int(torch.nonzero((above < rank) & (above + hi >= rank))[-1])
-        backend.abs_hist_lo(base, x, b)
+def selection_ranks(method, n: int, n_exp: int) -> list[list[int]]:
+    from fusemerge.kernels import select
+
+    if method.sparsifier == "breadcrumbs":
+        return [list(select.trim_counts("breadcrumbs", n, BREADCRUMBS_DENSITY, GAMMA))] * n_exp
+    return [list(select.trim_counts("magnitude", n, DENSITY))] * n_exp
+
+
+def selection(backend, base: torch.Tensor, experts: list[torch.Tensor], ranks, whole: bool):
+    """Every expert's (t, c) by select.top_cuts: whole=True takes the bracket select (on the Triton backend)."""
+    from fusemerge.kernels import select
+
+    n = base.numel()
+    seg = select.Segment(n, lambda lo, cnt: (base[lo:lo + cnt], [x[lo:lo + cnt] for x in experts]), whole=whole)
+    return select.top_cuts(backend, [seg], n, ranks)
+
+
+def bracket_bounds(base: torch.Tensor, experts: list[torch.Tensor], ranks) -> tuple[list[int], list[int], int]:
+    """The bounds and room bracket_cuts would give the pass, for timing the kernel alone."""
+    from fusemerge.kernels import select, triton_select
+
+    calls = {}
+    real = triton_select.bracket_pass
+
+    def capture(b, e, lo, hi, cap):
+        calls.update(lo=lo, hi=hi, cap=cap)
+        return real(b, e, lo, hi, cap)
+
+    triton_select.bracket_pass = capture
+    try:
+        select.bracket_cuts(triton_select, base, experts, ranks)
+    finally:
+        triton_select.bracket_pass = real
+    return calls["lo"], calls["hi"], calls["cap"]
 
 
 class Timer:
@@ -218,7 +250,7 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
                      "median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": gbps, "copy_gbps": copy_gbps,
                      "frac_copy": gbps / copy_gbps})
 
-    for mname in args.methods:
+    for mname in [] if args.only_select else args.methods:
         method = METHODS[mname]
         normalize = bool(method.params["normalize"].default)
         params = chunk_params(method, base, experts, weights, 1.0, normalize)
@@ -238,10 +270,24 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
 
     if not args.no_select:
         reads = (n_exp + 1) * n * esize
-        for prov, backend in (("fusemerge-triton", triton_select), ("fusemerge-torch", reference)):
-            if prov in args.providers:
-                record("select", "abs_hist_hi+lo", prov, timer(lambda b=backend: selection_pass(b, base, experts)),
+        for mname in ("ties", "breadcrumbs_ties"):
+            if mname not in args.methods and not args.only_select:
+                continue
+            ranks = selection_ranks(METHODS[mname], n, n_exp)
+            if "fusemerge-triton" in args.providers:
+                want = selection(triton_select, base, experts, ranks, False)
+                if selection(triton_select, base, experts, ranks, True) != want:
+                    raise AssertionError(f"{mname} N={n_exp}: the bracket and radix selects disagree")
+                for prov, whole in (("fusemerge-triton", True), ("fusemerge-triton-radix", False)):
+                    record("select", mname, prov,
+                           timer(lambda w=whole, r=ranks: selection(triton_select, base, experts, r, w)), reads)
+                lo, hi, cap = bracket_bounds(base, experts, ranks)
+                record("select-pass", mname, "fusemerge-triton",
+                       timer(lambda lo=lo, hi=hi, cap=cap: triton_select.bracket_pass(base, experts, lo, hi, cap)),
                        reads)
+            if "fusemerge-torch" in args.providers:
+                record("select", mname, "fusemerge-torch",
+                       timer(lambda r=ranks: selection(reference, base, experts, r, False)), reads)
     return rows
 
 

@@ -63,6 +63,29 @@ def test_pipeline_bytes_equal_the_executor(tmp_path, fam, method) -> None:
         assert digest.finish(path) == file_digest(path)
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_resident_thresholds_come_from_the_one_pass_select(tmp_path, fam, method, monkeypatch) -> None:
+    """With the Triton backend (the interpreter on CPU), resident tensors' thresholds come from the bracket
+    select, and the bytes are the torch executor's."""
+    from fusemerge.kernels import select
+
+    used: list[bool] = []
+    real = select.bracket_cuts
+
+    def spy(*args):
+        found = real(*args)
+        used.append(found is not None)
+        return found
+
+    monkeypatch.setattr(select, "bracket_cuts", spy)
+    cfg = config(tmp_path, fam, method)
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
+    assert not used  # the torch backend keeps the radix select
+    pipeline_run(cfg, tmp_path / "triton", pinned="64KiB", backend="triton")
+    assert used and all(used)
+    assert shards(tmp_path / "triton") == shards(tmp_path / "ref")
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
 def test_tensors_too_large_to_keep_take_the_two_read_path(tmp_path, fam, method) -> None:
     cfg = config(tmp_path, fam, method)
