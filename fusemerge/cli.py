@@ -57,7 +57,8 @@ def _handle_errors(fn):
 def _plan_options(fn):
     options = [
         click.option("--device", default="auto", show_default=True,
-                     help="Where the math runs: auto (first GPU, else CPU), cpu, cuda, cuda:N."),
+                     help="Where the math runs: auto (first GPU, else CPU), cpu, cuda, cuda:N, or several GPUs: "
+                          "cuda:0,cuda:1,... (they share the tensors; --max-memory applies to each)."),
         click.option("--cuda", "cuda_flag", is_flag=True, help="mergekit's alias for --device cuda."),
         click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True,
                      help="auto: Triton kernels on CUDA, torch elsewhere; triton on CPU runs the interpreter (slow)."),

@@ -99,6 +99,12 @@ class MergePlan:
     num_layers: int | None
     warnings: list[str] = field(default_factory=list)
     pinned_bytes: int | None = None  # pinned host memory of the CUDA pipeline (None: its default, 1 GiB)
+    devices: tuple[torch.device, ...] = ()  # every GPU of `--device cuda:0,cuda:1,...` (device is the first)
+
+    @property
+    def compute_devices(self) -> tuple[torch.device, ...]:
+        """The devices the merge runs on: several GPUs share the tensors (one pipeline each)."""
+        return self.devices or (self.device,)
 
     @property
     def input_bytes(self) -> int:
@@ -133,13 +139,18 @@ class MergePlan:
             + (" (statistics passes re-read from the page cache)" if self.passes() > 1 else ""),
             f"output        {format_size(self.output_bytes)} in {len(self.layout.shards)} shard(s),"
             f" dtype {self.out_dtype_name or 'as the inputs'}",
-            f"device        {self.device} (backend {self.backend}, {self.workers} worker(s))",
-            f"memory        budget {format_size(self.budget)}, chunks of {self.chunk_elems:,} elements",
+            f"device        {', '.join(str(d) for d in self.compute_devices)} (backend {self.backend}, "
+            + (f"{len(self.compute_devices)} GPUs, one pipeline each)" if len(self.compute_devices) > 1
+               else f"{self.workers} worker(s))"),
+            f"memory        budget {format_size(self.budget)}"
+            + (" per GPU" if len(self.compute_devices) > 1 else "") + f", chunks of {self.chunk_elems:,} elements",
         ]
         if self.device.type == "cuda":
             twice = [t for t in self.tensors if not t.copy_only and self.passes() > 1
                      and t.input_bytes > self.resident_bytes]
-            lines.append(f"pipeline      pinned host memory {format_size(self.pinned_bytes or (1 << 30))}; tensors "
+            shared = f" shared by {len(self.compute_devices)} GPUs" if len(self.compute_devices) > 1 else ""
+            pinned = format_size(self.pinned_bytes or (1 << 30))
+            lines.append(f"pipeline      pinned host memory {pinned}{shared}; tensors "
                          f"needing statistics are kept on the GPU and read once"
                          + (f", except {len(twice)} larger than {format_size(self.resident_bytes)} (read twice)"
                             if twice else ""))
@@ -152,12 +163,32 @@ class MergePlan:
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {device}: expected auto, cpu, cuda, cuda:N or cuda:0,cuda:1,...") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: expected auto, cpu, cuda, cuda:N or cuda:0,cuda:1,...")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: no CUDA device is available on this machine")
-    if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+def resolve_devices(device: str | None) -> tuple[torch.device, ...]:
+    """`--device`: one device, or several GPUs as a comma-separated list (cuda:0,cuda:1 or 0,1 after cuda:)."""
+    if device is None or "," not in device:
+        return (resolve_device(device),)
+    names = [d.strip() for d in device.split(",")]
+    names = [n if n.startswith("cuda") or not n.isdigit() else f"cuda:{n}" for n in names]
+    devs = [resolve_device(n) for n in names]
+    if any(d.type != "cuda" for d in devs):
+        raise InputError(f"--device {device}: a list of devices must be GPUs (cuda:0,cuda:1,...)")
+    devs = [torch.device("cuda", d.index if d.index is not None else 0) for d in devs]
+    if len(set(devs)) != len(devs):
+        raise InputError(f"--device {device}: a GPU is listed twice")
+    return tuple(devs)
 
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
@@ -208,7 +239,8 @@ def build_plan(
     method = cfg.method
     problems: list[str] = []
 
-    dev = resolve_device(device)
+    devices = resolve_devices(device)
+    dev = devices[0]
     backend_name = resolve_backend(backend, dev)
     try:
         shard_bytes = parse_shard_size(out_shard_size)
@@ -216,7 +248,8 @@ def build_plan(
         problems.append(f"--out-shard-size: {e}")
         shard_bytes = 5 * 10**9
     try:
-        budget = parse_size(max_memory) if max_memory not in (None, "auto") else _default_budget(dev)
+        budget = (parse_size(max_memory) if max_memory not in (None, "auto")
+                  else min(_default_budget(d) for d in devices))
     except ValueError as e:
         problems.append(f"--max-memory: {e}")
         budget = DEFAULT_CPU_BUDGET
@@ -273,7 +306,8 @@ def build_plan(
             raise InputError(f"--max-pinned-memory: {e}") from None
     return MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
-                     budget // (2 * n_workers), seed, num_layers, warnings, pinned)
+                     budget // (2 * n_workers), seed, num_layers, warnings, pinned,
+                     devices if len(devices) > 1 else ())
 
 
 def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], ModelIndex | None],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+from fusemerge.errors import InputError
 from tests.cli_helpers import invoke, make_cli_family
 
 
@@ -197,6 +199,28 @@ def test_cuda_flag_is_device_cuda(fam: dict, tmp_path: Path) -> None:
                                                   "this machine"]
     r = invoke("plan", fam["config"], "--cuda", "--device", "cpu")
     assert r.exit_code == 2 and "--cuda and --device cpu disagree" in r.stderr
+
+
+def test_device_lists_name_gpus(fam: dict, monkeypatch) -> None:
+    """--device cuda:0,cuda:1 (or cuda:0,1): several GPUs; lists of non-GPUs, repeats and absent GPUs are exit 2."""
+    from fusemerge.planner import resolve_devices
+
+    r = invoke("plan", fam["config"], "--device", "cpu,cpu")
+    assert r.exit_code == 2 and "a list of devices must be GPUs" in r.stderr
+    r = invoke("plan", fam["config"], "--device", "gpu0,gpu1")
+    assert r.exit_code == 2 and "--device gpu0: expected auto, cpu, cuda" in r.stderr
+    if not torch.cuda.is_available():
+        r = invoke("plan", fam["config"], "--device", "cuda:0,cuda:1")
+        assert r.exit_code == 2 and "no CUDA device is available" in r.stderr
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_devices("cuda:0,1") == (torch.device("cuda", 0), torch.device("cuda", 1))
+    assert resolve_devices("cuda,cuda:1") == (torch.device("cuda", 0), torch.device("cuda", 1))
+    assert resolve_devices("cuda:1") == (torch.device("cuda", 1),)
+    for bad, why in (("cuda:0,cuda:0", "listed twice"), ("cuda:0,cuda:2", "has 2 CUDA device(s)"),
+                     ("cuda:0,cpu", "must be GPUs")):
+        with pytest.raises(InputError, match=re.escape(why)):
+            resolve_devices(bad)
 
 
 def test_random_seed_is_seed(fam: dict, tmp_path: Path) -> None:

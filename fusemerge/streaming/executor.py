@@ -225,7 +225,11 @@ class Executor:
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
             order = [t for t in order if t.name not in self.skip]
-            if self.pipeline:
+            if self.pipeline and len(plan.compute_devices) > 1:
+                from fusemerge.streaming.pipeline import run_pipelines
+
+                run_pipelines(self, order, plan.compute_devices, readers=self.readers)
+            elif self.pipeline:
                 from fusemerge.streaming.pipeline import Pipeline
 
                 Pipeline(self, readers=self.readers).run(order)

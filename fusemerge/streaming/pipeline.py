@@ -44,18 +44,22 @@ ALIGN = 64  # staging rows stay 128-byte aligned for bf16, so the kernel's loads
 
 
 class Pipeline:
-    """Runs the merge of a plan through the overlapped pipeline; `Executor.run` uses it on CUDA devices."""
+    """Runs the merge of a plan through the overlapped pipeline; `Executor.run` uses it on CUDA devices.
 
-    def __init__(self, executor, *, readers: int | None = None):
+    `device` (default: the plan's) is where this pipeline's kernels run; `pinned_bytes` (default: the plan's
+    pinned budget) bounds its pinned host buffers. Several pipelines share one merge: `run_pipelines`."""
+
+    def __init__(self, executor, *, readers: int | None = None, device: torch.device | None = None,
+                 pinned_bytes: int | None = None):
         self.ex = executor
         self.plan: MergePlan = executor.plan
-        self.device = self.plan.device
+        self.device = device or self.plan.device
         self.cuda = self.device.type == "cuda"
         self.rows = max(len(t.inputs) + (t.base is not None) for t in self.plan.tensors)
         self.readers = readers or min(8, os.cpu_count() or 1)
         self.slots = max(4, self.readers + 2)
         self.n_out = self.slots // 2 + 1
-        budget = self.plan.pinned_bytes or DEFAULT_PINNED
+        budget = pinned_bytes or self.plan.pinned_bytes or DEFAULT_PINNED
         # pinned bytes per element of a chunk: in-slots (and 2 statistics buffers) of (N + 1) rows x 4 (the
         # widest dtype) + out-slots x 4
         per_elem = ((self.slots + 2) * self.rows + self.n_out) * 4
@@ -160,14 +164,9 @@ class Pipeline:
 
     def run(self, order: list[TensorPlan]) -> None:
         ex = self.ex
-        layout = self.plan.layout
-        shard_index = {shard.filename: i for i, shard in enumerate(layout.shards)}
-
-        def file_position(t: TensorPlan) -> tuple[int, int]:
-            filename, start, _ = layout.locate(t.name)
-            return shard_index[filename], start
-
-        order = sorted(order, key=file_position)
+        if self.cuda:
+            torch.cuda.set_device(self.device)  # this thread's launches (Triton's included) go to this GPU
+        order = file_order(self.plan, order)
         streamed = [t for t in order if not t.copy_only]
         units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
         for _ in range(self.n_out):
@@ -353,6 +352,63 @@ class Pipeline:
         in_bytes = sum(e.itemsize for e in _entries(t)) * count
         data = out_slot[:nbytes]
         self._jobs.put((done, _write(self.ex, t, start * item, data, in_bytes), in_slot, out_slot, timings))
+
+
+def file_order(plan: MergePlan, tensors: list[TensorPlan]) -> list[TensorPlan]:
+    """The tensors in the order their bytes lie in the output (shard, offset)."""
+    shard_index = {shard.filename: i for i, shard in enumerate(plan.layout.shards)}
+
+    def position(t: TensorPlan) -> tuple[int, int]:
+        filename, start, _ = plan.layout.locate(t.name)
+        return shard_index[filename], start
+
+    return sorted(tensors, key=position)
+
+
+def split_by_bytes(tensors: list[TensorPlan], parts: int) -> list[list[TensorPlan]]:
+    """`parts` contiguous runs of `tensors` (in their order) with about equal input bytes each (some may be empty
+    when there are fewer tensors than parts): each GPU then writes one range of the output front to back."""
+    total = sum(t.input_bytes for t in tensors)
+    runs: list[list[TensorPlan]] = [[] for _ in range(parts)]
+    done = 0
+    for t in tensors:
+        # the run whose share of the bytes holds this tensor's midpoint
+        k = min(parts - 1, int((done + t.input_bytes / 2) * parts // total)) if total else 0
+        runs[k].append(t)
+        done += t.input_bytes
+    return runs
+
+
+def run_pipelines(executor, order: list[TensorPlan], devices: tuple[torch.device, ...],
+                  readers: int | None = None) -> None:
+    """Merge `order` on several devices at once: one Pipeline (its own streams, buffers, reader pool and writer
+    thread) per device, each on a contiguous run of the output (split_by_bytes). The pinned budget is shared
+    evenly; every pipeline writes through the executor's writer. The first failure stops them all and is raised.
+    Output bytes do not depend on the split: each tensor's statistics and math run whole on one device."""
+    plan = executor.plan
+    runs = split_by_bytes(file_order(plan, order), len(devices))
+    share = (plan.pinned_bytes or DEFAULT_PINNED) // len(devices)
+    pipes = [Pipeline(executor, readers=readers, device=d, pinned_bytes=share) for d in devices]
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def work(pipe: Pipeline, run: list[TensorPlan]) -> None:
+        try:
+            pipe.run(run)
+        except BaseException as e:  # noqa: BLE001 - the first one is raised below
+            with lock:
+                errors.append(e)
+            for other in pipes:
+                other._fail(_Stopped(f"stopped: the pipeline on {pipe.device} failed"))
+
+    threads = [threading.Thread(target=work, args=(p, r), name=f"fusemerge-gpu-{p.device}")
+               for p, r in zip(pipes, runs, strict=True) if r]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
 
 
 class _Stopped(RuntimeError):

@@ -148,3 +148,87 @@ def test_global_trim_scope_through_the_pipeline(tmp_path, fam, method) -> None:
     fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
     pipeline_run(cfg, tmp_path / "pipe", pinned="32KiB")
     assert shards(tmp_path / "pipe") == shards(tmp_path / "ref")
+
+
+# -- several devices --------------------------------------------------------------------------------------
+
+
+def several(plan, k: int):
+    """The plan on k devices: k GPUs on a GPU machine with that many, else k CPU stand-ins (the same code, with
+    synchronous streams: how CI checks the split, the shared writer and the failure handling)."""
+    import dataclasses
+
+    if DEVICE == "cuda" and torch.cuda.device_count() >= k:
+        devices = tuple(torch.device("cuda", i) for i in range(k))
+    else:
+        devices = (torch.device("cpu"),) * k
+    return dataclasses.replace(plan, device=devices[0], devices=devices)
+
+
+def multi_run(cfg: Path, out: Path, k: int, backend="auto", pinned="64KiB"):
+    plan = several(fusemerge.build_plan(cfg, device=DEVICE, backend=backend, workers=1, max_pinned_memory=pinned), k)
+    out.mkdir()
+    ex = Executor(plan, None, pipeline=True, readers=2)
+    with ShardedWriter(out, plan.layout) as writer:
+        ex.writer = writer
+        ex.run()
+    return ex
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_several_devices_write_the_bytes_of_one(tmp_path, fam, method, monkeypatch) -> None:
+    from fusemerge.streaming import pipeline
+
+    merged: dict[str, list[str]] = {}
+    real = pipeline.Pipeline.run
+
+    def record(self, order):
+        merged[f"pipeline {len(merged)}"] = [t.name for t in order]
+        return real(self, order)
+
+    monkeypatch.setattr(pipeline.Pipeline, "run", record)
+    cfg = config(tmp_path, fam, method)
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
+    merged.clear()
+    multi_run(cfg, tmp_path / "three", 3)
+    assert shards(tmp_path / "three") == shards(tmp_path / "ref")
+    assert len(merged) == 3 and all(merged.values())  # every device merged a part
+    names = [n for part in merged.values() for n in part]
+    assert sorted(names) == sorted(t.name for t in fusemerge.build_plan(cfg, device="cpu").tensors)
+
+
+def test_a_failure_on_one_device_stops_them_all(tmp_path, fam, monkeypatch) -> None:
+    """The pipeline that fails raises its own error (not the peers' 'stopped'), and nothing is left running."""
+    import threading
+
+    cfg = config(tmp_path, fam, "ties")
+    from fusemerge.streaming.pipeline import file_order
+    from fusemerge.streaming.reader import ChunkReader
+
+    real = ChunkReader.read_into
+    plan = fusemerge.build_plan(cfg, device="cpu")
+    last = file_order(plan, plan.tensors)[-1].name  # merged by the second pipeline
+
+    def flaky(self, entry, start, count, out):
+        if entry.name == last:
+            raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
+        return real(self, entry, start, count, out)
+
+    monkeypatch.setattr(ChunkReader, "read_into", flaky)
+    with pytest.raises(InputError, match="truncated while reading"):
+        multi_run(cfg, tmp_path / "out", 2)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fusemerge")]
+
+
+def test_split_by_bytes_keeps_runs_contiguous_and_balanced(fam, tmp_path) -> None:
+    from fusemerge.streaming.pipeline import file_order, split_by_bytes
+
+    plan = fusemerge.build_plan(config(tmp_path, fam, "ties"), device="cpu")
+    ordered = file_order(plan, plan.tensors)
+    total = sum(t.input_bytes for t in ordered)
+    biggest = max(t.input_bytes for t in ordered)
+    for k in (1, 2, 3, 5, len(ordered) + 3):
+        runs = split_by_bytes(ordered, k)
+        assert len(runs) == k and [t for r in runs for t in r] == ordered
+        assert all(sum(t.input_bytes for t in r) <= total / k + biggest for r in runs)
+    assert split_by_bytes([], 2) == [[], []]
