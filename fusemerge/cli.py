@@ -161,7 +161,9 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
     if verbose:
         t = result.times
         gpu = plan.device.type == "cuda"
-        click.echo(f"stage seconds (summed over {'reader threads' if gpu else f'{plan.workers} worker(s)'}): "
+        over = ("reader threads" + (f" and {len(plan.compute_devices)} GPUs" if len(plan.compute_devices) > 1 else "")
+                if gpu else f"{plan.workers} worker(s)")
+        click.echo(f"stage seconds (summed over {over}): "
                    f"read {t.read:.2f}, " + (f"H2D {t.h2d:.2f}, " if gpu else "") + f"statistics {t.stats:.2f}, "
                    f"merge {t.merge:.2f}" + (" (kernels)" if gpu else "") + f", write {t.write:.2f}; then fsync "
                    f"{t.flush:.2f}, shard SHA-256 {t.manifest:.2f}", err=True)

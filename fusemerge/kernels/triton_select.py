@@ -41,7 +41,7 @@ LO_BINS = 1 << 16
 HIST_BYTES = 32 << 20
 # Elements per program of the bracket pass (one read of the base and all N experts): its per-block counts
 # are 3 int32 per (expert, bracket) per block, 1.2% of the bf16 bytes read at 1024; the tie cut rescans one
-# block. Not yet timed on a GPU.
+# block. Below 2^21: the kernel sums the counts in packed 21-bit fields. Not yet timed on a GPU.
 BRACKET_BLOCK = 1024
 # Block counts the tie cut adds up per step (one program reads a whole row of them).
 TIE_SCAN = 4096
@@ -181,16 +181,20 @@ def _bracket_kernel(
             seg = i * R + r
             lo = tl.load(bounds_ptr + seg)
             hi = tl.load(bounds_ptr + N * R + seg)
-            tl.store(counts_ptr + seg * blocks + pid, tl.sum((mask & (a > hi)).to(tl.int32), axis=0))
-            tl.store(counts_ptr + (N * R + seg) * blocks + pid, tl.sum((mask & (a == hi)).to(tl.int32), axis=0))
-            tl.store(counts_ptr + (2 * N * R + seg) * blocks + pid, tl.sum((mask & (a == lo)).to(tl.int32), axis=0))
-            inside = (mask & (a > lo) & (a < hi)).to(tl.int32)
-            found = tl.sum(inside, axis=0)
-            # one atomic per block that found candidates reserves their slots (not one per element)
-            first = tl.atomic_add(fill_ptr + seg, found, mask=found > 0, sem="relaxed")
-            pos = first + tl.cumsum(inside, axis=0) - 1
-            key = ((0x7FFFFFFF - a).to(tl.int64) << 32) | offs
-            tl.store(keys_ptr + seg * cap + pos, key, mask=(inside != 0) & (pos < cap))
+            inside = mask & (a > lo) & (a < hi)
+            # the block's three counts in one reduction: 21-bit fields of an int64 (a count <= BLOCK < 2^21)
+            packed = tl.sum((mask & (a > hi)).to(tl.int64) | ((mask & (a == hi)).to(tl.int64) << 21)
+                            | ((mask & (a == lo)).to(tl.int64) << 42), axis=0)
+            tl.store(counts_ptr + seg * blocks + pid, (packed & 0x1FFFFF).to(tl.int32))
+            tl.store(counts_ptr + (N * R + seg) * blocks + pid, ((packed >> 21) & 0x1FFFFF).to(tl.int32))
+            tl.store(counts_ptr + (2 * N * R + seg) * blocks + pid, (packed >> 42).to(tl.int32))
+            found = tl.sum(inside.to(tl.int32), axis=0)
+            if found > 0:  # few blocks hold candidates (none when ties collapse the bracket to lo == hi)
+                # one atomic per block reserves its candidates' slots
+                first = tl.atomic_add(fill_ptr + seg, found, sem="relaxed")
+                pos = first + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+                key = ((0x7FFFFFFF - a).to(tl.int64) << 32) | offs
+                tl.store(keys_ptr + seg * cap + pos, key, mask=inside & (pos < cap))
 
 
 @triton.jit
@@ -416,6 +420,8 @@ def bracket_pass(
         raise ValueError(f"{len(lo)} / {len(hi)} bracket bounds for {len(experts)} experts")
     if n >= 2**32:
         raise ValueError(f"{n} elements: bracket keys hold indices below 2^32")
+    if not 0 < BRACKET_BLOCK < 2**21:
+        raise ValueError(f"BRACKET_BLOCK {BRACKET_BLOCK}: the packed counts need fewer than 2^21 elements per block")
     rows, stride = expert_rows(experts)
     blocks = triton.cdiv(n, BRACKET_BLOCK)
     device = base.device

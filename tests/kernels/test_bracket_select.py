@@ -93,6 +93,23 @@ def test_bracket_pass_counts_and_candidates(n, n_exp, dtype, device):
         assert np.array_equal(got, np.sort(want)) and np.array_equal(ref[2][seg, : j.size].numpy(), want)
 
 
+def test_bracket_pass_full_blocks_of_one_value(device):
+    """Whole blocks equal to lo, equal to hi, above hi, inside: every count reaches BLOCK (no field overflows)."""
+    block = ts.BRACKET_BLOCK
+    n = 5 * block + 3
+    base = torch.zeros(n, device=device)
+    expert = torch.empty(n)
+    for k, v in enumerate((0.5, 1.0, 2.0, 0.75, 0.25)):
+        expert[k * block:(k + 1) * block] = v
+    expert[5 * block:] = 0.5
+    lo, hi = (int(torch.tensor(v).view(torch.int32)) for v in (0.5, 1.0))
+    counts, fill, keys, _ = ts.bracket_pass(base, [expert.to(device)], [lo], [hi], n)
+    assert counts[:, 0].tolist() == [[0, 0, block, 0, 0, 0], [0, block, 0, 0, 0, 0], [block, 0, 0, 0, 0, 3]]
+    assert int(fill[0]) == block
+    assert sorted(keys[0, :block].tolist()) == [((0x7FFFFFFF - int(torch.tensor(0.75).view(torch.int32))) << 32) | j
+                                                 for j in range(3 * block, 4 * block)]
+
+
 def test_bracket_pass_overflow_counts_everything(device):
     """More candidates than room: fill still counts them all (the driver then falls back); the room holds
     candidates only."""
