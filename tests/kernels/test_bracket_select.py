@@ -265,3 +265,20 @@ def test_bracket_cuts_adversarial(case, device):
         ranks = magnitude_ranks(n, 2, density)
         got = select.bracket_cuts(ts, base, experts, ranks)
         assert got is not None and got == radix_cuts(base, experts, ranks, chunk=4096)
+
+
+def test_merge_tensors_takes_the_bracket_for_rows_of_one_tensor(device, monkeypatch):
+    """merge_tensors on the Triton backend: experts given as rows of one tensor take the one-pass select, and
+    the merge equals the one from separate tensors (radix select)."""
+    import fusemerge
+
+    used = []
+    real = select.bracket_cuts
+    monkeypatch.setattr(select, "bracket_cuts", lambda *a: (lambda r: used.append(r is not None) or r)(real(*a)))
+    base, experts = make_inputs(3 * 1009, 3, torch.bfloat16, 21, device)
+    stacked = torch.stack(experts)
+    kw = dict(method="ties", weight=[1.0, 0.5, 0.8], density=0.3, backend="triton")
+    rows = fusemerge.merge_tensors(base.view(3, -1), [stacked[i].view(3, -1) for i in range(3)], **kw)
+    assert used == [True]
+    separate = fusemerge.merge_tensors(base.view(3, -1), [x.clone().view(3, -1) for x in experts], **kw)
+    assert used == [True, False] and torch.equal(rows, separate)
