@@ -312,26 +312,18 @@ def bracket_cuts(
             if j < 0:
                 raise AssertionError(f"bracket select: tie {t} not found in its block")
             found[seg] = (t, j + 1)
-    out: list[list[tuple[int, int]]] = [[] for _ in range(n_exp)]
-    seg = 0
-    for i in range(n_exp):
-        cuts = {c: (EMPTY_T, EMPTY_C) for c in range(len(ranks[i]))}
-        for c in cols:
-            if found.get(seg) is not None:
-                cuts[c] = found[seg]
-            seg += 1
-        out[i] = [cuts[c] for c in range(len(ranks[i]))]
-    return out
+    # segment of (expert i, column c) = i * len(cols) + its place in cols; a rank of 0 is the empty set
+    return [[found.get(i * len(cols) + cols.index(c), (EMPTY_T, EMPTY_C)) if c in cols else (EMPTY_T, EMPTY_C)
+             for c in range(len(ranks[i]))] for i in range(n_exp)]
 
 
 def _cut_among(keys: torch.Tensor, r: int, n: int) -> tuple[int, int]:
     """(t, c) of the r-th entry (1-based) of the compacted candidates, ordered by |d| descending, then index."""
     ordered = keys.sort().values
-    key = int(ordered[r - 1])
+    key = ordered[r - 1]
     same = (ordered >> 32) == (key >> 32)
-    first, ties = (int(v) for v in torch.stack([same.to(torch.int64).argmax(), same.sum()]).tolist())
-    t = _TOP_BITS - (key >> 32)
-    return t, (n if r - first == ties else (key & 0xFFFFFFFF) + 1)
+    key, first, ties = torch.stack([key, same.to(torch.int64).argmax(), same.sum()]).tolist()  # one transfer
+    return _TOP_BITS - (key >> 32), (n if r - first == ties else (key & 0xFFFFFFFF) + 1)
 
 
 def trim_counts(sparsifier: str, numel: int, density: float, gamma: float = 0.0) -> tuple[int, int]:
