@@ -44,12 +44,14 @@ class Segment:
 
     `cache`, when the loader keeps chunks between passes, is where it keeps them (its owner frees it).
     `whole`: the data is in memory, so `load(0, numel)` gives all of it as views (no copy, no read).
+    `scratch`: bytes the statistics may allocate beside the data on its device (None: no bound).
     """
 
     numel: int
     load: Loader
     cache: dict | None = None
     whole: bool = False
+    scratch: int | None = None
 
 
 def _chunks(segments: list[Segment], chunk: int) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
@@ -120,7 +122,7 @@ def top_cuts(
     if any(r < 0 or r > total for rs in ranks for r in rs):
         raise ValueError(f"ranks {ranks} outside [0, {total}]")
     if len(segments) == 1 and segments[0].whole and getattr(backend, "ONE_PASS_SELECT", False) and total < 2**32:
-        fast = bracket_cuts(backend, *segments[0].load(0, total), ranks)
+        fast = bracket_cuts(backend, *segments[0].load(0, total), ranks, scratch=segments[0].scratch)
         if fast is not None:
             return fast
     live = [sorted({r for r in rs if r > 0}) for rs in ranks]
@@ -195,9 +197,10 @@ def top_cuts(
 
 # -- the bracket select -------------------------------------------------------------------------------
 
-# Sampled positions per expert: at most 1 in SAMPLE_SHARE elements (a gather reads a 32-byte sector per
-# position: ~6% of a bf16 tensor's bytes at 1 in 256) and at most SAMPLE_MAX; all of a small tensor.
-SAMPLE_MAX = 1 << 17
+# Sampled positions per expert: 1 in SAMPLE_SHARE elements (a gather reads a 32-byte sector per position:
+# ~6% of a bf16 tensor's bytes at 1 in 256), at most SAMPLE_MAX; all of a small tensor. The entries left
+# inside the bracket grow as n / sqrt(s): at 2^20, a 2^31-element embedding leaves ~0.4% of its entries.
+SAMPLE_MAX = 1 << 20
 SAMPLE_SHARE = 256
 SAMPLE_MIN = 1 << 12
 # Bracket half-width in standard deviations of the sample's rank: the k-th largest falls outside with
@@ -230,23 +233,24 @@ def _bracket_positions(s: int, n: int, r: int) -> tuple[int, int]:
     return math.floor(rs) - m, math.ceil(rs) + m
 
 
-def _bounds(sorted_desc: dict[int, int], s: int, n: int, r: int) -> tuple[int, int, int]:
-    """(lo, hi, expected candidates) of the bracket around rank r (1-based, largest first) from the sample's
-    values at the positions it needs (sorted_desc maps a 1-based sample position to its value)."""
+def _bounds(sorted_desc: dict[int, int], s: int, n: int, r: int) -> tuple[int, int]:
+    """(lo, hi) of the bracket around rank r (1-based, largest first) from the sample's values at the positions
+    it needs (sorted_desc maps a 1-based sample position to its value)."""
     hi_pos, lo_pos = _bracket_positions(s, n, r)
-    hi = sorted_desc[hi_pos] if hi_pos >= 1 else _TOP_BITS
-    lo = sorted_desc[lo_pos] if lo_pos <= s else 0
-    return lo, hi, math.ceil((min(lo_pos, s + 1) - max(hi_pos, 0)) * n / s)
+    return (sorted_desc[lo_pos] if lo_pos <= s else 0), (sorted_desc[hi_pos] if hi_pos >= 1 else _TOP_BITS)
 
 
 def bracket_cuts(
-    backend: ModuleType, base: torch.Tensor, experts: list[torch.Tensor], ranks: list[list[int]]
+    backend: ModuleType, base: torch.Tensor, experts: list[torch.Tensor], ranks: list[list[int]],
+    scratch: int | None = None,
 ) -> list[list[tuple[int, int]]] | None:
     """top_cuts for one tensor held whole in memory, in one pass over its data (see the module docstring).
 
     The experts must be rows of one buffer (the pipeline's resident tensor), or the kernels would stack whole
-    copies of them. Returns None when they are not, or when the sample's bracket missed a rank or overflowed:
-    the caller then runs the radix select.
+    copies of them. `scratch` bounds the bytes it allocates beside the data (the sample and its sort, block
+    counts, the candidates' room; None: no bound). Returns None when the experts are not rows of one buffer,
+    when the scratch would not fit, or when the sample's bracket missed a rank or overflowed: the caller then
+    runs the radix select.
     """
     from fusemerge.kernels.layout import expert_rows
 
@@ -259,27 +263,36 @@ def bracket_cuts(
     if not cols:
         return [[(EMPTY_T, EMPTY_C)] * len(rs) for rs in ranks]
     s = sample_size(n)
-    sample = backend.sample_abs_bits(base, experts, 1 if s == n else weyl_step(n), s)
-    sample = sample.sort(dim=1, descending=True).values
-    # the sample values each bracket needs, fetched in one transfer: positions floor/ceil(r s / n) -/+ margin
     wanted: list[tuple[int, int]] = []  # (expert, rank) per segment, rank 0 = a dead segment
     for i in range(n_exp):
         wanted += [(i, ranks[i][c] if c < len(ranks[i]) else 0) for c in cols]
+    room = 0  # the most candidates a bracket should hold: its width in sample positions x n / s
+    for _, r in wanted:
+        if r:
+            hi_pos, lo_pos = _bracket_positions(s, n, r)
+            room = max(room, math.ceil((min(lo_pos, s + 1) - max(hi_pos, 0)) * n / s))
+    cap = min(n, math.ceil(CAP_SLACK * room) + (1024 if s < n else 0))  # a full sample brackets exactly
+    blocks = -(-n // getattr(backend, "BRACKET_BLOCK", 1024))
+    # keys, block counts, the sample with its sorted copy and sort indices
+    need_bytes = len(wanted) * (8 * cap + 12 * blocks) + 16 * n_exp * s
+    if scratch is not None and need_bytes > scratch:
+        return None
+    sample = backend.sample_abs_bits(base, experts, 1 if s == n else weyl_step(n), s)
+    sample = sample.sort(dim=1, descending=True).values
+    # the sample values each bracket needs, fetched in one transfer: positions floor/ceil(r s / n) -/+ margin
     need = sorted({p for _, r in wanted if r for p in _bracket_positions(s, n, r) if 1 <= p <= s})
     at = torch.tensor(need, dtype=torch.int64, device=base.device) - 1
     values = sample[:, at].tolist() if need else [[] for _ in range(n_exp)]
-    lo, hi, room = [], [], 0
+    del sample
+    lo, hi = [], []
     for i, r in wanted:
         if r == 0:
             lo.append(EMPTY_T)
             hi.append(EMPTY_T)
             continue
-        lookup = dict(zip(need, values[i], strict=True))
-        b_lo, b_hi, expected = _bounds(lookup, s, n, r)
+        b_lo, b_hi = _bounds(dict(zip(need, values[i], strict=True)), s, n, r)
         lo.append(b_lo)
         hi.append(b_hi)
-        room = max(room, expected)
-    cap = min(n, math.ceil(CAP_SLACK * room) + 1024)
     counts, fill, keys, block = backend.bracket_pass(base, experts, lo, hi, cap)
     totals = torch.cat([counts.sum(dim=2, dtype=torch.int64), fill.to(torch.int64).view(1, -1)]).tolist()
 

@@ -244,8 +244,14 @@ class Pipeline:
             with self._on(self.compute):
                 if self.cuda:
                     self.compute.wait_event(copied)
-                # whole: the statistics may read the resident tensor at once (the one-pass bracket select)
-                params = self.ex.chunk_params(t, Segment(t.numel, lambda a, c: _views(t, resident, a, c), whole=True))
+                # whole: the statistics may read the resident tensor at once (the one-pass bracket select), in
+                # what the budget leaves beside it and the chunk buffers
+                held = resident.nbytes + sum(b.nbytes for b in (*self.staging, *self.gpu_out))
+                if self._stat_bufs is not None:
+                    held += self._stat_gpu.nbytes
+                segment = Segment(t.numel, lambda a, c: _views(t, resident, a, c), whole=True,
+                                  scratch=max(0, self.plan.budget - held))
+                params = self.ex.chunk_params(t, segment)
             for start in range(0, t.numel, self.chunk):
                 count = min(self.chunk, t.numel - start)
                 base, experts = _views(t, resident, start, count)

@@ -214,11 +214,23 @@ def test_a_failed_bracket_falls_back_to_radix(knob, device, monkeypatch):
     assert select.top_cuts(ts, [whole], 4096, ranks) == want
 
 
+def test_scratch_beyond_the_allowance_falls_back(device):
+    """The bytes the bracket select would allocate beside the data are bounded by the segment's allowance."""
+    n = 5 * select.SAMPLE_MIN
+    base, experts = make_inputs(n, 2, torch.float32, 8, device)
+    ranks = magnitude_ranks(n, 2, 0.5)
+    want = radix_cuts(base, experts, ranks, chunk=4096)
+    assert select.bracket_cuts(ts, base, experts, ranks, scratch=None) == want
+    assert select.bracket_cuts(ts, base, experts, ranks, scratch=10_000) is None
+    whole = select.Segment(n, lambda s, c: (base[s:s + c], [x[s:s + c] for x in experts]), whole=True, scratch=0)
+    assert select.top_cuts(ts, [whole], 4096, ranks) == want  # through the radix select
+
+
 def test_top_cuts_uses_the_bracket_for_whole_tensors(device, monkeypatch):
     """Whole tensors take the one-pass path on the Triton backend; chunked ones, and the torch backend, do not."""
     calls = []
     real = select.bracket_cuts
-    monkeypatch.setattr(select, "bracket_cuts", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(select, "bracket_cuts", lambda *a, **kw: calls.append(a[0]) or real(*a, **kw))
     n = 5000
     base, experts = make_inputs(n, 2, torch.bfloat16, 9, device)
     ranks = magnitude_ranks(n, 2, 0.4)
@@ -274,7 +286,8 @@ def test_merge_tensors_takes_the_bracket_for_rows_of_one_tensor(device, monkeypa
 
     used = []
     real = select.bracket_cuts
-    monkeypatch.setattr(select, "bracket_cuts", lambda *a: (lambda r: used.append(r is not None) or r)(real(*a)))
+    monkeypatch.setattr(select, "bracket_cuts",
+                        lambda *a, **kw: (lambda r: used.append(r is not None) or r)(real(*a, **kw)))
     base, experts = make_inputs(3 * 1009, 3, torch.bfloat16, 21, device)
     stacked = torch.stack(experts)
     kw = dict(method="ties", weight=[1.0, 0.5, 0.8], density=0.3, backend="triton")

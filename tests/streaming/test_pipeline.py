@@ -72,8 +72,8 @@ def test_resident_thresholds_come_from_the_one_pass_select(tmp_path, fam, method
     used: list[bool] = []
     real = select.bracket_cuts
 
-    def spy(*args):
-        found = real(*args)
+    def spy(*args, **kw):
+        found = real(*args, **kw)
         used.append(found is not None)
         return found
 
