@@ -1,7 +1,7 @@
 """Kernel benchmark: how close does the fused merge kernel get to the GPU's memory bandwidth?
 
 The one question: for each merge method and N experts, how fast does one chunk merge run, as GB/s of
-its compulsory traffic ((N + 1) input reads + 1 output write, bf16) and as a fraction of the
+its compulsory traffic ((N + 1) input reads + 1 output write, bf16 unless --dtype) and as a fraction of the
 device-to-device copy bandwidth measured in the same run (a torch copy moving the same byte count)?
 Providers side by side:
 
@@ -28,6 +28,7 @@ Run (from the repository root, on a machine with a CUDA GPU):
     python bench/kernels.py --methods ties dare_ties --experts 8 --log2-numel 24
     python bench/kernels.py --methods ties dare_ties --block 512 --num-warps 4  # tune the merge launch
     python bench/kernels.py --only-select --experts 2 4 8     # the selection rows only
+    python bench/kernels.py --only-select --dtype float32     # fp32 inputs (few ties: more candidates)
     TRITON_INTERPRET=1 python bench/kernels.py --smoke     # CPU check of the script itself, measures nothing
 """
 
@@ -54,6 +55,7 @@ CSV_FIELDS = [
     "date", "device", "torch", "triton", "fusemerge", "kind", "method", "provider", "experts", "numel", "dtype",
     "median_ms", "p20_ms", "p80_ms", "gbps", "copy_gbps", "frac_copy", "command",
 ]
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 DENSITY = 0.5  # ties / DARE keep half of each delta
 BREADCRUMBS_DENSITY, GAMMA = 0.9, 0.01
 GB = 1e9
@@ -65,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--log2-numel", type=int, default=26, help="elements per expert: 2^this (default 2^26)")
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
+                   help="input and output dtype (fp32 deltas tie less: more candidates inside the bracket)")
     p.add_argument("--no-select", action="store_true", help="skip the selection rows")
     p.add_argument("--only-select", action="store_true", help="only the selection rows (no merge rows)")
     p.add_argument("--block", type=int, default=None, help="override triton_merge.BLOCK (elements per program)")
@@ -222,12 +226,12 @@ def _release(device: torch.device) -> None:
 
 def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.device, meta: dict,
                   timer: Timer) -> list[dict]:
-    """Every requested method and provider for N = n_exp experts of n bf16 elements."""
+    """Every requested method and provider for N = n_exp experts of n elements (--dtype)."""
     from fusemerge.kernels import reference, triton_merge, triton_select
     from fusemerge.methods import METHODS
 
-    dtype = torch.bfloat16
-    esize = 2
+    dtype = DTYPES[args.dtype]
+    esize = dtype.itemsize
     traffic = (n_exp + 2) * n * esize  # (N + 1) reads + 1 write
     copy_gbps = copy_bandwidth(traffic // 2, device, timer)
 
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "device": "cpu (TRITON_INTERPRET=1 smoke run)" if args.smoke else torch.cuda.get_device_name(device),
         "torch": torch.__version__, "triton": triton.__version__, "fusemerge": getattr(fusemerge, "__version__", "?"),
-        "dtype": "bfloat16", "numel": n,
+        "dtype": args.dtype, "numel": n,
         "command": "python bench/kernels.py " + " ".join(shlex.quote(a) for a in shown),
     }
     from fusemerge.kernels import triton_merge
@@ -342,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(rows: list[dict], meta: dict) -> None:
     print(f"# fusemerge kernel benchmark\n\n- device: {meta['device']}\n- date: {meta['date']}\n"
           f"- torch {meta['torch']}, triton {meta['triton']}, fusemerge {meta['fusemerge']}\n"
-          f"- {meta['numel']:,} ({int(math.log2(meta['numel']))} bits) bfloat16 elements per expert\n"
+          f"- {meta['numel']:,} ({int(math.log2(meta['numel']))} bits) {meta['dtype']} elements per expert\n"
           f"- command: `{meta['command']}`\n")
     print("| kind | method | N | provider | median ms | p20 ms | p80 ms | GB/s | of copy |")
     print("|---|---|---:|---|---:|---:|---:|---:|---:|")

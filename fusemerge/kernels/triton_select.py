@@ -194,7 +194,7 @@ def _bracket_kernel(
                 first = tl.atomic_add(fill_ptr + seg, found, sem="relaxed")
                 pos = first + tl.cumsum(inside.to(tl.int32), axis=0) - 1
                 key = ((0x7FFFFFFF - a).to(tl.int64) << 32) | offs
-                tl.store(keys_ptr + seg * cap + pos, key, mask=inside & (pos < cap))
+                tl.store(keys_ptr + seg.to(tl.int64) * cap + pos, key, mask=inside & (pos < cap))
 
 
 @triton.jit
