@@ -232,3 +232,13 @@ def test_split_by_bytes_keeps_runs_contiguous_and_balanced(fam, tmp_path) -> Non
         assert len(runs) == k and [t for r in runs for t in r] == ordered
         assert all(sum(t.input_bytes for t in r) <= total / k + biggest for r in runs)
     assert split_by_bytes([], 2) == [[], []]
+
+
+def test_plan_summary_names_every_gpu(fam, tmp_path) -> None:
+    import dataclasses
+
+    plan = fusemerge.build_plan(config(tmp_path, fam, "ties"), device="cpu")
+    gpus = (torch.device("cuda", 0), torch.device("cuda", 1))
+    text = dataclasses.replace(plan, device=gpus[0], devices=gpus).summary()
+    assert "device        cuda:0, cuda:1 (backend torch, 2 GPUs, one pipeline each)" in text
+    assert "per GPU" in text and "pinned host memory 1.00 GiB shared by 2 GPUs" in text
