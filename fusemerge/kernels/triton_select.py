@@ -1,19 +1,25 @@
-"""Triton statistics kernels over one chunk of (base, expert): where the trim threshold and DARE's L1 come from.
+"""Triton statistics kernels: where the trim threshold and DARE's L1 come from (select.py drives them).
 
 Each function has the signature and the result of its namesake in `fusemerge.kernels.reference`, and
 every result is an integer (a count, an index, an integer sum or a float's bit pattern), so the two
 backends agree exactly by construction, whatever the block size or the order of atomic updates:
 
+- `bracket_pass`: the one-pass bracket select over the base and all N experts of a whole tensor (rows of
+  one buffer): per block and per (expert, bracket) the counts a > hi, a == hi, a == lo, and the entries
+  lo < a < hi compacted as keys (0x7FFFFFFF - a) << 32 | j (order free: the driver sorts them);
+- `sample_abs_bits`: a = bits(|d|) of every expert at the bracket's sample positions, one launch;
+- `tie_cuts`: per query, the block holding the q-th entry a == t (a prefix sum over per-block counts, in the
+  kernel) and its index in that block; one launch for all queries;
 - `abs_hist_hi`, `abs_hist_lo`: the two levels of the radix select over a = bits(|d|) (int32,
   sign cleared; non-negative floats order like their bits), histograms by integer atomics;
-- `count_equal`, `nth_equal`: per-block counts of a == t, a prefix sum over blocks, then one program
-  scans the block holding the q-th tie (the index cut of exact top-k);
+- `count_equal`, `nth_equal`: per-block counts of a == t, then `tie_cuts` (the index cut of exact top-k);
 - `max_abs`: the maximum of a as a bit pattern (NaN, whose bits exceed inf's, propagates);
 - `l1_fixed`: sum trunc(|d| * 2^shift) computed from the float's bits with integer shifts (exact: the
   same integers as the reference's float32 product, which is exact whenever the result is >= 1).
 
-Bytes moved per element: two reads of the input dtype (base and expert) per pass; the selection pass
-(abs_hist_hi + abs_hist_lo) is two passes, so 2 x 2 reads per expert element.
+Bytes moved per element: the bracket pass reads the base and each expert once, (N + 1) reads of the input
+dtype for all N experts, and writes 12 bytes per 1024 elements per (expert, bracket) plus 8 per candidate; the
+radix select (abs_hist_hi + abs_hist_lo) is two passes of two reads (base and expert), 2 x 2 per expert.
 """
 
 from __future__ import annotations
