@@ -21,8 +21,9 @@ F32 = torch.float32
 HI_BINS = 1 << 15  # bits(|d|) >> 16: the sign bit is clear, so 15 significant bits remain
 LO_BINS = 1 << 16
 BRACKET_BLOCK = 1 << 16  # elements per block of bracket_pass's counts (any size gives the same cuts)
-# select.top_cuts keeps the radix select on this backend: on CPU (2 cores, torch 2.13) the bracket select's
-# torch ops took 0.44 s where the radix select took 0.07 s (4 bf16 experts of 2^22 elements).
+# select.top_cuts keeps the radix select on this backend: on CPU the bracket select's torch ops took 0.344 s
+# where the radix select took 0.067 s (4 experts of 2^22 bf16 values, one thread, Xeon 2 cores, 2026-12-01:
+# `python bench/select_cpu.py`).
 ONE_PASS_SELECT = False
 
 
