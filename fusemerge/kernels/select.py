@@ -204,7 +204,8 @@ SAMPLE_MAX = 1 << 20
 SAMPLE_SHARE = 256
 SAMPLE_MIN = 1 << 12
 # Bracket half-width in standard deviations of the sample's rank: the k-th largest falls outside with
-# probability ~6e-5 per rank (then the radix select runs). Entries inside, to compact: ~2 Z sqrt(p(1-p) / s) n.
+# probability ~6e-5 per rank (2 P(Z > 4), normal approximation; then the radix select runs). Entries
+# inside, to compact: ~2 Z sqrt(p(1-p) / s) n.
 BRACKET_Z = 4.0
 # Candidate room: this times the expected count, plus a little (a fuller bracket also falls back).
 CAP_SLACK = 1.5

@@ -46,7 +46,7 @@ LO_BINS = 1 << 16
 # bandwidth (bench/results/gpu-h100-2026-11-24): same-address atomics, not bytes, bound it.
 HIST_BYTES = 32 << 20
 # Elements per program of the bracket pass (one read of the base and all N experts): its per-block counts
-# are 3 int32 per (expert, bracket) per block, 1.2% of the bf16 bytes read at 1024; the tie cut rescans one
+# are 3 int32 per (expert, bracket) per block, 0.6% of its bf16 row's bytes at 1024; the tie cut rescans one
 # block. Below 2^21: the kernel sums the counts in packed 21-bit fields. Not yet timed on a GPU.
 BRACKET_BLOCK = 1024
 # Block counts the tie cut adds up per step (one program reads a whole row of them).
