@@ -295,3 +295,13 @@ def test_merge_tensors_takes_the_bracket_for_rows_of_one_tensor(device, monkeypa
     assert used == [True]
     separate = fusemerge.merge_tensors(base.view(3, -1), [x.clone().view(3, -1) for x in experts], **kw)
     assert used == [True, False] and torch.equal(rows, separate)
+
+
+@pytest.mark.parametrize(("base_dtype", "dtype"), [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_bracket_cuts_with_a_base_of_another_dtype(base_dtype, dtype, device):
+    n = 2 * select.SAMPLE_MIN + 333
+    base, experts = make_inputs(n, 3, dtype, 55, device)
+    base = (base.float() + 1e-3 * torch.randn(n, generator=torch.Generator().manual_seed(1)).to(device)).to(base_dtype)
+    for ranks in (magnitude_ranks(n, 3, 0.3), breadcrumbs_ranks(n, 3, 0.6, 0.02)):
+        got = select.bracket_cuts(ts, base, experts, ranks)
+        assert got is not None and got == radix_cuts(base, experts, ranks, chunk=4096)
