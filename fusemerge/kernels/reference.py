@@ -283,8 +283,7 @@ def sample_abs_bits(base: torch.Tensor, experts: list[torch.Tensor], step: int, 
     """int32 [N, s]: bits(|d_i|) at positions (k * step) mod n, k < s (select.py's sample)."""
     pos = torch.arange(s, dtype=torch.int64, device=base.device).mul_(step).remainder_(max(base.numel(), 1))
     b = base[pos].to(F32)
-    return torch.stack([abs_bits(x[pos].to(F32) - b) for x in experts]) if s else torch.empty(
-        (len(experts), 0), dtype=torch.int32, device=base.device)
+    return torch.stack([abs_bits(x[pos].to(F32) - b) for x in experts])
 
 
 def bracket_pass(

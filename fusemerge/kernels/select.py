@@ -234,13 +234,6 @@ def _bracket_positions(s: int, n: int, r: int) -> tuple[int, int]:
     return math.floor(rs) - m, math.ceil(rs) + m
 
 
-def _bounds(sorted_desc: dict[int, int], s: int, n: int, r: int) -> tuple[int, int]:
-    """(lo, hi) of the bracket around rank r (1-based, largest first) from the sample's values at the positions
-    it needs (sorted_desc maps a 1-based sample position to its value)."""
-    hi_pos, lo_pos = _bracket_positions(s, n, r)
-    return (sorted_desc[lo_pos] if lo_pos <= s else 0), (sorted_desc[hi_pos] if hi_pos >= 1 else _TOP_BITS)
-
-
 def bracket_cuts(
     backend: ModuleType, base: torch.Tensor, experts: list[torch.Tensor], ranks: list[list[int]],
     scratch: int | None = None,
@@ -267,13 +260,11 @@ def bracket_cuts(
     wanted: list[tuple[int, int]] = []  # (expert, rank) per segment, rank 0 = a dead segment
     for i in range(n_exp):
         wanted += [(i, ranks[i][c] if c < len(ranks[i]) else 0) for c in cols]
-    room = 0  # the most candidates a bracket should hold: its width in sample positions x n / s
-    for _, r in wanted:
-        if r:
-            hi_pos, lo_pos = _bracket_positions(s, n, r)
-            room = max(room, math.ceil((min(lo_pos, s + 1) - max(hi_pos, 0)) * n / s))
+    positions = {seg: _bracket_positions(s, n, r) for seg, (_, r) in enumerate(wanted) if r}  # (hi, lo)
+    # the most candidates a bracket should hold: its width in sample positions x n / s
+    room = max(math.ceil((min(lo_pos, s + 1) - max(hi_pos, 0)) * n / s) for hi_pos, lo_pos in positions.values())
     cap = min(n, math.ceil(CAP_SLACK * room) + (1024 if s < n else 0))  # a full sample brackets exactly
-    blocks = -(-n // getattr(backend, "BRACKET_BLOCK", 1024))
+    blocks = -(-n // backend.BRACKET_BLOCK)
     # keys, block counts, the sample with its sorted copy and sort indices
     need_bytes = len(wanted) * (8 * cap + 12 * blocks) + 16 * n_exp * s
     if scratch is not None and need_bytes > scratch:
@@ -281,19 +272,15 @@ def bracket_cuts(
     sample = backend.sample_abs_bits(base, experts, 1 if s == n else weyl_step(n), s)
     sample = sample.sort(dim=1, descending=True).values
     # the sample values each bracket needs, fetched in one transfer: positions floor/ceil(r s / n) -/+ margin
-    need = sorted({p for _, r in wanted if r for p in _bracket_positions(s, n, r) if 1 <= p <= s})
+    need = sorted({p for pair in positions.values() for p in pair if 1 <= p <= s})
     at = torch.tensor(need, dtype=torch.int64, device=base.device) - 1
-    values = sample[:, at].tolist() if need else [[] for _ in range(n_exp)]
+    values = [dict(zip(need, row, strict=True)) for row in sample[:, at].tolist()] if need else [{}] * n_exp
     del sample
-    lo, hi = [], []
-    for i, r in wanted:
-        if r == 0:
-            lo.append(EMPTY_T)
-            hi.append(EMPTY_T)
-            continue
-        b_lo, b_hi = _bounds(dict(zip(need, values[i], strict=True)), s, n, r)
-        lo.append(b_lo)
-        hi.append(b_hi)
+    lo, hi = [EMPTY_T] * len(wanted), [EMPTY_T] * len(wanted)  # a dead segment (rank 0) brackets nothing
+    for seg, (hi_pos, lo_pos) in positions.items():
+        at_value = values[wanted[seg][0]]  # 1-based sample position -> value; outside the sample: the extremes
+        lo[seg] = at_value[lo_pos] if lo_pos <= s else 0
+        hi[seg] = at_value[hi_pos] if hi_pos >= 1 else _TOP_BITS
     counts, fill, keys, block = backend.bracket_pass(base, experts, lo, hi, cap)
     totals = torch.cat([counts.sum(dim=2, dtype=torch.int64), fill.to(torch.int64).view(1, -1)]).tolist()
 

@@ -337,8 +337,7 @@ def merge_chunk(
     the result; otherwise it is allocated. `nonfinite` (optional, int64 [N + 1] on the same device): entry
     i += the number of NaN / Inf values in expert i's chunk, entry N in the base's (not for linear).
 
-    >>> from fusemerge.kernels.layout import expert_rows
-from fusemerge.kernels.params import ChunkParams
+    >>> from fusemerge.kernels.params import ChunkParams
     >>> staging = torch.stack([torch.ones(4), -3 * torch.ones(4)]).cuda()  # doctest: +SKIP
     >>> merge_chunk(torch.zeros(4, device="cuda"), staging, 0,  # doctest: +SKIP
     ...             ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
