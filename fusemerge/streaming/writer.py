@@ -8,12 +8,15 @@ something that looks like a finished model unless the merge finished.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
 import secrets
 import shutil
+import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,30 @@ from fusemerge.errors import InputError
 from fusemerge.streaming.digest import PrefixDigest
 from fusemerge.streaming.model_index import INDEX_NAME, SINGLE_FILE_NAME
 from fusemerge.streaming.safetensors_header import DTYPES
+
+# Early writeback: once this many bytes have been written to a shard since its last writeback request, a
+# background thread asks the kernel to start writing them to disk (Linux sync_file_range, SYNC_FILE_RANGE_WRITE:
+# it starts the I/O and returns; it neither waits for it nor guarantees anything). The fsync at the end then
+# waits only for what was written last, instead of for every dirty page of the output (that fsync was 1.33 s of
+# an 11.8 s merge on the H100 machine, 2026-11-24). 0 turns it off; it is off where the call does not exist.
+WRITEBACK_BYTES = 64 << 20
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's `sync_file_range(fd, offset, nbytes, flags)` (Linux), or None. ctypes drops the GIL around it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        func = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    func.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    func.restype = ctypes.c_int
+    return func
+
+
+_sync_file_range = _load_sync_file_range()
 
 
 @dataclass(frozen=True)
@@ -152,6 +179,7 @@ class ShardedWriter:
         except BaseException:
             self._close_files(sync=False)
             raise
+        self._writeback = _Writeback(dict(self._fds), WRITEBACK_BYTES)
 
     def __enter__(self) -> ShardedWriter:
         return self
@@ -176,6 +204,7 @@ class ShardedWriter:
             raise ValueError(f"writing tensor {name!r}: the writer is closed")
         _pwrite_all(fd, buf, start + byte_offset)
         self.digests[filename].feed(start + byte_offset, buf)
+        self._writeback.wrote(filename, buf.nbytes)
 
     def close(self) -> None:
         """Flush every shard to disk, close it, and write `model.safetensors.index.json` if there are several."""
@@ -188,6 +217,9 @@ class ShardedWriter:
                 os.fsync(f.fileno())
 
     def _close_files(self, sync: bool) -> None:
+        writeback = getattr(self, "_writeback", None)  # absent when __init__ failed before it
+        if writeback is not None:
+            writeback.stop()  # before the descriptors it uses are closed
         with self._lock:
             fds, self._fds = self._fds, {}
         for fd in fds.values():
@@ -196,6 +228,60 @@ class ShardedWriter:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+class _Writeback:
+    """Starts the kernel's writeback of a shard's dirty pages each time `every` more bytes have been written to
+    it, from a thread of its own, so no writer waits for it (the call can block while the device queue is
+    full). Advisory only: its result is ignored; durability still comes from `ShardedWriter.close`'s fsync."""
+
+    def __init__(self, fds: dict[str, int], every: int):
+        self._fds = fds
+        self._every = every if _sync_file_range is not None else 0
+        self._pending: dict[str, int] = {}  # shard -> bytes written since its last request
+        self._due: set[str] = set()
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        self.requests = 0  # sync_file_range calls made (for tests and benchmarks)
+
+    def wrote(self, filename: str, nbytes: int) -> None:
+        if self._every <= 0:
+            return
+        with self._cond:
+            pending = self._pending.get(filename, 0) + nbytes
+            if pending < self._every:
+                self._pending[filename] = pending
+                return
+            self._pending[filename] = 0
+            if self._stopped:
+                return
+            self._due.add(filename)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="fusemerge-writeback", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due and not self._stopped:
+                    self._cond.wait()
+                if self._stopped:
+                    return  # close() fsyncs every shard anyway
+                due, self._due = self._due, set()
+            for filename in sorted(due):
+                # the whole file (offset 0, length 0: to its end): pages already under writeback are skipped
+                _sync_file_range(self._fds[filename], 0, 0, _SYNC_FILE_RANGE_WRITE)
+                self.requests += 1
+
+    def stop(self) -> None:
+        """No more requests; returns once the thread has finished its current one."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _as_bytes(data: bytes | bytearray | memoryview | torch.Tensor) -> memoryview:

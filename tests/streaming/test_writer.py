@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from fusemerge.errors import InputError
+from fusemerge.streaming import writer as writer_module
 from fusemerge.streaming.model_index import open_model
 from fusemerge.streaming.safetensors_header import read_header
 from fusemerge.streaming.writer import (
@@ -222,6 +225,132 @@ def test_written_header_reads_back(tmp_path: Path, gen: torch.Generator) -> None
         header = read_header(tmp_path / shard.filename)
         for name, entry in header.tensors.items():
             assert layout.locate(name) == (shard.filename, entry.start, entry.nbytes)
+
+
+# -- early writeback -------------------------------------------------------------------------------------------
+
+
+class RecordingSyncFileRange:
+    """Stands in for libc's sync_file_range: records (path, offset, nbytes, flags) and whether the descriptor
+    was still open, then calls the real one where it exists (its result is ignored either way)."""
+
+    def __init__(self, result: int = 0):
+        self.calls: list[tuple[str, int, int, int]] = []
+        self.closed_fds = 0
+        self.result = result
+        self.real = writer_module._load_sync_file_range()
+        self.lock = threading.Lock()
+
+    def __call__(self, fd: int, offset: int, nbytes: int, flags: int) -> int:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}") if sys.platform.startswith("linux") else str(fd)
+            os.fstat(fd)
+        except OSError:
+            with self.lock:
+                self.closed_fds += 1
+            return -1
+        with self.lock:
+            self.calls.append((os.path.basename(path), offset, nbytes, flags))
+        if self.real is not None:
+            self.real(fd, offset, nbytes, flags)
+        return self.result
+
+
+@pytest.mark.parametrize("result", [0, -1])  # a failing request (e.g. a filesystem without it) changes nothing
+def test_writeback_is_requested_per_shard_as_bytes_are_written(
+    tmp_path: Path, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch, result: int
+) -> None:
+    fake = RecordingSyncFileRange(result)
+    monkeypatch.setattr(writer_module, "_sync_file_range", fake)
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 64)
+    tensors = {f"t{i}": random_tensor("F32", (40 + i,), gen) for i in range(6)}  # 160-180 bytes each
+    layout = plan_layout(out_tensors(tensors), 400)
+    assert len(layout.shards) == 3
+    jobs = [(name, off, as_bytes(t)[off:off + 10]) for name, t in tensors.items()
+            for off in range(0, t.numel() * 4, 10)]
+    random.Random(0).shuffle(jobs)
+    with ShardedWriter(tmp_path, layout) as writer:
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda job: writer.write(*job), jobs))
+        for _ in range(500):  # the last requests are asynchronous: let them run before close() drops them
+            if {f for f, *_ in fake.calls} == {s.filename for s in layout.shards}:
+                break
+            threading.Event().wait(0.01)
+    loaded = {}
+    for shard in layout.shards:
+        loaded.update(load_file(tmp_path / shard.filename))
+    for name, t in tensors.items():
+        assert_same(loaded[name], t)
+    # every request asks for the whole file (offset 0, length 0 = to the end), SYNC_FILE_RANGE_WRITE only (no
+    # waiting flags), on an open descriptor of a shard; each shard got some, at most one per 64 bytes written
+    assert fake.closed_fds == 0
+    assert fake.calls and {(off, n, flags) for _, off, n, flags in fake.calls} == {(0, 0, 2)}
+    for shard in layout.shards:
+        written = sum(layout.locate(name)[2] for name in shard.tensor_names)
+        requests = sum(1 for f, *_ in fake.calls if f == shard.filename)
+        assert 1 <= requests <= written // 64
+
+
+def test_writeback_stops_before_the_files_close(tmp_path: Path, gen: torch.Generator,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Requests racing with close(): none may reach a closed (or reused) descriptor."""
+    entered, release = threading.Event(), threading.Event()
+    fake = RecordingSyncFileRange()
+
+    def slow(fd: int, offset: int, nbytes: int, flags: int) -> int:
+        entered.set()
+        release.wait(5)
+        return fake(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(writer_module, "_sync_file_range", slow)
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 8)
+    a = random_tensor("F32", (64,), gen)
+    writer = ShardedWriter(tmp_path, plan_layout(out_tensors({"a": a}), 10**9))
+    data = as_bytes(a)
+    writer.write("a", 0, data[:128])
+    assert entered.wait(5)  # the writeback thread is inside a request
+    writer.write("a", 128, data[128:])  # more requests become due meanwhile
+    closer = threading.Thread(target=writer.close)
+    closer.start()
+    closer.join(0.2)
+    assert closer.is_alive()  # close waits for the request in flight
+    release.set()
+    closer.join(5)
+    assert not closer.is_alive()
+    assert fake.closed_fds == 0 and len(fake.calls) == 1  # the due ones were dropped: fsync covers them
+    assert_same(load_file(tmp_path / "model.safetensors")["a"], a)
+
+
+def test_writeback_off(tmp_path: Path, gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """WRITEBACK_BYTES = 0, or no sync_file_range (not Linux): no thread, no request, the same bytes."""
+    fake = RecordingSyncFileRange()
+    tensors = mixed(gen)
+    threads = threading.enumerate()
+    monkeypatch.setattr(writer_module, "_sync_file_range", fake)
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 0)
+    (tmp_path / "zero").mkdir()
+    (tmp_path / "none").mkdir()
+    write_all(tmp_path / "zero", tensors, 300)
+    monkeypatch.setattr(writer_module, "_sync_file_range", None)
+    monkeypatch.setattr(writer_module, "WRITEBACK_BYTES", 1)
+    write_all(tmp_path / "none", tensors, 300)
+    assert fake.calls == []
+    assert not [t for t in threading.enumerate() if t.name == "fusemerge-writeback" and t not in threads]
+    for f in sorted((tmp_path / "zero").iterdir()):
+        assert f.read_bytes() == (tmp_path / "none" / f.name).read_bytes()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sync_file_range is Linux's")
+def test_sync_file_range_is_found_and_callable_on_linux(tmp_path: Path) -> None:
+    func = writer_module._load_sync_file_range()
+    assert func is not None
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, b"x" * 10000)
+        assert func(fd, 0, 0, 2) == 0  # argument types right: a 64-bit offset and length, flags WRITE
+        assert func(-1, 0, 0, 2) == -1  # a bad descriptor fails cleanly
+    finally:
+        os.close(fd)
 
 
 # -- temp dir, finalize, check_out_dir ------------------------------------------------------------------------
