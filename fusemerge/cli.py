@@ -167,6 +167,9 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
                    f"read {t.read:.2f}, " + (f"H2D {t.h2d:.2f}, " if gpu else "") + f"statistics {t.stats:.2f}, "
                    f"merge {t.merge:.2f}" + (" (kernels)" if gpu else "") + f", write {t.write:.2f}; then fsync "
                    f"{t.flush:.2f}, shard SHA-256 {t.manifest:.2f}", err=True)
+        if t.firsts:
+            click.echo(f"first piece of each stage done (seconds after the executor started): {t.startup_line()}",
+                       err=True)
     if not quiet:
         resumed = (f", {result.resumed_tensors} of them ({format_size(result.resumed_bytes)} in) already written "
                    "by the interrupted run") if result.resumed_tensors else ""

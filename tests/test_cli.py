@@ -44,6 +44,19 @@ def test_run_plan_inspect_succeed(fam: dict, tmp_path: Path) -> None:
     assert r.exit_code == 0 and "parameters" in r.stdout and "model.norm.weight" in r.stdout
 
 
+def test_verbose_run_prints_stage_times_and_startup(fam: dict, tmp_path: Path) -> None:
+    r = invoke("run", fam["config"], tmp_path / "out", "-v")
+    assert r.exit_code == 0, r.output
+    stages = next(line for line in r.stderr.splitlines() if line.startswith("stage seconds"))
+    assert re.search(r"read \d+\.\d\d, statistics \d+\.\d\d, merge \d+\.\d\d, write \d+\.\d\d; then fsync", stages)
+    line = next(line for line in r.stderr.splitlines() if line.startswith("first piece of each stage done"))
+    firsts = dict((name, float(at)) for name, at in re.findall(r"(\w+) after (\d+\.\d\d) s", line))
+    assert set(firsts) == {"read", "statistics", "merge", "write"}  # ties: every stage ran
+    ordered = [float(at) for at in re.findall(r"after (\d+\.\d\d) s", line)]
+    assert ordered == sorted(ordered)  # listed in the order they first finished
+    assert firsts["read"] <= firsts["statistics"] <= firsts["merge"] <= firsts["write"]  # the CPU path's order
+
+
 def test_run_without_tokenizer_and_out_dtype(fam: dict, tmp_path: Path) -> None:
     cfg = yaml.safe_load(fam["config"].read_text())
     cfg["out_dtype"] = "float32"

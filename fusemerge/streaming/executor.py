@@ -42,11 +42,23 @@ class StageTimes:
     flush: float = 0.0  # wall seconds: fsync of the output shards
     manifest: float = 0.0  # wall seconds: SHA-256 of the written shards
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    started: float = field(default_factory=time.perf_counter, repr=False)
+    # stage -> wall seconds from `started` to the end of its first timed piece of work: what start-up costs
+    # (on CUDA, the first kernel's entry includes loading the Triton kernels)
+    firsts: dict[str, float] = field(default_factory=dict, repr=False)
 
     def add(self, **kw: float) -> None:
         with self.lock:
+            now = time.perf_counter() - self.started
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
+                self.firsts.setdefault(k, now)
+
+    def startup_line(self) -> str:
+        """'first read done after 0.12 s, statistics after ...', in the order the stages first finished."""
+        names = {"read": "read", "h2d": "H2D", "stats": "statistics", "merge": "merge", "write": "write"}
+        done = sorted((at, names[k]) for k, at in self.firsts.items() if k in names)
+        return ", ".join(f"{name} after {at:.2f} s" for at, name in done)
 
 
 class Executor:
