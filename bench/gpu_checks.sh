@@ -4,10 +4,14 @@
 #   2. GPU tests: the Triton kernels on CUDA against the torch backend and the float64 oracle, and
 #      byte-identical output across devices and backends (tests/test_determinism.py)
 #   3. bench/kernels.py: fused-kernel GB/s vs the device-to-device copy, side by side with eager torch
-#   4. bench/e2e.py --device cuda (fusemerge only) on the 168M Llama shape
+#      (once per dtype in KERNELS_DTYPES, default bfloat16)
+#   4. sweep: TIES, N = 8, over the merge kernel's BLOCK x num_warps (SWEEP, "block/warps" pairs)
+#   5. bench/e2e.py --device cuda (fusemerge only) on the 168M Llama shape
+#   6. bench/scale.py: 64B-class layer shapes on an 8 GiB budget
 # Run from the repository root:  bash bench/gpu_checks.sh      (logs and CSVs under $OUT or bench/results/gpu)
 # Skip steps with SKIP="tests e2e" etc.; extra arguments per step in PYTEST_ARGS, KERNELS_ARGS, E2E_ARGS;
-# MERGEKIT_CMD="python3 -m mergekit.scripts.run_yaml" runs mergekit side by side in the e2e step.
+# TEST_PATHS replaces the test step's paths; MERGEKIT_CMD="python3 -m mergekit.scripts.run_yaml" runs mergekit
+# side by side in the e2e step. A 15-minute lease: see bench/README.md ("gpu_checks.sh").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-bench/results/gpu}"
@@ -22,12 +26,23 @@ step() { [[ " $skip " != *" $1 "* ]]; }
 
 if step tests; then
   xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
-  timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider $xdist tests/kernels tests/test_determinism.py tests/streaming/test_pipeline.py tests/test_nonfinite.py \
+  timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider $xdist \
+    ${TEST_PATHS:-tests/kernels tests/test_determinism.py tests/streaming/test_pipeline.py tests/test_nonfinite.py} \
     ${PYTEST_ARGS:-} > "$out/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$out/pytest.log"
 fi
 if step kernels; then
-  timeout "${KERNELS_S:-300}" python3 bench/kernels.py --results "$out/kernels.csv" ${KERNELS_ARGS:-} 2>&1 | tee "$out/kernels.log"
+  for dtype in ${KERNELS_DTYPES:-bfloat16}; do
+    timeout "${KERNELS_S:-300}" python3 bench/kernels.py --dtype "$dtype" --results "$out/kernels.csv" ${KERNELS_ARGS:-} \
+      2>&1 | tee -a "$out/kernels.log"
+  done
+fi
+if step sweep; then
+  for pair in ${SWEEP:-512/4 1024/4 1024/8 2048/4 2048/8 4096/8}; do
+    echo "## sweep: BLOCK=${pair%/*} num_warps=${pair#*/}" | tee -a "$out/sweep.log"
+    timeout "${SWEEP_S:-60}" python3 bench/kernels.py --providers fusemerge-triton --methods ties --experts 8 --no-select \
+      --block "${pair%/*}" --num-warps "${pair#*/}" --results "$out/sweep.csv" 2>&1 | tee -a "$out/sweep.log" | grep "^| merge | ties"
+  done
 fi
 if step e2e; then
   timeout "${E2E_S:-240}" python3 bench/e2e.py --device cuda --tools "${E2E_TOOLS:-fusemerge}" --workdir /tmp/fm-e2e \
