@@ -265,6 +265,11 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
             "fusemerge-torch": lambda p=params, x=list_in: reference.merge_chunk(base, x, 0, p, dtype),
             "mergekit-eager": lambda m=method, z=normalize: eager_merge(base, experts, m, weights, 1.0, z),
         }
+        if "fusemerge-triton" in args.providers:  # the bits it times are the torch backend's (any --block)
+            got = providers["fusemerge-triton"]().view(torch.uint8)
+            if not torch.equal(got, reference.merge_chunk(base, list_in, 0, params, dtype).view(torch.uint8)):
+                raise AssertionError(f"{mname} N={n_exp}: the Triton kernel and the torch backend disagree")
+            _release(device)
         for prov in args.providers:
             try:
                 record("merge", mname, prov, timer(providers[prov]), traffic)

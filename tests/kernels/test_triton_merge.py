@@ -230,6 +230,22 @@ def test_merge_matches_oracle_and_reference(sparsifier, consensus, linear, n_exp
     assert_same_bits(got, ref, "triton vs reference")
 
 
+@pytest.mark.parametrize(("block", "warps"), [(256, 2), (2048, 8), (4096, 8)])
+def test_launch_shape_does_not_change_the_result(block, warps, device, monkeypatch):
+    """bench/kernels.py --block / --num-warps (the launch sweep) time the same bits: the block-local index cut
+    and the DARE offsets do not depend on the block size."""
+    n = 5000
+    for sparsifier, consensus in (("magnitude", "sign"), ("dare", "sign"), ("breadcrumbs", "none")):
+        base, experts = make_inputs(n, 3, torch.bfloat16, 9, device)
+        p = make_params(sparsifier, consensus, False, base, experts, START, 9)
+        want = reference.merge_chunk(base.cpu(), [e.cpu() for e in experts], START, p, torch.bfloat16)
+        monkeypatch.setattr(tm, "BLOCK", block)
+        monkeypatch.setattr(tm, "NUM_WARPS", warps)
+        got = tm.merge_chunk(base, experts, START, p, torch.bfloat16)
+        monkeypatch.undo()
+        assert_same_bits(got, want, f"{sparsifier}/{consensus} BLOCK={block} num_warps={warps}")
+
+
 def test_ties_are_split_by_index(device):
     """The cut keeps exactly the tied entries with global index < c, across block boundaries."""
     n = 3000
