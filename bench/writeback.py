@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
                      "cores": info["cores"], "gib": args.gib, "chunk_mib": args.chunk_mib, "rate_gbps": args.rate,
                      "writeback": label, "repeats": args.repeats, "write_s": f"{m['write_s']:.4g}",
                      "fsync_s": f"{m['fsync_s']:.4g}", "total_s": f"{m['total_s']:.4g}", "command": command})
-    print(f"\nmedians of {args.repeats}; fsync on / off: {med['on']['fsync_s'] / max(med['off']['fsync_s'], 1e-9):.3f}x,"
-          f" write + fsync on / off: {med['on']['total_s'] / med['off']['total_s']:.3f}x")
+    on, off = med["on"], med["off"]
+    print(f"\nmedians of {args.repeats}; fsync on / off: {on['fsync_s'] / max(off['fsync_s'], 1e-9):.3f}x, "
+          f"write + fsync on / off: {on['total_s'] / off['total_s']:.3f}x")
     append_csv(args.results, rows)
     return 0
 
