@@ -5,7 +5,8 @@
 #      byte-identical output across devices and backends (tests/test_determinism.py)
 #   3. bench/kernels.py: fused-kernel GB/s vs the device-to-device copy, side by side with eager torch
 #      (once per dtype in KERNELS_DTYPES, default bfloat16)
-#   4. sweep: TIES, N = 8, over the merge kernel's BLOCK x num_warps (SWEEP, "block/warps" pairs)
+#   4. sweep: ties / dare_ties / task arithmetic, N = 8, over the merge kernel's launch choices (SWEEP entries
+#      "BLOCK/num_warps/unroll/late_count", see triton_merge.UNROLL and LATE_COUNT)
 #   5. bench/e2e.py --device cuda (fusemerge only) on the 168M Llama shape
 #   6. bench/scale.py: 64B-class layer shapes on an 8 GiB budget
 # Run from the repository root:  bash bench/gpu_checks.sh      (logs and CSVs under $OUT or bench/results/gpu)
@@ -38,10 +39,14 @@ if step kernels; then
   done
 fi
 if step sweep; then
-  for pair in ${SWEEP:-512/4 1024/4 1024/8 2048/4 2048/8 4096/8}; do
-    echo "## sweep: BLOCK=${pair%/*} num_warps=${pair#*/}" | tee -a "$out/sweep.log"
-    timeout "${SWEEP_S:-60}" python3 bench/kernels.py --providers fusemerge-triton --methods ties --experts 8 --no-select \
-      --block "${pair%/*}" --num-warps "${pair#*/}" --results "$out/sweep.csv" 2>&1 | tee -a "$out/sweep.log" | grep "^| merge | ties"
+  # BLOCK/num_warps/unroll/late_count (late_count 0 or 1); merge rows count NaN / Inf, as a merge does
+  for c in ${SWEEP:-1024/4/1/0 1024/4/2/0 1024/4/1/1 1024/4/2/1 512/2/2/1 2048/8/2/1 512/4/1/0 2048/4/1/0}; do
+    IFS=/ read -r blk wrp unr late <<< "$c"
+    lc=$([ "$late" = 1 ] && echo --late-count || echo --no-late-count)
+    echo "## sweep: BLOCK=$blk num_warps=$wrp unroll=$unr $lc" | tee -a "$out/sweep.log"
+    timeout "${SWEEP_S:-60}" python3 bench/kernels.py --providers fusemerge-triton --methods ${SWEEP_METHODS:-ties dare_ties task_arithmetic} \
+      --experts 8 --no-select --block "$blk" --num-warps "$wrp" --unroll "$unr" $lc --results "$out/sweep.csv" 2>&1 \
+      | tee -a "$out/sweep.log" | grep "^| merge |"
   done
 fi
 if step e2e; then

@@ -27,6 +27,7 @@ Run (from the repository root, on a machine with a CUDA GPU):
     python bench/kernels.py                                  # every method, N in 2 4 8, 2^26 elements
     python bench/kernels.py --methods ties dare_ties --experts 8 --log2-numel 24
     python bench/kernels.py --methods ties dare_ties --block 512 --num-warps 4  # tune the merge launch
+    python bench/kernels.py --methods ties --experts 8 --unroll 2 --late-count  # the launch choices
     python bench/kernels.py --only-select --experts 2 4 8     # the selection rows only
     python bench/kernels.py --only-select --dtype float32     # fp32 inputs (few ties: more candidates)
     TRITON_INTERPRET=1 python bench/kernels.py --smoke     # CPU check of the script itself, measures nothing
@@ -73,6 +74,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only-select", action="store_true", help="only the selection rows (no merge rows)")
     p.add_argument("--block", type=int, default=None, help="override triton_merge.BLOCK (elements per program)")
     p.add_argument("--num-warps", type=int, default=None, help="override triton_merge.NUM_WARPS")
+    p.add_argument("--unroll", type=int, default=None,
+                   help="override triton_merge.UNROLL (experts whose loads are issued together)")
+    p.add_argument("--late-count", action=argparse.BooleanOptionalAction, default=None,
+                   help="override triton_merge.LATE_COUNT (one NaN / Inf reduction per block, not per input)")
+    p.add_argument("--count", action=argparse.BooleanOptionalAction, default=True,
+                   help="merge rows count NaN / Inf as a merge does (nonfinite=; default); --no-count times the "
+                        "kernel without it (how the 2026-11-24 table was measured)")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "kernels.csv")
     p.add_argument("--smoke", action="store_true",
                    help="run every code path on CPU through TRITON_INTERPRET=1 at 2^10 elements, wall-clock timed;\n"
@@ -244,6 +252,7 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
     experts = [staging[i] for i in range(n_exp)]
     weights = [1.0 / n_exp + 0.1 * i for i in range(n_exp)]
     out = torch.empty(n, dtype=dtype, device=device)
+    counts = torch.zeros(n_exp + 2, dtype=torch.int64, device=device) if args.count else None  # as merges run
 
     rows: list[dict] = []
 
@@ -261,7 +270,8 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
         rows_in = staging if method.is_linear else staging[:n_exp]
         list_in = [staging[i] for i in range(rows_in.shape[0])]
         providers = {
-            "fusemerge-triton": lambda p=params, x=rows_in: triton_merge.merge_chunk(base, x, 0, p, dtype, out=out),
+            "fusemerge-triton": lambda p=params, x=rows_in: triton_merge.merge_chunk(
+                base, x, 0, p, dtype, out=out, nonfinite=None if counts is None else counts[:p.n + 1]),
             "fusemerge-torch": lambda p=params, x=list_in: reference.merge_chunk(base, x, 0, p, dtype),
             "mergekit-eager": lambda m=method, z=normalize: eager_merge(base, experts, m, weights, 1.0, z),
         }
@@ -332,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
         triton_merge.BLOCK = args.block
     if args.num_warps:
         triton_merge.NUM_WARPS = args.num_warps
-    meta["command"] += f"  # merge BLOCK={triton_merge.BLOCK} num_warps={triton_merge.NUM_WARPS}"
+    if args.unroll:
+        triton_merge.UNROLL = args.unroll
+    if args.late_count is not None:
+        triton_merge.LATE_COUNT = args.late_count
+    meta["command"] += (f"  # merge BLOCK={triton_merge.BLOCK} num_warps={triton_merge.NUM_WARPS} "
+                        f"unroll={triton_merge.UNROLL} late_count={triton_merge.LATE_COUNT} count={args.count}")
     timer = Timer(args.smoke)
     rows: list[dict] = []
     for n_exp in args.experts:

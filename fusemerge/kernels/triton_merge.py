@@ -55,6 +55,15 @@ from fusemerge.kernels.params import ChunkParams
 # --num-warps sweeps it. The block size does not change any result.
 BLOCK = 1024
 NUM_WARPS = 4
+# Two launch choices bench/kernels.py compares on a GPU (--unroll, --late-count), kept at what was measured
+# (2026-11-24) until a GPU run decides; any value gives the same bits (tests/kernels). Offline model (sm_90,
+# Triton 3.9, ties N = 8, bf16): only ~24 warps of 80 registers fit an SM, each with one 16-byte load in
+# flight per thread, ~12 KB per SM where ~3 TB/s x ~700 ns of latency needs ~16 KB: ties ran at 63-68% of
+# copy. UNROLL = 2 issues two experts' loads before either is used (95 registers, 20 warps, ~20 KB);
+# LATE_COUNT replaces the per-input NaN / Inf reduction (a barrier per expert, which also keeps the loads
+# apart: what a merge runs, nonfinite= given) by one per block (106 registers with UNROLL = 2).
+UNROLL = 1
+LATE_COUNT = False
 # Experts are a loop, not unrolled, so N only costs time; 64 bounds the parameter tables and the tests.
 MAX_EXPERTS = 64
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -98,16 +107,43 @@ def _store_rounded(ptrs, y, mask):
         tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
 
 
-@triton.jit
-def _count_nonfinite(nf_ptr, x, mask, slot, COUNT: tl.constexpr):
-    """nf[slot] += the number of NaN / Inf entries of x in this block (exponent bits all ones).
+_EXP_ONES = tl.constexpr(0x7F800000)  # float32 exponent bits: all ones exactly for NaN and +-Inf
 
-    Costs a few integer ops per loaded value; the atomic is issued only by a block that found one, so
-    a clean model pays no atomics at all (the counters are the inputs' NaN check, METHODS.md)."""
+
+@triton.jit
+def _count_input(nf_ptr, x, mask, slot):
+    """nf[slot] += the number of NaN / Inf entries of x in this block (an atomic only if there are any)."""
+    bad = ((x.to(tl.int32, bitcast=True) & _EXP_ONES) == _EXP_ONES) & mask
+    cnt = tl.sum(bad.to(tl.int32), axis=0)
+    tl.atomic_add(nf_ptr + slot, cnt.to(tl.int64), mask=cnt > 0, sem="relaxed")
+
+
+@triton.jit
+def _note_nonfinite(seen, x, nf_ptr, mask, slot, COUNT: tl.constexpr, LATE_COUNT: tl.constexpr):
+    """The inputs' NaN check (METHODS.md) for input `slot`'s loaded values x; returns `seen`.
+
+    Not LATE_COUNT: count x's NaN / Inf now (`_count_input`): a block-wide reduction, so a barrier, per input.
+    LATE_COUNT: only OR into `seen` (per element: some value loaded so far was NaN / Inf); the block is
+    reduced once, at its end (`_count_late`). Which is faster is bench/kernels.py's question (--late-count)."""
     if COUNT:
-        bad = ((x.to(tl.int32, bitcast=True) & 0x7F800000) == 0x7F800000) & mask
-        cnt = tl.sum(bad.to(tl.int32), axis=0)
-        tl.atomic_add(nf_ptr + slot, cnt.to(tl.int64), mask=cnt > 0, sem="relaxed")
+        if LATE_COUNT:
+            seen = seen | ((x.to(tl.int32, bitcast=True) & _EXP_ONES) == _EXP_ONES)
+        else:
+            _count_input(nf_ptr, x, mask, slot)
+    return seen
+
+
+@triton.jit
+def _count_late(nf_ptr, seen, x_ptr, stride, base_ptr, offs, mask, N: tl.constexpr, BASE: tl.constexpr,
+                COUNT: tl.constexpr, LATE_COUNT: tl.constexpr):
+    """LATE_COUNT: one reduction of `seen` per block; only a block that holds a NaN / Inf loads its inputs
+    again (from L2, just read) to count them per input: experts 0..N-1, then the base (BASE) in slot N."""
+    if COUNT and LATE_COUNT:
+        if tl.max(seen.to(tl.int32), axis=0) != 0:
+            for i in range(0, N):
+                _count_input(nf_ptr, _load_f32(x_ptr + i * stride + offs, mask), mask, i)
+            if BASE:
+                _count_input(nf_ptr, _load_f32(base_ptr + offs, mask), mask, N)
 
 
 @triton.jit
@@ -130,11 +166,12 @@ def _weight_sum(f_ptr, N: tl.constexpr):
 
 
 @triton.jit
-def _product(x_ptrs, b, mask, j, lo, local, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: tl.constexpr, nf_ptr,
-             COUNT: tl.constexpr, BLOCK: tl.constexpr):
-    """p_i = w_i * dh_i for expert i: d = x - b, dh = keep ? d * s_i : 0 (docs/architecture.md)."""
+def _product(x_ptrs, b, mask, j, lo, local, f_ptr, i_ptr, i, N: tl.constexpr, SPARSIFIER: tl.constexpr, seen,
+             nf_ptr, COUNT: tl.constexpr, LATE_COUNT: tl.constexpr, BLOCK: tl.constexpr):
+    """(p_i, seen): p_i = w_i * dh_i for expert i: d = x - b, dh = keep ? d * s_i : 0 (docs/architecture.md);
+    x's NaN check by `_note_nonfinite`."""
     x = _load_f32(x_ptrs, mask)
-    _count_nonfinite(nf_ptr, x, mask, i, COUNT)
+    seen = _note_nonfinite(seen, x, nf_ptr, mask, i, COUNT, LATE_COUNT)
     d = x - b
     dh = d * tl.load(f_ptr + N + i)  # d * s_i, the rescale factor
     if SPARSIFIER == _DARE:
@@ -148,7 +185,7 @@ def _product(x_ptrs, b, mask, j, lo, local, f_ptr, i_ptr, i, N: tl.constexpr, SP
                           BLOCK)
             keep = keep & ~top
         dh = tl.where(keep, dh, 0.0)
-    return tl.load(f_ptr + i) * dh
+    return tl.load(f_ptr + i) * dh, seen
 
 
 @triton.jit(do_not_specialize=["start"])
@@ -169,6 +206,8 @@ def _merge_kernel(
     NORMALIZE: tl.constexpr,
     COUNT: tl.constexpr,
     BLOCK: tl.constexpr,
+    UNROLL: tl.constexpr,
+    LATE_COUNT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -183,21 +222,22 @@ def _merge_kernel(
     if LINEAR:
         # num = w_0 * theta_0 + w_1 * theta_1 + ... (left to right), out = num / sum(w) if normalize
         x = _load_f32(x_ptr + offs, mask)
-        _count_nonfinite(nf_ptr, x, mask, 0, COUNT)
+        seen = _note_nonfinite(tl.zeros([BLOCK], dtype=tl.int1), x, nf_ptr, mask, 0, COUNT, LATE_COUNT)
         num = x * tl.load(f_ptr)
         for i in range(1, N):
             x = _load_f32(x_ptr + i * stride + offs, mask)
-            _count_nonfinite(nf_ptr, x, mask, i, COUNT)
+            seen = _note_nonfinite(seen, x, nf_ptr, mask, i, COUNT, LATE_COUNT)
             num = num + x * tl.load(f_ptr + i)
         if NORMALIZE:
             num = tl.math.div_rn(num, _weight_sum(f_ptr, N))
         _store_rounded(out_ptr + offs, num, mask)
+        _count_late(nf_ptr, seen, x_ptr, stride, base_ptr, offs, mask, N, False, COUNT, LATE_COUNT)
     else:
         j = start + offs
         lo = start + pid * BLOCK  # global index of the block's first element (int64)
         local = tl.arange(0, BLOCK)
         b = _load_f32(base_ptr + offs, mask)
-        _count_nonfinite(nf_ptr, b, mask, N, COUNT)
+        seen = _note_nonfinite(tl.zeros([BLOCK], dtype=tl.int1), b, nf_ptr, mask, N, COUNT, LATE_COUNT)
         # consensus none: acc = num. sign: acc = the election sum S = p_0 + p_1 + ..., and alongside it the
         # two candidate disjoint sums, pos = sum of the p_i > 0 and neg = sum of the p_i < 0 (and their
         # weights), each accumulated in expert order from +0.0 with +0.0 for every other expert. Once S
@@ -206,7 +246,8 @@ def _merge_kernel(
         # max(p, 0) / min(p, 0) stand for where(p > 0, p, 0) / where(p < 0, p, 0): they differ only in the sign
         # of a zero and in NaN (tl.maximum returns the other operand), and a sum that starts at +0.0 and gains
         # only same-signed terms is unchanged by adding -0.0 or +0.0.
-        p = _product(x_ptr + offs, b, mask, j, lo, local, f_ptr, i_ptr, 0, N, SPARSIFIER, nf_ptr, COUNT, BLOCK)
+        p, seen = _product(x_ptr + offs, b, mask, j, lo, local, f_ptr, i_ptr, 0, N, SPARSIFIER, seen, nf_ptr, COUNT,
+                           LATE_COUNT, BLOCK)
         acc = p
         if SIGN:
             zero = tl.zeros([BLOCK], dtype=tl.float32)
@@ -215,9 +256,9 @@ def _merge_kernel(
             neg = zero + tl.minimum(p, 0.0)
             pos_w = zero + tl.where(p > 0.0, w, 0.0)
             neg_w = zero + tl.where(p < 0.0, w, 0.0)
-        for i in range(1, N):
-            p = _product(x_ptr + i * stride + offs, b, mask, j, lo, local, f_ptr, i_ptr, i, N, SPARSIFIER, nf_ptr,
-                         COUNT, BLOCK)
+        for i in tl.range(1, N, loop_unroll_factor=UNROLL):
+            p, seen = _product(x_ptr + i * stride + offs, b, mask, j, lo, local, f_ptr, i_ptr, i, N, SPARSIFIER,
+                               seen, nf_ptr, COUNT, LATE_COUNT, BLOCK)
             acc = acc + p
             if SIGN:
                 w = tl.load(f_ptr + i)
@@ -240,6 +281,7 @@ def _merge_kernel(
                 num = tl.math.div_rn(num, _weight_sum(f_ptr, N))
         r = tl.load(f_ptr + 3 * N) * num  # lam * (num / den), then base + that: two roundings
         _store_rounded(out_ptr + offs, b + r, mask)
+        _count_late(nf_ptr, seen, x_ptr, stride, base_ptr, offs, mask, N, True, COUNT, LATE_COUNT)
 
 
 def _interpreting() -> bool:
@@ -396,6 +438,8 @@ def merge_chunk(
             NORMALIZE=params.normalize,
             COUNT=nonfinite is not None,
             BLOCK=BLOCK,
+            UNROLL=UNROLL,
+            LATE_COUNT=LATE_COUNT,
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )

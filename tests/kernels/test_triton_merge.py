@@ -230,20 +230,37 @@ def test_merge_matches_oracle_and_reference(sparsifier, consensus, linear, n_exp
     assert_same_bits(got, ref, "triton vs reference")
 
 
-@pytest.mark.parametrize(("block", "warps"), [(256, 2), (2048, 8), (4096, 8)])
-def test_launch_shape_does_not_change_the_result(block, warps, device, monkeypatch):
-    """bench/kernels.py --block / --num-warps (the launch sweep) time the same bits: the block-local index cut
-    and the DARE offsets do not depend on the block size."""
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize(("block", "warps", "unroll", "late"),
+                         [(256, 2, 1, False), (2048, 8, 1, False), (4096, 8, 1, False), (1024, 4, 2, False),
+                          (1024, 4, 1, True), (512, 2, 2, True), (1024, 4, 3, True)])
+def test_launch_choices_do_not_change_the_result(block, warps, unroll, late, device, monkeypatch):
+    """bench/kernels.py's launch choices (--block, --num-warps, --unroll, --late-count) time the same bits and
+    the same NaN / Inf counts: the block-local index cut, the DARE offsets, the sums' order and the counts do
+    not depend on them. Inputs hold NaN / Inf in some blocks (and only some inputs) so the counts are tested."""
     n = 5000
-    for sparsifier, consensus in (("magnitude", "sign"), ("dare", "sign"), ("breadcrumbs", "none")):
+    for sparsifier, consensus, linear in (("magnitude", "sign", False), ("dare", "sign", False),
+                                          ("breadcrumbs", "none", False), ("none", "none", True)):
         base, experts = make_inputs(n, 3, torch.bfloat16, 9, device)
-        p = make_params(sparsifier, consensus, False, base, experts, START, 9)
+        experts[1][[7, 4100]] = float("nan")
+        experts[2][4101] = float("inf")
+        base[[3, 2500]] = float("-inf")
+        p = make_params(sparsifier, consensus, linear, base, experts, START, 9)
         want = reference.merge_chunk(base.cpu(), [e.cpu() for e in experts], START, p, torch.bfloat16)
+        want_nf = [2 if linear else 0, 2, 1] + ([] if linear else [2])
         monkeypatch.setattr(tm, "BLOCK", block)
         monkeypatch.setattr(tm, "NUM_WARPS", warps)
-        got = tm.merge_chunk(base, experts, START, p, torch.bfloat16)
+        monkeypatch.setattr(tm, "UNROLL", unroll)
+        monkeypatch.setattr(tm, "LATE_COUNT", late)
+        nf = torch.zeros(4, dtype=torch.int64, device=device)
+        inputs = experts if not linear else [base, experts[1], experts[2]]
+        if linear:
+            want = reference.merge_chunk(None, [x.cpu() for x in inputs], START, p, torch.bfloat16)
+        got = tm.merge_chunk(base, inputs, START, p, torch.bfloat16, nonfinite=nf)
         monkeypatch.undo()
-        assert_same_bits(got, want, f"{sparsifier}/{consensus} BLOCK={block} num_warps={warps}")
+        what = f"{sparsifier}/{consensus} BLOCK={block} num_warps={warps} unroll={unroll} late={late}"
+        assert_same_bits(got, want, what)
+        assert nf.tolist()[:len(want_nf)] == want_nf, what
 
 
 def test_ties_are_split_by_index(device):
@@ -486,11 +503,13 @@ _OFFLINE_COMPILE = textwrap.dedent("""
     target = GPUTarget("cuda", 90, 32)
     sig = {"out_ptr": "*bf16", "base_ptr": "*bf16", "x_ptr": "*bf16", "f_ptr": "*fp32", "i_ptr": "*i64",
            "nf_ptr": "*i64", "row_stride": "i32", "n": "i32", "start": "i64"}
-    names = ["N", "SPARSIFIER", "SIGN", "LINEAR", "NORMALIZE", "COUNT", "BLOCK"]
+    names = ["N", "SPARSIFIER", "SIGN", "LINEAR", "NORMALIZE", "COUNT", "BLOCK", "UNROLL", "LATE_COUNT"]
     sig.update(dict.fromkeys(names, "constexpr"))
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}
-    for sp, sign, linear, norm, n in [(0, 0, 1, 1, 3), (1, 1, 0, 1, 3), (2, 1, 0, 1, 8), (3, 1, 0, 1, 40)]:
-        const = dict(zip(names, [n, sp, bool(sign), bool(linear), bool(norm), n != 3, tm.BLOCK]))
+    launch = [(tm.UNROLL, tm.LATE_COUNT)] * 4 + [(2, True)]  # the defaults, then bench's launch choices
+    for (sp, sign, linear, norm, n), (unroll, late) in zip(
+            [(0, 0, 1, 1, 3), (1, 1, 0, 1, 3), (2, 1, 0, 1, 8), (3, 1, 0, 1, 40), (1, 1, 0, 1, 8)], launch):
+        const = dict(zip(names, [n, sp, bool(sign), bool(linear), bool(norm), n != 3, tm.BLOCK, unroll, late]))
         for fusion in (False, True) if sp == 1 else (False,):
             k = triton.compile(ASTSource(tm._merge_kernel, sig, const, attrs), target=target,
                                options={"num_warps": tm.NUM_WARPS, "enable_fp_fusion": fusion})
@@ -515,7 +534,7 @@ def test_kernels_compile_for_sm90_without_fma(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.strip().splitlines()]
-    assert len(lines) == 5
+    assert len(lines) == 7
     for sp, sign, linear, norm, n, fusion, fma, div_full, div_rn in lines:
         if fusion == "False":
             assert fma == "0", f"FMA in variant {(sp, sign, linear, norm, n)}"
