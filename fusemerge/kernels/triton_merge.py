@@ -59,9 +59,10 @@ NUM_WARPS = 4
 # (2026-11-24) until a GPU run decides; any value gives the same bits (tests/kernels). Offline model (sm_90,
 # Triton 3.9, ties N = 8, bf16): only ~24 warps of 80 registers fit an SM, each with one 16-byte load in
 # flight per thread, ~12 KB per SM where ~3 TB/s x ~700 ns of latency needs ~16 KB: ties ran at 63-68% of
-# copy. UNROLL = 2 issues two experts' loads before either is used (95 registers, 20 warps, ~20 KB);
-# LATE_COUNT replaces the per-input NaN / Inf reduction (a barrier per expert, which also keeps the loads
-# apart: what a merge runs, nonfinite= given) by one per block (106 registers with UNROLL = 2).
+# copy. UNROLL = 2 issues two experts' loads before either is used; LATE_COUNT replaces the per-input NaN /
+# Inf reduction (a barrier after every expert's load, which also keeps the loads apart: what a merge runs,
+# nonfinite= given) by one per block. Both: 106 registers, 16 warps, two loads each, no barrier in the loop
+# (`python bench/kernel_resources.py`).
 UNROLL = 1
 LATE_COUNT = False
 # Experts are a loop, not unrolled, so N only costs time; 64 bounds the parameter tables and the tests.
