@@ -246,16 +246,16 @@ def test_launch_choices_do_not_change_the_result(block, warps, unroll, late, dev
         experts[2][4101] = float("inf")
         base[[3, 2500]] = float("-inf")
         p = make_params(sparsifier, consensus, linear, base, experts, START, 9)
-        want = reference.merge_chunk(base.cpu(), [e.cpu() for e in experts], START, p, torch.bfloat16)
-        want_nf = [2 if linear else 0, 2, 1] + ([] if linear else [2])
+        # linear averages models (the base among them) and counts no base slot
+        inputs = [base, experts[1], experts[2]] if linear else experts
+        want = reference.merge_chunk(None if linear else base.cpu(), [x.cpu() for x in inputs], START, p,
+                                     torch.bfloat16)
+        want_nf = [2, 2, 1] if linear else [0, 2, 1, 2]
         monkeypatch.setattr(tm, "BLOCK", block)
         monkeypatch.setattr(tm, "NUM_WARPS", warps)
         monkeypatch.setattr(tm, "UNROLL", unroll)
         monkeypatch.setattr(tm, "LATE_COUNT", late)
         nf = torch.zeros(4, dtype=torch.int64, device=device)
-        inputs = experts if not linear else [base, experts[1], experts[2]]
-        if linear:
-            want = reference.merge_chunk(None, [x.cpu() for x in inputs], START, p, torch.bfloat16)
         got = tm.merge_chunk(base, inputs, START, p, torch.bfloat16, nonfinite=nf)
         monkeypatch.undo()
         what = f"{sparsifier}/{consensus} BLOCK={block} num_warps={warps} unroll={unroll} late={late}"

@@ -231,11 +231,11 @@ def test_written_header_reads_back(tmp_path: Path, gen: torch.Generator) -> None
 
 
 class RecordingSyncFileRange:
-    """Stands in for libc's sync_file_range: records (path, offset, nbytes, flags) and whether the descriptor
+    """Stands in for libc's sync_file_range: records (fd, offset, nbytes, flags) and whether the descriptor
     was still open, then calls the real one where it exists (its result is ignored either way)."""
 
     def __init__(self, result: int = 0):
-        self.calls: list[tuple[str, int, int, int]] = []
+        self.calls: list[tuple[int, int, int, int]] = []
         self.closed_fds = 0
         self.result = result
         self.real = writer_module._load_sync_file_range()
@@ -243,14 +243,13 @@ class RecordingSyncFileRange:
 
     def __call__(self, fd: int, offset: int, nbytes: int, flags: int) -> int:
         try:
-            path = os.readlink(f"/proc/self/fd/{fd}") if sys.platform.startswith("linux") else str(fd)
             os.fstat(fd)
         except OSError:
             with self.lock:
                 self.closed_fds += 1
             return -1
         with self.lock:
-            self.calls.append((os.path.basename(path), offset, nbytes, flags))
+            self.calls.append((fd, offset, nbytes, flags))
         if self.real is not None:
             self.real(fd, offset, nbytes, flags)
         return self.result
@@ -270,10 +269,11 @@ def test_writeback_is_requested_per_shard_as_bytes_are_written(
             for off in range(0, t.numel() * 4, 10)]
     random.Random(0).shuffle(jobs)
     with ShardedWriter(tmp_path, layout) as writer:
+        shard_of = {fd: name for name, fd in writer._fds.items()}  # the descriptors are open until close()
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda job: writer.write(*job), jobs))
         for _ in range(500):  # the last requests are asynchronous: let them run before close() drops them
-            if {f for f, *_ in fake.calls} == {s.filename for s in layout.shards}:
+            if {shard_of.get(fd) for fd, *_ in fake.calls} == {s.filename for s in layout.shards}:
                 break
             threading.Event().wait(0.01)
     loaded = {}
@@ -287,7 +287,7 @@ def test_writeback_is_requested_per_shard_as_bytes_are_written(
     assert fake.calls and {(off, n, flags) for _, off, n, flags in fake.calls} == {(0, 0, 2)}
     for shard in layout.shards:
         written = sum(layout.locate(name)[2] for name in shard.tensor_names)
-        requests = sum(1 for f, *_ in fake.calls if f == shard.filename)
+        requests = sum(1 for fd, *_ in fake.calls if shard_of.get(fd) == shard.filename)
         assert 1 <= requests <= written // 64
 
 
