@@ -101,3 +101,65 @@ def test_dare_seed_changes_the_output_and_only_the_seed(configs, fam, tmp_path) 
     fusemerge.run(cfg, tmp_path / "s2", device="cpu", seed=2)
     assert merged_bytes(tmp_path / "s1") == merged_bytes(tmp_path / "s1b")
     assert merged_bytes(tmp_path / "s1") != merged_bytes(tmp_path / "s2")
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("budget", [None, "32KiB"])
+def test_dare_masks_are_drawn_once_and_change_no_byte(method, budget, configs, tmp_path, tmp_path_factory,
+                                                      monkeypatch) -> None:
+    """The CPU path keeps each DARE keep mask its L1 statistics pass draws for the merge pass (KeepMasks):
+    with room for them every (expert, chunk) is drawn once, without room or with the masks off it is drawn
+    again, and the bytes are those of the reference either way."""
+    from fusemerge.kernels import dare_masks, philox
+    from fusemerge.kernels import reference as ref_backend
+    from fusemerge.streaming.executor import Executor
+
+    draws: list[tuple[int, int, int]] = []
+    real = philox.dare_keep_run
+
+    def counted(key, start, n, density, device="cpu"):
+        draws.append((key, start, n))
+        return real(key, start, n, density, device)
+
+    monkeypatch.setattr(dare_masks, "dare_keep_run", counted)
+    monkeypatch.setattr(ref_backend, "dare_keep_run", counted)
+    expect = reference(configs[method], tmp_path_factory)
+    draws.clear()
+    fusemerge.run(configs[method], tmp_path / "once", device="cpu", backend="torch", workers=1, max_memory=budget)
+    assert merged_bytes(tmp_path / "once") == expect
+    once = list(draws)
+    assert once
+    if budget is None:  # everything fits: one draw per (expert, chunk)
+        assert len(set(once)) == len(once)
+    draws.clear()
+    monkeypatch.setattr(Executor, "keep_masks", lambda self, t: None)
+    fusemerge.run(configs[method], tmp_path / "twice", device="cpu", backend="torch", workers=1, max_memory=budget)
+    assert merged_bytes(tmp_path / "twice") == expect
+    assert sorted(set(draws)) == sorted(set(once))
+    assert all(draws.count(d) == 2 for d in set(draws))  # statistics pass, then merge pass
+    if budget is None:
+        assert len(draws) == 2 * len(once)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_masks_drawn_by_worker_processes_change_no_byte(method, configs, tmp_path, tmp_path_factory,
+                                                             monkeypatch) -> None:
+    """With mask worker processes (started for any size here), the CPU merge writes the reference's bytes,
+    and the workers drew masks."""
+    from fusemerge.kernels.dare_masks import MaskWorkers
+    from fusemerge.streaming import executor
+
+    started: list[MaskWorkers] = []
+
+    class Recorded(MaskWorkers):
+        def __init__(self, processes: int) -> None:
+            super().__init__(processes)
+            started.append(self)
+
+    monkeypatch.setattr(executor, "WORKER_MIN_DRAWS", 0)
+    monkeypatch.setattr(executor, "MaskWorkers", Recorded)
+    expect = reference(configs[method], tmp_path_factory)
+    fusemerge.run(configs[method], tmp_path / "out", device="cpu", backend="torch", workers=2)
+    assert merged_bytes(tmp_path / "out") == expect
+    assert len(started) == 1 and started[0].served > 0 and started[0].failed == 0
+    assert not started[0]._all  # closed at the end of the merge

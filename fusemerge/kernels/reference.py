@@ -15,7 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fusemerge.kernels.dare_masks import KeepMasks
 from fusemerge.kernels.params import EMPTY_T, ChunkParams
+from fusemerge.kernels.philox import dare_keep_run
 
 F32 = torch.float32
 HI_BINS = 1 << 15  # bits(|d|) >> 16: the sign bit is clear, so 15 significant bits remain
@@ -65,17 +67,19 @@ def top_mask(a: torch.Tensor, start: int, t: int, c: int) -> torch.Tensor:
     return mask.bitwise_right_shift_(31)
 
 
-def keep_mask(d: torch.Tensor, i: int, start: int, p: ChunkParams) -> torch.Tensor | None:
-    """The sparsifier's keep mask for expert `i` on this chunk as int32 -1/0 (None: keep everything)."""
+def keep_mask(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMasks | None = None
+              ) -> torch.Tensor | None:
+    """The sparsifier's keep mask for expert `i` on this chunk as int32 -1/0 (None: keep everything).
+
+    DARE: `masks` may hold this chunk's mask from the statistics pass (else it is drawn)."""
     if p.sparsifier == "none":
         return None
     if p.sparsifier == "dare":
-        from fusemerge.kernels.philox import philox_rand
-
-        offsets = torch.arange(start, start + d.numel(), dtype=torch.int64, device=d.device)
-        u = philox_rand(p.keys[i], offsets).view(torch.int32)  # u in [0, 1): its bits order like its value
-        density_bits = int(np.float32(p.density[i]).view(np.int32))
-        return u.sub_(density_bits).bitwise_right_shift_(31)  # -1 where u < density
+        if masks is not None and d.device.type == "cpu":
+            keep = masks.draw(p.keys[i], start, d.numel(), p.density[i])
+        else:
+            keep = dare_keep_run(p.keys[i], start, d.numel(), p.density[i], d.device)
+        return keep.to(torch.int32).neg_()
     a = abs_bits(d)
     keep = top_mask(a, start, p.t_keep[i], p.c_keep[i])
     if p.sparsifier == "breadcrumbs" and p.t_drop[i] < EMPTY_T:
@@ -92,6 +96,7 @@ def merge_chunk(
     *,
     out: torch.Tensor | None = None,
     nonfinite: torch.Tensor | None = None,
+    masks: KeepMasks | None = None,
 ) -> torch.Tensor:
     """Merge one chunk: `experts[i]` and `base` are 1-D chunks of the same elements of one tensor.
 
@@ -99,17 +104,18 @@ def merge_chunk(
 
     Returns the merged chunk in `out_dtype`. For `linear`, `experts` are the averaged models and
     `base` is ignored. `nonfinite` (optional, int64 [N + 1]): entry i += the number of NaN / Inf values
-    in expert i's chunk, entry N in the base's.
+    in expert i's chunk, entry N in the base's. `masks` (DARE, CPU): keep masks the statistics pass
+    stored (l1_fixed), used instead of drawing them again.
 
     >>> b = torch.zeros(4); e = [torch.ones(4), -torch.ones(4) * 3]
     >>> merge_chunk(b, e, 0, ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
     tensor([-2., -2., -2., -2.])
     """
-    result = _merge(base, experts, start, params, out_dtype, nonfinite)
+    result = _merge(base, experts, start, params, out_dtype, nonfinite, masks)
     return result if out is None else out.copy_(result)
 
 
-def _merge(base, experts, start, params, out_dtype, nonfinite) -> torch.Tensor:
+def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.Tensor:
     p = params
     if len(experts) != p.n:
         raise ValueError(f"{len(experts)} expert chunks but {p.n} weights")
@@ -128,7 +134,7 @@ def _merge(base, experts, start, params, out_dtype, nonfinite) -> torch.Tensor:
     products = []
     for i, x in enumerate(experts):
         d = x.to(F32) - base32
-        keep = keep_mask(d, i, start, p)
+        keep = keep_mask(d, i, start, p, masks)
         if scales[i] != 1.0:
             d.mul_(_scalar(scales[i], device))
         if keep is not None:  # where(keep, d, +0.0), by masking the bits
@@ -338,19 +344,23 @@ def l1_fixed(
     expert: torch.Tensor,
     shift: int,
     keep: tuple[int, float, int] | None = None,
+    *,
+    masks: KeepMasks | None = None,
 ) -> tuple[int, int]:
     """Fixed-point L1 sums: (sum trunc(|d| * 2^shift), the same over DARE-kept entries).
 
-    `keep` = (key, density, start) selects the kept entries as in merge_chunk; None: all kept.
+    `keep` = (key, density, start) selects the kept entries as in merge_chunk; None: all kept. `masks`
+    (CPU): where the drawn keep mask is stored for the merge pass, when it fits.
     """
     d = delta(base, expert)
     q = (d.abs() * _scalar(2.0**shift, d.device)).to(torch.int64)
     total = int(q.sum())
     if keep is None:
         return total, total
-    from fusemerge.kernels.philox import dare_keep
-
     key, density, start = keep
-    offsets = torch.arange(start, start + d.numel(), dtype=torch.int64, device=d.device)
-    kept = int(q[dare_keep(key, offsets, density)].sum())
+    if masks is not None and d.device.type == "cpu":
+        kept_mask = masks.draw(key, start, d.numel(), density, keep=True)
+    else:
+        kept_mask = dare_keep_run(key, start, d.numel(), density, d.device)
+    kept = int(q.mul_(kept_mask).sum())
     return total, kept

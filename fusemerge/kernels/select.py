@@ -33,6 +33,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from fusemerge.kernels.dare_masks import KeepMasks
 from fusemerge.kernels.params import EMPTY_C, EMPTY_T
 
 Loader = Callable[[int, int], tuple[torch.Tensor, list[torch.Tensor]]]
@@ -353,11 +354,13 @@ def fixed_point_shift(max_abs: float, numel: int) -> int:
 
 
 def dare_scales(
-    backend: ModuleType, segments: list[Segment], chunk: int, keys: list[int], density: list[float]
+    backend: ModuleType, segments: list[Segment], chunk: int, keys: list[int], density: list[float],
+    masks: KeepMasks | None = None,
 ) -> list[float]:
     """mergekit's L1 rescale per expert: ||d||_1 / ||kept d||_1 over the tensor (1.0 if nothing is kept).
 
-    Both norms are fixed-point integer sums, so the factor is identical for every chunking.
+    Both norms are fixed-point integer sums, so the factor is identical for every chunking. `masks`: where
+    the torch backend keeps the drawn masks for the merge pass.
     """
     n = len(keys)
     total = sum(s.numel for s in segments)
@@ -370,7 +373,7 @@ def dare_scales(
     if live:
         for start, base, experts in _chunks(segments, chunk):
             for i in live:
-                a, k = backend.l1_fixed(base, experts[i], shift[i], (keys[i], density[i], start))
+                a, k = backend.l1_fixed(base, experts[i], shift[i], (keys[i], density[i], start), masks=masks)
                 sums[i][0] += a
                 sums[i][1] += k
     return [float(np.float32(sums[i][0] / sums[i][1])) if i in sums and sums[i][1] else 1.0 for i in range(n)]
@@ -392,10 +395,12 @@ def tensor_params(
     chunk: int,
     backend: ModuleType,
     cuts: list[tuple[int, int, int, int]] | None = None,
+    masks: KeepMasks | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
-    `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection.
+    `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection; `masks`
+    (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass.
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -413,7 +418,7 @@ def tensor_params(
 
         keys = [dare_key(seed, name, i) for i in range(n)]
         if rescale is True:
-            scale = tuple(dare_scales(backend, segments, chunk, keys, density))
+            scale = tuple(dare_scales(backend, segments, chunk, keys, density, masks))
         elif rescale == "inverse":
             scale = tuple(float(np.float32(1.0) / np.float32(d)) for d in density)
         else:

@@ -369,6 +369,7 @@ def merge_chunk(
     *,
     out: torch.Tensor | None = None,
     nonfinite: torch.Tensor | None = None,
+    masks: object = None,
 ) -> torch.Tensor:
     """Merge one chunk on the GPU: bit-identical to `fusemerge.kernels.reference.merge_chunk`.
 
@@ -378,7 +379,8 @@ def merge_chunk(
     one staging buffer are used without a copy (see the module docstring). For `linear`, `experts` are
     the averaged models and `base` is ignored. `out` (optional, 1-D, `out_dtype`, n elements) receives
     the result; otherwise it is allocated. `nonfinite` (optional, int64 [N + 1] on the same device): entry
-    i += the number of NaN / Inf values in expert i's chunk, entry N in the base's (not for linear).
+    i += the number of NaN / Inf values in expert i's chunk, entry N in the base's (not for linear). `masks` is
+    accepted for the torch backend's signature and not used: the kernel draws DARE's stream in registers.
 
     >>> from fusemerge.kernels.params import ChunkParams
     >>> staging = torch.stack([torch.ones(4), -3 * torch.ones(4)]).cuda()  # doctest: +SKIP

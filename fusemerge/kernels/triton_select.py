@@ -382,12 +382,15 @@ def l1_fixed(
     expert: torch.Tensor,
     shift: int,
     keep: tuple[int, float, int] | None = None,
+    *,
+    masks: object = None,
 ) -> tuple[int, int]:
     """Fixed-point L1 sums: (sum trunc(|d| * 2^shift), the same over the DARE-kept entries).
 
     `keep` = (key, density, start) keeps entry j where `tl.rand(key, start + j) < float32(density)`, as the
     merge does; None: every entry is kept (both sums equal). The caller picks `shift` so the sums fit in
     int64 (select.fixed_point_shift); non-finite |d| are outside the contract.
+    `masks` is accepted for the torch backend's signature and not used (the kernel draws the stream).
     """
     n = _check_pair(base, expert)
     if n == 0:

@@ -11,6 +11,7 @@ the chunk size: statistics are integers and every element's math is the same in 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -21,6 +22,7 @@ import torch
 
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend
+from fusemerge.kernels.dare_masks import WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, tensor_params, top_cuts, trim_counts
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
@@ -89,6 +91,7 @@ class Executor:
         self.times = StageTimes()
         self.global_cuts: dict[str, list[tuple[int, int, int, int]]] | None = None
         self._stop = threading.Event()  # set on the first failure: the other workers stop at their next chunk
+        self.mask_workers: MaskWorkers | None = None  # CPU DARE: processes drawing keep masks (run() starts them)
 
     # -- loading -------------------------------------------------------------------------------
 
@@ -137,15 +140,39 @@ class Executor:
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def chunk_params(self, t: TensorPlan, segment: Segment, chunk: int | None = None) -> ChunkParams:
+    def _cpu_dare(self) -> bool:
+        return self.plan.device.type == "cpu" and self.plan.backend == "torch" and not self.pipeline \
+            and self.plan.method.sparsifier == "dare"
+
+    def keep_masks(self, t: TensorPlan) -> KeepMasks | None:
+        """How the CPU path draws t's DARE masks (kernels/dare_masks.py): in the mask workers when they run,
+        and, with the L1 rescale, drawn once for the statistics pass and kept for the merge pass. The packed
+        bits (1 per entry and expert) live in the part of this worker's resident budget that t's cached
+        inputs leave free."""
+        if not self._cpu_dare() or (t.rescale is not True and self.mask_workers is None):
+            return None
+        if t.rescale is not True:
+            return KeepMasks(0, self.mask_workers)
+        inputs = len(t.inputs) + (t.base is not None)
+        free = self.plan.resident_bytes - (inputs * 4 * t.numel if self._resident(t) else 0)
+        return KeepMasks(free, self.mask_workers)
+
+    def _start_mask_workers(self, order: list[TensorPlan]) -> None:
+        """One mask worker process per merge thread, when the merge draws enough masks to pay for them."""
+        draws = sum(t.numel * len(t.inputs) for t in order if not t.copy_only)
+        if self._cpu_dare() and (os.cpu_count() or 1) > 1 and draws >= WORKER_MIN_DRAWS:
+            self.mask_workers = MaskWorkers(self.plan.workers)
+
+    def chunk_params(self, t: TensorPlan, segment: Segment, chunk: int | None = None,
+                     masks: KeepMasks | None = None) -> ChunkParams:
         """Every per-expert number the kernel needs for tensor `t` (runs its statistics pass over `segment`,
-        `chunk` elements at a time: the plan's chunk by default)."""
+        `chunk` elements at a time: the plan's chunk by default; DARE's masks drawn go to `masks`)."""
         t0 = time.perf_counter()
         params = tensor_params(
             self.plan.method, name=t.name, numel=t.numel, segments=[segment],
             weights=t.weights, density=t.density, gamma=t.gamma, lam=t.lam, normalize=t.normalize,
             rescale=t.rescale, seed=self.plan.seed, chunk=chunk or self.plan.chunk_elems, backend=self.stat_kernels,
-            cuts=self.global_cuts[t.name] if self.global_cuts is not None else None)
+            cuts=self.global_cuts[t.name] if self.global_cuts is not None else None, masks=masks)
         self.times.add(stats=time.perf_counter() - t0)
         return params
 
@@ -188,7 +215,8 @@ class Executor:
                 self.progress(count * entry.itemsize)
             return
         segment = self._segment(t, keep=self._resident(t))
-        params = self.chunk_params(t, segment)
+        masks = self.keep_masks(t)
+        params = self.chunk_params(t, segment, masks=masks)
         out_dtype = FLOAT_CODES[t.out_dtype]
         # NaN / Inf in any input, counted by merge_chunk on the chunks it is given (no extra read): experts, base
         nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.plan.device)
@@ -200,7 +228,8 @@ class Executor:
             if segment.cache is not None:
                 del segment.cache[start]  # the last pass over this chunk: free it as we go
             t0 = time.perf_counter()
-            out = self.merge_kernels.merge_chunk(base, inputs, start, params, out_dtype, nonfinite=nonfinite)
+            out = self.merge_kernels.merge_chunk(base, inputs, start, params, out_dtype, nonfinite=nonfinite,
+                                                 masks=masks)
             t1 = time.perf_counter()
             self.writer.write(t.name, start * out_item, out.cpu())
             self.times.add(merge=t1 - t0, write=time.perf_counter() - t1)
@@ -237,6 +266,7 @@ class Executor:
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
             order = [t for t in order if t.name not in self.skip]
+            self._start_mask_workers(order)
             if self.pipeline and len(plan.compute_devices) > 1:
                 from fusemerge.streaming.pipeline import run_pipelines
 
@@ -262,6 +292,8 @@ class Executor:
         finally:
             torch.set_num_threads(torch_threads)
             self.reader.close()
+            if self.mask_workers is not None:
+                self.mask_workers.close()
         return self.times
 
 

@@ -171,3 +171,48 @@ def test_rejects_keys_wider_than_64_bits() -> None:
         philox_rand(2**64, torch.arange(3))
     with pytest.raises(ValueError):
         philox_rand(-(2**63) - 1, torch.arange(3))
+
+
+def _u(x: np.ndarray) -> np.ndarray:
+    """tl.rand's mapping of folded words x in [0, 2^31) to float32 in [0, 1)."""
+    return x.astype(np.int32).astype(np.float32) * np.float32(philox.UNIFORM_SCALE)
+
+
+@pytest.mark.parametrize("density", [1e-9, 0.1, 0.2, 1 / 3, 0.5, 0.9, 0.999999, float(np.float32(0.7))])
+def test_keep_below_is_the_exact_integer_form_of_the_float_test(density: float) -> None:
+    below = philox.keep_below(density)
+    d = np.float32(density)
+    near = np.arange(max(0, below - 600), min(2**31, below + 600), dtype=np.int64)
+    assert np.array_equal(_u(near) < d, near < below)
+    g = np.random.default_rng(int(below))
+    anywhere = g.integers(0, 2**31, 100_000)
+    assert np.array_equal(_u(anywhere) < d, anywhere < below)
+    # a density equal to one of the draws: that draw itself is not kept
+    exact = float(_u(np.array([below]))[0])
+    assert philox.keep_below(exact) == int(np.flatnonzero(_u(near) >= np.float32(exact))[0] + near[0])
+
+
+def test_keep_below_extremes() -> None:
+    assert philox.keep_below(1.0) == 2**31 and philox.keep_below(2.0) == 2**31
+    for nothing in (0.0, -0.5, float("nan")):
+        assert philox.keep_below(nothing) == 0
+
+
+@pytest.mark.parametrize("start,n", [(0, 1), (0, 40_000), (12_345, 777), (2**32 - 5_000, 10_000),
+                                     (3 * 2**32 - 1, 2), (2**45 + 3, 33_333), (2**63 - 100, 100)])
+@pytest.mark.parametrize("key", [0, -1, 2**63 - 1, dare_key(5, "model.embed_tokens.weight", 3)])
+def test_dare_keep_run_equals_dare_keep(key: int, start: int, n: int) -> None:
+    offsets = torch.tensor([start + j for j in range(n)], dtype=torch.int64)  # no arange overflow near 2^63
+    u = philox_rand(key, offsets)
+    for density in (0.0, 1e-6, 0.2, 0.55, 1.0, float("nan")):
+        got = philox.dare_keep_run(key, start, n, density)
+        assert got.dtype == torch.bool and got.shape == (n,)
+        assert torch.equal(got, dare_keep(key, offsets, density)), density
+        assert torch.equal(got, u < torch.tensor(density, dtype=torch.float32))
+
+
+def test_dare_keep_run_rejects_entries_outside_the_stream() -> None:
+    for start, n in [(-1, 3), (2**63 - 2, 3), (0, -1)]:
+        with pytest.raises(ValueError, match="outside"):
+            philox.dare_keep_run(1, start, n, 0.5)
+    assert philox.dare_keep_run(1, 7, 0, 0.5).numel() == 0

@@ -1,0 +1,132 @@
+"""DARE masks on the CPU path: kept between passes (KeepMasks) and drawn in worker processes (MaskWorkers),
+always with dare_keep_run's bits."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from fusemerge.kernels import dare_masks, philox, philox_numpy
+from fusemerge.kernels.dare_masks import KeepMasks, MaskWorkers
+from fusemerge.kernels.philox import dare_key
+
+
+def test_keep_masks_hand_out_each_stored_mask_once_within_their_bound(monkeypatch) -> None:
+    key = dare_key(0, "w", 0)
+    masks = KeepMasks(max_bytes=2 * 125)  # room for two runs of 1000 entries (125 bytes each)
+    first = [masks.draw(key, s, 1000, 0.3, keep=True) for s in (0, 1000, 2000)]
+    assert masks.held_bytes == 250
+    for s, m in zip((0, 1000, 2000), first, strict=True):
+        assert torch.equal(m, philox.dare_keep_run(key, s, 1000, 0.3))
+    drawn = []
+    real = philox.dare_keep_run
+    monkeypatch.setattr(dare_masks, "dare_keep_run", lambda *a, **k: drawn.append(a[1]) or real(*a, **k))
+    again = [masks.draw(key, s, 1000, 0.3) for s in (0, 1000, 2000, 0)]
+    assert drawn == [2000, 0]  # the third did not fit; the first was handed out once and forgotten
+    assert all(torch.equal(a, b) for a, b in zip(again, first + first[:1], strict=True))
+    assert masks.held_bytes == 0
+    # another density, key, or run is another mask: never confused with a stored one
+    masks.draw(key, 0, 1000, 0.3, keep=True)
+    assert torch.equal(masks.draw(key, 0, 1000, 0.8), philox.dare_keep_run(key, 0, 1000, 0.8))
+    assert torch.equal(masks.draw(key + 1, 0, 1000, 0.3), philox.dare_keep_run(key + 1, 0, 1000, 0.3))
+    assert torch.equal(masks.draw(key, 0, 999, 0.3), philox.dare_keep_run(key, 0, 999, 0.3))
+    assert masks.held_bytes == 125
+    assert torch.equal(masks.draw(key, 0, 1000, 0.3), first[0]) and masks.held_bytes == 0  # handed out
+
+
+RUNS = [(0, 1), (0, 8), (5, 1003), (2**32 - 3_000, 6_000), (2**50 + 1, 40_000), (2**63 - 64, 64)]
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.75, 1.0])
+def test_workers_draw_the_same_bits(density: float) -> None:
+    key = dare_key(3, "model.layers.1.mlp.up_proj.weight", 2)
+    with MaskWorkers(2) as workers:
+        for start, n in RUNS:
+            packed = workers.draw_packed(key, start, n, density)
+            assert packed.dtype == np.uint8 and packed.size == -(-n // 8)
+            got = np.unpackbits(packed, count=n, bitorder="little").astype(bool)
+            assert np.array_equal(got, philox.dare_keep_run(key, start, n, density).numpy()), (start, n)
+        assert workers.served == len(RUNS) and workers.failed == 0
+    assert workers.draw_packed(key, 0, 0, 0.5).size == 0
+
+
+def test_workers_serve_several_threads() -> None:
+    keys = [dare_key(0, "w", i) for i in range(6)]
+    results: dict[int, np.ndarray] = {}
+    with MaskWorkers(2) as workers:
+        def work(i: int) -> None:
+            results[i] = workers.draw_packed(keys[i], 1000 * i, 20_000 + i, 0.3)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert workers.served == 6
+    for i, packed in results.items():
+        want = philox.dare_keep_run(keys[i], 1000 * i, 20_000 + i, 0.3).numpy()
+        assert np.array_equal(np.unpackbits(packed, count=20_000 + i, bitorder="little").astype(bool), want)
+
+
+def test_a_failed_worker_is_dropped_and_its_run_drawn_in_place() -> None:
+    key = dare_key(1, "w", 0)
+    want = np.packbits(philox.dare_keep_run(key, 77, 5000, 0.4).numpy(), bitorder="little")
+    with MaskWorkers(2) as workers:
+        for proc in list(workers._all):
+            proc.kill()
+            proc.wait()
+        for _ in range(3):  # both dead workers are found and dropped; then every draw is in place
+            assert np.array_equal(workers.draw_packed(key, 77, 5000, 0.4), want)
+        assert workers.failed == 2 and workers.served == 0
+    assert np.array_equal(workers.draw_packed(key, 77, 5000, 0.4), want)  # after close: in place
+
+
+def test_no_worker_started_draws_in_place(monkeypatch) -> None:
+    def no_process(*a, **k):
+        raise OSError("no processes here")
+
+    monkeypatch.setattr(dare_masks.subprocess, "Popen", no_process)
+    key = dare_key(2, "w", 1)
+    with MaskWorkers(2) as workers:
+        assert workers.failed == 2
+        got = workers.draw_packed(key, 0, 999, 0.5)
+    assert np.array_equal(got, np.packbits(philox.dare_keep_run(key, 0, 999, 0.5).numpy(), bitorder="little"))
+
+
+def test_serve_answers_until_end_of_input() -> None:
+    import io
+
+    k0, k1 = philox._split_key(-7)
+    below = philox.keep_below(0.6)
+    requests = io.BytesIO(philox_numpy.REQUEST.pack(k0, k1, 10, 100, below)
+                          + philox_numpy.REQUEST.pack(k0, k1, 2**33, 9, below) + b"\x01\x02")  # a torn request ends it
+    answers = io.BytesIO()
+    philox_numpy.serve(requests, answers)
+    want = [np.packbits(philox.dare_keep_run(-7, s, n, 0.6).numpy(), bitorder="little").tobytes()
+            for s, n in [(10, 100), (2**33, 9)]]
+    assert answers.getvalue() == b"".join(want)
+
+
+def test_keep_masks_store_what_the_workers_drew() -> None:
+    key = dare_key(0, "w", 3)
+    with MaskWorkers(1) as workers:
+        masks = KeepMasks(1 << 20, workers)
+        first = masks.draw(key, 0, 4000, 0.25, keep=True)
+        assert workers.served == 1 and masks.held_bytes == 500
+        assert torch.equal(masks.draw(key, 0, 4000, 0.25), first)
+        assert workers.served == 1 and masks.held_bytes == 0  # the second use drew nothing
+    assert torch.equal(first, philox.dare_keep_run(key, 0, 4000, 0.25))
+
+
+def test_the_worker_script_imports_numpy_only() -> None:
+    import ast
+
+    tree = ast.parse(open(philox_numpy.__file__).read())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module}
+    assert imported <= {"__future__", "numpy", "struct", "sys"}
