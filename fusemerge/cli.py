@@ -170,6 +170,8 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
         if t.firsts:
             click.echo(f"first piece of each stage done (seconds after the executor started): {t.startup_line()}",
                        err=True)
+        if t.masks_drawn or t.masks_reused:
+            click.echo(t.masks_line(), err=True)
     if not quiet:
         resumed = (f", {result.resumed_tensors} of them ({format_size(result.resumed_bytes)} in) already written "
                    "by the interrupted run") if result.resumed_tensors else ""

@@ -55,6 +55,27 @@ def test_verbose_run_prints_stage_times_and_startup(fam: dict, tmp_path: Path) -
     ordered = [float(at) for at in re.findall(r"after (\d+\.\d\d) s", line)]
     assert ordered == sorted(ordered)  # listed in the order they first finished
     assert firsts["read"] <= firsts["statistics"] <= firsts["merge"] <= firsts["write"]  # the CPU path's order
+    assert not any(line.startswith("DARE masks") for line in r.stderr.splitlines())
+
+
+@pytest.mark.parametrize("rescale", [True, "inverse"])
+def test_verbose_dare_run_says_how_its_masks_were_drawn(fam: dict, tmp_path: Path, rescale) -> None:
+    cfg = yaml.safe_load(fam["config"].read_text())
+    cfg["merge_method"] = "dare_ties"
+    cfg.setdefault("parameters", {})["rescale"] = rescale
+    path = tmp_path / "dare.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = invoke("run", path, tmp_path / "out", "-v")
+    assert r.exit_code == 0, r.output
+    lines = [line for line in r.stderr.splitlines() if line.startswith("DARE masks")]
+    if rescale == "inverse":  # no statistics pass, small merge: nothing to keep, drawn in the threads
+        assert not lines
+        return
+    m = re.fullmatch(r"DARE masks: ([\d,]+) chunk runs drawn \(in the merge threads\), ([\d,]+) reused by the "
+                     r"merge pass from the statistics pass", lines[0])
+    assert m, lines
+    drawn, reused = (int(g.replace(",", "")) for g in m.groups())
+    assert drawn > 0 and reused == drawn  # a tiny merge: every mask fits, each drawn once and used twice
 
 
 def test_run_without_tokenizer_and_out_dtype(fam: dict, tmp_path: Path) -> None:

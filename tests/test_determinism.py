@@ -162,4 +162,4 @@ def test_dare_masks_drawn_by_worker_processes_change_no_byte(method, configs, tm
     fusemerge.run(configs[method], tmp_path / "out", device="cpu", backend="torch", workers=2)
     assert merged_bytes(tmp_path / "out") == expect
     assert len(started) == 1 and started[0].served > 0 and started[0].failed == 0
-    assert not started[0]._all  # closed at the end of the merge
+    assert started[0].alive == 0  # closed at the end of the merge

@@ -62,6 +62,12 @@ class MaskWorkers:
         if not self._all:
             self._idle.put(None)
 
+    @property
+    def alive(self) -> int:
+        """Worker processes running (not dropped, not closed)."""
+        with self._lock:
+            return len(self._all)
+
     def __enter__(self) -> MaskWorkers:
         return self
 
@@ -146,6 +152,8 @@ class KeepMasks:
         self.max_bytes = max_bytes
         self.workers = workers
         self.held_bytes = 0
+        self.drawn = 0  # runs drawn (in a worker or in place)
+        self.reused = 0  # runs handed out from the store instead of drawn again
         self._held: dict[tuple[int, int, int, int], np.ndarray] = {}
 
     def draw(self, key: int, start: int, n: int, density: float, *, keep: bool = False) -> torch.Tensor:
@@ -155,7 +163,9 @@ class KeepMasks:
         packed = self._held.pop(ident, None)
         if packed is not None:
             self.held_bytes -= packed.nbytes
+            self.reused += 1
             return _unpack(packed, n)
+        self.drawn += 1
         size = -(-n // 8)
         store = keep and self.held_bytes + size <= self.max_bytes
         if self.workers is not None:

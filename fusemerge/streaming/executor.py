@@ -43,6 +43,11 @@ class StageTimes:
     write: float = 0.0
     flush: float = 0.0  # wall seconds: fsync of the output shards
     manifest: float = 0.0  # wall seconds: SHA-256 of the written shards
+    # DARE on CPU (kernels/dare_masks.py): mask runs drawn, runs the merge pass reused from the statistics
+    # pass, and the worker processes that drew them
+    masks_drawn: int = 0
+    masks_reused: int = 0
+    mask_workers: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     started: float = field(default_factory=time.perf_counter, repr=False)
     # stage -> wall seconds from `started` to the end of its first timed piece of work: what start-up costs
@@ -55,6 +60,17 @@ class StageTimes:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
                 self.firsts.setdefault(k, now)
+
+    def count_masks(self, drawn: int, reused: int) -> None:
+        with self.lock:
+            self.masks_drawn += drawn
+            self.masks_reused += reused
+
+    def masks_line(self) -> str:
+        """'DARE masks: 2,636 chunk runs drawn (by 2 worker processes), 2,636 reused by the merge pass'."""
+        where = f" (by {self.mask_workers} worker processes)" if self.mask_workers else " (in the merge threads)"
+        return (f"DARE masks: {self.masks_drawn:,} chunk runs drawn{where}, {self.masks_reused:,} reused by the "
+                "merge pass from the statistics pass")
 
     def startup_line(self) -> str:
         """'first read done after 0.12 s, statistics after ...', in the order the stages first finished."""
@@ -162,6 +178,7 @@ class Executor:
         draws = sum(t.numel * len(t.inputs) for t in order if not t.copy_only)
         if self._cpu_dare() and (os.cpu_count() or 1) > 1 and draws >= WORKER_MIN_DRAWS:
             self.mask_workers = MaskWorkers(self.plan.workers)
+            self.times.mask_workers = self.mask_workers.alive
 
     def chunk_params(self, t: TensorPlan, segment: Segment, chunk: int | None = None,
                      masks: KeepMasks | None = None) -> ChunkParams:
@@ -235,6 +252,8 @@ class Executor:
             self.times.add(merge=t1 - t0, write=time.perf_counter() - t1)
             self.progress(count * itemsize * (len(t.inputs) + (t.base is not None)))
         self._check_finite(t, nonfinite.tolist())
+        if masks is not None:
+            self.times.count_masks(masks.drawn, masks.reused)
 
     def _check_finite(self, t: TensorPlan, counts: list[int]) -> None:
         """Stop the merge at the first tensor whose inputs hold NaN / Inf (or note it with allow_nonfinite)."""
