@@ -57,6 +57,7 @@ from fusemerge.kernels.philox_numpy import (  # noqa: F401 (constants re-exporte
     UNIFORM_SCALE,
     keep_below,
     keep_run,
+    philox_round,
 )
 
 # Elements per pass on other devices (GPUs): large, since every op is a kernel launch (~120 per pass);
@@ -94,9 +95,7 @@ def _uniform_numpy(k0: int, k1: int, offsets: np.ndarray) -> np.ndarray:
     n = offsets.size
     out = np.empty(n, dtype=np.float32)
     m = min(n, _CHUNK_NUMPY)
-    # p = [c0, c2] (the multiplied words), q = [c3, c1]; one round is
-    #   prod = p * [A, B];  t = hi(prod) ^ q ^ [k1, k0];  q' = lo(prod);  p' = [t[1], t[0]]
-    # which is c0' = hi(B c2) ^ c1 ^ k0, c2' = hi(A c0) ^ c3 ^ k1, c1' = lo(B c2), c3' = lo(A c0).
+    # p = [c0, c2] (the multiplied words), q = [c3, c1]: see philox_numpy.philox_round
     mult = np.array([[PHILOX_ROUND_A], [PHILOX_ROUND_B]], dtype=np.uint64)
     p_buf = np.empty((2, m), dtype=np.uint64)
     q_buf = np.empty((2, m), dtype=np.uint64)
@@ -112,13 +111,7 @@ def _uniform_numpy(k0: int, k1: int, offsets: np.ndarray) -> np.ndarray:
         np.right_shift(u64[lo:hi], 32, out=q[1])
         r0, r1 = k0, k1
         for _ in range(N_ROUNDS):
-            key = np.array([[r1], [r0]], dtype=np.uint64)
-            np.multiply(p, mult, out=prod)
-            np.right_shift(prod, 32, out=p)
-            np.bitwise_xor(p, q, out=p)
-            np.bitwise_xor(p, key, out=p)
-            np.bitwise_and(prod, _M32, out=q)
-            p = p[::-1]
+            p = philox_round(p, q, prod, mult, np.array([[r1], [r0]], dtype=np.uint64))
             r0 = (r0 + PHILOX_KEY_A) & _M32
             r1 = (r1 + PHILOX_KEY_B) & _M32
         out[lo:hi] = _to_uniform_numpy(p[0])

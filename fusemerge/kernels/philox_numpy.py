@@ -31,6 +31,23 @@ _M32 = 0xFFFFFFFF
 # ops of the 10 rounds in a core's L2 instead of streaming every op through DRAM. 2^15 measured 9% slower
 # for dare_keep_run and 4% for philox_rand (2^18 entries, Xeon 2 cores with 2 MiB of L2 each, 2026-12-01).
 _CHUNK_NUMPY = 1 << 14
+def philox_round(p: np.ndarray, q: np.ndarray, prod: np.ndarray, mult: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """One Philox round on uint64 [2, m] arrays holding 32-bit words: p = [c0, c2] (the multiplied words),
+    q = [c3, c1], mult = [[A], [B]], key = [[k1], [k0]]; `prod` is scratch. The round is
+
+        prod = p * [A, B];  t = hi(prod) ^ q ^ [k1, k0];  q' = lo(prod);  p' = [t[1], t[0]]
+
+    which is c0' = hi(B c2) ^ c1 ^ k0, c2' = hi(A c0) ^ c3 ^ k1, c1' = lo(B c2), c3' = lo(A c0): five
+    vectorized calls. q is updated in place; returns p' (a reversed view of p's buffer).
+    """
+    np.multiply(p, mult, out=prod)
+    np.right_shift(prod, 32, out=p)
+    np.bitwise_xor(p, q, out=p)
+    np.bitwise_xor(p, key, out=p)
+    np.bitwise_and(prod, _M32, out=q)
+    return p[::-1]
+
+
 def keep_below(density: float) -> int:
     """The integer form of DARE's test: ``u(x) < float32(density)`` exactly when ``x < keep_below(density)``.
 
@@ -108,13 +125,8 @@ def _keep_run_same_high(k0: int, k1: int, start: int, n: int, below: int, out: n
         np.bitwise_and(prod[1], _M32, out=q[1])  # c1'' = lo(B c2')
         np.bitwise_xor(q[0], c2_const, out=p[1])  # c2'' = c3' ^ hi(A c0') ^ k1b
         q[0] = c3_const  # c3''
-        for key in keys:  # rounds 3..10, as in philox._uniform_numpy
-            np.multiply(p, mult, out=prod)
-            np.right_shift(prod, 32, out=p)
-            np.bitwise_xor(p, q, out=p)
-            np.bitwise_xor(p, key, out=p)
-            np.bitwise_and(prod, _M32, out=q)
-            p = p[::-1]
+        for key in keys:  # rounds 3..10
+            p = philox_round(p, q, prod, mult, key)
         x = prod[0]  # fold: min(w, ~w) is w below 2^31 and ~w (as 32 bits) above
         np.bitwise_xor(p[0], _M32, out=x)
         np.minimum(p[0], x, out=x)
