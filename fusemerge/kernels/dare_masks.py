@@ -16,6 +16,7 @@ is dropped and its masks are drawn in the thread instead.
 from __future__ import annotations
 
 import queue
+import select
 import subprocess
 import sys
 import threading
@@ -29,6 +30,8 @@ from fusemerge.kernels.philox import _split_key, dare_keep_run, keep_below
 # Below this many draws (entries x experts) a merge draws its masks in its threads: starting a worker
 # (~0.05 s) would cost more than it saves (2^24 draws take ~0.3 s at 18 ns).
 WORKER_MIN_DRAWS = 1 << 24
+# A worker says READY after importing numpy (~0.05 s here); one that has not after this long is not used.
+READY_TIMEOUT_S = 20.0
 
 
 class MaskWorkers:
@@ -50,15 +53,21 @@ class MaskWorkers:
         self._lock = threading.Lock()
         self.served = 0  # runs the workers drew
         self.failed = 0  # workers dropped
+        started = []
         for _ in range(max(processes, 0)):
             try:
-                proc = subprocess.Popen([sys.executable, philox_numpy.__file__], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-            except OSError:
+                started.append(subprocess.Popen([sys.executable, philox_numpy.__file__], stdin=subprocess.PIPE,
+                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+            except OSError:  # no usable interpreter (sys.executable empty, or not Python when embedded)
                 self.failed += 1
-                continue
-            self._all.append(proc)
-            self._idle.put(proc)
+        for proc in started:
+            if _ready(proc, READY_TIMEOUT_S):
+                self._all.append(proc)
+                self._idle.put(proc)
+            else:
+                self.failed += 1
+                proc.kill()
+                proc.wait()
         if not self._all:
             self._idle.put(None)
 
@@ -130,6 +139,16 @@ class MaskWorkers:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def _ready(proc: subprocess.Popen, timeout: float) -> bool:
+    """Whether `proc` said READY within `timeout` seconds (a worker that cannot import numpy, or a program
+    that is not Python, does not)."""
+    try:
+        readable, _, _ = select.select([proc.stdout], [], [], timeout)
+        return bool(readable) and proc.stdout.read(len(philox_numpy.READY)) == philox_numpy.READY
+    except (OSError, ValueError):  # no select() on pipes (Windows): no workers
+        return False
 
 
 class KeepMasks:

@@ -5,8 +5,9 @@ merge starts it as worker processes (``python philox_numpy.py``, about 13 MB and
 140 MB and 0.8 s for anything that imports torch) that draw keep masks for the merge's threads. Those
 draws are ~50 short numpy calls per 16K entries, and two threads of one process serialize on the GIL
 between them: on a 2-core Xeon, 2^22 entries took 18.1 ns per entry in one thread and 16.7 ns per entry
-in aggregate from two (2026-12-01). The protocol of `serve`: a request is five little-endian int64
-(k0, k1, start, n, below), the answer the n keep bits, ``np.packbits(..., bitorder="little")``.
+in aggregate from two (2026-12-01). The protocol of `serve`: the worker first writes READY; then a
+request is five little-endian int64 (k0, k1, start, n, below), the answer the n keep bits,
+``np.packbits(..., bitorder="little")``.
 See fusemerge.kernels.philox for the stream itself and how the rounds map onto array operations.
 """
 
@@ -137,8 +138,14 @@ def _keep_run_same_high(k0: int, k1: int, start: int, n: int, below: int, out: n
 REQUEST = struct.Struct("<5q")
 
 
+READY = b"R"
+
+
 def serve(requests, answers) -> None:
-    """Answer keep-mask requests from the binary stream `requests` on `answers` until end of input."""
+    """Say READY on `answers`, then answer keep-mask requests from the binary stream `requests` until end of
+    input."""
+    answers.write(READY)
+    answers.flush()
     while True:
         head = requests.read(REQUEST.size)
         if len(head) < REQUEST.size:

@@ -176,7 +176,8 @@ class Executor:
     def _start_mask_workers(self, order: list[TensorPlan]) -> None:
         """One mask worker process per merge thread, when the merge draws enough masks to pay for them."""
         draws = sum(t.numel * len(t.inputs) for t in order if not t.copy_only)
-        if self._cpu_dare() and (os.cpu_count() or 1) > 1 and draws >= WORKER_MIN_DRAWS:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if self._cpu_dare() and cpus > 1 and draws >= WORKER_MIN_DRAWS:
             self.mask_workers = MaskWorkers(self.plan.workers)
             self.times.mask_workers = self.mask_workers.alive
 

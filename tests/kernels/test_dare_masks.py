@@ -84,6 +84,26 @@ def test_a_failed_worker_is_dropped_and_its_run_drawn_in_place() -> None:
     assert np.array_equal(workers.draw_packed(key, 77, 5000, 0.4), want)  # after close: in place
 
 
+@pytest.mark.parametrize("program", ["silent", "cat"])
+def test_a_program_that_does_not_say_ready_is_not_used(program, monkeypatch, tmp_path) -> None:
+    """sys.executable that is not Python (an embedding application's binary): one that never writes (the
+    timeout), one that writes something else."""
+    if program == "silent":
+        fake = tmp_path / "silent"
+        fake.write_text("#!/bin/sh\nexec sleep 30\n")
+        fake.chmod(0o755)
+        program = str(fake)
+    else:
+        program = "/bin/cat"  # prints the script it is given
+    monkeypatch.setattr(dare_masks.sys, "executable", program)
+    monkeypatch.setattr(dare_masks, "READY_TIMEOUT_S", 0.5)
+    key = dare_key(2, "w", 0)
+    with MaskWorkers(2) as workers:
+        assert workers.failed == 2 and workers.alive == 0
+        got = workers.draw_packed(key, 3, 500, 0.5)
+    assert np.array_equal(got, np.packbits(philox.dare_keep_run(key, 3, 500, 0.5).numpy(), bitorder="little"))
+
+
 def test_no_worker_started_draws_in_place(monkeypatch) -> None:
     def no_process(*a, **k):
         raise OSError("no processes here")
@@ -107,7 +127,7 @@ def test_serve_answers_until_end_of_input() -> None:
     philox_numpy.serve(requests, answers)
     want = [np.packbits(philox.dare_keep_run(-7, s, n, 0.6).numpy(), bitorder="little").tobytes()
             for s, n in [(10, 100), (2**33, 9)]]
-    assert answers.getvalue() == b"".join(want)
+    assert answers.getvalue() == philox_numpy.READY + b"".join(want)
 
 
 def test_keep_masks_store_what_the_workers_drew() -> None:
