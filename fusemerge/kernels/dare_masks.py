@@ -30,6 +30,9 @@ from fusemerge.kernels.philox import _split_key, dare_keep_run, keep_below
 # Below this many draws (entries x experts) a merge draws its masks in its threads: starting a worker
 # (~0.05 s) would cost more than it saves (2^24 draws take ~0.3 s at 18 ns).
 WORKER_MIN_DRAWS = 1 << 24
+# Anonymous memory of one worker (numpy, its buffers, a chunk's answer): 14 MB measured (RssAnon, 2^18-entry
+# runs, 2026-12-01), counted as 16 MiB. Workers start only where they take at most 1/8 of --max-memory.
+WORKER_BYTES = 16 << 20
 # A worker says READY after importing numpy (~0.05 s here); one that has not after this long is not used.
 READY_TIMEOUT_S = 20.0
 
@@ -155,10 +158,12 @@ class KeepMasks:
     """DARE keep masks of one tensor, bit-packed: drawn once by its statistics pass (the L1 rescale) and
     used again by its merge pass, instead of drawing the stream twice.
 
-    At most ``max_bytes`` of packed bits (1 bit per entry and expert) are held; runs that do not fit are
-    drawn again. A stored mask is handed out once and forgotten, so the merge pass frees them as it goes.
-    ``workers`` (optional): where masks are drawn. Only the CPU path uses this (the GPU kernels draw the
-    stream in registers).
+    Stored masks go one after another into one block of ``max_bytes`` (allocated at the first store, freed
+    with this object): thousands of chunk-sized packed masks allocated one by one would be interleaved with
+    the merge's chunk buffers on the heap and fragment it. Space is not reused, so at most ``max_bytes`` of
+    packed bits (1 bit per entry and expert) are ever stored; runs that do not fit are drawn again. A stored
+    mask is handed out once and forgotten. ``workers`` (optional): where masks are drawn. Only the CPU path
+    uses this (the GPU kernels draw the stream in registers).
 
     >>> from fusemerge.kernels.philox import dare_key
     >>> masks = KeepMasks(1 << 20)
@@ -168,25 +173,29 @@ class KeepMasks:
     """
 
     def __init__(self, max_bytes: int, workers: MaskWorkers | None = None) -> None:
-        self.max_bytes = max_bytes
+        self.max_bytes = max(max_bytes, 0)
         self.workers = workers
-        self.held_bytes = 0
+        self.held_bytes = 0  # bytes of stored masks not yet handed out
+        self.used_bytes = 0  # bytes of the block written so far
         self.drawn = 0  # runs drawn (in a worker or in place)
         self.reused = 0  # runs handed out from the store instead of drawn again
-        self._held: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self._block: np.ndarray | None = None
+        self._held: dict[tuple[int, int, int, int], tuple[int, int]] = {}  # -> (offset, size) in the block
 
     def draw(self, key: int, start: int, n: int, density: float, *, keep: bool = False) -> torch.Tensor:
         """dare_keep_run(key, start, n, density) on CPU: a stored mask if there is one (then forgotten),
         else drawn, and stored for one later use when `keep` and it fits."""
         ident = (key, start, n, keep_below(density))
-        packed = self._held.pop(ident, None)
-        if packed is not None:
-            self.held_bytes -= packed.nbytes
+        place = self._held.pop(ident, None)
+        if place is not None:
+            offset, size = place
+            self.held_bytes -= size
             self.reused += 1
-            return _unpack(packed, n)
+            assert self._block is not None
+            return _unpack(self._block[offset:offset + size], n)
         self.drawn += 1
         size = -(-n // 8)
-        store = keep and self.held_bytes + size <= self.max_bytes
+        store = keep and self.used_bytes + size <= self.max_bytes
         if self.workers is not None:
             packed = self.workers.draw_packed(key, start, n, density)
             mask = _unpack(packed, n)
@@ -194,7 +203,11 @@ class KeepMasks:
             mask = dare_keep_run(key, start, n, density)
             packed = np.packbits(mask.numpy(), bitorder="little") if store else None
         if store:
-            self._held[ident] = packed
+            if self._block is None:
+                self._block = np.empty(self.max_bytes, dtype=np.uint8)
+            self._block[self.used_bytes:self.used_bytes + size] = packed
+            self._held[ident] = (self.used_bytes, size)
+            self.used_bytes += size
             self.held_bytes += size
         return mask
 

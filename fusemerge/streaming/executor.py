@@ -22,7 +22,7 @@ import torch
 
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend
-from fusemerge.kernels.dare_masks import WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
+from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, tensor_params, top_cuts, trim_counts
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
@@ -171,13 +171,17 @@ class Executor:
             return KeepMasks(0, self.mask_workers)
         inputs = len(t.inputs) + (t.base is not None)
         free = self.plan.resident_bytes - (inputs * 4 * t.numel if self._resident(t) else 0)
-        return KeepMasks(free, self.mask_workers)
+        chunk = self.plan.chunk_elems
+        need = len(t.inputs) * sum(-(-min(chunk, t.numel - s) // 8) for s in range(0, t.numel, chunk))
+        return KeepMasks(min(free, need), self.mask_workers)
 
     def _start_mask_workers(self, order: list[TensorPlan]) -> None:
-        """One mask worker process per merge thread, when the merge draws enough masks to pay for them."""
+        """One mask worker process per merge thread, when the merge draws enough masks to pay for them, the
+        process may use 2 CPUs or more, and the workers' memory is a small part of the budget."""
         draws = sum(t.numel * len(t.inputs) for t in order if not t.copy_only)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if self._cpu_dare() and cpus > 1 and draws >= WORKER_MIN_DRAWS:
+        if (self._cpu_dare() and cpus > 1 and draws >= WORKER_MIN_DRAWS
+                and self.plan.workers * WORKER_BYTES <= self.plan.budget // 8):
             self.mask_workers = MaskWorkers(self.plan.workers)
             self.times.mask_workers = self.mask_workers.alive
 

@@ -27,8 +27,11 @@ def test_keep_masks_hand_out_each_stored_mask_once_within_their_bound(monkeypatc
     again = [masks.draw(key, s, 1000, 0.3) for s in (0, 1000, 2000, 0)]
     assert drawn == [2000, 0]  # the third did not fit; the first was handed out once and forgotten
     assert all(torch.equal(a, b) for a, b in zip(again, first + first[:1], strict=True))
-    assert masks.held_bytes == 0
+    assert masks.held_bytes == 0 and masks.used_bytes == 250
+    masks.draw(key, 0, 1000, 0.3, keep=True)  # space is not reused: nothing more is stored
+    assert masks.held_bytes == 0 and masks.used_bytes == 250 and masks.drawn == 6 and masks.reused == 2
     # another density, key, or run is another mask: never confused with a stored one
+    masks = KeepMasks(max_bytes=1000)
     masks.draw(key, 0, 1000, 0.3, keep=True)
     assert torch.equal(masks.draw(key, 0, 1000, 0.8), philox.dare_keep_run(key, 0, 1000, 0.8))
     assert torch.equal(masks.draw(key + 1, 0, 1000, 0.3), philox.dare_keep_run(key + 1, 0, 1000, 0.3))
