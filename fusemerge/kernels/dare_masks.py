@@ -15,11 +15,13 @@ is dropped and its masks are drawn in the thread instead.
 
 from __future__ import annotations
 
+import os
 import queue
 import select
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import torch
@@ -57,14 +59,23 @@ class MaskWorkers:
         self.served = 0  # runs the workers drew
         self.failed = 0  # workers dropped
         started = []
+        if getattr(sys, "frozen", False):  # a frozen application: sys.executable is the application itself
+            processes = 0
+            self.failed += 1
+        # -P / -I: the script's directory (fusemerge/kernels, whose select.py would shadow the standard
+        # library's) is not put on sys.path; one BLAS / OpenMP thread, as the worker does no linear algebra
+        isolate = "-P" if sys.version_info >= (3, 11) else "-I"
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         for _ in range(max(processes, 0)):
             try:
-                started.append(subprocess.Popen([sys.executable, philox_numpy.__file__], stdin=subprocess.PIPE,
-                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
+                started.append(subprocess.Popen([sys.executable, isolate, philox_numpy.__file__], env=env,
+                                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                stderr=subprocess.DEVNULL))
             except OSError:  # no usable interpreter (sys.executable empty, or not Python when embedded)
                 self.failed += 1
+        deadline = time.monotonic() + READY_TIMEOUT_S  # one wait for all of them
         for proc in started:
-            if _ready(proc, READY_TIMEOUT_S):
+            if _ready(proc, max(deadline - time.monotonic(), 0.0)):
                 self._all.append(proc)
                 self._idle.put(proc)
             else:
@@ -99,6 +110,9 @@ class MaskWorkers:
                 answer = proc.stdout.read(size)
             except (OSError, ValueError):
                 answer = b""
+            except BaseException:  # e.g. MemoryError, KeyboardInterrupt: the pipe's state is unknown
+                self._drop(proc)
+                raise
             if len(answer) == size:
                 self._idle.put(proc)
                 with self._lock:

@@ -153,3 +153,57 @@ def test_the_worker_script_imports_numpy_only() -> None:
     imported |= {node.module.split(".")[0] for node in ast.walk(tree)
                  if isinstance(node, ast.ImportFrom) and node.module}
     assert imported <= {"__future__", "numpy", "struct", "sys"}
+
+
+def test_an_error_while_a_worker_answers_drops_it_and_is_raised() -> None:
+    """The worker's pipe state is unknown after an unexpected error: it is dropped (never lost while still
+    counted, which left the other threads waiting on the idle queue) and the error reaches the caller."""
+
+    class Failing:
+        def read(self, size: int) -> bytes:
+            raise MemoryError("injected")
+
+    key = dare_key(4, "w", 0)
+    with MaskWorkers(2) as workers:
+        first, second = list(workers._all)
+        first.stdout = Failing()
+        second.kill()
+        second.wait()
+        with pytest.raises(MemoryError):  # the idle queue hands out the workers in the order they started
+            workers.draw_packed(key, 0, 100, 0.5)
+        assert workers.alive == 1 and workers.failed == 1  # `first` dropped; `second`'s death not seen yet
+        done = threading.Event()
+        out = []
+        t = threading.Thread(target=lambda: (out.append(workers.draw_packed(key, 0, 100, 0.5)), done.set()))
+        t.start()
+        assert done.wait(10), "a draw waited for a worker that was lost"
+        assert workers.alive == 0 and workers.failed == 2
+    want = np.packbits(philox.dare_keep_run(key, 0, 100, 0.5).numpy(), bitorder="little")
+    assert np.array_equal(out[0], want)
+
+
+def test_workers_that_never_say_ready_share_one_wait(monkeypatch, tmp_path) -> None:
+    import time
+
+    fake = tmp_path / "silent"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(dare_masks.sys, "executable", str(fake))
+    monkeypatch.setattr(dare_masks, "READY_TIMEOUT_S", 1.0)
+    t0 = time.monotonic()
+    with MaskWorkers(4) as workers:
+        assert workers.failed == 4
+    assert time.monotonic() - t0 < 3.0  # one shared second, not 4 x 1 s
+
+
+def test_merge_tensors_draws_each_mask_once_with_odd_chunks(monkeypatch) -> None:
+    from fusemerge import merge_tensors
+
+    drawn = []
+    real = philox.dare_keep_run
+    monkeypatch.setattr(dare_masks, "dare_keep_run", lambda *a, **k: drawn.append(a[:3]) or real(*a, **k))
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(1000, generator=g)
+    experts = [base + 0.1 * torch.randn(1000, generator=g) for _ in range(3)]
+    merge_tensors(base, experts, "dare_ties", density=0.4, name="w", seed=2, chunk=97)
+    assert drawn and len(drawn) == len(set(drawn)) == 3 * 11  # 11 chunks of 97 (the last 30), 3 experts
