@@ -94,8 +94,8 @@ def merge_tensors(
     numel = flat[0].numel()
     # CPU DARE with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per entry
     # and expert, 1/16 of bf16 inputs) instead of drawing Philox twice
-    need = n * sum(-(-min(chunk, numel - s) // 8) for s in range(0, numel, chunk))  # packed per chunk
-    masks = KeepMasks(need) if device.type == "cpu" and m.sparsifier == "dare" and rescale is True else None
+    masks = (KeepMasks(KeepMasks.bytes_for(numel, chunk, n))
+             if device.type == "cpu" and m.sparsifier == "dare" and rescale is True else None)
     p = tensor_params(m, name=name, numel=numel,
                       segments=[Segment(numel, lambda s, c: (fbase[s:s + c], [x[s:s + c] for x in flat]), whole=True)],
                       weights=weights, density=dens, gamma=gam, lam=lam, normalize=bool(normalize), rescale=rescale,

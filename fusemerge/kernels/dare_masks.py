@@ -196,6 +196,13 @@ class KeepMasks:
         self._block: np.ndarray | None = None
         self._held: dict[tuple[int, int, int, int], tuple[int, int]] = {}  # -> (offset, size) in the block
 
+    @staticmethod
+    def bytes_for(numel: int, chunk: int, experts: int) -> int:
+        """Bytes that keep every mask of a tensor of `numel` entries drawn `chunk` entries at a time (each
+        chunk's bits are packed on their own, so padded to whole bytes)."""
+        full, rest = divmod(numel, chunk)
+        return experts * (full * -(-chunk // 8) + -(-rest // 8))
+
     def draw(self, key: int, start: int, n: int, density: float, *, keep: bool = False) -> torch.Tensor:
         """dare_keep_run(key, start, n, density) on CPU: a stored mask if there is one (then forgotten),
         else drawn, and stored for one later use when `keep` and it fits."""

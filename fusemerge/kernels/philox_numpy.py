@@ -1,7 +1,7 @@
 """DARE's keep test in numpy alone: Philox 4x32-10 (as ``tl.rand``) on runs of consecutive entries.
 
 This module imports nothing but numpy (and the standard library), so it also runs as a script: the CPU
-merge starts it as worker processes (``python philox_numpy.py``, about 13 MB and 0.05 s each, against
+merge starts it as worker processes (``python philox_numpy.py``, about 14 MB and 0.05 s each, against
 140 MB and 0.8 s for anything that imports torch) that draw keep masks for the merge's threads. Those
 draws are ~50 short numpy calls per 16K entries, and two threads of one process serialize on the GIL
 between them: on a 2-core Xeon, 2^22 entries took 18.1 ns per entry in one thread and 16.7 ns per entry
@@ -32,6 +32,8 @@ _M32 = 0xFFFFFFFF
 # ops of the 10 rounds in a core's L2 instead of streaming every op through DRAM. 2^15 measured 9% slower
 # for dare_keep_run and 4% for philox_rand (2^18 entries, Xeon 2 cores with 2 MiB of L2 each, 2026-12-01).
 _CHUNK_NUMPY = 1 << 14
+
+
 def philox_round(p: np.ndarray, q: np.ndarray, prod: np.ndarray, mult: np.ndarray, key: np.ndarray) -> np.ndarray:
     """One Philox round on uint64 [2, m] arrays holding 32-bit words: p = [c0, c2] (the multiplied words),
     q = [c3, c1], mult = [[A], [B]], key = [[k1], [k0]]; `prod` is scratch. The round is
@@ -134,11 +136,9 @@ def _keep_run_same_high(k0: int, k1: int, start: int, n: int, below: int, out: n
         np.less(x, below, out=out[lo:lo + w])
 
 
-
-REQUEST = struct.Struct("<5q")
-
-
-READY = b"R"
+# The worker protocol (see the module docstring): one request, then its answer.
+REQUEST = struct.Struct("<5q")  # k0, k1, start, n, below
+READY = b"R"  # written once at start, after numpy imported
 
 
 def serve(requests, answers) -> None:

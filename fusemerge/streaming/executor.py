@@ -171,8 +171,7 @@ class Executor:
             return KeepMasks(0, self.mask_workers)
         inputs = len(t.inputs) + (t.base is not None)
         free = self.plan.resident_bytes - (inputs * 4 * t.numel if self._resident(t) else 0)
-        chunk = self.plan.chunk_elems
-        need = len(t.inputs) * sum(-(-min(chunk, t.numel - s) // 8) for s in range(0, t.numel, chunk))
+        need = KeepMasks.bytes_for(t.numel, self.plan.chunk_elems, len(t.inputs))
         return KeepMasks(min(free, need), self.mask_workers)
 
     def _start_mask_workers(self, order: list[TensorPlan]) -> None:

@@ -207,3 +207,13 @@ def test_merge_tensors_draws_each_mask_once_with_odd_chunks(monkeypatch) -> None
     experts = [base + 0.1 * torch.randn(1000, generator=g) for _ in range(3)]
     merge_tensors(base, experts, "dare_ties", density=0.4, name="w", seed=2, chunk=97)
     assert drawn and len(drawn) == len(set(drawn)) == 3 * 11  # 11 chunks of 97 (the last 30), 3 experts
+
+
+@pytest.mark.parametrize("numel,chunk,experts", [(1000, 97, 3), (0, 5, 2), (262144 * 3 + 5, 262144, 4), (7, 8, 1),
+                                                 (16, 8, 2)])
+def test_bytes_for_is_what_storing_every_chunk_takes(numel: int, chunk: int, experts: int) -> None:
+    masks = KeepMasks(10**9)
+    for i in range(experts):
+        for s in range(0, numel, chunk):
+            masks.draw(dare_key(0, "w", i), s, min(chunk, numel - s), 0.5, keep=True)
+    assert KeepMasks.bytes_for(numel, chunk, experts) == masks.used_bytes
