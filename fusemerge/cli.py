@@ -73,6 +73,9 @@ def _plan_options(fn):
         click.option("--workers", type=int, default=None, help="Tensors merged at once (default: 2 on CPU, 1 on GPU)."),
         click.option("--max-pinned-memory", default=None,
                      help="Pinned host memory of the GPU pipeline's read-ahead and write-back buffers (default 1GiB)."),
+        click.option("--partition", default=None, metavar="I/N",
+                     help="Merge only part I of N (I from 0), split by output shard, into OUT_DIR.fusemerge-parts/; "
+                          "run the N parts anywhere that shares the file system, then `fusemerge finalize OUT_DIR`."),
         click.option("--allow-crimes", is_flag=True,
                      help="mergekit's flag (mix architectures); accepted with a note: fusemerge checks tensor "
                           "names, shapes and dtypes, never architecture names."),
@@ -95,7 +98,8 @@ MERGEKIT_FLAG_NOTES = {
 
 
 def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, random_seed, workers,
-                 max_pinned_memory=None, allow_crimes=False, lazy_unpickle=False, trust_remote_code=False) -> dict:
+                 max_pinned_memory=None, partition=None, allow_crimes=False, lazy_unpickle=False,
+                 trust_remote_code=False) -> dict:
     """The build_plan arguments of the shared options; mergekit-only flags print their one-line note here."""
     for flag, on in (("allow_crimes", allow_crimes), ("trust_remote_code", trust_remote_code)):
         if on:
@@ -106,7 +110,7 @@ def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, r
         raise InputError(f"--seed {seed} and --random-seed {random_seed} disagree")
     return dict(device="cuda" if cuda_flag and device == "auto" else device, backend=backend, max_memory=max_memory,
                 out_shard_size=out_shard_size, seed=seed if seed is not None else (random_seed or 0), workers=workers,
-                max_pinned_memory=max_pinned_memory)
+                max_pinned_memory=max_pinned_memory, partition=partition)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -175,9 +179,12 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
     if not quiet:
         resumed = (f", {result.resumed_tensors} of them ({format_size(result.resumed_bytes)} in) already written "
                    "by the interrupted run") if result.resumed_tensors else ""
-        click.echo(f"merged {len(plan.tensors)} tensors ({format_size(result.input_bytes)} in, "
+        part = f"part {plan.partition[0]}/{plan.partition[1]}: " if plan.partition else ""
+        click.echo(f"merged {part}{len(plan.tensors)} tensors ({format_size(result.input_bytes)} in, "
                    f"{format_size(result.output_bytes)} out{resumed}) in {result.seconds:.1f} s "
                    f"({result.input_gbps:.2f} GB/s) -> {result.out_dir}")
+        if plan.partition:
+            click.echo(f"when all {plan.partition[1]} parts are merged: fusemerge finalize {out_dir}")
 
 
 def _note(line: str) -> None:
@@ -217,6 +224,28 @@ def plan(config, **opts) -> None:
     p = build_plan(config, **_plan_kwargs(**opts))
     click.echo(p.summary())
     click.echo("plan OK: every model, tensor, shape, dtype and parameter checked")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty OUT_DIR.")
+@click.option("--keep-parts", is_flag=True,
+              help="Keep OUT_DIR.fusemerge-parts/ afterwards (its shards become hard links to OUT_DIR's).")
+@click.option("-q", "--quiet", is_flag=True, help="No summary.")
+@_handle_errors
+def finalize(out_dir, overwrite, keep_parts, quiet) -> None:
+    """Join the parts of a merge run with --partition I/N into OUT_DIR.
+
+    Checks that every part is finished and of one merge, then puts their shards, the index, the manifest and the
+    model's other files into OUT_DIR (the same files as one run of the whole merge) and removes the parts.
+    """
+    from fusemerge.partition import finalize as join_parts
+
+    result = join_parts(out_dir, overwrite=overwrite, keep_parts=keep_parts, notify=None if quiet else _note)
+    if not quiet:
+        click.echo(f"joined {result.parts} part(s): {result.shards} shard(s), {format_size(result.output_bytes)} "
+                   f"in {result.seconds:.1f} s -> {result.out_dir} (`fusemerge verify {out_dir}` re-hashes "
+                   "every shard)")
 
 
 @main.command()

@@ -15,12 +15,13 @@ from pathlib import Path
 from fusemerge import __version__
 from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
+from fusemerge.partition import finished_part, part_dir, write_part_manifest
 from fusemerge.planner import MergePlan, build_plan
 from fusemerge.streaming.executor import Executor, StageTimes
 from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
-from fusemerge.streaming.writer import ShardedWriter, check_out_dir, finalize, make_temp_dir, temp_dir_path
+from fusemerge.streaming.writer import ShardedWriter, check_out_dir, make_temp_dir, move_into_place, temp_dir_path
 from fusemerge.verify import write_manifest
 
 log = logging.getLogger("fusemerge")
@@ -71,6 +72,7 @@ def run(
     overwrite: bool = False,
     resume: bool = False,
     workers: int | None = None,
+    partition: str | tuple[int, int] | None = None,
     progress: Callable[[int], None] | None = None,
     notify: Callable[[str], None] | None = None,
     plan: MergePlan | None = None,
@@ -89,21 +91,36 @@ def run(
     `resume`, a partial merge left behind is removed first. `notify(line)` receives those notes (default: the
     "fusemerge" logger's warnings).
 
+    `partition` ("i/n" or (i, n), 0 <= i < n): merge only part i of n, the output shards s with s % n == i, into
+    its own directory beside `out_dir` (`fusemerge/partition.py`); `fusemerge.finalize(out_dir)` joins the n parts
+    once all are done. With `resume`, a part already finished is left as it is.
+
     >>> import fusemerge
     >>> fusemerge.run("config.yml", "out/", device="cpu", max_memory="2GiB")  # doctest: +SKIP
     >>> fusemerge.run("config.yml", "out/", device="cpu", resume=True)  # after a kill  # doctest: +SKIP
     """
     plan = plan or build_plan(config, device=device, backend=backend, max_memory=max_memory,
-                              out_shard_size=out_shard_size, seed=seed, workers=workers)
+                              out_shard_size=out_shard_size, seed=seed, workers=workers, partition=partition)
     notify = notify or log.warning
     out = Path(out_dir)
     inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
-    problems = check_out_dir(out, overwrite, inputs)
+    t0 = time.perf_counter()
+    if plan.partition is not None:  # this run writes one part, into its own directory; finalize fills `out`
+        if resume and (done := finished_part(out, plan)) is not None:
+            i, n = plan.partition
+            notify(f"part {i}/{n} is already merged in {done}; nothing to resume")
+            return MergeResult(done, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
+                               sorted(p.name for p in done.iterdir()), StageTimes(), plan,
+                               resumed_tensors=len(plan.tensors), resumed_bytes=plan.input_bytes)
+        problems = check_out_dir(out, overwrite, inputs)  # the final directory: found out now, not at finalize
+        out = part_dir(out, *plan.partition)
+        problems += [p for p in check_out_dir(out, overwrite, inputs) if p not in problems]
+    else:
+        problems = check_out_dir(out, overwrite, inputs)
     if problems:
         raise InputError(problems)
 
     kill = KillSwitch.from_env()
-    t0 = time.perf_counter()
     with out_dir_lock(out):
         temp = temp_dir_path(out)
         resumed = Journal.resume(temp, plan, out, kill) if resume and temp.is_dir() else None
@@ -128,7 +145,7 @@ def run(
                        + (f"; {dropped} journal entries did not match the written bytes and are redone"
                           if dropped else ""))
             executor = None
-            writer = ShardedWriter(temp, plan.layout, resume=resumed is not None)
+            writer = ShardedWriter(temp, plan.layout, resume=resumed is not None, index=plan.partition is None)
             try:
                 if journal is None:
                     journal = Journal.create(temp, plan, kill)
@@ -149,13 +166,16 @@ def run(
             kill.stage("merged")
             t1 = time.perf_counter()
             shards = [s.filename for s in plan.layout.shards]
-            write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests)
+            if plan.partition is None:
+                write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests)
+            else:  # the part's shard hashes; finalize writes the manifest and index of the whole merge
+                write_part_manifest(temp, plan, writer.digests)
             times.add(manifest=time.perf_counter() - t1)
             _write_extras(plan, temp, copy_tokenizer)
             kill.stage("extras")
             journal.remove()  # killed between here and the rename, a resume starts over: no work is left to lose
             files = sorted(p.name for p in temp.iterdir())
-            finalize(temp, out, overwrite)
+            move_into_place(temp, out, overwrite)
         except KeyboardInterrupt:  # keep the partial merge for --resume, with every finished tensor journaled
             if journal is not None:
                 try:

@@ -12,7 +12,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -100,6 +100,8 @@ class MergePlan:
     warnings: list[str] = field(default_factory=list)
     pinned_bytes: int | None = None  # pinned host memory of the CUDA pipeline (None: its default, 1 GiB)
     devices: tuple[torch.device, ...] = ()  # every GPU of `--device cuda:0,cuda:1,...` (device is the first)
+    partition: tuple[int, int] | None = None  # (i, n): this plan merges part i of n only (fusemerge/partition.py)
+    whole: MergePlan | None = None  # a part's plan: the plan of the whole merge (every tensor, the whole layout)
 
     @property
     def compute_devices(self) -> tuple[torch.device, ...]:
@@ -109,6 +111,25 @@ class MergePlan:
     @property
     def input_bytes(self) -> int:
         return sum(t.input_bytes for t in self.tensors)
+
+    @property
+    def all_tensors(self) -> list[TensorPlan]:
+        """Every tensor of the whole merge, also in a part's plan (`trim_scope: global` needs them all)."""
+        return (self.whole or self).tensors
+
+    def part(self, i: int, n: int) -> MergePlan:
+        """The plan of part `i` of `n` (0 <= i < n) of this merge, split by output shard: it merges and writes the
+        shards `s` (0-based, in file order) with `s % n == i`, and nothing else. Raises InputError when the output
+        has fewer than `n` shards."""
+        shards = self.layout.shards
+        if n > len(shards):
+            raise InputError(f"--partition {i}/{n}: the output has {len(shards)} shard(s) and each part is made of "
+                             f"whole shards; use at most {len(shards)} parts, or a smaller --out-shard-size for "
+                             "more shards")
+        layout = self.layout.subset([s.filename for s in part_shards(shards, i, n)])
+        names = {name for shard in layout.shards for name in shard.tensor_names}
+        return replace(self, tensors=[t for t in self.tensors if t.name in names], layout=layout, partition=(i, n),
+                       whole=self)
 
     @property
     def output_bytes(self) -> int:
@@ -156,8 +177,44 @@ class MergePlan:
                             if twice else ""))
         if cfg.trim_scope == "global":
             lines.append("trim scope    global (one threshold per expert over the whole model)")
+        if self.partition is not None and self.whole is not None:
+            i, n = self.partition
+            whole = self.whole
+            files = ", ".join(str(whole.layout.shards.index(s) + 1) for s in self.layout.shards)
+            lines.append(f"partition     part {i}/{n}: output shard(s) {files} of {len(whole.layout.shards)}, "
+                         f"{format_size(self.output_bytes)} of {format_size(whole.output_bytes)}; "
+                         "`fusemerge finalize` joins the parts")
+            if self.method.needs_thresholds and cfg.trim_scope == "global":
+                lines.append(f"              the global thresholds read the whole model's "
+                             f"{format_size(whole.input_bytes)} first, in every part")
         lines += [f"warning       {w}" for w in self.warnings]
         return "\n".join(lines)
+
+
+def parse_partition(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """`--partition I/N` as (i, n), 0 <= i < n: "0/4" is the first of four parts. None stays None.
+
+    >>> parse_partition("1/4")
+    (1, 4)
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
+        if m is None:
+            raise InputError(f"--partition {spec}: expected I/N, the part I (counted from 0) of N parts, e.g. 0/4")
+        i, n = int(m.group(1)), int(m.group(2))
+    else:
+        i, n = (int(x) for x in spec)
+    if n < 1 or not 0 <= i < n:
+        raise InputError(f"--partition {i}/{n}: I must be 0 to N - 1 (parts are counted from 0), N at least 1")
+    return i, n
+
+
+def part_shards(shards: list, i: int, n: int) -> list:
+    """The output shards of part `i` of `n`: every n-th, from the i-th (0-based, in file order). Round-robin, so
+    the parts get about equal bytes when the shards have equal size, as `--out-shard-size` makes them."""
+    return [shard for s, shard in enumerate(shards) if s % n == i]
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -230,14 +287,23 @@ def build_plan(
     seed: int = 0,
     workers: int | None = None,
     max_pinned_memory: str | int | None = None,
+    partition: str | tuple[int, int] | None = None,
 ) -> MergePlan:
-    """Validate everything and return the plan; raises InputError listing every problem."""
+    """Validate everything and return the plan; raises InputError listing every problem.
+
+    `partition` ("i/n" or (i, n)): the plan of part i of n of the merge only (`MergePlan.part`).
+    """
     try:
         cfg = config if isinstance(config, MergeConfig) else load_config(config)
     except InputError as e:  # still check the models the config names, to report everything at once
         raise InputError(e.problems + _model_problems(config)) from None
     method = cfg.method
     problems: list[str] = []
+    try:
+        part = parse_partition(partition)
+    except InputError as e:
+        problems.extend(e.problems)
+        part = None
 
     devices = resolve_devices(device)
     dev = devices[0]
@@ -304,10 +370,11 @@ def build_plan(
             pinned = parse_size(max_pinned_memory)
         except ValueError as e:
             raise InputError(f"--max-pinned-memory: {e}") from None
-    return MergePlan(cfg, method, base, models, reference, tensors, layout,
+    plan = MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
                      budget // (2 * n_workers), seed, num_layers, warnings, pinned,
                      devices if len(devices) > 1 else ())
+    return plan.part(*part) if part is not None else plan
 
 
 def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], ModelIndex | None],

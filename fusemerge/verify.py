@@ -27,8 +27,9 @@ MANIFEST_NAME = "fusemerge_manifest.json"
 _HASH_THREADS = 4  # hashlib releases the GIL on large buffers, so shards hash in parallel
 
 
-def _digests(directory: Path, names: list[str],
-             partial: dict[str, PrefixDigest] | None = None) -> dict[str, tuple[str, int]]:
+def hash_files(directory: Path, names: list[str],
+               partial: dict[str, PrefixDigest] | None = None) -> dict[str, tuple[str, int]]:
+    """(SHA-256, bytes) of the files `names` of `directory`, several at once; `partial` digests are finished."""
     partial = partial or {}
 
     def digest(name: str) -> tuple[str, int]:
@@ -39,14 +40,19 @@ def _digests(directory: Path, names: list[str],
 
 
 def write_manifest(directory: str | os.PathLike, names: list[str],
-                   partial: dict[str, PrefixDigest] | None = None) -> Path:
+                   partial: dict[str, PrefixDigest] | None = None,
+                   known: dict[str, tuple[str, int]] | None = None) -> Path:
     """Hash the files `names` of `directory` and write `fusemerge_manifest.json` there (flushed to disk).
 
     The manifest maps each file name to `{"sha256", "bytes"}` and records the fusemerge version. `partial`
     holds digests fed while the files were written (`ShardedWriter.digests`); they are finished from the file.
+    `known` holds (sha256, bytes) already computed (the parts' manifests, `fusemerge finalize`): not re-read.
     """
     directory = Path(directory)
-    digests = _digests(directory, names, partial)
+    known = known or {}
+    digests = dict(known)
+    digests.update(hash_files(directory, [n for n in names if n not in known], partial))
+    digests = {name: digests[name] for name in names}
     files = {name: {"sha256": digest, "bytes": size} for name, (digest, size) in digests.items()}
     manifest = {"fusemerge_version": __version__, "algorithm": "sha256", "files": files}
     path = directory / MANIFEST_NAME
@@ -101,7 +107,7 @@ def verify(out_dir: str | os.PathLike) -> list[str]:
         else:
             present.append(name)
     try:
-        digests = _digests(out_dir, present)
+        digests = hash_files(out_dir, present)
     except OSError as e:
         return problems + [f"{e.filename or out_dir}: cannot read: {e.strerror or e}"]
     for name in present:

@@ -10,8 +10,8 @@ from fusemerge.streaming.writer import (
     OutputTensor,
     ShardedWriter,
     check_out_dir,
-    finalize,
     make_temp_dir,
+    move_into_place,
     plan_layout,
     temp_dir_path,
 )
@@ -27,7 +27,7 @@ __all__ = [
     "ShardedWriter",
     "TensorEntry",
     "check_out_dir",
-    "finalize",
+    "move_into_place",
     "make_temp_dir",
     "open_model",
     "plan_layout",

@@ -198,9 +198,10 @@ class Executor:
         return params
 
     def compute_global_cuts(self) -> None:
-        """trim_scope: global: one threshold per expert over every merged tensor, in plan order."""
+        """trim_scope: global: one threshold per expert over every merged tensor, in plan order (of the whole
+        merge: a part of a partitioned merge reads the other parts' tensors too, so every part finds the same)."""
         plan = self.plan
-        merged = [t for t in plan.tensors if not t.copy_only]
+        merged = [t for t in plan.all_tensors if not t.copy_only]
         cuts: dict[str, list[tuple[int, int, int, int]]] = {t.name: [] for t in merged}
         total = sum(t.numel for t in merged)
         first = merged[0]

@@ -56,19 +56,28 @@ READ_BYTES = 4 * 1024 * 1024  # hashing buffer: bounded memory whatever the tens
 
 
 def fingerprint(plan: MergePlan) -> dict:
-    """Everything that fixes the output bytes of `plan` (see the module docstring), as JSON data."""
-    layout = [{"file": s.filename, "bytes": s.size, "header_sha256": hashlib.sha256(s.header).hexdigest()}
-              for s in plan.layout.shards]
+    """Everything that fixes the output bytes of `plan` (see the module docstring), as JSON data. A part of a
+    partitioned merge (`MergePlan.part`) also records which part it is; its layout is its own shards'."""
     return {
         "fusemerge_version": __version__,
         "config": plan.config.to_yaml(),
         "seed": plan.seed if plan.method.sparsifier == "dare" else None,  # only DARE's masks depend on it
-        "layout": layout,
-        "inputs": _input_files(plan),
+        "layout": layout_entries(plan.layout),
+        "inputs": input_files(plan),
+        "partition": list(plan.partition) if plan.partition is not None else None,
     }
 
 
-def _input_files(plan: MergePlan) -> list[dict]:
+def layout_entries(layout: OutputLayout) -> list[dict]:
+    """Each shard's file name, size and header SHA-256: the header fixes every tensor's name, dtype, shape and
+    offset, so equal entries mean the same output layout."""
+    return [{"file": s.filename, "bytes": s.size, "header_sha256": hashlib.sha256(s.header).hexdigest()}
+            for s in layout.shards]
+
+
+def input_files(plan: MergePlan) -> list[dict]:
+    """Every input file of `plan` (shards, config.json, index): path, size, mtime and SHA-256 (of the header for
+    shards, of the whole file otherwise)."""
     files: dict[Path, dict] = {}
     for model in ([plan.base] if plan.base is not None else []) + plan.models:
         for f in model.files:
@@ -102,6 +111,8 @@ def differences(old: dict, new: dict) -> list[str]:
         reasons.append("the merge config differs from the interrupted run's")
     if old.get("seed") != new["seed"]:
         reasons.append(f"--seed {new['seed']} differs from the interrupted run's {old.get('seed')}")
+    if old.get("partition") != new["partition"]:
+        reasons.append("the interrupted run merged another --partition")
     if old.get("layout") != new["layout"]:
         reasons.append("the output layout differs from the interrupted run's (--out-shard-size or output dtype)")
     old_inputs = {f.get("path"): f for f in old.get("inputs", []) if isinstance(f, dict)}

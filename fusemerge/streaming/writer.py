@@ -1,8 +1,8 @@
-"""Output layout, sharded writer and atomic finalize: where bytes reach the disk.
+"""Output layout, sharded writer and the atomic move into place: where bytes reach the disk.
 
 The whole output is laid out before the first byte is written: every shard's header and every tensor's byte
 offset are known up front, so chunks can be written in any order, from any thread, with `os.pwrite`.
-The merge writes into a temporary sibling of OUT_DIR and `finalize` renames it into place, so OUT_DIR never holds
+The merge writes into a temporary sibling of OUT_DIR and `move_into_place` renames it into place, so OUT_DIR never holds
 something that looks like a finished model unless the merge finished.
 """
 
@@ -90,6 +90,16 @@ class OutputLayout:
         """(shard file name, absolute byte offset of the tensor in that file, nbytes) of tensor `name`."""
         return self._locations[name]
 
+    def subset(self, filenames: list[str]) -> OutputLayout:
+        """The layout of the shards `filenames` only, unchanged (names, headers, offsets): a part of a merge split
+        by output shard (`MergePlan.part`). Its `total_size` counts those shards' tensors."""
+        wanted = set(filenames)
+        shards = [s for s in self.shards if s.filename in wanted]
+        if len(shards) != len(wanted):
+            raise ValueError(f"not shards of this layout: {sorted(wanted - {s.filename for s in shards})}")
+        locations = {name: loc for name, loc in self._locations.items() if loc[0] in wanted}
+        return OutputLayout(shards, locations, sum(nbytes for _, _, nbytes in locations.values()))
+
     def index_json(self) -> dict:
         """The Hugging Face `model.safetensors.index.json` content: `metadata.total_size` and `weight_map`."""
         weight_map = {name: shard for name, (shard, _, _) in self._locations.items()}
@@ -160,9 +170,10 @@ class ShardedWriter:
     ...     writer.write("w", 0, chunk)  # chunk: bytes, memoryview or contiguous CPU tensor
     """
 
-    def __init__(self, directory: Path, layout: OutputLayout, *, resume: bool = False):
+    def __init__(self, directory: Path, layout: OutputLayout, *, resume: bool = False, index: bool = True):
         self.directory = Path(directory)
         self.layout = layout
+        self._index = index
         self._lock = threading.Lock()
         self._fds: dict[str, int] = {}
         # resume: keep the bytes already in the shards (tensors a journal says are done); headers are rewritten
@@ -207,14 +218,11 @@ class ShardedWriter:
         self._writeback.wrote(filename, buf.nbytes)
 
     def close(self) -> None:
-        """Flush every shard to disk, close it, and write `model.safetensors.index.json` if there are several."""
+        """Flush every shard to disk, close it, and write `model.safetensors.index.json` if there are several
+        (unless made with `index=False`: a part of a partitioned merge, whose index `fusemerge finalize` writes)."""
         self._close_files(sync=True)
-        if len(self.layout.shards) > 1:
-            index = json.dumps(self.layout.index_json(), indent=2, sort_keys=True) + "\n"
-            with open(self.directory / INDEX_NAME, "w", encoding="utf-8") as f:
-                f.write(index)
-                f.flush()
-                os.fsync(f.fileno())
+        if self._index and len(self.layout.shards) > 1:
+            write_index(self.directory, self.layout.index_json())
 
     def _close_files(self, sync: bool) -> None:
         writeback = getattr(self, "_writeback", None)  # absent when __init__ failed before it
@@ -284,6 +292,14 @@ class _Writeback:
             self._thread.join()
 
 
+def write_index(directory: Path, index: dict) -> None:
+    """Write `model.safetensors.index.json` (`OutputLayout.index_json()`) into `directory`, flushed to disk."""
+    with open(Path(directory) / INDEX_NAME, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _as_bytes(data: bytes | bytearray | memoryview | torch.Tensor) -> memoryview:
     """A flat byte view of `data`, without copying."""
     if isinstance(data, torch.Tensor):
@@ -304,7 +320,7 @@ def _pwrite_all(fd: int, buf: memoryview, offset: int) -> None:
 
 def temp_dir_path(out_dir: str | os.PathLike) -> Path:
     """The temporary directory of `out_dir`: `.{name}.fusemerge-tmp` in its parent (same filesystem, so
-    `finalize` is a rename). A fixed name, so the partial merge a killed run leaves behind is found again, to be
+    `move_into_place` is a rename). A fixed name, so the partial merge a killed run leaves behind is found again, to be
     resumed (`--resume`) or removed by the next run; only the holder of `out_dir`'s lock may touch it."""
     out_dir = Path(os.path.abspath(out_dir))
     return out_dir.parent / f".{out_dir.name}.fusemerge-tmp"
@@ -323,7 +339,7 @@ def make_temp_dir(out_dir: Path) -> Path:
     return temp_dir
 
 
-def finalize(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+def move_into_place(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Put the finished `temp_dir` in place of `out_dir` by renaming it.
 
     `out_dir` missing or empty: it becomes `temp_dir`. Not empty: without `overwrite`, `InputError` and nothing is

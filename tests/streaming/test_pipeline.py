@@ -197,6 +197,27 @@ def test_several_devices_write_the_bytes_of_one(tmp_path, fam, method, monkeypat
     assert sorted(names) == sorted(t.name for t in fusemerge.build_plan(cfg, device="cpu").tensors)
 
 
+@pytest.mark.parametrize("k", [1, 2])
+def test_a_part_of_a_partitioned_merge_through_the_pipeline(tmp_path, fam, k) -> None:
+    """`--partition`: the part's plan (its shards, its tensors) through the GPU pipeline, on one device and on two:
+    the shards of the whole merge's output, byte for byte, and hashed as written (digests match the files)."""
+    cfg = config(tmp_path, fam, "ties")
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch", out_shard_size="20KB")
+    plan = fusemerge.build_plan(cfg, device=DEVICE, workers=1, max_pinned_memory="64KiB", out_shard_size="20KB",
+                                partition="1/3")
+    plan = several(plan, k) if k > 1 else plan
+    out = tmp_path / "part"
+    out.mkdir()
+    ex = Executor(plan, None, pipeline=True, readers=2)
+    with ShardedWriter(out, plan.layout, index=False) as writer:
+        ex.writer = writer
+        ex.run()
+    ref = shards(tmp_path / "ref")
+    assert len(ref) >= 6 and shards(out) == {s.filename: ref[s.filename] for s in plan.layout.shards}
+    for name, digest in writer.digests.items():
+        assert digest.finish(out / name) == file_digest(out / name)
+
+
 def test_a_failure_on_one_device_stops_them_all(tmp_path, fam, monkeypatch) -> None:
     """The pipeline that fails raises its own error (not the peers' 'stopped'), and nothing is left running."""
     import threading

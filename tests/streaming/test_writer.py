@@ -1,4 +1,4 @@
-"""plan_layout, ShardedWriter, make_temp_dir / finalize / check_out_dir."""
+"""plan_layout, ShardedWriter, make_temp_dir / move_into_place / check_out_dir."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ from fusemerge.streaming.writer import (
     OutputTensor,
     ShardedWriter,
     check_out_dir,
-    finalize,
     make_temp_dir,
+    move_into_place,
     plan_layout,
     temp_dir_path,
 )
@@ -353,7 +353,7 @@ def test_sync_file_range_is_found_and_callable_on_linux(tmp_path: Path) -> None:
         os.close(fd)
 
 
-# -- temp dir, finalize, check_out_dir ------------------------------------------------------------------------
+# -- temp dir, move_into_place, check_out_dir ---------------------------------------------------------------
 
 
 def fill(directory: Path, files: dict[str, str]) -> None:
@@ -384,54 +384,54 @@ def test_writer_resume_keeps_written_data(tmp_path: Path) -> None:
     assert torch.equal(load_file(tmp_path / "model.safetensors")["a"], torch.zeros(3))
 
 
-def test_finalize_into_missing_dir(tmp_path: Path) -> None:
+def test_move_into_place_into_missing_dir(tmp_path: Path) -> None:
     out = tmp_path / "out"
     temp = make_temp_dir(out)
     fill(temp, {"model.safetensors": "new"})
-    finalize(temp, out, overwrite=False)
+    move_into_place(temp, out, overwrite=False)
     assert (out / "model.safetensors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_finalize_into_empty_dir(tmp_path: Path) -> None:
+def test_move_into_place_into_empty_dir(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     temp = make_temp_dir(out)
     fill(temp, {"model.safetensors": "new"})
-    finalize(temp, out, overwrite=False)
+    move_into_place(temp, out, overwrite=False)
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
-def test_finalize_never_touches_a_non_empty_dir_without_overwrite(tmp_path: Path) -> None:
+def test_move_into_place_never_touches_a_non_empty_dir_without_overwrite(tmp_path: Path) -> None:
     out = tmp_path / "out"
     fill(out, {"precious.txt": "keep me", "model.safetensors": "old"})
     temp = make_temp_dir(out)
     fill(temp, {"model.safetensors": "new"})
     with pytest.raises(InputError) as info:
-        finalize(temp, out, overwrite=False)
+        move_into_place(temp, out, overwrite=False)
     assert info.value.problems == [f"{out}: exists and is not empty; pass --overwrite to replace it"]
     assert (out / "precious.txt").read_text() == "keep me" and (out / "model.safetensors").read_text() == "old"
     assert (temp / "model.safetensors").read_text() == "new"
 
 
-def test_finalize_with_overwrite_replaces(tmp_path: Path) -> None:
+def test_move_into_place_with_overwrite_replaces(tmp_path: Path) -> None:
     out = tmp_path / "out"
     fill(out, {"stale.txt": "old", "model.safetensors": "old"})
     temp = make_temp_dir(out)
     fill(temp, {"model.safetensors": "new"})
-    finalize(temp, out, overwrite=True)
+    move_into_place(temp, out, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["model.safetensors"]
     assert (out / "model.safetensors").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp, no old copy left
 
 
-def test_finalize_refuses_a_file(tmp_path: Path) -> None:
+def test_move_into_place_refuses_a_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("a file")
     temp = make_temp_dir(out)
     with pytest.raises(InputError, match="exists and is not a directory"):
-        finalize(temp, out, overwrite=True)
+        move_into_place(temp, out, overwrite=True)
     assert out.read_text() == "a file"
 
 

@@ -1,0 +1,323 @@
+"""One merge split across processes or machines by output shard (`run --partition I/N`), and the step that joins
+the parts into OUT_DIR (`fusemerge finalize`).
+
+The output layout (shard names, headers, every tensor's offset) is a pure function of the config and the inputs'
+headers, so part i of n merges and writes the output shards s with s % n == i (`planner.part_shards`) and needs
+nothing from the other parts: every statistic is per tensor (`trim_scope: global` thresholds are computed over the
+whole model by every part). Each part is an ordinary run (lock, temporary directory, journal, `--resume`, atomic
+rename) into its own directory beside OUT_DIR, on any scheduler (a Slurm array, Ray tasks, Kubernetes jobs) that
+shares a file system:
+
+    parent/out.fusemerge-parts/
+        part-0-of-3/    model-00001-of-00007.safetensors, model-00004-of-00007.safetensors,
+                        model-00007-of-00007.safetensors, fusemerge_part.json, config.json, tokenizer files,
+                        fusemerge_config.yml, README.md
+        part-1-of-3/    model-00002-..., model-00005-..., fusemerge_part.json, ...
+        part-2-of-3/    ...
+
+`fusemerge_part.json` holds the part's (i, n), its shards' SHA-256 and sizes, the absolute paths of the models,
+and `merge`: what fixes the bytes of the whole merge (the fusemerge version, the config, the seed, the whole output
+layout and index, each input's size and header SHA-256; not the inputs' paths or times, which differ between
+machines). `finalize(out)` checks that all n parts are there, finished, of one merge, with each shard at its size
+and header; links (or, where links are refused, moves) the shards into OUT_DIR's temporary directory; writes the
+index and the manifest from the parts' hashes (the shards are not read again); copies part 0's other files; and
+renames it into place: the same files, byte for byte, as one `run` of the whole merge. Then it removes the parts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fusemerge import __version__
+from fusemerge.errors import InputError
+from fusemerge.planner import part_shards
+from fusemerge.streaming.journal import input_files, layout_entries
+from fusemerge.streaming.lock import out_dir_lock
+from fusemerge.streaming.model_index import INDEX_NAME
+from fusemerge.streaming.writer import check_out_dir, make_temp_dir, move_into_place, temp_dir_path, write_index
+from fusemerge.verify import hash_files, write_manifest
+
+if TYPE_CHECKING:
+    from fusemerge.planner import MergePlan
+    from fusemerge.streaming.digest import PrefixDigest
+
+PART_MANIFEST = "fusemerge_part.json"
+FORMAT = "fusemerge-part/1"
+_PART_RE = re.compile(r"part-(\d+)-of-(\d+)")
+
+# What `merge` entries mean, for the one line that says why two parts do not belong to one merge.
+_IDENTITY_WORDS = {
+    "fusemerge_version": "the fusemerge version",
+    "config": "the merge config",
+    "seed": "--seed",
+    "layout": "the output layout (--out-shard-size or the output dtype)",
+    "index": "the output index",
+    "inputs": "the input models",
+}
+
+
+def parts_root(out_dir: str | os.PathLike) -> Path:
+    """Where the parts of a partitioned merge into `out_dir` are written: `{name}.fusemerge-parts` beside it."""
+    out_dir = Path(os.path.abspath(out_dir))
+    return out_dir.parent / f"{out_dir.name}.fusemerge-parts"
+
+
+def part_dir(out_dir: str | os.PathLike, i: int, n: int) -> Path:
+    """The directory of part `i` of `n` of the merge into `out_dir`."""
+    return parts_root(out_dir) / f"part-{i}-of-{n}"
+
+
+def merge_identity(plan: MergePlan) -> dict:
+    """What fixes the bytes of the whole merge `plan` belongs to (a part's plan or the whole plan), the same on
+    every machine that runs a part: equal for two parts exactly when they are parts of one merge."""
+    whole = plan.whole or plan
+    return {
+        "fusemerge_version": __version__,
+        "config": whole.config.to_yaml(),
+        "seed": whole.seed if whole.method.sparsifier == "dare" else None,
+        "layout": layout_entries(whole.layout),
+        "index": whole.layout.index_json(),
+        "inputs": [{"bytes": f["bytes"], "sha256": f["sha256"], "hashed": f["hashed"]} for f in input_files(whole)],
+    }
+
+
+def write_part_manifest(directory: Path, plan: MergePlan, partial: dict[str, PrefixDigest]) -> Path:
+    """Hash the part's shards in `directory` (finishing `partial`, the writer's digests) and write
+    `fusemerge_part.json` there, flushed to disk."""
+    assert plan.partition is not None
+    names = [s.filename for s in plan.layout.shards]
+    digests = hash_files(directory, names, partial)
+    manifest = {
+        "format": FORMAT,
+        "part": plan.partition[0],
+        "parts": plan.partition[1],
+        "files": {name: {"sha256": digest, "bytes": size} for name, (digest, size) in digests.items()},
+        "models": [str(Path(os.path.abspath(m.path))) for m in _models(plan)],
+        "merge": merge_identity(plan),
+    }
+    path = Path(directory) / PART_MANIFEST
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def finished_part(out_dir: str | os.PathLike, plan: MergePlan) -> Path | None:
+    """The directory of `plan`'s part if a run already finished it, for this same merge, with every shard in place
+    (`run --partition I/N --resume` then has nothing to do); else None."""
+    assert plan.partition is not None
+    directory = part_dir(out_dir, *plan.partition)
+    try:
+        manifest = _read_part(directory)
+    except InputError:
+        return None
+    if manifest["merge"] != merge_identity(plan) or _part_problems(directory, manifest):
+        return None
+    return directory
+
+
+@dataclass
+class FinalizeResult:
+    """What `finalize` did: the merged model's directory, how many parts and shards it joined, its bytes."""
+
+    out_dir: Path
+    parts: int
+    shards: int
+    output_bytes: int
+    files: list[str]
+    seconds: float
+
+
+def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts: bool = False,
+             notify: Callable[[str], None] | None = None) -> FinalizeResult:
+    """Join the parts of a merge run with `--partition I/N` into `out_dir` (see the module docstring).
+
+    Raises InputError, listing every problem and changing nothing, when a part is missing or unfinished, parts
+    of different merges or partitions are mixed, a shard is missing or has another size or header, or `out_dir`
+    exists and is not empty (without `overwrite`). With `keep_parts`, the parts' directories stay (their shards
+    then share their data with `out_dir`'s: hard links).
+
+    >>> fusemerge.run("config.yml", "out/", partition="0/2")  # on one machine  # doctest: +SKIP
+    >>> fusemerge.run("config.yml", "out/", partition="1/2")  # on another  # doctest: +SKIP
+    >>> fusemerge.finalize("out/")  # doctest: +SKIP
+    """
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    root = parts_root(out)
+    if not root.is_dir():
+        raise InputError(f"{root}: not found: no parts of a partitioned merge into {out} (merge each part with "
+                         f"`fusemerge run CONFIG {out} --partition I/N` first)")
+    with out_dir_lock(out):
+        with ExitStack() as locks:
+            found = sorted((int(m.group(1)), int(m.group(2)), p) for p in root.iterdir()
+                           if p.is_dir() and (m := _PART_RE.fullmatch(p.name)))
+            for _, _, directory in found:
+                locks.enter_context(out_dir_lock(directory))  # no part run may write while the parts are joined
+            parts = _check_parts(out, root, found)
+            first = parts[0][1]
+            problems = check_out_dir(out, overwrite, [Path(m) for m in first["models"]])
+            if problems:
+                raise InputError(problems)
+            files = _join(out, parts, overwrite)
+        if not keep_parts:
+            shutil.rmtree(root, ignore_errors=True)
+    (notify or (lambda line: None))(f"removed the parts in {root}" if not keep_parts else
+                                    f"kept the parts in {root} (their shards are hard links to {out}'s)")
+    layout = first["merge"]["layout"]
+    return FinalizeResult(out, len(parts), len(layout), first["merge"]["index"]["metadata"]["total_size"], files,
+                          time.perf_counter() - t0)
+
+
+def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> list[tuple[Path, dict]]:
+    """Every part of one partition, in order, as (directory, manifest); InputError with every problem otherwise."""
+    problems: list[str] = []
+    counts = sorted({n for _, n, _ in found})
+    if not counts:
+        raise InputError(f"{root}: holds no finished part (a part appears there when its run completes)")
+    if len(counts) > 1:
+        raise InputError(f"{root}: holds parts of different partitions ("
+                         + ", ".join(p.name for _, _, p in found) + "); remove the parts of the one not wanted")
+    n = counts[0]
+    by_index = {i: directory for i, _, directory in found}
+    parts: list[tuple[Path, dict]] = []
+    for i in range(n):
+        directory = by_index.get(i)
+        if directory is None:
+            temp = temp_dir_path(part_dir(out, i, n))
+            run = f"`fusemerge run CONFIG {out} --partition {i}/{n}"
+            problems.append(f"part {i}/{n} is unfinished: {temp} holds its interrupted or running merge ({run} "
+                            "--resume` continues it)" if temp.is_dir() else
+                            f"part {i}/{n} is missing from {root} (merge it with {run}`)")
+            continue
+        try:
+            manifest = _read_part(directory)
+        except InputError as e:
+            problems += e.problems
+            continue
+        if (manifest["part"], manifest["parts"]) != (i, n):
+            problems.append(f"{directory / PART_MANIFEST}: describes part {manifest['part']}/{manifest['parts']}, "
+                            f"not {i}/{n}")
+            continue
+        parts.append((directory, manifest))
+    if parts:
+        ref_dir, ref = parts[0]
+        for directory, manifest in parts[1:]:
+            differ = [words for key, words in _IDENTITY_WORDS.items()
+                      if manifest["merge"].get(key) != ref["merge"].get(key)]
+            if differ:
+                problems.append(f"{directory.name} and {ref_dir.name} are parts of different merges: "
+                                + ", ".join(differ) + " differ; merge every part with the same config, options "
+                                "and inputs")
+        if not problems:
+            for directory, manifest in parts:
+                problems += _part_problems(directory, manifest)
+    if problems:
+        raise InputError(problems)
+    return parts
+
+
+def _read_part(directory: Path) -> dict:
+    """The part manifest of `directory`, checked for its shape; InputError if missing or malformed."""
+    path = directory / PART_MANIFEST
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; {directory} is not a finished part of a fusemerge merge") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the part manifest: {getattr(e, 'strerror', None) or e}") from e
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise InputError(f"{path}: not a {FORMAT} manifest")
+    merge = manifest.get("merge")
+    files = manifest.get("files")
+    if not (isinstance(manifest.get("part"), int) and isinstance(manifest.get("parts"), int)
+            and isinstance(files, dict) and isinstance(merge, dict) and isinstance(manifest.get("models"), list)
+            and isinstance(merge.get("layout"), list) and isinstance(merge.get("index"), dict)
+            and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+                    for v in files.values())):
+        raise InputError(f"{path}: malformed part manifest")
+    if merge.get("fusemerge_version") != __version__:
+        raise InputError(f"{path}: written by fusemerge {merge.get('fusemerge_version')}; this is {__version__} "
+                         "(merge the parts and finalize them with one version)")
+    return manifest
+
+
+def _part_problems(directory: Path, manifest: dict) -> list[str]:
+    """Whether the part in `directory` holds exactly its shards of the layout, each at its size and header."""
+    layout = manifest["merge"]["layout"]
+    i, n = manifest["part"], manifest["parts"]
+    expected = {entry["file"]: entry for entry in part_shards(layout, i, n)}
+    problems = []
+    if set(manifest["files"]) != set(expected):
+        return [f"{directory / PART_MANIFEST}: lists shards {sorted(manifest['files'])}, part {i}/{n} of this "
+                f"layout has {sorted(expected)}"]
+    for name, entry in expected.items():
+        path = directory / name
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                prefix = f.read(8)
+                header = prefix + f.read(int.from_bytes(prefix, "little")) if len(prefix) == 8 else prefix
+        except OSError as e:
+            problems.append(f"{path}: cannot read: {e.strerror or e}")
+            continue
+        if size != entry["bytes"] or manifest["files"][name]["bytes"] != entry["bytes"]:
+            problems.append(f"{path}: {size} bytes, the layout says {entry['bytes']} (truncated or changed)")
+        elif hashlib.sha256(header).hexdigest() != entry["header_sha256"]:
+            problems.append(f"{path}: its safetensors header differs from the merge's layout (changed)")
+    return problems
+
+
+def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> list[str]:
+    """Put every part's shards, the index, the manifest and part 0's other files into `out` (temporary directory,
+    then a rename). On failure nothing is left in `out` and every part is as it was."""
+    first_dir, first = parts[0]
+    merge = first["merge"]
+    temp = make_temp_dir(out)
+    moved: list[tuple[Path, Path]] = []
+    try:
+        known: dict[str, tuple[str, int]] = {}
+        for directory, manifest in parts:
+            for name, entry in manifest["files"].items():
+                _link_or_move(directory / name, temp / name, moved)
+                known[name] = (entry["sha256"], entry["bytes"])
+        shards = [entry["file"] for entry in merge["layout"]]
+        for p in first_dir.iterdir():  # config.json, tokenizer files, fusemerge_config.yml, README.md
+            if p.is_file() and p.name not in first["files"] and p.name != PART_MANIFEST:
+                shutil.copyfile(p, temp / p.name)
+        if len(shards) > 1:
+            write_index(temp, merge["index"])
+        write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), known=known)
+        files = sorted(p.name for p in temp.iterdir())
+        move_into_place(temp, out, overwrite)
+    except BaseException:
+        for src, dst in reversed(moved):
+            shutil.move(dst, src)
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
+    return files
+
+
+def _link_or_move(src: Path, dst: Path, moved: list[tuple[Path, Path]]) -> None:
+    """A hard link `dst` to `src` (the part keeps its shard until the join is complete); where the file system
+    refuses links, a move, recorded in `moved` so a failed join can move it back."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.move(src, dst)
+        moved.append((src, dst))
+
+
+def _models(plan: MergePlan) -> list:
+    whole = plan.whole or plan
+    return ([whole.base] if whole.base is not None else []) + list(whole.models)
