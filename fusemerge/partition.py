@@ -18,8 +18,10 @@ shares a file system:
 `fusemerge_part.json` holds the part's (i, n), its shards' SHA-256 and sizes, the absolute paths of the models,
 and `merge`: what fixes the bytes of the whole merge (the fusemerge version, the config, the seed, the whole output
 layout and index, each input's size and header SHA-256; not the inputs' modification times, which copies on
-other machines do not share; the config names the models, so every part needs the same config). `finalize(out)` checks that all n parts are there, finished, of one merge, with each shard at its size
-and header; links (or, where links are refused, moves) the shards into OUT_DIR's temporary directory; writes the
+other machines do not share; the config names the models, so every part needs the same config).
+
+`finalize(out)` checks that all n parts are there, finished, of one merge, with each shard at its size and
+header; links (or, where links are refused, moves) the shards into OUT_DIR's temporary directory; writes the
 index and the manifest from the parts' hashes (the shards are not read again); copies part 0's other files; and
 renames it into place: the same files, byte for byte, as one `run` of the whole merge. Then it removes the parts.
 """

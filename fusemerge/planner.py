@@ -121,6 +121,7 @@ class MergePlan:
         """The plan of part `i` of `n` (0 <= i < n) of this merge, split by output shard: it merges and writes the
         shards `s` (0-based, in file order) with `s % n == i`, and nothing else. Raises InputError when the output
         has fewer than `n` shards."""
+        i, n = parse_partition((i, n))
         shards = self.layout.shards
         if n > len(shards):
             raise InputError(f"--partition {i}/{n}: the output has {len(shards)} shard(s) and each part is made of "

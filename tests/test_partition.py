@@ -371,3 +371,17 @@ def test_keep_parts_links_the_shards(fam: dict, tmp_path: Path) -> None:
     shard = "model-00002-of-00012.safetensors"
     assert (out / shard).stat().st_ino == (part_dir(out, 1, 2) / shard).stat().st_ino
     assert verify(out) == []
+
+
+def test_one_shard_one_part(fam: dict, tmp_path: Path) -> None:
+    """The smallest partition: a single `model.safetensors`, no index, in one part."""
+    cfg = config(fam, "ties", density=0.4)
+    ref = tmp_path / "reference"
+    fusemerge.run(cfg, ref, device="cpu")
+    assert (ref / "model.safetensors").exists() and not (ref / "model.safetensors.index.json").exists()
+    out = tmp_path / "out"
+    fusemerge.run(cfg, out, device="cpu", partition="0/1")
+    with pytest.raises(InputError, match="the output has 1 shard"):
+        fusemerge.run(cfg, out, device="cpu", partition="0/2")
+    fusemerge.finalize(out)
+    assert files(out) == files(ref)
