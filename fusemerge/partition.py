@@ -166,6 +166,7 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
                            if p.is_dir() and (m := _PART_RE.fullmatch(p.name)))
             for _, _, directory in found:
                 locks.enter_context(out_dir_lock(directory))  # no part run may write while the parts are joined
+            _recover_moved(out, found)
             parts = _check_parts(out, root, found)
             first = parts[0][1]
             problems = check_out_dir(out, overwrite, [Path(m) for m in first["models"]])
@@ -179,6 +180,22 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     layout = first["merge"]["layout"]
     return FinalizeResult(out, len(parts), len(layout), first["merge"]["index"]["metadata"]["total_size"], files,
                           time.perf_counter() - t0)
+
+
+def _recover_moved(out: Path, found: list[tuple[int, int, Path]]) -> None:
+    """A join killed after moving shards (where links are refused) left them in OUT_DIR's temporary directory:
+    move each back into its part (the part manifest names it and it is not there), so the join can start over."""
+    temp = temp_dir_path(out)
+    if not temp.is_dir():
+        return
+    for _, _, directory in found:
+        try:
+            names = _read_part(directory)["files"]
+        except InputError:
+            continue
+        for name in names:
+            if (temp / name).is_file() and not (directory / name).exists():
+                shutil.move(temp / name, directory / name)
 
 
 def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> list[tuple[Path, dict]]:

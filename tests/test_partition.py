@@ -385,3 +385,18 @@ def test_one_shard_one_part(fam: dict, tmp_path: Path) -> None:
         fusemerge.run(cfg, out, device="cpu", partition="0/2")
     fusemerge.finalize(out)
     assert files(out) == files(ref)
+
+
+def test_a_join_killed_after_moving_shards_is_recovered(fam: dict, tmp_path: Path) -> None:
+    """Where links are refused the join moves shards into OUT_DIR's temporary directory; killed then, the next
+    finalize moves them back into their parts first and joins."""
+    cfg = config(fam, "ties", density=0.4)
+    ref = reference(fam, cfg, tmp_path)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 3)
+    temp = temp_dir_path(out)
+    temp.mkdir()
+    for name in ("model-00002-of-00012.safetensors", "model-00005-of-00012.safetensors"):
+        os.rename(part_dir(out, 1, 3) / name, temp / name)  # what the killed join had moved
+    fusemerge.finalize(out)
+    assert files(out) == files(ref) and not temp.exists()
