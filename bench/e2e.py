@@ -51,8 +51,8 @@ from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E4
 DENSITY_METHODS = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The method and the synthetic family's shape: what `ensure_models` and the config need."""
     p.add_argument("--method", default="ties")
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--experts", type=int, default=4)
@@ -61,8 +61,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", help="dtype of the synthetic models and of the merge output")
-    p.add_argument("--merge-dtype", default=None, help="config `dtype:` (mergekit computes in it); default --dtype")
     p.add_argument("--input-shard-size", type=int, default=None, help="shard the input models (bytes)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--merge-dtype", default=None, help="config `dtype:` (mergekit computes in it); default --dtype")
     p.add_argument("--out-shard-size", type=int, default=5_000_000_000, help="bytes, passed to both tools")
     p.add_argument("--seed", type=int, default=0, help="DARE seed, passed to both tools")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-bench-e2e")

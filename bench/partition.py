@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import GB, append_csv, machine, read_all, timed_run, version_of  # noqa: E402
-from bench.e2e import DENSITY_METHODS, ensure_models  # noqa: E402
+from bench.e2e import DENSITY_METHODS, add_model_args, ensure_models  # noqa: E402
 from fusemerge.sizes import parse_size  # noqa: E402
 from fusemerge.synthetic import write_config_yaml  # noqa: E402
 
@@ -49,15 +49,7 @@ sys.exit(max(p.wait() for p in procs))
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--method", default="ties")
-    p.add_argument("--density", type=float, default=0.2)
-    p.add_argument("--experts", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--input-shard-size", type=int, default=None)
+    add_model_args(p)
     p.add_argument("--parts", type=int, default=2, help="N: processes started at once")
     p.add_argument("--part-workers", type=int, default=1, help="--workers of each part")
     p.add_argument("--max-memory", default="2GiB",

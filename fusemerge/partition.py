@@ -29,7 +29,6 @@ renames it into place: the same files, byte for byte, as one `run` of the whole 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -47,7 +46,7 @@ from fusemerge.streaming.journal import input_files, layout_entries
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import check_out_dir, make_temp_dir, move_into_place, temp_dir_path, write_index
-from fusemerge.verify import hash_files, write_manifest
+from fusemerge.verify import hash_files, is_files_map, read_json, write_json, write_manifest
 
 if TYPE_CHECKING:
     from fusemerge.planner import MergePlan
@@ -108,10 +107,7 @@ def write_part_manifest(directory: Path, plan: MergePlan, partial: dict[str, Pre
         "merge": merge_identity(plan),
     }
     path = Path(directory) / PART_MANIFEST
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_json(path, manifest, indent=1)
     return path
 
 
@@ -249,21 +245,14 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
 def _read_part(directory: Path) -> dict:
     """The part manifest of `directory`, checked for its shape; InputError if missing or malformed."""
     path = directory / PART_MANIFEST
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing; {directory} is not a finished part of a fusemerge merge") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the part manifest: {getattr(e, 'strerror', None) or e}") from e
+    manifest = read_json(path, "part manifest", f"{directory} is not a finished part of a fusemerge merge")
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise InputError(f"{path}: not a {FORMAT} manifest")
     merge = manifest.get("merge")
     files = manifest.get("files")
     if not (isinstance(manifest.get("part"), int) and isinstance(manifest.get("parts"), int)
-            and isinstance(files, dict) and isinstance(merge, dict) and isinstance(manifest.get("models"), list)
-            and isinstance(merge.get("layout"), list) and isinstance(merge.get("index"), dict)
-            and all(isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
-                    for v in files.values())):
+            and is_files_map(files) and isinstance(merge, dict) and isinstance(manifest.get("models"), list)
+            and isinstance(merge.get("layout"), list) and isinstance(merge.get("index"), dict)):
         raise InputError(f"{path}: malformed part manifest")
     if merge.get("fusemerge_version") != __version__:
         raise InputError(f"{path}: written by fusemerge {merge.get('fusemerge_version')}; this is {__version__} "

@@ -56,27 +56,41 @@ def write_manifest(directory: str | os.PathLike, names: list[str],
     files = {name: {"sha256": digest, "bytes": size} for name, (digest, size) in digests.items()}
     manifest = {"fusemerge_version": __version__, "algorithm": "sha256", "files": files}
     path = directory / MANIFEST_NAME
+    write_json(path, manifest)
+    return path
+
+
+def write_json(path: Path, obj: object, indent: int = 2) -> None:
+    """`obj` as JSON (keys sorted, a final newline) in the file `path`, flushed to disk."""
     with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        f.write(json.dumps(obj, indent=indent, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
-    return path
+
+
+def read_json(path: Path, what: str, missing: str) -> object:
+    """The JSON in `path`; InputError `"{path}: missing; {missing}"`, or naming `what` when it cannot be read."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: missing; {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: cannot read the {what}: {getattr(e, 'strerror', None) or e}") from e
+
+
+def is_files_map(files: object) -> bool:
+    """Whether `files` has a manifest's shape: {name: {"sha256": str, "bytes": int}}."""
+    return isinstance(files, dict) and all(
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
+        for v in files.values())
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, dict]:
     """The `files` map of `directory`'s manifest; `InputError` if it is missing or malformed."""
     path = Path(directory) / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing; not a fusemerge output directory, or made before manifests") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: cannot read the manifest: {getattr(e, 'strerror', None) or e}") from e
+    manifest = read_json(path, "manifest", "not a fusemerge output directory, or made before manifests")
     files = manifest.get("files") if isinstance(manifest, dict) else None
-    if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("bytes"), int)
-        for v in files.values()
-    ):
+    if not is_files_map(files):
         raise InputError(f"{path}: malformed manifest: expected files: {{name: {{sha256, bytes}}}}")
     return files
 
