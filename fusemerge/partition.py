@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from fusemerge.streaming.digest import PrefixDigest
 
 PART_MANIFEST = "fusemerge_part.json"
+JOIN_MARKER = ".fusemerge-join"  # in OUT_DIR's temporary directory while a join fills it (see _recover_moved)
 FORMAT = "fusemerge-part/1"
 _PART_RE = re.compile(r"part-(\d+)-of-(\d+)")
 
@@ -180,9 +181,10 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
 
 def _recover_moved(out: Path, found: list[tuple[int, int, Path]]) -> None:
     """A join killed after moving shards (where links are refused) left them in OUT_DIR's temporary directory:
-    move each back into its part (the part manifest names it and it is not there), so the join can start over."""
+    move each back into its part (the part manifest names it and it is not there), so the join can start over.
+    Only a join's directory (it holds JOIN_MARKER), never what an interrupted `run` into OUT_DIR left there."""
     temp = temp_dir_path(out)
-    if not temp.is_dir():
+    if not (temp / JOIN_MARKER).is_file():
         return
     for _, _, directory in found:
         try:
@@ -294,6 +296,7 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> list[st
     temp = make_temp_dir(out)
     moved: list[tuple[Path, Path]] = []
     try:
+        (temp / JOIN_MARKER).touch()
         known: dict[str, tuple[str, int]] = {}
         for directory, manifest in parts:
             for name, entry in manifest["files"].items():
@@ -306,6 +309,7 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> list[st
         if len(shards) > 1:
             write_index(temp, merge["index"])
         write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), known=known)
+        (temp / JOIN_MARKER).unlink()  # the shards are all in: a kill from here on leaves nothing to move back
         files = sorted(p.name for p in temp.iterdir())
         move_into_place(temp, out, overwrite)
     except BaseException:

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 import fusemerge
 from fusemerge.cli import main
 from fusemerge.errors import InputError
-from fusemerge.partition import PART_MANIFEST, part_dir, parts_root
+from fusemerge.partition import JOIN_MARKER, PART_MANIFEST, part_dir, parts_root
 from fusemerge.planner import parse_partition, part_shards
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.writer import temp_dir_path
@@ -396,7 +396,25 @@ def test_a_join_killed_after_moving_shards_is_recovered(fam: dict, tmp_path: Pat
     run_parts(cfg, out, 3)
     temp = temp_dir_path(out)
     temp.mkdir()
+    (temp / JOIN_MARKER).touch()
     for name in ("model-00002-of-00012.safetensors", "model-00005-of-00012.safetensors"):
         os.rename(part_dir(out, 1, 3) / name, temp / name)  # what the killed join had moved
     fusemerge.finalize(out)
     assert files(out) == files(ref) and not temp.exists()
+
+
+def test_the_recovery_never_takes_shards_from_an_interrupted_run(fam: dict, tmp_path: Path) -> None:
+    """A `run` into OUT_DIR (not partitioned) interrupted leaves shards of the same names, partly written, in the
+    same temporary directory: they never fill in for a part's missing shard."""
+    cfg = config(fam, "ties", density=0.4)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 3)
+    name = "model-00002-of-00012.safetensors"
+    (part_dir(out, 1, 3) / name).unlink()
+    temp = temp_dir_path(out)
+    temp.mkdir()
+    (temp / name).write_bytes(b"partial")
+    refused_with_temp = pytest.raises(InputError, match=f"{name}: cannot read")
+    with refused_with_temp:
+        fusemerge.finalize(out)
+    assert (temp / name).read_bytes() == b"partial" and not (part_dir(out, 1, 3) / name).exists()
