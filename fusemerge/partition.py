@@ -152,6 +152,7 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     >>> fusemerge.finalize("out/")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
+    note = notify or (lambda line: None)
     out = Path(out_dir)
     root = parts_root(out)
     if not root.is_dir():
@@ -169,11 +170,13 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
             problems = check_out_dir(out, overwrite, [Path(m) for m in first["models"]])
             if problems:
                 raise InputError(problems)
+            if temp_dir_path(out).exists():
+                note(f"removed the partial merge an interrupted run into {out} left in {temp_dir_path(out)}")
             files = _join(out, parts, overwrite)
         if not keep_parts:
             shutil.rmtree(root, ignore_errors=True)
-    (notify or (lambda line: None))(f"removed the parts in {root}" if not keep_parts else
-                                    f"kept the parts in {root} (their shards are hard links to {out}'s)")
+    note(f"removed the parts in {root}" if not keep_parts else
+         f"kept the parts in {root} (their shards are hard links to {out}'s)")
     layout = first["merge"]["layout"]
     return FinalizeResult(out, len(parts), len(layout), first["merge"]["index"]["metadata"]["total_size"], files,
                           time.perf_counter() - t0)

@@ -414,7 +414,11 @@ def test_the_recovery_never_takes_shards_from_an_interrupted_run(fam: dict, tmp_
     temp = temp_dir_path(out)
     temp.mkdir()
     (temp / name).write_bytes(b"partial")
-    refused_with_temp = pytest.raises(InputError, match=f"{name}: cannot read")
-    with refused_with_temp:
+    with pytest.raises(InputError, match=f"{name}: cannot read"):
         fusemerge.finalize(out)
     assert (temp / name).read_bytes() == b"partial" and not (part_dir(out, 1, 3) / name).exists()
+    run_parts(cfg, out, 3, parts=[1], overwrite=True)
+    notes: list[str] = []
+    fusemerge.finalize(out, notify=notes.append)
+    assert notes[0] == f"removed the partial merge an interrupted run into {out} left in {temp}"
+    assert verify(out) == [] and not temp.exists()
