@@ -172,11 +172,14 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
                 raise InputError(problems)
             if temp_dir_path(out).exists():
                 note(f"removed the partial merge an interrupted run into {out} left in {temp_dir_path(out)}")
-            files = _join(out, parts, overwrite)
+            files, moved = _join(out, parts, overwrite)
         if not keep_parts:
             shutil.rmtree(root, ignore_errors=True)
-    note(f"removed the parts in {root}" if not keep_parts else
-         f"kept the parts in {root} (their shards are hard links to {out}'s)")
+    if not keep_parts:
+        note(f"removed the parts in {root}")
+    else:
+        note(f"kept the parts in {root} (" + (f"their shards are hard links to {out}'s)" if not moved else
+             f"without their shards: this file system refuses hard links, so they were moved into {out})"))
     layout = first["merge"]["layout"]
     return FinalizeResult(out, len(parts), len(layout), first["merge"]["index"]["metadata"]["total_size"], files,
                           time.perf_counter() - t0)
@@ -291,9 +294,10 @@ def _part_problems(directory: Path, manifest: dict) -> list[str]:
     return problems
 
 
-def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> list[str]:
+def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> tuple[list[str], int]:
     """Put every part's shards, the index, the manifest and part 0's other files into `out` (temporary directory,
-    then a rename). On failure nothing is left in `out` and every part is as it was."""
+    then a rename); returns the files of `out` and how many shards were moved, not linked. On failure nothing is
+    left in `out` and every part is as it was."""
     first_dir, first = parts[0]
     merge = first["merge"]
     temp = make_temp_dir(out)
@@ -320,7 +324,7 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> list[st
             shutil.move(dst, src)
         shutil.rmtree(temp, ignore_errors=True)
         raise
-    return files
+    return files, len(moved)
 
 
 def _link_or_move(src: Path, dst: Path, moved: list[tuple[Path, Path]]) -> None:

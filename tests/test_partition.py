@@ -357,8 +357,12 @@ def test_join_without_hard_links_moves_the_shards(fam: dict, tmp_path: Path, mon
     out = tmp_path / "out"
     run_parts(cfg, out, 3)
     monkeypatch.setattr(os, "link", _no_links)
-    fusemerge.finalize(out)
+    notes: list[str] = []
+    fusemerge.finalize(out, keep_parts=True, notify=notes.append)
     assert files(out) == files(ref)
+    assert notes == [f"kept the parts in {parts_root(out)} (without their shards: this file system refuses hard "
+                     f"links, so they were moved into {out})"]
+    assert not list(parts_root(out).rglob("*.safetensors"))
 
 
 def test_keep_parts_links_the_shards(fam: dict, tmp_path: Path) -> None:
