@@ -101,6 +101,24 @@ def test_parts_join_into_the_files_of_one_run(fam: dict, tmp_path: Path, method:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no lock, no temp left
 
 
+def test_parts_may_run_with_different_settings(fam: dict, tmp_path: Path) -> None:
+    """Device, backend, memory and workers do not change the bytes, so the parts of one merge may differ in them
+    (here: the Triton kernels through the interpreter, small chunks, one worker, and the defaults)."""
+    import torch
+
+    cfg = config(fam, "dare_ties", density=0.5)
+    ref = reference(fam, cfg, tmp_path)
+    out = tmp_path / "out"
+    triton = dict(device="cuda", backend="triton") if torch.cuda.is_available() else dict(device="cpu",
+                                                                                           backend="triton")
+    settings = [triton | dict(workers=1, max_memory="64KiB"), dict(device="cpu", workers=1, max_memory="32KiB"),
+                dict(device="cpu")]
+    for i, kwargs in enumerate(settings):
+        fusemerge.run(cfg, out, partition=(i, 3), seed=7, out_shard_size=SHARDS, **kwargs)
+    fusemerge.finalize(out)
+    assert files(out) == files(ref)
+
+
 def test_a_part_writes_only_its_shards(fam: dict, tmp_path: Path) -> None:
     cfg = config(fam, "ties", density=0.4)
     out = tmp_path / "out"
