@@ -2,7 +2,8 @@
 
 - `machine()`: CPU model, cores, RAM, for the tables.
 - `timed_run(cmd, log, env)`: run a command as a subprocess; whole-process wall time, CPU seconds, peak
-  anonymous memory and peak RSS summed over its process tree (sampled every ~5 ms from /proc), ru_maxrss.
+  anonymous memory (copy-on-write pages shared by forked processes counted once) and peak RSS summed over its
+  process tree (sampled every ~5 ms from /proc), ru_maxrss.
 - `read_all(files)`: read files once (warms the page cache the same way before every run).
 - `append_csv(path, rows)`: append result rows, header when the file is new, so the history stays.
 - `model_tensors(dir)`: tensor name -> the safetensors file holding it.
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 GB = 1e9
 SAMPLE_S = 0.005  # memory sampling period
 RESCAN_EVERY = 10  # look for new descendants every 10 samples (~50 ms): scanning /proc costs ~1 ms
+SHARED_EVERY = 40  # re-read the copy-on-write shared part every 40 samples (~0.2 s): smaps_rollup costs ~3 ms
 READ_CHUNK = 16 << 20  # bytes per read() when warming the page cache
 
 
@@ -61,12 +63,30 @@ def read_all(files: list[Path]) -> float:
 
 
 class TreeMonitor(threading.Thread):
-    """Samples the summed RssAnon / VmRSS (bytes) of a process and all its descendants."""
+    """Samples the summed anonymous memory and VmRSS (bytes) of a process and all its descendants.
+
+    Anonymous memory is RssAnon summed over the tree, less what forked processes share copy-on-write (fusemerge's
+    CPU worker processes start as copies of the run's process): summing RssAnon would count those pages once
+    per process. The shared part, RssAnon - Pss_Anon of each process, comes from /proc/PID/smaps_rollup, which
+    costs ~3 ms a read, so it is refreshed every SHARED_EVERY samples and only while the tree has several
+    processes; one process shares nothing and is measured exactly as before.
+    """
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.root, self.pids, self.stop = pid, {pid}, threading.Event()
         self.peak_anon = self.peak_rss = 0
+        self.shared: dict[int, int] = {}  # pid -> bytes of its RssAnon counted by other processes too
+
+    def _shared_anon(self, pid: int, rss_anon: int) -> int:
+        """RssAnon - Pss_Anon of `pid` (bytes): its anonymous pages shared with other processes, less its share."""
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss_Anon:"):
+                    return max(0, rss_anon - int(line.split()[1]) * 1024)
+        except OSError:
+            pass
+        return 0
 
     def _descendants(self) -> set[int]:
         parent: dict[int, int] = {}
@@ -88,15 +108,22 @@ class TreeMonitor(threading.Thread):
     def run(self) -> None:
         n = 0
         while not self.stop.is_set():
+            new = False
             if n % RESCAN_EVERY == 0:
-                self.pids |= self._descendants()
+                found = self._descendants()
+                new = bool(found - self.pids)  # a fork shares everything at first: measure it before summing
+                self.pids |= found
+            refresh = len(self.pids) > 1 and (new or n % SHARED_EVERY == 0)
             n += 1
             anon = rss = 0
             for pid in list(self.pids):
                 try:
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                         if line.startswith("RssAnon:"):
-                            anon += int(line.split()[1]) * 1024
+                            pid_anon = int(line.split()[1]) * 1024
+                            if refresh:
+                                self.shared[pid] = self._shared_anon(pid, pid_anon)
+                            anon += pid_anon - self.shared.get(pid, 0)
                         elif line.startswith("VmRSS:"):
                             rss += int(line.split()[1]) * 1024
                 except OSError:

@@ -30,6 +30,7 @@ from fusemerge.errors import InputError
 from fusemerge.methods import Method
 from fusemerge.sizes import format_size, parse_shard_size, parse_size
 from fusemerge.streaming.model_index import ModelIndex, open_model
+from fusemerge.streaming.processes import use_processes
 from fusemerge.streaming.safetensors_header import TensorEntry
 from fusemerge.streaming.writer import OutputLayout, OutputTensor, plan_layout
 
@@ -163,6 +164,7 @@ class MergePlan:
             f" dtype {self.out_dtype_name or 'as the inputs'}",
             f"device        {', '.join(str(d) for d in self.compute_devices)} (backend {self.backend}, "
             + (f"{len(self.compute_devices)} GPUs, one pipeline each)" if len(self.compute_devices) > 1
+               else f"{self.workers} worker processes)" if use_processes(self, self.device.type == "cuda")
                else f"{self.workers} worker(s))"),
             f"memory        budget {format_size(self.budget)}"
             + (" per GPU" if len(self.compute_devices) > 1 else "") + f", chunks of {self.chunk_elems:,} elements",

@@ -351,7 +351,7 @@ def test_executor_never_reports_a_tensor_cut_short(fam: dict) -> None:
                 time.sleep(0.001)
 
     writer = RecordingWriter(hook)
-    executor = Executor(plan, writer, on_tensor_done=writer.done)
+    executor = Executor(plan, writer, on_tensor_done=writer.done, processes=False)  # threads: shared events
     with pytest.raises(OSError):
         executor.run()
     assert ("write", second.name) in writer.events and not [e for e in writer.events if e[0] == "done"]

@@ -26,6 +26,7 @@ from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMas
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, tensor_params, top_cuts, trim_counts
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
+from fusemerge.streaming.processes import run_processes, use_processes
 from fusemerge.streaming.reader import ChunkReader
 from fusemerge.streaming.writer import ShardedWriter
 
@@ -90,11 +91,14 @@ class Executor:
 
     def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None, *,
                  skip: Collection[str] = (), on_tensor_done: Callable[[str], None] | None = None,
-                 allow_nonfinite: bool = False, pipeline: bool | None = None, readers: int | None = None):
+                 allow_nonfinite: bool = False, pipeline: bool | None = None, readers: int | None = None,
+                 processes: bool | None = None):
         self.plan = plan
         # the overlapped disk -> pinned -> GPU -> disk pipeline (streaming/pipeline.py): on CUDA by default;
         # pipeline=True runs it on CPU too (synchronous stand-ins for streams: how CI tests it)
         self.pipeline = plan.device.type == "cuda" if pipeline is None else pipeline
+        # CPU workers as forked processes (streaming/processes.py) where that is possible and helps, else threads
+        self.processes = use_processes(plan, self.pipeline) if processes is None else processes
         self.readers = readers
         self.allow_nonfinite = allow_nonfinite
         self.nonfinite: list[str] = []  # with allow_nonfinite: one line per tensor whose inputs hold NaN / Inf
@@ -299,6 +303,8 @@ class Executor:
                 from fusemerge.streaming.pipeline import Pipeline
 
                 Pipeline(self, readers=self.readers).run(order)
+            elif self.processes:
+                run_processes(self, order)
             elif plan.workers == 1:
                 for t in order:
                     self._merge_and_report(t)

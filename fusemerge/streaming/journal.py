@@ -343,6 +343,7 @@ class KillSwitch:
 
     def __init__(self, spec: str | None):
         self.kind, self.target = None, None
+        self.pid = os.getpid()  # the run's process, also killed from a worker process (streaming/processes.py)
         self._count = 0
         self._lock = threading.Lock()
         if spec:
@@ -372,12 +373,17 @@ class KillSwitch:
 
     def stage(self, name: str) -> None:
         if self.kind == "stage" and self.target == name:
-            os.kill(os.getpid(), signal.SIGKILL)
+            self._kill()
 
     def _tick(self, kind: str) -> None:
         if self.kind != kind:
             return
         with self._lock:
-            self._count += 1
+            self._count += 1  # in a worker process: that worker's chunks
             if self._count >= self.target:
-                os.kill(os.getpid(), signal.SIGKILL)
+                self._kill()
+
+    def _kill(self) -> None:
+        """SIGKILL the run's process and, from a worker process, this one too."""
+        os.kill(self.pid, signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -217,6 +217,11 @@ class ShardedWriter:
         self.digests[filename].feed(start + byte_offset, buf)
         self._writeback.wrote(filename, buf.nbytes)
 
+    def detach(self) -> None:
+        """In a forked worker process (streaming/processes.py), when it has written its last byte: stop this
+        copy's writeback thread. The descriptors stay open: the parent, which shares them, closes them."""
+        self._writeback.stop()
+
     def close(self) -> None:
         """Flush every shard to disk, close it, and write `model.safetensors.index.json` if there are several
         (unless made with `index=False`: a part of a partitioned merge, whose index `fusemerge finalize` writes)."""
