@@ -8,7 +8,7 @@ Per method (row): output elements; elements more than 1 ulp (of the output dtype
 many sit at a trim-threshold tie (ties / breadcrumbs: index order vs argsort), how many are DARE's (masks
 differ by design), how many are float32 rounding where the sum cancels, and how many are unexplained
 (see bench/parity.py); whether the outputs are byte-identical; wall time (whole process, imports
-included) and peak anonymous memory (RssAnon over the process tree) of each tool, run one after the
+included) and peak anonymous memory (over the process tree, bench/common.py) of each tool, run one after the
 other on a warm page cache. Prints a markdown table naming the machine and the command; appends rows to
 bench/results/compare_mergekit.csv.
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(table))
     print("\n> 1 ulp: elements more than 1 ulp of the output dtype apart; the next four columns split them "
           "(bench/parity.py). Times: whole process, imports included. Peak: anonymous memory (RssAnon) of the "
-          "process tree, sampled every ~5 ms. GB = 10^9 bytes.")
+          "process tree, sampled every ~5 ms, pages forked processes share counted once. GB = 10^9 bytes.")
     for row in rows:
         row.update(date=date, **m, fusemerge_version=versions["fusemerge"], mergekit_version=versions["mergekit"],
                    torch=versions["torch"], command=command, **shape, experts=args.experts)

@@ -7,7 +7,8 @@ wall time), compared with mergekit on the same machine and the same YAML?
 
 Both tools run as subprocesses on the same config, after the page cache has been warmed the
 same way (every input file read once). A monitor thread samples RssAnon and VmRSS from
-/proc/<pid>/status every ~5 ms over the child and all its descendants (summed over the tree);
+/proc/<pid>/status every ~5 ms over the child and all its descendants (summed over the tree; the
+copy-on-write pages forked processes share counted once, bench/common.py);
 ru_maxrss comes from os.wait4 on the child (it counts file-backed mmap pages too). Outputs of
 the two tools are compared tensor by tensor (fraction of elements more than 1 ulp apart in the
 output dtype). Rows are appended to a CSV so the history stays. GB = 10^9 bytes.

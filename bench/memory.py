@@ -8,8 +8,9 @@ with the default budget.
     python bench/memory.py                       # ties, 64MiB, 4 experts
     python bench/memory.py --method dare_ties --budget 128MiB
 
-Peak anonymous memory is RssAnon summed over the process tree, sampled every ~5 ms (bench/e2e.py's
-monitor); the baseline is the same measurement of a process that imports fusemerge and exits.
+Peak anonymous memory is RssAnon summed over the process tree, sampled every ~5 ms, pages that forked
+processes share counted once (bench/common.py's monitor); the baseline is the same measurement of a
+process that imports fusemerge and exits.
 Rows are appended to bench/results/memory.csv.
 """
 
