@@ -18,7 +18,8 @@ kills them) and die with the parent (PR_SET_PDEATHSIG), so a killed run leaves n
 temporary directory a `--resume` reuses.
 
 Not used for DARE on CPU (its masks are already drawn by worker processes, kernels/dare_masks.py), the Triton
-backend, the GPU pipeline, one worker, or where `fork` or `prctl` is missing (threads then, as before).
+backend, the GPU pipeline, one worker, or off Linux (threads then, as before), nor with
+FUSEMERGE_CPU_WORKERS=threads in the environment (an application that must not be forked).
 """
 
 from __future__ import annotations
@@ -40,12 +41,16 @@ if TYPE_CHECKING:
     from fusemerge.streaming.executor import Executor
 
 _PR_SET_PDEATHSIG = 1
+WORKERS_ENV = "FUSEMERGE_CPU_WORKERS"  # "threads": never fork (use_processes)
 
 
 def use_processes(plan: MergePlan, pipeline: bool) -> bool:
-    """Whether the CPU workers of `plan` run as forked processes (see the module docstring)."""
+    """Whether the CPU workers of `plan` run as forked processes (see the module docstring). The environment
+    variable FUSEMERGE_CPU_WORKERS=threads keeps them threads (an application that embeds fusemerge and must not
+    be forked)."""
     return (plan.device.type == "cpu" and not pipeline and plan.workers > 1 and plan.backend == "torch"
-            and plan.method.sparsifier != "dare" and sys.platform.startswith("linux") and hasattr(os, "fork"))
+            and plan.method.sparsifier != "dare" and sys.platform.startswith("linux") and hasattr(os, "fork")
+            and os.environ.get(WORKERS_ENV, "auto") != "threads")
 
 
 def run_processes(ex: Executor, order: list[TensorPlan]) -> None:

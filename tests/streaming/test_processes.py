@@ -75,7 +75,7 @@ def test_processes_write_the_bytes_of_threads(tmp_path: Path, fam: dict, method:
     assert no_children_left()
 
 
-def test_use_processes_where_it_helps(tmp_path: Path, fam: dict) -> None:
+def test_use_processes_where_it_helps(tmp_path: Path, fam: dict, monkeypatch) -> None:
     ties = config(tmp_path, fam, "ties")
     dare = config(tmp_path, fam, "dare_ties")
     assert use_processes(fusemerge.build_plan(ties, device="cpu", workers=2), pipeline=False)
@@ -84,6 +84,8 @@ def test_use_processes_where_it_helps(tmp_path: Path, fam: dict) -> None:
     assert not use_processes(fusemerge.build_plan(dare, device="cpu", workers=2), pipeline=False)
     assert not use_processes(fusemerge.build_plan(ties, device="cpu", workers=2, backend="triton"), pipeline=False)
     assert "2 worker processes" in fusemerge.build_plan(ties, device="cpu", workers=2).summary()
+    monkeypatch.setenv("FUSEMERGE_CPU_WORKERS", "threads")
+    assert not use_processes(fusemerge.build_plan(ties, device="cpu", workers=2), pipeline=False)
     assert "1 worker(s)" in fusemerge.build_plan(ties, device="cpu", workers=1).summary()
 
 
