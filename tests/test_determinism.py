@@ -158,6 +158,7 @@ def test_dare_masks_drawn_by_worker_processes_change_no_byte(method, configs, tm
 
     monkeypatch.setattr(executor, "WORKER_MIN_DRAWS", 0)
     monkeypatch.setattr(executor, "MaskWorkers", Recorded)
+    monkeypatch.setenv("FUSEMERGE_CPU_WORKERS", "threads")  # mask workers serve merge threads, not processes
     expect = reference(configs[method], tmp_path_factory)
     fusemerge.run(configs[method], tmp_path / "out", device="cpu", backend="torch", workers=2)
     assert merged_bytes(tmp_path / "out") == expect

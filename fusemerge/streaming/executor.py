@@ -49,6 +49,7 @@ class StageTimes:
     masks_drawn: int = 0
     masks_reused: int = 0
     mask_workers: int = 0
+    worker_processes: int = 0  # the merge workers were forked processes (streaming/processes.py)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     started: float = field(default_factory=time.perf_counter, repr=False)
     # stage -> wall seconds from `started` to the end of its first timed piece of work: what start-up costs
@@ -69,7 +70,9 @@ class StageTimes:
 
     def masks_line(self) -> str:
         """'DARE masks: 2,636 chunk runs drawn (by 2 worker processes), 2,636 reused by the merge pass'."""
-        where = f" (by {self.mask_workers} worker processes)" if self.mask_workers else " (in the merge threads)"
+        where = (f" (by {self.mask_workers} worker processes)" if self.mask_workers
+                 else f" (in the {self.worker_processes} merge worker processes)" if self.worker_processes
+                 else " (in the merge threads)")
         return (f"DARE masks: {self.masks_drawn:,} chunk runs drawn{where}, {self.masks_reused:,} reused by the "
                 "merge pass from the statistics pass")
 
@@ -294,7 +297,8 @@ class Executor:
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
             order = [t for t in order if t.name not in self.skip]
-            self._start_mask_workers(order)
+            if not self.processes:  # a merge worker process draws its own masks, without sharing a GIL
+                self._start_mask_workers(order)
             if self.pipeline and len(plan.compute_devices) > 1:
                 from fusemerge.streaming.pipeline import run_pipelines
 

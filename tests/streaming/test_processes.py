@@ -19,7 +19,7 @@ from fusemerge.synthetic import make_llama_family, write_config_yaml
 from tests.kernels.test_reference import PARAMS
 
 SHAPE = dict(hidden=36, intermediate=100, layers=2, vocab=301)
-METHODS = [m for m in PARAMS if not m.startswith("dare")]  # DARE keeps its threads (and mask processes)
+METHODS = list(PARAMS)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not os.uname().sysname == "Linux",
                                 reason="worker processes are forked, on Linux only")
@@ -72,6 +72,9 @@ def test_processes_write_the_bytes_of_threads(tmp_path: Path, fam: dict, method:
     assert sum(p_progress) == sum(t_progress) == procs.plan.input_bytes
     assert procs.times.merge > 0 and procs.times.write > 0 and "merge" in procs.times.firsts
     assert "h2d" not in procs.times.firsts  # the children report the stages they ran, no others
+    assert (procs.times.masks_drawn, procs.times.masks_reused) == (threads.times.masks_drawn,
+                                                                   threads.times.masks_reused)
+    assert (procs.times.masks_drawn > 0) == method.startswith("dare")
     assert no_children_left()
 
 
@@ -81,7 +84,7 @@ def test_use_processes_where_it_helps(tmp_path: Path, fam: dict, monkeypatch) ->
     assert use_processes(fusemerge.build_plan(ties, device="cpu", workers=2), pipeline=False)
     assert not use_processes(fusemerge.build_plan(ties, device="cpu", workers=1), pipeline=False)
     assert not use_processes(fusemerge.build_plan(ties, device="cpu", workers=2), pipeline=True)
-    assert not use_processes(fusemerge.build_plan(dare, device="cpu", workers=2), pipeline=False)
+    assert use_processes(fusemerge.build_plan(dare, device="cpu", workers=2), pipeline=False)
     assert not use_processes(fusemerge.build_plan(ties, device="cpu", workers=2, backend="triton"), pipeline=False)
     assert "2 worker processes" in fusemerge.build_plan(ties, device="cpu", workers=2).summary()
     monkeypatch.setenv("FUSEMERGE_CPU_WORKERS", "threads")
