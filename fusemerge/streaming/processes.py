@@ -58,9 +58,10 @@ def run_processes(ex: Executor, order: list[TensorPlan]) -> None:
     """Merge the tensors `order` (largest first) with `ex.plan.workers` forked processes; returns when every
     tensor is written, or raises the first child's error once every child is gone."""
     counter = multiprocessing.get_context("fork").Value("q", 0)  # the next tensor of `order` to take
-    pipes: dict[int, object] = {}  # pid -> the read end of its pipe
+    pipes: dict[int, int] = {}  # pid -> the read end of its pipe
+    pending: dict[int, bytes] = {}  # pid -> the start of a line not yet complete
     statuses: dict[int, int] = {}  # pid -> wait status, once reaped
-    ok: set[int] = set()  # children that reported their end
+    ended: set[int] = set()  # children that reported their end
     selector = selectors.DefaultSelector()
     error: BaseException | None = None
     parent = os.getpid()
@@ -73,29 +74,32 @@ def run_processes(ex: Executor, order: list[TensorPlan]) -> None:
                 os.close(read_fd)
                 _child(ex, order, counter, write_fd, parent)
             os.close(write_fd)
-            pipes[pid] = os.fdopen(read_fd, "r", encoding="utf-8")
-            selector.register(pipes[pid], selectors.EVENT_READ, pid)
+            pipes[pid], pending[pid] = read_fd, b""
+            selector.register(read_fd, selectors.EVENT_READ, pid)
         while len(statuses) < len(pipes) and error is None:
             for key, _ in selector.select():
                 pid = key.data
-                line = key.fileobj.readline()
-                if line:
-                    msg = json.loads(line)
-                    ok.update([pid] if "end" in msg else [])
-                    error = error or _message(ex, msg)
+                data = os.read(key.fd, 1 << 16)
+                if data:  # every complete line now, so a finished tensor is journaled at once
+                    *lines, pending[pid] = (pending[pid] + data).split(b"\n")
+                    for line in lines:
+                        msg = json.loads(line)
+                        if "end" in msg:
+                            ended.add(pid)
+                        error = error or _message(ex, msg)
                     continue
-                selector.unregister(key.fileobj)  # its pipe closed: the child has exited, or died
+                selector.unregister(key.fd)  # its pipe closed: the child has exited, or died
                 statuses[pid] = os.waitpid(pid, 0)[1]
-                if pid not in ok and error is None:
+                if pid not in ended and error is None:
                     error = _death(statuses[pid])
     finally:
         failed = error is not None or sys.exc_info()[0] is not None
-        for pid, pipe in pipes.items():
+        for pid, fd in pipes.items():
             if pid not in statuses:
                 if failed:
                     os.kill(pid, signal.SIGKILL)
                 statuses[pid] = os.waitpid(pid, 0)[1]
-            pipe.close()
+            os.close(fd)
         selector.close()
     if error is not None:
         raise error
