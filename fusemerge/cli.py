@@ -49,6 +49,8 @@ def _handle_errors(fn):
         except Exception as e:  # a bug: say so, with the traceback when asked
             if verbose:
                 traceback.print_exc()
+                if getattr(e, "worker_traceback", None):  # raised in a CPU worker process (streaming/processes.py)
+                    click.echo(f"in the worker process:\n{e.worker_traceback}", err=True)
             _fail([f"internal error: {type(e).__name__}: {e} (run with -v for the traceback; please report it)"], 1)
 
     return wrapper

@@ -138,7 +138,15 @@ def _error(e: dict) -> BaseException:
         return MemoryError(e["message"])
     if e["kind"] == "os":
         return OSError(e["errno"], e["strerror"], e["filename"])
-    return RuntimeError(f"{e['type']}: {e['message']} (in a merge worker process)\n{e['traceback']}")
+    return WorkerError(f"{e['type']}: {e['message']} (in a merge worker process)", e["traceback"])
+
+
+class WorkerError(RuntimeError):
+    """A bug met in a worker process: its one-line message, and the child's traceback (`fusemerge -v` prints it)."""
+
+    def __init__(self, message: str, worker_traceback: str):
+        super().__init__(message)
+        self.worker_traceback = worker_traceback
 
 
 def _death(status: int) -> BaseException:

@@ -125,6 +125,8 @@ def test_a_worker_error_is_raised_as_itself(tmp_path: Path, fam: dict, monkeypat
         execute(config(tmp_path, fam, "ties"), tmp_path / "out", processes=True)
     if isinstance(raised, OSError):
         assert e.value.errno == errno.ENOSPC and e.value.filename == "model.safetensors"
+    if isinstance(raised, ValueError):  # one line; the child's traceback kept apart, for -v
+        assert "\n" not in str(e.value) and "raise e" in e.value.worker_traceback
     assert no_children_left()
 
 
@@ -262,3 +264,18 @@ def test_killing_the_run_kills_its_workers(tmp_path: Path, slow: dict) -> None:
     _, stderr = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, stderr
     assert shards(out) == shards(slow["reference"])
+
+
+def test_a_bug_in_a_worker_is_one_line_and_its_traceback_with_v(tmp_path: Path, fam: dict, monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from fusemerge.cli import main
+
+    fail_on(monkeypatch, LAST, _raise(ValueError("a bug")))
+    cfg = config(tmp_path, fam, "ties")
+    r = CliRunner().invoke(main, ["run", str(cfg), str(tmp_path / "out"), "--device", "cpu", "-q"])
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == ["fusemerge: error: internal error: WorkerError: ValueError: a bug (in a "
+                                             "merge worker process) (run with -v for the traceback; please report it)"]
+    r = CliRunner().invoke(main, ["-v", "run", str(cfg), str(tmp_path / "out2"), "--device", "cpu", "-q"])
+    assert r.exit_code == 1 and "in the worker process:" in r.stderr and "in merge_tensor" in r.stderr
