@@ -28,7 +28,6 @@ renames it into place: the same files, byte for byte, as one `run` of the whole 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -42,7 +41,7 @@ from typing import TYPE_CHECKING
 from fusemerge import __version__
 from fusemerge.errors import InputError
 from fusemerge.planner import part_shards
-from fusemerge.streaming.journal import input_files, layout_entries
+from fusemerge.streaming.journal import header_digest, input_files, layout_entries
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import check_out_dir, make_temp_dir, move_into_place, temp_dir_path, write_index
@@ -58,8 +57,7 @@ FORMAT = "fusemerge-part/1"
 _PART_RE = re.compile(r"part-(\d+)-of-(\d+)")
 
 # What `merge` entries mean, for the one line that says why two parts do not belong to one merge.
-_IDENTITY_WORDS = {
-    "fusemerge_version": "the fusemerge version",
+_IDENTITY_WORDS = {  # (the fusemerge version is checked apart, when each part manifest is read)
     "config": "the merge config",
     "seed": "--seed",
     "layout": "the output layout (--out-shard-size or the output dtype)",
@@ -281,15 +279,13 @@ def _part_problems(directory: Path, manifest: dict) -> list[str]:
         path = directory / name
         try:
             size = path.stat().st_size
-            with open(path, "rb") as f:
-                prefix = f.read(8)
-                header = prefix + f.read(int.from_bytes(prefix, "little")) if len(prefix) == 8 else prefix
+            digest = header_digest(path)
         except OSError as e:
             problems.append(f"{path}: cannot read: {e.strerror or e}")
             continue
         if size != entry["bytes"] or manifest["files"][name]["bytes"] != entry["bytes"]:
             problems.append(f"{path}: {size} bytes, the layout says {entry['bytes']} (truncated or changed)")
-        elif hashlib.sha256(header).hexdigest() != entry["header_sha256"]:
+        elif digest != entry["header_sha256"]:
             problems.append(f"{path}: its safetensors header differs from the merge's layout (changed)")
     return problems
 

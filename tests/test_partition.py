@@ -333,7 +333,7 @@ def test_finalize_refuses_a_damaged_part(fam: dict, tmp_path: Path, damage: str,
     refused(out, message)
 
 
-def test_finalize_waits_for_no_part_being_written(fam: dict, tmp_path: Path) -> None:
+def test_finalize_refuses_while_a_part_is_being_written(fam: dict, tmp_path: Path) -> None:
     cfg = config(fam, "ties", density=0.4)
     out = tmp_path / "out"
     run_parts(cfg, out, 2)

@@ -89,14 +89,14 @@ def input_files(plan: MergePlan) -> list[dict]:
     out = []
     for path, entry in files.items():
         st = os.stat(path)
-        digest = _header_digest(path) if entry["hashed"] == "header" else file_digest(path)[0]
+        digest = header_digest(path) if entry["hashed"] == "header" else file_digest(path)[0]
         out.append({"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
                     "hashed": entry["hashed"]})
     return out
 
 
-def _header_digest(path: Path) -> str:
-    """SHA-256 of a safetensors file's 8-byte length and header (the planner has already validated both)."""
+def header_digest(path: Path) -> str:
+    """SHA-256 of a safetensors file's 8-byte length and header (of what there is, in a file cut short)."""
     with open(path, "rb") as f:
         prefix = f.read(8)
         return hashlib.sha256(prefix + f.read(int.from_bytes(prefix, "little"))).hexdigest()

@@ -7,11 +7,11 @@ the plan built, the input maps open and the output shards' descriptors), `--work
 processes (`use_processes`). Same merge code, same bytes: each child takes the next tensor (largest first, a
 shared counter), merges it with `Executor.merge_tensor`, and writes it with `pwrite` at its precomputed offsets
 through the inherited descriptors, so the children need no coordination. Measured on a 2-core Xeon VM
-(`python bench/e2e.py --method ties --tools fusemerge`, alternating with threads, medians of 3): 5.70 -> 4.77 s
-wall; peak anonymous memory 0.35 GB with threads and with processes (copy-on-write pages counted once), once
-each child freezes its collector: without `gc.freeze()` the children's collections touched every inherited
-object and copied the interpreter's pages, 0.43 GB. `bench/memory.py`'s bound under a 64 MiB budget holds
-(1.05-1.08x).
+(`python bench/e2e.py --method ties --tools fusemerge`, alternating with FUSEMERGE_CPU_WORKERS=threads, medians
+of 3): 5.68 -> 4.94 s wall; peak anonymous memory 0.35 GB with threads and with processes (copy-on-write pages
+counted once), once each child freezes its collector: without `gc.freeze()` the children's collections touched
+every inherited object and copied the interpreter's pages, 0.43 GB. `bench/memory.py`'s bound under a 64 MiB
+budget holds (1.05-1.08x).
 
 A child reports through its pipe, one JSON object per line: input bytes merged (progress), each finished tensor
 (the parent journals it: `Executor.on_tensor_done`), and at the end its stage times and non-finite notes, or the
@@ -21,7 +21,7 @@ kills them) and die with the parent (PR_SET_PDEATHSIG), so a killed run leaves n
 temporary directory a `--resume` reuses.
 
 For DARE each worker process draws its own masks (the mask worker processes that serve the threads,
-kernels/dare_masks.py, are not started): DARE-TIES e2e 13.24 -> 11.97 s on the same machine. Not used for the
+kernels/dare_masks.py, are not started): DARE-TIES e2e 13.0-13.5 -> 12.2-12.8 s on the same machine. Not used for the
 Triton backend, the GPU pipeline, one worker, or off Linux (threads then, as before), nor with
 FUSEMERGE_CPU_WORKERS=threads in the environment (an application that must not be forked).
 """
