@@ -159,12 +159,23 @@ def model_tensors(d: Path) -> dict[str, Path]:
 
 
 def append_csv(path: Path, rows: list[dict]) -> None:
-    """Append rows to the results CSV; the header is written when the file is new."""
+    """Append rows to the results CSV; the header is written when the file is new. Rows with columns the file
+    lacks rewrite it with the union of the columns (old rows get empty cells), so a benchmark may add columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        if new:
+    fields = list(rows[0])
+    old: list[dict] = []
+    rewrite = not path.exists()
+    if not rewrite:
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            have = list(reader.fieldnames or [])
+            if set(fields) - set(have):  # new columns: the whole file is written again
+                rewrite, old = True, list(reader)
+            fields = have + [f for f in fields if f not in have]
+    with open(path, "w" if rewrite else "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, restval="")
+        if rewrite:
             writer.writeheader()
+            writer.writerows(old)
         writer.writerows(rows)
     print(f"\nappended {len(rows)} row(s) to {path}")

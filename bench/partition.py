@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--max-memory of the whole run; each part gets 1/N of it (the same memory in all)")
     p.add_argument("--out-shard-size", default="50MB", help="bytes per output shard (parts are whole shards)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--trim-scope", choices=["tensor", "global"], default="tensor",
+                   help="trim_scope of the TIES-family methods (global: the first part finds the thresholds)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-bench-e2e")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "partition.csv")
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     inputs = sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
     input_bytes = sum(f.stat().st_size for f in inputs)
     params = {"density": args.density} if args.method in DENSITY_METHODS else {}
-    config = args.workdir / f"partition-{args.method}.yml"
+    if args.trim_scope == "global":
+        params["trim_scope"] = "global"
+    config = args.workdir / f"partition-{args.method}-{args.trim_scope}.yml"
     write_config_yaml(config, args.method, fam["base"], fam["experts"], dtype=args.dtype, **params)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     fm = [sys.executable, "-m", "fusemerge"]
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             if what != "finalize":
                 read_all(inputs)  # page cache: warm, the same before every run
             r = timed_run(cmds[what], args.workdir / f"partition-{what}.log", env)
-            print(f"{what} {rep + 1}/{args.repeats}: rc {r['rc']}, {r['wall']:.2f} s, peak anon "
+            print(f"{what} {rep + 1}/{args.repeats}: rc {r['rc']}, {r['wall']:.2f} s, CPU {r['cpu']:.2f} s, peak anon "
                   f"{r['anon'] / GB:.2f} GB", flush=True)
             if r["rc"] != 0:
                 print((args.workdir / f"partition-{what}.log").read_text()[-3000:])
@@ -111,33 +115,39 @@ def main(argv: list[str] | None = None) -> int:
             runs[what].append(r)
         identical.append(same_files(whole_out, parts_out))
     med = {k: statistics.median(r["wall"] for r in rs) for k, rs in runs.items()}
+    cpu = {k: statistics.median(r["cpu"] for r in rs) for k, rs in runs.items()}
     joined = statistics.median(p["wall"] + f["wall"] for p, f in zip(runs["parts"], runs["finalize"], strict=True))
     n_shards = len(list(whole_out.glob("*.safetensors")))
     m = machine()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\n## partition: {args.method}, {args.experts} experts, Llama h{args.hidden} i{args.intermediate} "
+    scope = ", trim_scope: global" if args.trim_scope == "global" else ""
+    print(f"\n## partition: {args.method}{scope}, {args.experts} experts, Llama h{args.hidden} i{args.intermediate} "
           f"L{args.layers} V{args.vocab} {args.dtype}; {input_bytes / GB:.2f} GB in, {n_shards} output shards\n\n"
           f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; device {args.device}; {date}\n"
           f"- fusemerge {version_of(sys.executable, 'fusemerge')}; command: `{command}`\n"
           f"- page cache warm (inputs read once before each run); medians of {args.repeats}, order alternating; "
           f"--max-memory {args.max_memory} for the whole run, 1/{args.parts} of it for each part\n\n"
-          "| run | wall s | peak anon GB | vs whole |\n|---|---:|---:|---:|")
-    print(f"| whole (`run`, default workers) | {med['whole']:.2f} | "
+          "| run | wall s | CPU s (user + sys) | peak anon GB | vs whole |\n|---|---:|---:|---:|---:|")
+    print(f"| whole (`run`, default workers) | {med['whole']:.2f} | {cpu['whole']:.2f} | "
           f"{max(r['anon'] for r in runs['whole']) / GB:.2f} | 1.00 |")
     print(f"| {args.parts} parts at once (`--workers {args.part_workers}` each) | {med['parts']:.2f} | "
-          f"{max(r['anon'] for r in runs['parts']) / GB:.2f} | {med['parts'] / med['whole']:.2f} |")
+          f"{cpu['parts']:.2f} | {max(r['anon'] for r in runs['parts']) / GB:.2f} | "
+          f"{med['parts'] / med['whole']:.2f} |")
     join_s = statistics.median(r["join_s"] for r in runs["finalize"])
     print(f"| `finalize` (the join itself: {join_s:.2f} s; the rest is start-up) | {med['finalize']:.2f} | "
-          f"{max(r['anon'] for r in runs['finalize']) / GB:.2f} | {med['finalize'] / med['whole']:.2f} |")
-    print(f"| parts + finalize | {joined:.2f} | | **{joined / med['whole']:.2f}** |")
+          f"{cpu['finalize']:.2f} | {max(r['anon'] for r in runs['finalize']) / GB:.2f} | "
+          f"{med['finalize'] / med['whole']:.2f} |")
+    print(f"| parts + finalize | {joined:.2f} | | | **{joined / med['whole']:.2f}** |")
     print(f"\njoined output byte-identical to the whole run's: {all(identical)} ({sum(identical)}/{len(identical)})")
     append_csv(args.results, [{
         "date": date, "cpu": m["cpu"], "cores": m["cores"], "device": args.device, "method": args.method,
-        "experts": args.experts, "shape": f"h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}",
+        "trim_scope": args.trim_scope, "experts": args.experts,
+        "shape": f"h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}",
         "input_gb": f"{input_bytes / GB:.3f}", "shards": n_shards, "parts": args.parts,
         "part_workers": args.part_workers, "repeats": args.repeats, "whole_s": f"{med['whole']:.3f}",
         "max_memory": args.max_memory, "parts_s": f"{med['parts']:.3f}", "finalize_s": f"{med['finalize']:.3f}",
-        "join_s": f"{join_s:.3f}", "joined_s": f"{joined:.3f}",
+        "join_s": f"{join_s:.3f}", "joined_s": f"{joined:.3f}", "whole_cpu_s": f"{cpu['whole']:.3f}",
+        "parts_cpu_s": f"{cpu['parts']:.3f}",
         "ratio": f"{joined / med['whole']:.3f}", "identical": all(identical), "command": command,
     }])
     shutil.rmtree(parts_out, ignore_errors=True)

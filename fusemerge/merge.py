@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -15,9 +16,10 @@ from pathlib import Path
 from fusemerge import __version__
 from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
-from fusemerge.partition import finished_part, part_dir, write_part_manifest
+from fusemerge.partition import finished_part, merge_identity, part_dir, parts_root, write_part_manifest
 from fusemerge.planner import MergePlan, build_plan
 from fusemerge.streaming.executor import Executor, StageTimes
+from fusemerge.streaming.global_cuts import CUTS_NAME, CutsFile, identity_digest
 from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
@@ -145,6 +147,7 @@ def run(
                        + (f"; {dropped} journal entries did not match the written bytes and are redone"
                           if dropped else ""))
             executor = None
+            cuts_file = _cuts_file(plan, out_dir, temp, notify)
             writer = ShardedWriter(temp, plan.layout, resume=resumed is not None, index=plan.partition is None)
             try:
                 if journal is None:
@@ -154,7 +157,7 @@ def run(
                 if progress is not None and skipped_bytes:
                     progress(skipped_bytes)  # the progress bar counts resumed bytes as done
                 executor = Executor(plan, writer, progress, skip=journal.done, on_tensor_done=journal.record,
-                                    allow_nonfinite=allow_nonfinite)
+                                    allow_nonfinite=allow_nonfinite, cuts_file=cuts_file)
                 times = executor.times
                 executor.run()
             finally:
@@ -171,6 +174,8 @@ def run(
             else:  # the part's shard hashes; finalize writes the manifest and index of the whole merge
                 write_part_manifest(temp, plan, writer.digests)
             times.add(manifest=time.perf_counter() - t1)
+            if cuts_file is not None and not cuts_file.shared:
+                cuts_file.remove()  # this run's own thresholds file is not part of its output
             _write_extras(plan, temp, copy_tokenizer)
             kill.stage("extras")
             journal.remove()  # killed between here and the rename, a resume starts over: no work is left to lose
@@ -203,10 +208,22 @@ def _discard(journal: Journal | None, temp: Path) -> None:
     shutil.rmtree(temp, ignore_errors=True)
 
 
+def _cuts_file(plan: MergePlan, out_dir: str | os.PathLike, temp: Path, notify: Callable[[str], None]
+               ) -> CutsFile | None:
+    """Where `trim_scope: global` thresholds are kept (streaming/global_cuts.py): shared by the parts of a
+    partitioned merge beside OUT_DIR, in its temporary directory for one run (for --resume); None without them."""
+    if not (plan.method.needs_thresholds and plan.config.trim_scope == "global"):
+        return None
+    merge = identity_digest(merge_identity(plan))
+    if plan.partition is None:
+        return CutsFile(temp, merge, len(plan.models), shared=False, notify=notify)
+    return CutsFile(parts_root(out_dir), merge, len(plan.models), shared=True, notify=notify)
+
+
 def _keep_only_shards(temp: Path, plan: MergePlan) -> None:
     """Before resuming into `temp`: remove what the interrupted run wrote besides its shards and journal (an
     index, a manifest, config and tokenizer files), so only what this run writes ends up in the output."""
-    keep = {s.filename for s in plan.layout.shards} | {JOURNAL_NAME}
+    keep = {s.filename for s in plan.layout.shards} | {JOURNAL_NAME, CUTS_NAME}
     for p in temp.iterdir():
         if p.name in keep:
             continue

@@ -3,12 +3,14 @@ the parts into OUT_DIR (`fusemerge finalize`).
 
 The output layout (shard names, headers, every tensor's offset) is a pure function of the config and the inputs'
 headers, so part i of n merges and writes the output shards s with s % n == i (`planner.part_shards`) and needs
-nothing from the other parts: every statistic is per tensor (`trim_scope: global` thresholds are computed over the
-whole model by every part). Each part is an ordinary run (lock, temporary directory, journal, `--resume`, atomic
+nothing from the other parts: every statistic is per tensor, and `trim_scope: global` thresholds, which are not,
+are found once by the first part to start and read by the others from a file beside the parts
+(`streaming/global_cuts.py`). Each part is an ordinary run (lock, temporary directory, journal, `--resume`, atomic
 rename) into its own directory beside OUT_DIR, on any scheduler (a Slurm array, Ray tasks, Kubernetes jobs) that
 shares a file system:
 
     parent/out.fusemerge-parts/
+        .fusemerge-global-cuts.json, .fusemerge-global-cuts.lock     (trim_scope: global only)
         part-0-of-3/    model-00001-of-00007.safetensors, model-00004-of-00007.safetensors,
                         model-00007-of-00007.safetensors, fusemerge_part.json, config.json, tokenizer files,
                         fusemerge_config.yml, README.md

@@ -189,7 +189,8 @@ class MergePlan:
                          "`fusemerge finalize` joins the parts")
             if self.method.needs_thresholds and cfg.trim_scope == "global":
                 lines.append(f"              the global thresholds read the whole model's "
-                             f"{format_size(whole.input_bytes)} first, in every part")
+                             f"{format_size(whole.input_bytes)} first, in the first part to start; the others "
+                             "wait for them and read them from OUT_DIR.fusemerge-parts/")
         lines += [f"warning       {w}" for w in self.warnings]
         return "\n".join(lines)
 

@@ -60,7 +60,7 @@ def write_manifest(directory: str | os.PathLike, names: list[str],
     return path
 
 
-def write_json(path: Path, obj: object, indent: int = 2) -> None:
+def write_json(path: Path, obj: object, indent: int | None = 2) -> None:
     """`obj` as JSON (keys sorted, a final newline) in the file `path`, flushed to disk."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(json.dumps(obj, indent=indent, sort_keys=True) + "\n")

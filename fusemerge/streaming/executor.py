@@ -26,6 +26,7 @@ from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMas
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, tensor_params, top_cuts, trim_counts
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
+from fusemerge.streaming.global_cuts import Cuts, CutsFile
 from fusemerge.streaming.processes import run_processes, use_processes
 from fusemerge.streaming.reader import ChunkReader
 from fusemerge.streaming.writer import ShardedWriter
@@ -87,7 +88,8 @@ class Executor:
     """Runs a MergePlan into a ShardedWriter. `progress(nbytes)` is called as input bytes are merged.
 
     Hooks for `--resume` (streaming/journal.py): tensors named in `skip` are not merged (they are already in the
-    output; statistics over the whole model, as `trim_scope: global`, still read them), and `on_tensor_done(name)`
+    output; statistics over the whole model, as `trim_scope: global`, still read them unless `cuts_file` holds
+    them), and `on_tensor_done(name)`
     is called, from the worker that merged it, once every byte of tensor `name` has been written by
     `writer.write`; never for a tensor cut short by a failure.
     """
@@ -95,8 +97,9 @@ class Executor:
     def __init__(self, plan: MergePlan, writer: ShardedWriter, progress: Callable[[int], None] | None = None, *,
                  skip: Collection[str] = (), on_tensor_done: Callable[[str], None] | None = None,
                  allow_nonfinite: bool = False, pipeline: bool | None = None, readers: int | None = None,
-                 processes: bool | None = None):
+                 processes: bool | None = None, cuts_file: CutsFile | None = None):
         self.plan = plan
+        self.cuts_file = cuts_file  # trim_scope: global thresholds found by an earlier run of this merge
         # the overlapped disk -> pinned -> GPU -> disk pipeline (streaming/pipeline.py): on CUDA by default;
         # pipeline=True runs it on CPU too (synchronous stand-ins for streams: how CI tests it)
         self.pipeline = plan.device.type == "cuda" if pipeline is None else pipeline
@@ -205,23 +208,34 @@ class Executor:
         return params
 
     def compute_global_cuts(self) -> None:
-        """trim_scope: global: one threshold per expert over every merged tensor, in plan order (of the whole
-        merge: a part of a partitioned merge reads the other parts' tensors too, so every part finds the same)."""
-        plan = self.plan
-        merged = [t for t in plan.all_tensors if not t.copy_only]
-        cuts: dict[str, list[tuple[int, int, int, int]]] = {t.name: [] for t in merged}
-        total = sum(t.numel for t in merged)
-        first = merged[0]
-        gamma = first.gamma or [0.0] * len(plan.models)
-        ranks = [list(trim_counts(plan.method.sparsifier, total, first.density[i], gamma[i]))
-                 for i in range(len(plan.models))]
-        found = top_cuts(self.stat_kernels, [self._segment(t) for t in merged], plan.chunk_elems, ranks)
+        """trim_scope: global: one threshold per expert over every merged tensor, as each tensor's local cuts; from
+        `cuts_file` where an earlier run of this merge (another part, or the run --resume continues) found them."""
+        if self.cuts_file is None:
+            found = self.find_global_cuts()
+        else:
+            found = self.cuts_file.load_or_find(self.find_global_cuts)
+        merged = [t for t in self.plan.all_tensors if not t.copy_only]
+        cuts: dict[str, list[tuple[int, int, int, int]]] = {}
         offset = 0
         for t in merged:  # a global index cut becomes each tensor's local cut
             cuts[t.name] = [(tk, _local_cut(ck, offset, t.numel), td, _local_cut(cd, offset, t.numel))
                             for (tk, ck), (td, cd) in found]
             offset += t.numel
         self.global_cuts = cuts
+
+    def find_global_cuts(self) -> Cuts:
+        """Per expert, the global (t, c) cuts of the trim and of breadcrumbs' second threshold over every merged
+        tensor in plan order (of the whole merge: a part of a partitioned merge reads the other parts' tensors
+        too, so every part finds the same)."""
+        plan = self.plan
+        merged = [t for t in plan.all_tensors if not t.copy_only]
+        total = sum(t.numel for t in merged)
+        first = merged[0]
+        gamma = first.gamma or [0.0] * len(plan.models)
+        ranks = [list(trim_counts(plan.method.sparsifier, total, first.density[i], gamma[i]))
+                 for i in range(len(plan.models))]
+        return [(tk, td) for tk, td in top_cuts(self.stat_kernels, [self._segment(t) for t in merged],
+                                                 plan.chunk_elems, ranks)]
 
     # -- merging -------------------------------------------------------------------------------
 
