@@ -21,14 +21,21 @@ Radix select (any chunking, `trim_scope: global`):
   2. histogram of the low 16 bits inside that bin -> the exact bit pattern t of the k-th largest
   3. if only some of the entries equal to t fit in k: an in-order count finds the index cut c
      so that exactly k entries satisfy (|d| > t) | (|d| == t & j < c).
+  Passes 1 and 2 may be split by chunk among workers (`top_cuts(workers=k)`: threads, or the executor's forked
+  processes): histograms are sums and the entries kept in pass 2 are merged back in index order, so the cuts
+  do not depend on k.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
+import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +44,7 @@ from fusemerge.kernels.dare_masks import KeepMasks
 from fusemerge.kernels.params import EMPTY_C, EMPTY_T
 
 Loader = Callable[[int, int], tuple[torch.Tensor, list[torch.Tensor]]]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,52 @@ def _chunks(segments: list[Segment], chunk: int) -> Iterator[tuple[int, torch.Te
         offset += seg.numel
 
 
+def _stride(segments: list[Segment], chunk: int, w: int, k: int, stop: threading.Event
+            ) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+    """The chunks of `_chunks` whose position p (in order, from 0) has p % k == w, read as they are reached: worker
+    w's share of a pass split among k workers, in increasing order. Ends early once `stop` is set."""
+    p = 0
+    offset = 0
+    for seg in segments:
+        for local in range(0, seg.numel, chunk):
+            if p % k == w:
+                if stop.is_set():
+                    return
+                base, experts = seg.load(local, min(chunk, seg.numel - local))
+                yield offset + local, base, experts
+            p += 1
+        offset += seg.numel
+
+
+# run_workers(k, body, stop) -> [body(0), ..., body(k - 1)], run side by side; top_cuts sets `stop` when one fails.
+RunWorkers = Callable[[int, Callable[[int], T], threading.Event], list[T]]
+
+
+def run_threads(k: int, body: Callable[[int], T], stop: threading.Event) -> list[T]:
+    """body(w) for w < k, from k threads (this one alone when k == 1); the first failure sets `stop`, so the
+    others end at their next chunk, and is raised."""
+    if k == 1:
+        return [body(0)]
+    with ThreadPoolExecutor(k, thread_name_prefix="fusemerge-select") as pool:
+        futures = [pool.submit(body, w) for w in range(k)]
+        try:
+            return [fut.result() for fut in futures]
+        except BaseException:
+            stop.set()  # before the pool's exit waits for the other threads
+            raise
+
+
+class _KeptByChunk:
+    """kept[i, b]: the entries the workers kept for expert i and high bin b, as (chunk start, low bits) in index
+    order (each worker's own are in order; this merges them)."""
+
+    def __init__(self, spools: list[dict[tuple[int, int], _Spool]]):
+        self.spools = spools
+
+    def __getitem__(self, key: tuple[int, int]) -> Iterator[tuple[int, np.ndarray]]:
+        return heapq.merge(*(s[key] for s in self.spools if key in s), key=lambda item: item[0])
+
+
 class _Spool:
     """Small int32 arrays appended in order, stored in a few large blocks.
 
@@ -77,15 +131,31 @@ class _Spool:
     def __init__(self) -> None:
         self.blocks: list[np.ndarray] = []
         self.used = self.BLOCK
+        self.filled: list[int] = []  # entries used in each block
         self.items: list[tuple[int, int, int, int]] = []  # (chunk start, block, offset, length)
 
     def append(self, start: int, values: np.ndarray) -> None:
         if not self.blocks or self.used + values.size > len(self.blocks[-1]):
             self.blocks.append(np.empty(max(self.BLOCK, values.size), dtype=np.int32))
+            self.filled.append(0)
             self.used = 0
         self.blocks[-1][self.used:self.used + values.size] = values
         self.items.append((start, len(self.blocks) - 1, self.used, values.size))
         self.used += values.size
+        self.filled[-1] = self.used
+
+    def bincount(self, bins: int) -> np.ndarray:
+        """int64[bins]: how often each value in [0, bins) occurs among everything appended."""
+        counts = np.zeros(bins, dtype=np.int64)
+        for block, filled in zip(self.blocks, self.filled, strict=True):
+            counts += np.bincount(block[:filled], minlength=bins)
+        return counts
+
+    def trim(self) -> None:
+        """Drop the unused end of the last block (before the spool is sent to another process)."""
+        if self.blocks:
+            self.blocks[-1] = self.blocks[-1][:self.filled[-1]].copy()
+            self.used = self.BLOCK  # a later append starts a new block
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
         for start, block, offset, length in self.items:
@@ -111,12 +181,17 @@ def _locate(hist: np.ndarray, rank: int) -> tuple[int, int]:
 
 
 def top_cuts(
-    backend: ModuleType, segments: list[Segment], chunk: int, ranks: list[list[int]]
+    backend: ModuleType, segments: list[Segment], chunk: int, ranks: list[list[int]], *, workers: int = 1,
+    run_workers: RunWorkers = run_threads, keep_bytes: int | None = None,
 ) -> list[list[tuple[int, int]]]:
     """For expert i and each rank r in ranks[i], the (t, c) whose set in_top(t, c) holds exactly the r largest |d|.
 
     Ties at the threshold are kept lowest global index first; r = 0 gives the empty set. Every pass reads
-    each chunk once for all experts.
+    each chunk once for all experts. `workers` > 1 splits the two histogram passes by chunk among that many
+    workers, run by `run_workers` (threads; the executor's forked processes on CPU, which share no interpreter
+    lock): each keeps its own histograms and selections, and the sums, so the result, do not change. For the
+    CPU path's `trim_scope: global`, which reads the whole model before any tensor is merged. `keep_bytes`
+    bounds the selected entries kept in memory for the tie cut (beyond it, one more counting pass finds it).
     """
     total = sum(s.numel for s in segments)
     n = len(ranks)
@@ -128,40 +203,62 @@ def top_cuts(
             return fast
     live = [sorted({r for r in rs if r > 0}) for rs in ranks]
     found: list[dict[int, tuple[int, int, int]]] = [{} for _ in range(n)]  # rank -> (t, ties kept, ties)
+    kept: _KeptByChunk | None = None
     if any(live):
-        hi = np.zeros((n, 1 << 15), dtype=np.int64)
-        for _, base, experts in _chunks(segments, chunk):
-            for i in range(n):
-                if live[i]:
-                    hi[i] += backend.abs_hist_hi(base, experts[i]).cpu().numpy()
+        k = max(1, min(workers, -(-total // chunk)))
+        stop = threading.Event()
+
+        def count_hi(w: int) -> np.ndarray:
+            hi = np.zeros((n, 1 << 15), dtype=np.int64)
+            for _, base, experts in _stride(segments, chunk, w, k, stop):
+                for i in range(n):
+                    if live[i]:
+                        hi[i] += backend.abs_hist_hi(base, experts[i]).cpu().numpy()
+            return hi
+
+        hi = sum(run_workers(k, count_hi, stop))
         located = [{r: _locate(hi[i], r) for r in live[i]} for i in range(n)]
         bins = [sorted({b for b, _ in located[i].values()}) for i in range(n)]
-        lo = [{b: np.zeros(1 << 16, dtype=np.int64) for b in bins[i]} for i in range(n)]
         # Where the backend can hand over the selected entries themselves, keep them (per chunk, in index
         # order) while they are few: the tie cut below then needs no further pass over the data.
         select = getattr(backend, "abs_select_lo", None)
-        kept: dict[tuple[int, int], _Spool] | None = {} if select else None
-        room = max(chunk, total // 8) * n
-        for start, base, experts in _chunks(segments, chunk):
-            for i in range(n):
-                for b in bins[i]:
-                    if kept is None:
-                        lo[i][b] += backend.abs_hist_lo(base, experts[i], b).cpu().numpy()
-                        continue
-                    sel = select(base, experts[i], b).cpu().numpy()
-                    lo[i][b] += np.bincount(sel, minlength=1 << 16)
-                    room -= sel.size
-                    if room < 0:
-                        kept = None
-                    else:
-                        kept.setdefault((i, b), _Spool()).append(start, sel)
+        room = max(chunk, total // 8) * n  # entries all workers together may keep
+        if keep_bytes is not None:
+            room = min(room, keep_bytes // 4)
+
+        def count_lo(w: int) -> tuple[list[dict[int, np.ndarray]], dict[tuple[int, int], _Spool] | None]:
+            lo = [{b: np.zeros(1 << 16, dtype=np.int64) for b in bins[i]} for i in range(n)]
+            spools: dict[tuple[int, int], _Spool] | None = {} if select is not None else None
+            left = room // k  # this worker's share: beyond it, its spools are counted and dropped
+            for start, base, experts in _stride(segments, chunk, w, k, stop):
+                for i in range(n):
+                    for b in bins[i]:
+                        if spools is None:
+                            lo[i][b] += backend.abs_hist_lo(base, experts[i], b).cpu().numpy()
+                            continue
+                        sel = select(base, experts[i], b).cpu().numpy()
+                        left -= sel.size
+                        if left >= 0:  # counted from the spool at the end: one bincount, not one per chunk
+                            spools.setdefault((i, b), _Spool()).append(start, sel)
+                            continue
+                        lo[i][b] += np.bincount(sel, minlength=1 << 16)
+                        for (si, sb), spool in spools.items():
+                            lo[si][sb] += spool.bincount(1 << 16)
+                        spools = None
+            for (i, b), spool in (spools or {}).items():
+                lo[i][b] += spool.bincount(1 << 16)
+                spool.trim()
+            return lo, spools
+
+        done = run_workers(k, count_lo, stop)
+        lo = [{b: sum(los[i][b] for los, _ in done) for b in bins[i]} for i in range(n)]
+        if select is not None and all(spools is not None for _, spools in done):
+            kept = _KeptByChunk([spools for _, spools in done])
         for i in range(n):
             for r in live[i]:
                 b, above = located[i][r]
                 low, above_lo = _locate(lo[i][b], r - above)
                 found[i][r] = ((b << 16) | low, r - above - above_lo, int(lo[i][b][low]))
-    else:
-        kept = None
 
     cuts = [{r: total for r, (_, q, ties) in found[i].items() if q == ties} for i in range(n)]
     pending = {(i, r): (t, q) for i in range(n) for r, (t, q, ties) in found[i].items() if q < ties}

@@ -20,6 +20,11 @@ same kind of error after killing the other children. The children ignore SIGINT 
 kills them) and die with the parent (PR_SET_PDEATHSIG), so a killed run leaves no process writing into the
 temporary directory a `--resume` reuses.
 
+`fork_map(k, body)` runs the other CPU work that parallelizes the same way: `trim_scope: global`'s threshold
+passes over the whole model, split by chunk (`Executor._run_stat_workers`, kernels/select.py): 2.78-2.94 s in one
+thread, 2.12-2.13 s in two threads, 1.51-1.60 s in two processes (the bench model of e2e.py, 2-core Xeon VM,
+2026-12-01); each child sends back its histograms and kept entries, pickled.
+
 For DARE each worker process draws its own masks (the mask worker processes that serve the threads,
 kernels/dare_masks.py, are not started): DARE-TIES e2e 13.0-13.5 -> 12.2-12.8 s on the same machine. Not used for the
 Triton backend, the GPU pipeline, one worker, or off Linux (threads then, as before), nor with
@@ -33,11 +38,13 @@ import gc
 import json
 import multiprocessing
 import os
+import pickle
 import selectors
 import signal
 import sys
 import traceback
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 from fusemerge.errors import FusemergeError, InputError
 
@@ -45,6 +52,7 @@ if TYPE_CHECKING:
     from fusemerge.planner import MergePlan, TensorPlan
     from fusemerge.streaming.executor import Executor
 
+T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
 WORKERS_ENV = "FUSEMERGE_CPU_WORKERS"  # "threads": never fork (use_processes)
 
@@ -109,6 +117,75 @@ def run_processes(ex: Executor, order: list[TensorPlan]) -> None:
         raise error
 
 
+def fork_map(k: int, body: Callable[[int], T]) -> list[T]:
+    """[body(0), ..., body(k - 1)], each run in its own forked child (the statistics passes of `trim_scope:
+    global`, split by chunk: kernels/select.py). A child sends its return value back pickled through a pipe;
+    the first child's error is raised in the parent, as the same kind of error, once every child is gone (the
+    others are killed)."""
+    parent = os.getpid()
+    pipes: dict[int, int] = {}  # pid -> the read end of its pipe
+    data: dict[int, list[bytes]] = {}
+    statuses: dict[int, int] = {}
+    selector = selectors.DefaultSelector()
+    error: BaseException | None = None
+    try:
+        for w in range(k):
+            read_fd, write_fd = os.pipe()
+            pid = os.fork()
+            if pid == 0:  # the child: never returns
+                os.close(read_fd)
+                _map_child(body, w, write_fd, parent)
+            os.close(write_fd)
+            pipes[pid], data[pid] = read_fd, []
+            selector.register(read_fd, selectors.EVENT_READ, pid)
+        while len(statuses) < k and error is None:
+            for key, _ in selector.select():
+                pid = key.data
+                chunk = os.read(key.fd, 1 << 20)
+                if chunk:
+                    data[pid].append(chunk)
+                    continue
+                selector.unregister(key.fd)  # its pipe closed: the child has exited, or died
+                statuses[pid] = os.waitpid(pid, 0)[1]
+                reply = b"".join(data[pid])
+                if not reply:
+                    error = _death(statuses[pid], "before it finished its share of the statistics")
+                    continue
+                kind, value = pickle.loads(reply)
+                if kind == "error":
+                    error = _error(value)
+                else:
+                    data[pid] = [value]
+    finally:
+        failed = error is not None or sys.exc_info()[0] is not None
+        for pid, fd in pipes.items():
+            if pid not in statuses:
+                if failed:
+                    os.kill(pid, signal.SIGKILL)
+                statuses[pid] = os.waitpid(pid, 0)[1]
+            os.close(fd)
+        selector.close()
+    if error is not None:
+        raise error
+    return [data[pid][0] for pid in pipes]  # in fork order: body(0) first
+
+
+def _map_child(body: Callable[[int], object], w: int, write_fd: int, parent: int) -> None:
+    """The body of a fork_map child: body(w), its value (or its error) pickled into the pipe, then `os._exit`."""
+    code = 1
+    try:
+        _start_child(parent)
+        try:
+            reply = pickle.dumps(("ok", body(w)), protocol=pickle.HIGHEST_PROTOCOL)
+            code = 0
+        except BaseException as e:  # noqa: BLE001 - every error goes to the parent, which raises it
+            reply = pickle.dumps(("error", _describe(e)))
+        with os.fdopen(write_fd, "wb") as out:
+            out.write(reply)
+    finally:
+        os._exit(code)
+
+
 def _message(ex: Executor, msg: dict) -> BaseException | None:
     """Act on one line of a child; the error it reports, if any."""
     if "p" in msg:
@@ -149,14 +226,13 @@ class WorkerError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
-def _death(status: int) -> BaseException:
+def _death(status: int, before: str = "before its tensors were written") -> BaseException:
     """The error for a child that exited (wait status `status`) without saying how it ended."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         why = " (out of memory? lower --max-memory)" if sig == signal.SIGKILL else ""
         return FusemergeError(f"a merge worker process was killed by signal {sig}{why}")
-    return FusemergeError(f"a merge worker process exited with status {os.waitstatus_to_exitcode(status)} "
-                          "before its tensors were written")
+    return FusemergeError(f"a merge worker process exited with status {os.waitstatus_to_exitcode(status)} {before}")
 
 
 def _child(ex: Executor, order: list[TensorPlan], counter, write_fd: int, parent: int) -> None:
@@ -164,12 +240,7 @@ def _child(ex: Executor, order: list[TensorPlan], counter, write_fd: int, parent
     the parent's code: no atexit handlers, no finally blocks of the parent's stack)."""
     code = 1
     try:
-        # The collector of this copy leaves the objects inherited from the parent alone: without it, it touches
-        # every object's header and so copies most of the interpreter's pages (0.43 -> 0.35 GB peak, e2e TIES).
-        # Freezing moves whole generation lists; it changes nothing in the parent.
-        gc.freeze()
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the run and kills the children
-        _die_with(parent)
+        _start_child(parent)
         out = os.fdopen(write_fd, "w", encoding="utf-8", buffering=1)
 
         def send(**msg: object) -> None:
@@ -197,6 +268,22 @@ def _child(ex: Executor, order: list[TensorPlan], counter, write_fd: int, parent
         out.flush()
     finally:
         os._exit(code)
+
+
+def _start_child(parent: int) -> None:
+    """What every forked child does first."""
+    # The collector of this copy leaves the objects inherited from the parent alone: without it, it touches
+    # every object's header and so copies most of the interpreter's pages (0.43 -> 0.35 GB peak, e2e TIES).
+    # Freezing moves whole generation lists; it changes nothing in the parent.
+    gc.freeze()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the run and kills the children
+    _die_with(parent)
+    # No OpenMP parallel region in a forked child: GNU libgomp's threads do not survive fork, and a child that
+    # enters one waits for them forever (a test hung so once its process had used torch's intra-op threads
+    # before forking). With one thread torch runs every op inline. (Executor.run sets it before forking too.)
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _describe(e: BaseException) -> dict:
