@@ -56,6 +56,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     """The method and the synthetic family's shape: what `ensure_models` and the config need."""
     p.add_argument("--method", default="ties")
     p.add_argument("--density", type=float, default=0.2)
+    p.add_argument("--trim-scope", choices=["tensor", "global"], default="tensor",
+                   help="fusemerge's trim_scope for the TIES-family methods (global: mergekit cannot run it)")
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)
@@ -156,11 +158,16 @@ def main(argv: list[str] | None = None) -> int:
     inputs = sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
     input_bytes = sum(f.stat().st_size for f in inputs)
     params = {"density": args.density} if args.method in DENSITY_METHODS else {}
+    if args.trim_scope == "global":
+        params["trim_scope"] = "global"
+        if "mergekit" in tools:
+            notes.append("mergekit skipped: it has no trim_scope: global")
+            tools.remove("mergekit")
     merge_dtype = args.merge_dtype or args.dtype
     params["dtype"] = merge_dtype
     if merge_dtype != args.dtype:
         params["out_dtype"] = args.dtype
-    config = args.workdir / f"{args.method}.yml"
+    config = args.workdir / (f"{args.method}.yml" if args.trim_scope == "tensor" else f"{args.method}-global.yml")
     write_config_yaml(config, args.method, fam["base"], fam["experts"], **params)
     cold = cold_read(inputs) if args.drop_caches or args.cold else None
     if args.cold and cold is None:
@@ -249,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     m = machine()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(
-        f"\n## e2e: {args.method} (density {args.density}), {args.experts} experts, Llama h{args.hidden} "
+        f"\n## e2e: {args.method} (density {args.density}"
+        + (", trim_scope: global" if args.trim_scope == "global" else "")
+        + f"), {args.experts} experts, Llama h{args.hidden} "
         f"i{args.intermediate} L{args.layers} V{args.vocab} {args.dtype} (merge dtype {merge_dtype})\n\n"
         f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; device {args.device}; load avg (1 min) "
         "before the runs: " + ", ".join(f"{t} {s['load']:.2f}" for t, s in summary.items()) + "\n"
@@ -301,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     for note in notes:
         print(f"\nnote: {note}")
     shape = {k: getattr(args, k) for k in ("method", "density", "experts", "hidden", "intermediate", "layers", "vocab")}
+    if args.trim_scope == "global":
+        shape["method"] = f"{args.method} (trim_scope global)"
     rows = [
         {
             "date": date,

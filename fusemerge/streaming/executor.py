@@ -237,11 +237,26 @@ class Executor:
         gamma = first.gamma or [0.0] * len(plan.models)
         ranks = [list(trim_counts(plan.method.sparsifier, total, first.density[i], gamma[i]))
                  for i in range(len(plan.models))]
-        workers = min(plan.workers if plan.device.type == "cpu" else 1,  # on a GPU, one pass at a time
-                      -(-total // plan.chunk_elems))
         t0, read0 = time.perf_counter(), self.times.read
-        found = top_cuts(self.stat_kernels, [self._segment(t) for t in merged], plan.chunk_elems, ranks,
-                         workers=workers, run_workers=self._run_stat_workers, keep_bytes=plan.budget // 2)
+        if self.pipeline:  # on the (first) GPU, each chunk read ahead into pinned memory while the last is used
+            from fusemerge.streaming.pipeline import Pipeline
+
+            pipe = Pipeline(self, readers=self.readers, device=plan.compute_devices[0])
+            try:
+                segments, drain = pipe.read_ahead(merged)
+                try:
+                    found = top_cuts(self.stat_kernels, segments, pipe.chunk, ranks, keep_bytes=plan.budget // 2)
+                except BaseException:
+                    drain(quiet=True)
+                    raise
+                drain()
+            finally:
+                pipe.close_statistics()
+            workers = 1
+        else:
+            workers = min(plan.workers if plan.device.type == "cpu" else 1, -(-total // plan.chunk_elems))
+            found = top_cuts(self.stat_kernels, [self._segment(t) for t in merged], plan.chunk_elems, ranks,
+                             workers=workers, run_workers=self._run_stat_workers, keep_bytes=plan.budget // 2)
         # statistics: the passes' time in each worker, less what reading took (summed over workers, as the others)
         self.times.add(stats=max(0.0, workers * (time.perf_counter() - t0) - (self.times.read - read0)))
         return [(tk, td) for tk, td in found]

@@ -11,8 +11,10 @@ chunks land wherever they belong, in any order.
 
 Tensors whose method needs statistics (thresholds, DARE's L1) and whose inputs fit `resident_bytes` are
 gathered on the GPU first: the statistics pass and the merge then run on resident data, so every input byte
-crosses the disk and the PCIe bus once. A larger tensor (or `trim_scope: global`) streams twice through the
-plain executor path, which is correct and bounded, only slower.
+crosses the disk and the PCIe bus once. A larger tensor streams twice: its statistics passes read it ahead
+through two pinned buffers of their own (`read_ahead`), then it merges as it streams. `trim_scope: global` reads
+the whole model that way for its thresholds (`Executor.find_global_cuts`), then merges every tensor as it
+streams.
 
 Memory: GPU: the resident tensor (<= resident_bytes) + 2 staging buffers + 2 output buffers of one chunk
 each. Host: `slots` pinned in-slots of (N + 1) x chunk x itemsize + `slots // 2 + 1` pinned out-slots,
@@ -221,7 +223,8 @@ class Pipeline:
         if not needs_stats or not self._fits(t):
             # no statistics, or a tensor too large to keep on the device: its statistics passes stream it
             # through two buffers of their own first (a second read of its inputs), then it merges as it streams
-            params = (self._streamed_statistics(t) if needs_stats
+            # (with trim_scope: global the thresholds are known: nothing to read for them)
+            params = (self._streamed_statistics(t) if needs_stats and self.ex.global_cuts is None
                       else self.ex.chunk_params(t, Segment(t.numel, _no_statistics)))
             for start, count, slot, fut in chunks:
                 fut.result()
@@ -275,48 +278,79 @@ class Pipeline:
         return s
 
     def _streamed_statistics(self, t: TensorPlan):
-        """ChunkParams of a tensor whose inputs do not fit the device: the statistics passes read it chunk by
-        chunk, each chunk's N + 1 inputs in parallel into a pinned buffer while the previous one is used."""
-        entries = _entries(t)
+        """ChunkParams of a tensor whose inputs do not fit the device: its statistics passes read it chunk by
+        chunk through `read_ahead`."""
+        (segment,), drain = self.read_ahead([t])
+        try:
+            params = self.ex.chunk_params(t, segment, chunk=self.chunk)
+        except BaseException:
+            drain(quiet=True)
+            raise
+        drain()
+        return params
+
+    def read_ahead(self, tensors: list[TensorPlan]) -> tuple[list[Segment], Callable[..., None]]:
+        """Segments over `tensors` (in order) whose chunks of `self.chunk` elements are read ahead: while a pass
+        uses a chunk on the device, the N + 1 inputs of the next one (the next tensor's first after a tensor's
+        last; after the last, the first again, for the next pass) are read in parallel threads into the other of
+        two pinned buffers. The statistics passes of a tensor too large for the device, and `trim_scope:
+        global`'s over the whole model (Executor.find_global_cuts), so their reads overlap the kernels instead
+        of waiting for them. Returns the segments and `drain()`, which waits for a read-ahead no pass used
+        (`drain(quiet=True)` after a failure: without raising the read's own error)."""
         if self._stat_bufs is None:
             self._stat_bufs = [self._host(self.rows, self.chunk * 4) for _ in range(2)]
             self._stat_gpu = torch.empty((self.rows, self.chunk * 4), dtype=torch.uint8, device=self.device)
             self._stat_pool = ThreadPoolExecutor(min(self.rows, self.readers), thread_name_prefix="fusemerge-stat")
         bufs, copied = self._stat_bufs, [None, None]
-        pending: dict[int, tuple[int, list]] = {}
+        places = [(i, start) for i, t in enumerate(tensors) for start in range(0, t.numel, self.chunk)]
+        after = {p: places[(k + 1) % len(places)] for k, p in enumerate(places)}
+        pending: dict[tuple[int, int], tuple[int, list]] = {}
         turn = [0]
 
-        def schedule(start: int) -> None:
+        def schedule(i: int, start: int) -> None:
             k = turn[0] % 2
             turn[0] += 1
             if copied[k] is not None:
                 copied[k].synchronize()  # its last H2D is done: the buffer can be refilled
+            t = tensors[i]
             count = min(self.chunk, t.numel - start)
-            pending[start] = (k, [self._stat_pool.submit(self._timed_read, e, start, count, bufs[k][r])
-                                  for r, e in enumerate(entries)])
+            pending[i, start] = (k, [self._stat_pool.submit(self._timed_read, e, start, count, bufs[k][r])
+                                     for r, e in enumerate(_entries(t))])
 
-        def load(start: int, count: int):
-            if start not in pending:  # not the chunk read ahead (a tie pass jumps): drop the read-ahead
-                for _, futures in pending.values():
-                    for f in futures:
+        def drain(quiet: bool = False) -> None:
+            for _, futures in pending.values():
+                for f in futures:
+                    if quiet:  # after a failure: wait, and keep the failure that is being raised
+                        f.exception()
+                    else:
                         f.result()
-                pending.clear()
-                schedule(start)
-            k, futures = pending.pop(start)
-            for f in futures:
-                f.result()
-            nxt = start + count if start + count < t.numel else 0  # the next chunk, or the next pass's first
-            schedule(nxt)
-            for r, e in enumerate(entries):
-                self._stat_gpu[r, :count * e.itemsize].copy_(bufs[k][r, :count * e.itemsize], non_blocking=True)
-            copied[k] = self._record(torch.cuda.current_stream(self.device) if self.cuda else None)
-            return _views(t, self._stat_gpu, 0, count)
+            pending.clear()
 
-        params = self.ex.chunk_params(t, Segment(t.numel, load), chunk=self.chunk)
-        for _, futures in pending.values():  # the speculative read of a pass that did not come
-            for f in futures:
-                f.result()
-        return params
+        def loader(i: int):
+            t = tensors[i]
+
+            def load(start: int, count: int):
+                if (i, start) not in pending:  # not the chunk read ahead (a tie pass jumps): drop the read-ahead
+                    drain()
+                    schedule(i, start)
+                k, futures = pending.pop((i, start))
+                for f in futures:
+                    f.result()
+                schedule(*after[i, start])
+                for r, e in enumerate(_entries(t)):
+                    self._stat_gpu[r, :count * e.itemsize].copy_(bufs[k][r, :count * e.itemsize], non_blocking=True)
+                copied[k] = self._record(torch.cuda.current_stream(self.device) if self.cuda else None)
+                return _views(t, self._stat_gpu, 0, count)
+
+            return load
+
+        return [Segment(t.numel, loader(i)) for i, t in enumerate(tensors)], drain
+
+    def close_statistics(self) -> None:
+        """Release read_ahead's threads and buffers (a pipeline used only for statistics)."""
+        if self._stat_pool is not None:
+            self._stat_pool.shutdown(wait=True, cancel_futures=True)
+        self._stat_pool = self._stat_bufs = self._stat_gpu = None
 
     def _timed_read(self, e, start: int, count: int, out: torch.Tensor) -> None:
         t0 = time.perf_counter()

@@ -146,8 +146,38 @@ def test_global_trim_scope_through_the_pipeline(tmp_path, fam, method) -> None:
     write_config_yaml(cfg, method, fam["base"], fam["experts"], weight=(1.0, 0.6, 1.3), trim_scope="global",
                       **PARAMS[method])
     fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
-    pipeline_run(cfg, tmp_path / "pipe", pinned="32KiB")
+    from fusemerge.streaming.pipeline import Pipeline
+
+    real, passes = Pipeline.read_ahead, []
+
+    def counted(self, tensors):
+        passes.append(len(tensors))
+        return real(self, tensors)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Pipeline, "read_ahead", counted)
+        plan, _, _ = pipeline_run(cfg, tmp_path / "pipe", pinned="32KiB")
     assert shards(tmp_path / "pipe") == shards(tmp_path / "ref")
+    # the thresholds' passes read the whole model ahead, through the pipeline's pinned buffers, once
+    assert passes == [sum(not t.copy_only for t in plan.tensors)]
+
+
+def test_a_read_failure_in_the_global_thresholds_is_raised(tmp_path, fam, monkeypatch) -> None:
+    cfg = tmp_path / "g.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], trim_scope="global", **PARAMS["ties"])
+    from fusemerge.streaming.reader import ChunkReader
+
+    real, calls = ChunkReader.read_into, [0]
+
+    def flaky(self, entry, start, count, out):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise InputError(f"{entry.file}: truncated while reading tensor {entry.name!r}")
+        return real(self, entry, start, count, out)
+
+    monkeypatch.setattr(ChunkReader, "read_into", flaky)
+    with pytest.raises(InputError, match="truncated while reading"):
+        pipeline_run(cfg, tmp_path / "out", pinned="32KiB")
 
 
 # -- several devices --------------------------------------------------------------------------------------
