@@ -70,51 +70,26 @@ def run_processes(ex: Executor, order: list[TensorPlan]) -> None:
     """Merge the tensors `order` (largest first) with `ex.plan.workers` forked processes; returns when every
     tensor is written, or raises the first child's error once every child is gone."""
     counter = multiprocessing.get_context("fork").Value("q", 0)  # the next tensor of `order` to take
-    pipes: dict[int, int] = {}  # pid -> the read end of its pipe
     pending: dict[int, bytes] = {}  # pid -> the start of a line not yet complete
-    statuses: dict[int, int] = {}  # pid -> wait status, once reaped
     ended: set[int] = set()  # children that reported their end
-    selector = selectors.DefaultSelector()
-    error: BaseException | None = None
     parent = os.getpid()
     ex.times.worker_processes = min(ex.plan.workers, len(order))
-    try:
-        for _ in range(ex.times.worker_processes):
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # the child: never returns
-                os.close(read_fd)
-                _child(ex, order, counter, write_fd, parent)
-            os.close(write_fd)
-            pipes[pid], pending[pid] = read_fd, b""
-            selector.register(read_fd, selectors.EVENT_READ, pid)
-        while len(statuses) < len(pipes) and error is None:
-            for key, _ in selector.select():
-                pid = key.data
-                data = os.read(key.fd, 1 << 16)
-                if data:  # every complete line now, so a finished tensor is journaled at once
-                    *lines, pending[pid] = (pending[pid] + data).split(b"\n")
-                    for line in lines:
-                        msg = json.loads(line)
-                        if "end" in msg:
-                            ended.add(pid)
-                        error = error or _message(ex, msg)
-                    continue
-                selector.unregister(key.fd)  # its pipe closed: the child has exited, or died
-                statuses[pid] = os.waitpid(pid, 0)[1]
-                if pid not in ended and error is None:
-                    error = _death(statuses[pid])
-    finally:
-        failed = error is not None or sys.exc_info()[0] is not None
-        for pid, fd in pipes.items():
-            if pid not in statuses:
-                if failed:
-                    os.kill(pid, signal.SIGKILL)
-                statuses[pid] = os.waitpid(pid, 0)[1]
-            os.close(fd)
-        selector.close()
-    if error is not None:
-        raise error
+
+    def on_data(pid: int, data: bytes) -> BaseException | None:
+        # every complete line now, so a finished tensor is journaled at once
+        *lines, pending[pid] = (pending.get(pid, b"") + data).split(b"\n")
+        error = None
+        for line in lines:
+            msg = json.loads(line)
+            if "end" in msg:
+                ended.add(pid)
+            error = error or _message(ex, msg)
+        return error
+
+    def on_exit(pid: int, status: int) -> BaseException | None:
+        return None if pid in ended else _death(status)
+
+    _run_children(ex.times.worker_processes, lambda w, fd: _child(ex, order, counter, fd, parent), on_data, on_exit)
 
 
 def fork_map(k: int, body: Callable[[int], T]) -> list[T]:
@@ -123,9 +98,35 @@ def fork_map(k: int, body: Callable[[int], T]) -> list[T]:
     the first child's error is raised in the parent, as the same kind of error, once every child is gone (the
     others are killed)."""
     parent = os.getpid()
+    received: dict[int, list[bytes]] = {}
+    values: dict[int, T] = {}
+
+    def on_data(pid: int, data: bytes) -> None:
+        received.setdefault(pid, []).append(data)
+
+    def on_exit(pid: int, status: int) -> BaseException | None:
+        reply = b"".join(received.pop(pid, []))
+        if not reply:
+            return _death(status, "before it finished its share of the statistics")
+        kind, value = pickle.loads(reply)
+        if kind == "error":
+            return _error(value)
+        values[pid] = value
+        return None
+
+    pids = _run_children(k, lambda w, fd: _map_child(body, w, fd, parent), on_data, on_exit)
+    return [values[pid] for pid in pids]
+
+
+def _run_children(k: int, child: Callable[[int, int], None], on_data: Callable[[int, bytes], BaseException | None],
+                  on_exit: Callable[[int, int], BaseException | None]) -> list[int]:
+    """Fork k children, child w running `child(w, write_fd)` (which never returns), and read their pipes until
+    every one has closed: `on_data(pid, bytes)` for what arrives, `on_exit(pid, wait status)` once a child's
+    pipe has closed and it is reaped. The first error either returns ends the loop; then the children still
+    running are killed (on any failure, Ctrl-C included) and reaped, and the error is raised. Returns the pids
+    in the order of w."""
     pipes: dict[int, int] = {}  # pid -> the read end of its pipe
-    data: dict[int, list[bytes]] = {}
-    statuses: dict[int, int] = {}
+    statuses: dict[int, int] = {}  # pid -> wait status, once reaped
     selector = selectors.DefaultSelector()
     error: BaseException | None = None
     try:
@@ -134,28 +135,20 @@ def fork_map(k: int, body: Callable[[int], T]) -> list[T]:
             pid = os.fork()
             if pid == 0:  # the child: never returns
                 os.close(read_fd)
-                _map_child(body, w, write_fd, parent)
+                child(w, write_fd)
             os.close(write_fd)
-            pipes[pid], data[pid] = read_fd, []
+            pipes[pid] = read_fd
             selector.register(read_fd, selectors.EVENT_READ, pid)
-        while len(statuses) < k and error is None:
+        while len(statuses) < len(pipes) and error is None:
             for key, _ in selector.select():
                 pid = key.data
-                chunk = os.read(key.fd, 1 << 20)
-                if chunk:
-                    data[pid].append(chunk)
+                data = os.read(key.fd, 1 << 16)
+                if data:
+                    error = error or on_data(pid, data)
                     continue
                 selector.unregister(key.fd)  # its pipe closed: the child has exited, or died
                 statuses[pid] = os.waitpid(pid, 0)[1]
-                reply = b"".join(data[pid])
-                if not reply:
-                    error = _death(statuses[pid], "before it finished its share of the statistics")
-                    continue
-                kind, value = pickle.loads(reply)
-                if kind == "error":
-                    error = _error(value)
-                else:
-                    data[pid] = [value]
+                error = error or on_exit(pid, statuses[pid])
     finally:
         failed = error is not None or sys.exc_info()[0] is not None
         for pid, fd in pipes.items():
@@ -167,7 +160,7 @@ def fork_map(k: int, body: Callable[[int], T]) -> list[T]:
         selector.close()
     if error is not None:
         raise error
-    return [data[pid][0] for pid in pipes]  # in fork order: body(0) first
+    return list(pipes)
 
 
 def _map_child(body: Callable[[int], object], w: int, write_fd: int, parent: int) -> None:
