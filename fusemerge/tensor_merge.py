@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from fusemerge.errors import InputError
-from fusemerge.kernels import load_backend
+from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import KeepMasks
 from fusemerge.kernels.select import Segment, tensor_params
 from fusemerge.methods import METHODS
@@ -96,14 +96,16 @@ def merge_tensors(
     # and expert, 1/16 of bf16 inputs) instead of drawing Philox twice
     masks = (KeepMasks(KeepMasks.bytes_for(numel, chunk, n))
              if device.type == "cpu" and m.sparsifier == "dare" and rescale is True else None)
-    p = tensor_params(m, name=name, numel=numel,
-                      segments=[Segment(numel, lambda s, c: (fbase[s:s + c], [x[s:s + c] for x in flat]), whole=True)],
-                      weights=weights, density=dens, gamma=gam, lam=lam, normalize=bool(normalize), rescale=rescale,
-                      seed=seed, chunk=chunk, backend=kstats, masks=masks)
     out_dtype = out_dtype or models[0].dtype
     out = torch.empty(numel, dtype=out_dtype, device=device)
-    for s in range(0, numel, chunk):
-        c = min(chunk, numel - s)
-        out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,
-                                          [x[s:s + c] for x in flat], s, p, out_dtype, masks=masks)
+    with on_device(device):  # tensors on cuda:1 are merged by kernels launched on cuda:1
+        p = tensor_params(m, name=name, numel=numel,
+                          segments=[Segment(numel, lambda s, c: (fbase[s:s + c], [x[s:s + c] for x in flat]),
+                                            whole=True)],
+                          weights=weights, density=dens, gamma=gam, lam=lam, normalize=bool(normalize),
+                          rescale=rescale, seed=seed, chunk=chunk, backend=kstats, masks=masks)
+        for s in range(0, numel, chunk):
+            c = min(chunk, numel - s)
+            out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,
+                                              [x[s:s + c] for x in flat], s, p, out_dtype, masks=masks)
     return out.view(shape)

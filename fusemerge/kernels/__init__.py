@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from types import ModuleType
+
+import torch
 
 
 def load_backend(name: str, device_type: str) -> tuple[ModuleType, ModuleType]:
@@ -21,3 +24,11 @@ def load_backend(name: str, device_type: str) -> tuple[ModuleType, ModuleType]:
     from fusemerge.kernels import reference
 
     return reference, reference
+
+
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Where kernels for tensors on `device` must be launched from: Triton launches on the current CUDA device,
+    whatever device its tensors are on (tensors on cuda:1 launched with cuda:0 current are refused: "Pointer
+    argument cannot be accessed from Triton"), so this makes `device` current for the `with` block. Nothing
+    for other devices. The pipeline's threads set their device themselves."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

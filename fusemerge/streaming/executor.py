@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from fusemerge.errors import InputError
-from fusemerge.kernels import load_backend
+from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, run_threads, tensor_params, top_cuts, trim_counts
@@ -243,13 +243,15 @@ class Executor:
 
             pipe = Pipeline(self, readers=self.readers, device=plan.compute_devices[0])
             try:
-                segments, drain = pipe.read_ahead(merged)
-                try:
-                    found = top_cuts(self.stat_kernels, segments, pipe.chunk, ranks, keep_bytes=plan.budget // 2)
-                except BaseException:
-                    drain(quiet=True)
-                    raise
-                drain()
+                with on_device(pipe.device):  # on cuda:N, kernels launched on cuda:N
+                    segments, drain = pipe.read_ahead(merged)
+                    try:
+                        found = top_cuts(self.stat_kernels, segments, pipe.chunk, ranks,
+                                         keep_bytes=plan.budget // 2)
+                    except BaseException:
+                        drain(quiet=True)
+                        raise
+                    drain()
             finally:
                 pipe.close_statistics()
             workers = 1

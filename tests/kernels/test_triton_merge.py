@@ -477,6 +477,22 @@ def test_rejects_cpu_tensors_without_interpreter(monkeypatch):
         tm.merge_chunk(x, [x], 0, ChunkParams("none", "none", False, (1.0,)), torch.float32)
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_merge_tensors_on_a_second_gpu(method):
+    """Triton launches on the current device: tensors on cuda:1 are merged with cuda:1 made current
+    (kernels.on_device), to the bits the CPU backend gives."""
+    from fusemerge import merge_tensors
+
+    g = torch.Generator().manual_seed(4)
+    base = (torch.randn(5000, generator=g) * 0.02).to(torch.bfloat16)
+    experts = [(base.float() + torch.randn(5000, generator=g) * 0.003).to(torch.bfloat16) for _ in range(3)]
+    want = merge_tensors(base, experts, method, density=0.3, seed=1)
+    got = merge_tensors(base.to("cuda:1"), [x.to("cuda:1") for x in experts], method, density=0.3, seed=1)
+    assert torch.cuda.current_device() == 0
+    assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_kernel_has_no_fma_and_precise_division():
     """enable_fp_fusion=False: no fma/mad in the PTX; the division is div.rn (not div.full)."""
