@@ -64,8 +64,8 @@ class CutsFile:
         with self._lock():
             cuts = self.load()
             if cuts is not None:
-                self.notify(f"trim_scope: global thresholds read from {self.path} (found by an earlier run of this "
-                            "merge)")
+                self.notify(f"trim_scope: global thresholds read from {self.path} (another part of this merge, or "
+                            "the run this one resumes, found them)")
                 return cuts
             cuts = find()
             self._write(cuts)
