@@ -123,7 +123,7 @@ def run(
         raise InputError(problems)
 
     kill = KillSwitch.from_env()
-    with out_dir_lock(out):
+    with out_dir_lock(out, notify):
         temp = temp_dir_path(out)
         resumed = Journal.resume(temp, plan, out, kill) if resume and temp.is_dir() else None
         if resumed is None:

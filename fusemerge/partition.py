@@ -30,6 +30,7 @@ renames it into place: the same files, byte for byte, as one `run` of the whole 
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import shutil
@@ -52,6 +53,8 @@ from fusemerge.verify import hash_files, is_files_map, read_json, write_json, wr
 if TYPE_CHECKING:
     from fusemerge.planner import MergePlan
     from fusemerge.streaming.digest import PrefixDigest
+
+log = logging.getLogger("fusemerge")
 
 PART_MANIFEST = "fusemerge_part.json"
 JOIN_MARKER = ".fusemerge-join"  # in OUT_DIR's temporary directory while a join fills it (see _recover_moved)
@@ -158,12 +161,20 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     if not root.is_dir():
         raise InputError(f"{root}: not found: no parts of a partitioned merge into {out} (merge each part with "
                          f"`fusemerge run CONFIG {out} --partition I/N` first)")
-    with out_dir_lock(out):
+    warned: list[str] = []
+
+    def lock_note(line: str) -> None:  # a file system without locks: said once, not once per part
+        if not warned:
+            warned.append(line)
+            (notify or log.warning)(line)
+
+    with out_dir_lock(out, lock_note):
         with ExitStack() as locks:
             found = sorted((int(m.group(1)), int(m.group(2)), p) for p in root.iterdir()
                            if p.is_dir() and (m := _PART_RE.fullmatch(p.name)))
             for _, _, directory in found:
-                locks.enter_context(out_dir_lock(directory))  # no part run may write while the parts are joined
+                # no part run may write while the parts are joined
+                locks.enter_context(out_dir_lock(directory, lock_note))
             _recover_moved(out, found)
             parts = _check_parts(out, root, found)
             first = parts[0][1]

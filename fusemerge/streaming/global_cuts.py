@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fusemerge.streaming.lock import NO_LOCKS, no_locks_warning
 from fusemerge.verify import write_json
 
 CUTS_NAME = ".fusemerge-global-cuts.json"
@@ -124,6 +125,10 @@ class CutsFile:
                 self.notify(f"another part is finding the trim_scope: global thresholds (it holds {lock}); "
                             "waiting to read them")
                 fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as e:  # no file locks here: parts started together each find them (same values)
+                if e.errno not in NO_LOCKS:
+                    raise
+                self.notify(no_locks_warning(lock, e, "parts started together from each finding the thresholds"))
             yield  # the lock file stays (finalize removes the parts' directory): never unlinked while in use
         finally:
             os.close(fd)

@@ -2,13 +2,19 @@
 
 The kernel releases a flock when its process dies, so a lock file left behind by a killed run never blocks the
 next one: whether a run holds the lock is asked with a non-blocking flock, never from the file's existence.
+
+Some file systems refuse file locks: Lustre mounted without `-o flock`, some FUSE and SMB mounts (flock fails
+with ENOSYS, EOPNOTSUPP, ENOLCK or EINVAL). There the run goes on without the lock, after one warning: nothing
+then stops two runs into one OUT_DIR (mergekit never locks), so the user must not start them.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,11 +27,22 @@ def lock_path(out_dir: str | os.PathLike) -> Path:
     return out_dir.parent / f".{out_dir.name}.fusemerge.lock"
 
 
+# flock's errors where the file system has no locks (not "held by another process")
+NO_LOCKS = frozenset({errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK, errno.EINVAL})
+
+
+def no_locks_warning(path: Path, e: OSError, what: str) -> str:
+    """The one warning for a file system that refuses flock on `path`: what goes on unprotected."""
+    return (f"{path}: this file system does not support file locks (flock: {e.strerror}); going on without the "
+            f"lock, so nothing stops {what}")
+
+
 @contextmanager
-def out_dir_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
+def out_dir_lock(out_dir: str | os.PathLike, notify: Callable[[str], None] | None = None) -> Iterator[Path]:
     """Hold the lock of `out_dir` for the `with` block (creating its parent if needed), then remove the lock file.
 
-    Raises `InputError` at once if another process holds it.
+    Raises `InputError` at once if another process holds it. On a file system without file locks, says so
+    through `notify` (default: the "fusemerge" logger's warning) and runs the block unlocked.
 
     >>> with out_dir_lock("out/"):  # doctest: +SKIP
     ...     ...  # make the temporary directory, merge, finalize
@@ -42,6 +59,17 @@ def out_dir_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
                 f"{out_dir}: another fusemerge run is writing it (lock file {path} is held); "
                 "wait for it to finish or choose another output directory"
             ) from None
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in NO_LOCKS:
+                raise
+            (notify or logging.getLogger("fusemerge").warning)(
+                no_locks_warning(path, e, f"another fusemerge run from writing {out_dir} at the same time"))
+            try:
+                yield path
+            finally:
+                _unlink(path)
+            return
         except BaseException:
             os.close(fd)
             raise
@@ -58,8 +86,12 @@ def out_dir_lock(out_dir: str | os.PathLike) -> Iterator[Path]:
         os.write(fd, f"{os.getpid()}\n".encode())
         yield path
     finally:
-        try:
-            os.unlink(path)  # while still holding the lock, so no one can lock this inode afterwards
-        except FileNotFoundError:
-            pass
+        _unlink(path)  # while still holding the lock, so no one can lock this inode afterwards
         os.close(fd)
+
+
+def _unlink(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
