@@ -493,11 +493,13 @@ def tensor_params(
     backend: ModuleType,
     cuts: list[tuple[int, int, int, int]] | None = None,
     masks: KeepMasks | None = None,
+    keep_bytes: int | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
     `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection; `masks`
-    (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass.
+    (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass; `keep_bytes`:
+    top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -507,7 +509,8 @@ def tensor_params(
         if cuts is None:
             ranks = [list(trim_counts(method.sparsifier, numel, density[i], gamma[i] if gamma else 0.0))
                      for i in range(n)]
-            cuts = [(tk, ck, td, cd) for (tk, ck), (td, cd) in top_cuts(backend, segments, chunk, ranks)]
+            cuts = [(tk, ck, td, cd) for (tk, ck), (td, cd) in top_cuts(backend, segments, chunk, ranks,
+                                                                         keep_bytes=keep_bytes)]
         kw = dict(t_keep=tuple(c[0] for c in cuts), c_keep=tuple(c[1] for c in cuts),
                   t_drop=tuple(c[2] for c in cuts), c_drop=tuple(c[3] for c in cuts))
     elif method.sparsifier == "dare":
