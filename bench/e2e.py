@@ -57,7 +57,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="ties")
     p.add_argument("--density", type=float, default=0.2)
     p.add_argument("--trim-scope", choices=["tensor", "global"], default="tensor",
-                   help="fusemerge's trim_scope for the TIES-family methods (global: mergekit cannot run it)")
+                   help="trim_scope of the TIES-family methods (global: one threshold per expert over the whole model; "
+                        "mergekit has no such scope)")
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=2816)

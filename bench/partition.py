@@ -56,8 +56,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="--max-memory of the whole run; each part gets 1/N of it (the same memory in all)")
     p.add_argument("--out-shard-size", default="50MB", help="bytes per output shard (parts are whole shards)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--trim-scope", choices=["tensor", "global"], default="tensor",
-                   help="trim_scope of the TIES-family methods (global: the first part finds the thresholds)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-bench-e2e")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "partition.csv")
