@@ -268,8 +268,8 @@ class Executor:
 
     def _run_stat_workers(self, k: int, body: Callable[[int], T], stop: threading.Event) -> list[T]:
         """top_cuts' workers: forked processes where the merge workers are (no shared interpreter lock: two threads
-        ran the global thresholds' passes 1.3x as fast as one thread, two processes 1.8x, on a 2-core VM), else
-        threads. A child's read time is added to this run's."""
+        ran the global thresholds' passes 1.36x as fast as one worker, two processes 1.85x, on a 2-core VM,
+        `bench/global_cuts.py`), else threads. A child's read time is added to this run's."""
         if not self.processes or k == 1:
             return run_threads(k, body, stop)
 

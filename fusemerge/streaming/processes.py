@@ -21,9 +21,9 @@ kills them) and die with the parent (PR_SET_PDEATHSIG), so a killed run leaves n
 temporary directory a `--resume` reuses.
 
 `fork_map(k, body)` runs the other CPU work that parallelizes the same way: `trim_scope: global`'s threshold
-passes over the whole model, split by chunk (`Executor._run_stat_workers`, kernels/select.py): 2.78-2.94 s in one
-thread, 2.12-2.13 s in two threads, 1.51-1.60 s in two processes (the bench model of e2e.py, 2-core Xeon VM,
-2026-12-01); each child sends back its histograms and kept entries, pickled.
+passes over the whole model, split by chunk (`Executor._run_stat_workers`, kernels/select.py): 2.88 s in one
+worker, 2.11 s in two threads, 1.56 s in two processes (`python bench/global_cuts.py`, medians of 3, 2-core Xeon
+VM, 2026-12-01); each child sends back its histograms and kept entries, pickled.
 
 For DARE each worker process draws its own masks (the mask worker processes that serve the threads,
 kernels/dare_masks.py, are not started): DARE-TIES e2e 13.0-13.5 -> 12.2-12.8 s on the same machine. Not used for the
