@@ -137,13 +137,28 @@ class MergePlan:
     def output_bytes(self) -> int:
         return self.layout.total_size
 
-    def passes(self) -> int:
-        """Reads of each input byte: the merge pass plus the statistics passes the method needs."""
-        if self.method.needs_thresholds:
-            return 4 if self.config.trim_scope == "global" else 3
-        if self.method.sparsifier == "dare" and any(t.rescale is True for t in self.tensors):
+    def reads(self, t: TensorPlan) -> int:
+        """How often tensor `t`'s inputs are read: once, or with the two statistics passes first (thresholds:
+        the radix select's two histograms; DARE's L1 rescale: max |d|, then the sums) when `t` does not fit a
+        worker's resident share (a tensor that fits is read once and kept, as float32 on CPU, on the GPU in the
+        pipeline). With `trim_scope: global` nothing is kept: every tensor is read by the two whole-model passes
+        and by its merge. (A tie cut whose kept entries overflowed their room adds a counting pass: rare.)"""
+        m = self.method
+        if t.copy_only or not (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True)):
+            return 1
+        if m.needs_thresholds and self.config.trim_scope == "global":
             return 3
-        return 1
+        inputs = len(t.inputs) + (t.base is not None)
+        fits = (inputs * 4 * t.numel if self.device.type == "cpu" else t.input_bytes) <= self.resident_bytes
+        return 1 if fits else 3
+
+    def read_bytes(self) -> int:
+        """Input bytes read by the whole run (`reads` of every tensor); for a part, its own tensors only (the
+        whole-model passes of `trim_scope: global` read every part's: `whole.input_bytes` more, twice)."""
+        own = sum(t.input_bytes * self.reads(t) for t in self.tensors)
+        if self.whole is not None and self.method.needs_thresholds and self.config.trim_scope == "global":
+            own += 2 * (self.whole.input_bytes - self.input_bytes)
+        return own
 
     def summary(self) -> str:
         cfg = self.config
@@ -158,8 +173,7 @@ class MergePlan:
         params = sum(t.numel for t in self.tensors)
         lines += [
             f"tensors       {len(self.tensors)} ({params:,} parameters, {chunked} larger than one chunk)",
-            f"input         {format_size(self.input_bytes)} read {self.passes()}x"
-            + (" (statistics passes re-read from the page cache)" if self.passes() > 1 else ""),
+            f"input         {format_size(self.input_bytes)}" + _reads_note(self),
             f"output        {format_size(self.output_bytes)} in {len(self.layout.shards)} shard(s),"
             f" dtype {self.out_dtype_name or 'as the inputs'}",
             f"device        {', '.join(str(d) for d in self.compute_devices)} (backend {self.backend}, "
@@ -170,13 +184,12 @@ class MergePlan:
             + (" per GPU" if len(self.compute_devices) > 1 else "") + f", chunks of {self.chunk_elems:,} elements",
         ]
         if self.device.type == "cuda":
-            twice = [t for t in self.tensors if not t.copy_only and self.passes() > 1
-                     and t.input_bytes > self.resident_bytes]
+            twice = [t for t in self.tensors if self.reads(t) > 1]
             shared = f" shared by {len(self.compute_devices)} GPUs" if len(self.compute_devices) > 1 else ""
             pinned = format_size(self.pinned_bytes or (1 << 30))
             lines.append(f"pipeline      pinned host memory {pinned}{shared}; tensors "
                          f"needing statistics are kept on the GPU and read once"
-                         + (f", except {len(twice)} larger than {format_size(self.resident_bytes)} (read twice)"
+                         + (f", except {len(twice)} larger than {format_size(self.resident_bytes)} (read 3x)"
                             if twice else ""))
         if cfg.trim_scope == "global":
             lines.append("trim scope    global (one threshold per expert over the whole model)")
@@ -279,6 +292,22 @@ def _entry(model: ModelIndex, name: str) -> TensorEntry | None:
 
 def _natural_key(name: str) -> list:
     return [int(s) if s.isdigit() else s for s in re.split(r"(\d+)", name)]
+
+
+def _reads_note(plan: MergePlan) -> str:
+    """`input` line's tail: how many bytes the run reads, when that is more than the inputs once."""
+    total = plan.read_bytes()
+    if total <= plan.input_bytes:
+        return ", each byte read once"
+    if plan.whole is not None and plan.config.trim_scope == "global" and plan.method.needs_thresholds:
+        return (f", {format_size(total)} read in all by the first part to start (trim_scope: global reads the "
+                f"whole model twice for its thresholds), {format_size(plan.input_bytes)} by the others")
+    again = [t for t in plan.tensors if plan.reads(t) > 1]
+    why = ("trim_scope: global reads the whole model twice for its thresholds" if plan.config.trim_scope == "global"
+           and plan.method.needs_thresholds else
+           f"the statistics passes re-read {len(again)} tensor(s) larger than a worker's resident share "
+           f"({format_size(plan.resident_bytes)})")
+    return f", {format_size(total)} read in all ({total / plan.input_bytes:.1f}x: {why})"
 
 
 def build_plan(
