@@ -273,15 +273,18 @@ class Executor:
         if not self.processes or k == 1:
             return run_threads(k, body, stop)
 
-        def child(w: int) -> tuple[T, dict[str, float]]:
-            self.times = type(self.times)(started=self.times.started)
+        def child(w: int) -> tuple[T, float, dict[str, float]]:
+            self.times = type(self.times)(started=self.times.started)  # the same clock: fork keeps it
             value = body(w)
-            return value, {"read": self.times.read}
+            return value, self.times.read, dict(self.times.firsts)
 
         done = fork_map(k, child)
-        for _, times in done:
-            self.times.add(**times)
-        return [value for value, _ in done]
+        for _, read, firsts in done:
+            self.times.add(read=read)
+            with self.times.lock:  # when the children first read, not when the parent heard of it
+                for stage, at in firsts.items():
+                    self.times.firsts[stage] = min(at, self.times.firsts.get(stage, at))
+        return [value for value, _, _ in done]
 
     # -- merging -------------------------------------------------------------------------------
 
