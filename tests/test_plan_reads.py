@@ -25,10 +25,7 @@ CASES = {
 
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("reads")
-    fam = make_llama_family(root / "models", n_experts=3, seed=4, **SHAPE)
-    fam["root"] = root
-    return fam
+    return make_llama_family(tmp_path_factory.mktemp("reads"), n_experts=3, seed=4, **SHAPE)
 
 
 def bytes_read(plan, out: Path, monkeypatch) -> int:
