@@ -167,3 +167,49 @@ def test_a_resumed_run_reads_its_thresholds_and_leaves_none_in_the_output(fam: d
     assert len(finds) == 1
     assert any("thresholds read from" in n for n in notes)
     assert files(out) == files(fam["reference"])  # no thresholds file among them
+
+
+HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_part_waits_for_a_process_holding_the_lock_and_goes_on_when_it_dies(fam: dict, tmp_path: Path) -> None:
+    """A real process holds the thresholds' lock (a part finding them); the part started meanwhile waits, and
+    when that process is killed the kernel frees the lock: the part finds the thresholds itself and merges."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    root = parts_root(out)
+    root.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(root / LOCK_NAME)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        notes: list[str] = []
+        waiting = threading.Event()
+
+        def note(line: str) -> None:
+            notes.append(line)
+            if line.startswith("another part is finding"):
+                waiting.set()
+
+        part = threading.Thread(target=fusemerge.run, args=(fam[0.3], out),
+                                kwargs=dict(partition="0/2", notify=note, **OPTS))
+        part.start()
+        assert waiting.wait(30)
+        part.join(0.5)
+        assert part.is_alive()  # blocked on the lock while its holder lives
+    finally:
+        holder.kill()
+        holder.wait()
+    part.join(60)
+    assert not part.is_alive()
+    assert (root / CUTS_NAME).is_file() and (root / "part-0-of-2").is_dir()
+    fusemerge.run(fam[0.3], out, partition="1/2", **OPTS)
+    fusemerge.finalize(out)
+    assert files(out) == files(fam["reference"])
