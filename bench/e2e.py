@@ -112,6 +112,19 @@ def ensure_models(args: argparse.Namespace) -> dict:
     return fam
 
 
+
+def input_files(fam: dict) -> list[Path]:
+    """The safetensors files of the family's base and experts."""
+    return sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
+
+
+def method_params(args: argparse.Namespace) -> dict:
+    """The config parameters `add_model_args` set: the density where the method takes one, the trim scope."""
+    params = {"density": args.density} if args.method in DENSITY_METHODS else {}
+    if args.trim_scope == "global":
+        params["trim_scope"] = "global"
+    return params
+
 def drop_caches() -> bool:
     """Drop the page cache (root only); False when not permitted."""
     try:
@@ -156,11 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         tools.remove("fusemerge")
     args.workdir.mkdir(parents=True, exist_ok=True)
     fam = ensure_models(args)
-    inputs = sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
+    inputs = input_files(fam)
     input_bytes = sum(f.stat().st_size for f in inputs)
-    params = {"density": args.density} if args.method in DENSITY_METHODS else {}
+    params = method_params(args)
     if args.trim_scope == "global":
-        params["trim_scope"] = "global"
         if "mergekit" in tools:
             notes.append("mergekit skipped: it has no trim_scope: global")
             tools.remove("mergekit")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.common import append_csv, machine, read_all  # noqa: E402
-from bench.e2e import DENSITY_METHODS, add_model_args, ensure_models  # noqa: E402
+from bench.e2e import add_model_args, ensure_models, input_files, method_params  # noqa: E402
 from fusemerge.synthetic import write_config_yaml  # noqa: E402
 
 WAYS = ("one worker", "threads", "processes")
@@ -54,11 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.workdir.mkdir(parents=True, exist_ok=True)
     fam = ensure_models(args)
-    inputs = sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
-    params = {"density": args.density} if args.method in DENSITY_METHODS else {}
+    inputs = input_files(fam)
+    args.trim_scope = "global"
     config = args.workdir / f"global-cuts-{args.method}.yml"
-    write_config_yaml(config, args.method, fam["base"], fam["experts"], dtype=args.dtype, trim_scope="global",
-                      **params)
+    write_config_yaml(config, args.method, fam["base"], fam["experts"], dtype=args.dtype, **method_params(args))
     plan = fusemerge.build_plan(config, device="cpu", workers=args.workers)
     read_all(inputs)
     torch.set_num_threads(1)

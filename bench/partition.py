@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import GB, append_csv, machine, read_all, timed_run, version_of  # noqa: E402
-from bench.e2e import DENSITY_METHODS, add_model_args, ensure_models  # noqa: E402
+from bench.e2e import add_model_args, ensure_models, input_files, method_params  # noqa: E402
 from fusemerge.sizes import parse_size  # noqa: E402
 from fusemerge.synthetic import write_config_yaml  # noqa: E402
 
@@ -74,11 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join([Path(sys.executable).name, *sys.argv]) if argv is None else shlex.join(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     fam = ensure_models(args)
-    inputs = sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
+    inputs = input_files(fam)
     input_bytes = sum(f.stat().st_size for f in inputs)
-    params = {"density": args.density} if args.method in DENSITY_METHODS else {}
-    if args.trim_scope == "global":
-        params["trim_scope"] = "global"
+    params = method_params(args)
     config = args.workdir / f"partition-{args.method}-{args.trim_scope}.yml"
     write_config_yaml(config, args.method, fam["base"], fam["experts"], dtype=args.dtype, **params)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
