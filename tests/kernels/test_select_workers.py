@@ -76,7 +76,7 @@ def test_more_workers_than_chunks_and_a_bin_no_worker_keeps() -> None:
 
 
 @pytest.mark.parametrize("runner", list(RUNNERS.values()), ids=list(RUNNERS))
-def test_a_failing_worker_stops_the_pass(runner) -> None:
+def test_a_failing_worker_raises_its_error_and_no_second_pass_starts(runner) -> None:
     segs = segments([4096], n_exp=2, seed=2)
     loads: list[int] = []
     lock = threading.Lock()
@@ -91,6 +91,8 @@ def test_a_failing_worker_stops_the_pass(runner) -> None:
     bad = [select.Segment(4096, load)]
     with pytest.raises(InputError, match="chunk 512 unreadable"):
         select.top_cuts(reference, bad, 64, ranks_for(4096, 2), workers=2, run_workers=runner)
+    # pass 1 visits each chunk once (in this process for threads and the sequential runner): none twice
+    assert len(loads) == len(set(loads))
 
 
 @needs_fork
