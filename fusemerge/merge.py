@@ -212,7 +212,7 @@ def _cuts_file(plan: MergePlan, out_dir: str | os.PathLike, temp: Path, notify: 
                ) -> CutsFile | None:
     """Where `trim_scope: global` thresholds are kept (streaming/global_cuts.py): shared by the parts of a
     partitioned merge beside OUT_DIR, in its temporary directory for one run (for --resume); None without them."""
-    if not (plan.method.needs_thresholds and plan.config.trim_scope == "global"):
+    if not plan.global_trim:
         return None
     merge = identity_digest(merge_identity(plan))
     if plan.partition is None:

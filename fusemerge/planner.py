@@ -137,6 +137,11 @@ class MergePlan:
     def output_bytes(self) -> int:
         return self.layout.total_size
 
+    @property
+    def global_trim(self) -> bool:
+        """`trim_scope: global`: one threshold per expert over the whole model, found before any tensor merges."""
+        return self.method.needs_thresholds and self.config.trim_scope == "global"
+
     def reads(self, t: TensorPlan) -> int:
         """How often tensor `t`'s inputs are read: once, or with the two statistics passes first (thresholds:
         the radix select's two histograms; DARE's L1 rescale: max |d|, then the sums) when `t` does not fit a
@@ -146,7 +151,7 @@ class MergePlan:
         m = self.method
         if t.copy_only or not (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True)):
             return 1
-        if m.needs_thresholds and self.config.trim_scope == "global":
+        if self.global_trim:
             return 3
         inputs = len(t.inputs) + (t.base is not None)
         fits = (inputs * 4 * t.numel if self.device.type == "cpu" else t.input_bytes) <= self.resident_bytes
@@ -156,7 +161,7 @@ class MergePlan:
         """Input bytes read by the whole run (`reads` of every tensor); for a part, its own tensors only (the
         whole-model passes of `trim_scope: global` read every part's: `whole.input_bytes` more, twice)."""
         own = sum(t.input_bytes * self.reads(t) for t in self.tensors)
-        if self.whole is not None and self.method.needs_thresholds and self.config.trim_scope == "global":
+        if self.whole is not None and self.global_trim:
             own += 2 * (self.whole.input_bytes - self.input_bytes)
         return own
 
@@ -187,10 +192,12 @@ class MergePlan:
             twice = [t for t in self.tensors if self.reads(t) > 1]
             shared = f" shared by {len(self.compute_devices)} GPUs" if len(self.compute_devices) > 1 else ""
             pinned = format_size(self.pinned_bytes or (1 << 30))
-            lines.append(f"pipeline      pinned host memory {pinned}{shared}; tensors "
-                         f"needing statistics are kept on the GPU and read once"
-                         + (f", except {len(twice)} larger than {format_size(self.resident_bytes)} (read 3x)"
-                            if twice else ""))
+            lines.append(f"pipeline      pinned host memory {pinned}{shared}; "
+                         + ("trim_scope: global's passes read the whole model ahead, then every tensor merges as "
+                            "it streams" if self.global_trim else
+                            "tensors needing statistics are kept on the GPU and read once"
+                            + (f", except {len(twice)} larger than {format_size(self.resident_bytes)} (read 3x)"
+                               if twice else "")))
         if cfg.trim_scope == "global":
             lines.append("trim scope    global (one threshold per expert over the whole model)")
         if self.partition is not None and self.whole is not None:
@@ -200,7 +207,7 @@ class MergePlan:
             lines.append(f"partition     part {i}/{n}: output shard(s) {files} of {len(whole.layout.shards)}, "
                          f"{format_size(self.output_bytes)} of {format_size(whole.output_bytes)}; "
                          "`fusemerge finalize` joins the parts")
-            if self.method.needs_thresholds and cfg.trim_scope == "global":
+            if self.global_trim:
                 lines.append(f"              the global thresholds read the whole model's "
                              f"{format_size(whole.input_bytes)} first, in the first part to start; the others "
                              "wait for them and read them from OUT_DIR.fusemerge-parts/")
@@ -299,12 +306,11 @@ def _reads_note(plan: MergePlan) -> str:
     total = plan.read_bytes()
     if total <= plan.input_bytes:
         return ", each byte read once"
-    if plan.whole is not None and plan.config.trim_scope == "global" and plan.method.needs_thresholds:
+    if plan.whole is not None and plan.global_trim:
         return (f", {format_size(total)} read in all by the first part to start (trim_scope: global reads the "
                 f"whole model twice for its thresholds), {format_size(plan.input_bytes)} by the others")
     again = [t for t in plan.tensors if plan.reads(t) > 1]
-    why = ("trim_scope: global reads the whole model twice for its thresholds" if plan.config.trim_scope == "global"
-           and plan.method.needs_thresholds else
+    why = ("trim_scope: global reads the whole model twice for its thresholds" if plan.global_trim else
            f"the statistics passes re-read {len(again)} tensor(s) larger than a worker's resident share "
            f"({format_size(plan.resident_bytes)})")
     return f", {format_size(total)} read in all ({total / plan.input_bytes:.1f}x: {why})"

@@ -152,9 +152,10 @@ class _Spool:
         return counts
 
     def trim(self) -> None:
-        """Drop the unused end of the last block (before the spool is sent to another process)."""
+        """View the last block up to its end, so that pickling it (to send it to the parent process) sends only
+        what is filled; no copy."""
         if self.blocks:
-            self.blocks[-1] = self.blocks[-1][:self.filled[-1]].copy()
+            self.blocks[-1] = self.blocks[-1][:self.filled[-1]]
             self.used = self.BLOCK  # a later append starts a new block
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:

@@ -356,7 +356,7 @@ class Executor:
             # one worker and two intra-op threads while another process held one of the two cores).
             torch.set_num_threads(1)
         try:
-            if plan.method.needs_thresholds and plan.config.trim_scope == "global":
+            if plan.global_trim:
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
             order = [t for t in order if t.name not in self.skip]
