@@ -144,8 +144,9 @@ def test_dare_masks_are_drawn_once_and_change_no_byte(method, budget, configs, t
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
 def test_dare_masks_drawn_by_worker_processes_change_no_byte(method, configs, tmp_path, tmp_path_factory,
                                                              monkeypatch) -> None:
-    """With mask worker processes (started for any size here), the CPU merge writes the reference's bytes,
-    and the workers drew masks."""
+    """With mask worker processes (started for any size here, where the keep test is not compiled), the CPU
+    merge writes the reference's bytes, and the workers drew masks."""
+    from fusemerge.kernels import philox_native
     from fusemerge.kernels.dare_masks import MaskWorkers
     from fusemerge.streaming import executor
 
@@ -156,10 +157,11 @@ def test_dare_masks_drawn_by_worker_processes_change_no_byte(method, configs, tm
             super().__init__(processes)
             started.append(self)
 
+    expect = reference(configs[method], tmp_path_factory)
+    monkeypatch.setattr(philox_native, "_state", {"fn": None, "how": "numpy (test)"})
     monkeypatch.setattr(executor, "WORKER_MIN_DRAWS", 0)
     monkeypatch.setattr(executor, "MaskWorkers", Recorded)
     monkeypatch.setenv("FUSEMERGE_CPU_WORKERS", "threads")  # mask workers serve merge threads, not processes
-    expect = reference(configs[method], tmp_path_factory)
     fusemerge.run(configs[method], tmp_path / "out", device="cpu", backend="torch", workers=2)
     assert merged_bytes(tmp_path / "out") == expect
     assert len(started) == 1 and started[0].served > 0 and started[0].failed == 0

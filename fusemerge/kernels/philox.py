@@ -35,9 +35,10 @@ expert, single-threaded; the GPU merge kernel draws its own numbers with tl.rand
 The CPU merge does not need the floats, only DARE's keep test, on runs of consecutive entries:
 ``dare_keep_run`` starts from the counter's constant words (the first two rounds multiply one row, not
 two) and tests the drawn word as an integer (``keep_below``), about 19 ns per entry and expert, the same
-bits. ``dare_masks.KeepMasks`` keeps the masks a tensor's L1 statistics pass draws, bit-packed, for its
-merge pass, so a CPU DARE merge with the default rescale draws each mask once instead of twice, and
-``dare_masks.MaskWorkers`` draws them in worker processes.
+bits; ``philox_native`` compiles the same test as one C loop (about 2 ns) where a C compiler is found.
+``dare_masks.KeepMasks`` keeps the masks a tensor's L1 statistics pass draws, bit-packed, for its merge
+pass, so a CPU DARE merge with the default rescale draws each mask once instead of twice, and, where the
+test is not compiled, ``dare_masks.MaskWorkers`` draws them in worker processes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import hashlib
 import numpy as np
 import torch
 
+from fusemerge.kernels.philox_native import keep_run
 from fusemerge.kernels.philox_numpy import (  # noqa: F401 (constants re-exported)
     _CHUNK_NUMPY,
     _M32,
@@ -57,7 +59,6 @@ from fusemerge.kernels.philox_numpy import (  # noqa: F401 (constants re-exporte
     PHILOX_ROUND_B,
     UNIFORM_SCALE,
     keep_below,
-    keep_run,
     philox_round,
 )
 
@@ -161,7 +162,8 @@ def _uniform_torch(k0: int, k1: int, offsets: torch.Tensor, chunk: int = _CHUNK_
 def dare_keep_run(key: int, start: int, n: int, density: float, device: torch.device | str = "cpu"
                   ) -> torch.Tensor:
     """DARE's keep mask for the ``n`` entries starting at global index ``start``: the same bits as
-    ``dare_keep(key, torch.arange(start, start + n), density)``, faster on CPU (philox_numpy.keep_run).
+    ``dare_keep(key, torch.arange(start, start + n), density)``, faster on CPU (compiled where a C compiler
+    is found, philox_native.keep_run, else philox_numpy.keep_run).
 
     >>> import torch
     >>> key = dare_key(0, "w", 0)

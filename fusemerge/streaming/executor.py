@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from fusemerge.errors import InputError
-from fusemerge.kernels import load_backend, on_device
+from fusemerge.kernels import load_backend, on_device, philox_native
 from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, run_threads, tensor_params, top_cuts, trim_counts
@@ -53,6 +53,7 @@ class StageTimes:
     masks_drawn: int = 0
     masks_reused: int = 0
     mask_workers: int = 0
+    mask_code: str = ""  # how the keep test ran: philox_native.describe()
     worker_processes: int = 0  # the merge workers were forked processes (streaming/processes.py)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     started: float = field(default_factory=time.perf_counter, repr=False)
@@ -73,12 +74,14 @@ class StageTimes:
             self.masks_reused += reused
 
     def masks_line(self) -> str:
-        """'DARE masks: 2,636 chunk runs drawn (by 2 worker processes), 2,636 reused by the merge pass'."""
+        """'DARE masks: 2,636 chunk runs drawn (in the merge threads), compiled, 2,636 reused by the merge pass
+        from the statistics pass'."""
         where = (f" (by {self.mask_workers} worker processes)" if self.mask_workers
                  else f" (in the {self.worker_processes} merge worker processes)" if self.worker_processes
                  else " (in the merge threads)")
-        return (f"DARE masks: {self.masks_drawn:,} chunk runs drawn{where}, {self.masks_reused:,} reused by the "
-                "merge pass from the statistics pass")
+        how = f", {self.mask_code.split(' (')[0]}" if self.mask_code else ""
+        return (f"DARE masks: {self.masks_drawn:,} chunk runs drawn{where}{how}, {self.masks_reused:,} reused by "
+                "the merge pass from the statistics pass")
 
     def startup_line(self) -> str:
         """'first read done after 0.12 s, statistics after ...', in the order the stages first finished."""
@@ -187,11 +190,12 @@ class Executor:
         return KeepMasks(min(free, need), self.mask_workers)
 
     def _start_mask_workers(self, order: list[TensorPlan]) -> None:
-        """One mask worker process per merge thread, when the merge draws enough masks to pay for them, the
-        process may use 2 CPUs or more, and the workers' memory is a small part of the budget."""
+        """One mask worker process per merge thread, when the keep test is not compiled (compiled, it releases
+        the GIL: the threads draw side by side), the merge draws enough masks to pay for them, the process may
+        use 2 CPUs or more, and the workers' memory is a small part of the budget."""
         draws = sum(t.numel * len(t.inputs) for t in order if not t.copy_only)
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if (self._cpu_dare() and cpus > 1 and draws >= WORKER_MIN_DRAWS
+        if (self._cpu_dare() and not philox_native.available() and cpus > 1 and draws >= WORKER_MIN_DRAWS
                 and self.plan.workers * WORKER_BYTES <= self.plan.budget // 8):
             self.mask_workers = MaskWorkers(self.plan.workers)
             self.times.mask_workers = self.mask_workers.alive
@@ -356,6 +360,8 @@ class Executor:
             # one worker and two intra-op threads while another process held one of the two cores).
             torch.set_num_threads(1)
         try:
+            if self._cpu_dare():  # built (or found) and checked once, before any worker forks or thread starts
+                self.times.mask_code = philox_native.describe()
             if plan.global_trim:
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
