@@ -106,23 +106,36 @@ def _build(cc: list[str], where: Path) -> Path:
     """The library for this source, flags, compiler and machine under `where`, compiled unless already there
     (by a temporary name, then renamed: processes building at once each get a whole file)."""
     version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    where.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _check_private(where)
     for extra in ([], ["-DFM_NO_CLONES"]):  # a compiler without target_clones builds the plain loop
         flags = FLAGS + extra
         key = "\0".join([SOURCE, *flags, version, platform.machine(), platform.system()])
         lib = where / f"philox-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         if lib.exists():
+            _check_private(lib)
             return lib
-        where.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=where, prefix=".build-") as tmp:
             src, out = Path(tmp) / "philox.c", Path(tmp) / lib.name
             src.write_text(SOURCE)
             done = subprocess.run([*cc, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
                                   timeout=120)
             if done.returncode == 0:
+                os.chmod(out, 0o755)  # not group-writable whatever the umask (_check_private)
                 os.replace(out, lib)
                 return lib
             error = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
     raise OSError(f"{' '.join(cc)} failed: {error[0]}")
+
+
+def _check_private(path: Path) -> None:
+    """Code is loaded only from a directory and file of this user that no one else may write (a shared
+    temporary directory is where another user could leave a library to be loaded)."""
+    if not hasattr(os, "getuid"):
+        return
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise OSError(f"{path} is not this user's alone (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})")
 
 
 def _load() -> tuple[object | None, str]:

@@ -3,6 +3,9 @@ cannot be built or gives other bits."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -111,3 +114,23 @@ def test_unwritable_cache_builds_in_the_temp_dir(fresh, monkeypatch) -> None:
     how = philox_native.describe()
     assert how.startswith(f"compiled ({fresh / 'tmp'}"), how
 
+
+
+@needs_compiled
+def test_a_cache_others_may_write_is_not_loaded_from(fresh) -> None:
+    (fresh / "cache").mkdir()
+    (fresh / "cache").chmod(0o777)
+    how = philox_native.describe()
+    assert how.startswith(f"compiled ({fresh / 'tmp'}"), how  # built in the private temp directory instead
+    lib = Path(how[len("compiled ("):-1])
+    assert lib.stat().st_mode & 0o777 == 0o755 and lib.parent.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root to chown")
+def test_a_temp_dir_of_another_user_is_not_loaded_from(fresh) -> None:
+    planted = fresh / "tmp" / f"fusemerge-{os.getuid()}"
+    planted.mkdir(parents=True, mode=0o700)
+    os.chown(planted, 12345, 12345)  # left by another user before this one's first run
+    (fresh / "cache").write_text("no cache directory either")
+    how = philox_native.describe()
+    assert how.startswith("numpy (") and "is not this user's alone (owner uid 12345" in how, how
