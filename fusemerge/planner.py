@@ -332,21 +332,23 @@ def build_plan(
 
     `partition` ("i/n" or (i, n)): the plan of part i of n of the merge only (`MergePlan.part`).
     """
-    try:
-        cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    except InputError as e:  # still check the models the config names, to report everything at once
-        raise InputError(e.problems + _model_problems(config)) from None
-    method = cfg.method
-    problems: list[str] = []
+    problems: list[str] = []  # the options' first, then the config's and the models'
     try:
         part = parse_partition(partition)
     except InputError as e:
         problems.extend(e.problems)
         part = None
-
-    devices = resolve_devices(device)
+    try:
+        devices = resolve_devices(device)
+    except InputError as e:
+        problems.extend(e.problems)
+        devices = (torch.device("cpu"),)  # to check the other options
     dev = devices[0]
-    backend_name = resolve_backend(backend, dev)
+    try:
+        backend_name = resolve_backend(backend, dev)
+    except InputError as e:
+        problems.extend(e.problems)
+        backend_name = "torch"
     try:
         shard_bytes = parse_shard_size(out_shard_size)
     except ValueError as e:
@@ -358,6 +360,11 @@ def build_plan(
     except ValueError as e:
         problems.append(f"--max-memory: {e}")
         budget = DEFAULT_CPU_BUDGET
+    try:
+        cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    except InputError as e:  # still check the models the config names, to report everything at once
+        raise InputError(problems + e.problems + _model_problems(config)) from None
+    method = cfg.method
 
     # Open every model once (a model listed twice is one index).
     opened: dict[Path, ModelIndex | None] = {}

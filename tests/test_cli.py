@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
+import fusemerge
 from fusemerge.errors import InputError
 from tests.cli_helpers import invoke, make_cli_family
 
@@ -165,6 +166,23 @@ def test_every_problem_is_reported_at_once(fam: dict, tmp_path: Path) -> None:
     assert r.exit_code == 2
     text = "\n".join(errors(r))
     assert "missing" in text and "expert_2" in text and "truncated" in text
+
+
+@pytest.mark.parametrize("config_broken", [False, True])
+def test_option_problems_are_reported_with_the_config_and_each_other(fam: dict, tmp_path: Path,
+                                                                      config_broken: bool) -> None:
+    path = _edit_config(fam, tmp_path, lambda c: c.update(merge_method="tie") if config_broken else None)
+    r = invoke("plan", path, "--device", "bogus", "--max-memory", "3XB", "--out-shard-size", "zz",
+               "--partition", "3/2")
+    assert r.exit_code == 2
+    lines = errors(r)
+    for option in ("--device bogus", "--max-memory", "--out-shard-size", "--partition"):
+        assert sum(option in line for line in lines) == 1, (option, lines)
+    assert any("merge_method" in line for line in lines) == config_broken, lines
+    with pytest.raises(InputError) as e:  # the API's backend is not checked by click
+        fusemerge.build_plan(path, device="bogus", backend="cuda", max_memory="3XB")
+    for option in ("--device bogus", "--backend cuda", "--max-memory"):
+        assert sum(option in line for line in e.value.problems) == 1, (option, e.value.problems)
 
 
 def test_existing_out_dir_is_refused_and_kept(fam: dict, tmp_path: Path) -> None:
