@@ -719,10 +719,26 @@ def _default_budget(dev: torch.device) -> int:
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
         return int(free * 0.8)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+    avail = available_ram()
+    if avail is None:
         return DEFAULT_CPU_BUDGET
     return max(64 << 20, min(DEFAULT_CPU_BUDGET, avail // 4))
+
+
+def available_ram(meminfo: str = "/proc/meminfo") -> int | None:
+    """Bytes of RAM a new allocation can get: Linux's MemAvailable (free pages plus the page cache and other
+    memory the kernel can reclaim; a merge's inputs fill the cache, and free pages alone would shrink the
+    default budget on every later run), else the free pages (SC_AVPHYS_PAGES), else None."""
+    try:
+        with open(meminfo) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 

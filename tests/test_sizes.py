@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import doctest
+import os
 
 import pytest
 from hypothesis import given
@@ -137,3 +138,23 @@ def test_out_shard_size_reads_mergekit_parse_kmb_forms(text, expected: int) -> N
 def test_bad_shard_sizes(text: str) -> None:
     with pytest.raises(ValueError):
         parse_shard_size(text)
+
+
+def test_default_cpu_budget_counts_reclaimable_page_cache(tmp_path, monkeypatch) -> None:
+    """MemAvailable, not free pages: a machine whose RAM is mostly page cache (a merge's inputs, read before)
+    still gets the full default budget."""
+    import torch
+
+    from fusemerge import planner
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemFree:          500000 kB\nMemAvailable:   20000000 kB\n")
+    assert planner.available_ram(str(meminfo)) == 20000000 * 1024
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert abs(planner.available_ram(str(tmp_path / "none")) - free) < 64 << 20  # not Linux: the free pages
+    monkeypatch.setattr(planner, "available_ram", lambda: 20000000 * 1024)
+    assert planner._default_budget(torch.device("cpu")) == planner.DEFAULT_CPU_BUDGET
+    monkeypatch.setattr(planner, "available_ram", lambda: 100 << 20)
+    assert planner._default_budget(torch.device("cpu")) == 64 << 20
+    monkeypatch.setattr(planner, "available_ram", lambda: None)
+    assert planner._default_budget(torch.device("cpu")) == planner.DEFAULT_CPU_BUDGET
