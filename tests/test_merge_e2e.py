@@ -123,3 +123,33 @@ def test_trim_scope_global_uses_one_threshold_per_expert(tmp_path: Path, fam: di
     per_tensor = tmp_path / "pt"
     fusemerge.run(config_for(tmp_path, fam, "ties"), per_tensor, device="cpu")
     assert not torch.equal(torch.cat([load_model(per_tensor)[n].reshape(-1) for n in names]), got)
+
+
+@pytest.mark.parametrize("method,scope", [*((m, "tensor") for m in PARAMS), ("ties", "global")])
+def test_a_tensor_with_no_elements_merges_to_an_empty_tensor(tmp_path: Path, method: str, scope: str) -> None:
+    """A (0, 4) tensor beside ordinary ones: k = max(1, floor(density * 0)) has nothing to keep (it made the
+    trim raise and stop the whole merge)."""
+    g = torch.Generator().manual_seed(9)
+    base = {"a.weight": torch.randn(5, 7, generator=g).bfloat16(), "b.empty": torch.zeros(0, 4, dtype=torch.bfloat16)}
+    dirs = []
+    for i in range(3):
+        d = tmp_path / f"m{i}"
+        d.mkdir()
+        tensors = base if i == 0 else {k: (v.float() + 0.1 * torch.randn(v.shape, generator=g)).bfloat16()
+                                       for k, v in base.items()}
+        save_file(tensors, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+        dirs.append(d)
+    cfg = tmp_path / "c.yml"
+    extra = {"trim_scope": "global"} if scope == "global" else {}
+    write_config_yaml(cfg, method, dirs[0], dirs[1:], **PARAMS[method], **extra)
+    fusemerge.run(cfg, tmp_path / "out", device="cpu")
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert merged["b.empty"].shape == (0, 4) and merged["b.empty"].dtype == torch.bfloat16
+    for backend in ("torch", "triton"):
+        params = dict(PARAMS[method])
+        lam = params.pop("lambda", 1.0)
+        out = fusemerge.merge_tensors(None if method == "linear" else torch.zeros(0, 4, dtype=torch.bfloat16),
+                                      [torch.zeros(0, 4, dtype=torch.bfloat16)] * 2, method, lambda_=lam,
+                                      backend=backend, **params)
+        assert out.shape == (0, 4), backend

@@ -429,12 +429,12 @@ def _cut_among(keys: torch.Tensor, r: int, n: int) -> tuple[int, int]:
 def trim_counts(sparsifier: str, numel: int, density: float, gamma: float = 0.0) -> tuple[int, int]:
     """(k_keep_rank, k_drop_rank): the kept set is top(k_keep) minus top(k_drop).
 
-    magnitude: k = max(1, floor(density * n)); nothing dropped.
+    magnitude: k = max(1, floor(density * n)) (0 for an empty tensor); nothing dropped.
     breadcrumbs: drop the floor(gamma * n) largest, keep the next floor(density * n); when the two do
     not fit in n, fewer large entries are dropped (mergekit's rule), so exactly floor(density * n) survive.
     """
     if sparsifier == "magnitude":
-        return max(1, math.floor(density * numel)), 0
+        return min(numel, max(1, math.floor(density * numel))), 0
     if sparsifier == "breadcrumbs":
         if density >= 1.0:
             return numel, 0
