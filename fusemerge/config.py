@@ -532,6 +532,11 @@ def load_config(source: str | Path | Mapping[str, Any]) -> MergeConfig:
     return validator.build(data, source_path=path)
 
 
+def validate_mapping(data: Mapping[str, Any], label: str) -> MergeConfig:
+    """load_config of an already-parsed mapping, its problems labelled `label` (merge_tensors builds one)."""
+    return _Validator(label).build(data, source_path=None)
+
+
 def _yaml_error(exc: yaml.MarkedYAMLError) -> str:
     mark = exc.problem_mark or exc.context_mark
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""

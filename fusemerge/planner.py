@@ -27,6 +27,7 @@ from fusemerge.config import (
     slice_t,
 )
 from fusemerge.errors import InputError
+from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.methods import Method
 from fusemerge.sizes import format_size, parse_shard_size, parse_size
 from fusemerge.streaming.model_index import ModelIndex, open_model
@@ -360,6 +361,12 @@ def build_plan(
     except ValueError as e:
         problems.append(f"--max-memory: {e}")
         budget = DEFAULT_CPU_BUDGET
+    pinned = None
+    if max_pinned_memory is not None:
+        try:
+            pinned = parse_size(max_pinned_memory)
+        except ValueError as e:
+            problems.append(f"--max-pinned-memory: {e}")
     try:
         cfg = config if isinstance(config, MergeConfig) else load_config(config)
     except InputError as e:  # still check the models the config names, to report everything at once
@@ -399,6 +406,15 @@ def build_plan(
                 problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
                                 f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
                 break
+    most = max([len(t.inputs) for t in tensors if not t.copy_only] + [0])
+    if backend_name == "triton" and most > MAX_EXPERTS:
+        if backend in (None, "auto"):
+            backend_name = "torch"
+            warnings.append(f"{most} models per tensor, more than the Triton kernels take ({MAX_EXPERTS}): the torch "
+                            f"backend merges them on {dev}")
+        else:
+            problems.append(f"--backend triton: {most} models per tensor, more than the Triton kernels take "
+                            f"({MAX_EXPERTS}); --backend torch merges any number")
     if problems or checked_only:
         raise InputError(problems)
 
@@ -410,12 +426,6 @@ def build_plan(
         need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
         raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
                          f"{n_inputs} inputs need at least {need}")
-    pinned = None
-    if max_pinned_memory is not None:
-        try:
-            pinned = parse_size(max_pinned_memory)
-        except ValueError as e:
-            raise InputError(f"--max-pinned-memory: {e}") from None
     plan = MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
                      budget // (2 * n_workers), seed, num_layers, warnings, pinned,
@@ -675,19 +685,26 @@ def _tensor_plan(method: Method, name: str, ref_entry: TensorEntry, base_entry: 
                  entries: list[TensorEntry], per_model_values: Callable[[str], list[float]],
                  global_value: Callable[[str, object], object], out_code: str) -> TensorPlan:
     """One float tensor's plan from its inputs and its parameters, resolved by the given callables."""
-    problems = []
-
-    def per_model(pname: str) -> list[float]:
-        return per_model_values(pname) if pname in method.params else []
-
     if method.is_passthrough:
-        scale = per_model("scale")
+        scale = per_model_values("scale") if "scale" in method.params else []
         if scale == [1.0] and out_code == ref_entry.dtype:
             return _copy_plan(name, entries[0])
         return TensorPlan(name=name, shape=ref_entry.shape, dtype=ref_entry.dtype, out_dtype=out_code, base=None,
                           inputs=entries, weights=scale, density=[], gamma=[], lam=1.0, normalize=False,
                           rescale=False)
-    weights = per_model("weight")
+    return TensorPlan(name=name, shape=ref_entry.shape, dtype=ref_entry.dtype, out_dtype=out_code, base=base_entry,
+                      inputs=entries, **tensor_parameters(method, name, per_model_values, global_value))
+
+
+def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str], list[float]],
+                      global_value: Callable[[str, object], object]) -> dict[str, object]:
+    """A merged tensor's parameters as TensorPlan (and merge_tensors) take them: weights, density, gamma (one
+    per model), lam, normalize, rescale, resolved by the callables and checked (InputError)."""
+    problems = []
+
+    def per_model(pname: str) -> list[float]:
+        return per_model_values(pname) if pname in method.params else []
+
     density = per_model("density")
     gamma = per_model("gamma")
     for i, d in enumerate(density):
@@ -698,10 +715,8 @@ def _tensor_plan(method: Method, name: str, ref_entry: TensorEntry, base_entry: 
             problems.append(f"tensor '{name}': gamma of model {i} resolves to {g}, outside [0, 1]")
     if problems:
         raise InputError(problems)
-    return TensorPlan(name=name, shape=ref_entry.shape, dtype=ref_entry.dtype, out_dtype=out_code, base=base_entry,
-                      inputs=entries, weights=weights, density=density, gamma=gamma,
-                      lam=float(global_value("lambda", 1.0)), normalize=bool(global_value("normalize", False)),
-                      rescale=global_value("rescale", False))
+    return dict(weights=per_model("weight"), density=density, gamma=gamma, lam=float(global_value("lambda", 1.0)),
+                normalize=bool(global_value("normalize", False)), rescale=global_value("rescale", False))
 
 
 def _bytes_per_elem(n_inputs: int) -> int:

@@ -2,26 +2,115 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
+from fusemerge.config import MergeConfig, validate_mapping
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import KeepMasks
+from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.kernels.select import Segment, tensor_params
 from fusemerge.methods import METHODS
+from fusemerge.planner import tensor_parameters
 
 DEFAULT_CHUNK = 1 << 22
+FLOAT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The config validator's key for an expert's parameter, as merge_tensors' caller spells it.
+_MODEL_KEY = re.compile(r"models\[(\d+)\]\.parameters\.(\w+)")
+_ALL_MODELS_KEY = re.compile(r"models\[\]\.parameters\.(\w+)")
+_TOP_KEY = re.compile(r"(?<![\w\].])parameters\.(\w+)")
 
 
-def _per_expert(name: str, value: float | Sequence[float], n: int) -> list[float]:
-    if isinstance(value, (int, float)):
-        return [float(value)] * n
-    values = [float(v) for v in value]
-    if len(values) != n:
-        raise InputError(f"{name}: {len(values)} values for {n} experts")
-    return values
+def _as_value(value: object) -> object:
+    """A number as the YAML path would hold it: numpy and 0-d torch scalars as Python numbers; anything else
+    unchanged, for the validator to judge."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _per_expert(value: object) -> list[object] | None:
+    """The values of a per-expert sequence (list, tuple, 1-D array or tensor), or None for a single value."""
+    if isinstance(value, (list, tuple)):
+        return [_as_value(v) for v in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim == 1:
+        return [_as_value(v) for v in value.tolist()]
+    return None
+
+
+def _config(method: str, base: torch.Tensor | None, experts: list[torch.Tensor], given: dict[str, object]
+            ) -> MergeConfig:
+    """The merge as a config of models "base" and "experts[i]", validated as the files path validates its YAML (the
+    same defaults, checks and messages, with merge_tensors' names for the keys). An expert that is the base
+    tensor itself is the base listed under models:, as in a config."""
+    n = len(experts)
+    models: list[dict[str, object]] = [{"model": "base" if base is not None and e is base else f"experts[{i}]",
+                                        "parameters": {}} for i, e in enumerate(experts)]
+    top: dict[str, object] = {}
+    problems = []
+    for pname, value in given.items():
+        values = _per_expert(value) if pname in ("weight", "density", "gamma") else None
+        if values is None:
+            top[pname] = _as_value(value)
+        elif len(values) != n:
+            problems.append(f"merge_tensors: {pname}: {len(values)} values for {n} experts")
+        else:
+            for model, v in zip(models, values, strict=True):
+                model["parameters"][pname] = v
+    data: dict[str, object] = {"merge_method": method, "models": models, "parameters": top}
+    if base is not None:
+        data["base_model"] = "base"
+    try:
+        cfg = validate_mapping(data, "merge_tensors")
+    except InputError as e:
+        problems += [_TOP_KEY.sub(r"\1", _ALL_MODELS_KEY.sub(r"\1", _MODEL_KEY.sub(r"\2[\1]", line)))
+                     .replace("merge_method", "method") for line in e.problems]
+    if problems:
+        raise InputError(problems)
+    return cfg
+
+
+def _check_tensors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> None:
+    """Every input a float32 / float16 / bfloat16 torch tensor, all of one shape, dtype and device, as the
+    files path requires of a tensor's copies."""
+    named = [("base", base)] if base is not None else []
+    named += [(f"experts[{i}]", x) for i, x in enumerate(experts)]
+    problems = [f"merge_tensors: {label}: expected a torch.Tensor, not {type(x).__name__}"
+                for label, x in named if not isinstance(x, torch.Tensor)]
+    if problems:
+        raise InputError(problems)
+    first_label, first = named[0]
+    for label, x in named:
+        if x.dtype not in FLOAT_DTYPES.values():
+            problems.append(f"merge_tensors: {label}: dtype {x.dtype}; merged tensors are float32, float16 or "
+                            "bfloat16 (convert with .to())")
+        elif x.dtype != first.dtype:
+            problems.append(f"merge_tensors: {label}: dtype {x.dtype} differs from {first_label}'s {first.dtype} "
+                            "(every copy of a tensor has one dtype; convert with .to())")
+        if x.shape != first.shape:
+            problems.append(f"merge_tensors: {label}: shape {list(x.shape)} differs from {first_label}'s "
+                            f"{list(first.shape)}")
+        if x.device != first.device:
+            problems.append(f"merge_tensors: {label}: on {x.device}, {first_label} on {first.device}")
+    if problems:
+        raise InputError(problems)
+
+
+def _out_dtype(out_dtype: object, default: torch.dtype) -> torch.dtype:
+    if out_dtype is None:
+        return default
+    if isinstance(out_dtype, str) and out_dtype in FLOAT_DTYPES:
+        return FLOAT_DTYPES[out_dtype]
+    if out_dtype in FLOAT_DTYPES.values():
+        return out_dtype
+    raise InputError(f"merge_tensors: out_dtype: {out_dtype!r}; expected torch.float32, torch.float16 or "
+                     "torch.bfloat16 (or their names)")
 
 
 def merge_tensors(
@@ -29,64 +118,70 @@ def merge_tensors(
     experts: Sequence[torch.Tensor],
     method: str = "ties",
     *,
-    weight: float | Sequence[float] = 1.0,
-    density: float | Sequence[float] = 1.0,
-    gamma: float | Sequence[float] = 0.01,
+    weight: float | Sequence[float] | None = None,
+    density: float | Sequence[float] | None = None,
+    gamma: float | Sequence[float] | None = None,
     normalize: bool | None = None,
-    rescale: bool | str = True,
+    rescale: bool | str | None = None,
     seed: int = 0,
     name: str = "",
-    out_dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | str | None = None,
     backend: str = "auto",
     chunk: int = DEFAULT_CHUNK,
     **params: float,
 ) -> torch.Tensor:
     """Merge one tensor's copies with the semantics of the files path (METHODS.md).
 
-    `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. `name` keys DARE's random stream
-    (the same name and seed give the same mask as a file merge of a tensor of that name). For
-    `linear`, `experts` are the averaged models and `base`, if given, is averaged in as mergekit does.
-    CUDA tensors use the Triton kernels (backend "auto").
+    `weight`, `density`, `gamma`: one value for every expert, or a sequence of one per expert; unset ones take
+    the method's defaults, as in a config. `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
+    checked as a config's `parameters:` are (InputError, one line per problem). `name` keys DARE's random
+    stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
+    `linear`, `experts` are the averaged models and `base`, if given, is averaged in as mergekit does. An
+    expert that *is* `base` (the same tensor object) is the base listed under `models:`: not an expert, and
+    for `linear` averaged once, with its weight. Inputs: float32, float16 or bfloat16 tensors of one shape,
+    dtype and device; the result has `out_dtype` (default: theirs). CUDA tensors use the Triton kernels
+    (backend "auto").
 
     >>> b = torch.randn(64, 64); es = [b + 0.01 * torch.randn(64, 64) for _ in range(3)]
     >>> merge_tensors(b, es, "ties", density=0.2).shape
     torch.Size([64, 64])
     """
-    if method not in METHODS:
-        raise InputError(f"method: unknown merge method '{method}' (known: {', '.join(METHODS)})")
-    m = METHODS[method]
-    if m.is_passthrough:
+    if method in METHODS and METHODS[method].is_passthrough:
         raise InputError("method: passthrough copies one model's tensors (slices: configs); there is nothing to "
                          "merge in memory")
-    lam = float(params.pop("lambda_", params.pop("lambda", 1.0)))
+    lam = params.pop("lambda_", params.pop("lambda", None))
     if params:
         raise InputError(f"unknown parameter(s) for merge_tensors: {', '.join(params)}")
-    models = list(experts)
-    if not models:
+    if isinstance(experts, torch.Tensor) or not isinstance(experts, Sequence):
+        raise InputError("merge_tensors: experts: expected a list of tensors")
+    experts = list(experts)
+    if not experts:
         raise InputError("experts: at least one tensor is needed")
-    if m.needs_base and base is None:
-        raise InputError(f"method {method} needs a base tensor")
-    n = len(models)
-    weights = _per_expert("weight", weight, n)
-    if m.is_linear and base is not None:
-        models.append(base)
-        weights.append(float(weight) if isinstance(weight, (int, float)) else 1.0)
+    _check_tensors(base, experts)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise InputError(f"merge_tensors: chunk: {chunk!r}; expected a positive number of elements")
+    given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("normalize", normalize),
+                               ("rescale", rescale), ("lambda", lam)) if v is not None}
+    cfg = _config(method, base, experts, given)
+    m = cfg.method
+    tensors = {f"experts[{i}]": e for i, e in enumerate(experts)} | ({"base": base} if base is not None else {})
+    models = [tensors[ref.model] for ref in cfg.models]  # the experts; for linear every averaged model
+    if m.combines_models:
         base = None
+    p_args = tensor_parameters(m, name, lambda pname: [float(cfg.param(pname, name, j)) for j in range(len(models))],
+                               lambda pname, default: cfg.param(pname, name) if pname in m.params else default)
+    n = len(models)
+    rescale = p_args["rescale"]
+    out_dtype = _out_dtype(out_dtype, (base if base is not None else models[0]).dtype)
     shape = models[0].shape
-    for i, x in enumerate(models + ([base] if base is not None else [])):
-        if x.shape != shape:
-            raise InputError(f"tensor {i}: shape {list(x.shape)} differs from {list(shape)}")
-    dens = _per_expert("density", density, n)
-    if any(not 0.0 < d <= 1.0 for d in dens):
-        raise InputError(f"density {dens} outside (0, 1]")
-    gam = _per_expert("gamma", gamma, n)
-    if normalize is None:
-        normalize = m.params["normalize"].default
     device = models[0].device
     if backend not in ("auto", "torch", "triton"):
         raise InputError(f"backend: expected auto, torch or triton, not {backend!r}")
     if backend == "auto":
-        backend = "triton" if device.type == "cuda" else "torch"
+        backend = "triton" if device.type == "cuda" and n <= MAX_EXPERTS else "torch"
+    elif backend == "triton" and n > MAX_EXPERTS:
+        raise InputError(f"merge_tensors: {n} experts; the Triton kernels merge at most {MAX_EXPERTS} "
+                         "(backend='torch' merges any number)")
     kmerge, kstats = load_backend(backend, device.type)
 
     flat = [x.reshape(-1).contiguous() for x in models]
@@ -96,14 +191,14 @@ def merge_tensors(
     # and expert, 1/16 of bf16 inputs) instead of drawing Philox twice
     masks = (KeepMasks(KeepMasks.bytes_for(numel, chunk, n))
              if device.type == "cpu" and m.sparsifier == "dare" and rescale is True else None)
-    out_dtype = out_dtype or models[0].dtype
     out = torch.empty(numel, dtype=out_dtype, device=device)
     with on_device(device):  # tensors on cuda:1 are merged by kernels launched on cuda:1
         p = tensor_params(m, name=name, numel=numel,
                           segments=[Segment(numel, lambda s, c: (fbase[s:s + c], [x[s:s + c] for x in flat]),
                                             whole=True)],
-                          weights=weights, density=dens, gamma=gam, lam=lam, normalize=bool(normalize),
-                          rescale=rescale, seed=seed, chunk=chunk, backend=kstats, masks=masks)
+                          weights=p_args["weights"], density=p_args["density"], gamma=p_args["gamma"],
+                          lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
+                          backend=kstats, masks=masks)
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

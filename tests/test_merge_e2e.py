@@ -49,11 +49,9 @@ def test_file_merge_equals_in_memory_merge(tmp_path: Path, fam: dict, method: st
     base = load_model(fam["base"])
     experts = [load_model(p) for p in fam["experts"]]
     assert set(merged) == set(base)
-    params = dict(PARAMS[method])
-    lam = params.pop("lambda", 1.0)
     for name, tensor in merged.items():
         expect = fusemerge.merge_tensors(None if method == "linear" else base[name], [e[name] for e in experts],
-                                         method, weight=list(WEIGHTS), lambda_=lam, name=name, **params)
+                                         method, weight=list(WEIGHTS), name=name, **PARAMS[method])
         assert torch.equal(tensor.view(torch.int16), expect.view(torch.int16)), name
     assert result.input_bytes > 0 and sorted(result.files)[0] == "README.md"
     cfg_json = json.loads((tmp_path / "out" / "config.json").read_text())
@@ -147,9 +145,7 @@ def test_a_tensor_with_no_elements_merges_to_an_empty_tensor(tmp_path: Path, met
     merged = load_file(str(tmp_path / "out" / "model.safetensors"))
     assert merged["b.empty"].shape == (0, 4) and merged["b.empty"].dtype == torch.bfloat16
     for backend in ("torch", "triton"):
-        params = dict(PARAMS[method])
-        lam = params.pop("lambda", 1.0)
         out = fusemerge.merge_tensors(None if method == "linear" else torch.zeros(0, 4, dtype=torch.bfloat16),
-                                      [torch.zeros(0, 4, dtype=torch.bfloat16)] * 2, method, lambda_=lam,
-                                      backend=backend, **params)
+                                      [torch.zeros(0, 4, dtype=torch.bfloat16)] * 2, method, backend=backend,
+                                      **PARAMS[method])
         assert out.shape == (0, 4), backend

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Experts one Triton merge call takes: the kernel loops over them (not unrolled), so N only costs time; 64
+# bounds its parameter tables and the tests. The torch backend takes any number.
+MAX_EXPERTS = 64
+
 # The "empty set" for in_top(): no |delta| bit pattern exceeds 2^31 - 1 and no index is below 0.
 EMPTY_T = 2**31 - 1
 EMPTY_C = 0

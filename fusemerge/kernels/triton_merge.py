@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from fusemerge.kernels.layout import expert_rows
-from fusemerge.kernels.params import ChunkParams
+from fusemerge.kernels.params import MAX_EXPERTS, ChunkParams
 
 # Elements per program: 8 per thread at 4 warps, i.e. one 16-byte load per thread per bf16 input (when the
 # chunk length and row stride are multiples of 16, which Triton specializes on). Compiled offline for sm_90
@@ -65,8 +65,6 @@ NUM_WARPS = 4
 # (`python bench/kernel_resources.py`).
 UNROLL = 1
 LATE_COUNT = False
-# Experts are a loop, not unrolled, so N only costs time; 64 bounds the parameter tables and the tests.
-MAX_EXPERTS = 64
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Sparsifier codes, as tl.constexpr flag values.
 SPARSIFIERS = {"none": 0, "magnitude": 1, "dare": 2, "breadcrumbs": 3}

@@ -56,7 +56,7 @@ def test_matches_float64_oracle(method: str, n: int, size: int, dtype: torch.dty
     params = PARAMS[method]
     lam = params.get("lambda", 1.0)
     kw = {k: v for k, v in params.items() if k != "lambda"}
-    out = merge_tensors(base, experts, method, weight=weights, lambda_=lam, name="t.weight", seed=3, chunk=97, **kw)
+    out = merge_tensors(base, experts, method, weight=weights, name="t.weight", seed=3, chunk=97, **params)
     models = experts + [base] if method == "linear" else experts
     w = weights + [1.0] if method == "linear" else weights
     expect = oracle.merge(None if method == "linear" else base, models, method, weight=w, lam=lam, seed=3,
