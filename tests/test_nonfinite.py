@@ -76,3 +76,30 @@ def test_cli_exit_codes(tmp_path, fam) -> None:
                                     "--allow-nonfinite"])
     assert res.exit_code == 0, res.output
     assert f"warning: {TENSOR}: NaN/Inf" in res.output
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic", "linear"])
+def test_a_nan_is_written_as_one_bit_pattern_by_every_backend(method, dtype) -> None:
+    """--allow-nonfinite merges are the same bytes on every backend and device: every NaN the merge writes is
+    the dtype's positive quiet NaN (torch's CPU conversions gave 0xFFFF / 0xFE00 / 0xFFC00000 here)."""
+    if torch.cuda.is_available():
+        pytest.skip("Triton on CPU needs the interpreter, off on a GPU machine")
+    from fusemerge.kernels.reference import CANONICAL_NAN
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, generator=g).to(dtype)
+    experts = [(base.float() + 0.1 * torch.randn(300, generator=g)).to(dtype) for _ in range(3)]
+    experts[1][[5, 77, 299]] = float("nan")
+    experts[2][[5, 100]] = float("inf")
+    experts[0][100] = float("-inf")  # inf - inf: a NaN the merge makes itself
+    int_dtype, bits = CANONICAL_NAN[dtype]
+    outs = []
+    for backend in ("torch", "triton"):
+        out = fusemerge.merge_tensors(None if method == "linear" else base, experts, method, backend=backend,
+                                      **({"density": 0.5} if method in ("ties", "dare_ties") else {}))
+        nan = torch.isnan(out.float())
+        assert nan.any() == (method in ("task_arithmetic", "linear"))  # TIES elects no sign a NaN agrees with
+        assert (out.view(int_dtype)[nan] == bits).all(), (backend, out.view(int_dtype)[nan])
+        outs.append(out.view(int_dtype))
+    assert torch.equal(outs[0], outs[1])

@@ -154,7 +154,25 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
         num.div_(den)
     if p.lam != 1.0:
         num.mul_(_scalar(p.lam, device))
-    return num.add_(base32).to(out_dtype)
+    return _rounded(num.add_(base32), out_dtype)
+
+
+# The one NaN a merge writes, per output dtype (as int bits): the positive quiet NaN the Triton kernels store
+# too. torch's conversions keep a NaN's sign and payload (x86's default NaN is negative) or, float32 ->
+# bfloat16 on CPU, give 0xFFFF; a GPU's give other bits: without this, --allow-nonfinite merges differed by
+# device in their NaN bytes.
+CANONICAL_NAN = {torch.float32: (torch.int32, 0x7FC00000), torch.float16: (torch.int16, 0x7E00),
+                 torch.bfloat16: (torch.int16, 0x7FC0)}
+
+
+def _rounded(y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """float32 `y` rounded once to `out_dtype` (torch's conversions round to nearest even), NaN as CANONICAL_NAN."""
+    nan = torch.isnan(y)
+    out = y.to(out_dtype)
+    if out_dtype in CANONICAL_NAN and bool(nan.any()):
+        int_dtype, bits = CANONICAL_NAN[out_dtype]
+        out.view(int_dtype).masked_fill_(nan, bits)
+    return out
 
 
 def _count_nonfinite_into(nonfinite: torch.Tensor, slot: int, x: torch.Tensor) -> None:
@@ -221,7 +239,7 @@ def _linear(models: list[torch.Tensor], p: ChunkParams, out_dtype: torch.dtype) 
         num = term if num is None else num.add_(term)
     if p.normalize:
         num.div_(_weight_sum(p.weights, device))
-    return num.to(out_dtype)
+    return _rounded(num, out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -93,17 +93,24 @@ def _load_f32(ptrs, mask):
 def _store_rounded(ptrs, y, mask):
     """Round float32 `y` once, to nearest even, to the pointer's dtype and store it.
 
-    bf16 rounds with integer ops, (bits + 0x7FFF + lsb) >> 16, NaN -> 0x7FC0: the interpreter's
-    fp32 -> bf16 cast truncates. No overflow: for finite and infinite y the int32 sum stays in range.
-    fp16 uses the cast (cvt.rn.f16.f32 on the GPU, numpy's correctly rounded cast in the interpreter).
+    bf16 rounds with integer ops, (bits + 0x7FFF + lsb) >> 16: the interpreter's fp32 -> bf16 cast
+    truncates. No overflow: for finite and infinite y the int32 sum stays in range. fp16 uses the cast
+    (cvt.rn.f16.f32 on the GPU, numpy's correctly rounded cast in the interpreter). A NaN is stored as the
+    positive quiet NaN of the dtype (0x7FC0, 0x7E00, 0x7FC00000), as the torch backend stores it
+    (reference.CANONICAL_NAN): the GPU's cvt and the interpreter's numpy give other NaN bits.
     """
     if ptrs.dtype.element_ty == tl.bfloat16:
         bits = y.to(tl.int32, bitcast=True)
         r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
         r = tl.where(y != y, 0x7FC0, r)
         tl.store(ptrs, r.to(tl.int16).to(tl.bfloat16, bitcast=True), mask=mask)
+    elif ptrs.dtype.element_ty == tl.float16:
+        h = y.to(tl.float16).to(tl.int16, bitcast=True)
+        h = tl.where(y != y, 0x7E00, h).to(tl.int16)
+        tl.store(ptrs, h.to(tl.float16, bitcast=True), mask=mask)
     else:
-        tl.store(ptrs, y.to(ptrs.dtype.element_ty), mask=mask)
+        bits = tl.where(y != y, 0x7FC00000, y.to(tl.int32, bitcast=True))
+        tl.store(ptrs, bits.to(tl.float32, bitcast=True), mask=mask)
 
 
 _EXP_ONES = tl.constexpr(0x7F800000)  # float32 exponent bits: all ones exactly for NaN and +-Inf
