@@ -133,7 +133,7 @@ def main(verbose: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty OUT_DIR.")
 @click.option("--resume", is_flag=True,
               help="Continue a merge into OUT_DIR that was killed or interrupted, merging only the tensors it had "
-                   "not written; same bytes as an uninterrupted run. Refused (exit 2) if the config, --seed, "
+                   "not written; same bytes as an uninterrupted run. Refused (exit 2) if the config, --seed (DARE), "
                    "--out-shard-size or an input changed since. With nothing to resume, starts from the beginning.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-nonfinite", is_flag=True,
@@ -310,12 +310,12 @@ def demo(out_dir, method, device, quiet) -> None:
 
 @main.command()
 @click.option("--method", default="ties", show_default=True)
-@click.option("--density", type=float, default=0.2, show_default=True)
-@click.option("--experts", type=int, default=4, show_default=True)
-@click.option("--hidden", type=int, default=1024, show_default=True)
-@click.option("--intermediate", type=int, default=2816, show_default=True)
-@click.option("--layers", type=int, default=8, show_default=True)
-@click.option("--vocab", type=int, default=32000, show_default=True)
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
+@click.option("--experts", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True)
+@click.option("--intermediate", type=click.IntRange(min=1), default=2816, show_default=True)
+@click.option("--layers", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--vocab", type=click.IntRange(min=1), default=32000, show_default=True)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "torch", "triton"]), default="auto", show_default=True)
 @click.option("--max-memory", default=None)

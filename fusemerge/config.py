@@ -1044,21 +1044,8 @@ class _Validator:
 
         listed_index = {id(ref): i for i, ref in enumerate(listed)}
         listed_index.update({id(ref): -1 for ref in models if id(ref) not in listed_index})  # the appended base
-        seen: set[str] = set()
-        if "gamma" in method.params:
-            for ref in models:
-                i = listed_index[id(ref)]
-                density, dkey = effective(ref, "density", i)
-                gamma, gkey = effective(ref, "gamma", i)
-                if not (_is_number(density) and _is_number(gamma)):
-                    continue
-                # density 1 keeps every entry (mergekit skips sparsification, mergekit/sparsify.py:97).
-                if density < 1 and density + gamma > 1:
-                    msg = (f"{dkey} = {density!r} plus {gkey} = {gamma!r} is more than 1; breadcrumbs drops the "
-                           f"gamma fraction of largest entries and keeps the next density fraction")
-                    if msg not in seen:
-                        seen.add(msg)
-                        self.add(dkey if dkey.startswith(("models", "parameters")) else gkey, msg)
+        # breadcrumbs with density + gamma > 1 is not refused: as in mergekit (n_bot = max(0, n - dn - gn)), the
+        # outlier drop shrinks so that density's share is kept (select.trim_counts)
         normalize = global_params.get("normalize", method.params["normalize"].default)
         if method.consensus == "none" and normalize is True:
             weights = [effective(ref, "weight", listed_index[id(ref)])[0] for ref in models]

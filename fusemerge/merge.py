@@ -17,7 +17,7 @@ from fusemerge import __version__
 from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
 from fusemerge.partition import finished_part, merge_identity, part_dir, parts_root, write_part_manifest
-from fusemerge.planner import MergePlan, build_plan
+from fusemerge.planner import CODE_NAMES, TOKENIZER_FILES, MergePlan, build_plan
 from fusemerge.streaming.executor import Executor, StageTimes
 from fusemerge.streaming.global_cuts import CUTS_NAME, CutsFile, identity_digest
 from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch
@@ -27,12 +27,6 @@ from fusemerge.streaming.writer import ShardedWriter, check_out_dir, make_temp_d
 from fusemerge.verify import write_manifest
 
 log = logging.getLogger("fusemerge")
-
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
-    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
-)
-
 
 # config.json keys holding the number of layers (Llama / Mistral / Qwen ..., GPT-2, GPT-NeoX-style).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -104,7 +98,7 @@ def run(
     plan = plan or build_plan(config, device=device, backend=backend, max_memory=max_memory,
                               out_shard_size=out_shard_size, seed=seed, workers=workers, partition=partition)
     notify = notify or log.warning
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." or "out/.." name their directory only once made absolute
     inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
     t0 = time.perf_counter()
     if plan.partition is not None:  # this run writes one part, into its own directory; finalize fills `out`
@@ -246,14 +240,15 @@ def _write_error(out: Path, e: OSError) -> str:
 
 def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> None:
     """config.json (dtype updated), tokenizer files, fusemerge_config.yml and a README model card."""
-    ref_dir = _model_dir(plan.reference.path)
-    config_path = ref_dir / "config.json"
-    if config_path.is_file() and plan.reference.config is not None:
-        cfg = dict(plan.reference.config)
-        if plan.out_dtype_name:
-            cfg["torch_dtype"] = plan.out_dtype_name
+    # the base's config.json, else the first model's that has one (CLI.md)
+    source = next((m for m in [plan.reference, *plan.models] if m.config is not None), None)
+    if source is not None:  # else the plan warned
+        cfg = dict(source.config)
+        out_dtype = plan.out_dtype_name or _main_dtype(plan)
+        if out_dtype:
+            cfg["torch_dtype"] = out_dtype
             if "dtype" in cfg:
-                cfg["dtype"] = plan.out_dtype_name
+                cfg["dtype"] = out_dtype
         if plan.config.slices is not None:  # layer stacking: the output's layer count (mergekit/merge.py)
             keys = [k for k in LAYER_COUNT_KEYS if k in cfg] or [LAYER_COUNT_KEYS[0]]
             for key in keys:
@@ -266,6 +261,16 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> Non
                 shutil.copyfile(src / name, directory / name)
     (directory / "fusemerge_config.yml").write_text(plan.config.to_yaml())
     (directory / "README.md").write_text(_model_card(plan))
+
+
+def _main_dtype(plan: MergePlan) -> str | None:
+    """The output's floating-point dtype (the one most of its float elements have), as config.json names it."""
+    counts: dict[str, int] = {}
+    for t in plan.tensors:
+        name = CODE_NAMES.get(t.out_dtype)
+        if name:
+            counts[name] = counts.get(name, 0) + t.numel
+    return max(counts, key=counts.__getitem__) if counts else None
 
 
 def _model_dir(path: Path) -> Path:

@@ -39,6 +39,12 @@ FLOAT_CODES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 DTYPE_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 CODE_NAMES = {v: k for k, v in DTYPE_NAMES.items()}
 
+# The files `run` copies from the tokenizer's model (--copy-tokenizer).
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+    "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json",
+)
+
 # Tied embeddings: where a model without lm_head.weight keeps the matrix it ties to.
 TIED_ALIASES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
 LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
@@ -361,6 +367,9 @@ def build_plan(
     except ValueError as e:
         problems.append(f"--max-memory: {e}")
         budget = DEFAULT_CPU_BUDGET
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        problems.append(f"--workers {workers}: must be a whole number of at least 1")
+        workers = None
     pinned = None
     if max_pinned_memory is not None:
         try:
@@ -372,6 +381,7 @@ def build_plan(
     except InputError as e:  # still check the models the config names, to report everything at once
         raise InputError(problems + e.problems + _model_problems(config)) from None
     method = cfg.method
+    problems.extend(_tokenizer_problems(cfg))
 
     # Open every model once (a model listed twice is one index).
     opened: dict[Path, ModelIndex | None] = {}
@@ -406,6 +416,9 @@ def build_plan(
                 problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
                                 f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
                 break
+    if all(m.config is None for m in [reference, *models]):
+        warnings.append("no input model has a config.json: the output will have none (Transformers needs one to "
+                        "load it)")
     most = max([len(t.inputs) for t in tensors if not t.copy_only] + [0])
     if backend_name == "triton" and most > MAX_EXPERTS:
         if backend in (None, "auto"):
@@ -455,6 +468,7 @@ def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], M
 
     tensors: list[TensorPlan] = []
     warnings: list[str] = []
+    unmergeable: dict[str, list[str]] = {}
     for name in sorted(reference.tensors, key=_natural_key):
         ref_entry = reference.tensors[name]
         entries = [_entry(m, name) for m in models]
@@ -465,6 +479,8 @@ def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], M
             continue
         labelled = [(str(m.path), e) for m, e in zip(models, entries, strict=True)]
         if not _same_shape_and_dtype(name, str(reference.path), ref_entry, labelled, problems):
+            continue
+        if _unmergeable(method, name, ref_entry, unmergeable):
             continue
         if ref_entry.dtype not in FLOAT_CODES:
             tensors.append(_copy_plan(name, ref_entry))
@@ -483,6 +499,7 @@ def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], M
         except InputError as e:
             problems.extend(e.problems)
 
+    problems.extend(_unmergeable_lines(unmergeable, str(reference.path)))
     for m in models:
         extra = [n for n in m.tensors if n not in reference.tensors and not _is_alias_source(n, reference)]
         if extra:
@@ -509,6 +526,7 @@ class _SlicePlanner:
         self.out_code, self.problems = out_code, problems
         self.tensors: list[TensorPlan] = []
         self.warnings: list[str] = []
+        self.unmergeable: dict[str, list[str]] = {}
         self._templates: dict[Path, set[str]] = {}
 
     def plan(self) -> tuple[list[TensorPlan], list[str], list[ModelIndex], ModelIndex]:
@@ -535,6 +553,7 @@ class _SlicePlanner:
             sl = cfg.slices[0] if _is_pre_weight(name) else cfg.slices[-1]
             sources = sl.sources[:len(cfg.slices[0].sources)]  # mergekit zips post weights with slice 0's count
             self._plan_tensor(name, sl, [(src, name) for src in sources], t=0.0)
+        self.problems.extend(_unmergeable_lines(self.unmergeable, "the slices' models"))
         self.tensors.sort(key=lambda t: _natural_key(t.name))
         models = [self.indices[ref.path] for ref in cfg.models]
         return self.tensors, self.warnings, models, reference
@@ -591,6 +610,8 @@ class _SlicePlanner:
         labelled = [(f"{self.indices[src.ref.path].path} ('{n}')", e) for src, n, e in found[1:]]
         ref_label = f"{self.indices[ref_src.ref.path].path} ('{ref_name}')"
         if not _same_shape_and_dtype(out_name, ref_label, ref_entry, labelled, self.problems):
+            return
+        if _unmergeable(method, out_name, ref_entry, self.unmergeable):
             return
         if ref_entry.dtype not in FLOAT_CODES:
             self.tensors.append(_copy_plan(out_name, ref_entry))
@@ -672,6 +693,37 @@ def _model_problems(config: object) -> list[str]:
     return problems
 
 
+def _tokenizer_problems(cfg: MergeConfig) -> list[str]:
+    """tokenizer_source: a model path must be a directory holding tokenizer files (mergekit fails on one that
+    does not; a merge that copied nothing from it would be a model without the tokenizer asked for)."""
+    source = cfg.tokenizer_source
+    if not source or source == "base":
+        return []
+    path = Path(os.path.abspath(os.path.expanduser(source)))
+    directory = path.parent if path.is_file() else path
+    if not directory.is_dir():
+        return [f"{cfg.label}: tokenizer_source: {source!r}: no such directory"]
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return [f"{cfg.label}: tokenizer_source: {directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}"
+                ", ...)"]
+    return []
+
+
+def _unmergeable(method: Method, name: str, entry: TensorEntry, found: dict[str, list[str]]) -> bool:
+    """A floating-point tensor the kernels do not take (F64, the F8 formats): recorded in `found` by dtype, to be
+    refused, unless the method copies it (passthrough). Integer and bool tensors are copied, as mergekit does."""
+    if method.is_passthrough or entry.dtype in FLOAT_CODES or not entry.dtype.startswith("F"):
+        return False
+    found.setdefault(entry.dtype, []).append(name)
+    return True
+
+
+def _unmergeable_lines(found: dict[str, list[str]], where: str) -> list[str]:
+    return [f"{where}: {len(names)} tensor(s) of dtype {dtype} (first: '{names[0]}'): fusemerge merges F32, F16 "
+            "and BF16 tensors; convert the checkpoints first" + (" (an FP8 checkpoint's weights also need their "
+            "scales applied)" if dtype.startswith("F8") else "") for dtype, names in found.items()]
+
+
 def _is_alias_source(name: str, reference: ModelIndex) -> bool:
     return any(name in aliases and src in reference.tensors for src, aliases in TIED_ALIASES.items())
 
@@ -713,10 +765,16 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     for i, g in enumerate(gamma):
         if not 0.0 <= g <= 1.0:
             problems.append(f"tensor '{name}': gamma of model {i} resolves to {g}, outside [0, 1]")
+    weights = per_model("weight")
+    normalize = bool(global_value("normalize", False))
+    if normalize and method.consensus == "none" and weights and math.fsum(weights) == 0:
+        # the config refuses scalar weights that do; gradients and filter rules resolve per tensor
+        problems.append(f"tensor '{name}': the weights resolve to {weights}, which add up to 0, and normalize is "
+                        "true, so the merge would divide by 0")
     if problems:
         raise InputError(problems)
-    return dict(weights=per_model("weight"), density=density, gamma=gamma, lam=float(global_value("lambda", 1.0)),
-                normalize=bool(global_value("normalize", False)), rescale=global_value("rescale", False))
+    return dict(weights=weights, density=density, gamma=gamma, lam=float(global_value("lambda", 1.0)),
+                normalize=normalize, rescale=global_value("rescale", False))
 
 
 def _bytes_per_elem(n_inputs: int) -> int:

@@ -440,27 +440,16 @@ def test_int8_mask_accepted_as_mergekit_noop() -> None:
 
 
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
-def test_breadcrumbs_density_plus_gamma_per_model(method: str) -> None:
+def test_breadcrumbs_density_plus_gamma_above_one_is_mergekits_shrunk_outlier_drop(method: str) -> None:
+    """mergekit 0.1.5 merges these (sparsify.py: n_bot = max(0, n - target_n - n_top)); so does fusemerge, as
+    its gradients always did: select.trim_counts keeps floor(density * n) entries."""
     models = [{"model": "e1", "parameters": {"density": 0.5}},
               {"model": "e2", "parameters": {"density": 0.9, "gamma": 0.2}}]
-    message = one_problem(cfg(method=method, models=models))
-    assert message.startswith("config: models[1].parameters.density: models[1].parameters.density = 0.9 plus "
-                              "models[1].parameters.gamma = 0.2 is more than 1")
+    assert load_config(cfg(method=method, models=models)).param("gamma", "w", 1) == 0.2
+    load_config(cfg(method="breadcrumbs", parameters={"density": 0.995}))  # with the default gamma 0.01
+    from fusemerge.kernels.select import trim_counts
 
-
-def test_breadcrumbs_density_plus_default_gamma() -> None:
-    message = one_problem(cfg(method="breadcrumbs", parameters={"density": 0.995}))
-    assert message.startswith("config: parameters.density: parameters.density = 0.995 plus gamma (default) = 0.01")
-    found = problems(cfg(method="breadcrumbs", parameters={"gamma": 0.5},
-                         models=[{"model": "e1", "parameters": {"density": 0.6}},
-                                 {"model": "e2", "parameters": {"density": 0.7}}]))
-    assert [p.split(": ")[1] for p in found] == ["models[0].parameters.density", "models[1].parameters.density"]
-
-
-def test_breadcrumbs_sum_check_only_for_scalars_and_density_below_one() -> None:
-    load_config(cfg(method="breadcrumbs", parameters={"density": 1.0, "gamma": 0.3}))  # density 1 keeps all
-    load_config(cfg(method="breadcrumbs", parameters={"density": [0.9, 0.95], "gamma": 0.2}))
-    load_config(cfg(method="breadcrumbs", parameters={"density": 0.5, "gamma": 0.5}))  # exactly 1 is fine
+    assert trim_counts("breadcrumbs", 1000, 0.9, 0.2) == (1000, 100)  # keep 900: the 100 largest dropped
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])

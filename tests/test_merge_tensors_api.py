@@ -32,7 +32,6 @@ BAD_PARAMS = [
     ("ties", dict(density=1.5), "density: 1.5 is outside (0, 1]"),
     ("ties", dict(weight=float("nan")), "weight: must be a finite number, not nan"),
     ("ties", dict(weight=[1, 2]), "weight: 2 values for 3 experts"),
-    ("breadcrumbs", dict(density=0.5, gamma=0.6), "plus gamma = 0.6 is more than 1"),
     ("breadcrumbs", dict(gamma=-0.1), "gamma: -0.1 is outside [0, 1]"),
     ("task_arithmetic", dict(weight=[1, -1, 0], normalize=True), "the weights add up to 0 and normalize is true"),
     ("linear", dict(lambda_=0.5), "lambda: unknown parameter for linear"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,33 @@ def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str
     files = [path / name for name in names if name.endswith(".safetensors") and (path / name).is_file()]
     if not files:
         raise InputError(f"{path}: no {SINGLE_FILE_NAME}, {INDEX_NAME} or other .safetensors file in this directory")
+    problems.extend(_missing_shards(path, [f.name for f in files]))
     return files, None
+
+
+_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+
+
+def _missing_shards(path: Path, names: list[str]) -> list[str]:
+    """Without an index, the shards that names like model-00002-of-00003.safetensors say should be there and are
+    not (an interrupted download): one line per set of shards."""
+    sets: dict[tuple[str, str], set[int]] = {}
+    width: dict[tuple[str, str], int] = {}
+    for name in names:
+        m = _SHARD_RE.match(name)
+        if m:
+            key = (m["stem"], m["n"])
+            sets.setdefault(key, set()).add(int(m["i"]))
+            width[key] = len(m["i"])
+    problems = []
+    for (stem, n), present in sets.items():
+        absent = [i for i in range(1, int(n) + 1) if i not in present]
+        if absent and int(n) <= 100_000:
+            names_absent = ", ".join(f"{stem}-{i:0{width[stem, n]}d}-of-{n}.safetensors" for i in absent[:3])
+            more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
+            problems.append(f"{path}: shard(s) {names_absent}{more} missing ({len(present)} of {int(n)} present, "
+                            f"and no {INDEX_NAME})")
+    return problems
 
 
 def _read_weight_map(index_path: Path) -> dict[str, str]:

@@ -1,0 +1,129 @@
+"""Inputs a hostile or unlucky user gives the command line: float formats fusemerge does not merge, a shard
+missing from a download, weights that resolve to a zero sum per tensor, a tokenizer_source with nothing in it,
+config.json defaults, and option values out of range. Each is refused before anything is merged (exit 2, one
+line naming the file, tensor or key), or handled as the spec says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from tests.cli_helpers import invoke, make_cli_family
+from tests.test_cli import _edit_config, assert_nothing_written, errors
+
+
+@pytest.fixture()
+def fam(tmp_path: Path) -> dict:
+    return make_cli_family(tmp_path)
+
+
+def _convert(model_dir: Path, dtype: torch.dtype) -> None:
+    path = model_dir / "model.safetensors"
+    save_file({k: v.to(dtype) for k, v in load_file(path).items()}, str(path))
+
+
+@pytest.mark.parametrize("dtype,code", [(torch.float64, "F64"), (torch.float8_e4m3fn, "F8_E4M3")])
+def test_float_formats_the_kernels_do_not_take_are_refused_not_copied(fam, tmp_path, dtype, code) -> None:
+    for d in [fam["base"], *fam["experts"]]:
+        _convert(d, dtype)
+    r = invoke("run", fam["config"], tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    (line,) = errors(r)
+    assert f"tensor(s) of dtype {code} (first: '" in line and str(fam["base"]) in line, line
+    assert ("scales" in line) == code.startswith("F8")
+    assert_nothing_written(tmp_path / "out")
+    # passthrough copies bytes: an F64 model can still be sliced and stacked
+    if code == "F64":
+        cfg = {"merge_method": "passthrough", "slices": [{"sources": [{"model": str(fam["base"]),
+                                                                       "layer_range": [0, 2]}]}]}
+        (tmp_path / "p.yml").write_text(yaml.safe_dump(cfg))
+        r = invoke("run", tmp_path / "p.yml", tmp_path / "p-out", "-q")
+        assert r.exit_code == 0, r.output
+        assert load_file(tmp_path / "p-out" / "model.safetensors")["model.norm.weight"].dtype == torch.float64
+
+
+def test_a_shard_missing_from_a_download_is_refused_by_plan_and_inspect(fam, tmp_path) -> None:
+    base = fam["base"]
+    tensors = load_file(base / "model.safetensors")
+    names = sorted(tensors)
+    (base / "model.safetensors").unlink()
+    for i, part in enumerate((names[:5], names[5:10], names[10:]), start=1):
+        if i != 2:  # shard 2 of 3 never arrived, and there is no index
+            save_file({n: tensors[n] for n in part}, str(base / f"model-0000{i}-of-00003.safetensors"))
+    for cmd in (("plan", fam["config"]), ("inspect", base)):
+        r = invoke(*cmd)
+        assert r.exit_code == 2, r.output
+        assert any("model-00002-of-00003.safetensors missing (2 of 3 present" in e for e in errors(r)), r.stderr
+
+
+def test_weights_that_add_up_to_zero_in_some_tensors_are_refused_naming_them(fam, tmp_path) -> None:
+    """Scalar weights adding up to 0 are a config error; gradients do so only in some tensors."""
+    def edit(c):
+        c.update(merge_method="linear", parameters={"normalize": True})
+        c.pop("base_model")
+        c["models"][0]["parameters"] = {"weight": [1.0, 0.0]}
+        c["models"][1]["parameters"] = {"weight": [-1.0, 0.0]}
+
+    r = invoke("plan", _edit_config(fam, tmp_path, edit))
+    assert r.exit_code == 2, r.output
+    lines = errors(r)
+    assert lines and all("which add up to 0, and normalize is true" in line for line in lines), lines
+    assert any("tensor 'model.embed_tokens.weight': the weights resolve to [1.0, -1.0]" in line for line in lines)
+    assert any("'model.layers.1." in line and "[0.0, 0.0]" in line for line in lines)
+
+
+@pytest.mark.parametrize("where", ["missing", "empty"])
+def test_a_tokenizer_source_that_holds_no_tokenizer_is_refused(fam, tmp_path, where) -> None:
+    source = tmp_path / "tok"
+    if where == "empty":
+        source.mkdir()
+        (source / "README.md").write_text("no tokenizer here")
+    r = invoke("plan", _edit_config(fam, tmp_path, lambda c: c.update(tokenizer_source=str(source))))
+    assert r.exit_code == 2, r.output
+    (line,) = errors(r)
+    assert ("no such directory" if where == "missing" else f"{source} holds no tokenizer files") in line, line
+
+
+def test_config_json_gets_the_output_dtype_and_comes_from_the_first_model_that_has_one(fam, tmp_path) -> None:
+    for d in [fam["base"], *fam["experts"]]:  # no torch_dtype anywhere, no dtype: in the merge config
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.pop("torch_dtype", None)
+        (d / "config.json").write_text(json.dumps(cfg))
+    (fam["base"] / "config.json").unlink()
+    r = invoke("run", fam["config"], tmp_path / "out", "-q")
+    assert r.exit_code == 0, r.output
+    out = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert out["torch_dtype"] == "bfloat16"
+    assert out == {**json.loads((fam["experts"][0] / "config.json").read_text()), "torch_dtype": "bfloat16"}
+    for d in fam["experts"]:
+        (d / "config.json").unlink()
+    r = invoke("plan", fam["config"])
+    assert r.exit_code == 0 and "no input model has a config.json" in r.output, r.output
+
+
+@pytest.mark.parametrize("workers", ["0", "-1"])
+def test_workers_below_one_are_refused(fam, workers) -> None:
+    r = invoke("plan", fam["config"], "--workers", workers)
+    assert r.exit_code == 2
+    assert errors(r) == [f"fusemerge: error: --workers {workers}: must be a whole number of at least 1"], r.stderr
+
+
+def test_out_dir_dot_is_the_current_directory(fam, tmp_path, monkeypatch) -> None:
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "old.txt").write_text("an earlier merge")
+    monkeypatch.chdir(here)
+    r = invoke("run", fam["config"], ".", "--overwrite", "-q")
+    assert r.exit_code == 0, r.output
+    assert (here / "model.safetensors").is_file() and not (here / "old.txt").exists()
+
+
+def test_bench_refuses_shapes_out_of_range() -> None:
+    for option, value in (("--hidden", "0"), ("--experts", "-2"), ("--density", "0")):
+        r = invoke("bench", option, value)
+        assert r.exit_code == 2 and "Invalid value" in r.output, (option, r.output)
