@@ -1,6 +1,6 @@
 """The fuzz properties of tests/test_fuzz.py, run long: 10^5 cases by default (the CI run tries ~2,000).
 
-    /work/venv/bin/python bench/fuzz.py [--cases 100000] [--seed 0] [--only documents]
+    python bench/fuzz.py [--cases 100000] [--seed 0] [--only documents]
 
 Each hypothesis test runs with a larger max_examples (its share of --cases) and a fixed seed; a failing property
 is shrunk and printed, and the run goes on with the next one. Prints the cases tried and the failures; exit 1 if any.

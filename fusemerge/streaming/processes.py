@@ -11,7 +11,7 @@ through the inherited descriptors, so the children need no coordination. Measure
 of 3): 5.68 -> 4.94 s wall; peak anonymous memory 0.35 GB with threads and with processes (copy-on-write pages
 counted once), once each child freezes its collector: without `gc.freeze()` the children's collections touched
 every inherited object and copied the interpreter's pages, 0.43 GB. `bench/memory.py`'s bound under a 64 MiB
-budget holds (1.05-1.08x).
+budget holds (1.05-1.31x over six runs, 2026-12-01, bench/README.md).
 
 A child reports through its pipe, one JSON object per line: input bytes merged (progress), each finished tensor
 (the parent journals it: `Executor.on_tensor_done`), and at the end its stage times and non-finite notes, or the
