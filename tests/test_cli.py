@@ -72,8 +72,9 @@ def test_verbose_dare_run_says_how_its_masks_were_drawn(fam: dict, tmp_path: Pat
     if rescale == "inverse":  # no statistics pass, small merge: nothing to keep, drawn in the threads
         assert not lines
         return
-    m = re.fullmatch(r"DARE masks: ([\d,]+) chunk runs drawn \(in the (?:merge threads|2 merge worker processes)\), "
-                     r"(?:compiled|numpy), ([\d,]+) reused by the merge pass from the statistics pass", lines[0])
+    m = re.fullmatch(r"DARE masks: ([\d,]+) chunk runs drawn \(in the (?:merge threads|2 merge worker processes)\)"
+                     r" by (?:the compiled keep test|numpy), ([\d,]+) reused by the merge pass from the statistics "
+                     r"pass", lines[0])
     assert m, lines
     drawn, reused = (int(g.replace(",", "")) for g in m.groups())
     assert drawn > 0 and reused == drawn  # a tiny merge: every mask fits, each drawn once and used twice

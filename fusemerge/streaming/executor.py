@@ -74,12 +74,12 @@ class StageTimes:
             self.masks_reused += reused
 
     def masks_line(self) -> str:
-        """'DARE masks: 2,636 chunk runs drawn (in the merge threads), compiled, 2,636 reused by the merge pass
-        from the statistics pass'."""
+        """'DARE masks: 2,636 chunk runs drawn (in the merge threads) by the compiled keep test, 2,636 reused by
+        the merge pass from the statistics pass'."""
         where = (f" (by {self.mask_workers} worker processes)" if self.mask_workers
                  else f" (in the {self.worker_processes} merge worker processes)" if self.worker_processes
                  else " (in the merge threads)")
-        how = f", {self.mask_code.split(' (')[0]}" if self.mask_code else ""
+        how = {"compiled": " by the compiled keep test", "numpy": " by numpy"}.get(self.mask_code.split(" (")[0], "")
         return (f"DARE masks: {self.masks_drawn:,} chunk runs drawn{where}{how}, {self.masks_reused:,} reused by "
                 "the merge pass from the statistics pass")
 
