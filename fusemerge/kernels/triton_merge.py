@@ -294,15 +294,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Triton's interpreter is not thread-safe: each launch patches triton.language's globals and keeps the grid
-# index in one global builder, so two threads launching at once fail ("Did you forget to add @triton.jit"),
-# as the executor's CPU workers would. Launches are serialized while interpreting; on a GPU this is unused.
-_INTERPRETER_LOCK = threading.Lock()
+# Launches from several threads are serialized. Triton's interpreter is not thread-safe: each launch patches
+# triton.language's globals and keeps the grid index in one global builder, so two threads launching at once
+# fail ("Did you forget to add @triton.jit"), as the executor's CPU workers would. On GPUs, one pipeline
+# thread per GPU compiles the same kernels at once on its first launches, which Triton 3.x does not guard
+# (triton-lang/triton#5933, open: random compile failures with threads on several GPUs). A compiled launch
+# holds the GIL for most of its ~10-20 us anyway, so the lock costs the threads little.
+_LAUNCH_LOCK = threading.Lock()
 
 
 def launch_guard() -> contextlib.AbstractContextManager:
-    """Hold this around a kernel launch: a lock under TRITON_INTERPRET=1, nothing on a GPU."""
-    return _INTERPRETER_LOCK if _interpreting() else contextlib.nullcontext()
+    """Hold this around a kernel launch: one thread launches (or compiles) at a time."""
+    return _LAUNCH_LOCK
 
 
 def check_device(t: torch.Tensor, what: str) -> None:

@@ -55,7 +55,7 @@ class Pipeline:
                  pinned_bytes: int | None = None):
         self.ex = executor
         self.plan: MergePlan = executor.plan
-        self.device = device or self.plan.device
+        self.device = _indexed(device or self.plan.device)
         self.cuda = self.device.type == "cuda"
         self.rows = max(len(t.inputs) + (t.base is not None) for t in self.plan.tensors)
         self.readers = readers or min(8, os.cpu_count() or 1)
@@ -66,7 +66,13 @@ class Pipeline:
         # widest dtype) + out-slots x 4
         per_elem = ((self.slots + 2) * self.rows + self.n_out) * 4
         chunk = min(self.plan.chunk_elems, budget // per_elem)
-        self.chunk = max(MIN_PIPE_CHUNK, chunk - chunk % ALIGN)
+        chunk -= chunk % ALIGN
+        # torch's pinned allocator rounds every block up to a power of two (torch.cuda.host_memory_stats): the
+        # chunk shrinks until the rounded blocks fit too (else up to 1.7x the budget was pinned)
+        while chunk > MIN_PIPE_CHUNK and self._pinned(chunk) > budget:
+            chunk = max(MIN_PIPE_CHUNK, min(chunk - ALIGN, (_pow2(self.rows * chunk * 4) // 2) // (self.rows * 4)))
+            chunk -= chunk % ALIGN
+        self.chunk = max(MIN_PIPE_CHUNK, chunk)
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._jobs: queue.Queue = queue.Queue()
@@ -74,6 +80,11 @@ class Pipeline:
         self._free_out: queue.Queue = queue.Queue()
         self._stat_bufs: list[torch.Tensor] | None = None
         self._stat_pool: ThreadPoolExecutor | None = None
+
+    def _pinned(self, chunk: int) -> int:
+        """Pinned bytes the in-slots, the 2 statistics buffers and the out-slots of `chunk` elements take, as
+        the allocator rounds them."""
+        return (self.slots + 2) * _pow2(self.rows * chunk * 4) + self.n_out * _pow2(chunk * 4)
 
     # -- small device abstractions (CUDA, or synchronous host stand-ins) -----------------------------
 
@@ -165,9 +176,17 @@ class Pipeline:
     # -- stages 2 and 3: the GPU thread (this one) ---------------------------------------------------
 
     def run(self, order: list[TensorPlan]) -> None:
+        if not self.cuda:
+            return self._run(order)
+        previous = torch.cuda.current_device()
+        torch.cuda.set_device(self.device)  # this thread's launches (Triton's included) go to this GPU
+        try:
+            return self._run(order)
+        finally:
+            torch.cuda.set_device(previous)  # the caller's thread, when one pipeline runs in it
+
+    def _run(self, order: list[TensorPlan]) -> None:
         ex = self.ex
-        if self.cuda:
-            torch.cuda.set_device(self.device)  # this thread's launches (Triton's included) go to this GPU
         order = file_order(self.plan, order)
         streamed = [t for t in order if not t.copy_only]
         units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
@@ -212,13 +231,16 @@ class Pipeline:
         self._check()
 
     def _fits(self, t: TensorPlan) -> bool:
-        return self.ex.global_cuts is None and sum(e.nbytes for e in _entries(t)) <= self.plan.resident_bytes
+        # the resident copy gives every row the widest input's itemsize (_merge_resident's allocation)
+        entries = _entries(t)
+        return (self.ex.global_cuts is None
+                and len(entries) * max(e.itemsize for e in entries) * t.numel <= self.plan.resident_bytes)
 
     def _merge_tensor(self, t: TensorPlan, chunks) -> None:
         entries = _entries(t)
         out_dtype = FLOAT_CODES[t.out_dtype]
-        nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.device)
-        self._keep_alive(nonfinite, self.compute)
+        with self._on(self.compute):  # zeroed in the stream whose kernels count into it, so before them
+            nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.device)
         needs_stats = self.ex.needs_statistics(t)
         if not needs_stats or not self._fits(t):
             # no statistics, or a tensor too large to keep on the device: its statistics passes stream it
@@ -445,10 +467,29 @@ def run_pipelines(executor, order: list[TensorPlan], devices: tuple[torch.device
                for p, r in zip(pipes, runs, strict=True) if r]
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
+    try:
+        for th in threads:
+            th.join()
+    except BaseException:  # Ctrl-C in this thread: stop every pipeline before the writer closes under them
+        for pipe in pipes:
+            pipe._fail(_Stopped("stopped: interrupted"))
+        for th in threads:
+            th.join()
+        raise
     if errors:
         raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
+
+
+def _pow2(n: int) -> int:
+    """The power of two a pinned block of n bytes takes."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """cuda as cuda:N (the current GPU): torch.cuda.set_device and the streams need the index."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 class _Stopped(RuntimeError):

@@ -192,6 +192,10 @@ def several(plan, k: int):
         devices = tuple(torch.device("cuda", i) for i in range(k))
     else:
         devices = (torch.device("cpu"),) * k
+        if torch.cuda.is_available() and plan.backend == "triton":
+            # a GPU machine with fewer GPUs: CPU stand-ins with the torch backend (Triton on CPU would need
+            # the interpreter, and switching it on in a process that compiled kernels for the GPU breaks them)
+            plan = dataclasses.replace(plan, backend="torch")
     return dataclasses.replace(plan, device=devices[0], devices=devices)
 
 
@@ -293,3 +297,61 @@ def test_plan_summary_names_every_gpu(fam, tmp_path) -> None:
     text = dataclasses.replace(plan, device=gpus[0], devices=gpus).summary()
     assert "device        cuda:0, cuda:1 (backend torch, 2 GPUs, one pipeline each)" in text
     assert "per GPU" in text and "pinned host memory 1.00 GiB shared by 2 GPUs" in text
+
+
+@pytest.mark.parametrize("budget", [64 << 10, 1 << 20, 3 << 20, 5 << 20, 1 << 30])
+def test_pinned_buffers_fit_the_budget_as_the_allocator_rounds_them(tmp_path, fam, budget) -> None:
+    """torch's pinned allocator rounds each block up to a power of two; the chunk is sized so that the rounded
+    blocks fit --max-pinned-memory (they took up to 1.7x of it)."""
+    import dataclasses
+
+    from fusemerge.streaming.pipeline import MIN_PIPE_CHUNK, Pipeline, _pow2
+
+    plan = fusemerge.build_plan(config(tmp_path, fam, "ties"), device=DEVICE)
+    plan = dataclasses.replace(plan, chunk_elems=1 << 22)  # as a GPU plan's: the pinned budget decides
+    pipe = Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=budget)
+    rounded = (pipe.slots + 2) * _pow2(pipe.rows * pipe.chunk * 4) + pipe.n_out * _pow2(pipe.chunk * 4)
+    assert rounded <= budget or pipe.chunk == MIN_PIPE_CHUNK
+    assert rounded > budget // 4 or pipe.chunk == 1 << 22  # and not much smaller than it needs to be
+
+
+def test_ctrl_c_during_several_pipelines_stops_them_before_it_returns(tmp_path, fam, monkeypatch) -> None:
+    """A KeyboardInterrupt in the thread waiting for the pipelines stops them all before it propagates, so none
+    writes after the caller has closed the writer and journal (they went on writing)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from fusemerge.streaming.reader import ChunkReader
+
+    real = ChunkReader.read_into
+
+    def slow(self, *a):
+        time.sleep(0.02)
+        return real(self, *a)
+
+    monkeypatch.setattr(ChunkReader, "read_into", slow)
+    cfg = config(tmp_path, fam, "task_arithmetic")
+    plan = several(fusemerge.build_plan(cfg, device="cpu", workers=1, max_pinned_memory="16KiB"), 2)
+    (tmp_path / "out").mkdir()
+    ex = Executor(plan, None, pipeline=True, readers=1)
+    timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))  # a real one: it wakes join()
+    timer.start()
+    with pytest.raises(KeyboardInterrupt), ShardedWriter(tmp_path / "out", plan.layout) as writer:
+        ex.writer = writer
+        ex.run()
+        time.sleep(5)  # the merge finished before the interrupt: still raise it here, in the with block
+    timer.cancel()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("fusemerge")]
+
+
+def test_a_gpu_without_an_index_is_the_current_one(monkeypatch) -> None:
+    """torch.cuda.set_device and the streams need cuda:N; --device cuda (and auto) gave plain cuda, and every
+    one-GPU pipeline failed at its first line (a ValueError from set_device)."""
+    from fusemerge.streaming.pipeline import _indexed
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _indexed(torch.device("cuda")) == torch.device("cuda", 3)
+    assert _indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert _indexed(torch.device("cpu")) == torch.device("cpu")
