@@ -172,6 +172,7 @@ class MergeConfig:
     slices: list[OutputSlice] | None = None
     source_path: Path | None = field(default=None, compare=False)
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+    notes: list[str] = field(default_factory=list, compare=False)  # keys ignored, as mergekit ignores them
 
     def param(self, name: str, tensor_name: str, expert: int | None = None,
               num_layers: int | None = None) -> float | bool | str:
@@ -578,8 +579,26 @@ class _Validator:
     def __init__(self, label: str):
         self.label = label
         self.problems: list[str] = []
+        self.notes: list[str] = []  # keys ignored, as mergekit ignores them (MergeConfig.notes)
         self.model_params: list[tuple[str, dict[str, Any]]] = []  # (key, parameters) of every models entry
         self.slice_params: list[tuple[str, dict[str, Any]]] = []  # (key, parameters) of every slices entry
+
+    def unknown_key(self, key: str, known: Iterable[str], what: str, allowed: str) -> None:
+        """A key fusemerge does not know where it stands. mergekit's pydantic models ignore such keys (its own
+        examples/mega.yml has `out_path:`), so one that is not a misspelling of a known key is ignored with a
+        note; a near miss (`dtpye:`, `paramters:`) or a merge parameter out of place (`weight:` beside `model:`) is
+        an error, since mergekit would drop what it meant."""
+        name = key.rsplit(".", 1)[-1]
+        hint = _suggest(name, known)
+        params = {p for m in METHODS.values() for p in m.params}
+        if hint:
+            self.add(key, f"unknown {what}{hint}; {allowed}")
+        elif difflib.get_close_matches(name, list(params), n=1):  # `weight: 1` beside model: (mergekit drops it)
+            param = difflib.get_close_matches(name, list(params), n=1)[0]
+            self.add(key, f"unknown {what}; a merge parameter such as {param!r} goes under parameters:; {allowed}")
+        else:
+            note = f"{self.label}: {key}: unknown {what}, ignored (as mergekit ignores it); {allowed}"
+            self.notes.append(note.replace("\r", "\\r").replace("\n", "\\n"))
 
     def add(self, key: str, message: str) -> None:
         # one line per problem, whatever a key holds (a YAML key may contain a line break: "tokenizer.\r")
@@ -599,8 +618,7 @@ class _Validator:
             if key == "modules":
                 self.add("modules", "modules: configs are not supported yet; list whole models under models:")
             elif key not in TOP_LEVEL_KEYS:
-                self.add(str(key), f"unknown top-level key{_suggest(str(key), TOP_LEVEL_KEYS)}; "
-                                   f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
+                self.unknown_key(str(key), TOP_LEVEL_KEYS, "top-level key", f"allowed: {', '.join(TOP_LEVEL_KEYS)}")
 
         method = self._method(raw.get("merge_method", _UNSET))
         base = self._base(raw.get("base_model"), method)
@@ -675,6 +693,7 @@ class _Validator:
             slices=slices,
             source_path=source_path,
             raw=raw,
+            notes=self.notes,
         )
 
     def _method(self, value: Any) -> Method | None:
@@ -733,8 +752,8 @@ class _Validator:
                 continue
             for extra in entry:
                 if extra not in ("model", "parameters"):
-                    self.add(f"{key}.{extra}", f"unknown key{_suggest(str(extra), ('model', 'parameters'))}; "
-                                               "a models entry has only model: and parameters:")
+                    self.unknown_key(f"{key}.{extra}", ("model", "parameters"), "key",
+                                     "a models entry has only model: and parameters:")
             ref = self._model_path(entry["model"], f"{key}.model")
             params = self._params_mapping(entry.get("parameters"), f"{key}.parameters")
             self.model_params.append((f"{key}.parameters", params))
@@ -766,8 +785,8 @@ class _Validator:
                     self.add(f"{key}.{extra}", f"a per-slice {extra}: is not supported yet; "
                                                "set base_model: at the top level")
                 elif extra not in ("sources", "parameters"):
-                    self.add(f"{key}.{extra}", f"unknown key{_suggest(str(extra), ('sources', 'parameters'))}; "
-                                               "a slices entry has sources: and parameters:")
+                    self.unknown_key(f"{key}.{extra}", ("sources", "parameters"), "key",
+                                     "a slices entry has sources: and parameters:")
             params = self._params_mapping(entry.get("parameters"), f"{key}.parameters")
             self.slice_params.append((f"{key}.parameters", params))
             sources = self._slice_sources(entry["sources"], f"{key}.sources")
@@ -799,9 +818,8 @@ class _Validator:
                 continue
             for extra in entry:
                 if extra not in ("model", "layer_range", "parameters"):
-                    allowed = ("model", "layer_range", "parameters")
-                    self.add(f"{skey}.{extra}", f"unknown key{_suggest(str(extra), allowed)}; "
-                                                "a source has model:, layer_range: and parameters:")
+                    self.unknown_key(f"{skey}.{extra}", ("model", "layer_range", "parameters"), "key",
+                                     "a source has model:, layer_range: and parameters:")
             ref = self._model_path(entry["model"], f"{skey}.model")
             params = self._params_mapping(entry.get("parameters"), f"{skey}.parameters")
             self.model_params.append((f"{skey}.parameters", params))

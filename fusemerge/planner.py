@@ -8,6 +8,7 @@ in one InputError (CLI exit code 2); nothing is written.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -416,9 +417,13 @@ def build_plan(
                 problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
                                 f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
                 break
+    warnings = [*cfg.notes, *warnings]
     if all(m.config is None for m in [reference, *models]):
         warnings.append("no input model has a config.json: the output will have none (Transformers needs one to "
                         "load it)")
+    if cfg.tokenizer_source and not problems:
+        _vocabulary_checks(cfg, reference, [*models, *([base] if base is not None else [])], tensors, problems,
+                           warnings)
     most = max([len(t.inputs) for t in tensors if not t.copy_only] + [0])
     if backend_name == "triton" and most > MAX_EXPERTS:
         if backend in (None, "auto"):
@@ -686,6 +691,8 @@ def _model_problems(config: object) -> list[str]:
                 paths.append(m["model"])
     problems: list[str] = []
     for p in dict.fromkeys(paths):
+        if "+" in p and not Path(p).exists():  # MODEL+LORA: load_config has said it is not supported
+            continue
         try:
             open_model(Path(p))
         except InputError as e:
@@ -707,6 +714,73 @@ def _tokenizer_problems(cfg: MergeConfig) -> list[str]:
         return [f"{cfg.label}: tokenizer_source: {directory} holds no tokenizer files ({', '.join(TOKENIZER_FILES[:4])}"
                 ", ...)"]
     return []
+
+
+def _vocabulary_checks(cfg: MergeConfig, reference: ModelIndex, inputs: list[ModelIndex], tensors: list[TensorPlan],
+                       problems: list[str], warnings: list[str]) -> None:
+    """tokenizer_source: fusemerge copies that tokenizer and merges the embedding rows by index; mergekit rebuilds
+    embed_tokens / lm_head for it, row by token, at the tokenizer's length. Those agree when every model numbers
+    its tokens as the source does (checked here from tokenizer.json, where the models have one: else refused)
+    and the rows are the tokenizer's (else a warning: padding rows are kept, where mergekit drops them)."""
+    source_dir = _model_dir_of(reference.path) if cfg.tokenizer_source == "base" else \
+        Path(os.path.abspath(os.path.expanduser(cfg.tokenizer_source)))
+    source_dir = source_dir.parent if source_dir.is_file() else source_dir
+    want = _vocabulary(source_dir / "tokenizer.json")
+    if want is None:
+        return
+    seen: set[Path] = set()
+    for m in inputs:
+        d = _model_dir_of(m.path)
+        if d in seen or d == source_dir:
+            continue
+        seen.add(d)
+        got = _vocabulary(d / "tokenizer.json")
+        if got is not None and got != want:
+            token = next((tok for tok in sorted(set(want) | set(got)) if want.get(tok) != got.get(tok)), "?")
+            problems.append(f"{cfg.label}: tokenizer_source: {d} numbers its tokens differently from {source_dir} "
+                            f"(token {token!r}: id {got.get(token)} against {want.get(token)}); fusemerge merges "
+                            "embedding rows by index (mergekit re-aligns them by token), so the models must share "
+                            "one vocabulary")
+    size = max(want.values(), default=-1) + 1
+    rows = {t.name: t.shape[0] for t in tensors if _is_vocab_tensor(t.name) and t.shape}
+    padded = {name: r for name, r in rows.items() if r != size}
+    if padded:
+        name, r = next(iter(padded.items()))
+        warnings.append(f"tokenizer_source: '{name}' has {r:,} rows and the tokenizer {size:,} tokens: fusemerge keeps "
+                        f"the models' rows (mergekit resizes embed_tokens / lm_head to the tokenizer's length)")
+
+
+_VOCAB_TENSOR_RE = re.compile(r"(?:^|\.)(?:embed_tokens|wte|lm_head|embed_out|word_embeddings)\.weight$")
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return _VOCAB_TENSOR_RE.search(name) is not None
+
+
+def _model_dir_of(path: Path) -> Path:
+    path = Path(path)
+    return path.parent if path.is_file() else path
+
+
+def _vocabulary(path: Path) -> dict[str, int] | None:
+    """token -> id of a tokenizer.json (its model's vocab and its added tokens); None without a readable one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    model = data.get("model")
+    vocab = model.get("vocab") if isinstance(model, dict) else None
+    out: dict[str, int] = {}
+    if isinstance(vocab, dict):
+        out.update({str(k): v for k, v in vocab.items() if isinstance(v, int)})
+    elif isinstance(vocab, list):  # unigram: [[piece, score], ...] numbered by position
+        out.update({str(p[0]): i for i, p in enumerate(vocab) if isinstance(p, list) and p})
+    for tok in data.get("added_tokens") or []:
+        if isinstance(tok, dict) and isinstance(tok.get("id"), int) and "content" in tok:
+            out[str(tok["content"])] = tok["id"]
+    return out or None
 
 
 def _unmergeable(method: Method, name: str, entry: TensorEntry, found: dict[str, list[str]]) -> bool:

@@ -134,8 +134,10 @@ def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
         "merge_method: ties\nbase_model: b\n"
         "models:\n  - model: e1\n    parameters:\n      <<: *c\n      density: 0.75\n"
     )
-    found = problems(write(tmp_path, text))  # `common` is not a config key, but the merge key is fine
-    assert len(found) == 1 and "common: unknown top-level key" in found[0]
+    config = load_config(write(tmp_path, text))  # `common` is not a config key (a note), the merge key is fine
+    assert config.param("weight", MLP.format(0), 0) == 0.25 and config.param("density", MLP.format(0), 0) == 0.75
+    assert len(config.notes) == 1 and "common: unknown top-level key, ignored (as mergekit ignores it)" in \
+        config.notes[0]
 
 
 def test_exponent_floats_without_dot_are_numbers(tmp_path: Path) -> None:
@@ -278,12 +280,12 @@ def test_all_problems_at_once() -> None:
         "parameters": {"normalize": "yes"},
         "dtype": "float64",
         "tokenizer_source": "union",
-        "extra": 1,
+        "base_modle": 1,
     }
     found = problems(data)
     keys = [p.split(": ")[1] for p in found]
     assert sorted(keys) == sorted([
-        "extra", "base_model", "models[2]", "dtype", "tokenizer_source",
+        "base_modle", "base_model", "models[2]", "dtype", "tokenizer_source",
         "models[0].parameters.density", "models[0].parameters.lambda",
         "models[1].parameters.weight", "models[1].parameters.gamma", "parameters.normalize",
     ]), found
@@ -291,6 +293,37 @@ def test_all_problems_at_once() -> None:
 
 # --------------------------------------------------------------------------------------------------
 # Parameter names and values
+
+
+@pytest.mark.parametrize("where", ["top", "model", "slice", "source"])
+def test_keys_mergekit_ignores_are_ignored_with_a_note_and_near_misses_refused(where: str) -> None:
+    """mergekit's pydantic models drop unknown keys (its examples/mega.yml sets `out_path:`; public configs set a
+    source's `revision:`); fusemerge notes them, and refuses a misspelt known key, which mergekit would drop."""
+    def place(data: dict, key: str) -> dict:
+        if where == "top":
+            data[key] = "x"
+        elif where == "model":
+            data["models"][0][key] = "x"
+        else:
+            data = {"merge_method": "passthrough",
+                    "slices": [{"sources": [{"model": "e1", "layer_range": [0, 2]}]}]}
+            (data["slices"][0] if where == "slice" else data["slices"][0]["sources"][0])[key] = "x"
+        return data
+
+    config = load_config(place(cfg(), "out_path"))
+    (note,) = config.notes
+    assert "out_path: unknown " in note and "ignored (as mergekit ignores it)" in note
+    near = {"top": "base_modle", "model": "paramters", "slice": "source", "source": "layer_rang"}[where]
+    (line,) = problems(place(cfg(), near))
+    assert f"{near}: unknown " in line and "(did you mean" in line
+
+
+def test_a_merge_parameter_out_of_place_is_refused() -> None:
+    data = cfg()
+    data["models"][0]["weight"] = 0.5  # meant under parameters: (mergekit would drop it and merge with weight 1)
+    (line,) = problems(data)
+    assert line.startswith("config: models[0].weight: unknown key; a merge parameter such as 'weight' goes under "
+                           "parameters:"), line
 
 
 def test_unknown_parameter_per_model_and_global() -> None:

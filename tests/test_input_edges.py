@@ -127,3 +127,51 @@ def test_bench_refuses_shapes_out_of_range() -> None:
     for option, value in (("--hidden", "0"), ("--experts", "-2"), ("--density", "0")):
         r = invoke("bench", option, value)
         assert r.exit_code == 2 and "Invalid value" in r.output, (option, r.output)
+
+
+def _tokenizer(n: int, swap: bool = False) -> str:
+    vocab = {f"t{i}": i for i in range(n)}
+    if swap:
+        vocab["t10"], vocab["t11"] = 11, 10
+    return json.dumps({"version": "1.0", "added_tokens": [], "model": {"type": "WordLevel", "vocab": vocab,
+                                                                        "unk_token": "t0"}})
+
+
+@pytest.mark.parametrize("source", ["base", "expert"])
+def test_tokenizer_source_with_tokens_numbered_differently_is_refused(fam, tmp_path, source) -> None:
+    """mergekit re-aligns embedding rows by token for tokenizer_source; fusemerge merges them by index, which is
+    the same only when every model numbers its tokens alike."""
+    rows = 53  # tests/cli_helpers.SHAPE's vocab
+    for d in [fam["base"], *fam["experts"]]:
+        (d / "tokenizer.json").write_text(_tokenizer(rows))
+    (fam["experts"][1] / "tokenizer.json").write_text(_tokenizer(rows, swap=True))
+    value = "base" if source == "base" else str(fam["experts"][0])
+    path = _edit_config(fam, tmp_path, lambda c: c.update(tokenizer_source=value))
+    r = invoke("plan", path)
+    assert r.exit_code == 2, r.output
+    (line,) = errors(r)
+    assert f"{fam['experts'][1]} numbers its tokens differently" in line and "'t10': id 11 against 10" in line
+    (fam["experts"][1] / "tokenizer.json").write_text(_tokenizer(rows))  # one vocabulary: planned, no warning
+    r = invoke("plan", path)
+    assert r.exit_code == 0 and "warning" not in r.output, r.output
+
+
+def test_tokenizer_source_shorter_than_the_embedding_warns_that_rows_are_kept(fam, tmp_path) -> None:
+    for d in [fam["base"], *fam["experts"]]:
+        (d / "tokenizer.json").write_text(_tokenizer(50))  # 53 rows: 3 of padding
+    r = invoke("plan", _edit_config(fam, tmp_path, lambda c: c.update(tokenizer_source="base")))
+    assert r.exit_code == 0, r.output
+    assert "weight' has 53 rows and the tokenizer 50 tokens: fusemerge keeps the models' rows" in r.output
+
+
+def test_keys_mergekit_ignores_are_plan_warnings(fam, tmp_path) -> None:
+    r = invoke("plan", _edit_config(fam, tmp_path, lambda c: c.update(out_path="./merged")))
+    assert r.exit_code == 0, r.output
+    assert "out_path: unknown top-level key, ignored (as mergekit ignores it)" in r.output
+
+
+def test_model_plus_lora_is_said_once(fam, tmp_path) -> None:
+    lora = f"{fam['experts'][0]}+{tmp_path / 'adapter'}"
+    r = invoke("plan", _edit_config(fam, tmp_path, lambda c: c["models"][0].update(model=lora)))
+    assert r.exit_code == 2
+    assert [e for e in errors(r) if "LoRA" in e] and not [e for e in errors(r) if "no such file" in e], r.stderr
