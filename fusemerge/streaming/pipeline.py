@@ -454,7 +454,7 @@ def run_pipelines(executor, order: list[TensorPlan], devices: tuple[torch.device
     errors: list[BaseException] = []
     lock = threading.Lock()
 
-    def work(pipe: Pipeline, run: list[TensorPlan]) -> None:
+    def work(pipe: Pipeline, run: list[TensorPlan], done: threading.Event) -> None:
         try:
             pipe.run(run)
         except BaseException as e:  # noqa: BLE001 - the first one is raised below
@@ -462,19 +462,29 @@ def run_pipelines(executor, order: list[TensorPlan], devices: tuple[torch.device
                 errors.append(e)
             for other in pipes:
                 other._fail(_Stopped(f"stopped: the pipeline on {pipe.device} failed"))
+        finally:
+            done.set()
 
-    threads = [threading.Thread(target=work, args=(p, r), name=f"fusemerge-gpu-{p.device}")
-               for p, r in zip(pipes, runs, strict=True) if r]
-    for th in threads:
-        th.start()
+    # each thread's own event says when its pipeline has ended: a join() that Ctrl-C interrupts may mark its
+    # thread as ended while it still runs (CPython's Thread._wait_for_tstate_lock; met by the test below)
+    threads = []
+    for p, r in zip(pipes, runs, strict=True):
+        if r:
+            done = threading.Event()
+            threads.append((threading.Thread(target=work, args=(p, r, done), name=f"fusemerge-gpu-{p.device}"),
+                            done))
+    started: list[threading.Event] = []
     try:
-        for th in threads:
+        for th, done in threads:
+            th.start()
+            started.append(done)
+        for th, _ in threads:
             th.join()
     except BaseException:  # Ctrl-C in this thread: stop every pipeline before the writer closes under them
         for pipe in pipes:
             pipe._fail(_Stopped("stopped: interrupted"))
-        for th in threads:
-            th.join()
+        for done in started:
+            done.wait()
         raise
     if errors:
         raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])

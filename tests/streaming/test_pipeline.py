@@ -343,6 +343,10 @@ def test_ctrl_c_during_several_pipelines_stops_them_before_it_returns(tmp_path, 
         ex.run()
         time.sleep(5)  # the merge finished before the interrupt: still raise it here, in the with block
     timer.cancel()
+    t0 = time.perf_counter()
+    for th in [t for t in threading.enumerate() if t.name.startswith("fusemerge")]:
+        th.join(timeout=2)  # ending: their pipelines have stopped (before the fix they merged on for seconds)
+    assert time.perf_counter() - t0 < 1.0
     assert not [t.name for t in threading.enumerate() if t.name.startswith("fusemerge")]
 
 
