@@ -9,10 +9,12 @@ at the cut and the global index `c` up to which entries tied at `t` are kept. `C
     OUT_DIR.fusemerge-parts/.fusemerge-global-cuts.json      the parts of `run --partition I/N` (shared)
     .OUT_DIR.fusemerge-tmp/.fusemerge-global-cuts.json       one run (read again by --resume; not in the output)
 
-as `{"format": "fusemerge-global-cuts/1", "merge": SHA-256 of the merge's identity, "cuts": [[t, c, t2, c2], ...
-one per expert]}`. The identity is `partition.merge_identity` (the config, the seed, the layout, every input's size
-and header hash, the fusemerge version), so a file left by another merge, or by these inputs before they changed,
-is not used: the thresholds are found again and the file replaced.
+as `{"format": "fusemerge-global-cuts/2", "merge": SHA-256 of the merge's identity, "cuts": [[t, c, t2, c2], ...
+one per expert], "sha256": of the merge and cuts}`: a file whose cuts were changed (a flipped digit is still valid
+JSON, and would merge other bytes) does not match its checksum and is found again. The identity is
+`partition.merge_identity` (the config, the seed, the layout, every input's size and header hash, the fusemerge
+version), so a file left by another merge, or by these inputs before they changed, is not used: the thresholds are
+found again and the file replaced.
 
 Shared files are written under an flock (`.fusemerge-global-cuts.lock` beside them): the first part to take it
 finds the thresholds and writes them; parts that start meanwhile wait for it, then read them, so the model is read
@@ -36,7 +38,7 @@ from fusemerge.verify import write_json
 
 CUTS_NAME = ".fusemerge-global-cuts.json"
 LOCK_NAME = ".fusemerge-global-cuts.lock"
-FORMAT = "fusemerge-global-cuts/1"
+FORMAT = "fusemerge-global-cuts/2"
 
 # What Executor.find_global_cuts returns: per expert ((t, c), (t2, c2)), the trim cut and breadcrumbs' second one.
 Cuts = list[tuple[tuple[int, int], tuple[int, int]]]
@@ -87,6 +89,10 @@ class CutsFile:
             self.notify(f"{self.path}: not a fusemerge global-thresholds file of {self.experts} expert(s); finding "
                         "the thresholds again")
             return None
+        if data.get("sha256") != _checksum(data.get("merge"), data["cuts"]):
+            self.notify(f"{self.path}: does not match its checksum (changed or damaged); finding the trim_scope: "
+                        "global thresholds again")
+            return None
         if data.get("merge") != self.merge:
             self.notify(f"{self.path}: holds the thresholds of another merge (other config, options or inputs); "
                         "finding them again")
@@ -105,8 +111,9 @@ class CutsFile:
         """Write by rename, so a reader sees the old file or the whole new one."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f"{CUTS_NAME}.{os.getpid()}.tmp")
-        write_json(tmp, {"format": FORMAT, "merge": self.merge,
-                         "cuts": [[t, c, t2, c2] for (t, c), (t2, c2) in cuts]}, indent=None)
+        rows = [[t, c, t2, c2] for (t, c), (t2, c2) in cuts]
+        write_json(tmp, {"format": FORMAT, "merge": self.merge, "cuts": rows, "sha256": _checksum(self.merge, rows)},
+                   indent=None)
         os.replace(tmp, self.path)
 
     @contextmanager
@@ -132,6 +139,10 @@ class CutsFile:
             yield  # the lock file stays (finalize removes the parts' directory): never unlinked while in use
         finally:
             os.close(fd)
+
+
+def _checksum(merge: object, rows: list) -> str:
+    return hashlib.sha256(json.dumps([merge, rows]).encode()).hexdigest()
 
 
 def _is_cuts(cuts: object, experts: int) -> bool:

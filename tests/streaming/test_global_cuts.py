@@ -67,8 +67,22 @@ def test_cuts_round_trip_and_missing_file(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def _signed(merge: str, rows: list) -> dict:
+    from fusemerge.streaming.global_cuts import _checksum
+
+    return {"format": FORMAT, "merge": merge, "cuts": rows, "sha256": _checksum(merge, rows)}
+
+
+def _flipped() -> dict:
+    data = _signed("m1", [[990380032, 2, 3, 4]] * 2)
+    data["cuts"][1][0] = 890380032  # one digit: still valid JSON, other thresholds, other bytes
+    return data
+
+
 @pytest.mark.parametrize("content, said", [
-    ({"format": FORMAT, "merge": "other", "cuts": [[1, 2, 3, 4]] * 2}, "holds the thresholds of another merge"),
+    (_signed("other", [[1, 2, 3, 4]] * 2), "holds the thresholds of another merge"),
+    (_flipped(), "does not match its checksum"),
+    ({"format": FORMAT, "merge": "m1", "cuts": [[1, 2, 3, 4]] * 2}, "does not match its checksum"),
     ({"format": FORMAT, "merge": "m1", "cuts": [[1, 2, 3, 4]] * 3}, "not a fusemerge global-thresholds file of 2"),
     ({"format": FORMAT, "merge": "m1", "cuts": [[1, 2, 3, True]] * 2}, "not a fusemerge global-thresholds file"),
     ({"format": FORMAT, "merge": "m1", "cuts": [[1, 2, 3, -4]] * 2}, "not a fusemerge global-thresholds file"),
