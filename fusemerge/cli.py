@@ -44,8 +44,11 @@ def _handle_errors(fn):
         except OSError as e:
             _fail([f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"], 1)
         except KeyboardInterrupt:
-            _fail(["interrupted; nothing was written to the output directory (run the same command with --resume "
-                   "to continue)"], 130)
+            command = click.get_current_context().info_name
+            _fail([{"run": "interrupted; nothing was written to the output directory (run the same command with "
+                           "--resume to continue)",
+                    "finalize": "interrupted; the parts are as they were (run the same command again)"}.get(
+                        command, "interrupted")], 130)
         except Exception as e:  # a bug: say so, with the traceback when asked
             if verbose:
                 traceback.print_exc()
@@ -233,9 +236,11 @@ def plan(config, **opts) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty OUT_DIR.")
 @click.option("--keep-parts", is_flag=True,
               help="Keep OUT_DIR.fusemerge-parts/ afterwards (its shards become hard links to OUT_DIR's).")
+@click.option("--verify", is_flag=True,
+              help="Read every part's shards and check their SHA-256 against the part manifests before joining.")
 @click.option("-q", "--quiet", is_flag=True, help="No summary.")
 @_handle_errors
-def finalize(out_dir, overwrite, keep_parts, quiet) -> None:
+def finalize(out_dir, overwrite, keep_parts, verify, quiet) -> None:
     """Join the parts of a merge run with --partition I/N into OUT_DIR.
 
     Checks that every part is finished and of one merge, then puts their shards, the index, the manifest and the
@@ -243,7 +248,8 @@ def finalize(out_dir, overwrite, keep_parts, quiet) -> None:
     """
     from fusemerge.partition import finalize as join_parts
 
-    result = join_parts(out_dir, overwrite=overwrite, keep_parts=keep_parts, notify=None if quiet else _note)
+    result = join_parts(out_dir, overwrite=overwrite, keep_parts=keep_parts, verify=verify,
+                        notify=None if quiet else _note)
     if not quiet:
         click.echo(f"joined {result.parts} part(s): {result.shards} shard(s), {format_size(result.output_bytes)} "
                    f"in {result.seconds:.1f} s -> {result.out_dir} (`fusemerge verify {out_dir}` re-hashes "

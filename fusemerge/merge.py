@@ -258,7 +258,12 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> Non
         src = _tokenizer_dir(plan)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
-                shutil.copyfile(src / name, directory / name)
+                try:
+                    shutil.copyfile(src / name, directory / name)
+                except OSError as e:  # a full disk: name the file being written, not the tokenizer read
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                        raise
+                    raise OSError(e.errno, e.strerror, str(directory / name)) from e
     (directory / "fusemerge_config.yml").write_text(plan.config.to_yaml())
     (directory / "README.md").write_text(_model_card(plan))
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 from fusemerge import __version__
 from fusemerge.errors import InputError
 from fusemerge.planner import part_shards
+from fusemerge.streaming.digest import file_digest
 from fusemerge.streaming.journal import header_digest, input_files, layout_entries
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
@@ -141,14 +142,16 @@ class FinalizeResult:
     seconds: float
 
 
-def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts: bool = False,
+def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts: bool = False, verify: bool = False,
              notify: Callable[[str], None] | None = None) -> FinalizeResult:
     """Join the parts of a merge run with `--partition I/N` into `out_dir` (see the module docstring).
 
     Raises InputError, listing every problem and changing nothing, when a part is missing or unfinished, parts
     of different merges or partitions are mixed, a shard is missing or has another size or header, or `out_dir`
     exists and is not empty (without `overwrite`). With `keep_parts`, the parts' directories stay (their shards
-    then share their data with `out_dir`'s: hard links).
+    then share their data with `out_dir`'s: hard links). With `verify`, every shard is also read and its SHA-256
+    compared with its part's manifest first (without it, a shard changed after its part finished keeps its size
+    and header, is joined, and only `fusemerge verify` finds it).
 
     >>> fusemerge.run("config.yml", "out/", partition="0/2")  # on one machine  # doctest: +SKIP
     >>> fusemerge.run("config.yml", "out/", partition="1/2")  # on another  # doctest: +SKIP
@@ -177,6 +180,8 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
                 locks.enter_context(out_dir_lock(directory, lock_note))
             _recover_moved(out, found)
             parts = _check_parts(out, root, found)
+            if verify:
+                _verify_parts(parts)
             first = parts[0][1]
             problems = check_out_dir(out, overwrite, [Path(m) for m in first["models"]])
             if problems:
@@ -199,18 +204,34 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
 def _recover_moved(out: Path, found: list[tuple[int, int, Path]]) -> None:
     """A join killed after moving shards (where links are refused) left them in OUT_DIR's temporary directory:
     move each back into its part (the part manifest names it and it is not there), so the join can start over.
-    Only a join's directory (it holds JOIN_MARKER), never what an interrupted `run` into OUT_DIR left there."""
+    From a join's directory (it holds JOIN_MARKER, removed once every shard is in), or, killed after that and
+    before its rename, from any: then a shard goes back only when its size and SHA-256 are the manifest's, so
+    what an interrupted `run` into OUT_DIR left there is never taken for a part's shard."""
     temp = temp_dir_path(out)
-    if not (temp / JOIN_MARKER).is_file():
+    if not temp.is_dir():
         return
+    joining = (temp / JOIN_MARKER).is_file()
     for _, _, directory in found:
         try:
-            names = _read_part(directory)["files"]
+            files = _read_part(directory)["files"]
         except InputError:
             continue
-        for name in names:
-            if (temp / name).is_file() and not (directory / name).exists():
+        for name, entry in files.items():
+            if not (temp / name).is_file() or (directory / name).exists():
+                continue
+            if joining or ((temp / name).stat().st_size == entry["bytes"]
+                           and file_digest(temp / name) == (entry["sha256"], entry["bytes"])):
                 shutil.move(temp / name, directory / name)
+
+
+def _verify_parts(parts: list[tuple[Path, dict]]) -> None:
+    """Every part's shards read whole, their SHA-256 against the part's manifest (finalize's `verify`)."""
+    problems = [f"{directory / name}: its SHA-256 differs from {directory / PART_MANIFEST} (changed after the part "
+                f"was merged; merge that part again with --overwrite)"
+                for directory, manifest in parts for name, entry in manifest["files"].items()
+                if file_digest(directory / name) != (entry["sha256"], entry["bytes"])]
+    if problems:
+        raise InputError(problems)
 
 
 def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> list[tuple[Path, dict]]:

@@ -334,3 +334,15 @@ def test_plan_of_a_broken_config_is_exit_2_never_an_internal_error(tmp_path: Pat
     res = invoke("plan", cfg)
     assert res.exit_code == 2, res.output
     assert "internal error" not in res.output and str(cfg) in res.output
+
+
+def test_ctrl_c_in_finalize_says_to_run_it_again(monkeypatch, tmp_path: Path) -> None:
+    import fusemerge.partition
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fusemerge.partition, "finalize", interrupted)
+    r = invoke("finalize", tmp_path / "out")
+    assert r.exit_code == 130
+    assert errors(r) == ["fusemerge: error: interrupted; the parts are as they were (run the same command again)"]

@@ -333,6 +333,28 @@ def test_finalize_refuses_a_damaged_part(fam: dict, tmp_path: Path, damage: str,
     refused(out, message)
 
 
+def test_finalize_verify_reads_every_shard_and_refuses_a_changed_one(fam: dict, tmp_path: Path) -> None:
+    """A byte of data changed after the part finished: same size, same header, so only finalize --verify (or
+    `fusemerge verify` after the join) finds it."""
+    cfg = config(fam, "ties", density=0.4)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 2)
+    shard = part_dir(out, 1, 2) / "model-00004-of-00012.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 1
+    shard.write_bytes(bytes(data))
+    with pytest.raises(InputError) as e:
+        fusemerge.finalize(out, verify=True)
+    assert e.value.problems == [f"{shard}: its SHA-256 differs from {part_dir(out, 1, 2) / PART_MANIFEST} (changed "
+                                "after the part was merged; merge that part again with --overwrite)"]
+    assert not out.exists() and shard.exists()
+    fusemerge.finalize(out)  # without --verify it joins; verify then finds the shard
+    from fusemerge.verify import verify
+
+    (problem,) = verify(out)
+    assert "model-00004-of-00012.safetensors: SHA-256" in problem and "(corrupted or changed)" in problem
+
+
 def test_finalize_refuses_while_a_part_is_being_written(fam: dict, tmp_path: Path) -> None:
     cfg = config(fam, "ties", density=0.4)
     out = tmp_path / "out"
@@ -421,6 +443,22 @@ def test_a_join_killed_after_moving_shards_is_recovered(fam: dict, tmp_path: Pat
     (temp / JOIN_MARKER).touch()
     for name in ("model-00002-of-00012.safetensors", "model-00005-of-00012.safetensors"):
         os.rename(part_dir(out, 1, 3) / name, temp / name)  # what the killed join had moved
+    fusemerge.finalize(out)
+    assert files(out) == files(ref) and not temp.exists()
+
+
+def test_a_join_killed_before_its_rename_is_recovered(fam: dict, tmp_path: Path) -> None:
+    """Killed after every shard was moved in (JOIN_MARKER already removed) and before the rename: the next
+    finalize moves back the shards whose size and SHA-256 are their part manifest's (they were stranded)."""
+    cfg = config(fam, "ties", density=0.4)
+    ref = reference(fam, cfg, tmp_path)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 3)
+    temp = temp_dir_path(out)
+    temp.mkdir()
+    for i in range(3):
+        for p in part_dir(out, i, 3).glob("model-*.safetensors"):
+            os.rename(p, temp / p.name)  # what the killed join had moved, every shard of every part
     fusemerge.finalize(out)
     assert files(out) == files(ref) and not temp.exists()
 

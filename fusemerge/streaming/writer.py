@@ -9,6 +9,7 @@ something that looks like a finished model unless the merge finished.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import math
 import os
@@ -363,6 +364,9 @@ def move_into_place(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise InputError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+    if _exchange(temp_dir, out_dir):  # one atomic step: no moment without out_dir
+        shutil.rmtree(temp_dir)  # now the old output (a kill here leaves it where the next run removes it)
+        return
     old_dir = out_dir.parent / f".{out_dir.name}.fusemerge-old-{secrets.token_hex(4)}"
     os.rename(out_dir, old_dir)
     try:
@@ -371,6 +375,29 @@ def move_into_place(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
         os.rename(old_dir, out_dir)
         raise
     shutil.rmtree(old_dir)
+
+
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the kernel, the C
+    library or the file system cannot, so the caller renames in two steps (a kill between them left out_dir
+    missing and the old output under a hidden name)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):  # not on this kernel / file system
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> list[str]:

@@ -426,6 +426,43 @@ def test_move_into_place_with_overwrite_replaces(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp, no old copy left
 
 
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_is_one_atomic_swap_where_the_file_system_can(tmp_path: Path, monkeypatch, exchange: bool) -> None:
+    """With renameat2's RENAME_EXCHANGE there is no moment without OUT_DIR (a kill between two renames left it
+    missing and the old output under a hidden name); without it, the two renames, undone on failure."""
+    from fusemerge.streaming import writer
+
+    probe = tmp_path / "probe"
+    fill(probe / "a", {"x": "a"})
+    fill(probe / "b", {"x": "b"})
+    if exchange and not writer._exchange(probe / "a", probe / "b"):
+        pytest.skip("this file system cannot exchange directories")
+    out = tmp_path / "out"
+    fill(out, {"model.safetensors": "old"})
+    temp = make_temp_dir(out)
+    fill(temp, {"model.safetensors": "new"})
+    if not exchange:
+        monkeypatch.setattr(writer, "_exchange", lambda a, b: False)
+    renames: list[tuple[str, str]] = []
+    real = os.rename
+
+    def rename(a, b):
+        renames.append((Path(a).name, Path(b).name))
+        if len(renames) == 2:
+            raise KeyboardInterrupt  # a kill after the first of two renames
+        return real(a, b)
+
+    monkeypatch.setattr(writer.os, "rename", rename)
+    if exchange:
+        move_into_place(temp, out, overwrite=True)
+        assert renames == [] and (out / "model.safetensors").read_text() == "new"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "probe"]
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            move_into_place(temp, out, overwrite=True)
+        assert (out / "model.safetensors").read_text() == "old"  # the first rename undone
+
+
 def test_move_into_place_refuses_a_file(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.write_text("a file")
