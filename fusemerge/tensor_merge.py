@@ -160,6 +160,9 @@ def merge_tensors(
     _check_tensors(base, experts)
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise InputError(f"merge_tensors: chunk: {chunk!r}; expected a positive number of elements")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 0.0 would key other DARE masks than 0
+        raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer (--seed of the files path)")
+    seed = int(seed)
     given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("normalize", normalize),
                                ("rescale", rescale), ("lambda", lam)) if v is not None}
     cfg = _config(method, base, experts, given)

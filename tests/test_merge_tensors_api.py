@@ -63,6 +63,7 @@ def test_every_problem_at_once(tensors) -> None:
     ("chunk", "chunk: 0; expected a positive number of elements"),
     ("out_dtype", "out_dtype: torch.int32; expected torch.float32, torch.float16 or torch.bfloat16"),
     ("not a list", "experts: expected a list of tensors"),
+    ("seed", "seed: 0.0; expected an integer"),
 ])
 def test_inputs_the_files_path_refuses_are_refused(tensors, how, needle) -> None:
     base, experts = tensors
@@ -81,6 +82,8 @@ def test_inputs_the_files_path_refuses_are_refused(tensors, how, needle) -> None
         kw = dict(out_dtype=torch.int32)
     elif how == "not a list":
         experts = experts[0]
+    elif how == "seed":
+        kw = dict(seed=0.0)
     with pytest.raises(InputError) as e:
         fusemerge.merge_tensors(base, experts, "ties", density=0.5, **kw)
     assert any(needle in line for line in e.value.problems), e.value.problems
