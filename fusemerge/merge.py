@@ -286,7 +286,7 @@ def _model_dir(path: Path) -> Path:
 def _tokenizer_dir(plan: MergePlan) -> Path:
     source = plan.config.tokenizer_source
     if source and source != "base":
-        return _model_dir(Path(source))
+        return _model_dir(Path(os.path.abspath(os.path.expanduser(source))))  # as the plan checked it
     return _model_dir(plan.reference.path)
 
 

@@ -159,7 +159,7 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     """
     t0 = time.perf_counter()
     note = notify or (lambda line: None)
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))  # "." names its directory only once absolute
     root = parts_root(out)
     if not root.is_dir():
         raise InputError(f"{root}: not found: no parts of a partitioned merge into {out} (merge each part with "
@@ -180,12 +180,12 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
                 locks.enter_context(out_dir_lock(directory, lock_note))
             _recover_moved(out, found)
             parts = _check_parts(out, root, found)
-            if verify:
-                _verify_parts(parts)
             first = parts[0][1]
             problems = check_out_dir(out, overwrite, [Path(m) for m in first["models"]])
             if problems:
                 raise InputError(problems)
+            if verify:  # after the cheap checks: reading every shard is the slow one
+                _verify_parts(parts)
             if temp_dir_path(out).exists():
                 note(f"removed the partial merge an interrupted run into {out} left in {temp_dir_path(out)}")
             files, moved = _join(out, parts, overwrite)
@@ -351,7 +351,8 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> tuple[l
         move_into_place(temp, out, overwrite)
     except BaseException:
         for src, dst in reversed(moved):
-            shutil.move(dst, src)
+            if dst.exists() and not src.exists():  # (a failure after the rename leaves nothing to move back)
+                shutil.move(dst, src)
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return files, len(moved)

@@ -735,8 +735,9 @@ def _vocabulary_checks(cfg: MergeConfig, reference: ModelIndex, inputs: list[Mod
             continue
         seen.add(d)
         got = _vocabulary(d / "tokenizer.json")
-        if got is not None and got != want:
-            token = next((tok for tok in sorted(set(want) | set(got)) if want.get(tok) != got.get(tok)), "?")
+        # every token of the source at its id (a model that only added tokens after them is fine)
+        if got is not None and any(got.get(tok) != i for tok, i in want.items()):
+            token = next(tok for tok in sorted(want) if got.get(tok) != want[tok])
             problems.append(f"{cfg.label}: tokenizer_source: {d} numbers its tokens differently from {source_dir} "
                             f"(token {token!r}: id {got.get(token)} against {want.get(token)}); fusemerge merges "
                             "embedding rows by index (mergekit re-aligns them by token), so the models must share "

@@ -55,11 +55,16 @@ def _config(method: str, base: torch.Tensor | None, experts: list[torch.Tensor],
     top: dict[str, object] = {}
     problems = []
     for pname, value in given.items():
-        values = _per_expert(value) if pname in ("weight", "density", "gamma") else None
-        if values is None:
-            top[pname] = _as_value(value)
+        per_expert = pname in ("weight", "density", "gamma")
+        values = _per_expert(value)
+        if values is not None and not per_expert:
+            problems.append(f"merge_tensors: {pname}: {value!r}; expected one value for the whole merge")
+        elif values is None:
+            top[pname] = _as_flag(pname, _as_value(value))
         elif len(values) != n:
             problems.append(f"merge_tensors: {pname}: {len(values)} values for {n} experts")
+        elif any(isinstance(v, (list, tuple, dict)) for v in values):  # a gradient needs a layer: files only
+            problems.append(f"merge_tensors: {pname}: {value!r}; expected one number per expert")
         else:
             for model, v in zip(models, values, strict=True):
                 model["parameters"][pname] = v
@@ -69,11 +74,29 @@ def _config(method: str, base: torch.Tensor | None, experts: list[torch.Tensor],
     try:
         cfg = validate_mapping(data, "merge_tensors")
     except InputError as e:
-        problems += [_TOP_KEY.sub(r"\1", _ALL_MODELS_KEY.sub(r"\1", _MODEL_KEY.sub(r"\2[\1]", line)))
-                     .replace("merge_method", "method") for line in e.problems]
+        problems += [_api_words(line) for line in e.problems]
     if problems:
         raise InputError(problems)
     return cfg
+
+
+def _api_words(line: str) -> str:
+    """A config validator's line in merge_tensors' words: weight[1] for models[1].parameters.weight, etc."""
+    line = _TOP_KEY.sub(r"\1", _ALL_MODELS_KEY.sub(r"\1", _MODEL_KEY.sub(r"\2[\1]", line)))
+    line = _MODEL_REF.sub(r"experts[\1]", line)
+    return line.replace("merge_method", "method").replace("base_model:", "a base tensor").replace("base_model",
+                                                                                                   "base")
+
+
+_MODEL_REF = re.compile(r"models\[(\d+)\](?:\.model)?")
+
+
+def _as_flag(pname: str, value: object) -> object:
+    """normalize / rescale given as 0 or 1 (Python callers' habit) as the booleans a config holds."""
+    if pname in ("normalize", "rescale") and not isinstance(value, bool) and isinstance(value, int) and \
+            value in (0, 1):
+        return bool(value)
+    return value
 
 
 def _check_tensors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> None:
@@ -152,14 +175,18 @@ def merge_tensors(
     lam = params.pop("lambda_", params.pop("lambda", None))
     if params:
         raise InputError(f"unknown parameter(s) for merge_tensors: {', '.join(params)}")
-    if isinstance(experts, torch.Tensor) or not isinstance(experts, Sequence):
-        raise InputError("merge_tensors: experts: expected a list of tensors")
-    experts = list(experts)
+    if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
+        experts = list(experts.unbind(0)) if experts.dim() > 0 else [experts]
+    try:
+        experts = list(experts)
+    except TypeError:
+        raise InputError("merge_tensors: experts: expected a list of tensors") from None
     if not experts:
         raise InputError("experts: at least one tensor is needed")
     _check_tensors(base, experts)
-    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"merge_tensors: chunk: {chunk!r}; expected a positive number of elements")
+    chunk = int(chunk)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 0.0 would key other DARE masks than 0
         raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer (--seed of the files path)")
     seed = int(seed)

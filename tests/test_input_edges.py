@@ -154,6 +154,11 @@ def test_tokenizer_source_with_tokens_numbered_differently_is_refused(fam, tmp_p
     (fam["experts"][1] / "tokenizer.json").write_text(_tokenizer(rows))  # one vocabulary: planned, no warning
     r = invoke("plan", path)
     assert r.exit_code == 0 and "warning" not in r.output, r.output
+    if source == "base":  # a model that only added tokens after the source's numbers them alike
+        superset = json.loads(_tokenizer(rows))
+        superset["added_tokens"] = [{"id": rows, "content": "<extra>"}]
+        (fam["experts"][1] / "tokenizer.json").write_text(json.dumps(superset))
+        assert invoke("plan", path).exit_code == 0
 
 
 def test_tokenizer_source_shorter_than_the_embedding_warns_that_rows_are_kept(fam, tmp_path) -> None:
@@ -175,3 +180,14 @@ def test_model_plus_lora_is_said_once(fam, tmp_path) -> None:
     r = invoke("plan", _edit_config(fam, tmp_path, lambda c: c["models"][0].update(model=lora)))
     assert r.exit_code == 2
     assert [e for e in errors(r) if "LoRA" in e] and not [e for e in errors(r) if "no such file" in e], r.stderr
+
+
+def test_a_tokenizer_source_under_home_is_copied(fam, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tok = tmp_path / "home" / "tok"
+    tok.mkdir(parents=True)
+    (tok / "tokenizer.json").write_text((fam["base"] / "tokenizer.json").read_text() + "\n")  # the same vocabulary
+    r = invoke("run", _edit_config(fam, tmp_path, lambda c: c.update(tokenizer_source="~/tok")), tmp_path / "out",
+               "-q")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "out" / "tokenizer.json").read_text() == (tok / "tokenizer.json").read_text()

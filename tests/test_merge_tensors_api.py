@@ -24,7 +24,7 @@ def tensors() -> tuple[torch.Tensor, list[torch.Tensor]]:
 
 
 BAD_PARAMS = [
-    ("dare_linear", dict(density=0.2, rescale=1), "rescale: must be true, false or 'inverse', not 1"),
+    ("dare_linear", dict(density=0.2, rescale=2), "rescale: must be true, false or 'inverse', not 2"),
     ("dare_linear", dict(density=0.2, rescale="true"), "rescale: must be true, false or 'inverse'"),
     ("task_arithmetic", dict(normalize="false"), "normalize: must be true or false, not the string 'false'"),
     ("ties", dict(weight="0.5"), "weight: must be a number, not the string '0.5'"),
@@ -63,6 +63,8 @@ def test_every_problem_at_once(tensors) -> None:
     ("chunk", "chunk: 0; expected a positive number of elements"),
     ("out_dtype", "out_dtype: torch.int32; expected torch.float32, torch.float16 or torch.bfloat16"),
     ("not a list", "experts: expected a list of tensors"),
+    ("gradient lambda", "lambda: [0.5, 1.0]; expected one value for the whole merge"),
+    ("nested", "density: [[0.2, 0.5], 0.5, 0.5]; expected one number per expert"),
     ("seed", "seed: 0.0; expected an integer"),
 ])
 def test_inputs_the_files_path_refuses_are_refused(tensors, how, needle) -> None:
@@ -81,11 +83,16 @@ def test_inputs_the_files_path_refuses_are_refused(tensors, how, needle) -> None
     elif how == "out_dtype":
         kw = dict(out_dtype=torch.int32)
     elif how == "not a list":
-        experts = experts[0]
+        experts = 3
+    elif how == "gradient lambda":
+        kw = dict(lambda_=[0.5, 1.0])
+    elif how == "nested":
+        kw = dict(density=[[0.2, 0.5], 0.5, 0.5])
     elif how == "seed":
         kw = dict(seed=0.0)
+    kw = {"density": 0.5, **kw}
     with pytest.raises(InputError) as e:
-        fusemerge.merge_tensors(base, experts, "ties", density=0.5, **kw)
+        fusemerge.merge_tensors(base, experts, "ties", **kw)
     assert any(needle in line for line in e.value.problems), e.value.problems
 
 
@@ -157,3 +164,23 @@ def test_the_files_path_refuses_triton_for_more_experts_than_it_takes(tmp_path) 
     assert e.value.problems == [f"--backend triton: {MAX_EXPERTS + 1} models per tensor, more than the Triton kernels "
                                 f"take ({MAX_EXPERTS}); --backend torch merges any number"]
     assert fusemerge.build_plan(tmp_path / "c.yml", device="cpu").backend == "torch"
+
+
+def test_python_spellings_of_the_same_call_give_the_same_merge(tensors) -> None:
+    """normalize / rescale as 0 / 1, numpy integers, a generator or a stacked tensor of experts: the same merge as
+    the plain spelling (these all worked before the parameters were validated)."""
+    base, experts = tensors
+    want = fusemerge.merge_tensors(base, experts, "ties", density=0.5, normalize=True, chunk=100)
+    for experts_as in ((e for e in experts), torch.stack(experts)):
+        got = fusemerge.merge_tensors(base, experts_as, "ties", density=0.5, normalize=1, chunk=np.int64(100))
+        assert torch.equal(got, want)
+    assert torch.equal(fusemerge.merge_tensors(base, experts, "dare_linear", density=0.5, rescale=0),
+                       fusemerge.merge_tensors(base, experts, "dare_linear", density=0.5, rescale=False))
+
+
+def test_messages_use_merge_tensors_names(tensors) -> None:
+    _, experts = tensors
+    with pytest.raises(InputError) as e:
+        fusemerge.merge_tensors(None, experts, "ties", density=0.5)
+    (line,) = e.value.problems
+    assert "base_model" not in line and "a base tensor" in line, line

@@ -482,3 +482,55 @@ def test_the_recovery_never_takes_shards_from_an_interrupted_run(fam: dict, tmp_
     fusemerge.finalize(out, notify=notes.append)
     assert notes[0] == f"removed the partial merge an interrupted run into {out} left in {temp}"
     assert verify(out) == [] and not temp.exists()
+
+
+def test_finalize_of_the_current_directory(fam: dict, tmp_path: Path, monkeypatch) -> None:
+    cfg = config(fam, "ties", density=0.4)
+    ref = reference(fam, cfg, tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    run_parts(cfg, out, 2)
+    monkeypatch.chdir(out)
+    fusemerge.finalize(".")
+    assert files(out) == files(ref)
+
+
+def test_finalize_verify_checks_out_dir_before_reading_the_shards(fam: dict, tmp_path: Path, monkeypatch) -> None:
+    from fusemerge import partition
+
+    cfg = config(fam, "ties", density=0.4)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 2)
+    out.mkdir()
+    (out / "precious.txt").write_text("keep")
+    monkeypatch.setattr(partition, "_verify_parts", lambda parts: pytest.fail("read the shards first"))
+    with pytest.raises(InputError, match="exists and is not empty"):
+        fusemerge.finalize(out, verify=True)
+
+
+def test_an_interrupt_while_the_old_output_is_deleted_never_moves_it_into_the_parts(fam: dict, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """finalize --overwrite where links are refused: after the exchange the old output sat under the temporary
+    name, and a failure while deleting it made the join's undo move the old output's shards into the parts."""
+    from fusemerge.streaming import writer
+
+    cfg = config(fam, "ties", density=0.4)
+    ref = reference(fam, cfg, tmp_path)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 2)
+    out.mkdir()
+    (out / "model-00001-of-00012.safetensors").write_text("OLD OUTPUT")
+    monkeypatch.setattr(os, "link", _no_links)
+    real = writer.shutil.rmtree
+
+    def interrupted(path, *a, **k):
+        if ".fusemerge-old-" in str(path):
+            raise KeyboardInterrupt
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(writer.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fusemerge.finalize(out, overwrite=True, keep_parts=True)
+    assert files(out) == files(ref)  # the new merge is in place
+    for p in parts_root(out).rglob("*.safetensors"):
+        assert b"OLD OUTPUT" not in p.read_bytes()[:20], p

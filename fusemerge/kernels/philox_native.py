@@ -26,6 +26,7 @@ import os
 import platform
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -112,9 +113,8 @@ def _build(cc: list[str], where: Path) -> Path:
         flags = FLAGS + extra
         key = "\0".join([SOURCE, *flags, version, platform.machine(), platform.system()])
         lib = where / f"philox-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-        if lib.exists():
-            _check_private(lib)
-            return lib
+        if lib.exists() or lib.is_symlink():
+            return lib  # checked when it is opened (_open_private)
         with tempfile.TemporaryDirectory(dir=where, prefix=".build-") as tmp:
             src, out = Path(tmp) / "philox.c", Path(tmp) / lib.name
             src.write_text(SOURCE)
@@ -128,14 +128,34 @@ def _build(cc: list[str], where: Path) -> Path:
     raise OSError(f"{' '.join(cc)} failed: {error[0]}")
 
 
-def _check_private(path: Path) -> None:
-    """Code is loaded only from a directory and file of this user that no one else may write (a shared
-    temporary directory is where another user could leave a library to be loaded)."""
+def _check_private(path: Path, st: os.stat_result | None = None) -> None:
+    """Code is loaded only from a directory and file of this user that no one else may write, and not through
+    a symbolic link (a shared temporary directory is where another user could leave a library, or a link to
+    one, to be loaded). `st`: the file's stat, when the caller has it from an open descriptor."""
     if not hasattr(os, "getuid"):
         return
-    st = path.stat()
+    st = st or os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise OSError(f"{path} is a symbolic link; fusemerge loads its compiled code only from its own files")
     if st.st_uid != os.getuid() or st.st_mode & 0o022:
         raise OSError(f"{path} is not this user's alone (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})")
+
+
+def _open_private(lib: Path) -> ctypes.CDLL:
+    """dlopen `lib` after checking the very file that is loaded: opened without following links, checked by
+    its descriptor, loaded through /proc/self/fd (where there is one), so it cannot be swapped in between."""
+    if not hasattr(os, "O_NOFOLLOW") or not os.path.isdir("/proc/self/fd"):
+        _check_private(lib)
+        return ctypes.CDLL(str(lib))
+    fd = os.open(lib, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        _check_private(lib, os.fstat(fd))
+        # the descriptor stays open: the dynamic loader knows a library by its name, and a later load through a
+        # reused /proc/self/fd/N would be handed the library loaded first under that name
+        return ctypes.CDLL(f"/proc/self/fd/{fd}")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _load() -> tuple[object | None, str]:
@@ -149,7 +169,7 @@ def _load() -> tuple[object | None, str]:
     for where in (cache_dir(), Path(tempfile.gettempdir()) / f"fusemerge-{user}"):  # else a private temp dir
         try:
             lib = _build(cc, where)
-            fn = getattr(ctypes.CDLL(str(lib)), _NAME)
+            fn = getattr(_open_private(lib), _NAME)
         except (OSError, subprocess.SubprocessError, AttributeError) as e:
             errors.append(f"{where}: {e}")
             continue
@@ -188,7 +208,9 @@ def _function():
     if fn is False:
         with _lock:
             if "fn" not in _state:
-                _state["fn"], _state["how"] = _load()
+                fn, how = _load()
+                _state["how"] = how  # before "fn": a thread that sees "fn" finds "how" too
+                _state["fn"] = fn
                 log.info("DARE keep masks on CPU: %s", _state["how"])
             fn = _state["fn"]
     return fn

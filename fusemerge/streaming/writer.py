@@ -365,7 +365,11 @@ def move_into_place(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     if not overwrite:
         raise InputError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
     if _exchange(temp_dir, out_dir):  # one atomic step: no moment without out_dir
-        shutil.rmtree(temp_dir)  # now the old output (a kill here leaves it where the next run removes it)
+        # temp_dir now holds the old output: renamed away at once (a caller undoing its failed work must never
+        # find the old output's files under the temporary name), then deleted, quietly (out_dir is in place)
+        old_dir = out_dir.parent / f".{out_dir.name}.fusemerge-old-{secrets.token_hex(4)}"
+        os.rename(temp_dir, old_dir)
+        shutil.rmtree(old_dir, ignore_errors=True)
         return
     old_dir = out_dir.parent / f".{out_dir.name}.fusemerge-old-{secrets.token_hex(4)}"
     os.rename(out_dir, old_dir)

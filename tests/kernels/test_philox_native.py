@@ -134,3 +134,16 @@ def test_a_temp_dir_of_another_user_is_not_loaded_from(fresh) -> None:
     (fresh / "cache").write_text("no cache directory either")
     how = philox_native.describe()
     assert how.startswith("numpy (") and "is not this user's alone (owner uid 12345" in how, how
+
+
+@needs_compiled
+def test_a_library_reached_through_a_symbolic_link_is_not_loaded(fresh, monkeypatch) -> None:
+    """The file checked is the file loaded: opened without following links, checked by its descriptor."""
+    assert philox_native.describe().startswith(f"compiled ({fresh / 'cache'}")
+    (lib,) = (fresh / "cache").glob("philox-*.so")
+    elsewhere = fresh / "elsewhere.so"
+    lib.rename(elsewhere)
+    lib.symlink_to(elsewhere)  # as another user's planted link would be
+    monkeypatch.setattr(philox_native, "_state", {})
+    how = philox_native.describe()
+    assert how.startswith(f"compiled ({fresh / 'tmp'}"), how  # built again in the private temp directory
