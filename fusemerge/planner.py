@@ -725,7 +725,8 @@ def _vocabulary_checks(cfg: MergeConfig, reference: ModelIndex, inputs: list[Mod
     source_dir = _model_dir_of(reference.path) if cfg.tokenizer_source == "base" else \
         Path(os.path.abspath(os.path.expanduser(cfg.tokenizer_source)))
     source_dir = source_dir.parent if source_dir.is_file() else source_dir
-    want = _vocabulary(source_dir / "tokenizer.json")
+    source_bytes = _read_bytes(source_dir / "tokenizer.json")
+    want = _vocabulary(source_bytes)
     if want is None:
         return
     seen: set[Path] = set()
@@ -734,7 +735,10 @@ def _vocabulary_checks(cfg: MergeConfig, reference: ModelIndex, inputs: list[Mod
         if d in seen or d == source_dir:
             continue
         seen.add(d)
-        got = _vocabulary(d / "tokenizer.json")
+        data = _read_bytes(d / "tokenizer.json")
+        if data == source_bytes:  # the same file (the usual case): no 10 MB JSON parsed per model
+            continue
+        got = _vocabulary(data)
         # every token of the source at its id (a model that only added tokens after them is fine)
         if got is not None and any(got.get(tok) != i for tok, i in want.items()):
             token = next(tok for tok in sorted(want) if got.get(tok) != want[tok])
@@ -763,11 +767,21 @@ def _model_dir_of(path: Path) -> Path:
     return path.parent if path.is_file() else path
 
 
-def _vocabulary(path: Path) -> dict[str, int] | None:
-    """token -> id of a tokenizer.json (its model's vocab and its added tokens); None without a readable one."""
+def _read_bytes(path: Path) -> bytes | None:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def _vocabulary(raw: bytes | None) -> dict[str, int] | None:
+    """token -> id of a tokenizer.json's bytes (its model's vocab and its added tokens); None without a readable
+    one."""
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None
