@@ -252,7 +252,7 @@ def finalize(out_dir, overwrite, keep_parts, verify, quiet) -> None:
                         notify=None if quiet else _note)
     if not quiet:
         click.echo(f"joined {result.parts} part(s): {result.shards} shard(s), {format_size(result.output_bytes)} "
-                   f"in {result.seconds:.1f} s -> {result.out_dir} (`fusemerge verify {out_dir}` re-hashes "
+                   f"in {result.seconds:.1f} s -> {result.out_dir} (`fusemerge verify {result.out_dir}` re-hashes "
                    "every shard)")
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from fusemerge.errors import InputError
@@ -562,6 +563,14 @@ def _kind_name(value: Any) -> str:
     return f"{value!r}"
 
 
+def _near(word: str, choices: Iterable[str]) -> str | None:
+    """The known key `word` is a misspelling of, if any: case aside, at least 80% alike (`dtpye`, `paramters`,
+    `DTYPE`; not `params` or `license`, which configs use for YAML anchors and metadata)."""
+    lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(lower), n=1, cutoff=0.8)
+    return lower[close[0]] if close else None
+
+
 def _suggest(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
@@ -589,13 +598,14 @@ class _Validator:
         note; a near miss (`dtpye:`, `paramters:`) or a merge parameter out of place (`weight:` beside `model:`) is
         an error, since mergekit would drop what it meant."""
         name = key.rsplit(".", 1)[-1]
-        hint = _suggest(name, known)
-        params = {p for m in METHODS.values() for p in m.params}
-        if hint:
-            self.add(key, f"unknown {what}{hint}; {allowed}")
-        elif difflib.get_close_matches(name, list(params), n=1):  # `weight: 1` beside model: (mergekit drops it)
-            param = difflib.get_close_matches(name, list(params), n=1)[0]
-            self.add(key, f"unknown {what}; a merge parameter such as {param!r} goes under parameters:; {allowed}")
+        near = _near(name, known)
+        # `weight: 1` beside model: (mergekit drops it); trim_scope / int8_mask are parameters-level keys too
+        params = {p for m in METHODS.values() for p in m.params} | {"trim_scope", *MERGEKIT_NOOP_PARAMS}
+        if near:
+            self.add(key, f"unknown {what} (did you mean {near!r}?); {allowed}")
+        elif param := _near(name, params):
+            where = "goes at the top level" if param == "trim_scope" else "goes under parameters:"
+            self.add(key, f"unknown {what}; a merge parameter such as {param!r} {where}; {allowed}")
         else:
             note = f"{self.label}: {key}: unknown {what}, ignored (as mergekit ignores it); {allowed}"
             self.notes.append(note.replace("\r", "\\r").replace("\n", "\\n"))
@@ -1067,7 +1077,7 @@ class _Validator:
         normalize = global_params.get("normalize", method.params["normalize"].default)
         if method.consensus == "none" and normalize is True:
             weights = [effective(ref, "weight", listed_index[id(ref)])[0] for ref in models]
-            if weights and all(_is_number(w) for w in weights) and _sums_to_zero(weights):
+            if weights and all(_is_number(w) for w in weights) and sums_to_zero(weights):
                 self.add("models[].parameters.weight", "the weights add up to 0 and normalize is true, "
                                                        "so the merge would divide by 0")
 
@@ -1076,8 +1086,11 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _sums_to_zero(values: list[Any]) -> bool:
-    try:
-        return math.fsum(values) == 0
-    except OverflowError:  # weights near the float limit: the exact sum is past it, so not 0
-        return False
+def sums_to_zero(values: list[Any]) -> bool:
+    """Whether the weights add up to 0 as the kernels add them: float32, in order (kernels/reference.py
+    _weight_sum), where 0 would divide by 1 instead (0.1 + 0.2 - 0.3 is 0 there, not in exact arithmetic)."""
+    total = np.float32(0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for v in values:
+            total = np.float32(total + np.float32(v))
+    return bool(total == 0)

@@ -26,6 +26,7 @@ from fusemerge.config import (
     layer_index,
     load_config,
     slice_t,
+    sums_to_zero,
 )
 from fusemerge.errors import InputError
 from fusemerge.kernels.params import MAX_EXPERTS
@@ -421,6 +422,9 @@ def build_plan(
     if all(m.config is None for m in [reference, *models]):
         warnings.append("no input model has a config.json: the output will have none (Transformers needs one to "
                         "load it)")
+    if cfg.chat_template:
+        warnings.append("chat_template: kept in fusemerge_config.yml, not written into the output's tokenizer "
+                        "(mergekit writes it)")
     if cfg.tokenizer_source and not problems:
         _vocabulary_checks(cfg, reference, [*models, *([base] if base is not None else [])], tensors, problems,
                            warnings)
@@ -487,7 +491,7 @@ def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], M
             continue
         if _unmergeable(method, name, ref_entry, unmergeable):
             continue
-        if ref_entry.dtype not in FLOAT_CODES:
+        if ref_entry.dtype not in FLOAT_CODES and not _passthrough_float(method, ref_entry):
             tensors.append(_copy_plan(name, ref_entry))
             warnings.append(f"tensor '{name}' has dtype {ref_entry.dtype}: copied from {reference.path} unchanged")
             continue
@@ -618,7 +622,7 @@ class _SlicePlanner:
             return
         if _unmergeable(method, out_name, ref_entry, self.unmergeable):
             return
-        if ref_entry.dtype not in FLOAT_CODES:
+        if ref_entry.dtype not in FLOAT_CODES and not _passthrough_float(method, ref_entry):
             self.tensors.append(_copy_plan(out_name, ref_entry))
             self.warnings.append(f"tensor '{out_name}' has dtype {ref_entry.dtype}: copied from {ref_label} unchanged")
             return
@@ -725,27 +729,35 @@ def _vocabulary_checks(cfg: MergeConfig, reference: ModelIndex, inputs: list[Mod
     source_dir = _model_dir_of(reference.path) if cfg.tokenizer_source == "base" else \
         Path(os.path.abspath(os.path.expanduser(cfg.tokenizer_source)))
     source_dir = source_dir.parent if source_dir.is_file() else source_dir
-    source_bytes = _read_bytes(source_dir / "tokenizer.json")
-    want = _vocabulary(source_bytes)
+    vocab_file, source_bytes, want = _vocabulary_of(source_dir)
     if want is None:
+        warnings.append(f"tokenizer_source: no readable tokenizer.json or vocab.json in {source_dir}: the models' "
+                        "vocabularies were not compared (fusemerge merges the embedding rows by index)")
         return
     seen: set[Path] = set()
+    unchecked: list[Path] = []
     for m in inputs:
         d = _model_dir_of(m.path)
         if d in seen or d == source_dir:
             continue
         seen.add(d)
-        data = _read_bytes(d / "tokenizer.json")
+        data = _read_bytes(d / vocab_file)
         if data == source_bytes:  # the same file (the usual case): no 10 MB JSON parsed per model
             continue
-        got = _vocabulary(data)
+        got = _vocabulary(data) if vocab_file == "tokenizer.json" else _plain_vocabulary(data)
+        if got is None:
+            unchecked.append(d)
+            continue
         # every token of the source at its id (a model that only added tokens after them is fine)
-        if got is not None and any(got.get(tok) != i for tok, i in want.items()):
+        if any(got.get(tok) != i for tok, i in want.items()):
             token = next(tok for tok in sorted(want) if got.get(tok) != want[tok])
             problems.append(f"{cfg.label}: tokenizer_source: {d} numbers its tokens differently from {source_dir} "
                             f"(token {token!r}: id {got.get(token)} against {want.get(token)}); fusemerge merges "
                             "embedding rows by index (mergekit re-aligns them by token), so the models must share "
                             "one vocabulary")
+    if unchecked:
+        warnings.append(f"tokenizer_source: {', '.join(map(str, unchecked))} has no readable {vocab_file}: its "
+                        f"vocabulary was not compared with {source_dir}'s (the embedding rows are merged by index)")
     size = max(want.values(), default=-1) + 1
     rows = {t.name: t.shape[0] for t in tensors if _is_vocab_tensor(t.name) and t.shape}
     padded = {name: r for name, r in rows.items() if r != size}
@@ -765,6 +777,27 @@ def _is_vocab_tensor(name: str) -> bool:
 def _model_dir_of(path: Path) -> Path:
     path = Path(path)
     return path.parent if path.is_file() else path
+
+
+def _vocabulary_of(directory: Path) -> tuple[str, bytes | None, dict[str, int] | None]:
+    """(file, its bytes, token -> id) of a model's vocabulary: tokenizer.json, else vocab.json (a plain map)."""
+    raw = _read_bytes(directory / "tokenizer.json")
+    vocab = _vocabulary(raw)
+    if vocab is not None:
+        return "tokenizer.json", raw, vocab
+    raw = _read_bytes(directory / "vocab.json")
+    return "vocab.json", raw, _plain_vocabulary(raw)
+
+
+def _plain_vocabulary(raw: bytes | None) -> dict[str, int] | None:
+    """token -> id of a vocab.json's bytes (a JSON object of ids); None without a readable one."""
+    try:
+        data = json.loads(raw.decode("utf-8")) if raw is not None else None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    return {str(k): v for k, v in data.items() if isinstance(v, int) and not isinstance(v, bool)} or None
 
 
 def _read_bytes(path: Path) -> bytes | None:
@@ -807,6 +840,11 @@ def _unmergeable(method: Method, name: str, entry: TensorEntry, found: dict[str,
     return True
 
 
+def _passthrough_float(method: Method, entry: TensorEntry) -> bool:
+    """An F64 / FP8 tensor of a passthrough: planned as one (copied, or refused when it would need a change)."""
+    return method.is_passthrough and entry.dtype.startswith("F")
+
+
 def _unmergeable_lines(found: dict[str, list[str]], where: str) -> list[str]:
     return [f"{where}: {len(names)} tensor(s) of dtype {dtype} (first: '{names[0]}'): fusemerge merges F32, F16 "
             "and BF16 tensors; convert the checkpoints first" + (" (an FP8 checkpoint's weights also need their "
@@ -830,6 +868,10 @@ def _tensor_plan(method: Method, name: str, ref_entry: TensorEntry, base_entry: 
         scale = per_model_values("scale") if "scale" in method.params else []
         if scale == [1.0] and out_code == ref_entry.dtype:
             return _copy_plan(name, entries[0])
+        if ref_entry.dtype not in FLOAT_CODES:  # F64 / FP8: copied as they are, never scaled or converted
+            raise InputError(f"tensor '{name}' has dtype {ref_entry.dtype}: passthrough copies it as it is, but the "
+                             f"config asks for scale {scale} and output dtype {CODE_NAMES.get(out_code, out_code)}"
+                             "; fusemerge converts and scales F32, F16 and BF16 tensors only")
         return TensorPlan(name=name, shape=ref_entry.shape, dtype=ref_entry.dtype, out_dtype=out_code, base=None,
                           inputs=entries, weights=scale, density=[], gamma=[], lam=1.0, normalize=False,
                           rescale=False)
@@ -856,7 +898,7 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
             problems.append(f"tensor '{name}': gamma of model {i} resolves to {g}, outside [0, 1]")
     weights = per_model("weight")
     normalize = bool(global_value("normalize", False))
-    if normalize and method.consensus == "none" and weights and math.fsum(weights) == 0:
+    if normalize and method.consensus == "none" and weights and sums_to_zero(weights):
         # the config refuses scalar weights that do; gradients and filter rules resolve per tensor
         problems.append(f"tensor '{name}': the weights resolve to {weights}, which add up to 0, and normalize is "
                         "true, so the merge would divide by 0")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fusemerge.config import MergeConfig, validate_mapping
+from fusemerge.config import DTYPE_ALIASES, MergeConfig, validate_mapping
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import KeepMasks
@@ -128,8 +128,10 @@ def _check_tensors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> No
 def _out_dtype(out_dtype: object, default: torch.dtype) -> torch.dtype:
     if out_dtype is None:
         return default
-    if isinstance(out_dtype, str) and out_dtype in FLOAT_DTYPES:
-        return FLOAT_DTYPES[out_dtype]
+    if isinstance(out_dtype, str):  # the config's spellings: bf16, torch.bfloat16, half, ...
+        name = out_dtype[len("torch."):] if out_dtype.startswith("torch.") else out_dtype
+        if name.lower() in DTYPE_ALIASES:
+            return FLOAT_DTYPES[DTYPE_ALIASES[name.lower()]]
     if out_dtype in FLOAT_DTYPES.values():
         return out_dtype
     raise InputError(f"merge_tensors: out_dtype: {out_dtype!r}; expected torch.float32, torch.float16 or "
@@ -172,6 +174,8 @@ def merge_tensors(
     if method in METHODS and METHODS[method].is_passthrough:
         raise InputError("method: passthrough copies one model's tensors (slices: configs); there is nothing to "
                          "merge in memory")
+    if "lambda_" in params and "lambda" in params:
+        raise InputError("merge_tensors: lambda given twice (lambda_= and lambda=); give one")
     lam = params.pop("lambda_", params.pop("lambda", None))
     if params:
         raise InputError(f"unknown parameter(s) for merge_tensors: {', '.join(params)}")
@@ -187,6 +191,7 @@ def merge_tensors(
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"merge_tensors: chunk: {chunk!r}; expected a positive number of elements")
     chunk = int(chunk)
+    seed = _as_value(seed)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 0.0 would key other DARE masks than 0
         raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer (--seed of the files path)")
     seed = int(seed)

@@ -873,3 +873,14 @@ def test_docstring_examples() -> None:
     import fusemerge.config
 
     assert doctest.testmod(fusemerge.config).failed == 0
+
+
+def test_key_near_misses_are_case_blind_and_anchor_holders_are_not_misses() -> None:
+    (line,) = problems({**cfg(), "DTYPE": "bfloat16"})
+    assert "DTYPE: unknown top-level key (did you mean 'dtype'?)" in line
+    config = load_config({**cfg(), "params": {"weight": 1}, "model_defaults": {}, "license": "apache-2.0"})
+    assert len(config.notes) == 3
+    data = cfg()
+    data["models"][0]["trim_scope"] = "global"
+    (line,) = problems(data)
+    assert "a merge parameter such as 'trim_scope' goes at the top level" in line

@@ -191,3 +191,62 @@ def test_a_tokenizer_source_under_home_is_copied(fam, tmp_path, monkeypatch) -> 
                "-q")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "tokenizer.json").read_text() == (tok / "tokenizer.json").read_text()
+
+
+def test_passthrough_refuses_to_change_a_float_format_it_cannot_convert(fam, tmp_path) -> None:
+    _convert(fam["base"], torch.float64)
+    cfg = {"merge_method": "passthrough", "dtype": "bfloat16",
+           "slices": [{"sources": [{"model": str(fam["base"]), "layer_range": [0, 2]}]}]}
+    (tmp_path / "p.yml").write_text(yaml.safe_dump(cfg))
+    r = invoke("plan", tmp_path / "p.yml")
+    assert r.exit_code == 2 and any("has dtype F64: passthrough copies it as it is" in e for e in errors(r)), r.output
+
+
+def test_weights_that_add_up_to_zero_in_float32_are_refused(fam, tmp_path) -> None:
+    """0.1 - 0.10000000149011612 is not 0 exactly but is 0 in float32, as the kernels add it (they would divide
+    by 1 instead)."""
+    def edit(c):
+        c.update(merge_method="task_arithmetic", parameters={"normalize": True})
+        c["models"][0]["parameters"] = {"weight": 0.1}
+        c["models"][1]["parameters"] = {"weight": -0.10000000149011612}  # -float32(0.1)
+
+    r = invoke("plan", _edit_config(fam, tmp_path, edit))
+    assert r.exit_code == 2 and any("the weights add up to 0" in e for e in errors(r)), r.output
+
+
+def test_vocabularies_are_compared_from_vocab_json_too_and_a_skipped_comparison_is_said(fam, tmp_path) -> None:
+    for d in [fam["base"], *fam["experts"]]:
+        (d / "tokenizer.json").unlink()
+        (d / "vocab.json").write_text(json.dumps({f"t{i}": i for i in range(53)}))
+    (fam["experts"][1] / "vocab.json").write_text(json.dumps({f"t{i}": 52 - i for i in range(53)}))
+    path = _edit_config(fam, tmp_path, lambda c: c.update(tokenizer_source="base"))
+    r = invoke("plan", path)
+    assert r.exit_code == 2 and any("numbers its tokens differently" in e for e in errors(r)), r.output
+    (fam["experts"][1] / "vocab.json").unlink()
+    r = invoke("plan", path)
+    assert r.exit_code == 0 and "has no readable vocab.json: its vocabulary was not compared" in r.output
+
+
+def test_chat_template_is_said_to_be_kept_not_applied(fam, tmp_path) -> None:
+    r = invoke("plan", _edit_config(fam, tmp_path, lambda c: c.update(chat_template="chatml")))
+    assert r.exit_code == 0 and "chat_template: kept in fusemerge_config.yml, not written" in r.output
+
+
+@pytest.mark.parametrize("names,problem", [
+    (["model-00000-of-00002.safetensors", "model-00001-of-00002.safetensors"], None),  # counted from 0
+    (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model-00003-of-00002.safetensors"],
+     "model-00003-of-00002.safetensors is beyond its set of 2"),
+])
+def test_shard_sets_counted_from_zero_and_stray_shards(tmp_path, names, problem) -> None:
+    from fusemerge.errors import InputError
+    from fusemerge.streaming.model_index import open_model
+
+    d = tmp_path / "m"
+    d.mkdir()
+    for i, name in enumerate(names):
+        save_file({f"t{i}": torch.ones(2)}, str(d / name))
+    if problem is None:
+        assert len(open_model(d).tensors) == len(names)
+    else:
+        with pytest.raises(InputError, match=problem):
+            open_model(d)

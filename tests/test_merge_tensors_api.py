@@ -184,3 +184,14 @@ def test_messages_use_merge_tensors_names(tensors) -> None:
         fusemerge.merge_tensors(None, experts, "ties", density=0.5)
     (line,) = e.value.problems
     assert "base_model" not in line and "a base tensor" in line, line
+
+
+def test_lambda_twice_is_refused_and_config_spellings_are_accepted(tensors) -> None:
+    base, experts = tensors
+    with pytest.raises(InputError, match="lambda given twice"):
+        fusemerge.merge_tensors(base, experts, "task_arithmetic", lambda_=0.5, **{"lambda": 2.0})
+    want = fusemerge.merge_tensors(base, experts, "dare_ties", density=0.5, seed=3, out_dtype=torch.bfloat16)
+    for spelling in ("bf16", "torch.bfloat16", "BFloat16"):
+        got = fusemerge.merge_tensors(base, experts, "dare_ties", density=0.5, seed=torch.tensor(3),
+                                      out_dtype=spelling)
+        assert torch.equal(got, want)

@@ -137,7 +137,12 @@ def _missing_shards(path: Path, names: list[str]) -> list[str]:
             width[key] = len(m["i"])
     problems = []
     for (stem, n), present in sets.items():
-        absent = [i for i in range(1, int(n) + 1) if i not in present]
+        first = 0 if 0 in present else 1  # some tools count shards from 0 (model-00000-of-00002)
+        beyond = sorted(i for i in present if i >= first + int(n))
+        if beyond:
+            problems.append(f"{path}: {stem}-{beyond[0]:0{width[stem, n]}d}-of-{n}.safetensors is beyond its set of "
+                            f"{int(n)} (a stray shard of another download?)")
+        absent = [i for i in range(first, first + int(n)) if i not in present]
         if absent and int(n) <= 100_000:
             names_absent = ", ".join(f"{stem}-{i:0{width[stem, n]}d}-of-{n}.safetensors" for i in absent[:3])
             more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
