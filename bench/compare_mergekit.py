@@ -17,10 +17,10 @@ float32. By default (`--math-dtype float32`) each config is run as `dtype: float
 original output dtype, so both tools do float32 math and round once; `--math-dtype config` keeps the
 config as written (then bf16 arithmetic in mergekit shows up as unexplained differences).
 
-mergekit lives in its own venv (`--mergekit-venv`, default /work/mk-venv):
+mergekit lives in its own venv (`--mergekit-venv`, default mk-venv/ in the repository):
 
-    python3 -m venv /work/mk-venv
-    /work/mk-venv/bin/pip install torch==2.13.0 && /work/mk-venv/bin/pip install mergekit==0.1.5
+    python3 -m venv mk-venv
+    mk-venv/bin/pip install torch==2.13.0 && mk-venv/bin/pip install mergekit==0.1.5
 
 Run from the repository root:
 
@@ -68,7 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--math-dtype", choices=["float32", "config"], default="float32")
     p.add_argument("--seed", type=int, default=0, help="DARE seed, passed to both tools")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-compare-mergekit")
-    p.add_argument("--mergekit-venv", type=Path, default=Path("/work/mk-venv"))
+    p.add_argument("--mergekit-venv", type=Path, default=REPO / "mk-venv",
+                   help="the venv holding mergekit 0.1.5 (default: mk-venv/ in the repository, as README.md makes it)")
     p.add_argument("--fusemerge-args", default="", help="extra arguments for `fusemerge run`")
     p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "compare_mergekit.csv")

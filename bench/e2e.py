@@ -15,9 +15,9 @@ output dtype). Rows are appended to a CSV so the history stays. GB = 10^9 bytes.
 
 Setup (mergekit lives in its own venv; always pin torch first so pip does not pull another one):
 
-    python3 -m venv /work/mk-venv
-    /work/mk-venv/bin/pip install torch==2.13.0
-    /work/mk-venv/bin/pip install mergekit==0.1.5
+    python3 -m venv mk-venv
+    mk-venv/bin/pip install torch==2.13.0
+    mk-venv/bin/pip install mergekit==0.1.5
 
 Run (from the repository root; models are generated once under --workdir and reused):
 
@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-shard-size", type=int, default=5_000_000_000, help="bytes, passed to both tools")
     p.add_argument("--seed", type=int, default=0, help="DARE seed, passed to both tools")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fusemerge-bench-e2e")
-    p.add_argument("--mergekit-venv", type=Path, default=Path("/work/mk-venv"))
+    p.add_argument("--mergekit-venv", type=Path, default=REPO / "mk-venv",
+                   help="the venv holding mergekit 0.1.5 (default: mk-venv/ in the repository, as README.md makes it)")
     p.add_argument("--fusemerge-args", default="", help="extra arguments for `fusemerge run`, e.g. '--max-memory 2GiB'")
     p.add_argument("--mergekit-args", default="", help="extra arguments for mergekit-yaml, e.g. '--lazy-unpickle'")
     p.add_argument("--tools", default="fusemerge,mergekit", help="comma-separated subset of fusemerge,mergekit")

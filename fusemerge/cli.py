@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 import threading
 import traceback
@@ -16,6 +17,7 @@ import click
 
 from fusemerge import __version__
 from fusemerge.errors import FusemergeError, InputError
+from fusemerge.methods import METHODS
 from fusemerge.sizes import format_size
 
 log = logging.getLogger("fusemerge")
@@ -35,6 +37,9 @@ def _handle_errors(fn):
         verbose = click.get_current_context().find_root().params.get("verbose", 0) or kwargs.get("verbose", 0)
         try:
             return fn(*args, **kwargs)
+        except BrokenPipeError:  # `fusemerge inspect DIR | head`: the reader has gone, nothing to say
+            sys.stdout = None  # no flush of the closed pipe at exit
+            os._exit(0)
         except InputError as e:
             _fail(e.problems, 2)
         except FusemergeError as e:
@@ -79,8 +84,9 @@ def _plan_options(fn):
         click.option("--max-pinned-memory", default=None,
                      help="Pinned host memory of the GPU pipeline's read-ahead and write-back buffers (default 1GiB)."),
         click.option("--partition", default=None, metavar="I/N",
-                     help="Merge only part I of N (I from 0), split by output shard, into OUT_DIR.fusemerge-parts/; "
-                          "run the N parts anywhere that shares the file system, then `fusemerge finalize OUT_DIR`."),
+                     help="Only part I of N (I from 0), split by output shard (run: written into "
+                          "OUT_DIR.fusemerge-parts/; run the N parts anywhere that shares the file system, then "
+                          "`fusemerge finalize OUT_DIR`)."),
         click.option("--allow-crimes", is_flag=True,
                      help="mergekit's flag (mix architectures); accepted with a note: fusemerge checks tensor "
                           "names, shapes and dtypes, never architecture names."),
@@ -120,7 +126,7 @@ def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, r
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fusemerge")
-@click.option("-v", "--verbose", count=True, help="More logging (-v: per-stage times).")
+@click.option("-v", "--verbose", count=True, help="More logging (debug messages); `run -v` prints per-stage times.")
 def main(verbose: int) -> None:
     """Merge fine-tuned LLM checkpoints from mergekit YAML configs, streaming, in bounded memory."""
     logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
@@ -315,7 +321,8 @@ def demo(out_dir, method, device, quiet) -> None:
 
 
 @main.command()
-@click.option("--method", default="ties", show_default=True)
+@click.option("--method", type=click.Choice([m for m in METHODS if m != "passthrough"]), default="ties",
+              show_default=True, help="Merge method (passthrough merges nothing to time).")
 @click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
 @click.option("--experts", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True)

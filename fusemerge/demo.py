@@ -6,6 +6,7 @@ in-memory merge of the same tensors (`merge_tensors`), which must agree byte for
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -37,7 +38,7 @@ def run_demo(out_dir: Path, method: str = "ties", device: str = "auto", echo: Ca
     """Make inputs in OUT_DIR/inputs, merge into OUT_DIR/merged, verify one tensor, print a summary."""
     if method not in METHOD_PARAMS:
         raise InputError(f"--method {method}: expected one of {', '.join(METHOD_PARAMS)}")
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # its config names the models by absolute path
     if out_dir.exists():
         if not (out_dir / MARKER).exists() and any(out_dir.iterdir()):
             raise InputError(f"{out_dir} exists, is not empty and is not a fusemerge demo directory")

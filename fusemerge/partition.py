@@ -252,8 +252,9 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
             temp = temp_dir_path(part_dir(out, i, n))
             run = f"`fusemerge run CONFIG {out} --partition {i}/{n}"
             problems.append(f"part {i}/{n} is unfinished: {temp} holds its interrupted or running merge ({run} "
-                            "--resume` continues it)" if temp.is_dir() else
-                            f"part {i}/{n} is missing from {root} (merge it with {run}`)")
+                            "--resume`, with the other parts' options, continues it)" if temp.is_dir() else
+                            f"part {i}/{n} is missing from {root} (merge it with {run}` and the other parts' "
+                            "options)")
             continue
         try:
             manifest = _read_part(directory)

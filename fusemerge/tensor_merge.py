@@ -155,7 +155,7 @@ def merge_tensors(
     chunk: int = DEFAULT_CHUNK,
     **params: float,
 ) -> torch.Tensor:
-    """Merge one tensor's copies with the semantics of the files path (METHODS.md).
+    """Merge one tensor's copies with the semantics of the files path (docs/methods.md).
 
     `weight`, `density`, `gamma`: one value for every expert, or a sequence of one per expert; unset ones take
     the method's defaults, as in a config. `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are

@@ -346,3 +346,19 @@ def test_ctrl_c_in_finalize_says_to_run_it_again(monkeypatch, tmp_path: Path) ->
     r = invoke("finalize", tmp_path / "out")
     assert r.exit_code == 130
     assert errors(r) == ["fusemerge: error: interrupted; the parts are as they were (run the same command again)"]
+
+
+def test_a_closed_pipe_ends_the_command_quietly(fam: dict) -> None:
+    import subprocess
+    import sys
+
+    p = subprocess.run(f"{sys.executable} -m fusemerge inspect {fam['base']} | head -1", shell=True,
+                       capture_output=True, text=True, cwd="/")
+    assert "error" not in p.stderr, p.stderr
+
+
+def test_demo_config_names_its_models_by_absolute_path(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert invoke("demo", "d", "-q").exit_code == 0
+    cfg = yaml.safe_load((tmp_path / "d" / "ties.yml").read_text())
+    assert all(Path(m["model"]).is_absolute() for m in cfg["models"]) and Path(cfg["base_model"]).is_absolute()

@@ -1,7 +1,8 @@
 """Parity with mergekit 0.1.5 itself, on tiny synthetic models (needs a mergekit venv; skipped without one).
 
 mergekit is found through FUSEMERGE_MERGEKIT_PYTHON (the python of a venv with mergekit==0.1.5), else
-/work/mk-venv/bin/python. All mergekit merges run in one subprocess (one import of mergekit and torch);
+mk-venv/bin/python in the repository (README.md makes it there).
+All mergekit merges run in one subprocess (one import of mergekit and torch);
 fusemerge runs in this process. Configs use `dtype: float32` + `out_dtype: bfloat16`, so both tools do
 float32 math and round once (mergekit otherwise computes in the config dtype; a documented difference).
 
@@ -33,7 +34,7 @@ import fusemerge
 from bench.parity import compare_dirs
 from fusemerge.synthetic import make_llama_family
 
-DEFAULT_MERGEKIT_PYTHON = Path("/work/mk-venv/bin/python")
+DEFAULT_MERGEKIT_PYTHON = Path(__file__).resolve().parents[1] / "mk-venv" / "bin" / "python"  # README.md
 SHAPE = dict(hidden=64, intermediate=160, layers=4, vocab=96)
 WEIGHTS = [0.6, [0.2, 0.9], [{"filter": "mlp", "value": 0.4}, {"value": 0.7}]]
 
