@@ -431,34 +431,25 @@ def test_one_shard_one_part(fam: dict, tmp_path: Path) -> None:
     assert files(out) == files(ref)
 
 
-def test_a_join_killed_after_moving_shards_is_recovered(fam: dict, tmp_path: Path) -> None:
-    """Where links are refused the join moves shards into OUT_DIR's temporary directory; killed then, the next
-    finalize moves them back into their parts first and joins."""
+@pytest.mark.parametrize("when", ["moving", "before the rename"])
+def test_a_killed_join_is_recovered(fam: dict, tmp_path: Path, when: str) -> None:
+    """Where links are refused the join moves shards into OUT_DIR's temporary directory. Killed while moving
+    (JOIN_MARKER there), or after every shard was in (the marker removed) and before the rename, the next
+    finalize moves them back into their parts first (then by size and SHA-256 against the part manifests)."""
     cfg = config(fam, "ties", density=0.4)
     ref = reference(fam, cfg, tmp_path)
     out = tmp_path / "out"
     run_parts(cfg, out, 3)
     temp = temp_dir_path(out)
     temp.mkdir()
-    (temp / JOIN_MARKER).touch()
-    for name in ("model-00002-of-00012.safetensors", "model-00005-of-00012.safetensors"):
-        os.rename(part_dir(out, 1, 3) / name, temp / name)  # what the killed join had moved
-    fusemerge.finalize(out)
-    assert files(out) == files(ref) and not temp.exists()
-
-
-def test_a_join_killed_before_its_rename_is_recovered(fam: dict, tmp_path: Path) -> None:
-    """Killed after every shard was moved in (JOIN_MARKER already removed) and before the rename: the next
-    finalize moves back the shards whose size and SHA-256 are their part manifest's (they were stranded)."""
-    cfg = config(fam, "ties", density=0.4)
-    ref = reference(fam, cfg, tmp_path)
-    out = tmp_path / "out"
-    run_parts(cfg, out, 3)
-    temp = temp_dir_path(out)
-    temp.mkdir()
-    for i in range(3):
-        for p in part_dir(out, i, 3).glob("model-*.safetensors"):
-            os.rename(p, temp / p.name)  # what the killed join had moved, every shard of every part
+    if when == "moving":
+        (temp / JOIN_MARKER).touch()
+        moved = [part_dir(out, 1, 3) / n for n in ("model-00002-of-00012.safetensors",
+                                                   "model-00005-of-00012.safetensors")]
+    else:
+        moved = [p for i in range(3) for p in part_dir(out, i, 3).glob("model-*.safetensors")]
+    for p in moved:
+        os.rename(p, temp / p.name)  # what the killed join had moved
     fusemerge.finalize(out)
     assert files(out) == files(ref) and not temp.exists()
 
