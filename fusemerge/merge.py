@@ -17,7 +17,7 @@ from fusemerge import __version__
 from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
 from fusemerge.partition import finished_part, merge_identity, part_dir, parts_root, write_part_manifest
-from fusemerge.planner import CODE_NAMES, TOKENIZER_FILES, MergePlan, build_plan
+from fusemerge.planner import CODE_NAMES, TOKENIZER_FILES, MergePlan, build_plan, tokenizer_dir
 from fusemerge.streaming.executor import Executor, StageTimes
 from fusemerge.streaming.global_cuts import CUTS_NAME, CutsFile, identity_digest
 from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch
@@ -255,7 +255,7 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> Non
                 cfg[key] = plan.config.num_output_layers
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     if copy_tokenizer:
-        src = _tokenizer_dir(plan)
+        src = tokenizer_dir(plan.config, plan.reference)
         for name in TOKENIZER_FILES:
             if (src / name).is_file():
                 try:
@@ -278,16 +278,6 @@ def _main_dtype(plan: MergePlan) -> str | None:
     return max(counts, key=counts.__getitem__) if counts else None
 
 
-def _model_dir(path: Path) -> Path:
-    path = Path(path)
-    return path.parent if path.is_file() else path
-
-
-def _tokenizer_dir(plan: MergePlan) -> Path:
-    source = plan.config.tokenizer_source
-    if source and source != "base":
-        return _model_dir(Path(os.path.abspath(os.path.expanduser(source))))  # as the plan checked it
-    return _model_dir(plan.reference.path)
 
 
 def _model_card(plan: MergePlan) -> str:

@@ -710,8 +710,7 @@ def _tokenizer_problems(cfg: MergeConfig) -> list[str]:
     source = cfg.tokenizer_source
     if not source or source == "base":
         return []
-    path = Path(os.path.abspath(os.path.expanduser(source)))
-    directory = path.parent if path.is_file() else path
+    directory = tokenizer_dir(cfg, None)
     if not directory.is_dir():
         return [f"{cfg.label}: tokenizer_source: {source!r}: no such directory"]
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
@@ -726,9 +725,7 @@ def _vocabulary_checks(cfg: MergeConfig, reference: ModelIndex, inputs: list[Mod
     embed_tokens / lm_head for it, row by token, at the tokenizer's length. Those agree when every model numbers
     its tokens as the source does (checked here from tokenizer.json, where the models have one: else refused)
     and the rows are the tokenizer's (else a warning: padding rows are kept, where mergekit drops them)."""
-    source_dir = _model_dir_of(reference.path) if cfg.tokenizer_source == "base" else \
-        Path(os.path.abspath(os.path.expanduser(cfg.tokenizer_source)))
-    source_dir = source_dir.parent if source_dir.is_file() else source_dir
+    source_dir = tokenizer_dir(cfg, reference)
     vocab_file, source_bytes, want = _vocabulary_of(source_dir)
     if want is None:
         warnings.append(f"tokenizer_source: no readable tokenizer.json or vocab.json in {source_dir}: the models' "
@@ -737,7 +734,7 @@ def _vocabulary_checks(cfg: MergeConfig, reference: ModelIndex, inputs: list[Mod
     seen: set[Path] = set()
     unchecked: list[Path] = []
     for m in inputs:
-        d = _model_dir_of(m.path)
+        d = model_dir(m.path)
         if d in seen or d == source_dir:
             continue
         seen.add(d)
@@ -774,9 +771,20 @@ def _is_vocab_tensor(name: str) -> bool:
     return _VOCAB_TENSOR_RE.search(name) is not None
 
 
-def _model_dir_of(path: Path) -> Path:
+def model_dir(path: str | Path) -> Path:
+    """The directory of a model given as its directory or as one of its files."""
     path = Path(path)
     return path.parent if path.is_file() else path
+
+
+def tokenizer_dir(cfg: MergeConfig, reference: ModelIndex | None) -> Path:
+    """Where the tokenizer comes from: `tokenizer_source` (a path taken as mergekit takes it: `~` expanded,
+    relative to the current directory), else the reference model (the base, else the first model)."""
+    source = cfg.tokenizer_source
+    if source and source != "base":
+        return model_dir(Path(os.path.abspath(os.path.expanduser(source))))
+    assert reference is not None
+    return model_dir(reference.path)
 
 
 def _vocabulary_of(directory: Path) -> tuple[str, bytes | None, dict[str, int] | None]:
