@@ -24,7 +24,7 @@ from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import ShardedWriter, check_out_dir, make_temp_dir, move_into_place, temp_dir_path
-from fusemerge.verify import write_manifest
+from fusemerge.verify import MANIFEST_NAME, is_files_map, write_manifest
 
 log = logging.getLogger("fusemerge")
 
@@ -112,6 +112,11 @@ def run(
         out = part_dir(out, *plan.partition)
         problems += [p for p in check_out_dir(out, overwrite, inputs) if p not in problems]
     else:
+        if resume and _finished_run(out, plan):  # a requeued job of a merge already done: nothing to do
+            notify(f"{out} already holds this merge, finished; nothing to resume")
+            return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
+                               sorted(p.name for p in out.iterdir()), StageTimes(), plan,
+                               resumed_tensors=len(plan.tensors), resumed_bytes=plan.input_bytes)
         problems = check_out_dir(out, overwrite, inputs)
     if problems:
         raise InputError(problems)
@@ -164,7 +169,8 @@ def run(
             t1 = time.perf_counter()
             shards = [s.filename for s in plan.layout.shards]
             if plan.partition is None:
-                write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests)
+                write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests,
+                               merge=identity_digest(merge_identity(plan)))
             else:  # the part's shard hashes; finalize writes the manifest and index of the whole merge
                 write_part_manifest(temp, plan, writer.digests)
             times.add(manifest=time.perf_counter() - t1)
@@ -266,6 +272,21 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> Non
                     raise OSError(e.errno, e.strerror, str(directory / name)) from e
     (directory / "fusemerge_config.yml").write_text(plan.config.to_yaml())
     (directory / "README.md").write_text(_model_card(plan))
+
+
+def _finished_run(out: Path, plan: MergePlan) -> bool:
+    """Whether `out` is this very merge, finished (its manifest names this merge's identity, and every file it
+    lists is there at its size): then `run --resume` has nothing to do. A manifest without the identity (an
+    older fusemerge, a hand-made directory) is not."""
+    try:
+        manifest = json.loads((out / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if manifest.get("merge") != identity_digest(merge_identity(plan)) or not is_files_map(files):
+        return False
+    return all((out / name).is_file() and (out / name).stat().st_size == entry["bytes"]
+               for name, entry in files.items())
 
 
 def _main_dtype(plan: MergePlan) -> str | None:

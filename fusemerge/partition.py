@@ -45,6 +45,7 @@ from fusemerge import __version__
 from fusemerge.errors import InputError
 from fusemerge.planner import part_shards
 from fusemerge.streaming.digest import file_digest
+from fusemerge.streaming.global_cuts import identity_digest
 from fusemerge.streaming.journal import header_digest, input_files, layout_entries
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
@@ -346,7 +347,8 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> tuple[l
                 shutil.copyfile(p, temp / p.name)
         if len(shards) > 1:
             write_index(temp, merge["index"])
-        write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), known=known)
+        write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), known=known,
+                       merge=identity_digest(merge))
         (temp / JOIN_MARKER).unlink()  # the shards are all in: a kill from here on leaves nothing to move back
         files = sorted(p.name for p in temp.iterdir())
         move_into_place(temp, out, overwrite)

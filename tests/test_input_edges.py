@@ -250,3 +250,27 @@ def test_shard_sets_counted_from_zero_and_stray_shards(tmp_path, names, problem)
     else:
         with pytest.raises(InputError, match=problem):
             open_model(d)
+
+
+def test_resume_of_a_finished_merge_does_nothing_and_of_another_is_refused(fam, tmp_path) -> None:
+    """A requeued job: `run --resume` into the directory a finished run of the same merge wrote is a no-op (it
+    was 'exists and is not empty', exit 2); another merge there is still refused."""
+    out = tmp_path / "out"
+    assert invoke("run", fam["config"], out, "-q").exit_code == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    r = invoke("run", fam["config"], out, "--resume")
+    assert r.exit_code == 0 and "already holds this merge, finished; nothing to resume" in r.output, r.output
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    other = _edit_config(fam, tmp_path, lambda c: c["models"][0]["parameters"].update(density=0.25))
+    r = invoke("run", other, out, "--resume")
+    assert r.exit_code == 2 and any("exists and is not empty" in e for e in errors(r)), r.output
+
+
+def test_resume_of_a_finalized_merge_does_nothing(fam, tmp_path) -> None:
+    out = tmp_path / "out"
+    for i in range(2):
+        assert invoke("run", fam["config"], out, "--partition", f"{i}/2", "--out-shard-size", "4KB", "-q"
+                      ).exit_code == 0
+    assert invoke("finalize", out, "-q").exit_code == 0
+    r = invoke("run", fam["config"], out, "--resume", "--out-shard-size", "4KB")
+    assert r.exit_code == 0 and "nothing to resume" in r.output, r.output
