@@ -282,8 +282,10 @@ def _finished_run(out: Path, plan: MergePlan) -> bool:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
         return False
-    files = manifest.get("files") if isinstance(manifest, dict) else None
-    if manifest.get("merge") != identity_digest(merge_identity(plan)) or not is_files_map(files):
+    if not isinstance(manifest, dict) or not is_files_map(manifest.get("files")):
+        return False
+    files = manifest["files"]
+    if manifest.get("merge") != identity_digest(merge_identity(plan)):
         return False
     return all((out / name).is_file() and (out / name).stat().st_size == entry["bytes"]
                for name, entry in files.items())
