@@ -1,10 +1,10 @@
 """DARE's keep test on CPU as compiled code: philox_numpy.keep_run's loop in C, built at first use.
 
 The CPU merge spends most of a DARE merge drawing Philox 4x32-10 (dare_masks.py). In numpy each of the
-~50 element-wise steps of the 10 rounds is its own pass over a uint64 array: 19-25 ns per entry and expert
-on the 2-core Xeon VM. The same rounds as one C loop, vectorized by the compiler, take 2.0-2.4 ns there
-(`python bench/philox_cpu.py`, 2026-12-01), and a ctypes call releases the GIL, so the merge's threads draw
-side by side without the mask worker processes.
+~50 element-wise steps of the 10 rounds is its own pass over a uint64 array: 19.5 ns per entry and expert
+on the 2-core Xeon VM. The same rounds as one C loop, vectorized by the compiler, take 2.31 ns there
+(`python bench/philox_cpu.py`, 2026-12-01, one thread; 1.18 ns in aggregate from two), and a ctypes call
+releases the GIL, so the merge's threads draw side by side without the mask worker processes.
 
 The C source below is compiled the first time a process needs it, by the system's C compiler (``$CC``, else
 ``cc``, ``gcc`` or ``clang``; Triton needs one too), into a cache (``$FUSEMERGE_CACHE_DIR``, else
@@ -196,11 +196,8 @@ def _agrees(fn: object) -> bool:
 
 
 def _call(fn, k0: int, k1: int, start: int, n: int, below: int, out: np.ndarray) -> None:
-    lo = start
-    while lo < start + n:  # runs that do not cross a multiple of 2^32 share their counter's high word
-        hi = min(start + n, ((lo >> 32) + 1) << 32)
+    for lo, hi in philox_numpy.same_high_runs(start, n):  # fm_keep_run takes one high word per call
         fn(k0, k1, lo >> 32, lo & _M32, hi - lo, below, out[lo - start:].ctypes.data)
-        lo = hi
 
 
 def _function():

@@ -84,10 +84,17 @@ def keep_below(density: float) -> int:
 def keep_run(k0: int, k1: int, start: int, n: int, below: int, out: np.ndarray) -> None:
     """out[j] = (folded c0 of counter start + j) < below: DARE's keep test for n consecutive entries, key
     words (k0, k1), ``below = keep_below(density)``; ``out`` a bool array of n entries."""
-    lo = start
-    while lo < start + n:  # runs that do not cross a multiple of 2^32 share their counter's high word
-        hi = min(start + n, ((lo >> 32) + 1) << 32)
+    for lo, hi in same_high_runs(start, n):
         _keep_run_same_high(k0, k1, lo, hi - lo, below, out[lo - start:hi - start])
+
+
+def same_high_runs(start: int, n: int):
+    """[lo, hi) pieces of [start, start + n) that do not cross a multiple of 2^32: each shares its counters'
+    high word (c1)."""
+    lo = start
+    while lo < start + n:
+        hi = min(start + n, ((lo >> 32) + 1) << 32)
+        yield lo, hi
         lo = hi
 
 
