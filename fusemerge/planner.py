@@ -678,7 +678,11 @@ def _copy_plan(name: str, entry: TensorEntry) -> TensorPlan:
 
 
 def _model_problems(config: object) -> list[str]:
-    """Problems opening the models a config names, read from the raw YAML (used when the config is invalid)."""
+    """Problems with the models a config names, read from the raw YAML (used when the config is invalid, so that
+    one run reports them too): each model that cannot be opened, and, for a `models:` config, each tensor of the
+    base (else the first model) that another model lacks or holds with another shape or dtype. These do not
+    depend on the method or its parameters; a `slices:` config's tensors do (its layer ranges), so its models
+    are only opened."""
     import yaml
 
     try:
@@ -694,13 +698,24 @@ def _model_problems(config: object) -> list[str]:
             if isinstance(m, dict) and isinstance(m.get("model"), str):
                 paths.append(m["model"])
     problems: list[str] = []
+    opened: list[ModelIndex] = []
     for p in dict.fromkeys(paths):
         if "+" in p and not Path(p).exists():  # MODEL+LORA: load_config has said it is not supported
             continue
         try:
-            open_model(Path(p))
+            opened.append(open_model(Path(p)))
         except InputError as e:
             problems.extend(e.problems)
+    if opened and "slices" not in raw:
+        reference, others = opened[0], opened[1:]  # paths[0]: the base when there is one
+        for name in sorted(reference.tensors, key=_natural_key):
+            entries = [(m, _entry(m, name)) for m in others]
+            missing = [str(m.path) for m, e in entries if e is None]
+            if missing:
+                problems.append(f"tensor '{name}' is missing in {', '.join(missing)} (present in {reference.path})")
+                continue
+            _same_shape_and_dtype(name, str(reference.path), reference.tensors[name],
+                                  [(str(m.path), e) for m, e in entries], problems)
     return problems
 
 

@@ -274,3 +274,23 @@ def test_resume_of_a_finalized_merge_does_nothing(fam, tmp_path) -> None:
     assert invoke("finalize", out, "-q").exit_code == 0
     r = invoke("run", fam["config"], out, "--resume", "--out-shard-size", "4KB")
     assert r.exit_code == 0 and "nothing to resume" in r.output, r.output
+
+
+def test_a_config_that_fails_to_load_still_has_its_models_cross_checked(fam, tmp_path) -> None:
+    """One run names every problem: a bad method and an expert whose tensor has another shape or is missing."""
+    path = fam["experts"][1] / "model.safetensors"
+    tensors = load_file(path)
+    name = next(n for n in tensors if "mlp" in n)
+    tensors[name] = torch.randn(3, 5, dtype=tensors[name].dtype)
+    gone = next(n for n in tensors if "norm" in n)
+    del tensors[gone]
+    save_file(tensors, str(path))
+    r = invoke("plan", _edit_config(fam, tmp_path, lambda c: c.update(merge_method="tiez")))
+    assert r.exit_code == 2, r.output
+    lines = errors(r)
+    assert any("tiez" in e for e in lines), lines
+    assert any(f"tensor '{name}': shape mismatch" in e and str(fam["experts"][1]) in e for e in lines), lines
+    assert any(f"tensor '{gone}' is missing in {fam['experts'][1]}" in e for e in lines), lines
+    # the same lines as when the config is good
+    good = errors(invoke("plan", fam["config"]))
+    assert [e for e in lines if "tiez" not in e] == good, (lines, good)
