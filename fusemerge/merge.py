@@ -166,17 +166,17 @@ def run(
                     executor.times.add(flush=time.perf_counter() - t1)
             journal.close(flush=True)
             kill.stage("merged")
+            if cuts_file is not None and not cuts_file.shared:
+                cuts_file.remove()  # this run's own thresholds file is not part of its output
+            extras = _write_extras(plan, temp, copy_tokenizer)  # before a part's manifest, which hashes them
             t1 = time.perf_counter()
             shards = [s.filename for s in plan.layout.shards]
             if plan.partition is None:
                 write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests,
                                merge=identity_digest(merge_identity(plan)))
-            else:  # the part's shard hashes; finalize writes the manifest and index of the whole merge
-                write_part_manifest(temp, plan, writer.digests)
+            else:  # the part's hashes; finalize writes the manifest and index of the whole merge
+                write_part_manifest(temp, plan, writer.digests, extras)
             times.add(manifest=time.perf_counter() - t1)
-            if cuts_file is not None and not cuts_file.shared:
-                cuts_file.remove()  # this run's own thresholds file is not part of its output
-            _write_extras(plan, temp, copy_tokenizer)
             kill.stage("extras")
             journal.remove()  # killed between here and the rename, a resume starts over: no work is left to lose
             files = sorted(p.name for p in temp.iterdir())
@@ -244,8 +244,10 @@ def _write_error(out: Path, e: OSError) -> str:
     return f"writing {out}{where}: {e.strerror or e}"
 
 
-def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> None:
-    """config.json (dtype updated), tokenizer files, fusemerge_config.yml and a README model card."""
+def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> list[str]:
+    """config.json (dtype updated), tokenizer files, fusemerge_config.yml and a README model card; returns the
+    names of the files written."""
+    written = []
     # the base's config.json, else the first model's that has one (CLI.md)
     source = next((m for m in [plan.reference, *plan.models] if m.config is not None), None)
     if source is not None:  # else the plan warned
@@ -260,6 +262,7 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> Non
             for key in keys:
                 cfg[key] = plan.config.num_output_layers
         (directory / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        written.append("config.json")
     if copy_tokenizer:
         src = tokenizer_dir(plan.config, plan.reference)
         for name in TOKENIZER_FILES:
@@ -270,8 +273,10 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> Non
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
                         raise
                     raise OSError(e.errno, e.strerror, str(directory / name)) from e
+                written.append(name)
     (directory / "fusemerge_config.yml").write_text(plan.config.to_yaml())
     (directory / "README.md").write_text(_model_card(plan))
+    return [*written, "fusemerge_config.yml", "README.md"]
 
 
 def _finished_run(out: Path, plan: MergePlan) -> bool:

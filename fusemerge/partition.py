@@ -17,13 +17,15 @@ shares a file system:
         part-1-of-3/    model-00002-..., model-00005-..., fusemerge_part.json, ...
         part-2-of-3/    ...
 
-`fusemerge_part.json` holds the part's (i, n), its shards' SHA-256 and sizes, the absolute paths of the models,
-and `merge`: what fixes the bytes of the whole merge (the fusemerge version, the config, the seed, the whole output
-layout and index, each input's size and header SHA-256; not the inputs' modification times, which copies on
-other machines do not share; the config names the models, so every part needs the same config).
+`fusemerge_part.json` holds the part's (i, n), its shards' SHA-256 and sizes, those of its other files
+(`extras`), the absolute paths of the models, and `merge`: what fixes the bytes of the whole merge (the fusemerge
+version, the config, the seed, the whole output layout and index, each input's size and header SHA-256; not the
+inputs' modification times, which copies on other machines do not share; the config names the models, so every
+part needs the same config).
 
 `finalize(out)` checks that all n parts are there, finished, of one merge, with each shard at its size and
-header; links (or, where links are refused, moves) the shards into OUT_DIR's temporary directory; writes the
+header, and part 0's other files (config.json, tokenizer files, fusemerge_config.yml, README.md) as its manifest
+hashed them; links (or, where links are refused, moves) the shards into OUT_DIR's temporary directory; writes the
 index and the manifest from the parts' hashes (the shards are not read again); copies part 0's other files; and
 renames it into place: the same files, byte for byte, as one `run` of the whole merge. Then it removes the parts.
 """
@@ -98,9 +100,10 @@ def merge_identity(plan: MergePlan) -> dict:
     }
 
 
-def write_part_manifest(directory: Path, plan: MergePlan, partial: dict[str, PrefixDigest]) -> Path:
-    """Hash the part's shards in `directory` (finishing `partial`, the writer's digests) and write
-    `fusemerge_part.json` there, flushed to disk."""
+def write_part_manifest(directory: Path, plan: MergePlan, partial: dict[str, PrefixDigest],
+                        extras: list[str]) -> Path:
+    """Hash the part's shards in `directory` (finishing `partial`, the writer's digests) and its other files
+    `extras` (config.json, tokenizer files, ...), and write `fusemerge_part.json` there, flushed to disk."""
     assert plan.partition is not None
     names = [s.filename for s in plan.layout.shards]
     digests = hash_files(directory, names, partial)
@@ -108,13 +111,18 @@ def write_part_manifest(directory: Path, plan: MergePlan, partial: dict[str, Pre
         "format": FORMAT,
         "part": plan.partition[0],
         "parts": plan.partition[1],
-        "files": {name: {"sha256": digest, "bytes": size} for name, (digest, size) in digests.items()},
+        "files": _files_map(digests),
+        "extras": _files_map(hash_files(directory, extras)),
         "models": [str(Path(os.path.abspath(m.path))) for m in _models(plan)],
         "merge": merge_identity(plan),
     }
     path = Path(directory) / PART_MANIFEST
     write_json(path, manifest, indent=1)
     return path
+
+
+def _files_map(digests: dict[str, tuple[str, int]]) -> dict[str, dict]:
+    return {name: {"sha256": digest, "bytes": size} for name, (digest, size) in digests.items()}
 
 
 def finished_part(out_dir: str | os.PathLike, plan: MergePlan) -> Path | None:
@@ -276,9 +284,14 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
                 problems.append(f"{directory.name} and {ref_dir.name} are parts of different merges: "
                                 + ", ".join(differ) + " differ; merge every part with the same config, options "
                                 "and inputs")
+            extras = {name: e["sha256"] for name, e in manifest["extras"].items()}
+            if extras != {name: e["sha256"] for name, e in ref["extras"].items()}:
+                problems.append(f"{directory.name} and {ref_dir.name} hold different config.json, tokenizer or "
+                                "model card files: merge every part with the same --copy-tokenizer option")
         if not problems:
             for directory, manifest in parts:
                 problems += _part_problems(directory, manifest)
+            problems += _extras_problems(ref_dir, ref)  # the ones the join copies
     if problems:
         raise InputError(problems)
     return parts
@@ -293,9 +306,12 @@ def _read_part(directory: Path) -> dict:
     merge = manifest.get("merge")
     files = manifest.get("files")
     if not (isinstance(manifest.get("part"), int) and isinstance(manifest.get("parts"), int)
-            and is_files_map(files) and isinstance(merge, dict) and isinstance(manifest.get("models"), list)
+            and is_files_map(files) and is_files_map(manifest.get("extras")) and isinstance(merge, dict)
+            and isinstance(manifest.get("models"), list)
             and isinstance(merge.get("layout"), list) and isinstance(merge.get("index"), dict)):
         raise InputError(f"{path}: malformed part manifest")
+    if any(Path(name).name != name or name in (".", "..") or name in files for name in manifest["extras"]):
+        raise InputError(f"{path}: malformed part manifest (its extras must be file names beside the shards)")
     if merge.get("fusemerge_version") != __version__:
         raise InputError(f"{path}: written by fusemerge {merge.get('fusemerge_version')}; this is {__version__} "
                          "(merge the parts and finalize them with one version)")
@@ -326,6 +342,18 @@ def _part_problems(directory: Path, manifest: dict) -> list[str]:
     return problems
 
 
+def _extras_problems(directory: Path, manifest: dict) -> list[str]:
+    """Whether `directory`'s other files (config.json, tokenizer files, ...) are those its part manifest hashed."""
+    names = list(manifest["extras"])
+    try:
+        found = hash_files(directory, names)
+    except OSError as e:
+        return [f"{e.filename or directory}: cannot read: {e.strerror or e}"]
+    return [f"{directory / name}: {'differs from' if found[name][1] == entry['bytes'] else 'has another size than'} "
+            "the file its part wrote (changed since)" for name, entry in manifest["extras"].items()
+            if found[name] != (entry["sha256"], entry["bytes"])]
+
+
 def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> tuple[list[str], int]:
     """Put every part's shards, the index, the manifest and part 0's other files into `out` (temporary directory,
     then a rename); returns the files of `out` and how many shards were moved, not linked. On failure nothing is
@@ -342,9 +370,8 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> tuple[l
                 _link_or_move(directory / name, temp / name, moved)
                 known[name] = (entry["sha256"], entry["bytes"])
         shards = [entry["file"] for entry in merge["layout"]]
-        for p in first_dir.iterdir():  # config.json, tokenizer files, fusemerge_config.yml, README.md
-            if p.is_file() and p.name not in first["files"] and p.name != PART_MANIFEST:
-                shutil.copyfile(p, temp / p.name)
+        for name in first["extras"]:  # config.json, tokenizer files, fusemerge_config.yml, README.md
+            shutil.copyfile(first_dir / name, temp / name)
         if len(shards) > 1:
             write_index(temp, merge["index"])
         write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), known=known,

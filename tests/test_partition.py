@@ -333,6 +333,52 @@ def test_finalize_refuses_a_damaged_part(fam: dict, tmp_path: Path, damage: str,
     refused(out, message)
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("edit", r"part-0-of-2/config.json: differs from the file its part wrote"),
+    ("truncate", r"part-0-of-2/README.md: has another size than the file its part wrote"),
+    ("delete", r"part-0-of-2/tokenizer.json: cannot read"),
+    ("escape", r"fusemerge_part.json: malformed part manifest \(its extras must be file names"),
+])
+def test_finalize_refuses_part_0s_changed_side_files(fam: dict, tmp_path: Path, damage: str, message: str) -> None:
+    """The join copies part 0's config.json, tokenizer and model card: they must be the files its run wrote."""
+    cfg = config(fam, "ties", density=0.4)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 2)
+    directory = part_dir(out, 0, 2)
+    if damage == "edit":
+        text = (directory / "config.json").read_text()
+        (directory / "config.json").write_text(text.replace('"hidden_size": 32', '"hidden_size": 33'))
+        assert (directory / "config.json").read_text() != text
+    elif damage == "truncate":
+        os.truncate(directory / "README.md", 10)
+    elif damage == "delete":
+        (directory / "tokenizer.json").unlink()
+    else:
+        manifest = directory / PART_MANIFEST
+        m = json.loads(manifest.read_text())
+        m["extras"]["../../stolen"] = m["extras"]["README.md"]
+        manifest.write_text(json.dumps(m))
+    refused(out, message)
+
+
+def test_finalize_refuses_parts_with_different_side_files(fam: dict, tmp_path: Path) -> None:
+    cfg = config(fam, "ties", density=0.4)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 2, parts=[0])
+    run_parts(cfg, out, 2, parts=[1], copy_tokenizer=False)
+    refused(out, r"part-1-of-2 and part-0-of-2 hold different config.json, tokenizer or model card files")
+
+
+def test_finalize_copies_only_the_files_a_part_wrote(fam: dict, tmp_path: Path) -> None:
+    cfg = config(fam, "ties", density=0.4)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 2)
+    (part_dir(out, 0, 2) / "notes.txt").write_text("a file someone left in the part")
+    fusemerge.finalize(out)
+    assert not (out / "notes.txt").exists()
+    assert files(out) == files(reference(fam, cfg, tmp_path))
+
+
 def test_finalize_verify_reads_every_shard_and_refuses_a_changed_one(fam: dict, tmp_path: Path) -> None:
     """A byte of data changed after the part finished: same size, same header, so only finalize --verify (or
     `fusemerge verify` after the join) finds it."""
