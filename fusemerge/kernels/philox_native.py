@@ -6,35 +6,22 @@ on the 2-core Xeon VM. The same rounds as one C loop, vectorized by the compiler
 (`python bench/philox_cpu.py`, 2026-12-01, one thread; 1.18 ns in aggregate from two), and a ctypes call
 releases the GIL, so the merge's threads draw side by side without the mask worker processes.
 
-The C source below is compiled the first time a process needs it, by the system's C compiler (``$CC``, else
-``cc``, ``gcc`` or ``clang``; Triton needs one too), into a cache (``$FUSEMERGE_CACHE_DIR``, else
-``$XDG_CACHE_HOME/fusemerge``, else ``~/.cache/fusemerge``) under a name that hashes the source, the flags,
-the compiler's version and the machine, so a change of any rebuilds it. On x86-64 the function is built
-for three instruction sets (``target_clones``: x86-64-v4, v3, baseline) and the loader picks the CPU's,
-so a cache shared by different machines stays correct. The library must reproduce numpy's bits on a
-sample (both boundary cases of the counter's high word included) before it is used. Where anything fails
-(no compiler, a read-only cache and temp dir, a wrong answer), the numpy path is used, with one note in the
-log; ``FUSEMERGE_NATIVE=0`` asks for the numpy path.
+The C source below is built at first use as ``native_build`` says (the system's C compiler, a private cache,
+three x86-64 levels). The library must reproduce numpy's bits on a sample (both boundary cases of the
+counter's high word included) before it is used. Where anything fails (no compiler, a read-only cache and
+temp dir, a wrong answer), the numpy path is used, with one note in the log; ``FUSEMERGE_NATIVE=0`` asks for
+the numpy path.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import platform
-import shlex
-import shutil
-import stat
-import subprocess
-import tempfile
 import threading
-from pathlib import Path
 
 import numpy as np
 
-from fusemerge.kernels import philox_numpy
+from fusemerge.kernels import native_build, philox_numpy
 from fusemerge.kernels.philox_numpy import (
     _M32,
     PHILOX_KEY_A,
@@ -47,13 +34,7 @@ log = logging.getLogger(__name__)
 
 # The rounds exactly as philox.py's docstring states them, one entry at a time; the compiler vectorizes the
 # loop over entries (8 or 16 lanes of 32x32 -> 64-bit multiplies with AVX2 / AVX-512).
-SOURCE = f"""
-#include <stdint.h>
-#if defined(__x86_64__) && defined(__ELF__) && !defined(FM_NO_CLONES)
-#define FM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FM_CLONES
-#endif
+SOURCE = "#include <stdint.h>\n" + native_build.CLONES + f"""
 
 /* out[j] = (folded c0 of Philox4x32-10 at counter (first + j, high, 0, 0), key (k0, k1)) < below, for
    j < n; first + n - 1 must not pass 2^32 - 1 (the caller splits runs at multiples of 2^32). */
@@ -84,102 +65,19 @@ _lock = threading.Lock()
 _state: dict[str, object] = {}  # "fn": the loaded function or None (numpy path); "how": what was loaded
 
 
-def _compiler() -> list[str] | None:
-    cc = os.environ.get("CC")
-    if cc:
-        return shlex.split(cc)
-    for name in ("cc", "gcc", "clang"):
-        path = shutil.which(name)
-        if path:
-            return [path]
-    return None
-
-
-def cache_dir() -> Path:
-    """Where built libraries are kept: $FUSEMERGE_CACHE_DIR, $XDG_CACHE_HOME/fusemerge or ~/.cache/fusemerge."""
-    if os.environ.get("FUSEMERGE_CACHE_DIR"):
-        return Path(os.environ["FUSEMERGE_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fusemerge"
-
-
-def _build(cc: list[str], where: Path) -> Path:
-    """The library for this source, flags, compiler and machine under `where`, compiled unless already there
-    (by a temporary name, then renamed: processes building at once each get a whole file)."""
-    version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    where.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _check_private(where)
-    for extra in ([], ["-DFM_NO_CLONES"]):  # a compiler without target_clones builds the plain loop
-        flags = FLAGS + extra
-        key = "\0".join([SOURCE, *flags, version, platform.machine(), platform.system()])
-        lib = where / f"philox-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
-        if lib.exists() or lib.is_symlink():
-            return lib  # checked when it is opened (_open_private)
-        with tempfile.TemporaryDirectory(dir=where, prefix=".build-") as tmp:
-            src, out = Path(tmp) / "philox.c", Path(tmp) / lib.name
-            src.write_text(SOURCE)
-            done = subprocess.run([*cc, *flags, "-o", str(out), str(src)], capture_output=True, text=True,
-                                  timeout=120)
-            if done.returncode == 0:
-                os.chmod(out, 0o755)  # not group-writable whatever the umask (_check_private)
-                os.replace(out, lib)
-                return lib
-            error = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
-    raise OSError(f"{' '.join(cc)} failed: {error[0]}")
-
-
-def _check_private(path: Path, st: os.stat_result | None = None) -> None:
-    """Code is loaded only from a directory and file of this user that no one else may write, and not through
-    a symbolic link (a shared temporary directory is where another user could leave a library, or a link to
-    one, to be loaded). `st`: the file's stat, when the caller has it from an open descriptor."""
-    if not hasattr(os, "getuid"):
-        return
-    st = st or os.lstat(path)
-    if stat.S_ISLNK(st.st_mode):
-        raise OSError(f"{path} is a symbolic link; fusemerge loads its compiled code only from its own files")
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise OSError(f"{path} is not this user's alone (owner uid {st.st_uid}, mode {st.st_mode & 0o777:o})")
-
-
-def _open_private(lib: Path) -> ctypes.CDLL:
-    """dlopen `lib` after checking the very file that is loaded: opened without following links, checked by
-    its descriptor, loaded through /proc/self/fd (where there is one), so it cannot be swapped in between."""
-    if not hasattr(os, "O_NOFOLLOW") or not os.path.isdir("/proc/self/fd"):
-        _check_private(lib)
-        return ctypes.CDLL(str(lib))
-    fd = os.open(lib, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        _check_private(lib, os.fstat(fd))
-        # the descriptor stays open: the dynamic loader knows a library by its name, and a later load through a
-        # reused /proc/self/fd/N would be handed the library loaded first under that name
-        return ctypes.CDLL(f"/proc/self/fd/{fd}")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def _load() -> tuple[object | None, str]:
-    if os.environ.get("FUSEMERGE_NATIVE", "1") == "0":
+    if native_build.disabled():
         return None, "numpy (FUSEMERGE_NATIVE=0)"
-    cc = _compiler()
-    if cc is None:
-        return None, "numpy (no C compiler found; set CC)"
-    errors = []
-    user = os.getuid() if hasattr(os, "getuid") else 0
-    for where in (cache_dir(), Path(tempfile.gettempdir()) / f"fusemerge-{user}"):  # else a private temp dir
-        try:
-            lib = _build(cc, where)
-            fn = getattr(_open_private(lib), _NAME)
-        except (OSError, subprocess.SubprocessError, AttributeError) as e:
-            errors.append(f"{where}: {e}")
-            continue
-        fn.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64,
-                       ctypes.c_uint32, ctypes.c_void_p]
-        fn.restype = None
-        if not _agrees(fn):
-            return None, f"numpy ({lib} disagreed with numpy's draws)"
-        return fn, f"compiled ({lib})"
-    return None, "numpy (" + "; ".join(errors) + ")"
+    lib, where = native_build.load("philox", SOURCE, FLAGS)
+    fn = getattr(lib, _NAME, None) if lib is not None else None
+    if fn is None:
+        return None, f"numpy ({where})"
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64,
+                   ctypes.c_uint32, ctypes.c_void_p]
+    fn.restype = None
+    if not _agrees(fn):
+        return None, f"numpy ({where} disagreed with numpy's draws)"
+    return fn, f"compiled ({where})"
 
 
 def _agrees(fn: object) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusemerge.kernels import philox_native
+from fusemerge.kernels import native_build, philox_native
 from fusemerge.kernels.philox import _split_key, dare_keep_run, dare_key, keep_below
 from fusemerge.kernels.philox_numpy import keep_run as numpy_keep_run
 
@@ -22,7 +22,7 @@ def fresh(monkeypatch, tmp_path):
     """philox_native as in a new process, with its cache in tmp_path."""
     monkeypatch.setattr(philox_native, "_state", {})
     monkeypatch.setenv("FUSEMERGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(philox_native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     return tmp_path
 
 
@@ -70,14 +70,14 @@ def test_built_once_then_found_in_the_cache(fresh, monkeypatch) -> None:
     built = sorted((fresh / "cache").glob("philox-*.so"))
     assert len(built) == 1 and not list((fresh / "cache").glob(".build-*"))  # the build dir is gone
     calls: list[list[str]] = []
-    real_run = philox_native.subprocess.run
+    real_run = native_build.subprocess.run
 
     def run(cmd, **kw):
         calls.append(cmd)
         return real_run(cmd, **kw)
 
     monkeypatch.setattr(philox_native, "_state", {})
-    monkeypatch.setattr(philox_native.subprocess, "run", run)
+    monkeypatch.setattr(native_build.subprocess, "run", run)
     assert philox_native.describe() == f"compiled ({built[0]})"
     assert [c[-1] for c in calls] == ["--version"]  # asked the compiler its version, compiled nothing
 
