@@ -15,8 +15,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fusemerge.kernels import cpu_fused
 from fusemerge.kernels.dare_masks import KeepMasks
-from fusemerge.kernels.params import EMPTY_T, ChunkParams
+from fusemerge.kernels.params import EMPTY_C, EMPTY_T, ChunkParams
 from fusemerge.kernels.philox import dare_keep_run
 
 F32 = torch.float32
@@ -58,33 +59,38 @@ def top_mask(a: torch.Tensor, start: int, t: int, c: int) -> torch.Tensor:
     Integer arithmetic instead of comparisons and torch.where, which are several times slower on CPU:
     for non-negative int32 a and t, (t - a) >> 31 is -1 exactly when a > t.
     """
-    if t >= EMPTY_T:  # the empty set
-        return torch.zeros_like(a)
     cut = min(max(c - start, 0), a.numel())
+    if t >= EMPTY_T and cut == 0:  # nothing is above EMPTY_T, nor at it before the cut: the empty set here
+        return torch.zeros_like(a)
     mask = torch.empty_like(a)
     torch.sub(t - 1, a[:cut], out=mask[:cut])  # ties before the cut are in: a >= t
     torch.sub(t, a[cut:], out=mask[cut:])  # after it only a > t
     return mask.bitwise_right_shift_(31)
 
 
-def keep_mask(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMasks | None = None
-              ) -> torch.Tensor | None:
+def keep_mask(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMasks | None = None,
+              keep: torch.Tensor | None = None) -> torch.Tensor | None:
     """The sparsifier's keep mask for expert `i` on this chunk as int32 -1/0 (None: keep everything).
 
-    DARE: `masks` may hold this chunk's mask from the statistics pass (else it is drawn)."""
+    DARE: `keep` is the chunk's drawn mask (bool), else `masks` may hold it from the statistics pass, else it
+    is drawn."""
     if p.sparsifier == "none":
         return None
     if p.sparsifier == "dare":
-        if masks is not None and d.device.type == "cpu":
-            keep = masks.draw(p.keys[i], start, d.numel(), p.density[i])
-        else:
-            keep = dare_keep_run(p.keys[i], start, d.numel(), p.density[i], d.device)
+        keep = dare_keep(d, i, start, p, masks) if keep is None else keep
         return keep.to(torch.int32).neg_()
     a = abs_bits(d)
     keep = top_mask(a, start, p.t_keep[i], p.c_keep[i])
-    if p.sparsifier == "breadcrumbs" and p.t_drop[i] < EMPTY_T:
+    if p.sparsifier == "breadcrumbs" and (p.t_drop[i], p.c_drop[i]) != (EMPTY_T, EMPTY_C):  # else none dropped
         keep.bitwise_and_(top_mask(a, start, p.t_drop[i], p.c_drop[i]).bitwise_not_())
     return keep
+
+
+def dare_keep(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMasks | None) -> torch.Tensor:
+    """DARE's keep mask (bool) of expert `i` on the chunk `d` covers: stored by the statistics pass, or drawn."""
+    if masks is not None and d.device.type == "cpu":
+        return masks.draw(p.keys[i], start, d.numel(), p.density[i])
+    return dare_keep_run(p.keys[i], start, d.numel(), p.density[i], d.device)
 
 
 def merge_chunk(
@@ -119,6 +125,23 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
     p = params
     if len(experts) != p.n:
         raise ValueError(f"{len(experts)} expert chunks but {p.n} weights")
+    if base is None and not p.linear:
+        raise ValueError("this method needs a base model chunk")
+    keeps = None
+    if experts and experts[0].device.type == "cpu" and cpu_fused.available():  # the same bits, in one pass
+        if p.sparsifier == "dare":
+            keeps = [dare_keep(x, i, start, p, masks) for i, x in enumerate(experts)]
+        fused = cpu_fused.merge(base, experts, start, p, out_dtype, nonfinite, keeps)
+        if fused is not None:
+            return fused
+    return merge_torch(base, experts, start, p, out_dtype, nonfinite=nonfinite, masks=masks, keeps=keeps)
+
+
+def merge_torch(base: torch.Tensor | None, experts: list[torch.Tensor], start: int, p: ChunkParams,
+                out_dtype: torch.dtype, *, nonfinite: torch.Tensor | None = None, masks: KeepMasks | None = None,
+                keeps: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """merge_chunk in torch operations, one IEEE operation per call (the reference cpu_fused is checked
+    against). `keeps`: DARE's keep masks (bool, one per expert) already drawn for this chunk."""
     device = experts[0].device
     if nonfinite is not None:
         for i, x in enumerate(experts):
@@ -127,14 +150,12 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
             _count_nonfinite_into(nonfinite, p.n, base)
     if p.linear:
         return _linear(experts, p, out_dtype)
-    if base is None:
-        raise ValueError("this method needs a base model chunk")
     base32 = base.to(F32)
     scales = p.scales()
     products = []
     for i, x in enumerate(experts):
         d = x.to(F32) - base32
-        keep = keep_mask(d, i, start, p, masks)
+        keep = keep_mask(d, i, start, p, masks, keeps[i] if keeps is not None else None)
         if scales[i] != 1.0:
             d.mul_(_scalar(scales[i], device))
         if keep is not None:  # where(keep, d, +0.0), by masking the bits
@@ -260,6 +281,12 @@ def _abs_delta_bits(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
 
 def abs_hist_hi(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     """int64[32768]: histogram of bits(|d|) >> 16."""
+    fused = cpu_fused.hist_hi(base, expert) if base.device.type == "cpu" else None
+    return fused if fused is not None else hist_hi_torch(base, expert)
+
+
+def hist_hi_torch(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """abs_hist_hi in torch operations."""
     a = _abs_delta_bits(base, expert).bitwise_right_shift_(16)
     return torch.bincount(a.view(-1), minlength=HI_BINS).to(torch.int64)
 
@@ -271,6 +298,12 @@ def abs_hist_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.
 
 def abs_select_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor:
     """The low 16 bits of bits(|d|), in index order, of the entries whose high half is `hi_bin` (int32)."""
+    fused = cpu_fused.select_lo(base, expert, hi_bin) if base.device.type == "cpu" else None
+    return fused if fused is not None else select_lo_torch(base, expert, hi_bin)
+
+
+def select_lo_torch(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor:
+    """abs_select_lo in torch and numpy operations."""
     a = _abs_delta_bits(base, expert)
     if a.device.type == "cpu":  # numpy's compare and compress run several times faster than torch's here
         x = a.numpy()

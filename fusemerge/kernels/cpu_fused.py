@@ -1,0 +1,415 @@
+"""The CPU merge as compiled code: reference.py's merge and selection histograms, one C loop each.
+
+The torch backend spends one pass over memory per torch call: a TIES merge of N experts makes ~8 N passes
+over float32 chunks (delta, mask, weight, sum, sign, clamp, count, sum) and its threshold search 4 more per
+expert and pass (delta, abs, shift, bincount). Here each is one loop over the chunk that reads the base and
+the experts once and writes the result once, with the same IEEE operations in the same order as
+reference.py, so the bytes are the same (the torch path stays: where this library cannot be built or
+disagrees with it, and as the reference the tests compare it with, bit for bit).
+
+What keeps the bits the same: every float32 operation is one IEEE operation (``-ffp-contract=off``: no fused
+multiply-add; no ``-ffast-math``: no reassociation, so sums run left to right in expert order); a sum starts
+from its first term, not from 0.0 (``-0.0 + 0.0`` is ``+0.0``); a zero's sign is kept wherever reference.py's
+output depends on it; the output is rounded once, to nearest even, and a NaN is written as
+``reference.CANONICAL_NAN``. Built and loaded as ``native_build`` says; checked against the torch path on
+a sample of every kind of merge before it is used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+
+import numpy as np
+import torch
+
+from fusemerge.kernels import native_build
+from fusemerge.kernels.params import EMPTY_T, ChunkParams
+
+log = logging.getLogger(__name__)
+
+# Input codes: how an element is read as float32 (exactly: every bf16 and fp16 value is a float32 value).
+IN_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# Output codes: float32 and bf16 are rounded here; fp16 is written as float32 and rounded by torch.
+OUT_CODES = {torch.float32: 0, torch.bfloat16: 1}
+SPARSIFIERS = {"none": 0, "magnitude": 1, "dare": 2, "breadcrumbs": 3}
+# Elements per block of the merge loop: each expert's products for a block are kept (N x 2 KiB of float32)
+# between the sign election and the disjoint mean, so the chunk is read once; 512 keeps them in L1/L2.
+BLOCK = 512
+
+SOURCE = "#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n" + native_build.CLONES + """
+#define BLOCK @BLOCK@
+
+static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+
+/* An fp16 value as float32, exactly (a subnormal is man * 2^-24). */
+static inline float h2f(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
+    if (e == 0x1F) return u2f(sign | 0x7F800000u | (man << 13));
+    if (e != 0) return u2f(sign | ((e + 112u) << 23) | (man << 13));
+    return u2f(sign | f2u((float)man * 5.9604644775390625e-08f));
+}
+
+static inline float load(const void *p, int code, int64_t j) {
+    if (code == 0) return ((const float *)p)[j];
+    if (code == 1) return u2f((uint32_t)((const uint16_t *)p)[j] << 16);
+    return h2f(((const uint16_t *)p)[j]);
+}
+
+static inline int nonfinite(float x) { return (f2u(x) & 0x7F800000u) == 0x7F800000u; }
+
+/* in_top(t, c) as a mask for the entries k < m of a block: all ones where bits(|d|) = a > t, or a == t at a
+   block index below `cut` (the index cut c made local and clamped to [0, m]); the empty set (EMPTY_T, 0)
+   needs no case of its own. Bitwise, without branches, so the loop vectorizes. */
+static inline uint32_t top_bits(uint32_t a, int k, uint32_t t, int cut) {
+    return -(uint32_t)((a > t) | ((a == t) & (k < cut)));
+}
+
+static inline void local_cut(int32_t t, int64_t c, int64_t first, int m, uint32_t *tt, int *cut) {
+    int64_t local = c - first;
+    *tt = (uint32_t)t;
+    *cut = (int)(local < 0 ? 0 : (local > m ? m : local));
+}
+
+static inline void store(void *out, int code, int64_t j, float y) {
+    uint32_t u = f2u(y);
+    int nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+    if (code == 1) {
+        ((uint16_t *)out)[j] = nan ? 0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        ((float *)out)[j] = nan ? u2f(0x7FC00000u) : y;
+    }
+}
+
+/* reference._merge for one chunk of n elements from global index `start`. q: scratch of nexp * BLOCK floats.
+   nonfinite_counts[i] += the non-finite entries of expert i, [nexp] of the base (not for linear). */
+static inline void merge_body(int64_t n, int nexp, int in_code, const void *base, const void *const *experts,
+        int64_t start, int linear, int sparsifier, int sign, int normalize, const int32_t *t_keep,
+        const int64_t *c_keep, const int32_t *t_drop, const int64_t *c_drop, const uint8_t *const *masks,
+        const float *scales, const float *weights, float wsum, float wmin, float lam, int out_code, void *out,
+        int64_t *counts, float *q) {
+    float b[BLOCK], s[BLOCK], num[BLOCK], den[BLOCK];
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
+        if (linear) {
+            for (int i = 0; i < nexp; i++) {
+                int32_t bad = 0;
+                const float w = weights[i];
+                for (int k = 0; k < m; k++) {
+                    float x = load(experts[i], in_code, lo + k);
+                    bad += nonfinite(x);
+                    q[k] = x * w;
+                }
+                counts[i] += bad;
+                if (i == 0) for (int k = 0; k < m; k++) num[k] = q[k];
+                else for (int k = 0; k < m; k++) num[k] = num[k] + q[k];
+            }
+            for (int k = 0; k < m; k++) store(out, out_code, lo + k, normalize ? num[k] / wsum : num[k]);
+            continue;
+        }
+        int32_t bad = 0;
+        for (int k = 0; k < m; k++) { b[k] = load(base, in_code, lo + k); bad += nonfinite(b[k]); }
+        counts[nexp] += bad;
+        float *acc = sign ? s : num;
+        for (int i = 0; i < nexp; i++) {
+            float *qi = q + (int64_t)i * BLOCK;
+            const float sc = scales[i], w = weights[i];
+            uint32_t tk = 0, td = 0;
+            int ck = 0, cd = 0;
+            if (sparsifier == 1 || sparsifier == 3) local_cut(t_keep[i], c_keep[i], start + lo, m, &tk, &ck);
+            if (sparsifier == 3) local_cut(t_drop[i], c_drop[i], start + lo, m, &td, &cd);
+            const uint8_t *mk = sparsifier == 2 ? masks[i] + lo : 0;
+            bad = 0;
+            for (int k = 0; k < m; k++) {
+                float x = load(experts[i], in_code, lo + k);
+                bad += nonfinite(x);
+                float d = x - b[k];
+                uint32_t a = f2u(d) & 0x7FFFFFFFu, keep = 0xFFFFFFFFu;
+                if (sparsifier == 1 || sparsifier == 3) keep = top_bits(a, k, tk, ck);
+                if (sparsifier == 3) keep &= ~top_bits(a, k, td, cd);
+                if (sparsifier == 2) keep = -(uint32_t)mk[k];
+                qi[k] = u2f(f2u(d * sc) & keep) * w;  /* a dropped entry is +0.0 */
+            }
+            counts[i] += bad;
+            if (i == 0) for (int k = 0; k < m; k++) acc[k] = qi[k];  /* a sum starts from its first term */
+            else for (int k = 0; k < m; k++) acc[k] = acc[k] + qi[k];
+        }
+        if (sign) {
+            for (int k = 0; k < m; k++) {  /* g = copysign(1, s + 0.0), and -1 where s is NaN (NaN >= 0 is false) */
+                float sk = s[k] + 0.0f;
+                s[k] = u2f(0x3F800000u | (f2u(sk) & 0x80000000u) | ((uint32_t)(sk != sk) << 31));
+            }
+            for (int k = 0; k < m; k++) den[k] = 0.0f;  /* 0 + the first term is that term: zeros' signs aside */
+            for (int i = 0; i < nexp; i++) {
+                float *qi = q + (int64_t)i * BLOCK;
+                const float w = weights[i];
+                for (int k = 0; k < m; k++) {
+                    float c = qi[k] * s[k];
+                    c = c > 0.0f ? c : 0.0f;  /* max(g p_i, 0); a NaN agrees with neither sign */
+                    qi[k] = c;
+                    den[k] = den[k] + (c > 0.0f ? w : 0.0f);  /* which den's zero sign fixing makes moot */
+                }
+                if (i == 0) for (int k = 0; k < m; k++) num[k] = qi[k];
+                else for (int k = 0; k < m; k++) num[k] = num[k] + qi[k];
+            }
+            for (int k = 0; k < m; k++) {
+                float y = num[k] * s[k] + 0.0f;
+                if (normalize) {
+                    float dk = den[k];
+                    dk = wmin >= 0.0f ? (dk > wmin ? dk : wmin) : (dk == 0.0f ? 1.0f : dk);
+                    y = y / dk;
+                }
+                store(out, out_code, lo + k, y * lam + b[k]);
+            }
+        } else {
+            for (int k = 0; k < m; k++) {
+                float y = normalize ? num[k] / wsum : num[k];
+                store(out, out_code, lo + k, y * lam + b[k]);
+            }
+        }
+    }
+}
+
+FM_CLONES int fm_merge(int64_t n, int nexp, int in_code, const void *base, const void *const *experts,
+        int64_t start, int linear, int sparsifier, int sign, int normalize, const int32_t *t_keep,
+        const int64_t *c_keep, const int32_t *t_drop, const int64_t *c_drop, const uint8_t *const *masks,
+        const float *scales, const float *weights, float wsum, float wmin, float lam, int out_code, void *out,
+        int64_t *counts) {
+    float *q = (float *)malloc(sizeof(float) * BLOCK * (size_t)(nexp > 0 ? nexp : 1));
+    if (q == NULL) return -1;
+    /* one copy of the loop per input code and method shape, so each is compiled without those branches */
+#define FM_CASE(IC, LIN, SP, SG) merge_body(n, nexp, IC, base, experts, start, LIN, SP, SG, normalize, t_keep, \\
+        c_keep, t_drop, c_drop, masks, scales, weights, wsum, wmin, lam, out_code, out, counts, q)
+#define FM_SHAPES(IC) \\
+    if (linear) FM_CASE(IC, 1, 0, 0); \\
+    else if (sign) { if (sparsifier == 0) FM_CASE(IC, 0, 0, 1); else if (sparsifier == 1) FM_CASE(IC, 0, 1, 1); \\
+        else if (sparsifier == 2) FM_CASE(IC, 0, 2, 1); else FM_CASE(IC, 0, 3, 1); } \\
+    else { if (sparsifier == 0) FM_CASE(IC, 0, 0, 0); else if (sparsifier == 1) FM_CASE(IC, 0, 1, 0); \\
+        else if (sparsifier == 2) FM_CASE(IC, 0, 2, 0); else FM_CASE(IC, 0, 3, 0); }
+    if (in_code == 0) { FM_SHAPES(0) } else if (in_code == 1) { FM_SHAPES(1) } else { FM_SHAPES(2) }
+    free(q);
+    return 0;
+}
+
+/* hist[bits(|x - base|) >> 16] += 1 over n elements (reference.abs_hist_hi). (Four tables, one per position
+   mod 4, to keep increments of one counter apart, ran no faster: 0.73 ns per entry either way, bf16 deltas,
+   2-core Xeon VM.) */
+FM_CLONES void fm_hist_hi(int64_t n, int in_code, const void *base, const void *x, int64_t *hist) {
+    for (int64_t j = 0; j < n; j++) {
+        float d = load(x, in_code, j) - load(base, in_code, j);
+        hist[(f2u(d) & 0x7FFFFFFFu) >> 16] += 1;
+    }
+}
+
+/* The low 16 bits of bits(|x - base|), in index order, of the entries whose high 16 bits are hi_bin, into
+   out; returns how many (reference.abs_select_lo). */
+FM_CLONES int64_t fm_select_lo(int64_t n, int in_code, const void *base, const void *x, uint32_t hi_bin,
+                               int32_t *out) {
+    int64_t found = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t a = f2u(load(x, in_code, j) - load(base, in_code, j)) & 0x7FFFFFFFu;
+        out[found] = (int32_t)(a & 0xFFFFu);
+        found += (a >> 16) == hi_bin;
+    }
+    return found;
+}
+""".replace("@BLOCK@", str(BLOCK))
+FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off", "-fno-fast-math"]
+
+_P = ctypes.c_void_p
+_I64, _I32, _F32 = ctypes.c_int64, ctypes.c_int, ctypes.c_float
+_SIGNATURES = {
+    "fm_merge": ([_I64, _I32, _I32, _P, _P, _I64, _I32, _I32, _I32, _I32, _P, _P, _P, _P, _P, _P, _P, _F32, _F32,
+                  _F32, _I32, _P, _P], ctypes.c_int),
+    "fm_hist_hi": ([_I64, _I32, _P, _P, _P], None),
+    "fm_select_lo": ([_I64, _I32, _P, _P, ctypes.c_uint32, _P], ctypes.c_int64),
+}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "lib": the loaded library or None (torch path); "how": what was loaded
+
+
+def _load() -> tuple[object | None, str]:
+    if native_build.disabled():
+        return None, "torch (FUSEMERGE_NATIVE=0)"
+    lib, where = native_build.load("cpu_fused", SOURCE, FLAGS)
+    if lib is None:
+        return None, f"torch ({where})"
+    try:
+        for name, (args, res) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.argtypes, fn.restype = args, res
+    except AttributeError as e:
+        return None, f"torch ({where}: {e})"
+    wrong = _disagreement(lib)
+    if wrong:
+        return None, f"torch ({where} disagreed with the torch path: {wrong})"
+    return lib, f"compiled ({where})"
+
+
+def _library():
+    lib = _state.get("lib", False)
+    if lib is False:
+        with _lock:
+            if "how" not in _state:
+                lib, how = _load()
+                _state["how"] = how  # before "lib": a thread that sees "lib" finds "how" too
+                _state["lib"] = lib
+                log.info("CPU merge: %s", how)
+            lib = _state["lib"]
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled CPU merge is in use (builds and checks it on the first call)."""
+    return _library() is not None
+
+
+def describe() -> str:
+    """How this process merges on CPU: 'compiled (path)' or 'torch (why)'."""
+    _library()
+    return str(_state["how"])
+
+
+def _takes(tensors: list[torch.Tensor]) -> int | None:
+    """The input code of these chunks if the compiled loops take them (CPU, contiguous, one float dtype)."""
+    first = tensors[0]
+    code = IN_CODES.get(first.dtype)
+    if code is None or any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype != first.dtype
+                           or t.numel() != first.numel() for t in tensors):
+        return None
+    return code
+
+
+def merge(base: torch.Tensor | None, experts: list[torch.Tensor], start: int, p: ChunkParams,
+          out_dtype: torch.dtype, nonfinite: torch.Tensor | None, keeps: list[torch.Tensor] | None
+          ) -> torch.Tensor | None:
+    """reference.merge_torch's result for this chunk, or None where the compiled loop does not take it (then
+    the torch path runs). `keeps`: DARE's keep masks (bool, one per expert), drawn by the caller."""
+    return _merge(_library(), base, experts, start, p, out_dtype, nonfinite, keeps)
+
+
+def _merge(lib, base, experts, start, p, out_dtype, nonfinite, keeps) -> torch.Tensor | None:
+    inputs = experts if p.linear else [base, *experts]
+    if lib is None or not experts or (not p.linear and base is None):
+        return None
+    code = _takes(inputs)
+    if code is None:
+        return None
+    n, nexp = experts[0].numel(), len(experts)
+    out_code = OUT_CODES.get(out_dtype, 0)
+    out = torch.empty(n, dtype=out_dtype if out_dtype in OUT_CODES else torch.float32)
+    f32 = np.float32
+    weights = np.array(p.weights, dtype=f32)
+    scales = np.array(p.scales(), dtype=f32)
+    total = f32(0.0)
+    for w in p.weights:  # reference._weight_sum: left to right in float32, 0 -> 1
+        total = f32(total + f32(w))
+    wsum = float(total) if total != 0 else 1.0
+    # reference._sign_consensus: clamped to the smallest weight when all are positive, else 0 -> 1 (wmin < 0)
+    wmin = float(f32(min(p.weights))) if min(p.weights) > 0 else -1.0
+    empty_t = (EMPTY_T,) * nexp
+    t_keep = np.array(p.t_keep or empty_t, dtype=np.int32)
+    c_keep = np.array(p.c_keep or (0,) * nexp, dtype=np.int64)
+    t_drop = np.array(p.t_drop or empty_t, dtype=np.int32)
+    c_drop = np.array(p.c_drop or (0,) * nexp, dtype=np.int64)
+    ptrs = (ctypes.c_void_p * nexp)(*[x.data_ptr() for x in experts])
+    if p.sparsifier == "dare":
+        if keeps is None or len(keeps) != nexp:
+            return None
+        keeps = [k.contiguous() for k in keeps]
+        masks = (ctypes.c_void_p * nexp)(*[k.data_ptr() for k in keeps])
+    else:
+        masks = None
+    counts = np.zeros(nexp + 1, dtype=np.int64)
+    status = lib.fm_merge(n, nexp, code, base.data_ptr() if base is not None else None, ptrs, start,
+                          int(p.linear), SPARSIFIERS[p.sparsifier], int(p.consensus == "sign"), int(p.normalize),
+                          t_keep.ctypes.data, c_keep.ctypes.data, t_drop.ctypes.data, c_drop.ctypes.data, masks,
+                          scales.ctypes.data, weights.ctypes.data, wsum, wmin, float(f32(p.lam)), out_code,
+                          out.data_ptr(), counts.ctypes.data)
+    if status != 0:
+        raise MemoryError("cannot allocate the CPU merge's scratch")
+    if nonfinite is not None:
+        if counts.any():
+            nonfinite += torch.from_numpy(counts).to(nonfinite.device)
+    if out_dtype not in OUT_CODES:
+        from fusemerge.kernels.reference import _rounded
+
+        return _rounded(out, out_dtype)
+    return out
+
+
+def hist_hi(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor | None:
+    """reference.abs_hist_hi's histogram, or None where the compiled loop does not take these chunks."""
+    return _hist_hi(_library(), base, expert)
+
+
+def _hist_hi(lib, base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor | None:
+    code = _takes([base, expert]) if lib is not None else None
+    if code is None:
+        return None
+    hist = np.zeros(1 << 15, dtype=np.int64)
+    lib.fm_hist_hi(base.numel(), code, base.data_ptr(), expert.data_ptr(), hist.ctypes.data)
+    return torch.from_numpy(hist)
+
+
+def select_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor | None:
+    """reference.abs_select_lo's entries, or None where the compiled loop does not take these chunks."""
+    return _select_lo(_library(), base, expert, hi_bin)
+
+
+def _select_lo(lib, base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor | None:
+    code = _takes([base, expert]) if lib is not None else None
+    if code is None:
+        return None
+    out = np.empty(max(base.numel(), 1), dtype=np.int32)
+    found = lib.fm_select_lo(base.numel(), code, base.data_ptr(), expert.data_ptr(), hi_bin, out.ctypes.data)
+    return torch.from_numpy(out[:found].copy())
+
+
+def _disagreement(lib) -> str:
+    """'' if the compiled loops give the torch path's bits on a sample of every kind of merge, else which not."""
+    from fusemerge.kernels import reference
+
+    g = torch.Generator().manual_seed(20261201)
+    n = 3 * BLOCK + 77
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    # bf16-spaced deltas (many exact ties and cancellations), zeros, both zero signs, a NaN and an infinity
+    experts = [(base.float() + torch.randint(-4, 5, (n,), generator=g).float() / 64).to(torch.bfloat16)
+               for _ in range(3)]
+    experts[0][5], experts[1][6], experts[2][7] = float("nan"), float("inf"), -0.0
+    base[13] = float("-inf")
+    base[9:12] = -0.0  # every expert -0.0 too: a sum that must start from its first term keeps the zero's sign
+    for x in experts:
+        x[9:12] = -0.0
+    for dtype in (torch.float32, torch.bfloat16):
+        b, xs = base.to(dtype), [x.to(dtype) for x in experts]
+        t = [int(torch.quantile((x.float() - b.float()).abs(), 0.7).view(torch.int32)) for x in xs]
+        for p in (
+            ChunkParams("none", "none", True, (1.0, 2.0, 0.5), normalize=True),
+            ChunkParams("none", "none", False, (1.0, -1.0, 0.25), lam=0.7),
+            ChunkParams("none", "none", False, (-1.0, -0.5, -0.25), normalize=True),  # a sum of -0.0 terms
+            ChunkParams("magnitude", "sign", False, (1.0, 1.0, 1.0), normalize=True, t_keep=tuple(t),
+                        c_keep=(700, 0, n)),
+            ChunkParams("breadcrumbs", "sign", False, (0.5, -1.0, 2.0), normalize=True, t_keep=tuple(t),
+                        c_keep=(0, 900, n), t_drop=(t[0] + 99, EMPTY_T, t[2] + 1), c_drop=(n, 0, 1000)),
+            ChunkParams("dare", "sign", False, (1.0, 1.0, 1.0), normalize=False, keys=(1, 2, 3),
+                        density=(0.3, 0.5, 0.9), scale=(1.25, 3.0, 1.0)),
+        ):
+            for out_dtype in (torch.bfloat16, torch.float32, torch.float16):
+                keeps = ([torch.rand(n, generator=g) < d for d in p.density] if p.sparsifier == "dare" else None)
+                counts = [torch.zeros(len(xs) + 1, dtype=torch.int64) for _ in range(2)]
+                want = reference.merge_torch(b, xs, 100, p, out_dtype, keeps=keeps, nonfinite=counts[0])
+                got = _merge(lib, b, xs, 100, p, out_dtype, counts[1], keeps)
+                if (got is None or not torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+                        or not torch.equal(*counts)):
+                    return f"merge ({p.sparsifier}, {p.consensus}, {dtype} -> {out_dtype})"
+        for x in xs:
+            if not torch.equal(_hist_hi(lib, b, x), reference.hist_hi_torch(b, x)):
+                return f"hist_hi ({dtype})"
+            hi = int(t[0]) >> 16
+            if not torch.equal(_select_lo(lib, b, x, hi), reference.select_lo_torch(b, x, hi)):
+                return f"select_lo ({dtype})"
+    return ""

@@ -1,0 +1,177 @@
+"""The compiled CPU merge (kernels/cpu_fused.py): the torch path's bits for every method, dtype and edge value,
+and the torch path whenever it cannot be built or gives other bits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusemerge.kernels import cpu_fused, native_build, reference
+from fusemerge.kernels.params import EMPTY_T, ChunkParams
+from fusemerge.kernels.philox import dare_keep_run, dare_key
+
+needs_compiled = pytest.mark.skipif(not cpu_fused.available(),
+                                    reason=f"CPU merge not compiled here: {cpu_fused.describe()}")
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+OUT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+SIZES = [1, 7, 511, 513, 4099]  # around the C loop's 512-element blocks
+NS = [1, 2, 3, 8]
+
+
+def family(n: int, size: int, dtype: torch.dtype, seed: int, edges: bool) -> tuple[torch.Tensor, list]:
+    """A base and n experts 1/64-spaced around it (exact ties and cancellations), with `edges`: zeros of both
+    signs, NaN, infinities and subnormals scattered in."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(size, generator=g)
+    experts = [base + torch.randint(-3, 4, (size,), generator=g).float() / 64 for _ in range(n)]
+    if edges:
+        for x in [base, *experts]:
+            where = torch.randint(0, size, (max(1, size // 50),), generator=g)
+            x[where] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -3e-39])[
+                torch.randint(0, 7, (where.numel(),), generator=g)]
+    return base.to(dtype), [x.to(dtype) for x in experts]
+
+
+def params(kind: str, base: torch.Tensor, experts: list, seed: int) -> ChunkParams:
+    """ChunkParams of one kind of merge, with thresholds inside the data (so ties at t are split by c)."""
+    n = len(experts)
+    g = torch.Generator().manual_seed(seed)
+    w = tuple(float(v) for v in (torch.rand(n, generator=g) * 3 - 1))  # some negative
+    size = base.numel()
+    a = [(x.float() - base.float()).abs().nan_to_num(posinf=3e38).view(torch.int32) for x in experts]
+    t = tuple(int(v.kthvalue(max(1, size * 2 // 3)).values) for v in a)
+    c = tuple(int(v) for v in torch.randint(0, size + 1, (n,), generator=g))
+    if kind == "linear":
+        return ChunkParams("none", "none", True, w, normalize=True)
+    if kind == "task_arithmetic":
+        return ChunkParams("none", "none", False, w, lam=0.6)
+    if kind == "ties":
+        return ChunkParams("magnitude", "sign", False, w, normalize=True, t_keep=t, c_keep=c)
+    if kind == "ties_positive":
+        return ChunkParams("magnitude", "sign", False, tuple(abs(v) + 0.1 for v in w), normalize=True,
+                           t_keep=t, c_keep=c, lam=1.5)
+    if kind == "breadcrumbs_ties":
+        top = tuple(int(v.max()) if v.numel() else EMPTY_T for v in a)
+        return ChunkParams("breadcrumbs", "sign", False, w, normalize=True, t_keep=t, c_keep=c,
+                           t_drop=(top[0], *([EMPTY_T] * (n - 1))), c_drop=(size // 2, *([0] * (n - 1))))
+    if kind == "dare_ties":
+        return ChunkParams("dare", "sign", False, w, keys=tuple(dare_key(7, "x", i) for i in range(n)),
+                           density=(0.3,) * n, scale=tuple(1.0 + i / 3 for i in range(n)))
+    if kind == "dare_linear":
+        return ChunkParams("dare", "none", False, w, keys=tuple(dare_key(7, "y", i) for i in range(n)),
+                           density=(0.6,) * n, scale=(1.0 / 0.6,) * n, normalize=True)
+    raise ValueError(kind)
+
+
+KINDS = ["linear", "task_arithmetic", "ties", "ties_positive", "breadcrumbs_ties", "dare_ties", "dare_linear"]
+
+
+def assert_same(base, experts, start: int, p: ChunkParams, out_dtype) -> None:
+    keeps = ([dare_keep_run(p.keys[i], start, base.numel(), p.density[i]) for i in range(p.n)]
+             if p.sparsifier == "dare" else None)
+    counts = [torch.zeros(p.n + 1, dtype=torch.int64) for _ in range(2)]
+    want = reference.merge_torch(base, experts, start, p, out_dtype, nonfinite=counts[0], keeps=keeps)
+    got = cpu_fused.merge(base, experts, start, p, out_dtype, counts[1], keeps)
+    assert got is not None and got.dtype == out_dtype
+    bad = (got.view(torch.uint8) != want.view(torch.uint8)).nonzero()
+    assert bad.numel() == 0, (bad[:5], got[:8], want[:8])
+    assert torch.equal(counts[1], counts[0])
+
+
+@needs_compiled
+@pytest.mark.parametrize("edges", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_merge_gives_the_torch_paths_bits(kind: str, n: int, size: int, dtype, edges: bool) -> None:
+    seed = hash((kind, n, size, str(dtype), edges)) % 2**31
+    base, experts = family(n, size, dtype, seed, edges)
+    p = params(kind, base, experts, seed)
+    for out_dtype in OUT_DTYPES:
+        assert_same(base, experts, 12345, p, out_dtype)
+
+
+@needs_compiled
+def test_chunks_give_the_whole_tensors_bits() -> None:
+    """Index cuts and DARE draws are global: merging chunk by chunk is merging the whole."""
+    base, experts = family(3, 3000, torch.bfloat16, 1, edges=False)
+    for kind in ("ties", "dare_ties"):
+        p = params(kind, base, experts, 2)
+        keeps = [dare_keep_run(p.keys[i], 0, 3000, p.density[i]) for i in range(3)] if kind == "dare_ties" else None
+        whole = cpu_fused.merge(base, experts, 0, p, torch.bfloat16, None, keeps)
+        parts = [cpu_fused.merge(base[s:s + 700], [x[s:s + 700] for x in experts], s, p, torch.bfloat16, None,
+                                 [k[s:s + 700] for k in keeps] if keeps else None) for s in range(0, 3000, 700)]
+        assert torch.equal(whole.view(torch.int16), torch.cat(parts).view(torch.int16))
+
+
+@needs_compiled
+def test_many_experts() -> None:
+    base, experts = family(70, 600, torch.float32, 3, edges=True)
+    for kind in ("ties", "task_arithmetic", "linear"):
+        assert_same(base, experts, 0, params(kind, base, experts, 4), torch.bfloat16)
+
+
+@needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("edges", [False, True])
+def test_selection_histograms(dtype, edges: bool) -> None:
+    base, experts = family(2, 5000, dtype, 9, edges)
+    for x in experts:
+        assert torch.equal(cpu_fused.hist_hi(base, x), reference.hist_hi_torch(base, x))
+        for hi in {int(v) for v in reference.hist_hi_torch(base, x).nonzero()[:, 0][:4]}:
+            assert torch.equal(cpu_fused.select_lo(base, x, hi), reference.select_lo_torch(base, x, hi))
+
+
+@needs_compiled
+def test_inputs_it_does_not_take_go_the_torch_way() -> None:
+    base, experts = family(2, 100, torch.float32, 5, edges=False)
+    p = params("ties", base, experts, 6)
+    assert cpu_fused.merge(base, [experts[0], experts[1].double()], 0, p, torch.float32, None, None) is None
+    assert cpu_fused.hist_hi(base, experts[0].to(torch.float64)) is None
+    strided = torch.stack([experts[0], experts[1]], 1)[:, 0]
+    assert not strided.is_contiguous()
+    assert cpu_fused.merge(base, [strided, experts[1]], 0, p, torch.float32, None, None) is None
+    # merge_chunk still merges them, by the torch path
+    out = reference.merge_chunk(base, [strided, experts[1]], 0, p, torch.float32)
+    assert torch.equal(out, reference.merge_torch(base, [strided.contiguous(), experts[1]], 0, p, torch.float32))
+
+
+@pytest.fixture
+def fresh(monkeypatch, tmp_path):
+    """A process that has not yet built the CPU merge, with its own cache."""
+    monkeypatch.setattr(cpu_fused, "_state", {})
+    monkeypatch.setenv("FUSEMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    return tmp_path
+
+
+@pytest.mark.parametrize("wrong", [
+    ("c = c > 0.0f ? c : 0.0f;", "c = c > 0.0f ? c : -c;"),  # a NaN agreeing
+    ("y * lam + b[k]", "(y + b[k]) * lam"),  # another order of operations
+    ("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "u >> 16"),  # truncation, as the Triton interpreter's cast
+    ("acc[k] = qi[k];", "acc[k] = 0.0f + qi[k];"),  # a sum from 0.0: -0.0 becomes +0.0
+])
+def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None:
+    assert wrong[0] in cpu_fused.SOURCE
+    monkeypatch.setattr(cpu_fused, "SOURCE", cpu_fused.SOURCE.replace(*wrong))
+    assert not cpu_fused.available()
+    assert "disagreed with the torch path" in cpu_fused.describe()
+    base, experts = family(2, 100, torch.bfloat16, 5, edges=False)
+    p = params("ties", base, experts, 6)
+    assert cpu_fused.merge(base, experts, 0, p, torch.bfloat16, None, None) is None
+
+
+def test_fusemerge_native_0_asks_for_torch(fresh, monkeypatch) -> None:
+    monkeypatch.setenv("FUSEMERGE_NATIVE", "0")
+    assert cpu_fused.describe() == "torch (FUSEMERGE_NATIVE=0)"
+    base, experts = family(2, 100, torch.bfloat16, 5, edges=False)
+    p = params("ties", base, experts, 6)
+    assert torch.equal(reference.merge_chunk(base, experts, 0, p, torch.bfloat16),
+                       reference.merge_torch(base, experts, 0, p, torch.bfloat16))
+
+
+def test_without_a_compiler_torch_merges(fresh, monkeypatch) -> None:
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert not cpu_fused.available()
+    assert cpu_fused.describe().startswith("torch (")
