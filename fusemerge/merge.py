@@ -252,7 +252,7 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> lis
     source = next((m for m in [plan.reference, *plan.models] if m.config is not None), None)
     if source is not None:  # else the plan warned
         cfg = dict(source.config)
-        out_dtype = plan.out_dtype_name or _main_dtype(plan)
+        out_dtype = plan.out_dtype_name or _main_dtype(plan.whole or plan)  # a part's: the whole merge's
         if out_dtype:
             cfg["torch_dtype"] = out_dtype
             if "dtype" in cfg:

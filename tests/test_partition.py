@@ -379,6 +379,27 @@ def test_finalize_copies_only_the_files_a_part_wrote(fam: dict, tmp_path: Path) 
     assert files(out) == files(reference(fam, cfg, tmp_path))
 
 
+def test_parts_of_a_merge_of_mixed_dtypes_write_the_whole_merges_config(tmp_path: Path) -> None:
+    """config.json's torch_dtype is the dtype most of the whole output has, in every part (each part once named
+    the one most of its own shards have, and finalize then found the parts' files different)."""
+    import torch
+    from safetensors.torch import save_file
+
+    for name, off in (("base", 0.0), ("e0", 0.01)):
+        (tmp_path / name).mkdir()
+        save_file({"a.weight": (torch.ones(400) + off).to(torch.bfloat16),  # most of the output's elements
+                   "b.weight": (torch.ones(300) + off).to(torch.float16)}, str(tmp_path / name / "model.safetensors"))
+        (tmp_path / name / "config.json").write_text(json.dumps({"model_type": "llama", "torch_dtype": "bfloat16"}))
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / "e0")}, {"model": str(tmp_path / "base")}]}
+    opts = dict(device="cpu", out_shard_size=700)
+    fusemerge.run(cfg, tmp_path / "single", **opts)
+    for i in range(2):
+        fusemerge.run(cfg, tmp_path / "parted", partition=f"{i}/2", **opts)
+    fusemerge.finalize(tmp_path / "parted")
+    assert json.loads((tmp_path / "parted" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert files(tmp_path / "parted") == files(tmp_path / "single")
+
+
 def test_finalize_verify_reads_every_shard_and_refuses_a_changed_one(fam: dict, tmp_path: Path) -> None:
     """A byte of data changed after the part finished: same size, same header, so only finalize --verify (or
     `fusemerge verify` after the join) finds it."""
