@@ -338,7 +338,8 @@ class Executor:
         """Stop the merge at the first tensor whose inputs hold NaN / Inf (or note it with allow_nonfinite)."""
         if not any(counts):
             return
-        paths = [m.path for m in self.plan.models] + [self.plan.base.path if self.plan.base else "base"]
+        # the files this tensor's inputs come from (a slice's sources are not the config's models, nor in order)
+        paths = [e.file for e in t.inputs] + [t.base.file if t.base is not None else "base"]
         found = ", ".join(f"{c:,} in {path}" for c, path in zip(counts, paths, strict=True) if c)
         line = f"{t.name}: NaN/Inf values in the inputs ({found})"
         if not self.allow_nonfinite:
