@@ -23,6 +23,7 @@ from fusemerge.config import (
     MergeConfig,
     OutputSlice,
     SliceSource,
+    infer_num_layers,
     layer_index,
     load_config,
     slice_t,
@@ -49,7 +50,6 @@ TOKENIZER_FILES = (
 
 # Tied embeddings: where a model without lm_head.weight keeps the matrix it ties to.
 TIED_ALIASES = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
-LAYER_RE = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 # CPU chunk cap: 2^18 elements keeps each float32 temporary at 1 MiB, inside L2/L3, where torch's
 # elementwise ops run several times faster than from DRAM; bigger chunks only add memory.
@@ -290,11 +290,9 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
 
 
 def layer_count(reference: ModelIndex) -> int | None:
-    cfg = reference.config or {}
-    if isinstance(cfg.get("num_hidden_layers"), int):
-        return cfg["num_hidden_layers"]
-    indices = [int(m.group(1)) for name in reference.tensors if (m := LAYER_RE.search(name))]
-    return max(indices) + 1 if indices else None
+    """L of the model's layer stack: config.json's num_hidden_layers, else its largest layer index + 1 (the
+    same layer names, `layers.N.` at the start of a name too, as gradients and slices read)."""
+    return infer_num_layers(reference.tensors, reference.config)
 
 
 def _entry(model: ModelIndex, name: str) -> TensorEntry | None:
