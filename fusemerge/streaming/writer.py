@@ -236,12 +236,17 @@ class ShardedWriter:
             writeback.stop()  # before the descriptors it uses are closed
         with self._lock:
             fds, self._fds = self._fds, {}
-        for fd in fds.values():
+        error: OSError | None = None
+        for fd in fds.values():  # every descriptor is closed; the first failure is raised after
             try:
-                if sync:
+                if sync and error is None:
                     os.fsync(fd)
+            except OSError as e:
+                error = e
             finally:
                 os.close(fd)
+        if error is not None:
+            raise error
 
 
 class _Writeback:

@@ -537,3 +537,24 @@ def test_check_out_dir_parent_not_writable(tmp_path: Path, monkeypatch: pytest.M
     (tmp_path / "file").write_text("x")
     [problem] = check_out_dir(tmp_path / "file" / "out", False, [])
     assert problem.endswith(f"{tmp_path / 'file'} is not a directory")
+
+
+def test_a_failed_fsync_still_closes_every_shard(tmp_path, monkeypatch) -> None:
+    """fsync reports the disk's errors (EIO, a quota on NFS): the error is raised and no descriptor is left open."""
+    from fusemerge.streaming import writer as writer_module
+
+    layout = writer_module.plan_layout([writer_module.OutputTensor(f"t{i}", "F32", (4,)) for i in range(4)],
+                                       max_shard_bytes=16)
+    w = writer_module.ShardedWriter(tmp_path, layout)
+    fds = list(w._fds.values())
+    assert len(fds) == 4
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(writer_module.os, "fsync", failing)
+    with pytest.raises(OSError, match="Input/output error"):
+        w.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)  # closed
