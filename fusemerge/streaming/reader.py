@@ -137,7 +137,10 @@ class ChunkReader:
         return entry.start + start * entry.itemsize, count * entry.itemsize
 
     def _map(self, entry: TensorEntry) -> mmap.mmap:
-        """The map of `entry.file`, opened on first use; checks the file still holds the tensor."""
+        """The map of `entry.file`, opened on first use; checks, at every read, that the file still holds the
+        tensor (its size now, one fstat: a file truncated during the merge is an input error here, where
+        touching its missing pages would kill the process with SIGBUS; one truncated between this check and
+        the read still can)."""
         with self._lock:
             mm = self._maps.get(entry.file)
             if mm is None:
@@ -147,9 +150,10 @@ class ChunkReader:
                 except (OSError, ValueError) as e:  # ValueError: an empty file cannot be mapped
                     raise InputError(f"{entry.file}: cannot map for reading: {e}") from e
                 self._maps[entry.file] = mm
-        if entry.end > len(mm):  # shrunk since its header was read: touching the missing pages would be SIGBUS
+        size = mm.size()  # the file's size now (len(mm) is its size when it was mapped)
+        if entry.end > size:  # shrunk since its header was read
             raise InputError(
                 f"{entry.file}: truncated: tensor {entry.name!r} ends at byte {entry.end} "
-                f"but the file has {len(mm)} bytes"
+                f"but the file has {size} bytes"
             )
         return mm

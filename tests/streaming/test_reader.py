@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -106,6 +107,19 @@ def test_file_truncated_after_its_header_was_read(tmp_path: Path, gen: torch.Gen
     path.write_bytes(raw[:-100])
     with ChunkReader() as reader, pytest.raises(InputError, match=f"{re.escape(str(path))}: truncated: tensor 'w'"):
         reader.read(entry, 0, 10)
+
+
+def test_file_truncated_after_its_first_read(tmp_path: Path, gen: torch.Generator) -> None:
+    """Once mapped, the map's length is not the file's size: a file that shrinks mid-merge is still caught
+    (touching its missing pages would kill the process with SIGBUS)."""
+    path = tmp_path / "m.safetensors"
+    save_file({"w": random_tensor("F32", (100_000,), gen)}, path)
+    entry = read_header(path).tensors["w"]
+    with ChunkReader() as reader:
+        reader.read(entry, 0, 10).clone()
+        os.truncate(path, 4096)
+        with pytest.raises(InputError, match=f"{re.escape(str(path))}: truncated: tensor 'w' .* 4096 bytes"):
+            reader.read(entry, 99_000, 1000)
 
 
 def test_views_outlive_close(tmp_path: Path, gen: torch.Generator) -> None:
