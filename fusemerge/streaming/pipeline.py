@@ -164,6 +164,21 @@ class Pipeline:
                 self._jobs.task_done()
         self._jobs.task_done()  # the None that ended the loop
 
+    def _copy_tensor(self, t: TensorPlan) -> None:
+        """Copy `t`'s bytes to the output a chunk at a time, in host memory: a chunk is read while the writer
+        writes the one before, and no more are held (a passthrough copies whole embeddings)."""
+        entry, chunk = t.inputs[0], self.chunk
+        item = entry.nbytes // max(t.numel, 1)
+        for start in range(0, t.numel, chunk) if t.numel else [0]:
+            count = min(chunk, t.numel - start)
+            data = self.ex.reader.read(entry, start, count).contiguous().clone()
+            self.ex.reader.release(entry, start, count)
+            self._jobs.join()  # the chunk before is written
+            self._check()
+            last = start + count >= t.numel
+            self._jobs.put((_DoneEvent(), _write(self.ex, t, start * item, data, count * item, last=last), None, None,
+                            ()))
+
     def _fail(self, e: BaseException) -> None:
         if self._error is None:
             self._error = e
@@ -186,7 +201,6 @@ class Pipeline:
             torch.cuda.set_device(previous)  # the caller's thread, when one pipeline runs in it
 
     def _run(self, order: list[TensorPlan]) -> None:
-        ex = self.ex
         order = file_order(self.plan, order)
         streamed = [t for t in order if not t.copy_only]
         units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
@@ -210,8 +224,7 @@ class Pipeline:
             # file order: the writer then writes each shard front to back, and its SHA-256 is fed as it goes
             for t in order:
                 if t.copy_only:  # non-float tensors are copied as they are
-                    data = ex.reader.read(t.inputs[0], 0, t.numel).contiguous().clone()
-                    self._jobs.put((_DoneEvent(), _write(ex, t, 0, data, t.input_bytes, last=True), None, None, ()))
+                    self._copy_tensor(t)
                 else:
                     chunks = (_ready(ready) for _ in range(-(-t.numel // self.chunk)))  # as they arrive
                     self._merge_tensor(t, chunks)

@@ -359,3 +359,29 @@ def test_a_gpu_without_an_index_is_the_current_one(monkeypatch) -> None:
     assert _indexed(torch.device("cuda")) == torch.device("cuda", 3)
     assert _indexed(torch.device("cuda", 1)) == torch.device("cuda", 1)
     assert _indexed(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_copied_tensors_go_through_in_chunks(tmp_path, fam, monkeypatch) -> None:
+    """A passthrough copies whole embeddings: the pipeline reads and writes them a chunk at a time (they were
+    read whole into host memory, outside both budgets), with the executor's bytes."""
+    import yaml
+
+    from fusemerge.streaming.reader import ChunkReader
+
+    cfg = tmp_path / "passthrough.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "passthrough", "slices": [
+        {"sources": [{"model": str(fam["base"]), "layer_range": [0, 2]}]}]}))
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu")
+    counts = []
+    real = ChunkReader.read
+
+    def read(self, entry, start, count):
+        counts.append(count)
+        return real(self, entry, start, count)
+
+    monkeypatch.setattr(ChunkReader, "read", read)
+    plan, ex, _ = pipeline_run(cfg, tmp_path / "piped", pinned="64KiB")
+    assert all(t.copy_only for t in plan.tensors)
+    assert shards(tmp_path / "piped") == shards(tmp_path / "ref")
+    largest = max(t.numel for t in plan.tensors)
+    assert max(counts) * 8 < largest, (max(counts), largest)  # the embedding in many pieces
