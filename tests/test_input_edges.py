@@ -294,3 +294,32 @@ def test_a_config_that_fails_to_load_still_has_its_models_cross_checked(fam, tmp
     # the same lines as when the config is good
     good = errors(invoke("plan", fam["config"]))
     assert [e for e in lines if "tiez" not in e] == good, (lines, good)
+
+
+def test_layers_named_from_the_start_of_the_name_are_counted(tmp_path) -> None:
+    """Meta-style names (`layers.N.w`, no `model.` prefix) and no num_hidden_layers: L is the largest index + 1
+    for slices and gradients alike (the layer count once read only names with a dot before `layers`)."""
+    models = []
+    for k, name in enumerate(["base", "expert"]):
+        d = tmp_path / name
+        d.mkdir()
+        g = torch.Generator().manual_seed(k)
+        save_file({"tok_embeddings.weight": torch.randn(8, 4, generator=g), "norm.weight": torch.randn(4, generator=g),
+                   **{f"layers.{i}.w": torch.randn(4, 4, generator=g) for i in range(3)}}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+        models.append(d)
+    sliced = tmp_path / "s.yml"
+    sliced.write_text(yaml.safe_dump({"merge_method": "passthrough",
+                                      "slices": [{"sources": [{"model": str(models[0]), "layer_range": [0, 3]}]}]}))
+    r = invoke("run", sliced, tmp_path / "out-s")
+    assert r.exit_code == 0, r.output
+    graded = tmp_path / "g.yml"
+    graded.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": str(models[0]),
+                                      "models": [{"model": str(models[1]), "parameters": {"weight": [0.0, 1.0]}}]}))
+    r = invoke("run", graded, tmp_path / "out-g")
+    assert r.exit_code == 0, r.output
+    out = load_file(tmp_path / "out-g" / "model.safetensors")
+    base, expert = load_file(models[0] / "model.safetensors"), load_file(models[1] / "model.safetensors")
+    for i, weight in enumerate([0.0, 0.5, 1.0]):  # t = i / (L - 1), L = 3
+        want = base[f"layers.{i}.w"] + weight * (expert[f"layers.{i}.w"] - base[f"layers.{i}.w"])
+        torch.testing.assert_close(out[f"layers.{i}.w"], want, rtol=0, atol=1e-6)

@@ -66,6 +66,25 @@ def test_nan_in_the_base_is_reported_as_the_base(tmp_path) -> None:
         fusemerge.run(cfg, tmp_path / "out", device="cpu")
 
 
+@pytest.mark.parametrize("method", ["passthrough", "ties"])
+def test_nan_in_a_slice_source_names_that_sources_file(tmp_path, fam, method) -> None:
+    """A slice's tensors have only its sources as inputs: the counts name those (they stopped the merge with an
+    internal error when they were paired with the config's models)."""
+    params = {"scale": 2.0} if method == "passthrough" else {"weight": 1.0, "density": 0.5}
+    base = {"base_model": str(fam["base"])} if method != "passthrough" else {}
+    layer = [{"model": str(fam["experts"][1]), "layer_range": [1, 2], "parameters": params}]
+    if method != "passthrough":
+        layer.append({"model": str(fam["base"]), "layer_range": [1, 2]})
+    slices = [{"sources": [{"model": str(fam["experts"][0]), "layer_range": [0, 1], "parameters": params}]
+               + ([{"model": str(fam["base"]), "layer_range": [0, 1]}] if method != "passthrough" else [])},
+              {"sources": layer}]
+    config = {"merge_method": method, **base, "slices": slices}
+    with pytest.raises(InputError) as err:
+        fusemerge.run(config, tmp_path / "out", device="cpu")
+    (line,) = err.value.problems
+    assert line.startswith(f"{TENSOR}: NaN/Inf values in the inputs (3 in {fam['experts'][1]}/model.safetensors)"), line
+
+
 def test_cli_exit_codes(tmp_path, fam) -> None:
     cfg = tmp_path / "c.yml"
     write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.5)
@@ -105,3 +124,39 @@ def test_a_nan_is_written_as_one_bit_pattern_by_every_backend(method, dtype) -> 
         assert (out.view(int_dtype)[nan] == bits).all(), (backend, out.view(int_dtype)[nan])
         outs.append(out.view(int_dtype))
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("bits", [0x7FC00000, 0x7FFFFFFF, 0xFFFFFFFF])
+def test_a_nan_at_the_threshold_is_kept_by_every_backend(bits: int) -> None:
+    """|d| of the NaNs GPUs write (0x7FFFFFFF) is EMPTY_T's bit pattern: as the k-th largest it is still kept
+    (index cut > 0), and as breadcrumbs' top outlier still dropped, by the torch, compiled and Triton paths."""
+    from fusemerge import merge_tensors
+
+    nan = torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
+    base = torch.zeros(10)
+    e0 = torch.arange(10, dtype=torch.float32) * 0.1 + 0.1
+    e0[0] = nan
+    e1 = torch.full((10,), 0.5)
+    ties = {b: merge_tensors(base, [e0, e1], "ties", density=0.1, backend=b) for b in ("torch", "triton")}
+    # k = 1: each expert keeps its entry 0; the NaN makes the election -1, with which neither agrees
+    assert ties["torch"][0] == 0.0 and torch.equal(ties["torch"], ties["triton"]), ties
+    crumbs = {b: merge_tensors(base, [e0], "breadcrumbs", density=0.5, gamma=0.1, backend=b)
+              for b in ("torch", "triton")}
+    assert crumbs["torch"][0] == 0.0, crumbs  # the NaN is the one outlier dropped
+    assert torch.equal(crumbs["torch"].view(torch.int32), crumbs["triton"].view(torch.int32)), crumbs
+
+
+@pytest.mark.parametrize("where", [5, 40])
+def test_a_nan_delta_gives_dare_the_factor_1_whatever_the_chunking(where: int) -> None:
+    """The L1 rescale of an expert with a NaN delta is 1 (no finite ratio), in one chunk or two, on both backends:
+    the chunk maxima once lost a NaN that came after a finite one, and the factor came out of a NaN's bits."""
+    from fusemerge import merge_tensors
+
+    base = torch.zeros(64)
+    e = torch.linspace(0.01, 0.64, 64)
+    e[where] = float("nan")
+    outs = [merge_tensors(base, [e], "dare_linear", density=0.5, seed=0, name="w", backend=b, chunk=c)
+            for b in ("torch", "triton") for c in (64, 32)]
+    unscaled = merge_tensors(base, [e], "dare_linear", density=0.5, seed=0, name="w", rescale=False)
+    for out in outs:
+        assert torch.equal(out.view(torch.int32), unscaled.view(torch.int32)), (out[:4], unscaled[:4])

@@ -455,7 +455,8 @@ def dare_scales(
     backend: ModuleType, segments: list[Segment], chunk: int, keys: list[int], density: list[float],
     masks: KeepMasks | None = None,
 ) -> list[float]:
-    """mergekit's L1 rescale per expert: ||d||_1 / ||kept d||_1 over the tensor (1.0 if nothing is kept).
+    """mergekit's L1 rescale per expert: ||d||_1 / ||kept d||_1 over the tensor (1.0 if nothing is kept, and
+    where a delta is NaN or infinite, whose norm has no finite ratio).
 
     Both norms are fixed-point integer sums, so the factor is identical for every chunking. `masks`: where
     the torch backend keeps the drawn masks for the merge pass.
@@ -464,8 +465,10 @@ def dare_scales(
     total = sum(s.numel for s in segments)
     top = [0.0] * n
     for _, base, experts in _chunks(segments, chunk):
-        top = [max(top[i], backend.max_abs(base, experts[i])) for i in range(n)]
-    live = [i for i in range(n) if top[i] != 0.0 and math.isfinite(top[i])]
+        for i in range(n):
+            m = backend.max_abs(base, experts[i])
+            top[i] = math.inf if math.isnan(m) else max(top[i], m)  # max(x, nan) is x: a NaN would be lost
+    live = [i for i in range(n) if top[i] != 0.0 and math.isfinite(top[i])]  # a NaN or Inf delta: factor 1
     shift = {i: fixed_point_shift(top[i], total) for i in live}
     sums = {i: [0, 0] for i in live}
     if live:
