@@ -152,19 +152,21 @@ class MergePlan:
         return self.method.needs_thresholds and self.config.trim_scope == "global"
 
     def reads(self, t: TensorPlan) -> int:
-        """How often tensor `t`'s inputs are read: once, or with the two statistics passes first (thresholds:
-        the radix select's two histograms; DARE's L1 rescale: max |d|, then the sums) when `t` does not fit a
-        worker's resident share (a tensor that fits is read once and kept, as float32 on CPU, on the GPU in the
-        pipeline). With `trim_scope: global` nothing is kept: every tensor is read by the two whole-model passes
-        and by its merge. (A tie cut whose kept entries overflowed their room adds a counting pass: rare.)"""
+        """How often tensor `t`'s inputs are read: once, or with the statistics passes first (thresholds: the
+        radix select's two histograms; an L1 rescale, DARE's or a trim's: max |d|, then the sums) when `t` does
+        not fit a worker's resident share (a tensor that fits is read once and kept, as float32 on CPU, on the
+        GPU in the pipeline). With `trim_scope: global` the thresholds are not kept: every tensor is read by
+        the two whole-model passes, its rescale's if any, and its merge. (A tie cut whose kept entries
+        overflowed their room adds a counting pass: rare.)"""
         m = self.method
         if t.copy_only or not (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True)):
             return 1
+        l1 = 2 if t.rescale is True else 0
         if self.global_trim:
-            return 3
+            return 3 + l1
         inputs = len(t.inputs) + (t.base is not None)
         fits = (inputs * 4 * t.numel if self.device.type == "cpu" else t.input_bytes) <= self.resident_bytes
-        return 1 if fits else 3
+        return 1 if fits else 1 + (2 if m.needs_thresholds else 0) + l1
 
     def read_bytes(self) -> int:
         """Input bytes read by the whole run (`reads` of every tensor); for a part, its own tensors only (the

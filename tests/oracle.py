@@ -31,31 +31,38 @@ def sparsify(method, d32: np.ndarray, i: int, density: float, gamma: float, seed
     absd = np.abs(d32.astype(np.float64))
     d = d32.astype(np.float64)
     if method.sparsifier == "magnitude":
-        return np.where(topk_mask(absd, max(1, math.floor(density * n))), d, 0.0)
+        return l1_rescaled(np.where(topk_mask(absd, max(1, math.floor(density * n))), d, 0.0), absd, rescale)
     if method.sparsifier == "breadcrumbs":
         if density >= 1.0:
             return d
         keep = math.floor(density * n)
         top = min(math.floor(gamma * n), n - keep)
         mask = topk_mask(absd, top + keep) & ~topk_mask(absd, top)
-        return np.where(mask, d, 0.0)
+        return l1_rescaled(np.where(mask, d, 0.0), absd, rescale)
     if method.sparsifier == "dare":
         u = philox_rand(dare_key(seed, name, i), torch.arange(n, dtype=torch.int64)).numpy()
         kept = u < np.float32(density)
         dh = np.where(kept, d, 0.0)
-        if rescale is True:
-            s = np.abs(dh).sum()
-            return dh * (absd.sum() / s) if s > 0 else dh
         if rescale == "inverse":
             return dh / density
-        return dh
+        return l1_rescaled(dh, absd, rescale)
     return d
 
 
+def l1_rescaled(dh: np.ndarray, absd: np.ndarray, rescale) -> np.ndarray:
+    """With `rescale: true`, the kept deltas times ||d||_1 / ||kept d||_1 (unchanged when nothing is kept)."""
+    if rescale is not True:
+        return dh
+    s = np.abs(dh).sum()
+    return dh * (absd.sum() / s) if s > 0 else dh
+
+
 def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, lam=1.0, normalize=None,
-          rescale=True, seed=0, name="") -> np.ndarray:
-    """The merged tensor in float64 (flat)."""
+          rescale=None, seed=0, name="") -> np.ndarray:
+    """The merged tensor in float64 (flat); `rescale` None: the method's default."""
     method = METHODS[method_name]
+    if rescale is None:
+        rescale = method.params["rescale"].default if "rescale" in method.params else False
     n = len(experts)
     w = [float(x) for x in weight]
     dens = density if isinstance(density, list) else [density] * n

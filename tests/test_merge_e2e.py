@@ -70,6 +70,25 @@ def test_output_bytes_do_not_depend_on_memory_budget_or_workers(tmp_path: Path, 
         assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
 
 
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_trim_rescale_on_the_files_path(tmp_path: Path, fam: dict, method: str) -> None:
+    """`rescale: true` of a trim: the in-memory merge's bytes, whatever the budget (tensors kept in memory or
+    read again for the L1 sums) and the backend, and other bytes than without it."""
+    cfg = config_for(tmp_path, fam, method, rescale=True)
+    fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
+    fusemerge.run(cfg, tmp_path / "b", device="cpu", max_memory="64KiB", workers=2)
+    fusemerge.run(cfg, tmp_path / "c", device="cpu", backend="triton", max_memory="64KiB", workers=1)
+    fusemerge.run(config_for(tmp_path, fam, method), tmp_path / "plain", device="cpu")
+    merged = load_model(tmp_path / "a")
+    base, experts = load_model(fam["base"]), [load_model(p) for p in fam["experts"]]
+    name = "model.layers.1.mlp.up_proj.weight"
+    expect = fusemerge.merge_tensors(base[name], [e[name] for e in experts], method, weight=list(WEIGHTS), name=name,
+                                     rescale=True, **PARAMS[method])
+    assert torch.equal(merged[name].view(torch.int16), expect.view(torch.int16))
+    shard = {d: (tmp_path / d / "model.safetensors").read_bytes() for d in ("a", "b", "c", "plain")}
+    assert shard["a"] == shard["b"] == shard["c"] != shard["plain"]
+
+
 def test_sharded_output_matches_single_shard(tmp_path: Path, fam: dict) -> None:
     cfg = config_for(tmp_path, fam, "ties")
     fusemerge.run(cfg, tmp_path / "one", device="cpu")

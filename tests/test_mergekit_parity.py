@@ -90,6 +90,10 @@ def _configs(fam: dict) -> dict[str, dict]:
         "ties": _models_config("ties", fam, **{"lambda": 0.9, "normalize": True}),
         "breadcrumbs": _models_config("breadcrumbs", fam, gamma=0.02),
         "breadcrumbs_ties": _models_config("breadcrumbs_ties", fam),
+        # mergekit's L1 rescale of a trim: ties at the threshold keep the same |d| whichever wins, so the factor
+        # matches but for float32 rounding (mergekit sums in float32, fusemerge exactly)
+        "ties_rescale": _models_config("ties", fam, rescale=True),
+        "breadcrumbs_rescale": _models_config("breadcrumbs", fam, gamma=0.02, rescale=True),
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -135,7 +139,8 @@ def test_linear_and_task_arithmetic_within_one_ulp(merged: dict, name: str) -> N
     assert par.rounding <= par.elements * 1e-4, par.summary()  # cancellation is rare
 
 
-@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices"])
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices", "ties_rescale",
+                                  "breadcrumbs_rescale"])
 def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

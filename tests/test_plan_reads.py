@@ -18,6 +18,8 @@ CASES = {
     "linear": ("linear", {}),
     "ties": ("ties", dict(density=0.3)),
     "ties-global": ("ties", dict(density=0.3, trim_scope="global")),
+    "ties-rescale": ("ties", dict(density=0.3, rescale=True)),
+    "breadcrumbs-rescale-global": ("breadcrumbs", dict(density=0.3, rescale=True, trim_scope="global")),
     "dare_ties": ("dare_ties", dict(density=0.4)),
     "dare_ties-inverse": ("dare_ties", dict(density=0.4, rescale="inverse")),
 }

@@ -420,3 +420,18 @@ def l1_fixed(
         kept_mask = dare_keep_run(key, start, d.numel(), density, d.device)
     kept = int(q.mul_(kept_mask).sum())
     return total, kept
+
+
+def l1_fixed_top(base: torch.Tensor, expert: torch.Tensor, shift: int, start: int, cut: tuple[int, int, int, int]
+                 ) -> tuple[int, int]:
+    """Fixed-point L1 sums: (sum trunc(|d| * 2^shift), the same over the entries a magnitude trim keeps: in
+    in_top(t_keep, c_keep) and, for breadcrumbs, not in in_top(t_drop, c_drop); `cut` = (t_keep, c_keep,
+    t_drop, c_drop), the chunk starting at global index `start`). Any torch device (the Triton backend's too)."""
+    d = delta(base, expert)
+    a = abs_bits(d)
+    keep = top_mask(a, start, cut[0], cut[1])
+    if (cut[2], cut[3]) != (EMPTY_T, EMPTY_C):
+        keep.bitwise_and_(top_mask(a, start, cut[2], cut[3]).bitwise_not_())
+    q = d.abs_().mul_(_scalar(2.0**shift, d.device)).to(torch.int64)
+    total = int(q.sum())
+    return total, int(q.bitwise_and_(keep.to(torch.int64)).sum())

@@ -455,13 +455,28 @@ def dare_scales(
     backend: ModuleType, segments: list[Segment], chunk: int, keys: list[int], density: list[float],
     masks: KeepMasks | None = None,
 ) -> list[float]:
-    """mergekit's L1 rescale per expert: ||d||_1 / ||kept d||_1 over the tensor (1.0 if nothing is kept, and
-    where a delta is NaN or infinite, whose norm has no finite ratio).
+    """mergekit's L1 rescale of DARE per expert (l1_scales, the kept entries drawn as the merge draws them).
+    `masks`: where the torch backend keeps the drawn masks for the merge pass."""
+    return l1_scales(backend, segments, chunk, len(keys), lambda i, base, x, shift, start: backend.l1_fixed(
+        base, x, shift, (keys[i], density[i], start), masks=masks))
 
-    Both norms are fixed-point integer sums, so the factor is identical for every chunking. `masks`: where
-    the torch backend keeps the drawn masks for the merge pass.
+
+def trim_scales(backend: ModuleType, segments: list[Segment], chunk: int,
+                cuts: list[tuple[int, int, int, int]]) -> list[float]:
+    """mergekit's L1 rescale of a magnitude trim per expert (ties, breadcrumbs with `rescale: true`;
+    l1_scales, the kept entries those of the cuts (t_keep, c_keep, t_drop, c_drop), as the merge keeps them)."""
+    return l1_scales(backend, segments, chunk, len(cuts), lambda i, base, x, shift, start: backend.l1_fixed_top(
+        base, x, shift, start, cuts[i]))
+
+
+def l1_scales(backend: ModuleType, segments: list[Segment], chunk: int, n: int,
+              sums: Callable[[int, torch.Tensor, torch.Tensor, int, int], tuple[int, int]]) -> list[float]:
+    """||d||_1 / ||kept d||_1 over the tensor, per expert (1.0 if nothing is kept, and where a delta is NaN or
+    infinite, whose norm has no finite ratio). `sums(i, base, expert, shift, start)`: the chunk's fixed-point
+    sums (all, kept) for expert i.
+
+    Both norms are fixed-point integer sums, so the factor is identical for every chunking.
     """
-    n = len(keys)
     total = sum(s.numel for s in segments)
     top = [0.0] * n
     for _, base, experts in _chunks(segments, chunk):
@@ -470,14 +485,14 @@ def dare_scales(
             top[i] = math.inf if math.isnan(m) else max(top[i], m)  # max(x, nan) is x: a NaN would be lost
     live = [i for i in range(n) if top[i] != 0.0 and math.isfinite(top[i])]  # a NaN or Inf delta: factor 1
     shift = {i: fixed_point_shift(top[i], total) for i in live}
-    sums = {i: [0, 0] for i in live}
+    found = {i: [0, 0] for i in live}
     if live:
         for start, base, experts in _chunks(segments, chunk):
             for i in live:
-                a, k = backend.l1_fixed(base, experts[i], shift[i], (keys[i], density[i], start), masks=masks)
-                sums[i][0] += a
-                sums[i][1] += k
-    return [float(np.float32(sums[i][0] / sums[i][1])) if i in sums and sums[i][1] else 1.0 for i in range(n)]
+                a, k = sums(i, base, experts[i], shift[i], start)
+                found[i][0] += a
+                found[i][1] += k
+    return [float(np.float32(found[i][0] / found[i][1])) if i in found and found[i][1] else 1.0 for i in range(n)]
 
 
 def tensor_params(
@@ -517,6 +532,8 @@ def tensor_params(
                                                                          keep_bytes=keep_bytes)]
         kw = dict(t_keep=tuple(c[0] for c in cuts), c_keep=tuple(c[1] for c in cuts),
                   t_drop=tuple(c[2] for c in cuts), c_drop=tuple(c[3] for c in cuts))
+        if rescale is True:
+            kw["scale"] = tuple(trim_scales(backend, segments, chunk, cuts))
     elif method.sparsifier == "dare":
         from fusemerge.kernels.philox import dare_key
 

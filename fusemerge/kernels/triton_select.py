@@ -410,6 +410,15 @@ def l1_fixed(
     return (total, int(sums[1].sum())) if keep is not None else (total, total)
 
 
+def l1_fixed_top(base: torch.Tensor, expert: torch.Tensor, shift: int, start: int,
+                 cut: tuple[int, int, int, int]) -> tuple[int, int]:
+    """Fixed-point L1 sums over all and over the trim-kept entries (reference.l1_fixed_top, whose torch
+    operations run on the GPU too: the same integers; used once per tensor, by `rescale: true` of a trim)."""
+    from fusemerge.kernels import reference
+
+    return reference.l1_fixed_top(base, expert, shift, start, cut)
+
+
 def bracket_pass(
     base: torch.Tensor, experts: list[torch.Tensor], lo: list[int], hi: list[int], cap: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:

@@ -74,6 +74,9 @@ def _normalize(default: bool) -> ParamDef:
 
 
 RESCALE = _p("rescale", True, False, kind="rescale")
+# mergekit's rescale of a magnitude trim (its generalized task arithmetic: `rescale`, default false for ties
+# and breadcrumbs): true multiplies the kept entries by ||d||_1 / ||kept d||_1, as DARE's L1 rescale does.
+TRIM_RESCALE = _p("rescale", False, False, kind="bool")
 # passthrough's optional per-model factor (mergekit/merge_methods/passthrough.py: `scale`).
 SCALE = _p("scale", 1.0, True)
 
@@ -85,7 +88,8 @@ _ALL = [
            params={"weight": WEIGHT, "lambda": LAMBDA, "normalize": _normalize(False)},
            paper="https://arxiv.org/abs/2212.04089"),
     Method("ties", "magnitude", "sign", needs_base=True,
-           params={"weight": WEIGHT, "density": DENSITY, "lambda": LAMBDA, "normalize": _normalize(True)},
+           params={"weight": WEIGHT, "density": DENSITY, "lambda": LAMBDA, "normalize": _normalize(True),
+                   "rescale": TRIM_RESCALE},
            paper="https://arxiv.org/abs/2306.01708"),
     Method("dare_ties", "dare", "sign", needs_base=True,
            params={"weight": WEIGHT, "density": DENSITY, "lambda": LAMBDA, "normalize": _normalize(False),
@@ -97,11 +101,11 @@ _ALL = [
            paper="https://arxiv.org/abs/2311.03099"),
     Method("breadcrumbs", "breadcrumbs", "none", needs_base=True,
            params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
-                   "normalize": _normalize(False)},
+                   "normalize": _normalize(False), "rescale": TRIM_RESCALE},
            paper="https://arxiv.org/abs/2312.06795"),
     Method("breadcrumbs_ties", "breadcrumbs", "sign", needs_base=True,
            params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
-                   "normalize": _normalize(False)},
+                   "normalize": _normalize(False), "rescale": TRIM_RESCALE},
            paper="https://arxiv.org/abs/2312.06795"),
     Method("passthrough", "none", "none", needs_base=False,
            params={"scale": SCALE},

@@ -47,6 +47,28 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [7, 4099])
+@pytest.mark.parametrize("n", [1, 3])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_trim_rescale_matches_float64_oracle(method: str, n: int, size: int, dtype: torch.dtype) -> None:
+    """mergekit's `rescale: true` of a magnitude trim: the kept deltas times ||d||_1 / ||kept d||_1."""
+    base, experts = family(n, size, dtype, seed=hash((method, n, size, str(dtype), "rescale")) % 2**31)
+    weights = [1.0, 0.5, 2.0][:n]
+    kw = {k: v for k, v in PARAMS[method].items() if k != "lambda"}
+    out = merge_tensors(base, experts, method, weight=weights, name="t.weight", chunk=97, rescale=True, **kw)
+    plain = merge_tensors(base, experts, method, weight=weights, name="t.weight", chunk=97, **kw)
+    expect = torch.from_numpy(oracle.merge(base, experts, method, weight=weights, rescale=True, **kw))
+    err = (out.double() - expect).abs()
+    b64 = base.double()
+    mag = b64.abs() + sum((x.double() - b64).abs() * abs(wi) for x, wi in zip(experts, weights, strict=True)) / kw[
+        "density"]
+    tol = 2.0**-20 * mag if dtype == torch.float32 else torch.maximum(ulp(expect, dtype), 2.0**-20 * mag)
+    assert bool((err <= tol).all()), f"max error {float(err.max())}"
+    if size > 100:  # the factor is well above 1: the rescaled merge is not the plain one
+        assert not torch.equal(out, plain)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("method", MERGE_METHODS)
