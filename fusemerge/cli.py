@@ -1,6 +1,6 @@
 """The `fusemerge` command line: thin click commands over the library.
 
-Exit codes: 0 success, 2 bad input (one line per problem on stderr), 1 anything else.
+Exit codes: 0 success, 2 bad input (one line per problem on stderr), 130 interrupted (Ctrl-C), 1 anything else.
 """
 
 from __future__ import annotations

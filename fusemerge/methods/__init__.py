@@ -113,8 +113,3 @@ _ALL = [
 ]
 
 METHODS: dict[str, Method] = {m.name: m for m in _ALL}
-
-
-def get_method(name: str) -> Method:
-    """The method called `name`; KeyError if there is none (config.py turns that into an InputError)."""
-    return METHODS[name]

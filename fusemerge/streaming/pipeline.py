@@ -58,9 +58,7 @@ class Pipeline:
         self.device = _indexed(device or self.plan.device)
         self.cuda = self.device.type == "cuda"
         self.rows = max(len(t.inputs) + (t.base is not None) for t in self.plan.tensors)
-        self.readers = readers or min(8, os.cpu_count() or 1)
-        self.slots = max(4, self.readers + 2)
-        self.n_out = self.slots // 2 + 1
+        self.readers, self.slots, self.n_out = _slots(readers)
         budget = pinned_bytes or self.plan.pinned_bytes or DEFAULT_PINNED
         # pinned bytes per element of a chunk: in-slots (and 2 statistics buffers) of (N + 1) rows x 4 (the
         # widest dtype) + out-slots x 4
@@ -82,9 +80,7 @@ class Pipeline:
         self._stat_pool: ThreadPoolExecutor | None = None
 
     def _pinned(self, chunk: int) -> int:
-        """Pinned bytes the in-slots, the 2 statistics buffers and the out-slots of `chunk` elements take, as
-        the allocator rounds them."""
-        return (self.slots + 2) * _pow2(self.rows * chunk * 4) + self.n_out * _pow2(chunk * 4)
+        return _pinned_bytes(self.rows, self.slots, self.n_out, chunk)
 
     # -- small device abstractions (CUDA, or synchronous host stand-ins) -----------------------------
 
@@ -501,6 +497,26 @@ def run_pipelines(executor, order: list[TensorPlan], devices: tuple[torch.device
         raise
     if errors:
         raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
+
+
+def _slots(readers: int | None) -> tuple[int, int, int]:
+    """(reader threads, pinned in-slots, pinned out-slots) of a pipeline."""
+    readers = readers or min(8, os.cpu_count() or 1)
+    slots = max(4, readers + 2)
+    return readers, slots, slots // 2 + 1
+
+
+def _pinned_bytes(rows: int, slots: int, n_out: int, chunk: int) -> int:
+    """Pinned bytes the in-slots, the 2 statistics buffers and the out-slots of `chunk` elements take, as the
+    allocator rounds them."""
+    return (slots + 2) * _pow2(rows * chunk * 4) + n_out * _pow2(chunk * 4)
+
+
+def min_pinned_bytes(rows: int, readers: int | None = None) -> int:
+    """The pinned host memory a pipeline of `rows` inputs per tensor needs at its smallest chunk (MIN_PIPE_CHUNK
+    elements): a smaller --max-pinned-memory cannot be kept to."""
+    _, slots, n_out = _slots(readers)
+    return _pinned_bytes(rows, slots, n_out, MIN_PIPE_CHUNK)
 
 
 def _pow2(n: int) -> int:

@@ -132,7 +132,12 @@ def _run_children(k: int, child: Callable[[int, int], None], on_data: Callable[[
     try:
         for w in range(k):
             read_fd, write_fd = os.pipe()
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except BaseException:  # EAGAIN / ENOMEM: this pipe has no child; the ones before are killed below
+                os.close(read_fd)
+                os.close(write_fd)
+                raise
             if pid == 0:  # the child: never returns
                 os.close(read_fd)
                 child(w, write_fd)

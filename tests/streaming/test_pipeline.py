@@ -385,3 +385,22 @@ def test_copied_tensors_go_through_in_chunks(tmp_path, fam, monkeypatch) -> None
     assert shards(tmp_path / "piped") == shards(tmp_path / "ref")
     largest = max(t.numel for t in plan.tensors)
     assert max(counts) * 8 < largest, (max(counts), largest)  # the embedding in many pieces
+
+
+def test_a_pinned_budget_below_the_smallest_chunk_is_refused(tmp_path, fam, monkeypatch) -> None:
+    """--max-pinned-memory below what the smallest chunk pins cannot be kept to (the floor went over it): a GPU
+    plan refuses it; min_pinned_bytes is what a pipeline at its smallest chunk pins."""
+    import dataclasses
+
+    from fusemerge.streaming.pipeline import MIN_PIPE_CHUNK, Pipeline, min_pinned_bytes
+
+    cfg = config(tmp_path, fam, "ties")
+    plan = dataclasses.replace(fusemerge.build_plan(cfg, device=DEVICE), chunk_elems=1 << 22)
+    pipe = Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=4096)
+    assert pipe.chunk == MIN_PIPE_CHUNK and pipe._pinned(pipe.chunk) == min_pinned_bytes(pipe.rows, 8) > 4096
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(InputError, match=r"--max-pinned-memory 4.00 KiB is too small: the pipeline's buffers for 4 "
+                                         r"inputs need at least"):
+        fusemerge.build_plan(cfg, device="cuda", max_pinned_memory="4KiB", max_memory="1GiB")

@@ -279,3 +279,29 @@ def test_a_bug_in_a_worker_is_one_line_and_its_traceback_with_v(tmp_path: Path, 
                                              "merge worker process) (run with -v for the traceback; please report it)"]
     r = CliRunner().invoke(main, ["-v", "run", str(cfg), str(tmp_path / "out2"), "--device", "cpu", "-q"])
     assert r.exit_code == 1 and "in the worker process:" in r.stderr and "in merge_tensor" in r.stderr
+
+
+def test_a_failed_fork_leaks_no_pipe_and_leaves_no_child(monkeypatch) -> None:
+    """fork can fail (EAGAIN at a process limit, ENOMEM): the error is raised, the children already forked are
+    killed and reaped, and no pipe end is left open."""
+    from fusemerge.streaming import processes
+
+    real_fork = os.fork
+    forks = [0]
+
+    def fork() -> int:
+        forks[0] += 1
+        if forks[0] == 2:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real_fork()
+
+    def fds() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    before = fds()
+    monkeypatch.setattr(processes.os, "fork", fork)
+    with pytest.raises(OSError, match="Resource temporarily unavailable"):
+        processes.fork_map(3, lambda w: w)
+    monkeypatch.setattr(processes.os, "fork", real_fork)
+    assert fds() == before
+    assert no_children_left()
