@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import threading
 
 import numpy as np
@@ -203,6 +204,33 @@ FM_CLONES void fm_hist_hi(int64_t n, int in_code, const void *base, const void *
     }
 }
 
+/* The largest bits(|x - base|) over n elements, as a bit pattern (a NaN's exceed infinity's, so a NaN
+   delta gives a NaN, as reference.max_abs's torch max does); 0 for n = 0. */
+FM_CLONES uint32_t fm_max_abs(int64_t n, int in_code, const void *base, const void *x) {
+    uint32_t top = 0;
+    for (int64_t j = 0; j < n; j++) {
+        uint32_t a = f2u(load(x, in_code, j) - load(base, in_code, j)) & 0x7FFFFFFFu;
+        top = a > top ? a : top;
+    }
+    return top;
+}
+
+/* reference.l1_fixed's sums: out[0] = sum of trunc(|d| * scale), out[1] the same over the entries whose
+   keep[j] is nonzero (keep NULL: out[1] = out[0]). scale is a power of two and every |d| * scale is below
+   2^62 / n (select.fixed_point_shift, and only for tensors whose deltas are all finite). */
+FM_CLONES void fm_l1_fixed(int64_t n, int in_code, const void *base, const void *x, float scale,
+                           const uint8_t *keep, int64_t *out) {
+    int64_t total = 0, kept = 0;
+    for (int64_t j = 0; j < n; j++) {
+        float d = load(x, in_code, j) - load(base, in_code, j);
+        int64_t q = (int64_t)(u2f(f2u(d) & 0x7FFFFFFFu) * scale);
+        total += q;
+        if (keep != 0) kept += keep[j] ? q : 0;
+    }
+    out[0] = total;
+    out[1] = keep != 0 ? kept : total;
+}
+
 /* The low 16 bits of bits(|x - base|), in index order, of the entries whose high 16 bits are hi_bin, into
    out; returns how many (reference.abs_select_lo). */
 FM_CLONES int64_t fm_select_lo(int64_t n, int in_code, const void *base, const void *x, uint32_t hi_bin,
@@ -225,6 +253,8 @@ _SIGNATURES = {
                   _F32, _I32, _P, _P], ctypes.c_int),
     "fm_hist_hi": ([_I64, _I32, _P, _P, _P], None),
     "fm_select_lo": ([_I64, _I32, _P, _P, ctypes.c_uint32, _P], ctypes.c_int64),
+    "fm_max_abs": ([_I64, _I32, _P, _P], ctypes.c_uint32),
+    "fm_l1_fixed": ([_I64, _I32, _P, _P, _F32, _P, _P], None),
 }
 
 _lock = threading.Lock()
@@ -369,6 +399,39 @@ def _select_lo(lib, base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> to
     return torch.from_numpy(out[:found].copy())
 
 
+def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float | None:
+    """reference.max_abs's value (NaN where a delta is NaN), or None where the compiled loop does not take these
+    chunks."""
+    return _max_abs(_library(), base, expert)
+
+
+def _max_abs(lib, base: torch.Tensor, expert: torch.Tensor) -> float | None:
+    code = _takes([base, expert]) if lib is not None else None
+    if code is None:
+        return None
+    bits = lib.fm_max_abs(base.numel(), code, base.data_ptr(), expert.data_ptr())
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def l1_fixed(base: torch.Tensor, expert: torch.Tensor, shift: int, keep: torch.Tensor | None
+             ) -> tuple[int, int] | None:
+    """reference.l1_fixed's sums (`keep`: the DARE keep mask, bool; None: every entry), or None where the
+    compiled loop does not take these chunks."""
+    return _l1_fixed(_library(), base, expert, shift, keep)
+
+
+def _l1_fixed(lib, base: torch.Tensor, expert: torch.Tensor, shift: int, keep: torch.Tensor | None
+              ) -> tuple[int, int] | None:
+    code = _takes([base, expert]) if lib is not None else None
+    if code is None or (keep is not None and (keep.dtype != torch.bool or not keep.is_contiguous()
+                                              or keep.numel() != base.numel())):
+        return None
+    out = np.zeros(2, dtype=np.int64)
+    lib.fm_l1_fixed(base.numel(), code, base.data_ptr(), expert.data_ptr(), float(np.float32(2.0**shift)),
+                    keep.data_ptr() if keep is not None else None, out.ctypes.data)
+    return int(out[0]), int(out[1])
+
+
 def _disagreement(lib) -> str:
     """'' if the compiled loops give the torch path's bits on a sample of every kind of merge, else which not."""
     from fusemerge.kernels import reference
@@ -412,4 +475,14 @@ def _disagreement(lib) -> str:
             hi = int(t[0]) >> 16
             if not torch.equal(_select_lo(lib, b, x, hi), reference.select_lo_torch(b, x, hi)):
                 return f"select_lo ({dtype})"
+            got, want = _max_abs(lib, b, x), reference.max_abs_torch(b, x)
+            if not (got == want or (math.isnan(got) and math.isnan(want))):
+                return f"max_abs ({dtype})"
+            finite = ~(x.float() - b.float()).isfinite()
+            fb, fx = b.masked_fill(finite, 0.0), x.masked_fill(finite, 0.5)  # the sums take finite deltas
+            keep = torch.rand(n, generator=g) < 0.4
+            for shift in (20, 40, -3):
+                for k in (None, keep):
+                    if _l1_fixed(lib, fb, fx, shift, k) != reference.l1_fixed_torch(fb, fx, shift, k):
+                        return f"l1_fixed ({dtype}, shift {shift})"
     return ""

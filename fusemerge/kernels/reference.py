@@ -385,7 +385,13 @@ def bracket_pass(
 
 
 def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
-    """max |d| over the chunk (0.0 for an empty chunk)."""
+    """max |d| over the chunk (0.0 for an empty chunk; NaN where a delta is NaN)."""
+    fused = cpu_fused.max_abs(base, expert) if base.device.type == "cpu" else None
+    return fused if fused is not None else max_abs_torch(base, expert)
+
+
+def max_abs_torch(base: torch.Tensor, expert: torch.Tensor) -> float:
+    """max_abs in torch operations."""
     d = delta(base, expert)
     return float(d.abs().max()) if d.numel() else 0.0
 
@@ -408,18 +414,26 @@ def l1_fixed(
     `keep` = (key, density, start) selects the kept entries as in merge_chunk; None: all kept. `masks`
     (CPU): where the drawn keep mask is stored for the merge pass, when it fits.
     """
+    kept_mask = None
+    if keep is not None:
+        key, density, start = keep
+        if masks is not None and base.device.type == "cpu":
+            kept_mask = masks.draw(key, start, base.numel(), density, keep=True)
+        else:
+            kept_mask = dare_keep_run(key, start, base.numel(), density, base.device)
+    fused = cpu_fused.l1_fixed(base, expert, shift, kept_mask) if base.device.type == "cpu" else None
+    return fused if fused is not None else l1_fixed_torch(base, expert, shift, kept_mask)
+
+
+def l1_fixed_torch(base: torch.Tensor, expert: torch.Tensor, shift: int, kept_mask: torch.Tensor | None
+                   ) -> tuple[int, int]:
+    """l1_fixed in torch operations, `kept_mask` the drawn keep mask (bool; None: every entry)."""
     d = delta(base, expert)  # a fresh tensor: |d| * 2^shift in place (0.76 -> 0.65 ms per 2^18 entries)
     q = d.abs_().mul_(_scalar(2.0**shift, d.device)).to(torch.int64)
     total = int(q.sum())
-    if keep is None:
+    if kept_mask is None:
         return total, total
-    key, density, start = keep
-    if masks is not None and d.device.type == "cpu":
-        kept_mask = masks.draw(key, start, d.numel(), density, keep=True)
-    else:
-        kept_mask = dare_keep_run(key, start, d.numel(), density, d.device)
-    kept = int(q.mul_(kept_mask).sum())
-    return total, kept
+    return total, int(q.mul_(kept_mask).sum())
 
 
 def l1_fixed_top(base: torch.Tensor, expert: torch.Tensor, shift: int, start: int, cut: tuple[int, int, int, int]

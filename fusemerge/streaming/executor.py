@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from fusemerge.errors import InputError
-from fusemerge.kernels import load_backend, on_device, philox_native
+from fusemerge.kernels import cpu_fused, load_backend, on_device, philox_native
 from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, run_threads, tensor_params, top_cuts, trim_counts
@@ -119,6 +119,8 @@ class Executor:
         self.on_tensor_done = on_tensor_done or (lambda name: None)
         self.reader = ChunkReader()
         self.merge_kernels, self.stat_kernels = load_backend(plan.backend, plan.device.type)
+        # the compiled CPU loops (kernels/cpu_fused.py) read bf16 / fp16 chunks as they are
+        self._native = plan.device.type == "cpu" and plan.backend == "torch" and cpu_fused.available()
         self.times = StageTimes()
         self.global_cuts: dict[str, list[tuple[int, int, int, int]]] | None = None
         self._stop = threading.Event()  # set on the first failure: the other workers stop at their next chunk
@@ -129,13 +131,14 @@ class Executor:
     def _load(self, entry, start: int, count: int) -> torch.Tensor:
         """Elements [start, start + count) of `entry` as a tensor on the compute device.
 
-        On CPU the bytes leave the page cache here (mmap) and are converted to float32, then the
-        mapped pages are released so the process's RSS stays bounded by the chunk size.
+        On CPU the bytes leave the page cache here (mmap) and are copied, then the mapped pages are released
+        so the process's RSS stays bounded by the chunk size. The copy is float32 for the torch operations
+        (each of which would convert again), in the file's dtype where the compiled loops read it.
         """
         t0 = time.perf_counter()
         raw = self.reader.read(entry, start, count)
         if self.plan.device.type == "cpu":
-            out = raw.to(F32) if raw.dtype != F32 else raw.clone()
+            out = raw.clone() if raw.dtype == F32 or self._native else raw.to(F32)
         else:
             out = raw.to(self.plan.device, non_blocking=False)
         self.reader.release(entry, start, count)

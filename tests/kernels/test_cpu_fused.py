@@ -24,7 +24,7 @@ def family(n: int, size: int, dtype: torch.dtype, seed: int, edges: bool) -> tup
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(size, generator=g)
     experts = [base + torch.randint(-3, 4, (size,), generator=g).float() / 64 for _ in range(n)]
-    if edges:
+    if edges and size:
         for x in [base, *experts]:
             where = torch.randint(0, size, (max(1, size // 50),), generator=g)
             x[where] = torch.tensor([0.0, -0.0, float("nan"), float("inf"), -float("inf"), 1e-40, -3e-39])[
@@ -124,6 +124,28 @@ def test_selection_histograms(dtype, edges: bool) -> None:
 
 
 @needs_compiled
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", [0, 1, 513, 5000])
+def test_dare_statistics(dtype, size: int) -> None:
+    """max |d| (NaN where a delta is) and the fixed-point L1 sums, with and without a keep mask."""
+    import math
+
+    base, experts = family(2, size, dtype, 11, edges=True)
+    for x in experts:
+        got, want = cpu_fused.max_abs(base, x), reference.max_abs_torch(base, x)
+        assert got == want or (math.isnan(got) and math.isnan(want)), (got, want)
+    base, experts = family(2, size, dtype, 12, edges=False)  # the sums take tensors of finite deltas
+    keep = torch.rand(size, generator=torch.Generator().manual_seed(1)) < 0.3
+    for x in experts:
+        top = reference.max_abs_torch(base, x)
+        for shift in {0, 30, 62 - size.bit_length() - math.frexp(top)[1] if top else 1, -126, 127 - 30}:
+            if top and top * 2.0**shift * max(size, 1) >= 2**62:
+                continue
+            for k in (None, keep):
+                assert cpu_fused.l1_fixed(base, x, shift, k) == reference.l1_fixed_torch(base, x, shift, k), shift
+
+
+@needs_compiled
 def test_inputs_it_does_not_take_go_the_torch_way() -> None:
     base, experts = family(2, 100, torch.float32, 5, edges=False)
     p = params("ties", base, experts, 6)
@@ -151,6 +173,8 @@ def fresh(monkeypatch, tmp_path):
     ("y * lam + b[k]", "(y + b[k]) * lam"),  # another order of operations
     ("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "u >> 16"),  # truncation, as the Triton interpreter's cast
     ("acc[k] = qi[k];", "acc[k] = 0.0f + qi[k];"),  # a sum from 0.0: -0.0 becomes +0.0
+    ("top = a > top ? a : top;", "top = a > top && a < 0x7F800000u ? a : top;"),  # a NaN lost
+    ("if (keep != 0) kept += keep[j] ? q : 0;", "if (keep != 0) kept += keep[j] ? q : 1;"),
 ])
 def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None:
     assert wrong[0] in cpu_fused.SOURCE
