@@ -84,57 +84,68 @@ static inline void store(void *out, int code, int64_t j, float y) {
     }
 }
 
-/* reference._merge for one chunk of n elements from global index `start`. q: scratch of nexp * BLOCK floats.
-   nonfinite_counts[i] += the non-finite entries of expert i, [nexp] of the base (not for linear). */
-static inline void merge_body(int64_t n, int nexp, int in_code, const void *base, const void *const *experts,
-        int64_t start, int linear, int sparsifier, int sign, int normalize, const int32_t *t_keep,
-        const int64_t *c_keep, const int32_t *t_drop, const int64_t *c_drop, const uint8_t *const *masks,
-        const float *scales, const float *weights, float wsum, float wmin, float lam, int out_code, void *out,
-        int64_t *counts, float *q) {
-    float b[BLOCK], s[BLOCK], num[BLOCK], den[BLOCK];
+/* Elements [lo, lo + m) of p (input code `code`) as float32 into dst; returns how many are not finite. */
+__attribute__((always_inline)) static inline int32_t load_block(const void *p, int code, int64_t lo, int m,
+                                                                float *dst) {
+    int32_t bad = 0;
+    if (code == 0) {
+        const float *src = (const float *)p + lo;
+        for (int k = 0; k < m; k++) { dst[k] = src[k]; bad += nonfinite(dst[k]); }
+    } else if (code == 1) {
+        const uint16_t *src = (const uint16_t *)p + lo;
+        for (int k = 0; k < m; k++) { dst[k] = u2f((uint32_t)src[k] << 16); bad += nonfinite(dst[k]); }
+    } else {
+        const uint16_t *src = (const uint16_t *)p + lo;
+        for (int k = 0; k < m; k++) { dst[k] = h2f(src[k]); bad += nonfinite(dst[k]); }
+    }
+    return bad;
+}
+
+/* reference.merge_torch for one chunk of n elements from global index `start`, a block of BLOCK at a time.
+   q: scratch of nexp * BLOCK floats. counts[i] += the non-finite entries of expert i, [nexp] of the base (not
+   for linear). Every sparsifier is one test, keep = in_top(keep cut) & ~in_top(drop cut) & DARE's mask, with
+   the parts a sparsifier does not have made to keep everything: all is in_top(0, m), none in_top(EMPTY_T, 0),
+   and the mask is all ones. Always inlined: fm_merge's three shapes (linear, sign, no sign), in each of its
+   clones, get their own copy for their instruction set (one per input code and sparsifier too compiled for
+   21 s; this is 3 x 3 copies). */
+__attribute__((always_inline)) static inline void merge_body(int64_t n, int nexp, int in_code, const void *base,
+        const void *const *experts, int64_t start, int linear, int sparsifier, int sign, int normalize,
+        const int32_t *t_keep, const int64_t *c_keep, const int32_t *t_drop, const int64_t *c_drop,
+        const uint8_t *const *masks, const float *scales, const float *weights, float wsum, float wmin, float lam,
+        int out_code, void *out, int64_t *counts, float *q) {
+    float b[BLOCK], xb[BLOCK], s[BLOCK], num[BLOCK], den[BLOCK];
+    uint8_t ones[BLOCK];
+    memset(ones, 1, BLOCK);
     for (int64_t lo = 0; lo < n; lo += BLOCK) {
         int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
         if (linear) {
             for (int i = 0; i < nexp; i++) {
-                int32_t bad = 0;
+                counts[i] += load_block(experts[i], in_code, lo, m, xb);
                 const float w = weights[i];
-                for (int k = 0; k < m; k++) {
-                    float x = load(experts[i], in_code, lo + k);
-                    bad += nonfinite(x);
-                    q[k] = x * w;
-                }
-                counts[i] += bad;
-                if (i == 0) for (int k = 0; k < m; k++) num[k] = q[k];
-                else for (int k = 0; k < m; k++) num[k] = num[k] + q[k];
+                if (i == 0) for (int k = 0; k < m; k++) num[k] = xb[k] * w;  /* a sum starts from its first term */
+                else for (int k = 0; k < m; k++) num[k] = num[k] + xb[k] * w;
             }
             for (int k = 0; k < m; k++) store(out, out_code, lo + k, normalize ? num[k] / wsum : num[k]);
             continue;
         }
-        int32_t bad = 0;
-        for (int k = 0; k < m; k++) { b[k] = load(base, in_code, lo + k); bad += nonfinite(b[k]); }
-        counts[nexp] += bad;
+        counts[nexp] += load_block(base, in_code, lo, m, b);
         float *acc = sign ? s : num;
         for (int i = 0; i < nexp; i++) {
             float *qi = q + (int64_t)i * BLOCK;
             const float sc = scales[i], w = weights[i];
-            uint32_t tk = 0, td = 0;
-            int ck = 0, cd = 0;
+            uint32_t tk = 0, td = 0x7FFFFFFFu;
+            int ck = m, cd = 0;
             if (sparsifier == 1 || sparsifier == 3) local_cut(t_keep[i], c_keep[i], start + lo, m, &tk, &ck);
             if (sparsifier == 3) local_cut(t_drop[i], c_drop[i], start + lo, m, &td, &cd);
-            const uint8_t *mk = sparsifier == 2 ? masks[i] + lo : 0;
-            bad = 0;
+            const uint8_t *mk = sparsifier == 2 ? masks[i] + lo : ones;
+            counts[i] += load_block(experts[i], in_code, lo, m, xb);
             for (int k = 0; k < m; k++) {
-                float x = load(experts[i], in_code, lo + k);
-                bad += nonfinite(x);
-                float d = x - b[k];
-                uint32_t a = f2u(d) & 0x7FFFFFFFu, keep = 0xFFFFFFFFu;
-                if (sparsifier == 1 || sparsifier == 3) keep = top_bits(a, k, tk, ck);
-                if (sparsifier == 3) keep &= ~top_bits(a, k, td, cd);
-                if (sparsifier == 2) keep = -(uint32_t)mk[k];
+                float d = xb[k] - b[k];
+                uint32_t a = f2u(d) & 0x7FFFFFFFu;
+                uint32_t keep = top_bits(a, k, tk, ck) & ~top_bits(a, k, td, cd) & -(uint32_t)mk[k];
                 qi[k] = u2f(f2u(d * sc) & keep) * w;  /* a dropped entry is +0.0 */
             }
-            counts[i] += bad;
-            if (i == 0) for (int k = 0; k < m; k++) acc[k] = qi[k];  /* a sum starts from its first term */
+            if (i == 0) for (int k = 0; k < m; k++) acc[k] = qi[k];
             else for (int k = 0; k < m; k++) acc[k] = acc[k] + qi[k];
         }
         if (sign) {
@@ -180,16 +191,10 @@ FM_CLONES int fm_merge(int64_t n, int nexp, int in_code, const void *base, const
         int64_t *counts) {
     float *q = (float *)malloc(sizeof(float) * BLOCK * (size_t)(nexp > 0 ? nexp : 1));
     if (q == NULL) return -1;
-    /* one copy of the loop per input code and method shape, so each is compiled without those branches */
-#define FM_CASE(IC, LIN, SP, SG) merge_body(n, nexp, IC, base, experts, start, LIN, SP, SG, normalize, t_keep, \\
+#define FM_CASE(LIN, SG) merge_body(n, nexp, in_code, base, experts, start, LIN, sparsifier, SG, normalize, t_keep, \
         c_keep, t_drop, c_drop, masks, scales, weights, wsum, wmin, lam, out_code, out, counts, q)
-#define FM_SHAPES(IC) \\
-    if (linear) FM_CASE(IC, 1, 0, 0); \\
-    else if (sign) { if (sparsifier == 0) FM_CASE(IC, 0, 0, 1); else if (sparsifier == 1) FM_CASE(IC, 0, 1, 1); \\
-        else if (sparsifier == 2) FM_CASE(IC, 0, 2, 1); else FM_CASE(IC, 0, 3, 1); } \\
-    else { if (sparsifier == 0) FM_CASE(IC, 0, 0, 0); else if (sparsifier == 1) FM_CASE(IC, 0, 1, 0); \\
-        else if (sparsifier == 2) FM_CASE(IC, 0, 2, 0); else FM_CASE(IC, 0, 3, 0); }
-    if (in_code == 0) { FM_SHAPES(0) } else if (in_code == 1) { FM_SHAPES(1) } else { FM_SHAPES(2) }
+    if (linear) FM_CASE(1, 0); else if (sign) FM_CASE(0, 1); else FM_CASE(0, 0);
+#undef FM_CASE
     free(q);
     return 0;
 }
@@ -215,17 +220,22 @@ FM_CLONES uint32_t fm_max_abs(int64_t n, int in_code, const void *base, const vo
     return top;
 }
 
-/* reference.l1_fixed's sums: out[0] = sum of trunc(|d| * scale), out[1] the same over the entries whose
-   keep[j] is nonzero (keep NULL: out[1] = out[0]). scale is a power of two and every |d| * scale is below
-   2^62 / n (select.fixed_point_shift, and only for tensors whose deltas are all finite). */
-FM_CLONES void fm_l1_fixed(int64_t n, int in_code, const void *base, const void *x, float scale,
+/* reference.l1_fixed's sums: out[0] = sum of trunc(|d| * 2^shift), out[1] the same over the entries whose
+   keep[j] is nonzero (keep NULL: out[1] = out[0]). Every |d| * 2^shift is below 2^62 / n
+   (select.fixed_point_shift, and only for tensors whose deltas are all finite). trunc(|d| * 2^shift) from
+   the float's bits by integer shifts, which vectorize (a float -> int64 conversion does not on x86-64-v3):
+   the torch operations' value, since the product is exact whenever it is 1 or more. */
+FM_CLONES void fm_l1_fixed(int64_t n, int in_code, const void *base, const void *x, int shift,
                            const uint8_t *keep, int64_t *out) {
     int64_t total = 0, kept = 0;
     for (int64_t j = 0; j < n; j++) {
-        float d = load(x, in_code, j) - load(base, in_code, j);
-        int64_t q = (int64_t)(u2f(f2u(d) & 0x7FFFFFFFu) * scale);
+        uint32_t a = f2u(load(x, in_code, j) - load(base, in_code, j)) & 0x7FFFFFFFu;
+        uint32_t e = a >> 23;  /* |d| = m * 2^(max(e, 1) - 150) */
+        int64_t m = (int64_t)((a & 0x7FFFFFu) | (e ? 0x800000u : 0u));
+        int64_t up = (int64_t)(e ? e : 1) - 150 + shift;  /* q = m * 2^up, truncated */
+        int64_t q = up >= 0 ? m << (up < 40 ? up : 40) : (up > -24 ? m >> -up : 0);
         total += q;
-        if (keep != 0) kept += keep[j] ? q : 0;
+        if (keep != 0) kept += q & -(int64_t)keep[j];
     }
     out[0] = total;
     out[1] = keep != 0 ? kept : total;
@@ -254,7 +264,7 @@ _SIGNATURES = {
     "fm_hist_hi": ([_I64, _I32, _P, _P, _P], None),
     "fm_select_lo": ([_I64, _I32, _P, _P, ctypes.c_uint32, _P], ctypes.c_int64),
     "fm_max_abs": ([_I64, _I32, _P, _P], ctypes.c_uint32),
-    "fm_l1_fixed": ([_I64, _I32, _P, _P, _F32, _P, _P], None),
+    "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
 }
 
 _lock = threading.Lock()
@@ -427,7 +437,7 @@ def _l1_fixed(lib, base: torch.Tensor, expert: torch.Tensor, shift: int, keep: t
                                               or keep.numel() != base.numel())):
         return None
     out = np.zeros(2, dtype=np.int64)
-    lib.fm_l1_fixed(base.numel(), code, base.data_ptr(), expert.data_ptr(), float(np.float32(2.0**shift)),
+    lib.fm_l1_fixed(base.numel(), code, base.data_ptr(), expert.data_ptr(), shift,
                     keep.data_ptr() if keep is not None else None, out.ctypes.data)
     return int(out[0]), int(out[1])
 
@@ -480,6 +490,7 @@ def _disagreement(lib) -> str:
                 return f"max_abs ({dtype})"
             finite = ~(x.float() - b.float()).isfinite()
             fb, fx = b.masked_fill(finite, 0.0), x.masked_fill(finite, 0.5)  # the sums take finite deltas
+            fx = (fx.float() + torch.randn(n, generator=g) * 1e-3).to(dtype)  # float32: every mantissa bit
             keep = torch.rand(n, generator=g) < 0.4
             for shift in (20, 40, -3):
                 for k in (None, keep):

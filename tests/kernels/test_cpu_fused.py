@@ -174,7 +174,8 @@ def fresh(monkeypatch, tmp_path):
     ("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "u >> 16"),  # truncation, as the Triton interpreter's cast
     ("acc[k] = qi[k];", "acc[k] = 0.0f + qi[k];"),  # a sum from 0.0: -0.0 becomes +0.0
     ("top = a > top ? a : top;", "top = a > top && a < 0x7F800000u ? a : top;"),  # a NaN lost
-    ("if (keep != 0) kept += keep[j] ? q : 0;", "if (keep != 0) kept += keep[j] ? q : 1;"),
+    ("kept += q & -(int64_t)keep[j];", "kept += q;"),
+    ("(up > -24 ? m >> -up : 0)", "(up > -24 ? (m + 1) >> -up : 0)"),  # rounding up
 ])
 def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None:
     assert wrong[0] in cpu_fused.SOURCE
