@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fusemerge.config import (
@@ -706,10 +707,10 @@ def _model_problems(config: object) -> list[str]:
     problems: list[str] = []
     opened: list[ModelIndex] = []
     for p in dict.fromkeys(paths):
-        if "+" in p and not Path(p).exists():  # MODEL+LORA: load_config has said it is not supported
+        if "+" in p and not Path(p).expanduser().exists():  # MODEL+LORA: load_config has said it is not supported
             continue
         try:
-            opened.append(open_model(Path(p)))
+            opened.append(open_model(Path(p).expanduser()))  # as load_config takes the path
         except InputError as e:
             problems.extend(e.problems)
     if opened and "slices" not in raw:
@@ -897,6 +898,9 @@ def _tensor_plan(method: Method, name: str, ref_entry: TensorEntry, base_entry: 
         scale = per_model_values("scale") if "scale" in method.params else []
         if scale == [1.0] and out_code == ref_entry.dtype:
             return _copy_plan(name, entries[0])
+        if not all(np.isfinite(np.float32(v)) for v in scale):
+            raise InputError(f"tensor '{name}': scale resolves to {scale}, beyond float32's range (the merge "
+                             "computes in float32)")
         if ref_entry.dtype not in FLOAT_CODES:  # F64 / FP8: copied as they are, never scaled or converted
             raise InputError(f"tensor '{name}' has dtype {ref_entry.dtype}: passthrough copies it as it is, but the "
                              f"config asks for scale {scale} and output dtype {CODE_NAMES.get(out_code, out_code)}"
@@ -926,6 +930,13 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         if not 0.0 <= g <= 1.0:
             problems.append(f"tensor '{name}': gamma of model {i} resolves to {g}, outside [0, 1]")
     weights = per_model("weight")
+    lam = float(global_value("lambda", 1.0))
+    for what, values in (("weight", weights), ("lambda", [lam])):
+        for i, v in enumerate(values):
+            if not np.isfinite(np.float32(v)):  # the math is float32: 1e39 would be infinite there
+                where = f" of model {i}" if what == "weight" else ""
+                problems.append(f"tensor '{name}': {what}{where} resolves to {v}, beyond float32's range "
+                                "(the merge computes in float32)")
     normalize = bool(global_value("normalize", False))
     if normalize and method.consensus == "none" and weights and sums_to_zero(weights):
         # the config refuses scalar weights that do; gradients and filter rules resolve per tensor
@@ -933,8 +944,8 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
                         "true, so the merge would divide by 0")
     if problems:
         raise InputError(problems)
-    return dict(weights=weights, density=density, gamma=gamma, lam=float(global_value("lambda", 1.0)),
-                normalize=normalize, rescale=global_value("rescale", False))
+    return dict(weights=weights, density=density, gamma=gamma, lam=lam, normalize=normalize,
+                rescale=global_value("rescale", False))
 
 
 def _bytes_per_elem(n_inputs: int) -> int:

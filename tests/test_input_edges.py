@@ -323,3 +323,47 @@ def test_layers_named_from_the_start_of_the_name_are_counted(tmp_path) -> None:
     for i, weight in enumerate([0.0, 0.5, 1.0]):  # t = i / (L - 1), L = 3
         want = base[f"layers.{i}.w"] + weight * (expert[f"layers.{i}.w"] - base[f"layers.{i}.w"])
         torch.testing.assert_close(out[f"layers.{i}.w"], want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("where, value", [("weight", 1e39), ("lambda", -4e38)])
+def test_parameters_beyond_float32_are_refused(fam, tmp_path, where, value) -> None:
+    """The math is float32: a weight of 1e39 is infinite there (the compiled and torch paths then disagreed on
+    0 x inf); refused before anything is merged."""
+    def edit(c: dict) -> None:
+        if where == "weight":
+            c["models"][0]["parameters"]["weight"] = value
+        else:
+            c.setdefault("parameters", {})["lambda"] = value
+
+    r = invoke("run", _edit_config(fam, tmp_path, edit), tmp_path / "out")
+    assert r.exit_code == 2, r.output
+    assert any(f"resolves to {value}, beyond float32's range" in e for e in errors(r)), r.output
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_weight_that_is_0_in_float32_counts_as_0() -> None:
+    """TIES with normalize and weights that are all positive but one is 1e-46 (0 in float32): where no expert
+    agrees, D = 0 -> 1 (the smallest weight, 0 in float32, was taken as D's floor: 0 / 0 = NaN)."""
+    from fusemerge import merge_tensors
+
+    base = torch.full((4,), 0.5)
+    experts = [torch.tensor([1.5, -1.0, 2.0, -2.0]), torch.tensor([0.5, 1.0, -2.0, 2.0])]  # entry 0: 0 x w, 0
+    for backend in ("torch", "triton"):
+        out = merge_tensors(base, experts, "ties", weight=[1e-46, 1.0], density=1.0, backend=backend)
+        assert out[0] == 0.5 and not out.isnan().any(), (backend, out)
+
+
+def test_a_config_that_fails_to_load_opens_its_models_under_home(fam, tmp_path, monkeypatch) -> None:
+    """`~/model` paths in a config that does not load are opened where load_config would open them (they were
+    opened literally and reported missing)."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def edit(c: dict) -> None:
+        c["merge_method"] = "tiez"
+        c["base_model"] = "~/" + str(Path(c["base_model"]).relative_to(tmp_path))
+        for m in c["models"]:
+            m["model"] = "~/" + str(Path(m["model"]).relative_to(tmp_path))
+
+    r = invoke("plan", _edit_config(fam, tmp_path, edit))
+    assert r.exit_code == 2
+    assert [e for e in errors(r) if "tiez" in e] and not [e for e in errors(r) if "no such" in e], r.output

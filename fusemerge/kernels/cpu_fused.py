@@ -69,9 +69,8 @@ static inline uint32_t top_bits(uint32_t a, int k, uint32_t t, int cut) {
 }
 
 static inline void local_cut(int32_t t, int64_t c, int64_t first, int m, uint32_t *tt, int *cut) {
-    int64_t local = c - first;
-    *tt = (uint32_t)t;
-    *cut = (int)(local < 0 ? 0 : (local > m ? m : local));
+    *tt = (uint32_t)t;  /* compared before subtracting: c - first cannot overflow then (first >= 0) */
+    *cut = c <= first ? 0 : (c - first > m ? m : (int)(c - first));
 }
 
 static inline void store(void *out, int code, int64_t j, float y) {
@@ -317,7 +316,7 @@ def _takes(tensors: list[torch.Tensor]) -> int | None:
     """The input code of these chunks if the compiled loops take them (CPU, contiguous, one float dtype)."""
     first = tensors[0]
     code = IN_CODES.get(first.dtype)
-    if code is None or any(t.device.type != "cpu" or not t.is_contiguous() or t.dtype != first.dtype
+    if code is None or any(t.device.type != "cpu" or t.dim() != 1 or not t.is_contiguous() or t.dtype != first.dtype
                            or t.numel() != first.numel() for t in tensors):
         return None
     return code
@@ -336,7 +335,7 @@ def _merge(lib, base, experts, start, p, out_dtype, nonfinite, keeps) -> torch.T
     if lib is None or not experts or (not p.linear and base is None):
         return None
     code = _takes(inputs)
-    if code is None:
+    if code is None or out_dtype not in IN_CODES or start < 0:
         return None
     n, nexp = experts[0].numel(), len(experts)
     out_code = OUT_CODES.get(out_dtype, 0)
@@ -349,7 +348,7 @@ def _merge(lib, base, experts, start, p, out_dtype, nonfinite, keeps) -> torch.T
         total = f32(total + f32(w))
     wsum = float(total) if total != 0 else 1.0
     # reference._sign_consensus: clamped to the smallest weight when all are positive, else 0 -> 1 (wmin < 0)
-    wmin = float(f32(min(p.weights))) if min(p.weights) > 0 else -1.0
+    wmin = float(f32(min(p.weights))) if f32(min(p.weights)) > 0 else -1.0
     empty_t = (EMPTY_T,) * nexp
     t_keep = np.array(p.t_keep or empty_t, dtype=np.int32)
     c_keep = np.array(p.c_keep or (0,) * nexp, dtype=np.int64)
@@ -357,7 +356,7 @@ def _merge(lib, base, experts, start, p, out_dtype, nonfinite, keeps) -> torch.T
     c_drop = np.array(p.c_drop or (0,) * nexp, dtype=np.int64)
     ptrs = (ctypes.c_void_p * nexp)(*[x.data_ptr() for x in experts])
     if p.sparsifier == "dare":
-        if keeps is None or len(keeps) != nexp:
+        if keeps is None or len(keeps) != nexp or any(k.dtype != torch.bool or k.numel() != n for k in keeps):
             return None
         keeps = [k.contiguous() for k in keeps]
         masks = (ctypes.c_void_p * nexp)(*[k.data_ptr() for k in keeps])

@@ -247,8 +247,9 @@ def _sign_consensus(
         num = c if num is None else num.add_(c)
     num.mul_(g).add_(0.0)
     if den is not None:
-        if min(p.weights) > 0:  # den is 0 or at least the smallest weight; where it is 0, num is +0 too
-            den.clamp_min_(float(np.float32(min(p.weights))))
+        smallest = np.float32(min(p.weights))  # as the kernels hold it (1e-46 is 0 in float32)
+        if smallest > 0:  # den is 0 or at least the smallest weight; where it is 0, num is +0 too
+            den.clamp_min_(float(smallest))
         else:
             den.masked_fill_(den == 0, 1.0)
     return num, den

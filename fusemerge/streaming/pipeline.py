@@ -254,8 +254,10 @@ class Pipeline:
         if not needs_stats or not self._fits(t):
             # no statistics, or a tensor too large to keep on the device: its statistics passes stream it
             # through two buffers of their own first (a second read of its inputs), then it merges as it streams
-            # (with trim_scope: global the thresholds are known: nothing to read for them)
-            params = (self._streamed_statistics(t) if needs_stats and self.ex.global_cuts is None
+            # (with trim_scope: global the thresholds are known: nothing to read for them, unless the trim is
+            # rescaled, whose L1 sums need the data)
+            read = needs_stats and (self.ex.global_cuts is None or t.rescale is True)
+            params = (self._streamed_statistics(t) if read
                       else self.ex.chunk_params(t, Segment(t.numel, _no_statistics)))
             for start, count, slot, fut in chunks:
                 fut.result()

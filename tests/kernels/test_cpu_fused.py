@@ -159,6 +159,23 @@ def test_inputs_it_does_not_take_go_the_torch_way() -> None:
     assert torch.equal(out, reference.merge_torch(base, [strided.contiguous(), experts[1]], 0, p, torch.float32))
 
 
+@needs_compiled
+def test_2d_inputs_other_masks_and_far_cuts() -> None:
+    """Only what merge_chunk hands over is taken (1-D chunks, bool DARE masks); an index cut far from the chunk
+    (either side, beyond int64 differences) is clamped as the torch path clamps it."""
+    base, experts = family(2, 600, torch.float32, 13, edges=False)
+    p = params("ties", base, experts, 14)
+    assert cpu_fused.merge(base.view(4, 150), [x.view(4, 150) for x in experts], 0, p, torch.float32, None,
+                           None) is None
+    d = params("dare_ties", base, experts, 15)
+    ints = [dare_keep_run(k, 0, 600, 0.3).to(torch.int32) for k in d.keys]
+    assert cpu_fused.merge(base, experts, 0, d, torch.float32, None, ints) is None
+    t = params("ties", base, experts, 16)
+    for c in (-(2**62) - 1, 2**63 - 1):
+        far = ChunkParams("magnitude", "sign", False, t.weights, normalize=True, t_keep=t.t_keep, c_keep=(c, c))
+        assert_same(base, experts, 2**62, far, torch.bfloat16)
+
+
 @pytest.fixture
 def fresh(monkeypatch, tmp_path):
     """A process that has not yet built the CPU merge, with its own cache."""

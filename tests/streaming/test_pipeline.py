@@ -162,6 +162,18 @@ def test_global_trim_scope_through_the_pipeline(tmp_path, fam, method) -> None:
     assert passes == [sum(not t.copy_only for t in plan.tensors)]
 
 
+@pytest.mark.parametrize("scope", ["global", "tensor"])
+def test_a_rescaled_trim_through_the_pipeline(tmp_path, fam, scope) -> None:
+    """rescale: true of a trim reads each tensor for its L1 sums, also when the global thresholds are known
+    (the pipeline gave those tensors no data: an internal error)."""
+    cfg = tmp_path / "r.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], weight=(1.0, 0.6, 1.3), trim_scope=scope,
+                      rescale=True, **PARAMS["ties"])
+    fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
+    pipeline_run(cfg, tmp_path / "pipe", pinned="32KiB")
+    assert shards(tmp_path / "pipe") == shards(tmp_path / "ref")
+
+
 def test_a_read_failure_in_the_global_thresholds_is_raised(tmp_path, fam, monkeypatch) -> None:
     cfg = tmp_path / "g.yml"
     write_config_yaml(cfg, "ties", fam["base"], fam["experts"], trim_scope="global", **PARAMS["ties"])
