@@ -336,12 +336,20 @@ def test_unknown_parameter_per_model_and_global() -> None:
 
 @pytest.mark.parametrize(
     ("method", "name"),
-    [("ties", "gamma"), ("ties", "rescale"), ("linear", "density"), ("linear", "lambda"),
-     ("task_arithmetic", "density"), ("dare_linear", "gamma"), ("breadcrumbs", "rescale"), ("ties", "epsilon")],
+    [("ties", "gamma"), ("task_arithmetic", "rescale"), ("linear", "density"), ("linear", "lambda"),
+     ("task_arithmetic", "density"), ("dare_linear", "gamma"), ("linear", "rescale"), ("ties", "epsilon")],
 )
 def test_parameter_not_taken_by_method(method: str, name: str) -> None:
     message = one_problem(cfg(method=method, parameters={name: 0.5}))
     assert message.startswith(f"config: parameters.{name}: unknown parameter for {method}")
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_a_trims_rescale_is_true_or_false(method: str) -> None:
+    """mergekit's rescale of a trim is a bool (DARE's `inverse` is DARE's alone)."""
+    assert not problems(cfg(method=method, parameters={"rescale": True}))
+    message = one_problem(cfg(method=method, parameters={"rescale": "inverse"}))
+    assert message.startswith("config: parameters.rescale: "), message
 
 
 @pytest.mark.parametrize(("method", "name", "value"),
