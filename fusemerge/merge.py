@@ -20,7 +20,7 @@ from fusemerge.partition import finished_part, merge_identity, part_dir, parts_r
 from fusemerge.planner import CODE_NAMES, TOKENIZER_FILES, MergePlan, build_plan, tokenizer_dir
 from fusemerge.streaming.executor import Executor, StageTimes
 from fusemerge.streaming.global_cuts import CUTS_NAME, CutsFile, identity_digest
-from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch
+from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch, input_mtimes, refuse_changed_inputs
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import ShardedWriter, check_out_dir, make_temp_dir, move_into_place, temp_dir_path
@@ -102,7 +102,7 @@ def run(
     inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
     t0 = time.perf_counter()
     if plan.partition is not None:  # this run writes one part, into its own directory; finalize fills `out`
-        if resume and (done := finished_part(out, plan)) is not None:
+        if resume and (done := _unless_overwritten(finished_part, out, plan, overwrite)) is not None:
             i, n = plan.partition
             notify(f"part {i}/{n} is already merged in {done}; nothing to resume")
             return MergeResult(done, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
@@ -112,7 +112,7 @@ def run(
         out = part_dir(out, *plan.partition)
         problems += [p for p in check_out_dir(out, overwrite, inputs) if p not in problems]
     else:
-        if resume and _finished_run(out, plan):  # a requeued job of a merge already done: nothing to do
+        if resume and _unless_overwritten(_finished_run, out, plan, overwrite):  # a requeued job of a merge done
             notify(f"{out} already holds this merge, finished; nothing to resume")
             return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
                                sorted(p.name for p in out.iterdir()), StageTimes(), plan,
@@ -146,6 +146,7 @@ def run(
                        + (f"; {dropped} journal entries did not match the written bytes and are redone"
                           if dropped else ""))
             executor = None
+            read_mtimes = input_mtimes(plan)  # what this run reads, recorded in its manifest
             cuts_file = _cuts_file(plan, out_dir, temp, notify)
             writer = ShardedWriter(temp, plan.layout, resume=resumed is not None, index=plan.partition is None)
             try:
@@ -173,9 +174,9 @@ def run(
             shards = [s.filename for s in plan.layout.shards]
             if plan.partition is None:
                 write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests,
-                               merge=identity_digest(merge_identity(plan)))
+                               merge=identity_digest(merge_identity(plan)), input_mtimes=read_mtimes)
             else:  # the part's hashes; finalize writes the manifest and index of the whole merge
-                write_part_manifest(temp, plan, writer.digests, extras)
+                write_part_manifest(temp, plan, writer.digests, extras, read_mtimes)
             times.add(manifest=time.perf_counter() - t1)
             kill.stage("extras")
             journal.remove()  # killed between here and the rename, a resume starts over: no work is left to lose
@@ -279,10 +280,22 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> lis
     return [*written, "fusemerge_config.yml", "README.md"]
 
 
+def _unless_overwritten(finished, out: Path, plan: MergePlan, overwrite: bool):
+    """finished(out, plan), except that with --overwrite a finished merge of inputs modified since is not
+    finished (it is merged again) where without it that is an input error."""
+    try:
+        return finished(out, plan)
+    except InputError:
+        if overwrite:
+            return None
+        raise
+
+
 def _finished_run(out: Path, plan: MergePlan) -> bool:
     """Whether `out` is this very merge, finished (its manifest names this merge's identity, and every file it
     lists is there at its size): then `run --resume` has nothing to do. A manifest without the identity (an
-    older fusemerge, a hand-made directory) is not."""
+    older fusemerge, a hand-made directory) is not. InputError if it is, but from inputs rewritten since (their
+    modification times are not those it recorded: same sizes and headers, maybe other data)."""
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
@@ -292,8 +305,12 @@ def _finished_run(out: Path, plan: MergePlan) -> bool:
     files = manifest["files"]
     if manifest.get("merge") != identity_digest(merge_identity(plan)):
         return False
-    return all((out / name).is_file() and (out / name).stat().st_size == entry["bytes"]
-               for name, entry in files.items())
+    if not all((out / name).is_file() and (out / name).stat().st_size == entry["bytes"]
+               for name, entry in files.items()):
+        return False
+    refuse_changed_inputs(out, manifest.get("input_mtimes"), plan)
+    return True
+
 
 
 def _main_dtype(plan: MergePlan) -> str | None:

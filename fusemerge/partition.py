@@ -48,7 +48,7 @@ from fusemerge.errors import InputError
 from fusemerge.planner import part_shards
 from fusemerge.streaming.digest import file_digest
 from fusemerge.streaming.global_cuts import identity_digest
-from fusemerge.streaming.journal import header_digest, input_files, layout_entries
+from fusemerge.streaming.journal import header_digest, input_files, layout_entries, refuse_changed_inputs
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import check_out_dir, make_temp_dir, move_into_place, temp_dir_path, write_index
@@ -101,9 +101,11 @@ def merge_identity(plan: MergePlan) -> dict:
 
 
 def write_part_manifest(directory: Path, plan: MergePlan, partial: dict[str, PrefixDigest],
-                        extras: list[str]) -> Path:
+                        extras: list[str], input_mtimes: dict[str, int] | None = None) -> Path:
     """Hash the part's shards in `directory` (finishing `partial`, the writer's digests) and its other files
-    `extras` (config.json, tokenizer files, ...), and write `fusemerge_part.json` there, flushed to disk."""
+    `extras` (config.json, tokenizer files, ...), and write `fusemerge_part.json` there, flushed to disk.
+    `input_mtimes`: the inputs' modification times this part read (not part of the merge's identity: copies on
+    other machines have their own), for `run --resume` of this part on this machine."""
     assert plan.partition is not None
     names = [s.filename for s in plan.layout.shards]
     digests = hash_files(directory, names, partial)
@@ -116,6 +118,8 @@ def write_part_manifest(directory: Path, plan: MergePlan, partial: dict[str, Pre
         "models": [str(Path(os.path.abspath(m.path))) for m in _models(plan)],
         "merge": merge_identity(plan),
     }
+    if input_mtimes is not None:
+        manifest["input_mtimes"] = input_mtimes
     path = Path(directory) / PART_MANIFEST
     write_json(path, manifest, indent=1)
     return path
@@ -136,6 +140,7 @@ def finished_part(out_dir: str | os.PathLike, plan: MergePlan) -> Path | None:
         return None
     if manifest["merge"] != merge_identity(plan) or _part_problems(directory, manifest):
         return None
+    refuse_changed_inputs(directory, manifest.get("input_mtimes"), plan)
     return directory
 
 
@@ -374,8 +379,13 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> tuple[l
             shutil.copyfile(first_dir / name, temp / name)
         if len(shards) > 1:
             write_index(temp, merge["index"])
+        # the inputs' modification times where every part read the same files (one machine, one file system);
+        # parts that read copies on other machines have their own, and the joined merge records none
+        mtimes = [manifest.get("input_mtimes") for _, manifest in parts]
         write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), known=known,
-                       merge=identity_digest(merge))
+                       merge=identity_digest(merge),
+                       input_mtimes=mtimes[0] if isinstance(mtimes[0], dict) and mtimes.count(mtimes[0]) == len(mtimes)
+                       else None)
         (temp / JOIN_MARKER).unlink()  # the shards are all in: a kill from here on leaves nothing to move back
         files = sorted(p.name for p in temp.iterdir())
         move_into_place(temp, out, overwrite)

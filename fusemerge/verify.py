@@ -41,14 +41,16 @@ def hash_files(directory: Path, names: list[str],
 
 def write_manifest(directory: str | os.PathLike, names: list[str],
                    partial: dict[str, PrefixDigest] | None = None,
-                   known: dict[str, tuple[str, int]] | None = None, merge: str | None = None) -> Path:
+                   known: dict[str, tuple[str, int]] | None = None, merge: str | None = None,
+                   input_mtimes: dict[str, int] | None = None) -> Path:
     """Hash the files `names` of `directory` and write `fusemerge_manifest.json` there (flushed to disk).
 
     The manifest maps each file name to `{"sha256", "bytes"}` and records the fusemerge version. `partial`
     holds digests fed while the files were written (`ShardedWriter.digests`); they are finished from the file.
     `known` holds (sha256, bytes) already computed (the parts' manifests, `fusemerge finalize`): not re-read.
     `merge`: the SHA-256 of the merge's identity (`partition.merge_identity`), so that `run --resume` of the
-    same merge into a finished directory knows it has nothing to do.
+    same merge into a finished directory knows it has nothing to do; `input_mtimes`: the inputs' modification
+    times it read (journal.input_mtimes), so that it knows when they were rewritten since.
     """
     directory = Path(directory)
     known = known or {}
@@ -59,6 +61,8 @@ def write_manifest(directory: str | os.PathLike, names: list[str],
     manifest = {"fusemerge_version": __version__, "algorithm": "sha256", "files": files}
     if merge is not None:
         manifest["merge"] = merge
+    if input_mtimes is not None:
+        manifest["input_mtimes"] = input_mtimes
     path = directory / MANIFEST_NAME
     write_json(path, manifest)
     return path

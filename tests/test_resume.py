@@ -272,6 +272,44 @@ def test_resume_with_nothing_to_resume_starts_fresh_with_a_note(fam: dict, tmp_p
     assert f"fusemerge: note: no interrupted merge into {out} to resume; starting from the beginning" in r.stderr
 
 
+def _rewrite_in_place(shard: Path) -> None:
+    """New data, the same header and size: what a checkpoint overwritten by a later save of it looks like."""
+    data = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for j in range(start + 1, len(data), 2):  # the high byte of each bf16 value: other values, same layout
+        data[j] ^= 0x01
+    with open(shard, "r+b") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("part", [False, True])
+def test_resume_of_a_finished_merge_whose_inputs_were_rewritten_is_refused(tmp_path: Path, part: bool) -> None:
+    """The merge identity holds the inputs' sizes and headers, not their data: a finished merge (or part) whose
+    input was rewritten since is refused by --resume (it did nothing, and finalize then joined parts of old and
+    new data); --resume --overwrite merges it again."""
+    fam = make_llama_family(tmp_path / "models", n_experts=2, seed=3, **SHAPE)
+    cfg = tmp_path / "ties.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.4)
+    out = tmp_path / "out"
+    opts = [*RUN_OPTS, *(["--partition", "0/2"] if part else [])]
+    assert invoke("run", cfg, out, *opts).exit_code == 0
+    shard = next(fam["experts"][0].glob("*.safetensors"))
+    _rewrite_in_place(shard)
+    r = invoke("run", cfg, out, *opts, "--resume")
+    assert r.exit_code == 2, r.output
+    (line,) = errors(r.stderr)
+    assert "holds this merge, finished, but" in line and str(shard) in line and "--overwrite" in line, line
+    r = invoke("run", cfg, out, *opts, "--resume", "--overwrite")
+    assert r.exit_code == 0, r.output
+    fresh = tmp_path / "fresh"
+    assert invoke("run", cfg, fresh, *opts).exit_code == 0
+    done = (lambda d: d.parent / f"{d.name}.fusemerge-parts" / "part-0-of-2") if part else (lambda d: d)
+    shards = lambda d: {n: b for n, b in files(done(d)).items() if n.endswith(".safetensors")}  # noqa: E731
+    assert shards(out) == shards(fresh)
+    r = invoke("run", cfg, out, *opts, "--resume")  # and now it is this merge, finished: nothing to do
+    assert r.exit_code == 0 and "nothing to resume" in r.stderr, r.output
+
+
 def test_unreadable_journal_starts_fresh(fam: dict, tmp_path: Path) -> None:
     out = tmp_path / "out"
     interrupt(fam, out)

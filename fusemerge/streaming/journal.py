@@ -75,24 +75,49 @@ def layout_entries(layout: OutputLayout) -> list[dict]:
             for s in layout.shards]
 
 
-def input_files(plan: MergePlan) -> list[dict]:
-    """Every input file of `plan` (shards, config.json, index): path, size, mtime and SHA-256 (of the header for
-    shards, of the whole file otherwise)."""
-    files: dict[Path, dict] = {}
+def _input_paths(plan: MergePlan) -> dict[Path, str]:
+    """Every input file of `plan` (shards, config.json, index) -> what of it is hashed ("header" or "file")."""
+    files: dict[Path, str] = {}
     for model in ([plan.base] if plan.base is not None else []) + plan.models:
         for f in model.files:
-            files.setdefault(Path(os.path.abspath(f)), {"hashed": "header"})
+            files.setdefault(Path(os.path.abspath(f)), "header")
         directory = model.path if Path(model.path).is_dir() else Path(model.path).parent
         for name in (CONFIG_NAME, INDEX_NAME):
             if (directory / name).is_file():
-                files.setdefault(Path(os.path.abspath(directory / name)), {"hashed": "file"})
+                files.setdefault(Path(os.path.abspath(directory / name)), "file")
+    return files
+
+
+def input_files(plan: MergePlan) -> list[dict]:
+    """Every input file of `plan` (shards, config.json, index): path, size, mtime and SHA-256 (of the header for
+    shards, of the whole file otherwise)."""
     out = []
-    for path, entry in files.items():
+    for path, hashed in _input_paths(plan).items():
         st = os.stat(path)
-        digest = header_digest(path) if entry["hashed"] == "header" else file_digest(path)[0]
+        digest = header_digest(path) if hashed == "header" else file_digest(path)[0]
         out.append({"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
-                    "hashed": entry["hashed"]})
+                    "hashed": hashed})
     return out
+
+
+def input_mtimes(plan: MergePlan) -> dict[str, int]:
+    """Every input file's modification time (ns), by absolute path: what a finished merge records, so that a
+    `--resume` of it can tell inputs rewritten since (same size and header, other data) from the ones it read."""
+    return {str(path): os.stat(path).st_mtime_ns for path in _input_paths(plan)}
+
+
+def refuse_changed_inputs(done: Path, recorded: object, plan: MergePlan) -> None:
+    """InputError if an input file of `plan` has another modification time than the one `recorded`
+    (input_mtimes of the run that wrote the finished merge in `done`), or was not read by it: rewritten since,
+    with the same size and header, it may hold other data. Nothing is checked when nothing was recorded
+    (finalize's join, whose parts may have read copies on other machines; an older fusemerge)."""
+    if not isinstance(recorded, dict):
+        return
+    changed = [path for path, mtime in input_mtimes(plan).items() if recorded.get(path) != mtime]
+    if changed:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise InputError(f"{done} holds this merge, finished, but {changed[0]}{more} was modified after that merge "
+                         "read it (its data may have changed): --overwrite merges it again")
 
 
 def header_digest(path: Path) -> str:
