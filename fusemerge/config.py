@@ -604,7 +604,7 @@ class _Validator:
         if near:
             self.add(key, f"unknown {what} (did you mean {near!r}?); {allowed}")
         elif param := _near(name, params):
-            where = "goes at the top level" if param == "trim_scope" else "goes under parameters:"
+            where = "goes under the top-level parameters:" if param == "trim_scope" else "goes under parameters:"
             self.add(key, f"unknown {what}; a merge parameter such as {param!r} {where}; {allowed}")
         else:
             note = f"{self.label}: {key}: unknown {what}, ignored (as mergekit ignores it); {allowed}"

@@ -23,7 +23,14 @@ from fusemerge.streaming.global_cuts import CUTS_NAME, CutsFile, identity_digest
 from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch, input_mtimes, refuse_changed_inputs
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
-from fusemerge.streaming.writer import ShardedWriter, check_out_dir, make_temp_dir, move_into_place, temp_dir_path
+from fusemerge.streaming.writer import (
+    ShardedWriter,
+    check_out_dir,
+    make_temp_dir,
+    move_into_place,
+    remove_replaced,
+    temp_dir_path,
+)
 from fusemerge.verify import MANIFEST_NAME, is_files_map, write_manifest
 
 log = logging.getLogger("fusemerge")
@@ -123,6 +130,7 @@ def run(
 
     kill = KillSwitch.from_env()
     with out_dir_lock(out, notify):
+        remove_replaced(out, notify)
         temp = temp_dir_path(out)
         resumed = Journal.resume(temp, plan, out, kill) if resume and temp.is_dir() else None
         if resumed is None:

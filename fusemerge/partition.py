@@ -51,7 +51,14 @@ from fusemerge.streaming.global_cuts import identity_digest
 from fusemerge.streaming.journal import header_digest, input_files, layout_entries, refuse_changed_inputs
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
-from fusemerge.streaming.writer import check_out_dir, make_temp_dir, move_into_place, temp_dir_path, write_index
+from fusemerge.streaming.writer import (
+    check_out_dir,
+    make_temp_dir,
+    move_into_place,
+    remove_replaced,
+    temp_dir_path,
+    write_index,
+)
 from fusemerge.verify import hash_files, is_files_map, read_json, write_json, write_manifest
 
 if TYPE_CHECKING:
@@ -186,6 +193,7 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
             (notify or log.warning)(line)
 
     with out_dir_lock(out, lock_note):
+        remove_replaced(out, note)
         with ExitStack() as locks:
             found = sorted((int(m.group(1)), int(m.group(2)), p) for p in root.iterdir()
                            if p.is_dir() and (m := _PART_RE.fullmatch(p.name)))

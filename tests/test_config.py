@@ -891,4 +891,7 @@ def test_key_near_misses_are_case_blind_and_anchor_holders_are_not_misses() -> N
     data = cfg()
     data["models"][0]["trim_scope"] = "global"
     (line,) = problems(data)
-    assert "a merge parameter such as 'trim_scope' goes at the top level" in line
+    assert "a merge parameter such as 'trim_scope' goes under the top-level parameters:" in line
+    (line,) = problems({**cfg(), "trim_scope": "global"})  # at the top level itself: the hint is not "top level"
+    assert "trim_scope: unknown top-level key; a merge parameter such as 'trim_scope' goes under the top-level " \
+           "parameters:" in line, line

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import logging
 import math
 import os
 import secrets
@@ -27,6 +28,8 @@ from fusemerge.errors import InputError
 from fusemerge.streaming.digest import PrefixDigest
 from fusemerge.streaming.model_index import INDEX_NAME, SINGLE_FILE_NAME
 from fusemerge.streaming.safetensors_header import DTYPES
+
+log = logging.getLogger("fusemerge")
 
 # Early writeback: once this many bytes have been written to a shard since its last writeback request, a
 # background thread asks the kernel to start writing them to disk (Linux sync_file_range, SYNC_FILE_RANGE_WRITE:
@@ -350,6 +353,9 @@ def make_temp_dir(out_dir: Path) -> Path:
     return temp_dir
 
 
+REPLACED_PREFIX = ".{name}.fusemerge-old-"  # + 8 hex digits: an output --overwrite replaced, being deleted
+
+
 def move_into_place(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     """Put the finished `temp_dir` in place of `out_dir` by renaming it.
 
@@ -372,18 +378,50 @@ def move_into_place(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
     if _exchange(temp_dir, out_dir):  # one atomic step: no moment without out_dir
         # temp_dir now holds the old output: renamed away at once (a caller undoing its failed work must never
         # find the old output's files under the temporary name), then deleted, quietly (out_dir is in place)
-        old_dir = out_dir.parent / f".{out_dir.name}.fusemerge-old-{secrets.token_hex(4)}"
+        old_dir = _replaced_name(out_dir)
         os.rename(temp_dir, old_dir)
-        shutil.rmtree(old_dir, ignore_errors=True)
+        _remove_replaced(old_dir)
         return
-    old_dir = out_dir.parent / f".{out_dir.name}.fusemerge-old-{secrets.token_hex(4)}"
+    old_dir = _replaced_name(out_dir)
     os.rename(out_dir, old_dir)
     try:
         os.rename(temp_dir, out_dir)
     except BaseException:
         os.rename(old_dir, out_dir)
         raise
-    shutil.rmtree(old_dir)
+    _remove_replaced(old_dir)
+
+
+def _replaced_name(out_dir: Path) -> Path:
+    return out_dir.parent / f"{REPLACED_PREFIX.format(name=out_dir.name)}{secrets.token_hex(4)}"
+
+
+def _remove_replaced(old_dir: Path) -> None:
+    """Delete the output --overwrite replaced; the new one is in place, so a failure is a warning naming what is
+    left (removed by the next run into the same OUT_DIR, `remove_replaced`, or by hand)."""
+    try:
+        shutil.rmtree(old_dir)
+    except OSError as e:
+        log.warning("%s: the output --overwrite replaced could not be removed (%s); the next run into this "
+                    "directory removes it, or remove it by hand", old_dir, e.strerror or e)
+
+
+def remove_replaced(out_dir: Path, notify: Callable[[str], None]) -> None:
+    """Remove outputs an earlier --overwrite of `out_dir` replaced but could not delete (a run killed between
+    the swap and the delete, a directory it could not empty); call with OUT_DIR's lock held."""
+    out_dir = Path(os.path.abspath(out_dir))
+    prefix = REPLACED_PREFIX.format(name=out_dir.name)
+    try:
+        leftovers = [e.path for e in os.scandir(out_dir.parent) if e.name.startswith(prefix) and e.is_dir()
+                     and not e.is_symlink() and len(e.name) == len(prefix) + 8]
+    except OSError:
+        return
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            notify(f"{path}: an output an earlier --overwrite replaced; it could not be removed")
+        else:
+            notify(f"removed {path}, the output an earlier --overwrite of {out_dir} replaced")
 
 
 _AT_FDCWD = -100
@@ -407,6 +445,19 @@ def _exchange(a: Path, b: Path) -> bool:
     if err in (errno.EINVAL, errno.ENOSYS, errno.EPERM, errno.ENOTSUP):  # not on this kernel / file system
         return False
     raise OSError(err, os.strerror(err), str(b))
+
+
+def _linked_into(model: Path, out: Path) -> tuple[Path, Path] | None:
+    """(target, link) for the first file of the model directory (or the model file) that resolves inside `out`."""
+    try:
+        entries = [e.path for e in os.scandir(model)] if model.is_dir() else [str(model)]
+    except OSError:
+        return None
+    for entry in entries:
+        target = Path(os.path.realpath(entry))
+        if target == out or out in target.parents:
+            return target, Path(entry)
+    return None
 
 
 def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> list[str]:
@@ -437,6 +488,9 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> list[st
             problems.append(f"{out_dir}: holds the input model {model}; choose another output directory")
         elif model_path in out.parents:
             problems.append(f"{out_dir}: lies inside the input model {model}; choose another output directory")
+        elif linked := _linked_into(Path(model), out):  # a model of links to another merge's files
+            problems.append(f"{out_dir}: holds {linked[0]}, which the input model {model} reads through the link "
+                            f"{linked[1]}; choose another output directory")
 
     ancestor = out.parent
     while not ancestor.exists():

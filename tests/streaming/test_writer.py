@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -426,6 +427,38 @@ def test_move_into_place_with_overwrite_replaces(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temp, no old copy left
 
 
+def test_a_replaced_output_that_cannot_be_deleted_is_a_warning_and_removed_later(tmp_path: Path, monkeypatch,
+                                                                                 caplog) -> None:
+    """--overwrite deletes the old output after the new one is in place: a failure there is a warning naming what
+    is left (it was silent), and the next run into the same OUT_DIR removes it (so does one after a kill between
+    the swap and the delete)."""
+    from fusemerge.streaming import writer
+
+    out = tmp_path / "out"
+    fill(out, {"model.safetensors": "old"})
+    temp = make_temp_dir(out)
+    fill(temp, {"model.safetensors": "new"})
+    real = shutil.rmtree
+
+    def refuse(path, *a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(writer.shutil, "rmtree", refuse)
+    with caplog.at_level("WARNING", logger="fusemerge"):
+        move_into_place(temp, out, overwrite=True)
+    (left,) = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert left.name.startswith(".out.fusemerge-old-") and (left / "model.safetensors").read_text() == "old"
+    assert f"{left}: the output --overwrite replaced could not be removed (Permission denied)" in caplog.text
+    monkeypatch.setattr(writer.shutil, "rmtree", real)
+    notes: list[str] = []
+    writer.remove_replaced(out, notes.append)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert notes == [f"removed {left}, the output an earlier --overwrite of {out} replaced"]
+    (tmp_path / ".out.fusemerge-old-notours").mkdir()  # not a name fusemerge makes: left alone
+    writer.remove_replaced(out, notes.append)
+    assert (tmp_path / ".out.fusemerge-old-notours").is_dir()
+
+
 @pytest.mark.parametrize("exchange", [True, False])
 def test_overwrite_is_one_atomic_swap_where_the_file_system_can(tmp_path: Path, monkeypatch, exchange: bool) -> None:
     """With renameat2's RENAME_EXCHANGE there is no moment without OUT_DIR (a kill between two renames left it
@@ -525,6 +558,20 @@ def test_check_out_dir_never_replaces_inputs(tmp_path: Path, overwrite: bool, mo
     assert len(problems(Path("base"))) == 1
     (tmp_path / "alias").symlink_to(models)
     assert len(problems(tmp_path / "alias" / "base")) == 1  # symlinks are resolved
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_check_out_dir_never_replaces_files_an_input_links_to(tmp_path: Path, overwrite: bool) -> None:
+    """An input model made of links to another merge's files: replacing that merge would replace the input."""
+    prev = tmp_path / "prev"
+    fill(prev, {"model.safetensors": "weights", "config.json": "{}"})
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("model.safetensors", "config.json"):
+        (linked / name).symlink_to(prev / name)
+    (found,) = check_out_dir(prev, overwrite, [linked])[-1:]
+    assert found.startswith(f"{prev}: holds {prev}/") and f"the input model {linked} reads through the link" in found
+    assert check_out_dir(tmp_path / "elsewhere", overwrite, [linked]) == []
 
 
 def test_check_out_dir_parent_not_writable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
