@@ -208,62 +208,78 @@ def top_cuts(
     if any(live):
         k = max(1, min(workers, -(-total // chunk)))
         stop = threading.Event()
-
-        def count_hi(w: int) -> np.ndarray:
-            hi = np.zeros((n, 1 << 15), dtype=np.int64)
-            for _, base, experts in _stride(segments, chunk, w, k, stop):
-                for i in range(n):
-                    if live[i]:
-                        hi[i] += backend.abs_hist_hi(base, experts[i]).cpu().numpy()
-            return hi
-
-        hi = sum(run_workers(k, count_hi, stop))
+        hi = sum(run_workers(k, lambda w: _high_histograms(backend, segments, chunk, live, w, k, stop), stop))
         located = [{r: _locate(hi[i], r) for r in live[i]} for i in range(n)]
         bins = [sorted({b for b, _ in located[i].values()}) for i in range(n)]
-        # Where the backend can hand over the selected entries themselves, keep them (per chunk, in index
-        # order) while they are few: the tie cut below then needs no further pass over the data.
-        select = getattr(backend, "abs_select_lo", None)
-        room = max(chunk, total // 8) * n  # entries all workers together may keep
+        room = max(chunk, total // 8) * n  # selected entries all workers together may keep
         if keep_bytes is not None:
             room = min(room, keep_bytes // 4)
-
-        def count_lo(w: int) -> tuple[list[dict[int, np.ndarray]], dict[tuple[int, int], _Spool] | None]:
-            lo = [{b: np.zeros(1 << 16, dtype=np.int64) for b in bins[i]} for i in range(n)]
-            spools: dict[tuple[int, int], _Spool] | None = {} if select is not None else None
-            left = room // k  # this worker's share: beyond it, its spools are counted and dropped
-            for start, base, experts in _stride(segments, chunk, w, k, stop):
-                for i in range(n):
-                    for b in bins[i]:
-                        if spools is None:
-                            lo[i][b] += backend.abs_hist_lo(base, experts[i], b).cpu().numpy()
-                            continue
-                        sel = select(base, experts[i], b).cpu().numpy()
-                        left -= sel.size
-                        if left >= 0:  # counted from the spool at the end: one bincount, not one per chunk
-                            spools.setdefault((i, b), _Spool()).append(start, sel)
-                            continue
-                        lo[i][b] += np.bincount(sel, minlength=1 << 16)
-                        for (si, sb), spool in spools.items():
-                            lo[si][sb] += spool.bincount(1 << 16)
-                        spools = None
-            for (i, b), spool in (spools or {}).items():
-                lo[i][b] += spool.bincount(1 << 16)
-                spool.trim()
-            return lo, spools
-
-        done = run_workers(k, count_lo, stop)
+        done = run_workers(k, lambda w: _low_histograms(backend, segments, chunk, bins, room // k, w, k, stop), stop)
         lo = [{b: sum(los[i][b] for los, _ in done) for b in bins[i]} for i in range(n)]
-        if select is not None and all(spools is not None for _, spools in done):
+        if all(spools is not None for _, spools in done):
             kept = _KeptByChunk([spools for _, spools in done])
         for i in range(n):
             for r in live[i]:
                 b, above = located[i][r]
                 low, above_lo = _locate(lo[i][b], r - above)
                 found[i][r] = ((b << 16) | low, r - above - above_lo, int(lo[i][b][low]))
+    cuts = _index_cuts(backend, segments, chunk, found, kept, total)
+    return [[(found[i][r][0], cuts[i][r]) if r > 0 else (EMPTY_T, EMPTY_C) for r in ranks[i]] for i in range(n)]
 
+
+def _high_histograms(backend: ModuleType, segments: list[Segment], chunk: int, live: list[list[int]], w: int,
+                     k: int, stop: threading.Event) -> np.ndarray:
+    """The radix select's first pass, worker w of k: per expert with ranks to find, the histogram of
+    bits(|d|) >> 16 over its share of the chunks."""
+    hi = np.zeros((len(live), 1 << 15), dtype=np.int64)
+    for _, base, experts in _stride(segments, chunk, w, k, stop):
+        for i in range(len(live)):
+            if live[i]:
+                hi[i] += backend.abs_hist_hi(base, experts[i]).cpu().numpy()
+    return hi
+
+
+def _low_histograms(backend: ModuleType, segments: list[Segment], chunk: int, bins: list[list[int]], left: int,
+                    w: int, k: int, stop: threading.Event
+                    ) -> tuple[list[dict[int, np.ndarray]], dict[tuple[int, int], _Spool] | None]:
+    """The radix select's second pass, worker w of k: per expert and high bin found by the first, the histogram
+    of the low 16 bits of the entries in that bin. Where the backend hands over the selected entries
+    themselves (abs_select_lo), they are kept per chunk, in index order, while this worker's share `left` of
+    the room lasts: the tie cut then needs no further pass over the data (None once they no longer fit)."""
+    n = len(bins)
+    select = getattr(backend, "abs_select_lo", None)
+    lo = [{b: np.zeros(1 << 16, dtype=np.int64) for b in bins[i]} for i in range(n)]
+    spools: dict[tuple[int, int], _Spool] | None = {} if select is not None else None
+    for start, base, experts in _stride(segments, chunk, w, k, stop):
+        for i in range(n):
+            for b in bins[i]:
+                if spools is None:
+                    lo[i][b] += backend.abs_hist_lo(base, experts[i], b).cpu().numpy()
+                    continue
+                sel = select(base, experts[i], b).cpu().numpy()
+                left -= sel.size
+                if left >= 0:  # counted from the spool at the end: one bincount, not one per chunk
+                    spools.setdefault((i, b), _Spool()).append(start, sel)
+                    continue
+                lo[i][b] += np.bincount(sel, minlength=1 << 16)
+                for (si, sb), spool in spools.items():
+                    lo[si][sb] += spool.bincount(1 << 16)
+                spools = None
+    for (i, b), spool in (spools or {}).items():
+        lo[i][b] += spool.bincount(1 << 16)
+        spool.trim()
+    return lo, spools
+
+
+def _index_cuts(backend: ModuleType, segments: list[Segment], chunk: int,
+                found: list[dict[int, tuple[int, int, int]]], kept: _KeptByChunk | None, total: int
+                ) -> list[dict[int, int]]:
+    """Per expert and rank, the index cut c: `total` where every entry equal to the threshold t is in, else the
+    index just after the q-th such entry in index order (found from the kept selections and one read of the
+    chunk that holds it, or by a counting pass where they were not kept)."""
+    n = len(found)
     cuts = [{r: total for r, (_, q, ties) in found[i].items() if q == ties} for i in range(n)]
     pending = {(i, r): (t, q) for i in range(n) for r, (t, q, ties) in found[i].items() if q < ties}
-    # Only some of the entries equal to t fit: the cut is the index just after the q-th one, in order.
     where: dict[int, list[tuple[int, int, int, int]]] = {}  # global chunk start -> [(i, r, t, q left)]
     for (i, r), (t, q) in list(pending.items()):
         if kept is None:
@@ -291,7 +307,7 @@ def top_cuts(
                     seen[i, r] += here
             if not pending:
                 break
-    return [[(found[i][r][0], cuts[i][r]) if r > 0 else (EMPTY_T, EMPTY_C) for r in ranks[i]] for i in range(n)]
+    return cuts
 
 
 # -- the bracket select -------------------------------------------------------------------------------
