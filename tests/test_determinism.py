@@ -158,7 +158,7 @@ def test_dare_masks_drawn_by_worker_processes_change_no_byte(method, configs, tm
             started.append(self)
 
     expect = reference(configs[method], tmp_path_factory)
-    monkeypatch.setattr(philox_native, "_state", {"fn": None, "how": "numpy (test)"})
+    monkeypatch.setattr(philox_native, "_state", {"obj": None, "how": "numpy (test)"})
     monkeypatch.setattr(executor, "WORKER_MIN_DRAWS", 0)
     monkeypatch.setattr(executor, "MaskWorkers", Recorded)
     monkeypatch.setenv("FUSEMERGE_CPU_WORKERS", "threads")  # mask workers serve merge threads, not processes

@@ -18,7 +18,6 @@ a sample of every kind of merge before it is used.
 from __future__ import annotations
 
 import ctypes
-import logging
 import math
 import threading
 
@@ -27,8 +26,6 @@ import torch
 
 from fusemerge.kernels import native_build
 from fusemerge.kernels.params import EMPTY_T, ChunkParams
-
-log = logging.getLogger(__name__)
 
 # Input codes: how an element is read as float32 (exactly: every bf16 and fp16 value is a float32 value).
 IN_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -267,7 +264,7 @@ _SIGNATURES = {
 }
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "lib": the loaded library or None (torch path); "how": what was loaded
+_state: dict[str, object] = {}  # "obj": the loaded library or None (torch path); "how": what was loaded
 
 
 def _load() -> tuple[object | None, str]:
@@ -289,16 +286,7 @@ def _load() -> tuple[object | None, str]:
 
 
 def _library():
-    lib = _state.get("lib", False)
-    if lib is False:
-        with _lock:
-            if "how" not in _state:
-                lib, how = _load()
-                _state["how"] = how  # before "lib": a thread that sees "lib" finds "how" too
-                _state["lib"] = lib
-                log.info("CPU merge: %s", how)
-            lib = _state["lib"]
-    return lib
+    return native_build.loaded(_state, _lock, _load, "CPU merge")
 
 
 def available() -> bool:

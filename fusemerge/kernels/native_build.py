@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import logging
 import os
 import platform
 import shlex
@@ -26,7 +27,11 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger("fusemerge")
 
 # Put before a function definition in a source: build it for three x86-64 levels where the compiler can.
 CLONES = """
@@ -36,6 +41,21 @@ CLONES = """
 #define FM_CLONES
 #endif
 """
+
+
+def loaded(state: dict, lock: threading.Lock, load: Callable[[], tuple[object, str]], what: str) -> object:
+    """What `load()` gives (the compiled code, or None for the Python path), loaded once per process and thread-
+    safely: kept in state["obj"], its description in state["how"], logged once as `what: how`."""
+    obj = state.get("obj", False)
+    if obj is False:
+        with lock:
+            if "how" not in state:
+                obj, how = load()
+                state["how"] = how  # before "obj": a thread that sees "obj" finds "how" too
+                state["obj"] = obj
+                log.info("%s: %s", what, how)
+            obj = state["obj"]
+    return obj
 
 
 def disabled() -> bool:

@@ -16,7 +16,6 @@ the numpy path.
 from __future__ import annotations
 
 import ctypes
-import logging
 import threading
 
 import numpy as np
@@ -29,8 +28,6 @@ from fusemerge.kernels.philox_numpy import (
     PHILOX_ROUND_A,
     PHILOX_ROUND_B,
 )
-
-log = logging.getLogger(__name__)
 
 # The rounds exactly as philox.py's docstring states them, one entry at a time; the compiler vectorizes the
 # loop over entries (8 or 16 lanes of 32x32 -> 64-bit multiplies with AVX2 / AVX-512).
@@ -62,7 +59,7 @@ FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
 _NAME = "fm_keep_run"
 
 _lock = threading.Lock()
-_state: dict[str, object] = {}  # "fn": the loaded function or None (numpy path); "how": what was loaded
+_state: dict[str, object] = {}  # "obj": the loaded function or None (numpy path); "how": what was loaded
 
 
 def _load() -> tuple[object | None, str]:
@@ -99,16 +96,7 @@ def _call(fn, k0: int, k1: int, start: int, n: int, below: int, out: np.ndarray)
 
 
 def _function():
-    fn = _state.get("fn", False)
-    if fn is False:
-        with _lock:
-            if "fn" not in _state:
-                fn, how = _load()
-                _state["how"] = how  # before "fn": a thread that sees "fn" finds "how" too
-                _state["fn"] = fn
-                log.info("DARE keep masks on CPU: %s", _state["how"])
-            fn = _state["fn"]
-    return fn
+    return native_build.loaded(_state, _lock, _load, "DARE keep masks on CPU")
 
 
 def available() -> bool:

@@ -23,3 +23,13 @@ DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 def device() -> str:
     """Where kernel inputs live: "cuda" on a GPU machine, "cpu" under the interpreter."""
     return DEVICE
+
+
+@pytest.fixture
+def native_cache(monkeypatch, tmp_path):
+    """Compiled CPU code (kernels/native_build.py) built into tmp_path/cache, its temp-dir fallback in tmp_path/tmp."""
+    from fusemerge.kernels import native_build
+
+    monkeypatch.setenv("FUSEMERGE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    return tmp_path

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusemerge.kernels import cpu_fused, native_build, reference
+from fusemerge.kernels import cpu_fused, reference
 from fusemerge.kernels.params import EMPTY_T, ChunkParams
 from fusemerge.kernels.philox import dare_keep_run, dare_key
 
@@ -177,12 +177,10 @@ def test_2d_inputs_other_masks_and_far_cuts() -> None:
 
 
 @pytest.fixture
-def fresh(monkeypatch, tmp_path):
+def fresh(monkeypatch, native_cache):
     """A process that has not yet built the CPU merge, with its own cache."""
     monkeypatch.setattr(cpu_fused, "_state", {})
-    monkeypatch.setenv("FUSEMERGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    return tmp_path
+    return native_cache
 
 
 @pytest.mark.parametrize("wrong", [

@@ -18,12 +18,10 @@ needs_compiled = pytest.mark.skipif(not philox_native.available(),
 
 
 @pytest.fixture
-def fresh(monkeypatch, tmp_path):
+def fresh(monkeypatch, native_cache):
     """philox_native as in a new process, with its cache in tmp_path."""
     monkeypatch.setattr(philox_native, "_state", {})
-    monkeypatch.setenv("FUSEMERGE_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    return tmp_path
+    return native_cache
 
 
 def both(k0: int, k1: int, start: int, n: int, below: int) -> tuple[np.ndarray, np.ndarray]:
