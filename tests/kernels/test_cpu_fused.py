@@ -189,8 +189,10 @@ def fresh(monkeypatch, native_cache):
     ("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "u >> 16"),  # truncation, as the Triton interpreter's cast
     ("acc[k] = qi[k];", "acc[k] = 0.0f + qi[k];"),  # a sum from 0.0: -0.0 becomes +0.0
     ("top = a > top ? a : top;", "top = a > top && a < 0x7F800000u ? a : top;"),  # a NaN lost
-    ("kept += q & -(int64_t)keep[j];", "kept += q;"),
-    ("(up > -24 ? m >> -up : 0)", "(up > -24 ? (m + 1) >> -up : 0)"),  # rounding up
+    ("kept += q & -(int64_t)mk[k];", "kept += q;"),
+    ("(up > -24 ? mant >> -up : 0)", "(up > -24 ? (mant + 1) >> -up : 0)"),  # rounding up
+    ("hist[bin[k]] += 1;", "hist[bin[k] & 0x7FFE] += 1;"),
+    ("out[found] = (int32_t)(a[k] & 0xFFFFu);", "out[found] = (int32_t)(a[k] & 0xFFFEu);"),
 ])
 def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None:
     assert wrong[0] in cpu_fused.SOURCE
