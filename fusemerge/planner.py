@@ -449,12 +449,7 @@ def build_plan(
         need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
         raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
                          f"{n_inputs} inputs need at least {need}")
-    if pinned is not None and dev.type == "cuda":
-        from fusemerge.streaming.pipeline import min_pinned_bytes
 
-        if pinned < (floor := min_pinned_bytes(n_inputs)):
-            raise InputError(f"--max-pinned-memory {format_size(pinned)} is too small: the pipeline's buffers for "
-                             f"{n_inputs} inputs need at least {format_size(floor)}")
     plan = MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
                      budget // (2 * n_workers), seed, num_layers, warnings, pinned,

@@ -346,10 +346,11 @@ def test_a_weight_that_is_0_in_float32_counts_as_0() -> None:
     agrees, D = 0 -> 1 (the smallest weight, 0 in float32, was taken as D's floor: 0 / 0 = NaN)."""
     from fusemerge import merge_tensors
 
-    base = torch.full((4,), 0.5)
-    experts = [torch.tensor([1.5, -1.0, 2.0, -2.0]), torch.tensor([0.5, 1.0, -2.0, 2.0])]  # entry 0: 0 x w, 0
-    for backend in ("torch", "triton"):
-        out = merge_tensors(base, experts, "ties", weight=[1e-46, 1.0], density=1.0, backend=backend)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors would need the interpreter
+    base = torch.full((4,), 0.5, device=dev)
+    experts = [torch.tensor([1.5, -1.0, 2.0, -2.0], device=dev), torch.tensor([0.5, 1.0, -2.0, 2.0], device=dev)]
+    for backend in ("torch", "triton"):  # entry 0: 0 x w and 0, so no expert agrees
+        out = merge_tensors(base, experts, "ties", weight=[1e-46, 1.0], density=1.0, backend=backend).cpu()
         assert out[0] == 0.5 and not out.isnan().any(), (backend, out)
 
 

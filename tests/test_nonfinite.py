@@ -137,10 +137,13 @@ def test_a_nan_at_the_threshold_is_kept_by_every_backend(bits: int) -> None:
     e0 = torch.arange(10, dtype=torch.float32) * 0.1 + 0.1
     e0[0] = nan
     e1 = torch.full((10,), 0.5)
-    ties = {b: merge_tensors(base, [e0, e1], "ties", density=0.1, backend=b) for b in ("torch", "triton")}
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors would need the interpreter
+    if dev == "cuda":
+        base, e0, e1 = base.to(dev), e0.to(dev), e1.to(dev)
+    ties = {b: merge_tensors(base, [e0, e1], "ties", density=0.1, backend=b).cpu() for b in ("torch", "triton")}
     # k = 1: each expert keeps its entry 0; the NaN makes the election -1, with which neither agrees
     assert ties["torch"][0] == 0.0 and torch.equal(ties["torch"], ties["triton"]), ties
-    crumbs = {b: merge_tensors(base, [e0], "breadcrumbs", density=0.5, gamma=0.1, backend=b)
+    crumbs = {b: merge_tensors(base, [e0], "breadcrumbs", density=0.5, gamma=0.1, backend=b).cpu()
               for b in ("torch", "triton")}
     assert crumbs["torch"][0] == 0.0, crumbs  # the NaN is the one outlier dropped
     assert torch.equal(crumbs["torch"].view(torch.int32), crumbs["triton"].view(torch.int32)), crumbs
@@ -152,11 +155,12 @@ def test_a_nan_delta_gives_dare_the_factor_1_whatever_the_chunking(where: int) -
     the chunk maxima once lost a NaN that came after a finite one, and the factor came out of a NaN's bits."""
     from fusemerge import merge_tensors
 
-    base = torch.zeros(64)
-    e = torch.linspace(0.01, 0.64, 64)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # Triton on CPU tensors would need the interpreter
+    base = torch.zeros(64, device=dev)
+    e = torch.linspace(0.01, 0.64, 64, device=dev)
     e[where] = float("nan")
-    outs = [merge_tensors(base, [e], "dare_linear", density=0.5, seed=0, name="w", backend=b, chunk=c)
+    outs = [merge_tensors(base, [e], "dare_linear", density=0.5, seed=0, name="w", backend=b, chunk=c).cpu()
             for b in ("torch", "triton") for c in (64, 32)]
-    unscaled = merge_tensors(base, [e], "dare_linear", density=0.5, seed=0, name="w", rescale=False)
+    unscaled = merge_tensors(base, [e], "dare_linear", density=0.5, seed=0, name="w", rescale=False).cpu()
     for out in outs:
         assert torch.equal(out.view(torch.int32), unscaled.view(torch.int32)), (out[:4], unscaled[:4])

@@ -31,8 +31,11 @@ ONE_PASS_SELECT = False
 
 
 def _scalar(x: float, device: torch.device) -> torch.Tensor:
-    """A 0-d float32 tensor: torch then multiplies in float32 exactly as a kernel would."""
-    return torch.tensor(x, dtype=F32, device=device)
+    """A 0-d float32 tensor: torch then multiplies in float32 exactly as a kernel would. Made by a fill on the
+    device (torch.tensor(x, device="cuda") copies from the host and waits for the stream)."""
+    with np.errstate(over="ignore"):  # float32(x) rounded on the host, an infinity where it overflows
+        x = float(np.float32(x))  # (torch.full refuses to overflow)
+    return torch.full((), x, dtype=F32, device=device)
 
 
 def delta(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
@@ -448,5 +451,5 @@ def l1_fixed_top(base: torch.Tensor, expert: torch.Tensor, shift: int, start: in
     if (cut[2], cut[3]) != (EMPTY_T, EMPTY_C):
         keep.bitwise_and_(top_mask(a, start, cut[2], cut[3]).bitwise_not_())
     q = d.abs_().mul_(_scalar(2.0**shift, d.device)).to(torch.int64)
-    total = int(q.sum())
-    return total, int(q.bitwise_and_(keep.to(torch.int64)).sum())
+    total, kept = torch.stack([q.sum(), q.bitwise_and_(keep.to(torch.int64)).sum()]).tolist()  # one wait on a GPU
+    return total, kept

@@ -37,8 +37,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from fusemerge.errors import InputError
 from fusemerge.kernels.select import Segment
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
+from fusemerge.sizes import format_size
 
 DEFAULT_PINNED = 1 << 30
 MIN_PIPE_CHUNK = 1 << 8
@@ -71,6 +73,10 @@ class Pipeline:
             chunk = max(MIN_PIPE_CHUNK, min(chunk - ALIGN, (_pow2(self.rows * chunk * 4) // 2) // (self.rows * 4)))
             chunk -= chunk % ALIGN
         self.chunk = max(MIN_PIPE_CHUNK, chunk)
+        if self._pinned(self.chunk) > budget:  # even the smallest chunk pins more: the budget cannot be kept to
+            raise InputError(f"--max-pinned-memory: {format_size(budget)} for this GPU's pipeline (each GPU takes an "
+                             f"equal share) is too small: its buffers for {self.rows} inputs and {self.readers} "
+                             f"readers need at least {format_size(self._pinned(self.chunk))}")
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._jobs: queue.Queue = queue.Queue()
@@ -512,13 +518,6 @@ def _pinned_bytes(rows: int, slots: int, n_out: int, chunk: int) -> int:
     """Pinned bytes the in-slots, the 2 statistics buffers and the out-slots of `chunk` elements take, as the
     allocator rounds them."""
     return (slots + 2) * _pow2(rows * chunk * 4) + n_out * _pow2(chunk * 4)
-
-
-def min_pinned_bytes(rows: int, readers: int | None = None) -> int:
-    """The pinned host memory a pipeline of `rows` inputs per tensor needs at its smallest chunk (MIN_PIPE_CHUNK
-    elements): a smaller --max-pinned-memory cannot be kept to."""
-    _, slots, n_out = _slots(readers)
-    return _pinned_bytes(rows, slots, n_out, MIN_PIPE_CHUNK)
 
 
 def _pow2(n: int) -> int:

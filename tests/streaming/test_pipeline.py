@@ -211,7 +211,7 @@ def several(plan, k: int):
     return dataclasses.replace(plan, device=devices[0], devices=devices)
 
 
-def multi_run(cfg: Path, out: Path, k: int, backend="auto", pinned="64KiB"):
+def multi_run(cfg: Path, out: Path, k: int, backend="auto", pinned="96KiB"):  # 32 KiB per GPU for 3
     plan = several(fusemerge.build_plan(cfg, device=DEVICE, backend=backend, workers=1, max_pinned_memory=pinned), k)
     out.mkdir()
     ex = Executor(plan, None, pipeline=True, readers=2)
@@ -345,7 +345,7 @@ def test_ctrl_c_during_several_pipelines_stops_them_before_it_returns(tmp_path, 
 
     monkeypatch.setattr(ChunkReader, "read_into", slow)
     cfg = config(tmp_path, fam, "task_arithmetic")
-    plan = several(fusemerge.build_plan(cfg, device="cpu", workers=1, max_pinned_memory="16KiB"), 2)
+    plan = several(fusemerge.build_plan(cfg, device="cpu", workers=1, max_pinned_memory="64KiB"), 2)
     (tmp_path / "out").mkdir()
     ex = Executor(plan, None, pipeline=True, readers=1)
     timer = threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT))  # a real one: it wakes join()
@@ -399,20 +399,16 @@ def test_copied_tensors_go_through_in_chunks(tmp_path, fam, monkeypatch) -> None
     assert max(counts) * 8 < largest, (max(counts), largest)  # the embedding in many pieces
 
 
-def test_a_pinned_budget_below_the_smallest_chunk_is_refused(tmp_path, fam, monkeypatch) -> None:
-    """--max-pinned-memory below what the smallest chunk pins cannot be kept to (the floor went over it): a GPU
-    plan refuses it; min_pinned_bytes is what a pipeline at its smallest chunk pins."""
+def test_a_pinned_budget_below_the_smallest_chunk_is_refused(tmp_path, fam) -> None:
+    """--max-pinned-memory below what the smallest chunk pins cannot be kept to (the floor went over it): the
+    pipeline refuses it, counting its own readers and its GPU's share, before it reads anything."""
     import dataclasses
 
-    from fusemerge.streaming.pipeline import MIN_PIPE_CHUNK, Pipeline, min_pinned_bytes
+    from fusemerge.streaming.pipeline import MIN_PIPE_CHUNK, Pipeline
 
-    cfg = config(tmp_path, fam, "ties")
-    plan = dataclasses.replace(fusemerge.build_plan(cfg, device=DEVICE), chunk_elems=1 << 22)
-    pipe = Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=4096)
-    assert pipe.chunk == MIN_PIPE_CHUNK and pipe._pinned(pipe.chunk) == min_pinned_bytes(pipe.rows, 8) > 4096
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    with pytest.raises(InputError, match=r"--max-pinned-memory 4.00 KiB is too small: the pipeline's buffers for 4 "
-                                         r"inputs need at least"):
-        fusemerge.build_plan(cfg, device="cuda", max_pinned_memory="4KiB", max_memory="1GiB")
+    plan = dataclasses.replace(fusemerge.build_plan(config(tmp_path, fam, "ties"), device=DEVICE), chunk_elems=1 << 22)
+    floor = Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=1 << 30)._pinned(MIN_PIPE_CHUNK)
+    assert Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=floor).chunk == MIN_PIPE_CHUNK
+    with pytest.raises(InputError, match=r"--max-pinned-memory: .* for this GPU's pipeline .* is too small: its "
+                                         r"buffers for 4 inputs and 8 readers need at least"):
+        Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=floor - 1)
