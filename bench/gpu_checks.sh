@@ -2,7 +2,8 @@
 # Every GPU check fusemerge has, in one command (a lent GPU machine bills by the minute):
 #   1. the machine (GPU, driver, torch, triton)
 #   2. GPU tests: the Triton kernels on CUDA against the torch backend and the float64 oracle, and
-#      byte-identical output across devices and backends (tests/test_determinism.py)
+#      byte-identical output across devices and backends (tests/test_determinism.py); then
+#      bench/gpu_rescale_check.py: a trim's L1 rescale on CUDA against the CPU's bytes
 #   3. bench/kernels.py: fused-kernel GB/s vs the device-to-device copy, side by side with eager torch
 #      (once per dtype in KERNELS_DTYPES, default bfloat16)
 #   4. sweep: ties / dare_ties / task arithmetic, N = 8, over the merge kernel's launch choices (SWEEP entries
@@ -31,6 +32,11 @@ if step tests; then
     ${TEST_PATHS:-tests/kernels tests/test_determinism.py tests/streaming/test_pipeline.py tests/test_nonfinite.py} \
     ${PYTEST_ARGS:-} > "$out/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$out/pytest.log"
+fi
+if step rescale; then
+  # a trim's L1 rescale on CUDA (reference.l1_fixed_top's torch operations) gives the CPU's bytes
+  timeout "${RESCALE_S:-90}" python3 bench/gpu_rescale_check.py > "$out/rescale.log" 2>&1
+  echo "rescale rc=$?"; grep -c "^ok" "$out/rescale.log"; grep "^FAIL\|Error" "$out/rescale.log" | head
 fi
 if step kernels; then
   for dtype in ${KERNELS_DTYPES:-bfloat16}; do
