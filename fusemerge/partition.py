@@ -18,7 +18,8 @@ shares a file system:
         part-2-of-3/    ...
 
 `fusemerge_part.json` holds the part's (i, n), its shards' SHA-256 and sizes, those of its other files
-(`extras`), the absolute paths of the models, and `merge`: what fixes the bytes of the whole merge (the fusemerge
+(`extras`), the absolute paths of the models, the inputs' modification times as the part read them
+(`input_mtimes`), and `merge`: what fixes the bytes of the whole merge (the fusemerge
 version, the config, the seed, the whole output layout and index, each input's size and header SHA-256; not the
 inputs' modification times, which copies on other machines do not share; the config names the models, so every
 part needs the same config).

@@ -109,8 +109,8 @@ def input_mtimes(plan: MergePlan) -> dict[str, int]:
 def refuse_changed_inputs(done: Path, recorded: object, plan: MergePlan) -> None:
     """InputError if an input file of `plan` has another modification time than the one `recorded`
     (input_mtimes of the run that wrote the finished merge in `done`), or was not read by it: rewritten since,
-    with the same size and header, it may hold other data. Nothing is checked when nothing was recorded
-    (finalize's join, whose parts may have read copies on other machines; an older fusemerge)."""
+    with the same size and header, it may hold other data. Nothing is checked when nothing was recorded (a
+    join of parts that read copies on other machines, whose times differ; an older fusemerge)."""
     if not isinstance(recorded, dict):
         return
     changed = [path for path, mtime in input_mtimes(plan).items() if recorded.get(path) != mtime]
