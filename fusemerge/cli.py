@@ -124,7 +124,29 @@ def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, r
                 max_pinned_memory=max_pinned_memory, partition=partition)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """click's own usage errors (a missing argument, an unknown option, OUT_DIR that is a file) as the one line
+    every other input error is (exit 2), not click's usage block."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as e:
+            hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
+            click.echo(f"fusemerge: error: {e.format_message()}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("fusemerge: error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="fusemerge")
 @click.option("-v", "--verbose", count=True, help="More logging (debug messages); `run -v` prints per-stage times.")
 def main(verbose: int) -> None:

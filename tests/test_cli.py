@@ -362,3 +362,20 @@ def test_demo_config_names_its_models_by_absolute_path(tmp_path: Path, monkeypat
     assert invoke("demo", "d", "-q").exit_code == 0
     cfg = yaml.safe_load((tmp_path / "d" / "ties.yml").read_text())
     assert all(Path(m["model"]).is_absolute() for m in cfg["models"]) and Path(cfg["base_model"]).is_absolute()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run"], "Missing argument 'CONFIG'."),
+    (["run", "c.yml", "out", "--bogus"], "No such option '--bogus'"),
+    (["run", "c.yml", "out", "--backend", "cuda"], "Invalid value for '--backend'"),
+])
+def test_click_usage_errors_are_one_line(tmp_path, args, message) -> None:
+    """CLI.md: one line per problem on stderr, exit 2, for click's own checks too (not its usage block)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "c.yml").write_text("merge_method: linear\n")
+    r = subprocess.run([sys.executable, "-m", "fusemerge", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2, r
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"fusemerge: error: {message}") and "--help`)" in line, line
