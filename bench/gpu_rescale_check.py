@@ -6,20 +6,32 @@ Triton backend equal the CPU torch backend bit for bit (bf16, fp16, fp32; three 
 the device equals the CPU's for every kind of index cut (EMPTY_T with a cut among them), and that a NaN delta gives
 a trim the factor 1 whatever the chunking. Prints one `ok` / `FAIL` line per case; exit 1 on any failure.
 
-    python bench/gpu_rescale_check.py                # on the GPU, 2^20 entries per tensor
-    DEV=cpu N=4096 python bench/gpu_rescale_check.py # the same on CPU (Triton's interpreter), small
+    python bench/gpu_rescale_check.py                      # on the GPU, 2^20 entries per tensor
+    python bench/gpu_rescale_check.py --device cpu --n 4096  # the same on CPU (Triton's interpreter), small
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from pathlib import Path
 
 import torch
 
-if os.environ.get("DEV", "cuda") == "cpu":
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernels are imported
+
+def _device_arg(argv: list[str]) -> str:
+    """--device's value, read before argparse: Triton's interpreter must be chosen before its import."""
+    for i, a in enumerate(argv):
+        if a.startswith("--device="):
+            return a.split("=", 1)[1]
+        if a == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "cuda"
+
+
+if _device_arg(sys.argv[1:]) == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fusemerge import merge_tensors  # noqa: E402
 from fusemerge.kernels import reference, triton_select  # noqa: E402
@@ -28,9 +40,12 @@ from fusemerge.kernels.params import EMPTY_C, EMPTY_T  # noqa: E402
 BITS = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
 
 
-def main() -> int:
-    dev = torch.device(os.environ.get("DEV", "cuda"))
-    n = int(os.environ.get("N", 1 << 20))
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="where the Triton backend runs (cpu: the interpreter)")
+    p.add_argument("--n", type=int, default=1 << 20, help="entries per tensor")
+    args = p.parse_args(argv)
+    dev, n = torch.device(args.device), args.n
     g = torch.Generator().manual_seed(0)
     fails = 0
 
