@@ -8,6 +8,10 @@ the same bits.
 Inputs are 1-D chunks of one tensor (any float dtype; all inputs of a call share it); `start` is the
 global flat index of element 0 of the chunk, so index cuts and DARE's random stream do not depend
 on how a tensor is chunked. Works on any torch device (the GPU path uses Triton by default).
+
+On CPU, merge_chunk, the radix select's histograms and DARE's statistics hand CPU chunks to the compiled
+loops of cpu_fused.py, which give these functions' bytes (the `*_torch` functions here, which they are
+tested and checked against), and fall back to the torch operations for anything those do not take.
 """
 
 from __future__ import annotations
