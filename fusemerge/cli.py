@@ -124,6 +124,10 @@ def _plan_kwargs(device, cuda_flag, backend, max_memory, out_shard_size, seed, r
                 max_pinned_memory=max_pinned_memory, partition=partition)
 
 
+# click >= 8.2 raises this (a UsageError) for a group called without a command; older click prints the help itself
+_NO_ARGS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 class _Group(click.Group):
     """click's own usage errors (a missing argument, an unknown option, OUT_DIR that is a file) as the one line
     every other input error is (exit 2), not click's usage block."""
@@ -133,6 +137,9 @@ class _Group(click.Group):
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_HELP as e:  # `fusemerge` alone: the help, as click shows it
+            e.show()
+            sys.exit(e.exit_code)
         except click.UsageError as e:
             hint = f" (see `{e.ctx.command_path} --help`)" if e.ctx is not None else ""
             click.echo(f"fusemerge: error: {e.format_message()}{hint}", err=True)

@@ -379,3 +379,12 @@ def test_click_usage_errors_are_one_line(tmp_path, args, message) -> None:
     assert r.returncode == 2, r
     (line,) = r.stderr.strip().splitlines()
     assert line.startswith(f"fusemerge: error: {message}") and "--help`)" in line, line
+
+
+def test_fusemerge_alone_shows_the_help(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "fusemerge"], capture_output=True, text=True, cwd=tmp_path)
+    out = r.stdout + r.stderr
+    assert out.startswith("Usage: ") and "fusemerge: error" not in out and "run" in out, out
