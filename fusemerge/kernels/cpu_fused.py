@@ -1,4 +1,4 @@
-"""The CPU merge as compiled code: reference.py's merge and selection histograms, one C loop each.
+"""The CPU merge as compiled code: reference.py's merge, selection histograms and DARE statistics, a C loop each.
 
 The torch backend spends one pass over memory per torch call: a TIES merge of N experts makes ~8 N passes
 over float32 chunks (delta, mask, weight, sum, sign, clamp, count, sum) and its threshold search 4 more per
@@ -334,7 +334,8 @@ def describe() -> str:
 
 
 def _takes(tensors: list[torch.Tensor]) -> int | None:
-    """The input code of these chunks if the compiled loops take them (CPU, contiguous, one float dtype)."""
+    """The input code of these chunks if the compiled loops take them (CPU, 1-D, contiguous, one float dtype and
+    length)."""
     first = tensors[0]
     code = IN_CODES.get(first.dtype)
     if code is None or any(t.device.type != "cpu" or t.dim() != 1 or not t.is_contiguous() or t.dtype != first.dtype
@@ -364,12 +365,8 @@ def _merge(lib, base, experts, start, p, out_dtype, nonfinite, keeps) -> torch.T
     f32 = np.float32
     weights = np.array(p.weights, dtype=f32)
     scales = np.array(p.scales(), dtype=f32)
-    total = f32(0.0)
-    for w in p.weights:  # reference._weight_sum: left to right in float32, 0 -> 1
-        total = f32(total + f32(w))
-    wsum = float(total) if total != 0 else 1.0
-    # reference._sign_consensus: clamped to the smallest weight when all are positive, else 0 -> 1 (wmin < 0)
-    wmin = float(f32(min(p.weights))) if f32(min(p.weights)) > 0 else -1.0
+    # the disjoint mean's divisor: clamped to the smallest weight when it is positive, else 0 -> 1 (wmin < 0)
+    wmin = p.smallest_weight() if p.smallest_weight() > 0 else -1.0
     empty_t = (EMPTY_T,) * nexp
     t_keep = np.array(p.t_keep or empty_t, dtype=np.int32)
     c_keep = np.array(p.c_keep or (0,) * nexp, dtype=np.int64)
@@ -387,7 +384,7 @@ def _merge(lib, base, experts, start, p, out_dtype, nonfinite, keeps) -> torch.T
     status = lib.fm_merge(n, nexp, code, base.data_ptr() if base is not None else None, ptrs, start,
                           int(p.linear), SPARSIFIERS[p.sparsifier], int(p.consensus == "sign"), int(p.normalize),
                           t_keep.ctypes.data, c_keep.ctypes.data, t_drop.ctypes.data, c_drop.ctypes.data, masks,
-                          scales.ctypes.data, weights.ctypes.data, wsum, wmin, float(f32(p.lam)), out_code,
+                          scales.ctypes.data, weights.ctypes.data, p.weight_sum(), wmin, float(f32(p.lam)), out_code,
                           out.data_ptr(), counts.ctypes.data)
     if status != 0:
         raise MemoryError("cannot allocate the CPU merge's scratch")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 # Experts one Triton merge call takes: the kernel loops over them (not unrolled), so N only costs time; 64
 # bounds its parameter tables and the tests. The torch backend takes any number.
 MAX_EXPERTS = 64
@@ -54,3 +56,14 @@ class ChunkParams:
 
     def scales(self) -> tuple[float, ...]:
         return self.scale if self.scale else (1.0,) * self.n
+
+    def weight_sum(self) -> float:
+        """sum w_i as the kernels add it: float32, left to right; a sum of 0 is 1 (the plain mean's divisor)."""
+        total = np.float32(0.0)
+        for w in self.weights:
+            total = np.float32(total + np.float32(w))
+        return float(total) if total != 0 else 1.0
+
+    def smallest_weight(self) -> float:
+        """min w_i as float32 (1e-46 is 0): the disjoint mean's divisor is at least it when it is positive."""
+        return float(np.float32(min(self.weights)))

@@ -177,7 +177,7 @@ def merge_torch(base: torch.Tensor | None, experts: list[torch.Tensor], start: i
         num = products[0]
         for q in products[1:]:
             num.add_(q)
-        den = _weight_sum(p.weights, device) if p.normalize else None
+        den = _scalar(p.weight_sum(), device) if p.normalize else None
     if den is not None:
         num.div_(den)
     if p.lam != 1.0:
@@ -215,14 +215,6 @@ def _count_nonfinite_into(nonfinite: torch.Tensor, slot: int, x: torch.Tensor) -
         nonfinite[slot] += int((~torch.isfinite(x)).sum())
 
 
-def _weight_sum(weights: tuple[float, ...], device: torch.device) -> torch.Tensor:
-    """sum w_i in float32, left to right; 0 -> 1."""
-    total = np.float32(0.0)
-    for w in weights:
-        total = np.float32(total + np.float32(w))
-    return _scalar(float(total) if total != 0 else 1.0, device)
-
-
 def _sign_consensus(
     products: list[torch.Tensor], p: ChunkParams, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -254,9 +246,9 @@ def _sign_consensus(
         num = c if num is None else num.add_(c)
     num.mul_(g).add_(0.0)
     if den is not None:
-        smallest = np.float32(min(p.weights))  # as the kernels hold it (1e-46 is 0 in float32)
+        smallest = p.smallest_weight()
         if smallest > 0:  # den is 0 or at least the smallest weight; where it is 0, num is +0 too
-            den.clamp_min_(float(smallest))
+            den.clamp_min_(smallest)
         else:
             den.masked_fill_(den == 0, 1.0)
     return num, den
@@ -272,7 +264,7 @@ def _linear(models: list[torch.Tensor], p: ChunkParams, out_dtype: torch.dtype) 
             term.mul_(_scalar(p.weights[i], device))
         num = term if num is None else num.add_(term)
     if p.normalize:
-        num.div_(_weight_sum(p.weights, device))
+        num.div_(_scalar(p.weight_sum(), device))
     return _rounded(num, out_dtype)
 
 

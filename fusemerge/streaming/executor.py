@@ -167,7 +167,8 @@ class Executor:
         return not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True))
 
     def _resident(self, t: TensorPlan) -> bool:
-        """Whether t's float32 inputs fit in this worker's half of the budget (the other half is for chunks)."""
+        """Whether t's inputs, counted as float32 (an upper bound where the compiled loops keep the file's bf16 /
+        fp16), fit in this worker's half of the budget (the other half is for chunks)."""
         inputs = len(t.inputs) + (t.base is not None)
         return (self.needs_statistics(t) and self.global_cuts is None
                 and inputs * 4 * t.numel <= self.plan.resident_bytes)
