@@ -105,7 +105,7 @@ class MergePlan:
     budget: int
     chunk_elems: int
     workers: int
-    resident_bytes: int  # per worker: a tensor whose float32 inputs fit is read once for all its passes
+    resident_bytes: int  # per worker: a tensor whose inputs fit (`kept_bytes`) is read once for all its passes
     seed: int
     num_layers: int | None
     warnings: list[str] = field(default_factory=list)
@@ -144,6 +144,21 @@ class MergePlan:
                        whole=self)
 
     @property
+    def native_cpu(self) -> bool:
+        """Whether CPU chunks stay in the files' dtype: the compiled loops of kernels/cpu_fused.py read bf16 / fp16
+        as they are (the torch operations take float32 copies)."""
+        from fusemerge.kernels import cpu_fused
+
+        return self.device.type == "cpu" and self.backend == "torch" and cpu_fused.available()
+
+    def kept_bytes(self, t: TensorPlan) -> int:
+        """Bytes tensor `t`'s inputs take when kept in memory for all its passes: as in the files (the GPU's resident
+        copy, the compiled CPU loops' chunks), or as float32 copies (the CPU torch operations)."""
+        if self.device.type == "cpu" and not self.native_cpu:
+            return (len(t.inputs) + (t.base is not None)) * 4 * t.numel
+        return t.input_bytes
+
+    @property
     def output_bytes(self) -> int:
         return self.layout.total_size
 
@@ -155,9 +170,9 @@ class MergePlan:
     def reads(self, t: TensorPlan) -> int:
         """How often tensor `t`'s inputs are read: once, or with the statistics passes first (thresholds: the
         radix select's two histograms; an L1 rescale, DARE's or a trim's: max |d|, then the sums) when `t` does
-        not fit a worker's resident share (a tensor that fits is read once and kept, as float32 on CPU, on the
-        GPU in the pipeline). With `trim_scope: global` the thresholds are not kept: every tensor is read by
-        the two whole-model passes, its rescale's if any, and its merge. (A tie cut whose kept entries
+        not fit a worker's resident share (a tensor that fits, `kept_bytes`, is read once and kept: in host memory
+        on CPU, on the GPU in the pipeline). With `trim_scope: global` the thresholds are not kept: every tensor
+        is read by the two whole-model passes, its rescale's if any, and its merge. (A tie cut whose kept entries
         overflowed their room adds a counting pass: rare.)"""
         m = self.method
         if t.copy_only or not (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True)):
@@ -165,9 +180,7 @@ class MergePlan:
         l1 = 2 if t.rescale is True else 0
         if self.global_trim:
             return 3 + l1
-        inputs = len(t.inputs) + (t.base is not None)
-        fits = (inputs * 4 * t.numel if self.device.type == "cpu" else t.input_bytes) <= self.resident_bytes
-        return 1 if fits else 1 + (2 if m.needs_thresholds else 0) + l1
+        return 1 if self.kept_bytes(t) <= self.resident_bytes else 1 + (2 if m.needs_thresholds else 0) + l1
 
     def read_bytes(self) -> int:
         """Input bytes read by the whole run (`reads` of every tensor); for a part, its own tensors only (the

@@ -66,3 +66,20 @@ def test_plan_says_what_the_run_reads(fam: dict, tmp_path: Path, monkeypatch, ca
     if not again:
         assert actual == predicted
     assert ("read in all" in plan.summary()) == (predicted > plan.input_bytes)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_kept_bytes_are_the_chunks_bytes(fam: dict, tmp_path: Path, monkeypatch, native: bool) -> None:
+    """A tensor kept in memory is counted as the chunks hold it: the files' bf16 where the compiled CPU loops read
+    them, float32 copies for the torch operations (FUSEMERGE_NATIVE=0, or no compiler)."""
+    from fusemerge.kernels import cpu_fused
+
+    if native and not cpu_fused.available():
+        pytest.skip(f"compiled CPU loops not available: {cpu_fused.describe()}")
+    monkeypatch.setattr(cpu_fused, "available", lambda: native)
+    cfg = tmp_path / "c.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.3)
+    plan = fusemerge.build_plan(cfg, device="cpu", workers=1, max_memory="64MiB")
+    t = next(t for t in plan.tensors if not t.copy_only)
+    assert t.dtype == "BF16" and plan.native_cpu == native
+    assert plan.kept_bytes(t) == (t.input_bytes if native else 2 * t.input_bytes)

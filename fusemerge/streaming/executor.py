@@ -22,7 +22,7 @@ from typing import TypeVar
 import torch
 
 from fusemerge.errors import InputError
-from fusemerge.kernels import cpu_fused, load_backend, on_device, philox_native
+from fusemerge.kernels import load_backend, on_device, philox_native
 from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, run_threads, tensor_params, top_cuts, trim_counts
@@ -120,7 +120,7 @@ class Executor:
         self.reader = ChunkReader()
         self.merge_kernels, self.stat_kernels = load_backend(plan.backend, plan.device.type)
         # the compiled CPU loops (kernels/cpu_fused.py) read bf16 / fp16 chunks as they are
-        self._native = plan.device.type == "cpu" and plan.backend == "torch" and cpu_fused.available()
+        self._native = plan.native_cpu
         self.times = StageTimes()
         self.global_cuts: dict[str, list[tuple[int, int, int, int]]] | None = None
         self._stop = threading.Event()  # set on the first failure: the other workers stop at their next chunk
@@ -167,11 +167,10 @@ class Executor:
         return not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True))
 
     def _resident(self, t: TensorPlan) -> bool:
-        """Whether t's inputs, counted as float32 (an upper bound where the compiled loops keep the file's bf16 /
-        fp16), fit in this worker's half of the budget (the other half is for chunks)."""
-        inputs = len(t.inputs) + (t.base is not None)
+        """Whether t's inputs, as the chunks hold them (`MergePlan.kept_bytes`), fit in this worker's half of the
+        budget (the other half is for chunks)."""
         return (self.needs_statistics(t) and self.global_cuts is None
-                and inputs * 4 * t.numel <= self.plan.resident_bytes)
+                and self.plan.kept_bytes(t) <= self.plan.resident_bytes)
 
     # -- statistics ----------------------------------------------------------------------------
 
@@ -188,8 +187,7 @@ class Executor:
             return None
         if t.rescale is not True:
             return KeepMasks(0, self.mask_workers)
-        inputs = len(t.inputs) + (t.base is not None)
-        free = self.plan.resident_bytes - (inputs * 4 * t.numel if self._resident(t) else 0)
+        free = self.plan.resident_bytes - (self.plan.kept_bytes(t) if self._resident(t) else 0)
         need = KeepMasks.bytes_for(t.numel, self.plan.chunk_elems, len(t.inputs))
         return KeepMasks(min(free, need), self.mask_workers)
 
