@@ -32,13 +32,15 @@ def fam(tmp_path_factory) -> dict:
 
 def bytes_read(plan, out: Path, monkeypatch) -> int:
     seen = [0]
-    real = ChunkReader.read
 
-    def counted(self, entry, start, count):
-        seen[0] += count * entry.itemsize
-        return real(self, entry, start, count)
+    def counting(real):
+        def counted(self, entry, start, count, *args):
+            seen[0] += count * entry.itemsize
+            return real(self, entry, start, count, *args)
+        return counted
 
-    monkeypatch.setattr(ChunkReader, "read", counted)
+    for name in ("read", "read_into"):  # through the map, or by pread
+        monkeypatch.setattr(ChunkReader, name, counting(getattr(ChunkReader, name)))
     out.mkdir()
     ex = Executor(plan, None, processes=False)
     with ShardedWriter(out, plan.layout) as writer:
