@@ -107,6 +107,7 @@ def run(
     notify = notify or log.warning
     out = Path(os.path.abspath(out_dir))  # "." or "out/.." name their directory only once made absolute
     inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
+    config_file = plan.config.source_path
     t0 = time.perf_counter()
     if plan.partition is not None:  # this run writes one part, into its own directory; finalize fills `out`
         if resume and (done := _unless_overwritten(finished_part, out, plan, overwrite)) is not None:
@@ -115,16 +116,17 @@ def run(
             return MergeResult(done, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
                                sorted(p.name for p in done.iterdir()), StageTimes(), plan,
                                resumed_tensors=len(plan.tensors), resumed_bytes=plan.input_bytes)
-        problems = check_out_dir(out, overwrite, inputs)  # the final directory: found out now, not at finalize
+        # the final directory: found out now, not at finalize
+        problems = check_out_dir(out, overwrite, inputs, config_file)
         out = part_dir(out, *plan.partition)
-        problems += [p for p in check_out_dir(out, overwrite, inputs) if p not in problems]
+        problems += [p for p in check_out_dir(out, overwrite, inputs, config_file) if p not in problems]
     else:
         if resume and _unless_overwritten(_finished_run, out, plan, overwrite):  # a requeued job of a merge done
             notify(f"{out} already holds this merge, finished; nothing to resume")
             return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
                                sorted(p.name for p in out.iterdir()), StageTimes(), plan,
                                resumed_tensors=len(plan.tensors), resumed_bytes=plan.input_bytes)
-        problems = check_out_dir(out, overwrite, inputs)
+        problems = check_out_dir(out, overwrite, inputs, config_file)
     if problems:
         raise InputError(problems)
 

@@ -388,3 +388,18 @@ def test_fusemerge_alone_shows_the_help(tmp_path) -> None:
     r = subprocess.run([sys.executable, "-m", "fusemerge"], capture_output=True, text=True, cwd=tmp_path)
     out = r.stdout + r.stderr
     assert out.startswith("Usage: ") and "fusemerge: error" not in out and "run" in out, out
+
+
+def test_overwrite_of_the_directory_holding_the_config_is_refused(fam: dict, tmp_path: Path, monkeypatch) -> None:
+    """A new user's walk-through: `cd project && fusemerge run ties.yml . --overwrite` deleted ties.yml and notes.txt
+    and left the shell in a deleted directory. Now exit 2 and nothing touched."""
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copy(fam["config"], project / "ties.yml")
+    (project / "notes.txt").write_text("precious")
+    monkeypatch.chdir(project)
+    r = invoke("run", "ties.yml", ".", "--overwrite", "--quiet")
+    assert r.exit_code == 2, r.output
+    assert any("is the current directory, which --overwrite would delete" in line for line in errors(r)), r.stderr
+    assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "ties.yml"]
+    assert (project / "notes.txt").read_text() == "precious"

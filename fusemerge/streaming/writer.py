@@ -460,14 +460,34 @@ def _linked_into(model: Path, out: Path) -> tuple[Path, Path] | None:
     return None
 
 
-def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> list[str]:
+def _replaced_by_mistake(out_dir: Path, out: Path, config: Path | None) -> list[str]:
+    """Why `--overwrite` must not replace the non-empty directory `out_dir` (resolved: `out`): it is or holds the
+    current directory, the home directory, or the config file (a typo or a `.` for a new name would delete them)."""
+    problems = []
+    for what, where in (("the current directory", Path.cwd), ("your home directory", Path.home),
+                        (f"the config {config}", lambda: config)):
+        try:
+            here = where()
+            here = Path(here).resolve() if here is not None else None
+        except (OSError, RuntimeError):  # no current directory, no home
+            continue
+        if here is not None and (here == out or out in here.parents):
+            problems.append(f"{out_dir}: {'is' if here == out else 'holds'} {what}, which --overwrite would delete "
+                            "with the rest; choose a new output directory")
+    return problems
+
+
+def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path], config: Path | None = None) -> list[str]:
     """Problems with writing the merge to `out_dir`, found before any work, as one message each.
 
     `out_dir` must not be a file, must be empty unless `overwrite`, must not be, contain or lie inside any of the
-    `inputs` (never delete a user's models, even with --overwrite), and its parent must be writable.
+    `inputs` (never delete a user's models, even with --overwrite), and its parent must be writable. `overwrite`
+    replaces a directory as a whole, so it may not replace one that is or holds the current directory, the home
+    directory or the `config` file (an empty current directory is merged into: it held nothing to lose).
     """
     out_dir = Path(out_dir)
     problems = []
+    out = out_dir.resolve()
     if out_dir.is_symlink():
         problems.append(f"{out_dir}: is a symbolic link; give the directory it points to, or another path")
     elif out_dir.exists() and not out_dir.is_dir():
@@ -480,8 +500,9 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path]) -> list[st
             problems.append(f"{out_dir}: cannot read directory: {e.strerror or e}")
         if non_empty and not overwrite:
             problems.append(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+        elif non_empty:
+            problems += _replaced_by_mistake(out_dir, out, config)
 
-    out = out_dir.resolve()
     for model in inputs:
         model_path = Path(model).resolve()
         if model_path == out or out in model_path.parents:

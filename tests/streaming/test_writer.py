@@ -522,6 +522,30 @@ def test_check_out_dir_non_empty(tmp_path: Path) -> None:
     assert check_out_dir(out, True, []) == []
 
 
+def test_overwrite_never_replaces_the_current_or_home_directory_or_the_config(tmp_path: Path, monkeypatch) -> None:
+    """Found by a new user's walk-through: `fusemerge run ties.yml . --overwrite` in a directory holding the config
+    and notes deleted them all. A replaced directory must not be or hold these; an empty current directory (a
+    `mkdir out && cd out`) is still merged into."""
+    home, project = tmp_path / "home", tmp_path / "home" / "project"
+    fill(project, {"ties.yml": "x", "notes.txt": "keep"})
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(project)
+    why = "which --overwrite would delete with the rest; choose a new output directory"
+    assert check_out_dir(Path("."), True, [], project / "ties.yml") == [
+        f"{Path('.')}: is the current directory, {why}", f"{Path('.')}: holds the config {project / 'ties.yml'}, {why}"]
+    assert check_out_dir(home, True, []) == [f"{home}: holds the current directory, {why}",
+                                             f"{home}: is your home directory, {why}"]
+    elsewhere = tmp_path / "elsewhere"
+    fill(elsewhere, {"a.yml": "x"})
+    assert check_out_dir(elsewhere, True, [], elsewhere / "a.yml") == [
+        f"{elsewhere}: holds the config {elsewhere / 'a.yml'}, {why}"]
+    assert check_out_dir(elsewhere, True, [], project / "ties.yml") == []  # an old output: replaced
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    assert check_out_dir(Path("."), False, []) == []
+
+
 def test_check_out_dir_file(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("x")
     [problem] = check_out_dir(tmp_path / "out", True, [])
