@@ -167,27 +167,43 @@ class MergePlan:
         """`trim_scope: global`: one threshold per expert over the whole model, found before any tensor merges."""
         return self.method.needs_thresholds and self.config.trim_scope == "global"
 
+    @property
+    def global_workers(self) -> int:
+        """How many workers share `trim_scope: global`'s passes over the whole model (CPU: one per chunk at most)."""
+        chunks = -(-sum(t.numel for t in self.all_tensors if not t.copy_only) // self.chunk_elems)
+        return max(1, min(self.workers if self.device.type == "cpu" else 1, chunks))
+
+    @property
+    def radix_passes(self) -> int:
+        """Reads of a tensor's inputs the radix select takes where they are not kept: 1 on the CPU path, whose
+        first pass also collects the entries the second would read (`select._collecting_histograms`; a chunk
+        whose estimate missed, the first at least, is read once more), where the passes run in one worker;
+        else 2 (`trim_scope: global` split among workers, the GPU)."""
+        one_worker = not self.global_trim or self.global_workers == 1
+        return 1 if self.device.type == "cpu" and self.backend == "torch" and one_worker else 2
+
     def reads(self, t: TensorPlan) -> int:
         """How often tensor `t`'s inputs are read: once, or with the statistics passes first (thresholds: the
-        radix select's two histograms; an L1 rescale, DARE's or a trim's: max |d|, then the sums) when `t` does
+        radix select's `radix_passes`; an L1 rescale, DARE's or a trim's: max |d|, then the sums) when `t` does
         not fit a worker's resident share (a tensor that fits, `kept_bytes`, is read once and kept: in host memory
         on CPU, on the GPU in the pipeline). With `trim_scope: global` the thresholds are not kept: every tensor
-        is read by the two whole-model passes, its rescale's if any, and its merge. (A tie cut whose kept entries
+        is read by the whole-model passes, its rescale's if any, and its merge. (A tie cut whose kept entries
         overflowed their room adds a counting pass: rare.)"""
         m = self.method
         if t.copy_only or not (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True)):
             return 1
         l1 = 2 if t.rescale is True else 0
         if self.global_trim:
-            return 3 + l1
-        return 1 if self.kept_bytes(t) <= self.resident_bytes else 1 + (2 if m.needs_thresholds else 0) + l1
+            return 1 + self.radix_passes + l1
+        select = self.radix_passes if m.needs_thresholds else 0
+        return 1 if self.kept_bytes(t) <= self.resident_bytes else 1 + select + l1
 
     def read_bytes(self) -> int:
         """Input bytes read by the whole run (`reads` of every tensor); for a part, its own tensors only (the
-        whole-model passes of `trim_scope: global` read every part's: `whole.input_bytes` more, twice)."""
+        whole-model passes of `trim_scope: global` read every part's: `whole.input_bytes` more, once per pass)."""
         own = sum(t.input_bytes * self.reads(t) for t in self.tensors)
         if self.whole is not None and self.global_trim:
-            own += 2 * (self.whole.input_bytes - self.input_bytes)
+            own += self.radix_passes * (self.whole.input_bytes - self.input_bytes)
         return own
 
     def summary(self) -> str:
@@ -329,13 +345,17 @@ def _reads_note(plan: MergePlan) -> str:
     total = plan.read_bytes()
     if total <= plan.input_bytes:
         return ", each byte read once"
+    passes = "once" if plan.radix_passes == 1 else "twice"
+    rescale = any(t.rescale is True for t in plan.tensors if not t.copy_only)
+    global_why = (f"trim_scope: global reads the whole model {passes} for its thresholds"
+                  + (", and each tensor twice more for its L1 rescale" if rescale else ""))
     if plan.whole is not None and plan.global_trim:
-        return (f", {format_size(total)} read in all by the first part to start (trim_scope: global reads the "
-                f"whole model twice for its thresholds), {format_size(plan.input_bytes)} by the others")
+        return (f", {format_size(total)} read in all by the first part to start ({global_why}), "
+                f"{format_size(plan.input_bytes)} by the others")
     again = [t for t in plan.tensors if plan.reads(t) > 1]
-    why = ("trim_scope: global reads the whole model twice for its thresholds" if plan.global_trim else
-           f"the statistics passes re-read {len(again)} tensor(s) larger than a worker's resident share "
-           f"({format_size(plan.resident_bytes)})")
+    why = global_why if plan.global_trim else (
+        f"the statistics passes re-read {len(again)} tensor(s) larger than a worker's resident share "
+        f"({format_size(plan.resident_bytes)})")
     return f", {format_size(total)} read in all ({total / plan.input_bytes:.1f}x: {why})"
 
 

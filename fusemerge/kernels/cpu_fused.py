@@ -301,6 +301,45 @@ FM_CLONES int64_t fm_select_lo(int64_t n, int in_code, const void *base, const v
     }
     return found;
 }
+
+/* The radix select's first pass that also collects the second's entries (reference.abs_hist_collect): the
+   histogram of fm_hist_hi, added into hist, and the bits(|x - base|) of the entries whose high 16 bits lie in
+   [win[0], win[1]] or [win[2], win[3]], in index order, into out while there is room for them (cap); returns
+   how many there are (more than cap: out holds the first cap). The matches are stored as fm_select_lo's. */
+FM_CLONES int64_t fm_hist_collect(int64_t n, int in_code, const void *base, const void *x, int64_t *hist,
+                                  const uint32_t *win, int32_t *out, int64_t cap) {
+    float b[BLOCK], xb[BLOCK];
+    uint32_t a[BLOCK];
+    uint8_t hit[BLOCK];
+    uint64_t mask[BLOCK / 64];
+    const uint32_t l0 = win[0], w0 = win[1] - win[0], l1 = win[2], w1 = win[3] - win[2];
+    int64_t found = 0;
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int m = (int)(n - lo < BLOCK ? n - lo : BLOCK), any = 0;
+        load_block(base, in_code, lo, m, b);
+        load_block(x, in_code, lo, m, xb);
+        for (int k = 0; k < m; k++) a[k] = f2u(xb[k] - b[k]) & 0x7FFFFFFFu;
+        for (int k = 0; k < m; k++) hist[a[k] >> 16] += 1;
+        for (int k = 0; k < m; k++) {
+            uint32_t bin = a[k] >> 16;
+            hit[k] = (uint8_t)((bin - l0 <= w0) | (bin - l1 <= w1));
+            any |= hit[k];
+        }
+        if (!any) continue;
+        for (int k = m; k < ((m + 63) & ~63); k++) hit[k] = 0;  /* a short last block: whole groups of 64 */
+        flag_masks(hit, m, mask);
+        for (int g = 0; g < m; g += 64) {
+            uint64_t bits = mask[g / 64];
+            if (found + 64 <= cap) {
+                for (; bits; bits &= bits - 1) out[found++] = (int32_t)a[g + __builtin_ctzll(bits)];
+            } else {
+                for (; bits; bits &= bits - 1, found++)
+                    if (found < cap) out[found] = (int32_t)a[g + __builtin_ctzll(bits)];
+            }
+        }
+    }
+    return found;
+}
 """.replace("@BLOCK@", str(BLOCK))
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99", "-ffp-contract=off", "-fno-fast-math"]
 
@@ -312,6 +351,7 @@ _SIGNATURES = {
     "fm_hist_hi": ([_I64, _I32, _P, _P, _P], None),
     "fm_select_lo": ([_I64, _I32, _P, _P, ctypes.c_uint32, _P], ctypes.c_int64),
     "fm_max_abs": ([_I64, _I32, _P, _P], ctypes.c_uint32),
+    "fm_hist_collect": ([_I64, _I32, _P, _P, _P, _P, _P, _I64], ctypes.c_int64),
     "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
 }
 
@@ -445,6 +485,27 @@ def _select_lo(lib, base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> to
     return torch.from_numpy(out[:found].copy())
 
 
+def hist_collect(base: torch.Tensor, expert: torch.Tensor, hist: np.ndarray, windows: tuple[int, int, int, int],
+                 out: np.ndarray) -> int | None:
+    """reference.abs_hist_collect (hist: int64[32768], added into; out: int32, filled from the start), or None
+    where the compiled loop does not take these chunks."""
+    return _hist_collect(_library(), base, expert, hist, windows, out)
+
+
+def _hist_collect(lib, base: torch.Tensor, expert: torch.Tensor, hist: np.ndarray,
+                  windows: tuple[int, int, int, int], out: np.ndarray) -> int | None:
+    code = _takes([base, expert]) if lib is not None else None
+    if code is None:
+        return None
+    if (hist.dtype != np.int64 or hist.shape != (1 << 15,) or not hist.flags.c_contiguous or out.dtype != np.int32
+            or out.ndim != 1 or not out.flags.c_contiguous or not all(0 <= w < 1 << 15 for w in windows)
+            or windows[0] > windows[1] or windows[2] > windows[3]):
+        raise ValueError("hist_collect: hist must be int64[32768], out int32, windows two bin ranges lo <= hi")
+    win = np.array(windows, dtype=np.uint32)
+    return int(lib.fm_hist_collect(base.numel(), code, base.data_ptr(), expert.data_ptr(), hist.ctypes.data,
+                                   win.ctypes.data, out.ctypes.data, out.size))
+
+
 def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float | None:
     """reference.max_abs's value (NaN where a delta is NaN), or None where the compiled loop does not take these
     chunks."""
@@ -520,9 +581,21 @@ def _disagreement(lib) -> str:
             for y in (x, noisy):
                 if not torch.equal(_hist_hi(lib, b, y), reference.hist_hi_torch(b, y)):
                     return f"hist_hi ({dtype})"
-                for hi in {int(v) for v in reference.hist_hi_torch(b, y).nonzero()[:, 0][::97]} | {t[0] >> 16}:
+                bins = sorted({int(v) for v in reference.hist_hi_torch(b, y).nonzero()[:, 0][::97]} | {t[0] >> 16})
+                for hi in bins:
                     if not torch.equal(_select_lo(lib, b, y, hi), reference.select_lo_torch(b, y, hi)):
                         return f"select_lo ({dtype})"
+                mid = bins[len(bins) // 2]  # two windows, one empty of entries, one up to the largest bin
+                for windows in ((bins[0], bins[-1], bins[0], bins[-1]), (t[0] >> 16, t[0] >> 16, 0, 0),
+                                (bins[0], mid, bins[-1], 0x7FFF)):
+                    for cap in (n, 7):  # room for every entry, and for a few
+                        got = [np.full(1 << 15, 5, np.int64), np.full(cap, -1, np.int32)]
+                        want = [got[0].copy(), got[1].copy()]
+                        found = (_hist_collect(lib, b, y, got[0], windows, got[1]),
+                                 reference.hist_collect_torch(b, y, want[0], windows, want[1]))
+                        if found[0] != found[1] or not (np.array_equal(got[0], want[0])
+                                                        and np.array_equal(got[1], want[1])):
+                            return f"hist_collect ({dtype})"
             got, want = _max_abs(lib, b, x), reference.max_abs_torch(b, x)
             if not (got == want or (math.isnan(got) and math.isnan(want))):
                 return f"max_abs ({dtype})"

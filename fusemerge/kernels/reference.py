@@ -291,6 +291,30 @@ def hist_hi_torch(base: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
     return torch.bincount(a.view(-1), minlength=HI_BINS).to(torch.int64)
 
 
+def abs_hist_collect(base: torch.Tensor, expert: torch.Tensor, hist: np.ndarray, windows: tuple[int, int, int, int],
+                     out: np.ndarray) -> int | None:
+    """abs_hist_hi added into `hist` (int64[32768]), and bits(|d|) of the entries whose high half lies in
+    [windows[0], windows[1]] or [windows[2], windows[3]], in index order, into `out` (int32) as far as it holds
+    them; returns how many there are. None for chunks not on the CPU (the caller runs abs_hist_hi instead)."""
+    if base.device.type != "cpu":
+        return None
+    found = cpu_fused.hist_collect(base, expert, hist, windows, out)
+    return found if found is not None else hist_collect_torch(base, expert, hist, windows, out)
+
+
+def hist_collect_torch(base: torch.Tensor, expert: torch.Tensor, hist: np.ndarray,
+                       windows: tuple[int, int, int, int], out: np.ndarray) -> int:
+    """abs_hist_collect in torch and numpy operations (CPU)."""
+    x = _abs_delta_bits(base, expert).view(-1).numpy()
+    hi = x >> 16
+    hist += np.bincount(hi, minlength=HI_BINS)
+    (l0, h0, l1, h1) = windows
+    sel = np.compress(((hi >= l0) & (hi <= h0)) | ((hi >= l1) & (hi <= h1)), x)
+    k = min(sel.size, out.size)
+    out[:k] = sel[:k]
+    return int(sel.size)
+
+
 def abs_hist_lo(base: torch.Tensor, expert: torch.Tensor, hi_bin: int) -> torch.Tensor:
     """int64[65536]: histogram of bits(|d|) & 0xFFFF over the entries whose high half is `hi_bin`."""
     return torch.bincount(abs_select_lo(base, expert, hi_bin), minlength=LO_BINS).to(torch.int64)

@@ -77,6 +77,13 @@ def _stride(segments: list[Segment], chunk: int, w: int, k: int, stop: threading
             ) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
     """The chunks of `_chunks` whose position p (in order, from 0) has p % k == w, read as they are reached: worker
     w's share of a pass split among k workers, in increasing order. Ends early once `stop` is set."""
+    for start, load in _stride_lazy(segments, chunk, w, k, stop):
+        yield start, *load()
+
+
+def _stride_lazy(segments: list[Segment], chunk: int, w: int, k: int, stop: threading.Event
+                 ) -> Iterator[tuple[int, Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]]]:
+    """`_stride`'s chunks as (global start, a function that reads the chunk): read only where called."""
     p = 0
     offset = 0
     for seg in segments:
@@ -84,8 +91,7 @@ def _stride(segments: list[Segment], chunk: int, w: int, k: int, stop: threading
             if p % k == w:
                 if stop.is_set():
                     return
-                base, experts = seg.load(local, min(chunk, seg.numel - local))
-                yield offset + local, base, experts
+                yield offset + local, (lambda seg=seg, local=local: seg.load(local, min(chunk, seg.numel - local)))
             p += 1
         offset += seg.numel
 
@@ -208,13 +214,18 @@ def top_cuts(
     if any(live):
         k = max(1, min(workers, -(-total // chunk)))
         stop = threading.Event()
-        hi = sum(run_workers(k, lambda w: _high_histograms(backend, segments, chunk, live, w, k, stop), stop))
-        located = [{r: _locate(hi[i], r) for r in live[i]} for i in range(n)]
-        bins = [sorted({b for b, _ in located[i].values()}) for i in range(n)]
         room = max(chunk, total // 8) * n  # selected entries all workers together may keep
         if keep_bytes is not None:
             room = min(room, keep_bytes // 4)
-        done = run_workers(k, lambda w: _low_histograms(backend, segments, chunk, bins, room // k, w, k, stop), stop)
+        collected: _Collected | None = None
+        if k == 1 and hasattr(backend, "abs_hist_collect") and all(len(rs) <= 2 for rs in live):
+            hi, collected = _collecting_histograms(backend, segments, chunk, live, total, room, stop)
+        else:
+            hi = sum(run_workers(k, lambda w: _high_histograms(backend, segments, chunk, live, w, k, stop), stop))
+        located = [{r: _locate(hi[i], r) for r in live[i]} for i in range(n)]
+        bins = [sorted({b for b, _ in located[i].values()}) for i in range(n)]
+        done = run_workers(k, lambda w: _low_histograms(backend, segments, chunk, bins, room // k, w, k, stop,
+                                                        collected), stop)
         lo = [{b: sum(los[i][b] for los, _ in done) for b in bins[i]} for i in range(n)]
         if all(spools is not None for _, spools in done):
             kept = _KeptByChunk([spools for _, spools in done])
@@ -239,24 +250,139 @@ def _high_histograms(backend: ModuleType, segments: list[Segment], chunk: int, l
     return hi
 
 
+# The one-pass radix select (a single worker, on backends with abs_hist_collect): the first pass also collects
+# the entries of the high bins near each rank's place, estimated from the histogram of the chunks before. A
+# chunk whose collected bins hold its rank's bin needs no second read; one whose estimate missed it (the first
+# chunk, which has none; a tensor whose chunks differ) is read again by the second pass. Either way the bins and
+# the cuts come from exact counts: the estimate decides how fast, never what.
+WINDOW_SHARE = 0.005  # ranks collected either side of the estimate, as a share of the entries seen so far
+
+
+def _windows(hist: np.ndarray, seen: int, total: int, ranks: list[int]) -> tuple[int, int, int, int]:
+    """The high bins to collect for `ranks` (at most 2) of `total` entries, from the histogram of the `seen` so
+    far: those holding ranks r * seen / total -/+ a margin, as (lo, hi) bin ranges, the only one repeated."""
+    top = np.cumsum(hist[::-1])  # top[j]: the entries in the j + 1 highest bins
+    found = []
+    for r in ranks:
+        f = r / total
+        margin = (WINDOW_SHARE + 3 * math.sqrt(f * (1 - f) / seen)) * seen
+        high, low = (min(seen, max(1, round(f * seen + d * margin))) for d in (-1, 1))  # 1-based ranks
+        found += [(1 << 15) - 1 - int(np.searchsorted(top, low)), (1 << 15) - 1 - int(np.searchsorted(top, high))]
+    return tuple(found * 2)[:4] if len(found) == 2 else tuple(found)
+
+
+_FREED = np.empty(0, dtype=np.int32)
+
+
+class _Collected:
+    """The entries `_collecting_histograms` kept: per expert, a spool of the bits of the entries in each chunk's
+    collected bins, and per chunk, in order, the bin ranges collected per expert (None: not collected)."""
+
+    def __init__(self, n: int):
+        self.spools = [_Spool() for _ in range(n)]
+        self.chunks: list[tuple[int, list[tuple[int, int, int, int] | None]]] = []
+        self._at = 0
+        self._item = [0] * n  # per expert: its next item in the spool
+
+    def take(self, start: int, bins: list[list[int]]) -> dict[tuple[int, int], np.ndarray]:
+        """The low 16 bits of chunk `start`'s entries, in index order, per (expert, bin in bins[expert]) that the
+        collection covered; the chunks are taken in their order, each once. The spools' blocks are freed as they
+        are passed, so the second pass's kept entries take their place."""
+        at, windows = self.chunks[self._at]
+        if at != start:
+            raise AssertionError(f"collected chunk {at} taken as {start}")
+        self._at += 1
+        out = {}
+        for i, win in enumerate(windows):
+            if win is None:
+                continue
+            spool = self.spools[i]
+            _, block, offset, length = spool.items[self._item[i]]
+            self._item[i] += 1
+            for passed in range(block):  # before this one: every item in them was taken
+                spool.blocks[passed] = _FREED
+            bits = spool.blocks[block][offset:offset + length]
+            for b in bins[i]:
+                if win[0] <= b <= win[1] or win[2] <= b <= win[3]:
+                    sel = np.compress((bits >> 16) == b, bits)
+                    sel &= 0xFFFF
+                    out[i, b] = sel
+        return out
+
+
+def _collecting_histograms(backend: ModuleType, segments: list[Segment], chunk: int, live: list[list[int]],
+                           total: int, room: int, stop: threading.Event) -> tuple[np.ndarray, _Collected]:
+    """`_high_histograms` of one worker that also collects (module note above), at most `room` entries in all;
+    the estimate is renewed after 1, 2, 4, 8, ... chunks, and an expert's collecting stops where it moved."""
+    n = len(live)
+    hi = np.zeros((n, 1 << 15), dtype=np.int64)
+    out = np.empty(min(chunk, total), dtype=np.int32)
+    collected = _Collected(n)
+    windows: list[tuple[int, int, int, int] | None] = [None] * n
+    drifted = [False] * n
+    seen = chunks = 0
+    for start, base, experts in _stride(segments, chunk, 0, 1, stop):
+        used: list[tuple[int, int, int, int] | None] = [None] * n
+        for i in range(n):
+            if not live[i]:
+                continue
+            found = None
+            if windows[i] is not None and room > 0:
+                found = backend.abs_hist_collect(base, experts[i], hi[i], windows[i], out)
+            if found is None:
+                hi[i] += backend.abs_hist_hi(base, experts[i]).cpu().numpy()
+            elif found <= min(room, out.size):
+                collected.spools[i].append(start, out[:found])
+                used[i] = windows[i]
+                room -= found
+            else:
+                room = 0  # no more room: the second pass reads the chunks left
+        collected.chunks.append((start, used))
+        seen += experts[0].numel()
+        chunks += 1
+        if chunks & (chunks - 1) == 0 and seen < total:
+            for i in range(n):
+                if live[i] and not drifted[i]:
+                    new = _windows(hi[i], seen, total, live[i])
+                    # a window that moved off its last place: the chunks differ, and the estimate would miss
+                    # the rest as well; they are left to the second pass, without collecting's cost
+                    drifted[i] = windows[i] is not None and not _overlap(windows[i], new)
+                    windows[i] = None if drifted[i] else new
+    return hi, collected
+
+
+def _overlap(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    """Whether each bin range of `a` overlaps its counterpart in `b`."""
+    return a[0] <= b[1] and b[0] <= a[1] and a[2] <= b[3] and b[2] <= a[3]
+
+
 def _low_histograms(backend: ModuleType, segments: list[Segment], chunk: int, bins: list[list[int]], left: int,
-                    w: int, k: int, stop: threading.Event
+                    w: int, k: int, stop: threading.Event, collected: _Collected | None = None,
                     ) -> tuple[list[dict[int, np.ndarray]], dict[tuple[int, int], _Spool] | None]:
     """The radix select's second pass, worker w of k: per expert and high bin found by the first, the histogram
     of the low 16 bits of the entries in that bin. Where the backend hands over the selected entries
     themselves (abs_select_lo), they are kept per chunk, in index order, while this worker's share `left` of
-    the room lasts: the tie cut then needs no further pass over the data (None once they no longer fit)."""
+    the room lasts: the tie cut then needs no further pass over the data (None once they no longer fit).
+    `collected`: the entries the first pass collected (`_collecting_histograms`); a chunk is read again only
+    for the bins they do not cover."""
     n = len(bins)
     select = getattr(backend, "abs_select_lo", None)
     lo = [{b: np.zeros(1 << 16, dtype=np.int64) for b in bins[i]} for i in range(n)]
     spools: dict[tuple[int, int], _Spool] | None = {} if select is not None else None
-    for start, base, experts in _stride(segments, chunk, w, k, stop):
+    for start, load in _stride_lazy(segments, chunk, w, k, stop):
+        have = collected.take(start, bins) if collected is not None else {}
+        data = None
         for i in range(n):
             for b in bins[i]:
+                sel = have.get((i, b))
+                if sel is None and data is None:
+                    data = load()
                 if spools is None:
-                    lo[i][b] += backend.abs_hist_lo(base, experts[i], b).cpu().numpy()
+                    lo[i][b] += (np.bincount(sel, minlength=1 << 16) if sel is not None
+                                 else backend.abs_hist_lo(data[0], data[1][i], b).cpu().numpy())
                     continue
-                sel = select(base, experts[i], b).cpu().numpy()
+                if sel is None:
+                    sel = select(data[0], data[1][i], b).cpu().numpy()
                 left -= sel.size
                 if left >= 0:  # counted from the spool at the end: one bincount, not one per chunk
                     spools.setdefault((i, b), _Spool()).append(start, sel)

@@ -273,7 +273,7 @@ class Executor:
                 pipe.close_statistics()
             self.times.add(stats=time.perf_counter() - t0)  # the passes' wall time: their reads overlap them
         else:
-            workers = min(plan.workers if plan.device.type == "cpu" else 1, -(-total // plan.chunk_elems))
+            workers = plan.global_workers
             found = top_cuts(self.stat_kernels, [self._segment(t) for t in merged], plan.chunk_elems, ranks,
                              workers=workers, run_workers=self._run_stat_workers, keep_bytes=plan.budget // 2)
             # the passes' time in each worker less what reading took (summed over workers, as the other stages)

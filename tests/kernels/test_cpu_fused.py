@@ -195,6 +195,9 @@ def fresh(monkeypatch, native_cache):
     ("(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFFu)", "(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFEu)"),
     ("bits |= ((flags * 0x0102040810204080ull) >> 56) << (8 * j);",  # the matches of a block's first 8 entries only
      "bits |= j ? 0 : ((flags * 0x0102040810204080ull) >> 56);"),
+    ("(bin - l1 <= w1)", "(bin - l1 < w1)"),  # the second window without its last bin
+    ("for (; bits; bits &= bits - 1) out[found++] = (int32_t)a[g + __builtin_ctzll(bits)];",
+     "for (; bits; bits &= bits - 1) out[found++] = (int32_t)(a[g + __builtin_ctzll(bits)] | 1u);"),
 ])
 def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None:
     assert wrong[0] in cpu_fused.SOURCE
