@@ -186,6 +186,7 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
     The merge is written into .OUT_DIR.fusemerge-tmp next to OUT_DIR and renamed into place when complete. A run
     that is killed leaves it behind: --resume continues it; a run without --resume removes it and starts over.
     """
+    from fusemerge.merge import already_merged
     from fusemerge.merge import run as run_merge
     from fusemerge.planner import build_plan
 
@@ -194,7 +195,8 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
         click.echo(f"fusemerge: warning: {w}", err=True)
     if verbose:
         click.echo(plan.summary(), err=True)
-    bar = None if quiet else _progress_bar(plan.input_bytes)
+    done = resume and already_merged(out_dir, plan, overwrite) is not None  # run() says so, in one note
+    bar = None if quiet or done else _progress_bar(plan.input_bytes)
     try:
         result = run_merge(config, out_dir, plan=plan, copy_tokenizer=copy_tokenizer, overwrite=overwrite,
                            resume=resume, allow_nonfinite=allow_nonfinite, progress=bar.update if bar else None,
@@ -218,15 +220,15 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
                        err=True)
         if t.masks_drawn or t.masks_reused:
             click.echo(t.masks_line(), err=True)
-    if not quiet:
+    if not quiet and not result.finished_before:
         resumed = (f", {result.resumed_tensors} of them ({format_size(result.resumed_bytes)} in) already written "
                    "by the interrupted run") if result.resumed_tensors else ""
         part = f"part {plan.partition[0]}/{plan.partition[1]}: " if plan.partition else ""
         click.echo(f"merged {part}{len(plan.tensors)} tensors ({format_size(result.input_bytes)} in, "
                    f"{format_size(result.output_bytes)} out{resumed}) in {result.seconds:.1f} s "
                    f"({result.input_gbps:.2f} GB/s) -> {result.out_dir}")
-        if plan.partition:
-            click.echo(f"when all {plan.partition[1]} parts are merged: fusemerge finalize {out_dir}")
+    if not quiet and plan.partition:
+        click.echo(f"when all {plan.partition[1]} parts are merged: fusemerge finalize {out_dir}")
 
 
 def _note(line: str) -> None:

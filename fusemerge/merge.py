@@ -53,6 +53,7 @@ class MergeResult:
     plan: MergePlan
     resumed_tensors: int = 0
     resumed_bytes: int = 0
+    finished_before: bool = False  # resume=True found the merge (or part) already finished: nothing was done
     nonfinite: list[str] = field(default_factory=list)  # with allow_nonfinite: one line per tensor with NaN / Inf
 
     @property
@@ -109,23 +110,20 @@ def run(
     inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
     config_file = plan.config.source_path
     t0 = time.perf_counter()
+    if resume and (done := already_merged(out, plan, overwrite)) is not None:  # a requeued job of a merge done
+        if plan.partition is not None:
+            notify(f"part {plan.partition[0]}/{plan.partition[1]} is already merged in {done}; nothing to resume")
+        else:
+            notify(f"{out} already holds this merge, finished; nothing to resume")
+        return MergeResult(done, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
+                           sorted(p.name for p in done.iterdir()), StageTimes(), plan,
+                           resumed_tensors=len(plan.tensors), resumed_bytes=plan.input_bytes, finished_before=True)
     if plan.partition is not None:  # this run writes one part, into its own directory; finalize fills `out`
-        if resume and (done := _unless_overwritten(finished_part, out, plan, overwrite)) is not None:
-            i, n = plan.partition
-            notify(f"part {i}/{n} is already merged in {done}; nothing to resume")
-            return MergeResult(done, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
-                               sorted(p.name for p in done.iterdir()), StageTimes(), plan,
-                               resumed_tensors=len(plan.tensors), resumed_bytes=plan.input_bytes)
         # the final directory: found out now, not at finalize
         problems = check_out_dir(out, overwrite, inputs, config_file)
         out = part_dir(out, *plan.partition)
         problems += [p for p in check_out_dir(out, overwrite, inputs, config_file) if p not in problems]
     else:
-        if resume and _unless_overwritten(_finished_run, out, plan, overwrite):  # a requeued job of a merge done
-            notify(f"{out} already holds this merge, finished; nothing to resume")
-            return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes,
-                               sorted(p.name for p in out.iterdir()), StageTimes(), plan,
-                               resumed_tensors=len(plan.tensors), resumed_bytes=plan.input_bytes)
         problems = check_out_dir(out, overwrite, inputs, config_file)
     if problems:
         raise InputError(problems)
@@ -288,6 +286,16 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> lis
     (directory / "fusemerge_config.yml").write_text(plan.config.to_yaml())
     (directory / "README.md").write_text(_model_card(plan))
     return [*written, "fusemerge_config.yml", "README.md"]
+
+
+def already_merged(out_dir: str | Path, plan: MergePlan, overwrite: bool = False) -> Path | None:
+    """Where `plan`'s merge (or its part) into `out_dir` is already finished, with every file in place: what
+    `run(..., resume=True)` then leaves as it is; else None. InputError where it is finished but from inputs
+    modified since, unless `overwrite` (then None: merged again)."""
+    out = Path(os.path.abspath(out_dir))
+    if plan.partition is not None:
+        return _unless_overwritten(finished_part, out, plan, overwrite)
+    return out if _unless_overwritten(_finished_run, out, plan, overwrite) else None
 
 
 def _unless_overwritten(finished, out: Path, plan: MergePlan, overwrite: bool):

@@ -296,8 +296,9 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
                       if manifest["merge"].get(key) != ref["merge"].get(key)]
             if differ:
                 problems.append(f"{directory.name} and {ref_dir.name} are parts of different merges: "
-                                + ", ".join(differ) + " differ; merge every part with the same config, options "
-                                "and inputs")
+                                + ", ".join(differ) + (" differ" if len(differ) > 1 else " differs")
+                                + "; merge every part with the same config, options and inputs")
+                continue  # their model cards and config.json differ then too: that says nothing more
             extras = {name: e["sha256"] for name, e in manifest["extras"].items()}
             if extras != {name: e["sha256"] for name, e in ref["extras"].items()}:
                 problems.append(f"{directory.name} and {ref_dir.name} hold different config.json, tokenizer or "

@@ -403,3 +403,15 @@ def test_overwrite_of_the_directory_holding_the_config_is_refused(fam: dict, tmp
     assert any("is the current directory, which --overwrite would delete" in line for line in errors(r)), r.stderr
     assert sorted(p.name for p in project.iterdir()) == ["notes.txt", "ties.yml"]
     assert (project / "notes.txt").read_text() == "precious"
+
+
+def test_resume_of_a_finished_merge_says_so_once(fam: dict, tmp_path: Path) -> None:
+    """It printed a 0% bar and 'merged ... (75 of them already written by the interrupted run) in 0.0 s (0.00 GB/s)',
+    though nothing had been interrupted (a new user's walk-through): now the note alone."""
+    out = tmp_path / "out"
+    assert invoke("run", fam["config"], out, "--quiet").exit_code == 0
+    r = invoke("run", fam["config"], out, "--resume")
+    assert r.exit_code == 0, r.output
+    assert f"fusemerge: note: {out} already holds this merge, finished; nothing to resume" in r.stderr
+    assert "merged" not in r.stdout + r.stderr.replace("already holds this merge", "")
+    assert "merging" not in r.stderr and "interrupted" not in r.output

@@ -282,7 +282,10 @@ def test_finalize_refuses_parts_of_different_merges(fam: dict, tmp_path: Path) -
     out = tmp_path / "out"
     run_parts(config(fam, "ties", density=0.4), out, 2, parts=[0])
     run_parts(config(fam, "ties", density=0.6), out, 2, parts=[1])
-    refused(out, r"part-1-of-2 and part-0-of-2 are parts of different merges: the merge config differ")
+    refused(out, r"part-1-of-2 and part-0-of-2 are parts of different merges: the merge config differs; merge")
+    with pytest.raises(InputError) as e:  # and only that: their model cards differ because their configs do
+        fusemerge.finalize(out)
+    assert len(e.value.problems) == 1 and "--copy-tokenizer" not in e.value.problems[0], e.value.problems
 
 
 def test_finalize_refuses_parts_of_different_seeds(fam: dict, tmp_path: Path) -> None:
@@ -290,7 +293,7 @@ def test_finalize_refuses_parts_of_different_seeds(fam: dict, tmp_path: Path) ->
     out = tmp_path / "out"
     fusemerge.run(cfg, out, partition="0/2", seed=1, **OPTS)
     fusemerge.run(cfg, out, partition="1/2", seed=2, **OPTS)
-    refused(out, r"different merges: --seed differ")
+    refused(out, r"different merges: --seed differs")
 
 
 def test_finalize_refuses_mixed_partitions(fam: dict, tmp_path: Path) -> None:

@@ -357,7 +357,13 @@ class Executor:
             self.nonfinite.append(line)
 
     def _merge_and_report(self, t: TensorPlan) -> None:
-        self.merge_tensor(t)
+        if self._stop.is_set():  # another tensor failed: a worker thread takes no more
+            return
+        try:
+            self.merge_tensor(t)
+        except BaseException:
+            self._stop.set()  # here, not when the main thread hears of it: this thread's next tensor would start
+            raise
         if not self._stop.is_set():  # merge_tensor returns early, unfinished, once _stop is set
             self.on_tensor_done(t.name)
 

@@ -48,9 +48,12 @@ def out_dir_lock(out_dir: str | os.PathLike, notify: Callable[[str], None] | Non
     ...     ...  # make the temporary directory, merge, finalize
     """
     path = lock_path(out_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:  # a parent that cannot hold files (/proc, /sys), or turned read-only: before any work
+            raise InputError(f"{out_dir}: cannot be created: cannot write {path}: {e.strerror or e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

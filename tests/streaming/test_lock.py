@@ -68,3 +68,21 @@ def test_a_merge_and_a_join_run_where_there_are_no_locks(tmp_path: Path, monkeyp
     assert sum("does not support file locks" in n for n in notes) == 6  # each part: its lock and the thresholds'
     ref, out = tmp_path / "ref", tmp_path / "out"
     assert {p.name: p.read_bytes() for p in ref.iterdir()} == {p.name: p.read_bytes() for p in out.iterdir()}
+
+
+def test_a_parent_that_cannot_hold_the_lock_file_is_an_input_error(tmp_path: Path, monkeypatch) -> None:
+    """/sys/out or /proc/out (root may write there by access(2), but no file can be made): exit 2 with the path,
+    not an OSError (exit 1)."""
+    from fusemerge.errors import InputError
+
+    real = lock.os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(".fusemerge.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(lock.os, "open", refuse)
+    with pytest.raises(InputError, match=r"out: cannot be created: cannot write .*\.out\.fusemerge\.lock: Permission"):
+        with out_dir_lock(tmp_path / "out"):
+            pytest.fail("ran without its lock")
