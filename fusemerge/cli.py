@@ -18,6 +18,7 @@ import click
 from fusemerge import __version__
 from fusemerge.errors import FusemergeError, InputError
 from fusemerge.methods import METHODS
+from fusemerge.options import spelled_for_cli
 from fusemerge.sizes import format_size
 
 log = logging.getLogger("fusemerge")
@@ -36,7 +37,8 @@ def _handle_errors(fn):
     def wrapper(*args, **kwargs):
         verbose = click.get_current_context().find_root().params.get("verbose", 0) or kwargs.get("verbose", 0)
         try:
-            return fn(*args, **kwargs)
+            with spelled_for_cli():  # messages name --options, not the API's keywords
+                return fn(*args, **kwargs)
         except BrokenPipeError:  # `fusemerge inspect DIR | head`: the reader has gone, nothing to say
             sys.stdout = None  # no flush of the closed pipe at exit
             os._exit(0)
@@ -288,7 +290,7 @@ def finalize(out_dir, overwrite, keep_parts, verify, quiet) -> None:
     from fusemerge.partition import finalize as join_parts
 
     result = join_parts(out_dir, overwrite=overwrite, keep_parts=keep_parts, verify=verify,
-                        notify=None if quiet else _note)
+                        notify=(lambda line: None) if quiet else _note)
     if not quiet:
         click.echo(f"joined {result.parts} part(s): {result.shards} shard(s), {format_size(result.output_bytes)} "
                    f"in {result.seconds:.1f} s -> {result.out_dir} (`fusemerge verify {result.out_dir}` re-hashes "

@@ -16,6 +16,7 @@ from pathlib import Path
 from fusemerge import __version__
 from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
+from fusemerge.options import opt
 from fusemerge.partition import finished_part, merge_identity, part_dir, parts_root, write_part_manifest
 from fusemerge.planner import CODE_NAMES, TOKENIZER_FILES, MergePlan, build_plan, tokenizer_dir
 from fusemerge.streaming.executor import Executor, StageTimes
@@ -62,6 +63,10 @@ class MergeResult:
         return (self.input_bytes - self.resumed_bytes) / max(self.seconds, 1e-9) / 1e9
 
 
+_PLAN_DEFAULTS = dict(device="auto", backend="auto", max_memory=None, out_shard_size="5GB", seed=0, workers=None,
+                      partition=None, max_pinned_memory=None)  # run's defaults of the options build_plan takes
+
+
 def run(
     config: str | Path | dict | MergeConfig,
     out_dir: str | Path,
@@ -77,6 +82,7 @@ def run(
     resume: bool = False,
     workers: int | None = None,
     partition: str | tuple[int, int] | None = None,
+    max_pinned_memory: str | int | None = None,
     progress: Callable[[int], None] | None = None,
     notify: Callable[[str], None] | None = None,
     plan: MergePlan | None = None,
@@ -99,12 +105,21 @@ def run(
     its own directory beside `out_dir` (`fusemerge/partition.py`); `fusemerge.finalize(out_dir)` joins the n parts
     once all are done. With `resume`, a part already finished is left as it is.
 
+    `plan`: a plan `build_plan` made of this config, run as it is (the options that make a plan, `device` to
+    `max_pinned_memory`, are then refused: they are the plan's). `progress(nbytes)` is called as input bytes are
+    merged. The result's `finished_before` says that `resume` found the merge already done.
+
     >>> import fusemerge
     >>> fusemerge.run("config.yml", "out/", device="cpu", max_memory="2GiB")  # doctest: +SKIP
     >>> fusemerge.run("config.yml", "out/", device="cpu", resume=True)  # after a kill  # doctest: +SKIP
     """
-    plan = plan or build_plan(config, device=device, backend=backend, max_memory=max_memory,
-                              out_shard_size=out_shard_size, seed=seed, workers=workers, partition=partition)
+    options = dict(device=device, backend=backend, max_memory=max_memory, out_shard_size=out_shard_size, seed=seed,
+                   workers=workers, partition=partition, max_pinned_memory=max_pinned_memory)
+    if plan is None:
+        plan = build_plan(config, **options)
+    elif given := [name for name, value in options.items() if value != _PLAN_DEFAULTS[name]]:
+        raise InputError(f"run: {', '.join(given)} given with plan=, which already fixes them; pass them to "
+                         "build_plan instead")
     notify = notify or log.warning
     out = Path(os.path.abspath(out_dir))  # "." or "out/.." name their directory only once made absolute
     inputs = [m.path for m in plan.models] + ([plan.base.path] if plan.base is not None else [])
@@ -137,7 +152,7 @@ def run(
             if resume:
                 notify(f"no interrupted merge into {out} to resume; starting from the beginning")
             elif temp.exists():
-                notify(f"removed the partial merge an interrupted run left in {temp} (--resume would have "
+                notify(f"removed the partial merge an interrupted run left in {temp} ({opt('resume')} would have "
                        "continued it)")
             temp = make_temp_dir(out)
         journal: Journal | None = None

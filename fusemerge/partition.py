@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING
 
 from fusemerge import __version__
 from fusemerge.errors import InputError
+from fusemerge.options import opt, opt_name, run_command
 from fusemerge.planner import part_shards
 from fusemerge.streaming.digest import file_digest
 from fusemerge.streaming.global_cuts import identity_digest
@@ -73,14 +74,12 @@ JOIN_MARKER = ".fusemerge-join"  # in OUT_DIR's temporary directory while a join
 FORMAT = "fusemerge-part/1"
 _PART_RE = re.compile(r"part-(\d+)-of-(\d+)")
 
-# What `merge` entries mean, for the one line that says why two parts do not belong to one merge.
-_IDENTITY_WORDS = {  # (the fusemerge version is checked apart, when each part manifest is read)
-    "config": "the merge config",
-    "seed": "--seed",
-    "layout": "the output layout (--out-shard-size or the output dtype)",
-    "index": "the output index",
-    "inputs": "the input models",
-}
+def _identity_words() -> dict[str, str]:
+    """What `merge` entries mean, for the one line that says why two parts do not belong to one merge (the
+    fusemerge version is checked apart, when each part manifest is read)."""
+    return {"config": "the merge config", "seed": opt_name("seed"),
+            "layout": f"the output layout ({opt_name('out_shard_size')} or the output dtype)",
+            "index": "the output index", "inputs": "the input models"}
 
 
 def parts_root(out_dir: str | os.PathLike) -> Path:
@@ -173,19 +172,20 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     exists and is not empty (without `overwrite`). With `keep_parts`, the parts' directories stay (their shards
     then share their data with `out_dir`'s: hard links). With `verify`, every shard is also read and its SHA-256
     compared with its part's manifest first (without it, a shard changed after its part finished keeps its size
-    and header, is joined, and only `fusemerge verify` finds it).
+    and header, is joined, and only `fusemerge verify` finds it). `notify(line)` receives the notes (default: the
+    "fusemerge" logger's warnings, as for `run`).
 
     >>> fusemerge.run("config.yml", "out/", partition="0/2")  # on one machine  # doctest: +SKIP
     >>> fusemerge.run("config.yml", "out/", partition="1/2")  # on another  # doctest: +SKIP
     >>> fusemerge.finalize("out/")  # doctest: +SKIP
     """
     t0 = time.perf_counter()
-    note = notify or (lambda line: None)
+    note = notify or log.warning
     out = Path(os.path.abspath(out_dir))  # "." names its directory only once absolute
     root = parts_root(out)
     if not root.is_dir():
         raise InputError(f"{root}: not found: no parts of a partitioned merge into {out} (merge each part with "
-                         f"`fusemerge run CONFIG {out} --partition I/N` first)")
+                         f"{run_command(out, ('partition', 'I/N'))} first)")
     warned: list[str] = []
 
     def lock_note(line: str) -> None:  # a file system without locks: said once, not once per part
@@ -250,7 +250,7 @@ def _recover_moved(out: Path, found: list[tuple[int, int, Path]]) -> None:
 def _verify_parts(parts: list[tuple[Path, dict]]) -> None:
     """Every part's shards read whole, their SHA-256 against the part's manifest (finalize's `verify`)."""
     problems = [f"{directory / name}: its SHA-256 differs from {directory / PART_MANIFEST} (changed after the part "
-                f"was merged; merge that part again with --overwrite)"
+                f"was merged; merge that part again with {opt('overwrite')})"
                 for directory, manifest in parts for name, entry in manifest["files"].items()
                 if file_digest(directory / name) != (entry["sha256"], entry["bytes"])]
     if problems:
@@ -273,11 +273,11 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
         directory = by_index.get(i)
         if directory is None:
             temp = temp_dir_path(part_dir(out, i, n))
-            run = f"`fusemerge run CONFIG {out} --partition {i}/{n}"
-            problems.append(f"part {i}/{n} is unfinished: {temp} holds its interrupted or running merge ({run} "
-                            "--resume`, with the other parts' options, continues it)" if temp.is_dir() else
-                            f"part {i}/{n} is missing from {root} (merge it with {run}` and the other parts' "
-                            "options)")
+            resume = run_command(out, ("partition", f"{i}/{n}"), ("resume", True))
+            problems.append(f"part {i}/{n} is unfinished: {temp} holds its interrupted or running merge ({resume}, "
+                            "with the other parts' options, continues it)" if temp.is_dir() else
+                            f"part {i}/{n} is missing from {root} (merge it with "
+                            f"{run_command(out, ('partition', f'{i}/{n}'))} and the other parts' options)")
             continue
         try:
             manifest = _read_part(directory)
@@ -292,7 +292,7 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
     if parts:
         ref_dir, ref = parts[0]
         for directory, manifest in parts[1:]:
-            differ = [words for key, words in _IDENTITY_WORDS.items()
+            differ = [words for key, words in _identity_words().items()
                       if manifest["merge"].get(key) != ref["merge"].get(key)]
             if differ:
                 problems.append(f"{directory.name} and {ref_dir.name} are parts of different merges: "
@@ -302,7 +302,7 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
             extras = {name: e["sha256"] for name, e in manifest["extras"].items()}
             if extras != {name: e["sha256"] for name, e in ref["extras"].items()}:
                 problems.append(f"{directory.name} and {ref_dir.name} hold different config.json, tokenizer or "
-                                "model card files: merge every part with the same --copy-tokenizer option")
+                                "model card files: merge every part with the same {opt_name('copy_tokenizer')} option")
         if not problems:
             for directory, manifest in parts:
                 problems += _part_problems(directory, manifest)

@@ -33,6 +33,7 @@ from fusemerge.config import (
 from fusemerge.errors import InputError
 from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.methods import Method
+from fusemerge.options import opt, opt_name
 from fusemerge.sizes import format_size, parse_shard_size, parse_size
 from fusemerge.streaming.model_index import ModelIndex, open_model
 from fusemerge.streaming.processes import use_processes
@@ -135,8 +136,9 @@ class MergePlan:
         i, n = parse_partition((i, n))
         shards = self.layout.shards
         if n > len(shards):
-            raise InputError(f"--partition {i}/{n}: the output has {len(shards)} shard(s) and each part is made of "
-                             f"whole shards; use at most {len(shards)} parts, or a smaller --out-shard-size for "
+            raise InputError(f"{opt('partition', f'{i}/{n}')}: the output has {len(shards)} shard(s) and each part is "
+                             f"made of whole shards; use at most {len(shards)} parts, or a smaller "
+                             f"{opt_name('out_shard_size')} for "
                              "more shards")
         layout = self.layout.subset([s.filename for s in part_shards(shards, i, n)])
         names = {name for shard in layout.shards for name in shard.tensor_names}
@@ -267,12 +269,14 @@ def parse_partition(spec: str | tuple[int, int] | None) -> tuple[int, int] | Non
     if isinstance(spec, str):
         m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", spec)
         if m is None:
-            raise InputError(f"--partition {spec}: expected I/N, the part I (counted from 0) of N parts, e.g. 0/4")
+            raise InputError(f"{opt('partition', spec)}: expected I/N, the part I (counted from 0) of N parts, "
+                             "e.g. 0/4")
         i, n = int(m.group(1)), int(m.group(2))
     else:
         i, n = (int(x) for x in spec)
     if n < 1 or not 0 <= i < n:
-        raise InputError(f"--partition {i}/{n}: I must be 0 to N - 1 (parts are counted from 0), N at least 1")
+        raise InputError(f"{opt('partition', f'{i}/{n}')}: I must be 0 to N - 1 (parts are counted from 0), N at "
+                         "least 1")
     return i, n
 
 
@@ -288,13 +292,13 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, ValueError):
-        raise InputError(f"--device {device}: expected auto, cpu, cuda, cuda:N or cuda:0,cuda:1,...") from None
+        raise InputError(f"{opt('device', device)}: expected auto, cpu, cuda, cuda:N or cuda:0,cuda:1,...") from None
     if dev.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device}: expected auto, cpu, cuda, cuda:N or cuda:0,cuda:1,...")
+        raise InputError(f"{opt('device', device)}: expected auto, cpu, cuda, cuda:N or cuda:0,cuda:1,...")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available on this machine")
+        raise InputError(f"{opt('device', device)}: no CUDA device is available on this machine")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        raise InputError(f"{opt('device', device)}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
 
 
@@ -306,10 +310,10 @@ def resolve_devices(device: str | None) -> tuple[torch.device, ...]:
     names = [n if n.startswith("cuda") or not n.isdigit() else f"cuda:{n}" for n in names]
     devs = [resolve_device(n) for n in names]
     if any(d.type != "cuda" for d in devs):
-        raise InputError(f"--device {device}: a list of devices must be GPUs (cuda:0,cuda:1,...)")
+        raise InputError(f"{opt('device', device)}: a list of devices must be GPUs (cuda:0,cuda:1,...)")
     devs = [torch.device("cuda", d.index if d.index is not None else 0) for d in devs]
     if len(set(devs)) != len(devs):
-        raise InputError(f"--device {device}: a GPU is listed twice")
+        raise InputError(f"{opt('device', device)}: a GPU is listed twice")
     return tuple(devs)
 
 
@@ -317,7 +321,7 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if backend in (None, "auto"):
         return "triton" if device.type == "cuda" else "torch"
     if backend not in ("torch", "triton"):
-        raise InputError(f"--backend {backend}: expected auto, torch or triton")
+        raise InputError(f"{opt('backend', backend)}: expected auto, torch or triton")
     return backend
 
 
@@ -395,23 +399,27 @@ def build_plan(
     try:
         shard_bytes = parse_shard_size(out_shard_size)
     except ValueError as e:
-        problems.append(f"--out-shard-size: {e}")
+        problems.append(f"{opt_name('out_shard_size')}: {e}")
         shard_bytes = 5 * 10**9
     try:
         budget = (parse_size(max_memory) if max_memory not in (None, "auto")
                   else min(_default_budget(d) for d in devices))
     except ValueError as e:
-        problems.append(f"--max-memory: {e}")
+        problems.append(f"{opt_name('max_memory')}: {e}")
         budget = DEFAULT_CPU_BUDGET
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        problems.append(f"--workers {workers}: must be a whole number of at least 1")
+        problems.append(f"{opt('workers', workers)}: must be a whole number of at least 1")
         workers = None
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 1.5 or "1" would key other DARE masks
+        problems.append(f"{opt('seed', seed)}: expected an integer")
+        seed = 0
+    seed = int(seed)
     pinned = None
     if max_pinned_memory is not None:
         try:
             pinned = parse_size(max_pinned_memory)
         except ValueError as e:
-            problems.append(f"--max-pinned-memory: {e}")
+            problems.append(f"{opt_name('max_pinned_memory')}: {e}")
     try:
         cfg = config if isinstance(config, MergeConfig) else load_config(config)
     except InputError as e:  # still check the models the config names, to report everything at once
@@ -469,8 +477,8 @@ def build_plan(
             warnings.append(f"{most} models per tensor, more than the Triton kernels take ({MAX_EXPERTS}): the torch "
                             f"backend merges them on {dev}")
         else:
-            problems.append(f"--backend triton: {most} models per tensor, more than the Triton kernels take "
-                            f"({MAX_EXPERTS}); --backend torch merges any number")
+            problems.append(f"{opt('backend', 'triton')}: {most} models per tensor, more than the Triton kernels "
+                            f"take ({MAX_EXPERTS}); {opt('backend', 'torch')} merges any number")
     if problems or checked_only:
         raise InputError(problems)
 
@@ -480,7 +488,7 @@ def build_plan(
     chunk = _chunk_elems(budget, n_inputs, n_workers, dev)
     if chunk < MIN_CHUNK:
         need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
-        raise InputError(f"--max-memory {format_size(budget)} is too small: {n_workers} worker(s) x "
+        raise InputError(f"{opt('max_memory', format_size(budget))} is too small: {n_workers} worker(s) x "
                          f"{n_inputs} inputs need at least {need}")
 
     plan = MergePlan(cfg, method, base, models, reference, tensors, layout,

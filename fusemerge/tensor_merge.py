@@ -193,7 +193,7 @@ def merge_tensors(
     chunk = int(chunk)
     seed = _as_value(seed)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 0.0 would key other DARE masks than 0
-        raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer (--seed of the files path)")
+        raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer")
     seed = int(seed)
     given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("normalize", normalize),
                                ("rescale", rescale), ("lambda", lam)) if v is not None}

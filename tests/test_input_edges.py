@@ -114,13 +114,18 @@ def test_workers_below_one_are_refused(fam, workers) -> None:
 
 
 def test_out_dir_dot_is_the_current_directory(fam, tmp_path, monkeypatch) -> None:
+    """An empty current directory is merged into; a non-empty one is not replaced, even with --overwrite (it
+    would delete what the user works beside, and leave the shell in a deleted directory)."""
     here = tmp_path / "here"
     here.mkdir()
-    (here / "old.txt").write_text("an earlier merge")
     monkeypatch.chdir(here)
-    r = invoke("run", fam["config"], ".", "--overwrite", "-q")
+    r = invoke("run", fam["config"], ".", "-q")
     assert r.exit_code == 0, r.output
-    assert (here / "model.safetensors").is_file() and not (here / "old.txt").exists()
+    assert (tmp_path / "here" / "model.safetensors").is_file()
+    monkeypatch.chdir(tmp_path / "here")  # the merge replaced the directory: its new inode
+    r = invoke("run", fam["config"], ".", "--overwrite", "-q")
+    assert r.exit_code == 2 and "is the current directory, which --overwrite would delete" in r.stderr, r.output
+    assert (tmp_path / "here" / "model.safetensors").is_file()
 
 
 def test_bench_refuses_shapes_out_of_range() -> None:

@@ -161,8 +161,8 @@ def test_the_files_path_refuses_triton_for_more_experts_than_it_takes(tmp_path) 
     write_config_yaml(tmp_path / "c.yml", "task_arithmetic", dirs[0], dirs[1:])
     with pytest.raises(InputError) as e:
         fusemerge.build_plan(tmp_path / "c.yml", device="cpu", backend="triton")
-    assert e.value.problems == [f"--backend triton: {MAX_EXPERTS + 1} models per tensor, more than the Triton kernels "
-                                f"take ({MAX_EXPERTS}); --backend torch merges any number"]
+    assert e.value.problems == [f"backend='triton': {MAX_EXPERTS + 1} models per tensor, more than the Triton "
+                                f"kernels take ({MAX_EXPERTS}); backend='torch' merges any number"]
     assert fusemerge.build_plan(tmp_path / "c.yml", device="cpu").backend == "torch"
 
 

@@ -46,7 +46,7 @@ def test_nonfinite_stops_the_merge_naming_tensor_and_model(tmp_path, fam, method
     with pytest.raises(InputError) as err:
         fusemerge.run(cfg, tmp_path / "out", device="cpu", backend=backend)
     (line,) = err.value.problems
-    assert TENSOR in line and f"3 in {fam['experts'][1]}" in line and "--allow-nonfinite" in line
+    assert TENSOR in line and f"3 in {fam['experts'][1]}" in line and "allow_nonfinite=True" in line
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]  # no temp dir left behind
 

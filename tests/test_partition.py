@@ -221,7 +221,7 @@ def test_resume_of_a_finished_part_does_nothing(fam: dict, tmp_path: Path) -> No
     assert snapshot(parts_root(out)) == before
     assert notes == [f"part 0/2 is already merged in {part_dir(out, 0, 2)}; nothing to resume"]
     assert result.resumed_tensors == len(result.plan.tensors)
-    with pytest.raises(InputError, match="exists and is not empty; pass --overwrite"):
+    with pytest.raises(InputError, match="exists and is not empty; pass overwrite=True"):
         run_parts(cfg, out, 2, parts=[0])  # without --resume a finished part is not silently redone
 
 
@@ -246,7 +246,7 @@ def test_an_interrupted_part_resumes(fam: dict, tmp_path: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         fusemerge.run(cfg, out, partition="1/2", seed=7, workers=1, progress=progress, **OPTS)
     run_parts(cfg, out, 2, parts=[0])
-    with pytest.raises(InputError, match=r"part 1/2 is unfinished: .* --partition 1/2 --resume"):
+    with pytest.raises(InputError, match=r"part 1/2 is unfinished: .* partition='1/2', resume=True\)`"):
         fusemerge.finalize(out)
     notes: list[str] = []
     result = fusemerge.run(cfg, out, partition="1/2", seed=7, resume=True, notify=notes.append, **OPTS)
@@ -275,7 +275,7 @@ def test_finalize_lists_every_missing_part(fam: dict, tmp_path: Path) -> None:
     with pytest.raises(InputError, match="no parts of a partitioned merge"):
         fusemerge.finalize(out)
     run_parts(cfg, out, 4, parts=[1, 2])
-    refused(out, r"part 0/4 is missing .* --partition 0/4`", r"part 3/4 is missing")
+    refused(out, r"part 0/4 is missing .* `fusemerge.run\(config, '.*out', partition='0/4'\)`", r"part 3/4 is missing")
 
 
 def test_finalize_refuses_parts_of_different_merges(fam: dict, tmp_path: Path) -> None:
@@ -293,7 +293,7 @@ def test_finalize_refuses_parts_of_different_seeds(fam: dict, tmp_path: Path) ->
     out = tmp_path / "out"
     fusemerge.run(cfg, out, partition="0/2", seed=1, **OPTS)
     fusemerge.run(cfg, out, partition="1/2", seed=2, **OPTS)
-    refused(out, r"different merges: --seed differs")
+    refused(out, r"different merges: seed differs")
 
 
 def test_finalize_refuses_mixed_partitions(fam: dict, tmp_path: Path) -> None:
@@ -416,7 +416,7 @@ def test_finalize_verify_reads_every_shard_and_refuses_a_changed_one(fam: dict, 
     with pytest.raises(InputError) as e:
         fusemerge.finalize(out, verify=True)
     assert e.value.problems == [f"{shard}: its SHA-256 differs from {part_dir(out, 1, 2) / PART_MANIFEST} (changed "
-                                "after the part was merged; merge that part again with --overwrite)"]
+                                "after the part was merged; merge that part again with overwrite=True)"]
     assert not out.exists() and shard.exists()
     fusemerge.finalize(out)  # without --verify it joins; verify then finds the shard
     from fusemerge.verify import verify

@@ -26,6 +26,7 @@ from fusemerge.kernels import load_backend, on_device, philox_native
 from fusemerge.kernels.dare_masks import WORKER_BYTES, WORKER_MIN_DRAWS, KeepMasks, MaskWorkers
 from fusemerge.kernels.params import EMPTY_C, ChunkParams
 from fusemerge.kernels.select import Segment, run_threads, tensor_params, top_cuts, trim_counts
+from fusemerge.options import opt
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
 from fusemerge.streaming.global_cuts import Cuts, CutsFile
 from fusemerge.streaming.processes import fork_map, run_processes, use_processes
@@ -352,7 +353,7 @@ class Executor:
         found = ", ".join(f"{c:,} in {path}" for c, path in zip(counts, paths, strict=True) if c)
         line = f"{t.name}: NaN/Inf values in the inputs ({found})"
         if not self.allow_nonfinite:
-            raise InputError([f"{line}; the merge stopped (--allow-nonfinite merges them anyway)"])
+            raise InputError([f"{line}; the merge stopped ({opt('allow_nonfinite')} merges them anyway)"])
         with self.times.lock:
             self.nonfinite.append(line)
 

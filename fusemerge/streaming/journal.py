@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from fusemerge import __version__
 from fusemerge.errors import InputError
+from fusemerge.options import opt, opt_name
 from fusemerge.streaming.model_index import CONFIG_NAME, INDEX_NAME
 from fusemerge.streaming.writer import OutputLayout
 from fusemerge.verify import file_digest
@@ -117,7 +118,7 @@ def refuse_changed_inputs(done: Path, recorded: object, plan: MergePlan) -> None
     if changed:
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
         raise InputError(f"{done} holds this merge, finished, but {changed[0]}{more} was modified after that merge "
-                         "read it (its data may have changed): --overwrite merges it again")
+                         f"read it (its data may have changed): {opt('overwrite')} merges it again")
 
 
 def header_digest(path: Path) -> str:
@@ -135,11 +136,12 @@ def differences(old: dict, new: dict) -> list[str]:
     if old.get("config") != new["config"]:
         reasons.append("the merge config differs from the interrupted run's")
     if old.get("seed") != new["seed"]:
-        reasons.append(f"--seed {new['seed']} differs from the interrupted run's {old.get('seed')}")
+        reasons.append(f"{opt('seed', new['seed'])} differs from the interrupted run's {old.get('seed')}")
     if old.get("partition") != new["partition"]:
-        reasons.append("the interrupted run merged another --partition")
+        reasons.append(f"the interrupted run merged another {opt_name('partition')}")
     if old.get("layout") != new["layout"]:
-        reasons.append("the output layout differs from the interrupted run's (--out-shard-size or output dtype)")
+        reasons.append(f"the output layout differs from the interrupted run's ({opt_name('out_shard_size')} or output "
+                       "dtype)")
     old_inputs = {f.get("path"): f for f in old.get("inputs", []) if isinstance(f, dict)}
     new_inputs = {f["path"]: f for f in new["inputs"]}
     for path, now in new_inputs.items():
@@ -221,7 +223,7 @@ class Journal:
         if reasons:
             more = f" (and {len(reasons) - 1} more difference(s))" if len(reasons) > 1 else ""
             raise InputError(f"{out_dir}: cannot resume the interrupted merge: {reasons[0]}{more}; "
-                             "run without --resume to start it over")
+                             f"run without {opt('resume')} to start it over")
         claimed: dict[str, str] = {}
         torn = 0
         for raw in lines[1:-1]:  # lines[-1] follows the last newline: empty, or a torn line

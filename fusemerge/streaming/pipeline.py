@@ -39,6 +39,7 @@ import torch
 
 from fusemerge.errors import InputError
 from fusemerge.kernels.select import Segment
+from fusemerge.options import opt_name
 from fusemerge.planner import FLOAT_CODES, MergePlan, TensorPlan
 from fusemerge.sizes import format_size
 
@@ -74,9 +75,9 @@ class Pipeline:
             chunk -= chunk % ALIGN
         self.chunk = max(MIN_PIPE_CHUNK, chunk)
         if self._pinned(self.chunk) > budget:  # even the smallest chunk pins more: the budget cannot be kept to
-            raise InputError(f"--max-pinned-memory: {format_size(budget)} for this GPU's pipeline (each GPU takes an "
-                             f"equal share) is too small: its buffers for {self.rows} inputs and {self.readers} "
-                             f"readers need at least {format_size(self._pinned(self.chunk))}")
+            raise InputError(f"{opt_name('max_pinned_memory')}: {format_size(budget)} for this GPU's pipeline (each "
+                             f"GPU takes an equal share) is too small: its buffers for {self.rows} inputs and "
+                             f"{self.readers} readers need at least {format_size(self._pinned(self.chunk))}")
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._jobs: queue.Queue = queue.Queue()

@@ -47,6 +47,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from fusemerge.errors import FusemergeError, InputError
+from fusemerge.options import opt_name
 
 if TYPE_CHECKING:
     from fusemerge.planner import MergePlan, TensorPlan
@@ -228,7 +229,7 @@ def _death(status: int, before: str = "before its tensors were written") -> Base
     """The error for a child that exited (wait status `status`) without saying how it ended."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        why = " (out of memory? lower --max-memory)" if sig == signal.SIGKILL else ""
+        why = f" (out of memory? lower {opt_name('max_memory')})" if sig == signal.SIGKILL else ""
         return FusemergeError(f"a merge worker process was killed by signal {sig}{why}")
     return FusemergeError(f"a merge worker process exited with status {os.waitstatus_to_exitcode(status)} {before}")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fusemerge.errors import InputError
+from fusemerge.options import opt, opt_name
 from fusemerge.streaming.digest import PrefixDigest
 from fusemerge.streaming.model_index import INDEX_NAME, SINGLE_FILE_NAME
 from fusemerge.streaming.safetensors_header import DTYPES
@@ -374,7 +375,7 @@ def move_into_place(temp_dir: Path, out_dir: Path, overwrite: bool) -> None:
         os.rename(temp_dir, out_dir)
         return
     if not overwrite:
-        raise InputError(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+        raise InputError(f"{out_dir}: exists and is not empty; pass {opt('overwrite')} to replace it")
     if _exchange(temp_dir, out_dir):  # one atomic step: no moment without out_dir
         # temp_dir now holds the old output: renamed away at once (a caller undoing its failed work must never
         # find the old output's files under the temporary name), then deleted, quietly (out_dir is in place)
@@ -402,8 +403,8 @@ def _remove_replaced(old_dir: Path) -> None:
     try:
         shutil.rmtree(old_dir)
     except OSError as e:
-        log.warning("%s: the output --overwrite replaced could not be removed (%s); the next run into this "
-                    "directory removes it, or remove it by hand", old_dir, e.strerror or e)
+        log.warning("%s: the output %s replaced could not be removed (%s); the next run into this "
+                    "directory removes it, or remove it by hand", old_dir, opt_name("overwrite"), e.strerror or e)
 
 
 def remove_replaced(out_dir: Path, notify: Callable[[str], None]) -> None:
@@ -419,9 +420,9 @@ def remove_replaced(out_dir: Path, notify: Callable[[str], None]) -> None:
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
         if os.path.exists(path):
-            notify(f"{path}: an output an earlier --overwrite replaced; it could not be removed")
+            notify(f"{path}: an output an earlier {opt_name('overwrite')} replaced; it could not be removed")
         else:
-            notify(f"removed {path}, the output an earlier --overwrite of {out_dir} replaced")
+            notify(f"removed {path}, the output an earlier {opt_name('overwrite')} of {out_dir} replaced")
 
 
 _AT_FDCWD = -100
@@ -472,8 +473,8 @@ def _replaced_by_mistake(out_dir: Path, out: Path, config: Path | None) -> list[
         except (OSError, RuntimeError):  # no current directory, no home
             continue
         if here is not None and (here == out or out in here.parents):
-            problems.append(f"{out_dir}: {'is' if here == out else 'holds'} {what}, which --overwrite would delete "
-                            "with the rest; choose a new output directory")
+            problems.append(f"{out_dir}: {'is' if here == out else 'holds'} {what}, which {opt('overwrite')} "
+                            "would delete with the rest; choose a new output directory")
     return problems
 
 
@@ -499,7 +500,7 @@ def check_out_dir(out_dir: Path, overwrite: bool, inputs: list[Path], config: Pa
             non_empty = True
             problems.append(f"{out_dir}: cannot read directory: {e.strerror or e}")
         if non_empty and not overwrite:
-            problems.append(f"{out_dir}: exists and is not empty; pass --overwrite to replace it")
+            problems.append(f"{out_dir}: exists and is not empty; pass {opt('overwrite')} to replace it")
         elif non_empty:
             problems += _replaced_by_mistake(out_dir, out, config)
 

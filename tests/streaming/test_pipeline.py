@@ -409,6 +409,6 @@ def test_a_pinned_budget_below_the_smallest_chunk_is_refused(tmp_path, fam) -> N
     plan = dataclasses.replace(fusemerge.build_plan(config(tmp_path, fam, "ties"), device=DEVICE), chunk_elems=1 << 22)
     floor = Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=1 << 30)._pinned(MIN_PIPE_CHUNK)
     assert Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=floor).chunk == MIN_PIPE_CHUNK
-    with pytest.raises(InputError, match=r"--max-pinned-memory: .* for this GPU's pipeline .* is too small: its "
+    with pytest.raises(InputError, match=r"max_pinned_memory: .* for this GPU's pipeline .* is too small: its "
                                          r"buffers for 4 inputs and 8 readers need at least"):
         Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=floor - 1)

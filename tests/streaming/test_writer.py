@@ -411,7 +411,7 @@ def test_move_into_place_never_touches_a_non_empty_dir_without_overwrite(tmp_pat
     fill(temp, {"model.safetensors": "new"})
     with pytest.raises(InputError) as info:
         move_into_place(temp, out, overwrite=False)
-    assert info.value.problems == [f"{out}: exists and is not empty; pass --overwrite to replace it"]
+    assert info.value.problems == [f"{out}: exists and is not empty; pass overwrite=True to replace it"]
     assert (out / "precious.txt").read_text() == "keep me" and (out / "model.safetensors").read_text() == "old"
     assert (temp / "model.safetensors").read_text() == "new"
 
@@ -448,12 +448,12 @@ def test_a_replaced_output_that_cannot_be_deleted_is_a_warning_and_removed_later
         move_into_place(temp, out, overwrite=True)
     (left,) = [p for p in tmp_path.iterdir() if p.name != "out"]
     assert left.name.startswith(".out.fusemerge-old-") and (left / "model.safetensors").read_text() == "old"
-    assert f"{left}: the output --overwrite replaced could not be removed (Permission denied)" in caplog.text
+    assert f"{left}: the output overwrite replaced could not be removed (Permission denied)" in caplog.text
     monkeypatch.setattr(writer.shutil, "rmtree", real)
     notes: list[str] = []
     writer.remove_replaced(out, notes.append)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert notes == [f"removed {left}, the output an earlier --overwrite of {out} replaced"]
+    assert notes == [f"removed {left}, the output an earlier overwrite of {out} replaced"]
     (tmp_path / ".out.fusemerge-old-notours").mkdir()  # not a name fusemerge makes: left alone
     writer.remove_replaced(out, notes.append)
     assert (tmp_path / ".out.fusemerge-old-notours").is_dir()
@@ -518,7 +518,7 @@ def test_check_out_dir_accepts_new_and_empty(tmp_path: Path) -> None:
 def test_check_out_dir_non_empty(tmp_path: Path) -> None:
     out = tmp_path / "out"
     fill(out, {"x": "y"})
-    assert check_out_dir(out, False, []) == [f"{out}: exists and is not empty; pass --overwrite to replace it"]
+    assert check_out_dir(out, False, []) == [f"{out}: exists and is not empty; pass overwrite=True to replace it"]
     assert check_out_dir(out, True, []) == []
 
 
@@ -530,7 +530,7 @@ def test_overwrite_never_replaces_the_current_or_home_directory_or_the_config(tm
     fill(project, {"ties.yml": "x", "notes.txt": "keep"})
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(project)
-    why = "which --overwrite would delete with the rest; choose a new output directory"
+    why = "which overwrite=True would delete with the rest; choose a new output directory"  # the API's spelling
     assert check_out_dir(Path("."), True, [], project / "ties.yml") == [
         f"{Path('.')}: is the current directory, {why}", f"{Path('.')}: holds the config {project / 'ties.yml'}, {why}"]
     assert check_out_dir(home, True, []) == [f"{home}: holds the current directory, {why}",
