@@ -1076,10 +1076,12 @@ class _Validator:
         # outlier drop shrinks so that density's share is kept (select.trim_counts)
         normalize = global_params.get("normalize", method.params["normalize"].default)
         if method.consensus == "none" and normalize is True:
-            weights = [effective(ref, "weight", listed_index[id(ref)])[0] for ref in models]
+            found = [effective(ref, "weight", listed_index[id(ref)]) for ref in models]
+            weights = [w for w, _ in found]
             if weights and all(_is_number(w) for w in weights) and sums_to_zero(weights):
-                self.add("models[].parameters.weight", "the weights add up to 0 and normalize is true, "
-                                                       "so the merge would divide by 0")
+                where = ", ".join(dict.fromkeys(key for _, key in found))  # each place a weight comes from, once
+                self.add(where, f"the weights add up to 0 and normalize is true, so the merge would divide by 0 "
+                                f"(weights {weights})")
 
 
 def _is_number(value: Any) -> bool:

@@ -49,8 +49,8 @@ _HINT = (
 _PRINT_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
-def parse_size(text: str | int) -> int:
-    """Parse a byte size into a positive number of bytes.
+def parse_size(text: str | int, hint: str = _HINT) -> int:
+    """Parse a byte size into a positive number of bytes (`hint`: what an error says is expected).
 
     Fractions are allowed with a unit and rounded down to whole bytes; a size without a unit (or
     with `B`) must be a whole number. Zero, negative and unparsable sizes raise ValueError.
@@ -59,22 +59,22 @@ def parse_size(text: str | int) -> int:
     (536870912, 5000000000, 1610612736, 4096)
     """
     if isinstance(text, bool) or not isinstance(text, (int, str)):
-        raise ValueError(f"invalid size {text!r}: {_HINT}")
+        raise ValueError(f"invalid size {text!r}: {hint}")
     if isinstance(text, int):
         if text <= 0:
             raise ValueError(f"invalid size {text}: a size must be positive")
         return text
     match = _SIZE_RE.match(text)
     if match is None:
-        raise ValueError(f"invalid size {text!r}: {_HINT}")
+        raise ValueError(f"invalid size {text!r}: {hint}")
     sign, number, unit = match.groups()
     factor = _UNITS.get(unit.lower())
     if factor is None:
-        raise ValueError(f"invalid size {text!r}: unknown unit {unit!r}; {_HINT}")
+        raise ValueError(f"invalid size {text!r}: unknown unit {unit!r}; {hint}")
     try:
         value = Decimal(number)
     except InvalidOperation:  # the regex admits only decimal literals; kept for safety
-        raise ValueError(f"invalid size {text!r}: {_HINT}") from None
+        raise ValueError(f"invalid size {text!r}: {hint}") from None
     if sign == "-" and value != 0:
         raise ValueError(f"invalid size {text!r}: a size must be positive")
     if factor == 1 and value != value.to_integral_value():
@@ -106,6 +106,10 @@ def format_size(n: int) -> str:
     return f"{sign}{value:.2f} {_PRINT_UNITS[index]}"
 
 
+_SHARD_HINT = (
+    "expected bytes as mergekit writes them (a whole number, or one with k, m or b: thousand, million or billion "
+    "bytes, e.g. 5B) or with a unit (KB, MB, GB: decimal; KiB, MiB, GiB: binary), e.g. 5B or 2GiB"
+)
 _KMB_RE = re.compile(r"^\s*(\d+)\s*([kKmMbB])\s*$")
 _KMB = {"k": 10**3, "m": 10**6, "b": 10**9}
 
@@ -119,7 +123,7 @@ def parse_shard_size(text: str | int) -> int:
     """
     match = _KMB_RE.match(text) if isinstance(text, str) else None
     if match is None:
-        return parse_size(text)
+        return parse_size(text, _SHARD_HINT)
     n = int(match.group(1)) * _KMB[match.group(2).lower()]
     if n <= 0:
         raise ValueError(f"invalid size {text!r}: a size must be at least 1 byte")

@@ -499,6 +499,9 @@ def test_weights_summing_to_zero_with_normalize(method: str) -> None:
     message = one_problem(cfg(method=method, base=None if method == "linear" else "base", models=models,
                               parameters={"normalize": True}))
     assert "the weights add up to 0 and normalize is true" in message
+    # where they come from: each model's (it said "models[].parameters.weight", a key no config holds)
+    assert ": models[0].parameters.weight, models[1].parameters.weight: " in message
+    assert message.endswith("(weights [1.5, -1.5])")
     # without normalize, or with sign consensus (D = 0 -> 1), the same weights are fine
     load_config(cfg(method="task_arithmetic", models=models))
     load_config(cfg(method="ties", models=models))

@@ -140,6 +140,15 @@ def test_bad_shard_sizes(text: str) -> None:
         parse_shard_size(text)
 
 
+def test_a_bad_shard_size_says_what_its_units_mean() -> None:
+    """It listed --max-memory's units ("B; ...; K, M, G"), where 5B is a byte and 2M 2 MiB: for a shard size 5B is
+    5 * 10^9 bytes and 2M 2 * 10^6 (a new user's walk-through)."""
+    with pytest.raises(ValueError) as e:
+        parse_shard_size("5XB")
+    assert "k, m or b: thousand, million or billion bytes, e.g. 5B" in str(e.value)
+    assert "K, M, G, T, P" not in str(e.value)
+
+
 def test_default_cpu_budget_counts_reclaimable_page_cache(tmp_path, monkeypatch) -> None:
     """MemAvailable, not free pages: a machine whose RAM is mostly page cache (a merge's inputs, read before)
     still gets the full default budget."""
