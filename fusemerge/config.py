@@ -571,7 +571,7 @@ def _near(word: str, choices: Iterable[str]) -> str | None:
     return lower[close[0]] if close else None
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -720,7 +720,7 @@ class _Validator:
             self.add("merge_method", f"{value!r} is a mergekit method fusemerge does not support yet; "
                                      f"supported: {known}")
         else:
-            self.add("merge_method", f"unknown method {value!r}{_suggest(value, METHODS)}; supported: {known}")
+            self.add("merge_method", f"unknown method {value!r}{did_you_mean(value, METHODS)}; supported: {known}")
         return None
 
     def _model_path(self, value: Any, key: str) -> ModelRef | None:
@@ -972,7 +972,7 @@ class _Validator:
                     self.add(key, f"must be true or false, not {_kind_name(value)}")
                 continue
             if pdef is None:
-                self.add(key, f"unknown parameter for {method.name}{_suggest(str(name), allowed)}; "
+                self.add(key, f"unknown parameter for {method.name}{did_you_mean(str(name), allowed)}; "
                               f"it takes {', '.join(allowed)}")
                 continue
             if per_model and not pdef.per_model:
@@ -1008,7 +1008,7 @@ class _Validator:
     def _check_rule(self, rule: Mapping[str, Any], pdef: ParamDef, key: str) -> None:
         for extra in rule:
             if extra not in ("filter", "value"):
-                self.add(f"{key}.{extra}", f"unknown key{_suggest(str(extra), ('filter', 'value'))}; "
+                self.add(f"{key}.{extra}", f"unknown key{did_you_mean(str(extra), ('filter', 'value'))}; "
                                            "a rule has only filter: and value:")
         flt = rule.get("filter")
         if flt is not None and not isinstance(flt, str):

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from fusemerge.config import DTYPE_ALIASES, MergeConfig, validate_mapping
+from fusemerge.config import DTYPE_ALIASES, MergeConfig, did_you_mean, validate_mapping
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import KeepMasks
@@ -165,20 +165,23 @@ def merge_tensors(
     expert that *is* `base` (the same tensor object) is the base listed under `models:`: not an expert, and
     for `linear` averaged once, with its weight. Inputs: float32, float16 or bfloat16 tensors of one shape,
     dtype and device; the result has `out_dtype` (default: theirs). CUDA tensors use the Triton kernels
-    (backend "auto").
+    (backend "auto"; the torch operations for more than MAX_EXPERTS = 64 experts, which they do not take).
 
     >>> b = torch.randn(64, 64); es = [b + 0.01 * torch.randn(64, 64) for _ in range(3)]
     >>> merge_tensors(b, es, "ties", density=0.2).shape
     torch.Size([64, 64])
     """
     if method in METHODS and METHODS[method].is_passthrough:
-        raise InputError("method: passthrough copies one model's tensors (slices: configs); there is nothing to "
-                         "merge in memory")
+        raise InputError("merge_tensors: method: passthrough copies one model's tensors (slices: configs); there "
+                         "is nothing to merge in memory")
     if "lambda_" in params and "lambda" in params:
         raise InputError("merge_tensors: lambda given twice (lambda_= and lambda=); give one")
     lam = params.pop("lambda_", params.pop("lambda", None))
-    if params:
-        raise InputError(f"unknown parameter(s) for merge_tensors: {', '.join(params)}")
+    if params:  # as a config's unknown parameters are reported: one line each, with the nearest known name
+        known = ["weight", "density", "gamma", "normalize", "rescale", "lambda_", "seed", "name", "out_dtype",
+                 "backend", "chunk"]
+        raise InputError([f"merge_tensors: {name}: unknown parameter{did_you_mean(name, known)}; it takes "
+                          f"{', '.join(known)}" for name in params])
     if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
         experts = list(experts.unbind(0)) if experts.dim() > 0 else [experts]
     try:
@@ -186,7 +189,7 @@ def merge_tensors(
     except TypeError:
         raise InputError("merge_tensors: experts: expected a list of tensors") from None
     if not experts:
-        raise InputError("experts: at least one tensor is needed")
+        raise InputError("merge_tensors: experts: at least one tensor is needed")
     _check_tensors(base, experts)
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"merge_tensors: chunk: {chunk!r}; expected a positive number of elements")
@@ -211,7 +214,7 @@ def merge_tensors(
     shape = models[0].shape
     device = models[0].device
     if backend not in ("auto", "torch", "triton"):
-        raise InputError(f"backend: expected auto, torch or triton, not {backend!r}")
+        raise InputError(f"merge_tensors: backend: expected auto, torch or triton, not {backend!r}")
     if backend == "auto":
         backend = "triton" if device.type == "cuda" and n <= MAX_EXPERTS else "torch"
     elif backend == "triton" and n > MAX_EXPERTS:

@@ -195,3 +195,16 @@ def test_lambda_twice_is_refused_and_config_spellings_are_accepted(tensors) -> N
         got = fusemerge.merge_tensors(base, experts, "dare_ties", density=0.5, seed=torch.tensor(3),
                                       out_dtype=spelling)
         assert torch.equal(got, want)
+
+
+def test_an_unknown_keyword_is_named_with_the_nearest_known_one() -> None:
+    """As a config's unknown parameter is (`densty: unknown parameter for ties (did you mean 'density'?)`); it said
+    "unknown parameter(s) for merge_tensors: densty" (a new user's walk-through)."""
+    b = torch.zeros(8)
+    with pytest.raises(InputError) as e:
+        merge_tensors(b, [b + 1], "ties", densty=0.5, sead=1)
+    assert e.value.problems[0].startswith("merge_tensors: densty: unknown parameter (did you mean 'density'?); "
+                                          "it takes weight, density, gamma")
+    assert e.value.problems[1].startswith("merge_tensors: sead: unknown parameter (did you mean 'seed'?)")
+    with pytest.raises(InputError, match=r"^merge_tensors: experts: at least one tensor"):
+        merge_tensors(b, [], "ties")

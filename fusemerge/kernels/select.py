@@ -133,6 +133,8 @@ class _Spool:
     """
 
     BLOCK = 1 << 20
+    FIRST = 1 << 15  # the first block's entries; each next one twice the last, up to BLOCK (a spool of a few
+    # entries per expert took 4 MiB each: bench/memory.py's 64 MiB TIES merge peaked 0.3x the budget higher)
 
     def __init__(self) -> None:
         self.blocks: list[np.ndarray] = []
@@ -142,7 +144,8 @@ class _Spool:
 
     def append(self, start: int, values: np.ndarray) -> None:
         if not self.blocks or self.used + values.size > len(self.blocks[-1]):
-            self.blocks.append(np.empty(max(self.BLOCK, values.size), dtype=np.int32))
+            size = min(self.BLOCK, 2 * len(self.blocks[-1])) if self.blocks else self.FIRST
+            self.blocks.append(np.empty(max(size, values.size), dtype=np.int32))
             self.filled.append(0)
             self.used = 0
         self.blocks[-1][self.used:self.used + values.size] = values
@@ -218,13 +221,16 @@ def top_cuts(
         if keep_bytes is not None:
             room = min(room, keep_bytes // 4)
         collected: _Collected | None = None
+        left = room // k  # each worker's share of the room for the entries the second pass keeps
         if k == 1 and hasattr(backend, "abs_hist_collect") and all(len(rs) <= 2 for rs in live):
+            # the collected entries and those the second pass keeps share the room (the collected are freed
+            # as the second pass takes them)
             hi, collected = _collecting_histograms(backend, segments, chunk, live, total, room, stop)
         else:
             hi = sum(run_workers(k, lambda w: _high_histograms(backend, segments, chunk, live, w, k, stop), stop))
         located = [{r: _locate(hi[i], r) for r in live[i]} for i in range(n)]
         bins = [sorted({b for b, _ in located[i].values()}) for i in range(n)]
-        done = run_workers(k, lambda w: _low_histograms(backend, segments, chunk, bins, room // k, w, k, stop,
+        done = run_workers(k, lambda w: _low_histograms(backend, segments, chunk, bins, left, w, k, stop,
                                                         collected), stop)
         lo = [{b: sum(los[i][b] for los, _ in done) for b in bins[i]} for i in range(n)]
         if all(spools is not None for _, spools in done):
