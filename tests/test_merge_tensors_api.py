@@ -202,9 +202,9 @@ def test_an_unknown_keyword_is_named_with_the_nearest_known_one() -> None:
     "unknown parameter(s) for merge_tensors: densty" (a new user's walk-through)."""
     b = torch.zeros(8)
     with pytest.raises(InputError) as e:
-        merge_tensors(b, [b + 1], "ties", densty=0.5, sead=1)
+        fusemerge.merge_tensors(b, [b + 1], "ties", densty=0.5, sead=1)
     assert e.value.problems[0].startswith("merge_tensors: densty: unknown parameter (did you mean 'density'?); "
                                           "it takes weight, density, gamma")
     assert e.value.problems[1].startswith("merge_tensors: sead: unknown parameter (did you mean 'seed'?)")
     with pytest.raises(InputError, match=r"^merge_tensors: experts: at least one tensor"):
-        merge_tensors(b, [], "ties")
+        fusemerge.merge_tensors(b, [], "ties")
