@@ -302,6 +302,32 @@ FM_CLONES int64_t fm_select_lo(int64_t n, int in_code, const void *base, const v
     return found;
 }
 
+/* The tie cut's search (reference.count_equal / nth_equal): with q < 1, how many entries have bits(|x - base|)
+   == t; else the local index of the q-th (1-based) such entry, -1 if there are fewer. The bits are the
+   histograms' (a NaN delta's payload is the expert's, an fp16 NaN converted as load_block does), so the cut
+   falls on the entries the threshold counted: the torch operations' bits of a NaN can differ. */
+FM_CLONES int64_t fm_find_equal(int64_t n, int in_code, const void *base, const void *x, uint32_t t, int64_t q) {
+    float b[BLOCK], xb[BLOCK];
+    uint32_t a[BLOCK];
+    int64_t seen = 0;
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
+        int64_t here = 0;
+        load_block(base, in_code, lo, m, b);
+        load_block(x, in_code, lo, m, xb);
+        for (int k = 0; k < m; k++) {
+            a[k] = f2u(xb[k] - b[k]) & 0x7FFFFFFFu;
+            here += a[k] == t;
+        }
+        if (q >= 1 && seen + here >= q) {
+            for (int k = 0; k < m; k++)
+                if (a[k] == t && ++seen == q) return lo + k;
+        }
+        seen += here;
+    }
+    return q >= 1 ? -1 : seen;
+}
+
 /* The radix select's first pass that also collects the second's entries (reference.abs_hist_collect): the
    histogram of fm_hist_hi, added into hist, and the bits(|x - base|) of the entries whose high 16 bits lie in
    [win[0], win[1]] or [win[2], win[3]], in index order, into out while there is room for them (cap); returns
@@ -352,6 +378,7 @@ _SIGNATURES = {
     "fm_select_lo": ([_I64, _I32, _P, _P, ctypes.c_uint32, _P], ctypes.c_int64),
     "fm_max_abs": ([_I64, _I32, _P, _P], ctypes.c_uint32),
     "fm_hist_collect": ([_I64, _I32, _P, _P, _P, _P, _P, _I64], ctypes.c_int64),
+    "fm_find_equal": ([_I64, _I32, _P, _P, ctypes.c_uint32, _I64], ctypes.c_int64),
     "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
 }
 
@@ -506,6 +533,19 @@ def _hist_collect(lib, base: torch.Tensor, expert: torch.Tensor, hist: np.ndarra
                                    win.ctypes.data, out.ctypes.data, out.size))
 
 
+def find_equal(base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -> int | None:
+    """q >= 1: reference.nth_equal's index; q < 1: reference.count_equal's count; None where the compiled loop
+    does not take these chunks."""
+    return _find_equal(_library(), base, expert, t, q)
+
+
+def _find_equal(lib, base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -> int | None:
+    code = _takes([base, expert]) if lib is not None else None
+    if code is None or not 0 <= t < 1 << 31:
+        return None
+    return int(lib.fm_find_equal(base.numel(), code, base.data_ptr(), expert.data_ptr(), t, q))
+
+
 def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float | None:
     """reference.max_abs's value (NaN where a delta is NaN), or None where the compiled loop does not take these
     chunks."""
@@ -585,6 +625,16 @@ def _disagreement(lib) -> str:
                 for hi in bins:
                     if not torch.equal(_select_lo(lib, b, y, hi), reference.select_lo_torch(b, y, hi)):
                         return f"select_lo ({dtype})"
+                # the tie cut's search finds the bits the histograms counted (NaN included): every entry's bits
+                # from the collecting pass, whose windows hold every bin, checked above against torch's
+                bits = np.empty(n, np.int32)
+                _hist_collect(lib, b, y, np.zeros(1 << 15, np.int64), (0, 0x7FFF, 0, 0x7FFF), bits)
+                for t_eq in {int(bits[j]) for j in range(0, n, 251)} | {int(bits.max())}:
+                    hits = np.flatnonzero(bits == t_eq).tolist()
+                    if (_find_equal(lib, b, y, t_eq, 0) != len(hits)
+                            or [_find_equal(lib, b, y, t_eq, q) for q in (1, len(hits), len(hits) + 1)]
+                            != [hits[0], hits[-1], -1]):
+                        return f"find_equal ({dtype})"
                 mid = bins[len(bins) // 2]  # two windows, one empty of entries, one up to the largest bin
                 for windows in ((bins[0], bins[-1], bins[0], bins[-1]), (t[0] >> 16, t[0] >> 16, 0, 0),
                                 (bins[0], mid, bins[-1], 0x7FFF)):

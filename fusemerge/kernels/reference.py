@@ -344,12 +344,16 @@ def _equal(base: torch.Tensor, expert: torch.Tensor, t: int):
 
 
 def count_equal(base: torch.Tensor, expert: torch.Tensor, t: int) -> int:
-    """How many entries have bits(|d|) == t."""
-    return int(_equal(base, expert, t).sum())
+    """How many entries have bits(|d|) == t (on CPU the compiled loop's bits, which the histograms counted: the
+    torch operations' bits of a NaN delta can differ, and the tie cut then missed its entry)."""
+    fused = cpu_fused.find_equal(base, expert, t, 0) if base.device.type == "cpu" else None
+    return fused if fused is not None else int(_equal(base, expert, t).sum())
 
 
 def nth_equal(base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -> int:
     """Local index of the q-th (1-based) entry with bits(|d|) == t, or -1 if there are fewer."""
+    if q >= 1 and base.device.type == "cpu" and (fused := cpu_fused.find_equal(base, expert, t, q)) is not None:
+        return fused
     eq = _equal(base, expert, t)
     hits = np.flatnonzero(eq) if isinstance(eq, np.ndarray) else torch.nonzero(eq).view(-1)
     return int(hits[q - 1]) if 1 <= q <= len(hits) else -1

@@ -196,6 +196,7 @@ def fresh(monkeypatch, native_cache):
     ("bits |= ((flags * 0x0102040810204080ull) >> 56) << (8 * j);",  # the matches of a block's first 8 entries only
      "bits |= j ? 0 : ((flags * 0x0102040810204080ull) >> 56);"),
     ("(bin - l1 <= w1)", "(bin - l1 < w1)"),  # the second window without its last bin
+    ("if (a[k] == t && ++seen == q) return lo + k;", "if (a[k] == t && ++seen == q) return lo + k + 1;"),
     ("for (; bits; bits &= bits - 1) out[found++] = (int32_t)a[g + __builtin_ctzll(bits)];",
      "for (; bits; bits &= bits - 1) out[found++] = (int32_t)(a[g + __builtin_ctzll(bits)] | 1u);"),
 ])

@@ -196,3 +196,25 @@ def test_hist_collect_refuses_a_wrong_histogram_or_window() -> None:
                           (good, (5, 1, 0, 1)), (good, (0, 1 << 15, 0, 1))):
         with pytest.raises(ValueError, match="hist_collect"):
             cpu_fused.hist_collect(base, x, hist, windows, out)
+
+
+@pytest.mark.parametrize("case", ["nan minus nan", "fp16 nan"])
+@pytest.mark.parametrize("keep_bytes", [None, 4])
+def test_a_tie_cut_among_nan_deltas_keeps_exactly_r(case: str, keep_bytes) -> None:
+    """Found by a fuzzer: the tie cut's search read torch's bits of a NaN delta, the histograms the compiled
+    loop's, which differ (NaN - NaN keeps the base's payload in torch, the expert's there; torch turns an fp16 NaN
+    into 0x7FFFFFFF in its scalar path). The cut fell before every tie (nothing kept instead of 1), or, with the
+    kept entries over their room, the counting pass never found it (KeyError)."""
+    if not cpu_fused.available():
+        pytest.skip("the compiled CPU loops are not available")
+    if case == "nan minus nan":
+        nb = torch.tensor([0x7FC00000], dtype=torch.int32).view(torch.float32)
+        nx = torch.tensor([0x7FE00001], dtype=torch.int32).view(torch.float32)
+        base, x = torch.cat([nb, nb, torch.zeros(2)]), torch.cat([nx, nx, torch.ones(2)])
+    else:
+        base = torch.zeros(4, dtype=torch.float16)
+        x = torch.tensor([float("nan"), float("nan"), 1.0, 1.0], dtype=torch.float16)
+    seg = [Segment(4, lambda s, c: (base[s:s + c], [x[s:s + c]]))]
+    for backend in (reference, TwoPass()):
+        [[(t, c)]] = top_cuts(backend, seg, 4, [[1]], keep_bytes=keep_bytes)
+        assert t >= 0x7F800001 and c == 1, (backend, t, c)  # a NaN's bits, and the first of the two NaN ties
