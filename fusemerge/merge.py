@@ -4,6 +4,7 @@ into place."""
 from __future__ import annotations
 
 import errno
+import inspect
 import json
 import logging
 import os
@@ -63,10 +64,6 @@ class MergeResult:
         return (self.input_bytes - self.resumed_bytes) / max(self.seconds, 1e-9) / 1e9
 
 
-_PLAN_DEFAULTS = dict(device="auto", backend="auto", max_memory=None, out_shard_size="5GB", seed=0, workers=None,
-                      partition=None, max_pinned_memory=None)  # run's defaults of the options build_plan takes
-
-
 def run(
     config: str | Path | dict | MergeConfig,
     out_dir: str | Path,
@@ -117,7 +114,7 @@ def run(
                    workers=workers, partition=partition, max_pinned_memory=max_pinned_memory)
     if plan is None:
         plan = build_plan(config, **options)
-    elif given := [name for name, value in options.items() if value != _PLAN_DEFAULTS[name]]:
+    elif given := [name for name, value in options.items() if value != _RUN_DEFAULTS[name]]:
         raise InputError(f"run: {', '.join(given)} given with plan=, which already fixes them; pass them to "
                          "build_plan instead")
     notify = notify or log.warning
@@ -301,6 +298,10 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> lis
     (directory / "fusemerge_config.yml").write_text(plan.config.to_yaml())
     (directory / "README.md").write_text(_model_card(plan))
     return [*written, "fusemerge_config.yml", "README.md"]
+
+
+# run's defaults, by name: what `run(plan=...)` compares the plan's options with
+_RUN_DEFAULTS = {name: p.default for name, p in inspect.signature(run).parameters.items()}
 
 
 def already_merged(out_dir: str | Path, plan: MergePlan, overwrite: bool = False) -> Path | None:

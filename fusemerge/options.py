@@ -31,7 +31,7 @@ def opt(name: str, value: object = _UNSET) -> str:
     """Option `name` (the API's keyword) as the caller spells it: with `value`, `--max-memory 2GiB` or
     `max_memory='2GiB'`; a flag, `--overwrite` or `overwrite=True`; else the bare name."""
     if _cli:
-        return f"--{name.replace('_', '-')}" + ("" if value is _UNSET else f" {value}")
+        return opt_name(name) + ("" if value is _UNSET else f" {value}")
     if name in FLAGS and value is _UNSET:
         return f"{name}=True"
     return name if value is _UNSET else f"{name}={value!r}"
@@ -47,7 +47,7 @@ def run_command(out_dir: str | os.PathLike, *options: tuple[str, object]) -> str
     quoted: `` `fusemerge run CONFIG out --partition 1/2` `` or
     `` `fusemerge.run(config, 'out', partition='1/2')` ``."""
     if _cli:
-        flags = "".join(f" --{n.replace('_', '-')}" + ("" if v is True else f" {v}") for n, v in options)
+        flags = "".join(f" {opt(n) if v is True else opt(n, v)}" for n, v in options)
         return f"`fusemerge run CONFIG {out_dir}{flags}`"
     keywords = "".join(f", {n}={v!r}" for n, v in options)
     return f"`fusemerge.run(config, {str(out_dir)!r}{keywords})`"
