@@ -415,3 +415,28 @@ def test_resume_of_a_finished_merge_says_so_once(fam: dict, tmp_path: Path) -> N
     assert f"fusemerge: note: {out} already holds this merge, finished; nothing to resume" in r.stderr
     assert "merged" not in r.stdout + r.stderr.replace("already holds this merge", "")
     assert "merging" not in r.stderr and "interrupted" not in r.output
+
+
+def test_help_does_not_import_torch() -> None:
+    """The package imports its API on first use: `fusemerge --help` answers without loading torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom fusemerge.cli import main\n"
+        "r = CliRunner().invoke(main, ['--help'])\nassert r.exit_code == 0 and 'Usage' in r.output, r.output\n"
+        "print('torch' in sys.modules)\n"
+    )
+    repo = Path(__file__).parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
+
+
+def test_every_public_name_resolves() -> None:
+    assert set(fusemerge.__all__) == {"__version__", *fusemerge._API}
+    for name in fusemerge.__all__:
+        assert getattr(fusemerge, name) is not None, name
+    assert fusemerge.plan is fusemerge.build_plan
+    assert set(fusemerge.__all__) <= set(dir(fusemerge))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        fusemerge.nope  # noqa: B018
