@@ -380,6 +380,82 @@ def build_plan(
     `partition` ("i/n" or (i, n)): the plan of part i of n of the merge only (`MergePlan.part`).
     """
     problems: list[str] = []  # the options' first, then the config's and the models'
+    o = _run_options(problems, device, backend, max_memory, out_shard_size, seed, workers, max_pinned_memory,
+                     partition)
+    dev = o.devices[0]
+    try:
+        cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    except InputError as e:  # still check the models the config names, to report everything at once
+        raise InputError(problems + e.problems + _model_problems(config)) from None
+    method = cfg.method
+    problems.extend(_tokenizer_problems(cfg))
+
+    # Open every model once (a model listed twice is one index).
+    opened: dict[Path, ModelIndex | None] = {}
+
+    def open_once(path: Path) -> ModelIndex | None:
+        key = Path(os.path.abspath(path))
+        if key not in opened:
+            try:
+                opened[key] = open_model(path)
+            except InputError as e:
+                problems.extend(e.problems)
+                opened[key] = None
+        return opened[key]
+
+    base = open_once(cfg.base_model.path) if cfg.base_model is not None else None
+    out_code = _out_code(cfg)
+    if cfg.slices is not None:
+        sliced = _SlicePlanner(cfg, method, open_once, base, out_code, problems)
+        tensors, warnings, models, reference = sliced.plan()
+        num_layers, checked_only = cfg.num_output_layers, False
+        n_inputs = max([len(t.inputs) + (t.base is not None) for t in tensors] + [2])
+    else:
+        tensors, warnings, models, reference, num_layers, checked_only = _models_plan(
+            cfg, method, open_once, base, out_code, problems)
+        n_inputs = max(len(models) + 1, 2)
+    problems.extend(_global_trim_problems(cfg, tensors))
+    warnings = [*cfg.notes, *warnings, *_output_warnings(cfg, [reference, *models])]
+    if cfg.tokenizer_source and not problems:
+        _vocabulary_checks(cfg, reference, [*models, *([base] if base is not None else [])], tensors, problems,
+                           warnings)
+    backend_name = _backend_for(o.backend, backend, tensors, dev, problems, warnings)
+    if problems or checked_only:
+        raise InputError(problems)
+
+    out_tensors = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors]
+    layout = plan_layout(out_tensors, o.shard_bytes)
+    n_workers = o.workers or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)
+    chunk = _chunk_elems(o.budget, n_inputs, n_workers, dev)
+    if chunk < MIN_CHUNK:
+        need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
+        raise InputError(f"{opt('max_memory', format_size(o.budget))} is too small: {n_workers} worker(s) x "
+                         f"{n_inputs} inputs need at least {need}")
+
+    plan = MergePlan(cfg, method, base, models, reference, tensors, layout,
+                     CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, o.budget, chunk, n_workers,
+                     o.budget // (2 * n_workers), o.seed, num_layers, warnings, o.pinned,
+                     o.devices if len(o.devices) > 1 else ())
+    return plan.part(*o.part) if o.part is not None else plan
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    """build_plan's options, checked; where one is wrong, a stand-in that lets the rest be checked too."""
+
+    part: tuple[int, int] | None
+    devices: tuple[torch.device, ...]
+    backend: str
+    shard_bytes: int
+    budget: int
+    workers: int | None
+    seed: int
+    pinned: int | None
+
+
+def _run_options(problems: list[str], device, backend, max_memory, out_shard_size, seed, workers,
+                 max_pinned_memory, partition) -> _RunOptions:
+    """Check every option of build_plan, adding what is wrong to `problems`."""
     try:
         part = parse_partition(partition)
     except InputError as e:
@@ -413,90 +489,53 @@ def build_plan(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 1.5 or "1" would key other DARE masks
         problems.append(f"{opt('seed', seed)}: expected an integer")
         seed = 0
-    seed = int(seed)
     pinned = None
     if max_pinned_memory is not None:
         try:
             pinned = parse_size(max_pinned_memory)
         except ValueError as e:
             problems.append(f"{opt_name('max_pinned_memory')}: {e}")
-    try:
-        cfg = config if isinstance(config, MergeConfig) else load_config(config)
-    except InputError as e:  # still check the models the config names, to report everything at once
-        raise InputError(problems + e.problems + _model_problems(config)) from None
-    method = cfg.method
-    problems.extend(_tokenizer_problems(cfg))
+    return _RunOptions(part, devices, backend_name, shard_bytes, budget, workers, int(seed), pinned)
 
-    # Open every model once (a model listed twice is one index).
-    opened: dict[Path, ModelIndex | None] = {}
 
-    def open_once(path: Path) -> ModelIndex | None:
-        key = Path(os.path.abspath(path))
-        if key not in opened:
-            try:
-                opened[key] = open_model(path)
-            except InputError as e:
-                problems.extend(e.problems)
-                opened[key] = None
-        return opened[key]
+def _global_trim_problems(cfg: MergeConfig, tensors: list[TensorPlan]) -> list[str]:
+    """trim_scope: global ranks each expert over the whole model, so every merged tensor needs one density."""
+    merged = [t for t in tensors if not t.copy_only]
+    if cfg.trim_scope != "global" or not merged:
+        return []
+    first = merged[0]
+    for t in merged:
+        if t.density != first.density:
+            return [f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
+                    f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}"]
+    return []
 
-    base = open_once(cfg.base_model.path) if cfg.base_model is not None else None
-    out_code = _out_code(cfg)
-    if cfg.slices is not None:
-        sliced = _SlicePlanner(cfg, method, open_once, base, out_code, problems)
-        tensors, warnings, models, reference = sliced.plan()
-        num_layers, checked_only = cfg.num_output_layers, False
-        n_inputs = max([len(t.inputs) + (t.base is not None) for t in tensors] + [2])
-    else:
-        tensors, warnings, models, reference, num_layers, checked_only = _models_plan(
-            cfg, method, open_once, base, out_code, problems)
-        n_inputs = max(len(models) + 1, 2)
-    if cfg.trim_scope == "global":
-        for t in tensors:
-            if t.copy_only:
-                continue
-            first = next(x for x in tensors if not x.copy_only)
-            if t.density != first.density:
-                problems.append(f"{cfg.label}: trim_scope: global needs one density per model for every tensor, "
-                                f"but '{t.name}' resolves to {t.density} and '{first.name}' to {first.density}")
-                break
-    warnings = [*cfg.notes, *warnings]
-    if all(m.config is None for m in [reference, *models]):
+
+def _output_warnings(cfg: MergeConfig, inputs: list[ModelIndex]) -> list[str]:
+    """What the output will lack, said before the merge."""
+    warnings = []
+    if all(m.config is None for m in inputs):
         warnings.append("no input model has a config.json: the output will have none (Transformers needs one to "
                         "load it)")
     if cfg.chat_template:
         warnings.append("chat_template: kept in fusemerge_config.yml, not written into the output's tokenizer "
                         "(mergekit writes it)")
-    if cfg.tokenizer_source and not problems:
-        _vocabulary_checks(cfg, reference, [*models, *([base] if base is not None else [])], tensors, problems,
-                           warnings)
+    return warnings
+
+
+def _backend_for(backend_name: str, asked: str | None, tensors: list[TensorPlan], dev: torch.device,
+                 problems: list[str], warnings: list[str]) -> str:
+    """The backend after counting models per tensor: the Triton kernels take at most MAX_EXPERTS."""
     most = max([len(t.inputs) for t in tensors if not t.copy_only] + [0])
-    if backend_name == "triton" and most > MAX_EXPERTS:
-        if backend in (None, "auto"):
-            backend_name = "torch"
-            warnings.append(f"{most} models per tensor, more than the Triton kernels take ({MAX_EXPERTS}): the torch "
-                            f"backend merges them on {dev}")
-        else:
-            problems.append(f"{opt('backend', 'triton')}: {most} models per tensor, more than the Triton kernels "
-                            f"take ({MAX_EXPERTS}); {opt('backend', 'torch')} merges any number")
-    if problems or checked_only:
-        raise InputError(problems)
-
-    out_tensors = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors]
-    layout = plan_layout(out_tensors, shard_bytes)
-    n_workers = workers or (min(2, os.cpu_count() or 1) if dev.type == "cpu" else 1)
-    chunk = _chunk_elems(budget, n_inputs, n_workers, dev)
-    if chunk < MIN_CHUNK:
-        need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
-        raise InputError(f"{opt('max_memory', format_size(budget))} is too small: {n_workers} worker(s) x "
-                         f"{n_inputs} inputs need at least {need}")
-
-    plan = MergePlan(cfg, method, base, models, reference, tensors, layout,
-                     CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, budget, chunk, n_workers,
-                     budget // (2 * n_workers), seed, num_layers, warnings, pinned,
-                     devices if len(devices) > 1 else ())
-    return plan.part(*part) if part is not None else plan
-
+    if backend_name != "triton" or most <= MAX_EXPERTS:
+        return backend_name
+    if asked in (None, "auto"):
+        warnings.append(f"{most} models per tensor, more than the Triton kernels take ({MAX_EXPERTS}): the torch "
+                        f"backend merges them on {dev}")
+        return "torch"
+    problems.append(f"{opt('backend', 'triton')}: {most} models per tensor, more than the Triton kernels "
+                    f"take ({MAX_EXPERTS}); {opt('backend', 'torch')} merges any number")
+    return backend_name
 
 def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], ModelIndex | None],
                  base: ModelIndex | None, out_code: str | None, problems: list[str]):
