@@ -67,7 +67,7 @@ class TensorPlan:
 
     name: str
     shape: tuple[int, ...]
-    dtype: str  # input safetensors dtype code (shared by every input)
+    dtype: str  # the reference model's safetensors dtype code (float inputs may differ: `mixed_dtypes`)
     out_dtype: str
     base: TensorEntry | None
     inputs: list[TensorEntry]  # the experts, or for linear the averaged models
@@ -84,9 +84,18 @@ class TensorPlan:
         return math.prod(self.shape)
 
     @property
+    def entries(self) -> list[TensorEntry]:
+        """The experts' entries, then the base's."""
+        return self.inputs + ([self.base] if self.base is not None else [])
+
+    @property
     def input_bytes(self) -> int:
-        entries = self.inputs + ([self.base] if self.base is not None else [])
-        return sum(e.nbytes for e in entries)
+        return sum(e.nbytes for e in self.entries)
+
+    @property
+    def mixed_dtypes(self) -> bool:
+        """Whether the inputs were saved in different float dtypes: the merge then reads float32 copies."""
+        return len({e.dtype for e in self.entries}) > 1
 
 
 @dataclass
@@ -154,10 +163,13 @@ class MergePlan:
         return self.device.type == "cpu" and self.backend == "torch" and cpu_fused.available()
 
     def kept_bytes(self, t: TensorPlan) -> int:
-        """Bytes tensor `t`'s inputs take when kept in memory for all its passes: as in the files (the GPU's resident
-        copy, the compiled CPU loops' chunks), or as float32 copies (the CPU torch operations)."""
-        if self.device.type == "cpu" and not self.native_cpu:
-            return (len(t.inputs) + (t.base is not None)) * 4 * t.numel
+        """Bytes tensor `t`'s inputs take when kept in memory for all its passes: on the GPU, one row per input of
+        the widest input's itemsize (the pipeline's resident copy); on the CPU, as in the files where the compiled
+        loops read them, else (the torch operations, or inputs of different dtypes) as float32 copies."""
+        if self.device.type != "cpu":
+            return len(t.entries) * max(e.itemsize for e in t.entries) * t.numel
+        if not self.native_cpu or t.mixed_dtypes:
+            return len(t.entries) * 4 * t.numel
         return t.input_bytes
 
     @property
@@ -415,7 +427,7 @@ def build_plan(
             cfg, method, open_once, base, out_code, problems)
         n_inputs = max(len(models) + 1, 2)
     problems.extend(_global_trim_problems(cfg, tensors))
-    warnings = [*cfg.notes, *warnings, *_output_warnings(cfg, [reference, *models])]
+    warnings = [*cfg.notes, *warnings, *_output_warnings(cfg, [reference, *models], tensors)]
     if cfg.tokenizer_source and not problems:
         _vocabulary_checks(cfg, reference, [*models, *([base] if base is not None else [])], tensors, problems,
                            warnings)
@@ -511,9 +523,16 @@ def _global_trim_problems(cfg: MergeConfig, tensors: list[TensorPlan]) -> list[s
     return []
 
 
-def _output_warnings(cfg: MergeConfig, inputs: list[ModelIndex]) -> list[str]:
-    """What the output will lack, said before the merge."""
+def _output_warnings(cfg: MergeConfig, inputs: list[ModelIndex], tensors: list[TensorPlan]) -> list[str]:
+    """What the output will lack, or how it is made where one might not expect it, said before the merge."""
     warnings = []
+    mixed = [t for t in tensors if not t.copy_only and t.mixed_dtypes]
+    if mixed:
+        codes = sorted({e.dtype for t in mixed for e in t.entries})
+        outs = sorted({t.out_dtype for t in mixed})
+        warnings.append(f"{len(mixed)} tensor(s) have copies in different dtypes ({', '.join(codes)}; e.g. "
+                        f"'{mixed[0].name}'): merged from float32 copies of every input (exact), written as "
+                        f"{', '.join(outs)} (out_dtype / dtype, else the base model's)")
     if all(m.config is None for m in inputs):
         warnings.append("no input model has a config.json: the output will have none (Transformers needs one to "
                         "load it)")
@@ -747,7 +766,9 @@ def _same_shape_and_dtype(name: str, ref_label: str, ref_entry: TensorEntry, oth
                         f"{'; '.join(bad)}{hint}")
         return False
     bad = [f"{label} has {e.dtype}" for label, e in others if e.dtype != ref_entry.dtype]
-    if bad:
+    if bad and not all(e.dtype in FLOAT_CODES for e in [ref_entry, *(e for _, e in others)]):
+        # float32 / float16 / bfloat16 copies may differ (models saved in different dtypes: each delta is taken
+        # between float32 copies, which are exact); other dtypes are copied as they are, so they must agree
         problems.append(f"tensor '{name}': dtype mismatch: {ref_label} has {ref_entry.dtype}, {'; '.join(bad)}")
         return False
     return True

@@ -100,8 +100,8 @@ def _as_flag(pname: str, value: object) -> object:
 
 
 def _check_tensors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> None:
-    """Every input a float32 / float16 / bfloat16 torch tensor, all of one shape, dtype and device, as the
-    files path requires of a tensor's copies."""
+    """Every input a float32 / float16 / bfloat16 torch tensor, all of one shape and device, as the files path
+    requires of a tensor's copies (their dtypes may differ, as models saved in different dtypes do)."""
     named = [("base", base)] if base is not None else []
     named += [(f"experts[{i}]", x) for i, x in enumerate(experts)]
     problems = [f"merge_tensors: {label}: expected a torch.Tensor, not {type(x).__name__}"
@@ -113,9 +113,6 @@ def _check_tensors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> No
         if x.dtype not in FLOAT_DTYPES.values():
             problems.append(f"merge_tensors: {label}: dtype {x.dtype}; merged tensors are float32, float16 or "
                             "bfloat16 (convert with .to())")
-        elif x.dtype != first.dtype:
-            problems.append(f"merge_tensors: {label}: dtype {x.dtype} differs from {first_label}'s {first.dtype} "
-                            "(every copy of a tensor has one dtype; convert with .to())")
         if x.shape != first.shape:
             problems.append(f"merge_tensors: {label}: shape {list(x.shape)} differs from {first_label}'s "
                             f"{list(first.shape)}")
@@ -163,9 +160,11 @@ def merge_tensors(
     stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
     `linear`, `experts` are the averaged models and `base`, if given, is averaged in as mergekit does. An
     expert that *is* `base` (the same tensor object) is the base listed under `models:`: not an expert, and
-    for `linear` averaged once, with its weight. Inputs: float32, float16 or bfloat16 tensors of one shape,
-    dtype and device; the result has `out_dtype` (default: theirs). CUDA tensors use the Triton kernels
-    (backend "auto"; the torch operations for more than MAX_EXPERTS = 64 experts, which they do not take).
+    for `linear` averaged once, with its weight. Inputs: float32, float16 or bfloat16 tensors of one shape and
+    device, of one dtype or several (then merged from float32 copies, which are exact: the result of float32
+    inputs); the result has `out_dtype` (default: the base's dtype; for `linear`, the first model's). CUDA
+    tensors use the Triton kernels (backend "auto"; the torch operations for more than MAX_EXPERTS = 64
+    experts, which they do not take).
 
     >>> b = torch.randn(64, 64); es = [b + 0.01 * torch.randn(64, 64) for _ in range(3)]
     >>> merge_tensors(b, es, "ties", density=0.2).shape
@@ -224,6 +223,9 @@ def merge_tensors(
 
     flat = [x.reshape(-1).contiguous() for x in models]
     fbase = base.reshape(-1).contiguous() if base is not None else None
+    if len({x.dtype for x in [*flat, *([fbase] if fbase is not None else [])]}) > 1:
+        flat = [x.float() for x in flat]  # the kernels read one dtype; float32 holds every input exactly
+        fbase = fbase.float() if fbase is not None else None
     numel = flat[0].numel()
     # CPU DARE with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per entry
     # and expert, 1/16 of bf16 inputs) instead of drawing Philox twice

@@ -148,7 +148,7 @@ def _rewrite(model_dir: Path, fn) -> None:
 @pytest.mark.parametrize("change, needle", [
     (lambda t: t.pop("model.layers.1.mlp.up_proj.weight"), "model.layers.1.mlp.up_proj.weight' is missing"),
     (lambda t: t.update({"model.norm.weight": torch.ones(17, dtype=torch.bfloat16)}), "shape mismatch"),
-    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].float()}), "dtype mismatch"),
+    (lambda t: t.update({"model.norm.weight": t["model.norm.weight"].to(torch.int16)}), "dtype mismatch"),
     (lambda t: t.update({"model.embed_tokens.weight": torch.ones(60, 16, dtype=torch.bfloat16)}), "vocabularies"),
 ])
 def test_model_mismatch_exit_2(fam: dict, tmp_path: Path, change, needle: str) -> None:

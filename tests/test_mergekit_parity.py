@@ -11,7 +11,8 @@ What must hold (issue 6, docs/mergekit.md):
   mergekit's, except where the weighted sum cancels to far below its terms and the two tools' float32
   rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
 - ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
-- passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json.
+- passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
+- the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16).
 
 Run just these:
 
@@ -28,11 +29,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import fusemerge
 from bench.parity import compare_dirs
 from fusemerge.synthetic import make_llama_family
+from tests.test_mixed_dtypes import convert_model
 
 DEFAULT_MERGEKIT_PYTHON = Path(__file__).resolve().parents[1] / "mk-venv" / "bin" / "python"  # README.md
 SHAPE = dict(hidden=64, intermediate=160, layers=4, vocab=96)
@@ -82,9 +85,13 @@ def _models_config(method: str, fam: dict, **global_params) -> dict:
     return cfg
 
 
-def _configs(fam: dict) -> dict[str, dict]:
+def _configs(fam: dict, mixed: dict) -> dict[str, dict]:
     base, (e1, e2, e3) = str(fam["base"]), [str(e) for e in fam["experts"]]
     return {
+        # a bf16 base with an fp32 and an fp16 fine-tune: mergekit casts every input to the config's float32,
+        # fusemerge takes float32 deltas whatever the inputs' dtypes (tests/test_mixed_dtypes.py)
+        "ties_mixed_dtypes": _models_config("ties", mixed),
+        "task_arithmetic_mixed_dtypes": _models_config("task_arithmetic", mixed),
         "linear": _models_config("linear", fam),
         "task_arithmetic": _models_config("task_arithmetic", fam, **{"lambda": 0.8}),
         "ties": _models_config("ties", fam, **{"lambda": 0.9, "normalize": True}),
@@ -116,9 +123,12 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     """{name: (config, fusemerge output, mergekit output)} for every config of `_configs`."""
     root = tmp_path_factory.mktemp("parity")
     fam = make_llama_family(root / "models", n_experts=3, seed=11, **SHAPE)
+    mixed = make_llama_family(root / "mixed", n_experts=3, seed=12, **SHAPE)
+    convert_model(mixed["experts"][0], torch.float32)
+    convert_model(mixed["experts"][1], torch.float16)
     out: dict[str, tuple[Path, Path, Path]] = {}
     argv = []
-    for name, cfg in _configs(fam).items():
+    for name, cfg in _configs(fam, mixed).items():
         path = root / f"{name}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[name] = (path, root / f"fm-{name}", root / f"mk-{name}")
@@ -130,7 +140,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     return out
 
 
-@pytest.mark.parametrize("name", ["linear", "task_arithmetic"])
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes"])
 def test_linear_and_task_arithmetic_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)
@@ -140,7 +150,7 @@ def test_linear_and_task_arithmetic_within_one_ulp(merged: dict, name: str) -> N
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices", "ties_rescale",
-                                  "breadcrumbs_rescale"])
+                                  "breadcrumbs_rescale", "ties_mixed_dtypes"])
 def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

@@ -382,7 +382,8 @@ def merge_chunk(
     """Merge one chunk on the GPU: bit-identical to `fusemerge.kernels.reference.merge_chunk`.
 
     `base` and each of `experts` are 1-D contiguous chunks of the same `n` elements of one tensor
-    (bfloat16, float16 or float32; the experts share one dtype, the base may differ); `start` is the
+    (bfloat16, float16 or float32; experts of different dtypes are merged from float32 copies, which are
+    exact, since the kernel reads one dtype for every expert; the base may differ); `start` is the
     global flat index of element 0. `experts` may also be one [N, n] tensor with contiguous rows; rows of
     one staging buffer are used without a copy (see the module docstring). For `linear`, `experts` are
     the averaged models and `base` is ignored. `out` (optional, 1-D, `out_dtype`, n elements) receives
@@ -408,8 +409,9 @@ def merge_chunk(
     check_device(first, "experts[0]")
     for i, e in enumerate(rows):
         _check_chunk(e, f"experts[{i}]", n, device)
-        if e.dtype != first.dtype:
-            raise TypeError(f"experts[{i}] is {e.dtype}, experts[0] {first.dtype}: expert chunks share one dtype")
+    if any(e.dtype != first.dtype for e in rows):  # models saved in different dtypes: the kernel reads one
+        rows = [e.float() for e in rows]
+        first = rows[0]
     if not params.linear:
         if base is None:
             raise ValueError(f"{params.sparsifier}/{params.consensus} merges need a base chunk")

@@ -129,16 +129,17 @@ class Executor:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def _load(self, entry, start: int, count: int) -> torch.Tensor:
+    def _load(self, entry, start: int, count: int, widen: bool = False) -> torch.Tensor:
         """Elements [start, start + count) of `entry` as a tensor on the compute device.
 
         On CPU the bytes are copied from the page cache by `pread` (`_read`); the copy is float32 for the torch
-        operations (each of which would convert again), in the file's dtype where the compiled loops read it.
+        operations (each of which would convert again), in the file's dtype where the compiled loops read it,
+        unless `widen` (a tensor whose inputs have different dtypes: the loops read one).
         """
         t0 = time.perf_counter()
         if self.plan.device.type == "cpu":
             out = self._read(entry, start, count)
-            if out.dtype != F32 and not self._native:
+            if out.dtype != F32 and (widen or not self._native):
                 out = out.to(F32)
         else:
             out = self.reader.read(entry, start, count).to(self.plan.device, non_blocking=False)
@@ -158,12 +159,13 @@ class Executor:
         """Tensor `t`'s data. With `keep`, loaded chunks stay in memory for the next pass over `t`
         (statistics passes, then the merge pass): each input byte is then read and converted once."""
         cache: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] | None = {} if keep else None
+        widen = t.mixed_dtypes
 
         def load(start: int, count: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
             if cache is not None and start in cache:
                 return cache[start]
-            base = self._load(t.base, start, count) if t.base is not None else None
-            chunk = base, [self._load(e, start, count) for e in t.inputs]
+            base = self._load(t.base, start, count, widen) if t.base is not None else None
+            chunk = base, [self._load(e, start, count, widen) for e in t.inputs]
             if cache is not None:
                 cache[start] = chunk
             return chunk
@@ -305,7 +307,7 @@ class Executor:
 
     def merge_tensor(self, t: TensorPlan) -> None:
         chunk = self.plan.chunk_elems
-        itemsize = t.inputs[0].nbytes // max(t.numel, 1)
+        in_bytes = sum(e.itemsize for e in t.entries)  # per element, all inputs together
         out_item = torch.empty((), dtype=FLOAT_CODES.get(t.out_dtype, torch.uint8)).element_size()
         if t.copy_only:  # bytes as they are, a chunk at a time (passthrough copies whole embeddings)
             entry = t.inputs[0]
@@ -339,7 +341,7 @@ class Executor:
             t1 = time.perf_counter()
             self.writer.write(t.name, start * out_item, out.cpu())
             self.times.add(merge=t1 - t0, write=time.perf_counter() - t1)
-            self.progress(count * itemsize * (len(t.inputs) + (t.base is not None)))
+            self.progress(count * in_bytes)
         self._check_finite(t, nonfinite.tolist())
         if masks is not None:
             self.times.count_masks(masks.drawn, masks.reused)

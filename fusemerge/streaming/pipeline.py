@@ -117,7 +117,7 @@ class Pipeline:
     def _fill(self, slot: torch.Tensor, t: TensorPlan, start: int, count: int) -> None:
         """Elements [start, start + count) of every input of `t` into the rows of `slot` (experts, then base)."""
         t0 = time.perf_counter()
-        for r, e in enumerate(_entries(t)):
+        for r, e in enumerate(t.entries):
             self.ex.reader.read_into(e, start, count, slot[r])
         self.ex.times.add(read=time.perf_counter() - t0)
 
@@ -247,13 +247,11 @@ class Pipeline:
         self._check()
 
     def _fits(self, t: TensorPlan) -> bool:
-        # the resident copy gives every row the widest input's itemsize (_merge_resident's allocation)
-        entries = _entries(t)
-        return (self.ex.global_cuts is None
-                and len(entries) * max(e.itemsize for e in entries) * t.numel <= self.plan.resident_bytes)
+        # the resident copy gives every row the widest input's itemsize (MergePlan.kept_bytes)
+        return self.ex.global_cuts is None and self.plan.kept_bytes(t) <= self.plan.resident_bytes
 
     def _merge_tensor(self, t: TensorPlan, chunks) -> None:
-        entries = _entries(t)
+        entries = t.entries
         out_dtype = FLOAT_CODES[t.out_dtype]
         with self._on(self.compute):  # zeroed in the stream whose kernels count into it, so before them
             nonfinite = torch.zeros(len(t.inputs) + 1, dtype=torch.int64, device=self.device)
@@ -355,7 +353,7 @@ class Pipeline:
             t = tensors[i]
             count = min(self.chunk, t.numel - start)
             pending[i, start] = (k, [self._stat_pool.submit(self._timed_read, e, start, count, bufs[k][r])
-                                     for r, e in enumerate(_entries(t))])
+                                     for r, e in enumerate(t.entries)])
 
         def drain(quiet: bool = False) -> None:
             for _, futures in pending.values():
@@ -377,7 +375,7 @@ class Pipeline:
                 for f in futures:
                     f.result()
                 schedule(*after[i, start])
-                for r, e in enumerate(_entries(t)):
+                for r, e in enumerate(t.entries):
                     self._stat_gpu[r, :count * e.itemsize].copy_(bufs[k][r, :count * e.itemsize], non_blocking=True)
                 copied[k] = self._record(torch.cuda.current_stream(self.device) if self.cuda else None)
                 return _views(t, self._stat_gpu, 0, count)
@@ -429,7 +427,7 @@ class Pipeline:
             out_slot[:nbytes].copy_(out.view(torch.uint8), non_blocking=True)
             done = self._record(self.compute)
         timings = (("merge", k0, k1),) + ((("h2d", *h2d),) if h2d is not None else ())
-        in_bytes = sum(e.itemsize for e in _entries(t)) * count
+        in_bytes = sum(e.itemsize for e in t.entries) * count
         data = out_slot[:nbytes]
         self._jobs.put((done, _write(self.ex, t, start * item, data, in_bytes), in_slot, out_slot, timings))
 
@@ -544,13 +542,9 @@ class _DoneEvent:
         pass
 
 
-def _entries(t: TensorPlan) -> list:
-    return t.inputs + ([t.base] if t.base is not None else [])
-
-
 def _views(t: TensorPlan, rows: torch.Tensor, start: int, count: int):
     """(base, experts) as typed views of elements [start, start + count) of the byte rows of `rows`."""
-    entries = _entries(t)
+    entries = t.entries
     typed = [rows[r].view(e.torch_dtype)[start:start + count] for r, e in enumerate(entries)]
     n_exp = len(t.inputs)
     return (typed[n_exp] if t.base is not None else None), typed[:n_exp]
