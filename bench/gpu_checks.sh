@@ -29,7 +29,7 @@ step() { [[ " $skip " != *" $1 "* ]]; }
 if step tests; then
   xdist=""; python3 -c "import xdist" 2>/dev/null && xdist="-n 8"
   timeout "${TEST_S:-360}" python3 -m pytest -q -p no:cacheprovider $xdist \
-    ${TEST_PATHS:-tests/kernels tests/test_determinism.py tests/streaming/test_pipeline.py tests/test_nonfinite.py} \
+    ${TEST_PATHS:-tests/kernels tests/test_determinism.py tests/streaming/test_pipeline.py tests/test_nonfinite.py tests/test_mixed_dtypes.py} \
     ${PYTEST_ARGS:-} > "$out/pytest.log" 2>&1
   echo "pytest rc=$?"; tail -25 "$out/pytest.log"
 fi

@@ -424,6 +424,16 @@ def test_out_argument_and_empty_chunk(device):
     assert tm.merge_chunk(empty, [empty, empty], 0, p, torch.bfloat16).numel() == 0
 
 
+def test_experts_of_different_dtypes_merge_as_float32_copies(device):
+    base, experts = make_inputs(300, 3, torch.bfloat16, 4, device)
+    mixed = [experts[0], experts[1].float(), experts[2].half()]
+    p = ChunkParams("magnitude", "sign", False, (1.0, 0.5, 2.0), normalize=True, t_keep=(0x3C000000,) * 3,
+                    c_keep=(300,) * 3)
+    got = tm.merge_chunk(base, mixed, 0, p, torch.bfloat16)
+    want = reference.merge_chunk(base.cpu(), [x.float().cpu() for x in mixed], 0, p, torch.bfloat16)
+    assert torch.equal(got.cpu().view(torch.int16), want.view(torch.int16))
+
+
 def test_rejects_bad_inputs(device):
     base, experts = make_inputs(10, 2, torch.bfloat16, 1, device)
     p = ChunkParams("none", "none", False, (1.0, 1.0))
@@ -433,8 +443,8 @@ def test_rejects_bad_inputs(device):
         tm.merge_chunk(base[:5], experts, 0, p, torch.bfloat16)
     with pytest.raises(TypeError, match="dtype"):
         tm.merge_chunk(base.to(torch.float64), experts, 0, p, torch.bfloat16)
-    with pytest.raises(TypeError, match="share one dtype"):
-        tm.merge_chunk(base, [experts[0], experts[1].float()], 0, p, torch.bfloat16)
+    with pytest.raises(TypeError, match="dtype"):  # a float64 expert is refused even beside others
+        tm.merge_chunk(base, [experts[0], experts[1].double()], 0, p, torch.bfloat16)
     with pytest.raises(ValueError, match="contiguous"):
         tm.merge_chunk(base, [experts[0], torch.stack([experts[1], experts[1]], 1).view(-1)[::2]], 0, p,
                        torch.bfloat16)
