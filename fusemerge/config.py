@@ -198,9 +198,14 @@ class MergeConfig:
         if expert is not None and pdef.per_model:
             sources.append(self.models[expert].parameters)
         sources.append(self.parameters)
-        for source in sources:
+        for k, source in enumerate(sources):
             if name in source:
-                value = resolve(source[name], tensor_name, num_layers, default=_UNSET)
+                try:
+                    value = resolve(source[name], tensor_name, num_layers, default=_UNSET)
+                except InputError as e:  # name the key the gradient is under
+                    own = k == 0 and len(sources) == 2  # the model's own parameters:
+                    key = f"models[{expert}].parameters.{name}" if own else f"parameters.{name}"
+                    raise InputError([f"{key}: {p}" for p in e.problems]) from None
                 if value is not _UNSET:
                     return _as_kind(pdef, value)
         return _as_kind(pdef, pdef.default)
@@ -338,9 +343,12 @@ def gradient_t(tensor_name: str, num_layers: int | None) -> float:
     if layer is None:
         return 0.0
     if num_layers is None:
-        raise ValueError(f"{tensor_name}: resolving a gradient needs the number of layers")
-    if layer >= num_layers:
-        raise ValueError(f"{tensor_name}: layer {layer} is past the model's {num_layers} layers")
+        raise InputError(f"tensor '{tensor_name}': resolving a gradient needs the number of layers")
+    if layer >= num_layers:  # e.g. a multi-token-prediction layer kept after the stack, a deeper vision tower
+        raise InputError(
+            f"tensor '{tensor_name}': layer {layer} is past the model's {num_layers} layers (config.json "
+            f"num_hidden_layers), where a gradient has no value: give such tensors a value of their own by a "
+            f"filter rule before the gradient, e.g. [{{filter: 'layers.{layer}.', value: 0.5}}, {{value: [...]}}]")
     return slice_t(layer, num_layers)
 
 
@@ -948,8 +956,7 @@ class _Validator:
         if not per_model:
             if method.needs_thresholds:
                 allowed.append("trim_scope")
-            if not method.combines_models:
-                allowed.extend(MERGEKIT_NOOP_PARAMS)
+            allowed.extend(MERGEKIT_NOOP_PARAMS)  # every method: mergekit's linear / passthrough ignore it too
         for name, value in params.items():
             key = f"{where}.{name}"
             pdef = method.params.get(name) if isinstance(name, str) else None
@@ -964,7 +971,7 @@ class _Validator:
                 elif not isinstance(value, str) or value not in TRIM_SCOPES:
                     self.add(key, f"must be 'tensor' or 'global', not {_kind_name(value)}")
                 continue
-            if name in MERGEKIT_NOOP_PARAMS and not method.combines_models:
+            if name in MERGEKIT_NOOP_PARAMS:
                 if per_model:
                     self.add(key, f"{name} applies to the whole merge, not one model; "
                                   "set it under the top-level parameters:")

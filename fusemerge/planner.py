@@ -433,7 +433,7 @@ def build_plan(
                            warnings)
     backend_name = _backend_for(o.backend, backend, tensors, dev, problems, warnings)
     if problems or checked_only:
-        raise InputError(problems)
+        raise InputError(_collapse_repeats(problems))
 
     out_tensors = [OutputTensor(t.name, t.out_dtype, t.shape) for t in tensors]
     layout = plan_layout(out_tensors, o.shard_bytes)
@@ -612,7 +612,14 @@ def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], M
     problems.extend(_unmergeable_lines(unmergeable, str(reference.path)))
     for m in models:
         extra = [n for n in m.tensors if n not in reference.tensors and not _is_alias_source(n, reference)]
-        if extra:
+        depth = infer_num_layers(reference.tensors) or 0  # from the names: what the reference's files hold
+        deeper = [n for n in extra if layer_index(n) is not None and layer_index(n) >= depth]
+        if deeper:  # a deeper stack (a depth-upscaled fine-tune): merging its first layers only would be a guess
+            problems.append(f"{m.path}: {len(deeper)} tensor(s) of layers {reference.path} does not have (first: "
+                            f"'{sorted(deeper, key=_natural_key)[0]}'): it has {infer_num_layers(m.tensors)} "
+                            f"layers, {reference.path} {depth}; models: merges models with one layer stack "
+                            f"(slices: with layer_range picks the layers of each)")
+        elif extra:
             warnings.append(f"{m.path}: {len(extra)} tensor(s) not in {reference.path} are ignored "
                             f"(first: '{extra[0]}')")
     return tensors, warnings, models, reference, num_layers, checked_only
@@ -656,12 +663,20 @@ class _SlicePlanner:
             for offset in range(sl.num_layers):
                 self._plan_layer(i, sl, offset, out_layer)
                 out_layer += 1
-        # Non-layer tensors: the names the first source model has outside the layer stack.
-        for name in sorted(self.indices[first.ref.path].tensors, key=_natural_key):
-            if layer_index(name) is not None:
-                continue
+        # Non-layer tensors: the names the first source model has outside the layer stack, and the post weights
+        # of the last slice's first model (with a tied first model, the last slice's lm_head.weight)
+        last = cfg.slices[-1].sources[0]
+        names = {n for n in self.indices[first.ref.path].tensors if layer_index(n) is None}
+        names |= {n for n in self.indices[last.ref.path].tensors if layer_index(n) is None and not _is_pre_weight(n)}
+        kept = len(cfg.slices[0].sources)
+        if len(cfg.slices[-1].sources) > kept:
+            dropped = ", ".join(src.ref.model for src in cfg.slices[-1].sources[kept:])
+            self.warnings.append(f"slices[{len(cfg.slices) - 1}]: the tensors after the layers (final norm, lm_head) "
+                                 f"merge the first {kept} of its sources, as many as slices[0] has, as mergekit "
+                                 f"does; not {dropped}")
+        for name in sorted(names, key=_natural_key):
             sl = cfg.slices[0] if _is_pre_weight(name) else cfg.slices[-1]
-            sources = sl.sources[:len(cfg.slices[0].sources)]  # mergekit zips post weights with slice 0's count
+            sources = sl.sources[:kept]  # mergekit zips post weights with slice 0's count
             self._plan_tensor(name, sl, [(src, name) for src in sources], t=0.0)
         self.problems.extend(_unmergeable_lines(self.unmergeable, "the slices' models"))
         self.tensors.sort(key=lambda t: _natural_key(t.name))
@@ -741,7 +756,10 @@ class _SlicePlanner:
             self.problems.extend(e.problems)
 
 
-_PRE_WEIGHT_RE = re.compile(r"(?:^|\.)(?:embed\w*|wte|wpe)(?:\.|$)")
+# mergekit's architecture files' pre weights: embed_tokens / embeddings / embed_in (GPT-NeoX), wte / wpe (GPT-2),
+# word_embeddings(_layernorm) (Falcon, BLOOM), tok_embeddings (InternLM2); GPT-NeoX's embed_out is its head
+_PRE_WEIGHT_RE = re.compile(
+    r"(?:^|\.)(?!embed_out(?:\.|$))(?:embed\w*|wte|wpe|word_embeddings\w*|tok_embeddings)(?:\.|$)")
 
 
 def _is_pre_weight(name: str) -> bool:
@@ -1037,11 +1055,27 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     if normalize and method.consensus == "none" and weights and sums_to_zero(weights):
         # the config refuses scalar weights that do; gradients and filter rules resolve per tensor
         problems.append(f"tensor '{name}': the weights resolve to {weights}, which add up to 0, and normalize is "
-                        "true, so the merge would divide by 0")
+                        f"true, so the merge would divide by 0{ZERO_SUM_HINT}")
     if problems:
         raise InputError(problems)
     return dict(weights=weights, density=density, gamma=gamma, lam=lam, normalize=normalize,
                 rescale=global_value("rescale", False))
+
+
+ZERO_SUM_HINT = ": give the models' parameters.weight values that do not cancel there, or set normalize: false"
+
+
+def _collapse_repeats(problems: list[str]) -> list[str]:
+    """One line for the tensors whose weights add up to 0 (a gradient may cancel on every tensor of a layer),
+    where there are more than three, at the first one's place."""
+    hits = [i for i, p in enumerate(problems) if p.endswith(ZERO_SUM_HINT)]
+    if len(hits) <= 3:
+        return problems
+    first = problems[hits[0]]
+    others = [problems[i].split("'", 2)[1] for i in hits[1:]]  # "tensor 'NAME': ..."
+    named = ", ".join(f"'{n}'" for n in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+    merged = f"{first[:-len(ZERO_SUM_HINT)]} (so do those of {len(others)} other tensors: {named}){ZERO_SUM_HINT}"
+    return [merged if i == hits[0] else p for i, p in enumerate(problems) if i == hits[0] or i not in hits]
 
 
 def _bytes_per_elem(n_inputs: int) -> int:

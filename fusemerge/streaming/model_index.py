@@ -85,6 +85,20 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
     return ModelIndex(path, list(headers), tensors, config)
 
 
+def _hub_hint(path: Path) -> str:
+    """What a missing model path that reads like a Hugging Face Hub id (`org/name`, mergekit's `@revision`) is."""
+    rel = os.path.relpath(path)
+    if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", rel) and not rel.startswith("."):
+        name, _, rev = rel.partition("@")
+        return (f" (it reads like a Hugging Face Hub id{f' at revision {rev!r}' if rev else ''}: fusemerge reads "
+                f"local files only and downloads nothing; download it first, e.g. `huggingface-cli download {name}"
+                f"{f' --revision {rev}' if rev else ''} --local-dir DIR`, and give DIR)")
+    if "@" in path.name:
+        return (f" ({path.name.partition('@')[0]!r} at a revision is mergekit's `path@revision`, for Hub models; "
+                "give the directory of that revision's files)")
+    return ""
+
+
 def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files of the model at `path`, and the index's weight_map if the model has one.
 
@@ -95,7 +109,7 @@ def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str
             raise InputError(f"{path}: not a .safetensors file nor a model directory")
         return [path], None
     if not path.exists():
-        raise InputError(f"{path}: no such file or directory")
+        raise InputError(f"{path}: no such file or directory{_hub_hint(path)}")
     try:
         names = sorted(os.listdir(path))
     except OSError as e:
