@@ -22,7 +22,14 @@ from fusemerge.partition import finished_part, merge_identity, part_dir, parts_r
 from fusemerge.planner import CODE_NAMES, TOKENIZER_FILES, MergePlan, build_plan, tokenizer_dir
 from fusemerge.streaming.executor import Executor, StageTimes
 from fusemerge.streaming.global_cuts import CUTS_NAME, CutsFile, identity_digest
-from fusemerge.streaming.journal import JOURNAL_NAME, Journal, KillSwitch, input_mtimes, refuse_changed_inputs
+from fusemerge.streaming.journal import (
+    JOURNAL_NAME,
+    Journal,
+    KillSwitch,
+    input_mtimes,
+    refuse_changed_inputs,
+    refuse_rewritten_inputs,
+)
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import (
@@ -340,6 +347,7 @@ def _finished_run(out: Path, plan: MergePlan) -> bool:
         return False
     files = manifest["files"]
     if manifest.get("merge") != identity_digest(merge_identity(plan)):
+        refuse_rewritten_inputs(out, manifest.get("input_mtimes"), plan)
         return False
     if not all((out / name).is_file() and (out / name).stat().st_size == entry["bytes"]
                for name, entry in files.items()):

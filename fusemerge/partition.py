@@ -20,7 +20,7 @@ shares a file system:
 `fusemerge_part.json` holds the part's (i, n), its shards' SHA-256 and sizes, those of its other files
 (`extras`), the absolute paths of the models, the inputs' modification times as the part read them
 (`input_mtimes`), and `merge`: what fixes the bytes of the whole merge (the fusemerge
-version, the config, the seed, the whole output layout and index, each input's size and header SHA-256; not the
+version, the config, the seed, the whole output layout and index, each input's size and `sampled_digest`; not the
 inputs' modification times, which copies on other machines do not share; the config names the models, so every
 part needs the same config).
 
@@ -50,7 +50,13 @@ from fusemerge.options import opt, opt_name, run_command
 from fusemerge.planner import part_shards
 from fusemerge.streaming.digest import file_digest
 from fusemerge.streaming.global_cuts import identity_digest
-from fusemerge.streaming.journal import header_digest, input_files, layout_entries, refuse_changed_inputs
+from fusemerge.streaming.journal import (
+    header_digest,
+    input_files,
+    layout_entries,
+    refuse_changed_inputs,
+    refuse_rewritten_inputs,
+)
 from fusemerge.streaming.lock import out_dir_lock
 from fusemerge.streaming.model_index import INDEX_NAME
 from fusemerge.streaming.writer import (
@@ -145,7 +151,10 @@ def finished_part(out_dir: str | os.PathLike, plan: MergePlan) -> Path | None:
         manifest = _read_part(directory)
     except InputError:
         return None
-    if manifest["merge"] != merge_identity(plan) or _part_problems(directory, manifest):
+    if manifest["merge"] != merge_identity(plan):
+        refuse_rewritten_inputs(directory, manifest.get("input_mtimes"), plan)
+        return None
+    if _part_problems(directory, manifest):
         return None
     refuse_changed_inputs(directory, manifest.get("input_mtimes"), plan)
     return directory
@@ -302,7 +311,7 @@ def _check_parts(out: Path, root: Path, found: list[tuple[int, int, Path]]) -> l
             extras = {name: e["sha256"] for name, e in manifest["extras"].items()}
             if extras != {name: e["sha256"] for name, e in ref["extras"].items()}:
                 problems.append(f"{directory.name} and {ref_dir.name} hold different config.json, tokenizer or "
-                                "model card files: merge every part with the same {opt_name('copy_tokenizer')} option")
+                                f"model card files: merge every part with the same {opt_name('copy_tokenizer')} option")
         if not problems:
             for directory, manifest in parts:
                 problems += _part_problems(directory, manifest)

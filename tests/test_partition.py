@@ -288,6 +288,25 @@ def test_finalize_refuses_parts_of_different_merges(fam: dict, tmp_path: Path) -
     assert len(e.value.problems) == 1 and "--copy-tokenizer" not in e.value.problems[0], e.value.problems
 
 
+def test_finalize_refuses_parts_that_read_other_data(tmp_path: Path) -> None:
+    """An input rewritten in place between two parts (same size and header, other weights): the parts read
+    different models, which the inputs' sampled digests tell apart on any machine (modification times differ
+    between machines' copies, so the join cannot compare them)."""
+    fam = make_llama_family(tmp_path / "models", n_experts=2, seed=6, **SHAPE)
+    cfg = tmp_path / "ties.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.4)
+    out = tmp_path / "out"
+    run_parts(cfg, out, 2, parts=[0])
+    shard = next(fam["experts"][0].glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    start = 8 + int.from_bytes(data[:8], "little")
+    for k in range(start, len(data), 997):  # every weight moves a little
+        data[k] ^= 1
+    shard.write_bytes(bytes(data))
+    run_parts(cfg, out, 2, parts=[1])
+    refused(out, r"part-1-of-2 and part-0-of-2 are parts of different merges: the input models differ")
+
+
 def test_finalize_refuses_parts_of_different_seeds(fam: dict, tmp_path: Path) -> None:
     cfg = config(fam, "dare_ties", density=0.5)
     out = tmp_path / "out"

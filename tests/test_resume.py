@@ -204,7 +204,7 @@ def _edit_config(fam: dict, path: Path) -> None:
 
 @pytest.mark.parametrize("change, args, needle", [
     ("mtime", [], "changed since the interrupted run (modification time differs)"),
-    ("header", [], "changed since the interrupted run (its header differs)"),
+    ("header", [], "changed since the interrupted run (its header or sampled data differs)"),
     ("size", [], "bytes)"),
     ("model config", [], "config.json changed since the interrupted run (its content differs)"),
     ("merge config", [], "the merge config differs from the interrupted run's"),

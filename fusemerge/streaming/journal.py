@@ -9,8 +9,9 @@ Next to the shards it keeps `.fusemerge-journal`, one JSON object per line:
 
 The fingerprint is what fixes the output bytes: the fusemerge version, the config in canonical form, the seed
 (DARE methods), the output layout (shard names, sizes, header hashes: it changes with --out-shard-size and the
-output dtype), and every input file (safetensors: path, size, mtime, SHA-256 of its header; config.json and the
-index: the same, hashed whole). `--max-memory`, `--workers`, `--device` and `--backend` do not change the bytes,
+output dtype), and every input file (safetensors: path, size, mtime, SHA-256 of its header and sampled data,
+`sampled_digest`; config.json and the index: the same, hashed whole). `--max-memory`, `--workers`, `--device`
+and `--backend` do not change the bytes,
 so they may change between a run and its resume.
 
 A tensor is journaled only once its bytes are on disk: when the executor reports a tensor finished, a background
@@ -77,11 +78,12 @@ def layout_entries(layout: OutputLayout) -> list[dict]:
 
 
 def _input_paths(plan: MergePlan) -> dict[Path, str]:
-    """Every input file of `plan` (shards, config.json, index) -> what of it is hashed ("header" or "file")."""
+    """Every input file of `plan` (shards, config.json, index) -> what of it is hashed ("sampled": a shard's header
+    and samples of its data, `sampled_digest`; "file": all of it)."""
     files: dict[Path, str] = {}
     for model in ([plan.base] if plan.base is not None else []) + plan.models:
         for f in model.files:
-            files.setdefault(Path(os.path.abspath(f)), "header")
+            files.setdefault(Path(os.path.abspath(f)), "sampled")
         directory = model.path if Path(model.path).is_dir() else Path(model.path).parent
         for name in (CONFIG_NAME, INDEX_NAME):
             if (directory / name).is_file():
@@ -90,12 +92,12 @@ def _input_paths(plan: MergePlan) -> dict[Path, str]:
 
 
 def input_files(plan: MergePlan) -> list[dict]:
-    """Every input file of `plan` (shards, config.json, index): path, size, mtime and SHA-256 (of the header for
-    shards, of the whole file otherwise)."""
+    """Every input file of `plan` (shards, config.json, index): path, size, mtime and SHA-256 (of the header and
+    samples of the data for shards, of the whole file otherwise)."""
     out = []
     for path, hashed in _input_paths(plan).items():
         st = os.stat(path)
-        digest = header_digest(path) if hashed == "header" else file_digest(path)[0]
+        digest = sampled_digest(path) if hashed == "sampled" else file_digest(path)[0]
         out.append({"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
                     "hashed": hashed})
     return out
@@ -105,6 +107,15 @@ def input_mtimes(plan: MergePlan) -> dict[str, int]:
     """Every input file's modification time (ns), by absolute path: what a finished merge records, so that a
     `--resume` of it can tell inputs rewritten since (same size and header, other data) from the ones it read."""
     return {str(path): os.stat(path).st_mtime_ns for path in _input_paths(plan)}
+
+
+def refuse_rewritten_inputs(done: Path, recorded: object, plan: MergePlan) -> None:
+    """For a finished merge in `done` whose identity is not `plan`'s: where it read the very files `plan` reads
+    (the same paths) and one was modified since, say so (refuse_changed_inputs), rather than leave the caller
+    to report a directory that is merely not empty. The identity holds samples of the inputs' data, so a
+    rewrite in place changes it."""
+    if isinstance(recorded, dict) and set(recorded) == set(map(str, _input_paths(plan))):
+        refuse_changed_inputs(done, recorded, plan)
 
 
 def refuse_changed_inputs(done: Path, recorded: object, plan: MergePlan) -> None:
@@ -126,6 +137,25 @@ def header_digest(path: Path) -> str:
     with open(path, "rb") as f:
         prefix = f.read(8)
         return hashlib.sha256(prefix + f.read(int.from_bytes(prefix, "little"))).hexdigest()
+
+
+SAMPLES, SAMPLE_BYTES = 16, 4096
+
+
+def sampled_digest(path: Path) -> str:
+    """SHA-256 of a safetensors shard's header and of SAMPLES windows of SAMPLE_BYTES spread evenly over its data
+    (64 KiB read per shard): the same for the same bytes on any machine, unlike a modification time, so that
+    parts merged on several machines (or at several times) can tell they read the same model. Data rewritten
+    in place, same size and header, is caught unless it changed only between the windows."""
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        h = hashlib.sha256(prefix + f.read(int.from_bytes(prefix, "little")))
+        data_start, end = f.tell(), os.fstat(f.fileno()).st_size
+        span = max(0, end - data_start - SAMPLE_BYTES)
+        for k in range(SAMPLES):
+            f.seek(data_start + span * k // max(1, SAMPLES - 1))
+            h.update(f.read(SAMPLE_BYTES))
+    return h.hexdigest()
 
 
 def differences(old: dict, new: dict) -> list[str]:
@@ -152,7 +182,7 @@ def differences(old: dict, new: dict) -> list[str]:
             reasons.append(f"input {path} changed since the interrupted run (size {then.get('bytes')} -> "
                            f"{now['bytes']} bytes)")
         elif then.get("sha256") != now["sha256"]:
-            what = "header" if now["hashed"] == "header" else "content"
+            what = "header or sampled data" if now["hashed"] == "sampled" else "content"
             reasons.append(f"input {path} changed since the interrupted run (its {what} differs)")
         elif then.get("mtime_ns") != now["mtime_ns"]:
             reasons.append(f"input {path} changed since the interrupted run (modification time differs)")
