@@ -1,3 +1,3 @@
-from fusemerge.cli import main
+from fusemerge.cli import entry_point
 
-main()
+entry_point()

@@ -1,6 +1,7 @@
 """The `fusemerge` command line: thin click commands over the library.
 
-Exit codes: 0 success, 2 bad input (one line per problem on stderr), 130 interrupted (Ctrl-C), 1 anything else.
+Exit codes: 0 success, 2 bad input (one line per problem on stderr), 130 interrupted (Ctrl-C), 143 terminated
+(SIGTERM, handled as Ctrl-C), 1 anything else.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -22,6 +24,15 @@ from fusemerge.options import spelled_for_cli
 from fusemerge.sizes import format_size
 
 log = logging.getLogger("fusemerge")
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler preempting the job: Slurm, Kubernetes), handled as Ctrl-C is: the run stops at
+    once, keeps what it wrote for `--resume`, and exits with 143 (128 + SIGTERM)."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def _fail(problems: list[str], code: int) -> None:
@@ -50,12 +61,13 @@ def _handle_errors(fn):
             _fail(["out of memory: lower --max-memory or use a machine with more memory"], 1)
         except OSError as e:
             _fail([f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"], 1)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
             command = click.get_current_context().info_name
-            _fail([{"run": "interrupted; nothing was written to the output directory (run the same command with "
+            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            _fail([{"run": f"{how}; nothing was written to the output directory (run the same command with "
                            "--resume to continue)",
-                    "finalize": "interrupted; the parts are as they were (run the same command again)"}.get(
-                        command, "interrupted")], 130)
+                    "finalize": f"{how}; the parts are as they were (run the same command again)"}.get(
+                        command, how)], 143 if isinstance(e, Terminated) else 130)
         except Exception as e:  # a bug: say so, with the traceback when asked
             if verbose:
                 traceback.print_exc()
@@ -206,6 +218,14 @@ def run(config, out_dir, copy_tokenizer, overwrite, resume, allow_nonfinite, qui
     finally:
         if bar:
             bar.close()
+    try:
+        _report(plan, result, out_dir, quiet, verbose)
+    except KeyboardInterrupt:  # the merge is in place: an interrupt now only cuts the summary short
+        sys.exit(0)
+
+
+def _report(plan, result, out_dir, quiet: bool, verbose: int) -> None:
+    """What `run` prints once the merge is in place."""
     for line in result.nonfinite:
         click.echo(f"fusemerge: warning: {line} (merged: --allow-nonfinite)", err=True)
     if verbose:
@@ -397,4 +417,10 @@ def bench(method, density, experts, hidden, intermediate, layers, vocab, device,
 
 
 if __name__ == "__main__":
+    main()
+
+
+def entry_point() -> None:
+    """The `fusemerge` command (and `python -m fusemerge`): main(), with SIGTERM handled as Ctrl-C is."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     main()

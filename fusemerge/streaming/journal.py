@@ -11,8 +11,7 @@ The fingerprint is what fixes the output bytes: the fusemerge version, the confi
 (DARE methods), the output layout (shard names, sizes, header hashes: it changes with --out-shard-size and the
 output dtype), and every input file (safetensors: path, size, mtime, SHA-256 of its header and sampled data,
 `sampled_digest`; config.json and the index: the same, hashed whole). `--max-memory`, `--workers`, `--device`
-and `--backend` do not change the bytes,
-so they may change between a run and its resume.
+and `--backend` do not change the bytes, so they may change between a run and its resume.
 
 A tensor is journaled only once its bytes are on disk: when the executor reports a tensor finished, a background
 thread hashes its bytes as they are in the shard, fsyncs the shards, then appends the tensor's line and fsyncs

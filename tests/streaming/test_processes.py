@@ -253,6 +253,23 @@ def test_ctrl_c_stops_the_workers_and_the_merge_resumes(tmp_path: Path, slow: di
     assert shards(out) == shards(slow["reference"])
 
 
+@pytest.mark.parametrize("group", [False, True])
+def test_sigterm_stops_the_run_as_ctrl_c_does_and_the_merge_resumes(tmp_path: Path, slow: dict, group: bool) -> None:
+    """A scheduler's preemption (Slurm, Kubernetes) sends SIGTERM, to the job's processes or to its main one."""
+    out = tmp_path / "out"
+    proc = start_run(slow, out)
+    wait_for_journal(out, proc)
+    (os.killpg if group else os.kill)(proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 143, stderr
+    assert "fusemerge: error: terminated (SIGTERM)" in stderr and "--resume" in stderr, stderr
+    assert group_gone(proc.pid)
+    resumed = start_run(slow, out, "--resume")
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert shards(out) == shards(slow["reference"])
+
+
 def test_killing_the_run_kills_its_workers(tmp_path: Path, slow: dict) -> None:
     out = tmp_path / "out"
     proc = start_run(slow, out)
