@@ -67,7 +67,7 @@ from fusemerge.streaming.writer import (
     temp_dir_path,
     write_index,
 )
-from fusemerge.verify import hash_files, is_files_map, read_json, write_json, write_manifest
+from fusemerge.verify import MANIFEST_NAME, hash_files, is_files_map, read_json, write_json, write_manifest
 
 if TYPE_CHECKING:
     from fusemerge.planner import MergePlan
@@ -193,6 +193,9 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     out = Path(os.path.abspath(out_dir))  # "." names its directory only once absolute
     root = parts_root(out)
     if not root.is_dir():
+        if (out / MANIFEST_NAME).is_file():  # finalized before: the parts were moved into it
+            raise InputError(f"{root}: not found, and {out} holds a finished merge (finalized already?; "
+                             f"`fusemerge verify {out}` checks it)")
         raise InputError(f"{root}: not found: no parts of a partitioned merge into {out} (merge each part with "
                          f"{run_command(out, ('partition', 'I/N'))} first)")
     warned: list[str] = []

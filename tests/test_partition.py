@@ -169,6 +169,8 @@ def test_cli_parts_then_finalize(fam: dict, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert f"joined 3 part(s): {N_SHARDS} shard(s)" in r.output
     assert files(out) == files(ref)
+    r = invoke("finalize", out)  # again: nothing to join, and the message says why
+    assert r.exit_code == 2 and "holds a finished merge (finalized already?" in r.output, r.output
 
 
 def test_plan_shows_the_part(fam: dict) -> None:
