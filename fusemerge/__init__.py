@@ -9,6 +9,7 @@
 __version__ = "0.1.0"
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any
 
 # The API is imported on first use (PEP 562), not with the package, so that `fusemerge --help` and
@@ -48,6 +49,8 @@ def __getattr__(name: str) -> Any:
     try:
         module, attr = _API[name]
     except KeyError:
+        if not name.startswith("_") and importlib.util.find_spec(f"fusemerge.{name}") is not None:
+            return importlib.import_module(f"fusemerge.{name}")  # fusemerge.planner, as before the lazy API
         raise AttributeError(f"module 'fusemerge' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(module), attr)
     globals()[name] = value  # later look-ups skip this function

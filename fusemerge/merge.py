@@ -285,8 +285,11 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> lis
             cfg["torch_dtype"] = out_dtype
             if "dtype" in cfg:
                 cfg["dtype"] = out_dtype
-        if cfg.get("tie_word_embeddings") and any(t.name == "lm_head.weight" for t in plan.all_tensors):
-            cfg["tie_word_embeddings"] = False  # a head of its own (the last slice's untied model): not tied
+        if (cfg.get("tie_word_embeddings") and "lm_head.weight" not in source.tensors
+                and any(t.name == "lm_head.weight" for t in plan.all_tensors)):
+            # the config's model ties its head, but the output has a head of its own (the last slice's untied
+            # model): not tied. A tied model that also stores lm_head.weight stays tied, as it was.
+            cfg["tie_word_embeddings"] = False
         if plan.config.slices is not None:  # layer stacking: the output's layer count (mergekit/merge.py)
             keys = [k for k in LAYER_COUNT_KEYS if k in cfg] or [LAYER_COUNT_KEYS[0]]
             for key in keys:

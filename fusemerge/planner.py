@@ -613,7 +613,10 @@ def _models_plan(cfg: MergeConfig, method: Method, open_once: Callable[[Path], M
     for m in models:
         extra = [n for n in m.tensors if n not in reference.tensors and not _is_alias_source(n, reference)]
         depth = infer_num_layers(reference.tensors) or 0  # from the names: what the reference's files hold
-        deeper = [n for n in extra if layer_index(n) is not None and layer_index(n) >= depth]
+        stack = {_with_layer(n, 0) for n in reference.tensors if layer_index(n) is not None}
+        # layers of the reference's own stack past its depth (not another stack's: a vision tower's layers.5)
+        deeper = [n for n in extra if layer_index(n) is not None and layer_index(n) >= depth
+                  and _with_layer(n, 0) in stack]
         if deeper:  # a deeper stack (a depth-upscaled fine-tune): merging its first layers only would be a guess
             problems.append(f"{m.path}: {len(deeper)} tensor(s) of layers {reference.path} does not have (first: "
                             f"'{sorted(deeper, key=_natural_key)[0]}'): it has {infer_num_layers(m.tensors)} "
@@ -751,7 +754,8 @@ class _SlicePlanner:
 
         try:
             self.tensors.append(_tensor_plan(method, out_name, ref_entry, base_entry, [e for _, _, e in members],
-                                             per_model, global_param, self.out_code or ref_entry.dtype))
+                                             per_model, global_param,
+                                             self.out_code or (base_entry or ref_entry).dtype))  # the base's
         except InputError as e:
             self.problems.extend(e.problems)
 
@@ -1067,15 +1071,38 @@ ZERO_SUM_HINT = ": give the models' parameters.weight values that do not cancel 
 
 def _collapse_repeats(problems: list[str]) -> list[str]:
     """One line for the tensors whose weights add up to 0 (a gradient may cancel on every tensor of a layer),
-    where there are more than three, at the first one's place."""
+    and one for each problem said the same of many tensors (a gradient past the layer stack, for every tensor
+    of that layer), where there are more than three, at the first one's place."""
     hits = [i for i, p in enumerate(problems) if p.endswith(ZERO_SUM_HINT)]
     if len(hits) <= 3:
-        return problems
+        return _collapse_same(problems)
     first = problems[hits[0]]
     others = [problems[i].split("'", 2)[1] for i in hits[1:]]  # "tensor 'NAME': ..."
     named = ", ".join(f"'{n}'" for n in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
     merged = f"{first[:-len(ZERO_SUM_HINT)]} (so do those of {len(others)} other tensors: {named}){ZERO_SUM_HINT}"
-    return [merged if i == hits[0] else p for i, p in enumerate(problems) if i == hits[0] or i not in hits]
+    return _collapse_same([merged if i == hits[0] else p for i, p in enumerate(problems)
+                           if i == hits[0] or i not in hits])
+
+
+_TENSOR_RE = re.compile(r"tensor '[^']*'")
+
+
+def _collapse_same(problems: list[str]) -> list[str]:
+    """Gradient problems (config.gradient_t) that differ only in the tensor they name, more than three of them: the
+    first, naming the others (every other problem names its tensor on its own line)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(problems):
+        if "where a gradient has no value" in p and _TENSOR_RE.search(p):
+            groups.setdefault(_TENSOR_RE.sub("tensor *", p), []).append(i)
+    drop, merged = set(), {}
+    for hits in groups.values():
+        if len(hits) > 3:
+            others = [_TENSOR_RE.search(problems[i]).group(0)[7:] for i in hits[1:]]
+            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+            named = ", ".join(others[:3])
+            merged[hits[0]] = f"{problems[hits[0]]} (the same for {len(others)} other tensors: {named}{more})"
+            drop.update(hits[1:])
+    return [merged.get(i, p) for i, p in enumerate(problems) if i not in drop]
 
 
 def _bytes_per_elem(n_inputs: int) -> int:

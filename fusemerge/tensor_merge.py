@@ -162,7 +162,7 @@ def merge_tensors(
     expert that *is* `base` (the same tensor object) is the base listed under `models:`: not an expert, and
     for `linear` averaged once, with its weight. Inputs: float32, float16 or bfloat16 tensors of one shape and
     device, of one dtype or several (then merged from float32 copies, which are exact: the result of float32
-    inputs); the result has `out_dtype` (default: the base's dtype; for `linear`, the first model's). CUDA
+    inputs); the result has `out_dtype` (default: the base's dtype, else the first model's). CUDA
     tensors use the Triton kernels (backend "auto"; the torch operations for more than MAX_EXPERTS = 64
     experts, which they do not take).
 
@@ -203,13 +203,14 @@ def merge_tensors(
     m = cfg.method
     tensors = {f"experts[{i}]": e for i, e in enumerate(experts)} | ({"base": base} if base is not None else {})
     models = [tensors[ref.model] for ref in cfg.models]  # the experts; for linear every averaged model
+    default_dtype = (base if base is not None else models[0]).dtype  # the base's, as for files (also for linear)
     if m.combines_models:
         base = None
     p_args = tensor_parameters(m, name, lambda pname: [float(cfg.param(pname, name, j)) for j in range(len(models))],
                                lambda pname, default: cfg.param(pname, name) if pname in m.params else default)
     n = len(models)
     rescale = p_args["rescale"]
-    out_dtype = _out_dtype(out_dtype, (base if base is not None else models[0]).dtype)
+    out_dtype = _out_dtype(out_dtype, default_dtype)
     shape = models[0].shape
     device = models[0].device
     if backend not in ("auto", "torch", "triton"):

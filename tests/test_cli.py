@@ -440,3 +440,4 @@ def test_every_public_name_resolves() -> None:
     assert set(fusemerge.__all__) <= set(dir(fusemerge))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fusemerge.nope  # noqa: B018
+    assert fusemerge.planner.build_plan is fusemerge.build_plan  # submodules, as with eager imports

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 import fusemerge
@@ -159,3 +160,20 @@ def test_merge_tensors_takes_copies_in_different_dtypes(method) -> None:
                                      out_dtype=torch.bfloat16, **kw)
     assert mixed.dtype == torch.bfloat16  # the base's
     assert torch.equal(mixed.view(torch.int16), as_f32.view(torch.int16))
+
+
+def test_slices_write_the_base_models_dtype_whichever_source_is_listed_first(families, tmp_path) -> None:
+    fam = families["mixed"]
+    base, fp32 = str(fam["base"]), str(fam["experts"][0])
+    cfg = tmp_path / "s.yml"
+    cfg.write_text(yaml.safe_dump({"merge_method": "ties", "base_model": base, "parameters": {"density": 0.5},
+                                   "slices": [{"sources": [{"model": fp32, "layer_range": [0, 2]},
+                                                           {"model": base, "layer_range": [0, 2]}]}]}))
+    plan = fusemerge.build_plan(cfg, device="cpu")
+    assert {t.out_dtype for t in plan.tensors if not t.copy_only} == {"BF16"}
+
+
+def test_merge_tensors_linear_with_a_base_writes_the_bases_dtype() -> None:
+    base = torch.randn(50).bfloat16()
+    out = fusemerge.merge_tensors(base, [base.float() + 0.1, (base.float() - 0.1).half()], "linear")
+    assert out.dtype == torch.bfloat16

@@ -298,7 +298,8 @@ def test_resume_of_a_finished_merge_whose_inputs_were_rewritten_is_refused(tmp_p
     r = invoke("run", cfg, out, *opts, "--resume")
     assert r.exit_code == 2, r.output
     (line,) = errors(r.stderr)
-    assert "holds this merge, finished, but" in line and str(shard) in line and "--overwrite" in line, line
+    assert "holds a finished merge of these input files, but" in line, line
+    assert str(shard) in line and "--overwrite" in line, line
     r = invoke("run", cfg, out, *opts, "--resume", "--overwrite")
     assert r.exit_code == 0, r.output
     fresh = tmp_path / "fresh"
@@ -393,3 +394,18 @@ def test_executor_never_reports_a_tensor_cut_short(fam: dict) -> None:
     with pytest.raises(OSError):
         executor.run()
     assert ("write", second.name) in writer.events and not [e for e in writer.events if e[0] == "done"]
+
+
+def test_a_journal_that_hashed_headers_only_is_compared_as_it_hashed(tmp_path: Path) -> None:
+    """Journals of the fusemerge before sampled digests recorded each shard's header hash ("hashed": "header")."""
+    from fusemerge.streaming.journal import differences, header_digest, input_files
+
+    fam = make_llama_family(tmp_path / "models", n_experts=2, seed=3, **SHAPE)
+    cfg = tmp_path / "ties.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.4)
+    plan = fusemerge.build_plan(cfg, device="cpu")
+    new = {"fusemerge_version": fusemerge.__version__, "config": 1, "seed": 0, "partition": None, "layout": [],
+           "inputs": input_files(plan)}
+    old = {**new, "inputs": [{**f, "sha256": header_digest(Path(f["path"])), "hashed": "header"}
+                             if f["hashed"] == "sampled" else f for f in new["inputs"]]}
+    assert differences(old, new) == []

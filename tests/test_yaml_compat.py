@@ -55,6 +55,7 @@ def test_a_gradient_on_a_layer_past_the_declared_stack_is_an_input_error(tmp_pat
     problems = _problems(_write(tmp_path / "g.yml", cfg))
     assert problems and all(p.startswith("models[0].parameters.density: tensor 'model.layers.2.") for p in problems)
     assert "past the model's 2 layers" in problems[0] and "filter rule" in problems[0]
+    assert len(problems) == 1 and "(the same for 8 other tensors: 'model.layers.2." in problems[0], problems
     # the fix the message gives: a value of their own for the extra layer, the gradient for the others
     models[0]["parameters"]["density"] = [{"filter": "layers.2.", "value": 0.5}, {"value": [0.3, 0.9]}]
     out = tmp_path / "out"
@@ -118,7 +119,7 @@ def test_a_hub_id_says_fusemerge_downloads_nothing(tmp_path, monkeypatch) -> Non
            "models": [{"model": f"{fam['experts'][0]}@main", "parameters": {"weight": 1.0}}]}
     problems = _problems(_write(tmp_path / "h.yml", cfg))
     text = "\n".join(problems)
-    assert "reads like a Hugging Face Hub id" in text and "huggingface-cli download mistralai/Mistral-7B-v0.1" in text
+    assert "if it is a Hugging Face Hub id" in text and "huggingface-cli download mistralai/Mistral-7B-v0.1" in text
     assert f"{os.path.basename(fam['experts'][0])!r} at a revision is mergekit's `path@revision`" in text
 
 
@@ -138,3 +139,37 @@ def test_weights_that_cancel_on_many_tensors_are_one_line(tmp_path) -> None:
     problems = _problems(_write(tmp_path / "z.yml", cfg))
     assert len(problems) == 1, problems
     assert "add up to 0" in problems[0] and "other tensors: '" in problems[0] and "normalize: false" in problems[0]
+
+
+def test_a_tied_model_that_also_stores_its_head_stays_tied(tmp_path) -> None:
+    """Some trainers save lm_head.weight beside tied embeddings: the output keeps the config's tying."""
+    fam = _fam(tmp_path / "f")
+    _declare_tied(fam)
+    cfg = {"merge_method": "dare_ties", "base_model": str(fam["base"]),
+           "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in fam["experts"]]}
+    out = tmp_path / "out"
+    fusemerge.run(_write(tmp_path / "t.yml", cfg), out, device="cpu")
+    assert "lm_head.weight" in load_file(out / "model.safetensors")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+
+
+def _declare_tied(fam: dict) -> None:
+    for d in [fam["base"], *fam["experts"]]:
+        cfg = json.loads((d / "config.json").read_text())
+        cfg["tie_word_embeddings"] = True
+        (d / "config.json").write_text(json.dumps(cfg))
+
+
+def test_another_stacks_extra_layers_are_ignored_not_called_deeper(tmp_path) -> None:
+    """A vision tower's layers.5 in a fine-tune of a 3-layer text model is not a deeper text stack."""
+    from safetensors.torch import save_file
+
+    fam = _fam(tmp_path / "f")
+    shard = fam["experts"][0] / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["vision_tower.encoder.layers.5.mlp.fc1.weight"] = tensors["model.norm.weight"].clone()
+    save_file(tensors, str(shard))
+    cfg = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+           "models": [{"model": str(e), "parameters": {"weight": 1.0}} for e in fam["experts"]]}
+    plan = fusemerge.build_plan(_write(tmp_path / "v.yml", cfg), device="cpu")
+    assert any("1 tensor(s) not in" in w and "vision_tower" in w for w in plan.warnings), plan.warnings

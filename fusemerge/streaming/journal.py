@@ -114,10 +114,10 @@ def refuse_rewritten_inputs(done: Path, recorded: object, plan: MergePlan) -> No
     to report a directory that is merely not empty. The identity holds samples of the inputs' data, so a
     rewrite in place changes it."""
     if isinstance(recorded, dict) and set(recorded) == set(map(str, _input_paths(plan))):
-        refuse_changed_inputs(done, recorded, plan)
+        refuse_changed_inputs(done, recorded, plan, what="a finished merge of these input files")
 
 
-def refuse_changed_inputs(done: Path, recorded: object, plan: MergePlan) -> None:
+def refuse_changed_inputs(done: Path, recorded: object, plan: MergePlan, what: str = "this merge, finished") -> None:
     """InputError if an input file of `plan` has another modification time than the one `recorded`
     (input_mtimes of the run that wrote the finished merge in `done`), or was not read by it: rewritten since,
     with the same size and header, it may hold other data. Nothing is checked when nothing was recorded (a
@@ -127,7 +127,7 @@ def refuse_changed_inputs(done: Path, recorded: object, plan: MergePlan) -> None
     changed = [path for path, mtime in input_mtimes(plan).items() if recorded.get(path) != mtime]
     if changed:
         more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
-        raise InputError(f"{done} holds this merge, finished, but {changed[0]}{more} was modified after that merge "
+        raise InputError(f"{done} holds {what}, but {changed[0]}{more} was modified after that merge "
                          f"read it (its data may have changed): {opt('overwrite')} merges it again")
 
 
@@ -180,7 +180,8 @@ def differences(old: dict, new: dict) -> list[str]:
         elif then.get("bytes") != now["bytes"]:
             reasons.append(f"input {path} changed since the interrupted run (size {then.get('bytes')} -> "
                            f"{now['bytes']} bytes)")
-        elif then.get("sha256") != now["sha256"]:
+        elif then.get("sha256") != (header_digest(Path(path)) if then.get("hashed") == "header" else now["sha256"]):
+            # a journal of a fusemerge that hashed shards' headers only is compared as it hashed them
             what = "header or sampled data" if now["hashed"] == "sampled" else "content"
             reasons.append(f"input {path} changed since the interrupted run (its {what} differs)")
         elif then.get("mtime_ns") != now["mtime_ns"]:

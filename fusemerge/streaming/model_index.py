@@ -90,7 +90,7 @@ def _hub_hint(path: Path) -> str:
     rel = os.path.relpath(path)
     if re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", rel) and not rel.startswith("."):
         name, _, rev = rel.partition("@")
-        return (f" (it reads like a Hugging Face Hub id{f' at revision {rev!r}' if rev else ''}: fusemerge reads "
+        return (f" (if it is a Hugging Face Hub id{f' at revision {rev!r}' if rev else ''}: fusemerge reads "
                 f"local files only and downloads nothing; download it first, e.g. `huggingface-cli download {name}"
                 f"{f' --revision {rev}' if rev else ''} --local-dir DIR`, and give DIR)")
     if "@" in path.name:
