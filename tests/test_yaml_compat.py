@@ -38,17 +38,18 @@ def _problems(cfg_path: Path) -> list[str]:
     return e.value.problems
 
 
-def _declare_layers(fam: dict, n: int) -> None:
+def _declare(fam: dict, **keys) -> None:
+    """Set `keys` in every model's config.json."""
     for d in [fam["base"], *fam["experts"]]:
         cfg = json.loads((d / "config.json").read_text())
-        cfg["num_hidden_layers"] = n
+        cfg.update(keys)
         (d / "config.json").write_text(json.dumps(cfg))
 
 
 def test_a_gradient_on_a_layer_past_the_declared_stack_is_an_input_error(tmp_path) -> None:
     """A multi-token-prediction layer stored as layers.N after N declared layers (GLM-4.5, DeepSeek-V3)."""
     fam = _fam(tmp_path / "m")
-    _declare_layers(fam, 2)
+    _declare(fam, num_hidden_layers=2)
     models = [{"model": str(fam["experts"][0]), "parameters": {"weight": 0.5, "density": [0.3, 0.9]}},
               {"model": str(fam["experts"][1]), "parameters": {"weight": 0.5, "density": 0.5}}]
     cfg = {"merge_method": "ties", "base_model": str(fam["base"]), "models": models}
@@ -144,20 +145,13 @@ def test_weights_that_cancel_on_many_tensors_are_one_line(tmp_path) -> None:
 def test_a_tied_model_that_also_stores_its_head_stays_tied(tmp_path) -> None:
     """Some trainers save lm_head.weight beside tied embeddings: the output keeps the config's tying."""
     fam = _fam(tmp_path / "f")
-    _declare_tied(fam)
+    _declare(fam, tie_word_embeddings=True)
     cfg = {"merge_method": "dare_ties", "base_model": str(fam["base"]),
            "models": [{"model": str(e), "parameters": {"weight": 1.0, "density": 0.5}} for e in fam["experts"]]}
     out = tmp_path / "out"
     fusemerge.run(_write(tmp_path / "t.yml", cfg), out, device="cpu")
     assert "lm_head.weight" in load_file(out / "model.safetensors")
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
-
-
-def _declare_tied(fam: dict) -> None:
-    for d in [fam["base"], *fam["experts"]]:
-        cfg = json.loads((d / "config.json").read_text())
-        cfg["tie_word_embeddings"] = True
-        (d / "config.json").write_text(json.dumps(cfg))
 
 
 def test_another_stacks_extra_layers_are_ignored_not_called_deeper(tmp_path) -> None:
