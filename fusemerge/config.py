@@ -194,18 +194,16 @@ class MergeConfig:
         pdef = self.method.params.get(name)
         if pdef is None:
             raise KeyError(f"{self.method.name} has no parameter {name!r}")
-        sources: list[Mapping[str, Any]] = []
+        sources: list[tuple[str, Mapping[str, Any]]] = []  # (where, parameters), the model's own first
         if expert is not None and pdef.per_model:
-            sources.append(self.models[expert].parameters)
-        sources.append(self.parameters)
-        for k, source in enumerate(sources):
+            sources.append((f"models[{expert}].parameters", self.models[expert].parameters))
+        sources.append(("parameters", self.parameters))
+        for where, source in sources:
             if name in source:
                 try:
                     value = resolve(source[name], tensor_name, num_layers, default=_UNSET)
                 except InputError as e:  # name the key the gradient is under
-                    own = k == 0 and len(sources) == 2  # the model's own parameters:
-                    key = f"models[{expert}].parameters.{name}" if own else f"parameters.{name}"
-                    raise InputError([f"{key}: {p}" for p in e.problems]) from None
+                    raise InputError([f"{where}.{name}: {p}" for p in e.problems]) from None
                 if value is not _UNSET:
                     return _as_kind(pdef, value)
         return _as_kind(pdef, pdef.default)

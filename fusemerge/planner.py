@@ -1070,38 +1070,35 @@ ZERO_SUM_HINT = ": give the models' parameters.weight values that do not cancel 
 
 
 def _collapse_repeats(problems: list[str]) -> list[str]:
-    """One line for the tensors whose weights add up to 0 (a gradient may cancel on every tensor of a layer),
-    and one for each problem said the same of many tensors (a gradient past the layer stack, for every tensor
-    of that layer), where there are more than three, at the first one's place."""
-    hits = [i for i, p in enumerate(problems) if p.endswith(ZERO_SUM_HINT)]
-    if len(hits) <= 3:
-        return _collapse_same(problems)
-    first = problems[hits[0]]
-    others = [problems[i].split("'", 2)[1] for i in hits[1:]]  # "tensor 'NAME': ..."
-    named = ", ".join(f"'{n}'" for n in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-    merged = f"{first[:-len(ZERO_SUM_HINT)]} (so do those of {len(others)} other tensors: {named}){ZERO_SUM_HINT}"
-    return _collapse_same([merged if i == hits[0] else p for i, p in enumerate(problems)
-                           if i == hits[0] or i not in hits])
+    """One line for the tensors whose weights add up to 0 (a gradient may cancel on every tensor of a layer), and
+    one per parameter for the tensors past the layer stack that a gradient has no value for (every tensor of
+    that layer), where more than three tensors say the same; every other problem keeps its own line."""
+    problems = _fold(problems, lambda p: p.endswith(ZERO_SUM_HINT), lambda p: "", "so do those of")
+    return _fold(problems, lambda p: "where a gradient has no value" in p, lambda p: _TENSOR_RE.sub("tensor *", p),
+                 "the same for")
 
 
 _TENSOR_RE = re.compile(r"tensor '[^']*'")
 
 
-def _collapse_same(problems: list[str]) -> list[str]:
-    """Gradient problems (config.gradient_t) that differ only in the tensor they name, more than three of them: the
-    first, naming the others (every other problem names its tensor on its own line)."""
+def _fold(problems: list[str], belongs: Callable[[str], bool], key: Callable[[str], str], phrase: str) -> list[str]:
+    """The problems `belongs` picks, grouped by `key`: a group of more than three is its first line, naming the
+    other tensors after `phrase` (before the zero-sum hint where the line ends with it), at the first one's place."""
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(problems):
-        if "where a gradient has no value" in p and _TENSOR_RE.search(p):
-            groups.setdefault(_TENSOR_RE.sub("tensor *", p), []).append(i)
+        if belongs(p) and _TENSOR_RE.search(p):
+            groups.setdefault(key(p), []).append(i)
     drop, merged = set(), {}
     for hits in groups.values():
-        if len(hits) > 3:
-            others = [_TENSOR_RE.search(problems[i]).group(0)[7:] for i in hits[1:]]
-            more = f" and {len(others) - 3} more" if len(others) > 3 else ""
-            named = ", ".join(others[:3])
-            merged[hits[0]] = f"{problems[hits[0]]} (the same for {len(others)} other tensors: {named}{more})"
-            drop.update(hits[1:])
+        if len(hits) <= 3:
+            continue
+        others = [_TENSOR_RE.search(problems[i]).group(0)[len("tensor "):] for i in hits[1:]]
+        more = f" and {len(others) - 3} more" if len(others) > 3 else ""
+        note = f" ({phrase} {len(others)} other tensors: {', '.join(others[:3])}{more})"
+        first = problems[hits[0]]
+        tail = ZERO_SUM_HINT if first.endswith(ZERO_SUM_HINT) else ""
+        merged[hits[0]] = first[:len(first) - len(tail)] + note + tail
+        drop.update(hits[1:])
     return [merged.get(i, p) for i, p in enumerate(problems) if i not in drop]
 
 
