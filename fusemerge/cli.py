@@ -105,7 +105,8 @@ def _plan_options(fn):
                      help="mergekit's flag (mix architectures); accepted with a note: fusemerge checks tensor "
                           "names, shapes and dtypes, never architecture names."),
         click.option("--lazy-unpickle/--no-lazy-unpickle", "lazy_unpickle", default=False,
-                     help="mergekit's flag; accepted, does nothing (fusemerge reads safetensors through mmap)."),
+                     help="mergekit's flag; accepted, does nothing (fusemerge maps safetensors and .bin files; "
+                          "it never unpickles more than plain tensors)."),
         click.option("--trust-remote-code/--no-trust-remote-code", "trust_remote_code", default=False,
                      help="mergekit's flag; accepted with a note: fusemerge never runs model code."),
     ]
@@ -118,7 +119,7 @@ MERGEKIT_FLAG_NOTES = {
     "allow_crimes": "--allow-crimes is accepted for mergekit compatibility and changes nothing: fusemerge checks "
                     "tensor names, shapes and dtypes, not architecture names",
     "trust_remote_code": "--trust-remote-code is accepted for mergekit compatibility and changes nothing: "
-                         "fusemerge reads config.json and safetensors only and never runs model code",
+                         "fusemerge reads config.json and tensor files only and never runs model code",
 }
 
 

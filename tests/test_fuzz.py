@@ -7,15 +7,18 @@ properties for 10^5 cases. The number of cases tried is printed at the end of th
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import math
 import shutil
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
@@ -26,6 +29,7 @@ from fusemerge.config import MergeConfig, load_config
 from fusemerge.errors import InputError
 from fusemerge.streaming.model_index import ModelIndex, open_model
 from fusemerge.streaming.safetensors_header import DTYPES, read_header
+from fusemerge.streaming.torch_bin import read_bin_header
 from tests.fuzz_count import tried
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
@@ -202,6 +206,85 @@ def test_read_header_regressions(case: str) -> None:
     with pytest.raises(InputError):
         read_header(path)
     check_read_header(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1b. PyTorch .bin checkpoints (torch.save zip archives)
+
+
+def _torch_saves() -> list[bytes]:
+    """A few real torch.save files: dtypes, a view at an offset, a tied storage, a nested state_dict, a number."""
+    w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    docs = [
+        {"a": w, "b": w.to(torch.bfloat16), "row": w[1], "tied": w},
+        {"state_dict": {"x": torch.ones(2, dtype=torch.int64), "y": torch.zeros(0)}},
+        {"s": torch.tensor(3.0, dtype=torch.float16), "n": 1},
+    ]
+    out = []
+    for doc in docs:
+        buf = io.BytesIO()
+        torch.save(doc, buf)
+        out.append(buf.getvalue())
+    return out
+
+
+_TORCH_SAVES = _torch_saves()
+
+
+def _rezip(raw: bytes, pickle_bytes: bytes) -> bytes:
+    """`raw`'s archive with its data.pkl replaced (a valid zip, so the unpickler sees the bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(raw)) as src, zipfile.ZipFile(buf, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, pickle_bytes if info.filename.endswith("/data.pkl") else src.read(info))
+    return buf.getvalue()
+
+
+@st.composite
+def torch_bin_bytes(draw: st.DrawFn) -> bytes:
+    """A torch.save file, then perhaps damaged: its bytes anywhere, or its pickle (re-zipped with a valid CRC)."""
+    raw = draw(st.sampled_from(_TORCH_SAVES))
+    how = draw(st.integers(0, 5))
+    if how == 0:
+        return b"PK\x03\x04" + draw(st.binary(max_size=64))
+    if how == 1:
+        return raw[: draw(st.integers(0, len(raw)))]
+    if how in (2, 3):
+        data = bytearray(raw)
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, len(data) - 1) if how == 2 else st.integers(0, 400))  # 3: the pickle, first
+            data[i] = draw(st.integers(0, 255))
+        return bytes(data)
+    with zipfile.ZipFile(io.BytesIO(raw)) as zf:
+        pkl = bytearray(zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl"))))
+    if how == 4:
+        for _ in range(draw(st.integers(1, 3))):
+            pkl[draw(st.integers(0, len(pkl) - 1))] = draw(st.integers(0, 255))
+    else:
+        cut = draw(st.integers(0, len(pkl)))
+        pkl = pkl[:cut] + draw(st.binary(max_size=8)) + pkl[cut:]
+    return _rezip(raw, bytes(pkl))
+
+
+def check_read_bin_header(path: Path) -> None:
+    """The property: tensors that all lie inside the file, or an InputError naming the file."""
+    header = _load_or_input_error("torch_bin", read_bin_header, path)
+    if header is None:
+        return
+    size = path.stat().st_size
+    for name, e in header.tensors.items():
+        assert isinstance(name, str) and e.name == name and e.dtype in DTYPES
+        assert all(isinstance(d, int) and d >= 0 for d in e.shape)
+        assert 0 < e.start <= e.end <= size
+        assert e.nbytes == e.numel * e.itemsize
+
+
+@settings(FUZZ, max_examples=400)
+@given(torch_bin_bytes())
+def test_read_bin_header_fuzz(raw: bytes) -> None:
+    path = _ROOT / "fuzz.bin"
+    path.write_bytes(raw)
+    check_read_bin_header(path)
 
 
 # --------------------------------------------------------------------------------------------------

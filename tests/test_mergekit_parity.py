@@ -12,7 +12,8 @@ What must hold (issue 6, docs/mergekit.md):
   rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
 - ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
-- the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16).
+- the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16), and for one
+  saved as PyTorch `.bin` checkpoints (one file, and shards with an index).
 
 Run just these:
 
@@ -36,6 +37,7 @@ import fusemerge
 from bench.parity import compare_dirs
 from fusemerge.synthetic import make_llama_family
 from tests.test_mixed_dtypes import convert_model
+from tests.test_torch_bin import save_as_bin
 
 DEFAULT_MERGEKIT_PYTHON = Path(__file__).resolve().parents[1] / "mk-venv" / "bin" / "python"  # README.md
 SHAPE = dict(hidden=64, intermediate=160, layers=4, vocab=96)
@@ -85,9 +87,11 @@ def _models_config(method: str, fam: dict, **global_params) -> dict:
     return cfg
 
 
-def _configs(fam: dict, mixed: dict) -> dict[str, dict]:
+def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
     base, (e1, e2, e3) = str(fam["base"]), [str(e) for e in fam["experts"]]
     return {
+        # pytorch_model.bin (base, expert 2) and pytorch_model-*-of-*.bin shards with their index (experts 1, 3)
+        "ties_bin": _models_config("ties", bins),
         # a bf16 base with an fp32 and an fp16 fine-tune: mergekit casts every input to the config's float32,
         # fusemerge takes float32 deltas whatever the inputs' dtypes (tests/test_mixed_dtypes.py)
         "ties_mixed_dtypes": _models_config("ties", mixed),
@@ -126,9 +130,13 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     mixed = make_llama_family(root / "mixed", n_experts=3, seed=12, **SHAPE)
     convert_model(mixed["experts"][0], torch.float32)
     convert_model(mixed["experts"][1], torch.float16)
+    bins = make_llama_family(root / "bins", n_experts=3, seed=13, shard_bytes=40_000,
+                             expert_shard_bytes=[40_000, None, 60_000], **SHAPE)
+    for model, how in zip([bins["base"], *bins["experts"]], ["single", "index", "single", "index"], strict=True):
+        save_as_bin(model, how)
     out: dict[str, tuple[Path, Path, Path]] = {}
     argv = []
-    for name, cfg in _configs(fam, mixed).items():
+    for name, cfg in _configs(fam, mixed, bins).items():
         path = root / f"{name}.yml"
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         out[name] = (path, root / f"fm-{name}", root / f"mk-{name}")
@@ -150,7 +158,7 @@ def test_linear_and_task_arithmetic_within_one_ulp(merged: dict, name: str) -> N
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices", "ties_rescale",
-                                  "breadcrumbs_rescale", "ties_mixed_dtypes"])
+                                  "breadcrumbs_rescale", "ties_mixed_dtypes", "ties_bin"])
 def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

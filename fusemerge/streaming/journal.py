@@ -40,7 +40,8 @@ from typing import TYPE_CHECKING
 from fusemerge import __version__
 from fusemerge.errors import InputError
 from fusemerge.options import opt, opt_name
-from fusemerge.streaming.model_index import CONFIG_NAME, INDEX_NAME
+from fusemerge.streaming.model_index import BIN_INDEX_NAME, CONFIG_NAME, INDEX_NAME
+from fusemerge.streaming.torch_bin import ZIP_MAGIC
 from fusemerge.streaming.writer import OutputLayout
 from fusemerge.verify import file_digest
 
@@ -84,7 +85,7 @@ def _input_paths(plan: MergePlan) -> dict[Path, str]:
         for f in model.files:
             files.setdefault(Path(os.path.abspath(f)), "sampled")
         directory = model.path if Path(model.path).is_dir() else Path(model.path).parent
-        for name in (CONFIG_NAME, INDEX_NAME):
+        for name in (CONFIG_NAME, INDEX_NAME, BIN_INDEX_NAME):
             if (directory / name).is_file():
                 files.setdefault(Path(os.path.abspath(directory / name)), "file")
     return files
@@ -139,17 +140,27 @@ def header_digest(path: Path) -> str:
 
 
 SAMPLES, SAMPLE_BYTES = 16, 4096
+ZIP_ENDS = 256 << 10  # of a torch .bin: bytes hashed at its start (its pickle) and at its end (its zip directory)
 
 
 def sampled_digest(path: Path) -> str:
     """SHA-256 of a safetensors shard's header and of SAMPLES windows of SAMPLE_BYTES spread evenly over its data
     (64 KiB read per shard): the same for the same bytes on any machine, unlike a modification time, so that
     parts merged on several machines (or at several times) can tell they read the same model. Data rewritten
-    in place, same size and header, is caught unless it changed only between the windows."""
+    in place, same size and header, is caught unless it changed only between the windows. A PyTorch `.bin`
+    (a zip) has its first and last ZIP_ENDS bytes hashed in place of a header: its pickle, and its zip directory
+    with every storage's CRC-32."""
     with open(path, "rb") as f:
         prefix = f.read(8)
-        h = hashlib.sha256(prefix + f.read(int.from_bytes(prefix, "little")))
-        data_start, end = f.tell(), os.fstat(f.fileno()).st_size
+        end = os.fstat(f.fileno()).st_size
+        if prefix[:4] == ZIP_MAGIC:
+            h = hashlib.sha256(prefix + f.read(ZIP_ENDS - 8))
+            f.seek(max(f.tell(), end - ZIP_ENDS))
+            h.update(f.read())
+            data_start = 0
+        else:
+            h = hashlib.sha256(prefix + f.read(int.from_bytes(prefix, "little")))
+            data_start = f.tell()
         span = max(0, end - data_start - SAMPLE_BYTES)
         for k in range(SAMPLES):
             f.seek(data_start + span * k // max(1, SAMPLES - 1))

@@ -15,10 +15,14 @@ from pathlib import Path
 
 from fusemerge.errors import InputError, raise_if
 from fusemerge.streaming.safetensors_header import SafetensorsHeader, TensorEntry, read_header
+from fusemerge.streaming.torch_bin import read_bin_header
 
 SINGLE_FILE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+BIN_NAME = "pytorch_model.bin"  # torch.save checkpoints (streaming/torch_bin.py), when there is no safetensors file
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
 CONFIG_NAME = "config.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 @dataclass
@@ -46,12 +50,14 @@ class ModelIndex:
 
 
 def open_model(path: str | os.PathLike) -> ModelIndex:
-    """Index the model at `path`: a directory or a single `.safetensors` file. Reads headers only.
+    """Index the model at `path`: a directory, or a single `.safetensors` or `.bin` file. Reads headers only.
 
     A directory holds `model.safetensors`; else the shards listed in `model.safetensors.index.json`
-    (`weight_map`: tensor -> shard file name); else any `*.safetensors` files. Tensors present in a listed shard
-    but missing from `weight_map` are included, as transformers loads whole shards. Raises `InputError` with
-    every problem found over all shards and config.json.
+    (`weight_map`: tensor -> shard file name); else any `*.safetensors` files; else, the same way, PyTorch
+    checkpoints: `pytorch_model.bin`, the shards of `pytorch_model.bin.index.json`, or shards named
+    `pytorch_model-00001-of-00002.bin` (never other `.bin` files, such as `training_args.bin`). Tensors present
+    in a listed shard but missing from `weight_map` are included, as transformers loads whole shards. Raises
+    `InputError` with every problem found over all shards and config.json.
 
     >>> model = open_model("models/llama-7b")  # doctest: +SKIP
     >>> model.num_parameters, model.dtype_counts()  # doctest: +SKIP
@@ -59,11 +65,11 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
     """
     path = Path(path)
     problems: list[str] = []
-    files, weight_map = _weight_files(path, problems)
+    files, weight_map, index_name = _weight_files(path, problems)
     headers: dict[Path, SafetensorsHeader] = {}
     for file in files:
         try:
-            headers[file] = read_header(file)
+            headers[file] = read_bin_header(file) if file.suffix == ".bin" else read_header(file)
         except InputError as e:
             problems += e.problems
 
@@ -78,7 +84,7 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
         for name, shard in weight_map.items():
             header = headers.get(path / shard)
             if header is not None and name not in header.tensors:
-                problems.append(f"{path / INDEX_NAME}: maps tensor {name!r} to {shard!r}, which has no such tensor")
+                problems.append(f"{path / index_name}: maps tensor {name!r} to {shard!r}, which has no such tensor")
 
     config = _read_config((path if path.is_dir() else path.parent) / CONFIG_NAME, problems)
     raise_if(problems)
@@ -99,15 +105,16 @@ def _hub_hint(path: Path) -> str:
     return ""
 
 
-def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str, str] | None]:
-    """The safetensors files of the model at `path`, and the index's weight_map if the model has one.
+def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str, str] | None, str]:
+    """The weight files of the model at `path`, the index's weight_map if the model has one, and that index's
+    file name. Safetensors files first; PyTorch `.bin` checkpoints only where there is no safetensors file.
 
     Raises `InputError` when there is nothing to read; records other problems (missing shards) and goes on.
     """
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise InputError(f"{path}: not a .safetensors file nor a model directory")
-        return [path], None
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise InputError(f"{path}: not a .safetensors or .bin file nor a model directory")
+        return [path], None, INDEX_NAME
     if not path.exists():
         raise InputError(f"{path}: no such file or directory{_hub_hint(path)}")
     try:
@@ -115,53 +122,63 @@ def _weight_files(path: Path, problems: list[str]) -> tuple[list[Path], dict[str
     except OSError as e:
         raise InputError(f"{path}: cannot read directory: {e.strerror or e}") from e
 
-    if SINGLE_FILE_NAME in names and (path / SINGLE_FILE_NAME).is_file():
-        return [path / SINGLE_FILE_NAME], None
-    if INDEX_NAME in names:
-        weight_map = _read_weight_map(path / INDEX_NAME)
-        files = []
-        for shard in sorted(set(weight_map.values())):
-            if Path(shard).name != shard:
-                problems.append(f"{path / INDEX_NAME}: shard {shard!r} is not a plain file name")
-            elif not (path / shard).is_file():
-                problems.append(f"{path / INDEX_NAME}: names shard {shard!r}, which does not exist in {path}")
-            else:
-                files.append(path / shard)
-        return files, weight_map
-    files = [path / name for name in names if name.endswith(".safetensors") and (path / name).is_file()]
-    if not files:
-        raise InputError(f"{path}: no {SINGLE_FILE_NAME}, {INDEX_NAME} or other .safetensors file in this directory")
-    problems.extend(_missing_shards(path, [f.name for f in files]))
-    return files, None
+    formats = [(SINGLE_FILE_NAME, INDEX_NAME, _SHARD_RE), (BIN_NAME, BIN_INDEX_NAME, _BIN_SHARD_RE)]
+    for single, index, pattern in formats:
+        if single in names and (path / single).is_file():
+            return [path / single], None, index
+        if index in names:
+            weight_map = _read_weight_map(path / index)
+            files = []
+            for shard in sorted(set(weight_map.values())):
+                if Path(shard).name != shard:
+                    problems.append(f"{path / index}: shard {shard!r} is not a plain file name")
+                elif not (path / shard).is_file():
+                    problems.append(f"{path / index}: names shard {shard!r}, which does not exist in {path}")
+                else:
+                    files.append(path / shard)
+            return files, weight_map, index
+        if pattern is _SHARD_RE:
+            files = [path / name for name in names if name.endswith(".safetensors") and (path / name).is_file()]
+        else:  # only pytorch_model-*-of-*.bin: other .bin files are not weights (training_args.bin, optimizer.bin)
+            files = [path / name for name in names if pattern.match(name) and (path / name).is_file()]
+        if files:
+            problems.extend(_missing_shards(path, [f.name for f in files], pattern, index))
+            return files, None, index
+    raise InputError(f"{path}: no {SINGLE_FILE_NAME}, {INDEX_NAME} or other .safetensors file in this directory "
+                     f"(nor {BIN_NAME} or {BIN_INDEX_NAME})")
 
 
-_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)\.safetensors$")
+_SHARD_RE = re.compile(r"^(?P<stem>.+)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.safetensors)$")
+_BIN_SHARD_RE = re.compile(r"^(?P<stem>pytorch_model)-(?P<i>\d+)-of-(?P<n>\d+)(?P<ext>\.bin)$")
 
 
-def _missing_shards(path: Path, names: list[str]) -> list[str]:
-    """Without an index, the shards that names like model-00002-of-00003.safetensors say should be there and are
-    not (an interrupted download): one line per set of shards."""
+def _missing_shards(path: Path, names: list[str], pattern: re.Pattern = _SHARD_RE,
+                    index: str = INDEX_NAME) -> list[str]:
+    """Without an index, the shards that names like model-00002-of-00003.safetensors (`pattern`) say should be
+    there and are not (an interrupted download): one line per set of shards."""
     sets: dict[tuple[str, str], set[int]] = {}
     width: dict[tuple[str, str], int] = {}
+    ext = ""
     for name in names:
-        m = _SHARD_RE.match(name)
+        m = pattern.match(name)
         if m:
             key = (m["stem"], m["n"])
             sets.setdefault(key, set()).add(int(m["i"]))
             width[key] = len(m["i"])
+            ext = m["ext"]
     problems = []
     for (stem, n), present in sets.items():
         first = 0 if 0 in present else 1  # some tools count shards from 0 (model-00000-of-00002)
         beyond = sorted(i for i in present if i >= first + int(n))
         if beyond:
-            problems.append(f"{path}: {stem}-{beyond[0]:0{width[stem, n]}d}-of-{n}.safetensors is beyond its set of "
+            problems.append(f"{path}: {stem}-{beyond[0]:0{width[stem, n]}d}-of-{n}{ext} is beyond its set of "
                             f"{int(n)} (a stray shard of another download?)")
         absent = [i for i in range(first, first + int(n)) if i not in present]
         if absent and int(n) <= 100_000:
-            names_absent = ", ".join(f"{stem}-{i:0{width[stem, n]}d}-of-{n}.safetensors" for i in absent[:3])
+            names_absent = ", ".join(f"{stem}-{i:0{width[stem, n]}d}-of-{n}{ext}" for i in absent[:3])
             more = f" and {len(absent) - 3} more" if len(absent) > 3 else ""
             problems.append(f"{path}: shard(s) {names_absent}{more} missing ({len(present)} of {int(n)} present, "
-                            f"and no {INDEX_NAME})")
+                            f"and no {index})")
     return problems
 
 

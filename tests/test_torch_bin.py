@@ -1,0 +1,228 @@
+"""PyTorch `.bin` checkpoints (torch.save zip archives) are read in place, as byte ranges, like safetensors.
+
+The files here are written by `torch.save` itself, so the reader is checked against the real format: every
+tensor read back equals what was saved, a merge of a family saved as `.bin` (single file, sharded with an index,
+sharded without one) writes the bytes of the same family's merge from safetensors, and what the reader does
+not run (arbitrary pickles, legacy files, non-contiguous views) is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fusemerge
+from fusemerge.errors import InputError
+from fusemerge.streaming.journal import sampled_digest
+from fusemerge.streaming.model_index import open_model
+from fusemerge.streaming.reader import ChunkReader
+from fusemerge.streaming.torch_bin import read_bin_header
+from fusemerge.synthetic import make_llama_family, write_config_yaml
+
+SHAPE = dict(hidden=20, intermediate=52, layers=2, vocab=97)
+
+
+class NotATensor:
+    """A class the restricted unpickler must refuse to build (torch.save pickles it by reference)."""
+
+
+def _read_all(path: Path) -> dict[str, torch.Tensor]:
+    model = open_model(path)
+    with ChunkReader() as reader:
+        return {name: reader.read_tensor(entry) for name, entry in model.tensors.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
+                                   torch.int32, torch.int8, torch.uint8, torch.bool])
+def test_every_tensor_reads_back_as_saved(tmp_path, dtype) -> None:
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(11, 13, generator=g) * 50
+    value = base > 0 if dtype == torch.bool else base.to(dtype)
+    state = {
+        "w": value,
+        "scalar": value[0, 0].clone(),
+        "empty": value[:0].clone(),
+        "row": value[3],  # a view into w's storage at an element offset
+        "tail": value.reshape(-1)[5:100],
+        "column": value[:1].t(),  # shape (13, 1), strides (1, 13): odd only on a size-1 dimension, so dense
+    }
+    state["tied"] = state["w"]  # one storage, two names
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    got = _read_all(tmp_path)
+    assert set(got) == set(state)
+    for name, want in state.items():
+        assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
+        assert torch.equal(got[name], want), name
+    entries = open_model(tmp_path).tensors
+    assert (entries["tied"].start, entries["tied"].end) == (entries["w"].start, entries["w"].end)
+
+
+def test_parameters_and_a_nested_state_dict_are_read(tmp_path) -> None:
+    layer = torch.nn.Linear(3, 2)
+    torch.save({"weight": layer.weight, "bias": layer.bias}, tmp_path / "a.bin")  # nn.Parameter objects
+    torch.save({"state_dict": layer.state_dict()}, tmp_path / "b.bin")  # a training checkpoint's weights
+    for name in ("a.bin", "b.bin"):
+        got = _read_all(tmp_path / name)
+        assert torch.equal(got["weight"], layer.weight.detach()) and torch.equal(got["bias"], layer.bias.detach())
+
+
+def save_as_bin(model_dir: Path, how: str) -> None:
+    """Replace the safetensors shards of `model_dir` by torch.save files: "single" one pytorch_model.bin,
+    "index" shards with pytorch_model.bin.index.json, "shards" shards named pytorch_model-i-of-n.bin alone."""
+    shards = sorted(model_dir.glob("*.safetensors"))
+    parts = [load_file(s) for s in shards]
+    for s in shards:
+        s.unlink()
+    (model_dir / "model.safetensors.index.json").unlink(missing_ok=True)
+    if how == "single":
+        torch.save({k: v for part in parts for k, v in part.items()}, model_dir / "pytorch_model.bin")
+        return
+    names = [f"pytorch_model-{i + 1:05d}-of-{len(parts):05d}.bin" for i in range(len(parts))]
+    for name, part in zip(names, parts, strict=True):
+        torch.save(part, model_dir / name)
+    if how == "index":
+        weight_map = {k: name for name, part in zip(names, parts, strict=True) for k in part}
+        (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory) -> dict[str, dict]:
+    """The same family twice: as safetensors, and as .bin (base one file, experts sharded with and without an
+    index)."""
+    out = {}
+    for name in ("st", "bin"):
+        out[name] = make_llama_family(tmp_path_factory.mktemp(name), n_experts=3, seed=5, shard_bytes=6000,
+                                      expert_shard_bytes=[6000, None, 9000], **SHAPE)
+    fam = out["bin"]
+    save_as_bin(fam["base"], "single")
+    save_as_bin(fam["experts"][0], "index")
+    save_as_bin(fam["experts"][1], "single")
+    save_as_bin(fam["experts"][2], "shards")
+    assert len(list(fam["experts"][2].glob("pytorch_model-*.bin"))) > 1
+    return out
+
+
+def _shards(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("method, opts", [
+    ("ties", dict(workers=1)),
+    ("ties", dict(workers=2, max_memory="64KiB")),
+    ("dare_ties", dict(workers=1)),
+    ("task_arithmetic", dict(workers=1, backend="triton", max_memory="64KiB")),
+])
+def test_a_bin_family_merges_like_its_safetensors_copy(families, tmp_path, method, opts) -> None:
+    if opts.get("backend") == "triton" and torch.cuda.is_available():
+        pytest.skip("the Triton backend on device cpu needs the interpreter")
+    outs = {}
+    for name, fam in families.items():
+        cfg = tmp_path / f"{name}.yml"
+        params = dict(density=0.4) if method != "task_arithmetic" else {}
+        write_config_yaml(cfg, method, fam["base"], fam["experts"], weight=(1.0, 0.6, 1.3), **params)
+        outs[name] = tmp_path / f"out-{name}"
+        fusemerge.run(cfg, outs[name], device="cpu", **opts)
+    assert _shards(outs["bin"]) and _shards(outs["bin"]) == _shards(outs["st"])
+
+
+def test_a_bin_merge_resumes_and_notices_rewritten_inputs(families, tmp_path) -> None:
+    fam = families["bin"]
+    cfg = tmp_path / "c.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.4)
+    out = tmp_path / "out"
+    fusemerge.run(cfg, out, device="cpu")
+    digest = sampled_digest(fam["base"] / "pytorch_model.bin")
+    assert len(digest) == 64
+    fusemerge.run(cfg, out, device="cpu", resume=True)  # finished: nothing to do
+    # the base saved again with one value changed: same size, other data
+    state = torch.load(fam["base"] / "pytorch_model.bin", weights_only=True)
+    name = next(iter(state))
+    state[name] = state[name].clone()
+    state[name].view(-1)[0] += 1
+    torch.save(state, fam["base"] / "pytorch_model.bin")
+    assert sampled_digest(fam["base"] / "pytorch_model.bin") != digest
+    with pytest.raises(InputError, match="modified after"):
+        fusemerge.run(cfg, out, device="cpu", resume=True)
+
+
+def test_safetensors_are_preferred_and_other_bin_files_ignored(tmp_path) -> None:
+    fam = make_llama_family(tmp_path, n_experts=1, **SHAPE)
+    torch.save({"only.in.bin": torch.zeros(2)}, fam["base"] / "pytorch_model.bin")
+    torch.save({"lr": torch.zeros(1)}, fam["experts"][0] / "training_args.bin")
+    assert "only.in.bin" not in open_model(fam["base"]).tensors  # model.safetensors wins, as in mergekit
+    save_as_bin(fam["experts"][0], "single")
+    (fam["experts"][0] / "pytorch_model.bin").rename(fam["experts"][0] / "weights.bin")
+    with pytest.raises(InputError, match="nor pytorch_model.bin"):
+        open_model(fam["experts"][0])  # training_args.bin and weights.bin are not taken as the model
+
+
+def test_a_missing_bin_shard_is_named(tmp_path) -> None:
+    fam = make_llama_family(tmp_path, n_experts=1, shard_bytes=6000, **SHAPE)
+    save_as_bin(fam["base"], "shards")
+    victim = sorted(fam["base"].glob("pytorch_model-*.bin"))[1]
+    victim.unlink()
+    with pytest.raises(InputError, match=f"{victim.name} missing .*no pytorch_model.bin.index.json"):
+        open_model(fam["base"])
+
+
+def test_what_is_not_a_state_dict_of_plain_tensors_is_refused(tmp_path) -> None:
+    cases = {
+        "code.bin": ({"w": torch.zeros(2), "x": NotATensor()}, "its pickle names tests.test_torch_bin.NotATensor"),
+        "module.bin": (torch.nn.Linear(2, 2), "its pickle names torch.nn.modules.linear.Linear"),
+        "view.bin": ({"w": torch.zeros(4, 3).t()}, r"tensor 'w': saved as a non-contiguous view \(shape \[3, 4\]"),
+        "number.bin": ({"w": torch.zeros(2), "step": 3}, "tensor 'step': is a int, not a tensor"),
+        "list.bin": ([torch.zeros(2)], "holds a list, not a state dict"),
+    }
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / name)
+        with pytest.raises(InputError, match=message):
+            read_bin_header(tmp_path / name)
+
+
+def test_legacy_and_damaged_files_are_refused(tmp_path) -> None:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "legacy.bin", _use_new_zipfile_serialization=False)
+    with pytest.raises(InputError, match="not a zip-format torch checkpoint"):
+        read_bin_header(tmp_path / "legacy.bin")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "cut.bin")
+    data = (tmp_path / "cut.bin").read_bytes()
+    (tmp_path / "cut.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match="damaged or truncated zip"):
+        read_bin_header(tmp_path / "cut.bin")
+    with zipfile.ZipFile(tmp_path / "other.bin", "w") as zf:
+        zf.writestr("notes.txt", "hello")
+    with pytest.raises(InputError, match="not a torch checkpoint"):
+        read_bin_header(tmp_path / "other.bin")
+
+
+def test_a_compressed_storage_is_refused(tmp_path) -> None:
+    torch.save({"w": torch.arange(100.0)}, tmp_path / "plain.bin")
+    with zipfile.ZipFile(tmp_path / "plain.bin") as src, \
+            zipfile.ZipFile(tmp_path / "deflated.bin", "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+    with pytest.raises(InputError, match="compressed in the zip"):
+        read_bin_header(tmp_path / "deflated.bin")
+
+
+def test_the_unpickler_runs_no_code(tmp_path, monkeypatch) -> None:
+    """A pickle that would call os.system when torch.load(weights_only=False) ran it is refused unread."""
+    monkeypatch.chdir(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "good.bin")
+
+    class Exploit:
+        def __reduce__(self):
+            return (eval, ("__import__('os').system('touch PWNED')",))
+
+    with zipfile.ZipFile(tmp_path / "good.bin") as src, zipfile.ZipFile(tmp_path / "evil.bin", "w") as dst:
+        for info in src.infolist():
+            body = pickle.dumps(Exploit(), protocol=2) if info.filename.endswith("data.pkl") else src.read(info)
+            dst.writestr(info.filename, body)
+    with pytest.raises(InputError, match=r"its pickle names (__builtin__|builtins)\.eval"):
+        read_bin_header(tmp_path / "evil.bin")
+    assert not (tmp_path / "PWNED").exists()
