@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from fusemerge import __version__
+from fusemerge import __version__, startup
 from fusemerge.errors import FusemergeError, InputError
 from fusemerge.methods import METHODS
 from fusemerge.options import spelled_for_cli
@@ -49,6 +49,7 @@ def _handle_errors(fn):
         verbose = click.get_current_context().find_root().params.get("verbose", 0) or kwargs.get("verbose", 0)
         try:
             with spelled_for_cli():  # messages name --options, not the API's keywords
+                _end_startup()
                 return fn(*args, **kwargs)
         except BrokenPipeError:  # `fusemerge inspect DIR | head`: the reader has gone, nothing to say
             sys.stdout = None  # no flush of the closed pipe at exit
@@ -76,6 +77,23 @@ def _handle_errors(fn):
             _fail([f"internal error: {type(e).__name__}: {e} (run with -v for the traceback; please report it)"], 1)
 
     return wrapper
+
+
+def _end_startup() -> None:
+    """The command's work begins: from here Ctrl-C raises KeyboardInterrupt, for `_handle_errors` (until here it
+    exited at once: fusemerge/startup.py). torch is imported first, inside start-up: a KeyboardInterrupt raised
+    while its C++ calls back into Python aborts the process (pybind11: terminate called ...)."""
+    if startup.active():
+        import torch  # noqa: F401
+
+        startup.end()
+
+
+def forget_caught_interrupt() -> None:
+    """CPython (3.11 at least) remembers a KeyboardInterrupt that ended a string `exec` (dataclasses and namedtuple
+    make their methods so: torch's import runs hundreds), caught or not, and `python -m fusemerge` then ends by
+    SIGINT (status -2) in place of our exit code (130). Every string exec starts by forgetting it: this one last."""
+    exec("pass", {})
 
 
 def _plan_options(fn):
@@ -422,6 +440,11 @@ if __name__ == "__main__":
 
 
 def entry_point() -> None:
-    """The `fusemerge` command (and `python -m fusemerge`): main(), with SIGTERM handled as Ctrl-C is."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    main()
+    """The `fusemerge` command (and `python -m fusemerge`, through fusemerge/__main__.py): main(), with SIGTERM
+    handled as Ctrl-C is, and either exiting at once during start-up (fusemerge/startup.py)."""
+    startup.begin()  # already begun by fusemerge/__main__.py, before this module was imported
+    startup.after(signal.SIGTERM, _on_sigterm)
+    try:
+        main()
+    finally:
+        forget_caught_interrupt()

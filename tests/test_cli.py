@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -346,6 +347,46 @@ def test_ctrl_c_in_finalize_says_to_run_it_again(monkeypatch, tmp_path: Path) ->
     r = invoke("finalize", tmp_path / "out")
     assert r.exit_code == 130
     assert errors(r) == ["fusemerge: error: interrupted; the parts are as they were (run the same command again)"]
+
+
+# A module run as `python -m`, as `python -m fusemerge` is: the signal at the first import of the module named in
+# argv[1], from inside a string exec (where dataclasses' methods are made; a KeyboardInterrupt ending one made
+# `python -m` exit by SIGINT, status -2, though fusemerge caught it), then fusemerge's __main__ on the rest of argv.
+_SIGNAL_AT_IMPORT = """
+import runpy, signal, sys
+
+at, signum = sys.argv.pop(1), getattr(signal, sys.argv.pop(1))
+
+class SignalAtImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == at:
+            sys.meta_path.remove(self)
+            exec("signal.raise_signal(signum)", {"signal": signal, "signum": signum})
+
+sys.meta_path.insert(0, SignalAtImport())
+runpy.run_module("fusemerge", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.parametrize("at, sig, code, message", [
+    ("fusemerge.cli", "SIGINT", 130, "interrupted"),  # start-up: the command line's import (it was a traceback)
+    ("torch", "SIGINT", 130, "interrupted"),  # start-up: torch's (aborted the process in its C++ at times)
+    ("torch", "SIGTERM", 143, "terminated (SIGTERM)"),
+    ("fusemerge.planner", "SIGINT", 130, "interrupted; nothing was written to the output directory (run the same "
+                                         "command with --resume to continue)"),  # the command's work: was -2
+])
+def test_ctrl_c_at_any_point_of_start_up_is_exit_130_and_one_line(fam: dict, tmp_path: Path, at: str, sig: str,
+                                                                    code: int, message: str) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "signal_at_import.py").write_text(_SIGNAL_AT_IMPORT)
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "signal_at_import", at, sig, "run", str(fam["config"]),
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(repo)])})
+    assert (r.returncode, r.stderr) == (code, f"fusemerge: error: {message}\n")
+    assert_nothing_written(tmp_path / "out")
 
 
 def test_a_closed_pipe_ends_the_command_quietly(fam: dict) -> None:
