@@ -16,9 +16,9 @@ budget holds (1.05-1.31x over six runs, 2026-12-01, bench/README.md).
 A child reports through its pipe, one JSON object per line: input bytes merged (progress), each finished tensor
 (the parent journals it: `Executor.on_tensor_done`), and at the end its stage times and non-finite notes, or the
 error it stopped on (InputError, OSError such as a full disk, or anything else), which the parent raises as the
-same kind of error after killing the other children. The children ignore SIGINT (the parent handles Ctrl-C and
-kills them) and die with the parent (PR_SET_PDEATHSIG), so a killed run leaves no process writing into the
-temporary directory a `--resume` reuses.
+same kind of error after killing the other children. The children ignore SIGINT and SIGTERM (the parent handles
+Ctrl-C and SIGTERM, sent to it alone or to its whole process group, and kills them) and die with the parent
+(PR_SET_PDEATHSIG), so a killed run leaves no process writing into the temporary directory a `--resume` reuses.
 
 `fork_map(k, body)` runs the other CPU work that parallelizes the same way: `trim_scope: global`'s threshold
 passes over the whole model, split by chunk (`Executor._run_stat_workers`, kernels/select.py): 2.88 s in one
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 _PR_SET_PDEATHSIG = 1
 WORKERS_ENV = "FUSEMERGE_CPU_WORKERS"  # "threads": never fork (use_processes)
+STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})  # what the children ignore, left to the parent
 
 
 def use_processes(plan: MergePlan, pipeline: bool) -> bool:
@@ -133,18 +134,25 @@ def _run_children(k: int, child: Callable[[int, int], None], on_data: Callable[[
     try:
         for w in range(k):
             read_fd, write_fd = os.pipe()
+            # Ctrl-C and SIGTERM wait from before the fork until the child ignores them (_start_child) and the
+            # parent knows the child's pid: in between, the parent's handler would run in the child, or the
+            # parent would stop without the child to kill
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
             try:
-                pid = os.fork()
-            except BaseException:  # EAGAIN / ENOMEM: this pipe has no child; the ones before are killed below
-                os.close(read_fd)
+                try:
+                    pid = os.fork()
+                except BaseException:  # EAGAIN / ENOMEM: this pipe has no child; the ones before are killed below
+                    os.close(read_fd)
+                    os.close(write_fd)
+                    raise
+                if pid == 0:  # the child: never returns
+                    os.close(read_fd)
+                    child(w, write_fd)
                 os.close(write_fd)
-                raise
-            if pid == 0:  # the child: never returns
-                os.close(read_fd)
-                child(w, write_fd)
-            os.close(write_fd)
-            pipes[pid] = read_fd
-            selector.register(read_fd, selectors.EVENT_READ, pid)
+                pipes[pid] = read_fd
+                selector.register(read_fd, selectors.EVENT_READ, pid)
+            finally:  # the parent's: a signal that came meanwhile is handled now
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         while len(statuses) < len(pipes) and error is None:
             for key, _ in selector.select():
                 pid = key.data
@@ -275,7 +283,12 @@ def _start_child(parent: int) -> None:
     # every object's header and so copies most of the interpreter's pages (0.43 -> 0.35 GB peak, e2e TIES).
     # Freezing moves whole generation lists; it changes nothing in the parent.
     gc.freeze()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops the run and kills the children
+    # Ctrl-C and SIGTERM (a scheduler's preemption, often sent to every process of the job) are the parent's: it
+    # stops the run, keeps what was written for --resume and kills the children. The handler inherited from it
+    # (cli._on_sigterm raises KeyboardInterrupt) would make a child report a worker error instead.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since before the fork (_run_children)
     _die_with(parent)
     # No OpenMP parallel region in a forked child: GNU libgomp's threads do not survive fork, and a child that
     # enters one waits for them forever (a test hung so once its process had used torch's intra-op threads
