@@ -44,6 +44,8 @@ from fusemerge.verify import MANIFEST_NAME, is_files_map, write_manifest
 
 log = logging.getLogger("fusemerge")
 
+# errno of a full disk or quota: a merge stopped by one keeps what it wrote for --resume
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 # config.json keys holding the number of layers (Llama / Mistral / Qwen ..., GPT-2, GPT-NeoX-style).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
@@ -98,12 +100,12 @@ def run(
     `out_dir` refuses a second run into it while this one writes; `fusemerge_manifest.json` records each shard's
     SHA-256 (see `fusemerge.verify`).
 
-    A run killed (or interrupted with Ctrl-C) leaves its temporary directory and journal behind. With `resume`,
-    the next run continues from them, merging only the tensors not yet durably written, into the same bytes an
-    uninterrupted run writes; it refuses (InputError) if the config, seed, output layout or an input changed
-    (`streaming/journal.py`). With `resume` and nothing to resume, it starts from the beginning. Without
-    `resume`, a partial merge left behind is removed first. `notify(line)` receives those notes (default: the
-    "fusemerge" logger's warnings).
+    A run killed (or interrupted with Ctrl-C, or stopped by a full disk) leaves its temporary directory and
+    journal behind. With `resume`, the next run continues from them, merging only the tensors not yet durably
+    written, into the same bytes an uninterrupted run writes; it refuses (InputError) if the config, seed, output
+    layout or an input changed (`streaming/journal.py`). With `resume` and nothing to resume, it starts from the
+    beginning. Without `resume`, a partial merge left behind is removed first. `notify(line)` receives those
+    notes (default: the "fusemerge" logger's warnings).
 
     `partition` ("i/n" or (i, n), 0 <= i < n): merge only part i of n, the output shards s with s % n == i, into
     its own directory beside `out_dir` (`fusemerge/partition.py`); `fusemerge.finalize(out_dir)` joins the n parts
@@ -210,13 +212,13 @@ def run(
             files = sorted(p.name for p in temp.iterdir())
             move_into_place(temp, out, overwrite)
         except KeyboardInterrupt:  # keep the partial merge for --resume, with every finished tensor journaled
-            if journal is not None:
-                try:
-                    journal.close(flush=True)
-                except OSError:
-                    pass
+            _keep(journal)
             raise
         except OSError as e:
+            if e.errno in FULL_DISK and journal is not None and journal.path.is_file():
+                # the tensors written so far are worth keeping: once space is freed, --resume continues them
+                _keep(journal)
+                raise FusemergeError(_write_error(out, e, kept=temp)) from e
             _discard(journal, temp)
             raise FusemergeError(_write_error(out, e)) from e
         except BaseException:
@@ -224,6 +226,16 @@ def run(
             raise
     return MergeResult(out, time.perf_counter() - t0, plan.input_bytes, plan.output_bytes, files, times, plan,
                        resumed_tensors=len(skipped), resumed_bytes=skipped_bytes, nonfinite=executor.nonfinite)
+
+
+def _keep(journal: Journal | None) -> None:
+    """A merge stopped with its temporary directory kept for --resume: journal every tensor finished so far (a
+    journal that cannot be written, on a full disk, loses only those: --resume redoes them)."""
+    if journal is not None:
+        try:
+            journal.close(flush=True)
+        except OSError:
+            pass
 
 
 def _discard(journal: Journal | None, temp: Path) -> None:
@@ -261,11 +273,15 @@ def _keep_only_shards(temp: Path, plan: MergePlan) -> None:
             p.unlink()
 
 
-def _write_error(out: Path, e: OSError) -> str:
-    """One line for an OSError met while writing the output; disk full and file too large said plainly."""
+def _write_error(out: Path, e: OSError, kept: Path | None = None) -> str:
+    """One line for an OSError met while writing the output; disk full and file too large said plainly, and
+    where the partial merge is `kept` for --resume."""
     where = f" ({e.filename})" if e.filename else ""
-    if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        return f"writing {out}{where}: the disk is full ({e.strerror}); nothing was written to {out}"
+    if e.errno in FULL_DISK:
+        then = (f"; the partial merge is kept in {kept}: free some space, then run the same command with "
+                f"{opt('resume')} to continue it (without {opt('resume')} it is removed and the merge starts over)"
+                if kept is not None else "")
+        return f"writing {out}{where}: the disk is full ({e.strerror}); nothing was written to {out}{then}"
     if e.errno == errno.EFBIG:
         return (f"writing {out}{where}: file too large ({e.strerror}) for the file system or the file-size limit; "
                 f"nothing was written to {out}")
@@ -303,7 +319,7 @@ def _write_extras(plan: MergePlan, directory: Path, copy_tokenizer: bool) -> lis
                 try:
                     shutil.copyfile(src / name, directory / name)
                 except OSError as e:  # a full disk: name the file being written, not the tokenizer read
-                    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                    if e.errno not in (*FULL_DISK, errno.EFBIG):
                         raise
                     raise OSError(e.errno, e.strerror, str(directory / name)) from e
                 written.append(name)

@@ -6,6 +6,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from fusemerge import __version__
+from fusemerge.streaming.journal import JOURNAL_NAME
 from fusemerge.streaming.lock import lock_path
+from fusemerge.streaming.writer import temp_dir_path
 from fusemerge.verify import MANIFEST_NAME, verify
 from tests.cli_helpers import invoke, make_cli_family
 
@@ -226,6 +229,8 @@ def test_file_too_large_exit_1_and_out_dir_untouched(fam: dict, tmp_path: Path) 
 def test_disk_full_during_writes_exit_1_and_out_dir_untouched(
     fam: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """OUT_DIR stays as it was; the partial merge is kept beside it, for --resume once space is freed
+    (tests/test_resume.py resumes one)."""
     import fusemerge.streaming.writer as writer
 
     pwrite_all = writer._pwrite_all
@@ -241,6 +246,9 @@ def test_disk_full_during_writes_exit_1_and_out_dir_untouched(
     assert r.exit_code == 1, r.output
     lines = errors(r.stderr)
     assert len(lines) == 1 and str(out) in lines[0] and "the disk is full" in lines[0], r.stderr
+    temp = temp_dir_path(out)
+    assert f"the partial merge is kept in {temp}" in lines[0] and (temp / JOURNAL_NAME).is_file(), r.stderr
+    shutil.rmtree(temp)
     _assert_untouched(out)
 
 

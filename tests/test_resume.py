@@ -183,6 +183,56 @@ def test_corrupted_tensor_and_torn_journal_lines_are_redone(fam: dict, tmp_path:
             "match the written bytes and are redone") in r.stderr
 
 
+# -- a full disk -------------------------------------------------------------------------------------------------
+
+
+def fill_disk_after(monkeypatch: pytest.MonkeyPatch, nbytes: int) -> None:
+    """Make the writer's pwrite fail with ENOSPC once `nbytes` of tensor data are written (by each worker
+    process: they inherit the patch), after writing what still fits, as a file system that fills up does."""
+    import errno
+
+    import fusemerge.streaming.writer as writer
+
+    pwrite_all = writer._pwrite_all
+    room = [nbytes]
+
+    def pwrite(fd: int, buf: memoryview, offset: int) -> None:
+        if offset == 0:  # a shard's header: written before any data
+            return pwrite_all(fd, buf, offset)
+        fits = min(room[0], buf.nbytes)
+        pwrite_all(fd, buf[:fits], offset)
+        room[0] -= fits
+        if fits < buf.nbytes:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(writer, "_pwrite_all", pwrite)
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_full_disk_keeps_the_partial_merge_and_resume_finishes_it(fam: dict, tmp_path: Path, workers: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk deleted the partial merge: once space was freed, the merge started over. Now it is kept, with
+    its journal, the message says so, and --resume continues it into the bytes of an uninterrupted run."""
+    out = tmp_path / "out"
+    opts = list(RUN_OPTS)
+    opts[opts.index("--workers") + 1] = workers  # 1: the writer threads; 2: worker processes
+    with monkeypatch.context() as m:
+        fill_disk_after(m, 12_000)
+        r = invoke("run", fam["config"], out, *opts)
+    assert r.exit_code == 1, r.output
+    (line,) = r.stderr.strip().splitlines()
+    temp = temp_dir_path(out)
+    assert line.startswith(f"fusemerge: error: writing {out}") and "the disk is full" in line, line
+    assert f"nothing was written to {out}; the partial merge is kept in {temp}" in line, line
+    assert "then run the same command with --resume to continue it" in line, line
+    assert not out.exists()  # nothing that looks like a finished model
+    done = len(journal_entries(out))
+    assert 0 < done < N_TENSORS
+    r = invoke("run", fam["config"], out, *opts[1:], "--resume")  # space freed
+    assert_resumed_identical(fam, out, r)
+    assert f"{done} of {N_TENSORS} tensors already written and verified" in r.stderr
+
+
 # -- refusals ---------------------------------------------------------------------------------------------------
 
 
