@@ -132,6 +132,8 @@ def run(
     config_file = plan.config.source_path
     t0 = time.perf_counter()
     if resume and (done := already_merged(out, plan, overwrite)) is not None:  # a requeued job of a merge done
+        with out_dir_lock(done, notify):
+            remove_replaced(done, notify)  # what an --overwrite into it stopped before deleting
         if plan.partition is not None:
             notify(f"part {plan.partition[0]}/{plan.partition[1]} is already merged in {done}; nothing to resume")
         else:

@@ -194,6 +194,8 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     root = parts_root(out)
     if not root.is_dir():
         if (out / MANIFEST_NAME).is_file():  # finalized before: the parts were moved into it
+            with out_dir_lock(out, note):
+                remove_replaced(out, note)  # the output an earlier --overwrite replaced, if it was left behind
             raise InputError(f"{root}: not found, and {out} holds a finished merge (finalized already?; "
                              f"`fusemerge verify {out}` checks it)")
         raise InputError(f"{root}: not found: no parts of a partitioned merge into {out} (merge each part with "

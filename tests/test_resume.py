@@ -322,6 +322,59 @@ def test_resume_with_nothing_to_resume_starts_fresh_with_a_note(fam: dict, tmp_p
     assert f"fusemerge: note: no interrupted merge into {out} to resume; starting from the beginning" in r.stderr
 
 
+def _finished(fam: dict, out: Path, part: bool) -> tuple[list[str], Path]:
+    """A finished merge into `out` (part 0 of 2, where `part`): (the options of its runs, its directory)."""
+    opts = [*RUN_OPTS, *(["--partition", "0/2"] if part else [])]
+    assert invoke("run", fam["config"], out, *opts).exit_code == 0
+    return opts, out.parent / f"{out.name}.fusemerge-parts" / "part-0-of-2" if part else out
+
+
+@pytest.mark.parametrize("part", [False, True])
+def test_resume_of_a_finished_merge_removes_what_an_interrupted_overwrite_left(
+        fam: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, part: bool) -> None:
+    """An --overwrite interrupted after the new output was swapped in, before the old one was deleted, left it
+    beside OUT_DIR (`.out.fusemerge-old-XXXXXXXX`); a --resume, finding the merge finished, left it there too.
+    Now it deletes it, as the --overwrite meant to, and says so."""
+    import fusemerge.streaming.writer as writer
+
+    out = tmp_path / "out"
+    opts, done = _finished(fam, out, part)
+
+    def interrupted(old_dir: Path) -> None:
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_remove_replaced", interrupted)
+        r = invoke("run", fam["config"], out, *opts, "--overwrite")
+    assert r.exit_code == 130, r.output
+    (old,) = [p for p in done.parent.iterdir() if p.name.startswith(f".{done.name}.fusemerge-old-")]
+    before = files(done)
+    r = invoke("run", fam["config"], out, *opts, "--resume")
+    assert r.exit_code == 0 and "nothing to resume" in r.stderr, r.output
+    assert f"fusemerge: note: removed {old}, the output an earlier --overwrite of {done} replaced" in r.stderr
+    assert not old.exists() and files(done) == before and leftovers(done) == []
+
+
+def test_finalize_of_a_finalized_merge_removes_what_an_overwrite_left(
+        fam: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same for `finalize` run again on a finalized merge (its parts gone): the old output a `finalize
+    --overwrite` could not delete is removed; finalize still says there is nothing to join."""
+    import fusemerge.streaming.writer as writer
+
+    out = tmp_path / "out"
+    for i in range(2):
+        assert invoke("run", fam["config"], out, *RUN_OPTS, "--partition", f"{i}/2").exit_code == 0
+    assert invoke("finalize", out, "-q", "--keep-parts").exit_code == 0
+    with monkeypatch.context() as m:
+        m.setattr(writer, "_remove_replaced", lambda old_dir: None)  # as when it cannot be deleted
+        assert invoke("finalize", out, "-q", "--overwrite").exit_code == 0
+    (old,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.fusemerge-old-")]
+    r = invoke("finalize", out)
+    assert r.exit_code == 2 and "finalized already?" in r.stderr, r.output
+    assert f"removed {old}, the output an earlier --overwrite of {out} replaced" in r.stderr
+    assert not old.exists() and files(out) == files(fam["reference"]) and leftovers(out) == []
+
+
 def _rewrite_in_place(shard: Path) -> None:
     """New data, the same header and size: what a checkpoint overwritten by a later save of it looks like."""
     data = bytearray(shard.read_bytes())
