@@ -206,8 +206,9 @@ def main(verbose: int) -> None:
               help="Continue a merge into OUT_DIR that was killed or interrupted, merging only the tensors it had "
                    "not written; same bytes as an uninterrupted run. Refused (exit 2) if the config, --seed (DARE), "
                    "--out-shard-size or an input changed since. With nothing to resume, starts from the beginning; "
-                   "into a finished merge of the same config and inputs, does nothing (refused if an input was "
-                   "rewritten since it was read; --overwrite then merges again).")
+                   "into a finished merge of the same config and inputs, does nothing but write again a file deleted "
+                   "from it since (refused if an input was rewritten since it was read; --overwrite then merges "
+                   "again).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge inputs that hold NaN or Inf (default: stop, naming the tensor and the input files).")

@@ -18,7 +18,14 @@ from fusemerge import __version__
 from fusemerge.config import MergeConfig
 from fusemerge.errors import FusemergeError, InputError
 from fusemerge.options import opt
-from fusemerge.partition import finished_part, merge_identity, part_dir, parts_root, write_part_manifest
+from fusemerge.partition import (
+    PART_MANIFEST,
+    finished_part,
+    merge_identity,
+    part_dir,
+    parts_root,
+    write_part_manifest,
+)
 from fusemerge.planner import CODE_NAMES, TOKENIZER_FILES, MergePlan, build_plan, tokenizer_dir
 from fusemerge.streaming.executor import Executor, StageTimes
 from fusemerge.streaming.global_cuts import CUTS_NAME, CutsFile, identity_digest
@@ -39,8 +46,9 @@ from fusemerge.streaming.writer import (
     move_into_place,
     remove_replaced,
     temp_dir_path,
+    write_index,
 )
-from fusemerge.verify import MANIFEST_NAME, is_files_map, write_manifest
+from fusemerge.verify import MANIFEST_NAME, hash_files, is_files_map, write_manifest
 
 log = logging.getLogger("fusemerge")
 
@@ -133,7 +141,10 @@ def run(
     t0 = time.perf_counter()
     if resume and (done := already_merged(out, plan, overwrite)) is not None:  # a requeued job of a merge done
         with out_dir_lock(done, notify):
-            remove_replaced(done, notify)  # what an --overwrite into it stopped before deleting
+            # what an --overwrite into it stopped before deleting, and files deleted from it since it finished
+            remove_replaced(done, notify)
+            if written := _write_missing(done, plan, copy_tokenizer):
+                notify(f"wrote {', '.join(written)} into {done} again: missing from the finished merge there")
         if plan.partition is not None:
             notify(f"part {plan.partition[0]}/{plan.partition[1]} is already merged in {done}; nothing to resume")
         else:
@@ -205,7 +216,8 @@ def run(
             shards = [s.filename for s in plan.layout.shards]
             if plan.partition is None:
                 write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), writer.digests,
-                               merge=identity_digest(merge_identity(plan)), input_mtimes=read_mtimes)
+                               merge=identity_digest(merge_identity(plan)), input_mtimes=read_mtimes,
+                               extras=hash_files(temp, extras))
             else:  # the part's hashes; finalize writes the manifest and index of the whole merge
                 write_part_manifest(temp, plan, writer.digests, extras, read_mtimes)
             times.add(manifest=time.perf_counter() - t1)
@@ -335,9 +347,10 @@ _RUN_DEFAULTS = {name: p.default for name, p in inspect.signature(run).parameter
 
 
 def already_merged(out_dir: str | Path, plan: MergePlan, overwrite: bool = False) -> Path | None:
-    """Where `plan`'s merge (or its part) into `out_dir` is already finished, with every file in place: what
-    `run(..., resume=True)` then leaves as it is; else None. InputError where it is finished but from inputs
-    modified since, unless `overwrite` (then None: merged again)."""
+    """Where `plan`'s merge (or its part) into `out_dir` is already finished, with every shard in place: what
+    `run(..., resume=True)` then leaves as it is, but for writing again the other files deleted from it; else
+    None. InputError where it is finished but from inputs modified since, unless `overwrite` (then None: merged
+    again)."""
     out = Path(os.path.abspath(out_dir))
     if plan.partition is not None:
         return _unless_overwritten(finished_part, out, plan, overwrite)
@@ -356,10 +369,11 @@ def _unless_overwritten(finished, out: Path, plan: MergePlan, overwrite: bool):
 
 
 def _finished_run(out: Path, plan: MergePlan) -> bool:
-    """Whether `out` is this very merge, finished (its manifest names this merge's identity, and every file it
-    lists is there at its size): then `run --resume` has nothing to do. A manifest without the identity (an
-    older fusemerge, a hand-made directory) is not. InputError if it is, but from inputs rewritten since (their
-    modification times are not those it recorded: same sizes and headers, maybe other data)."""
+    """Whether `out` is this very merge, finished (its manifest names this merge's identity, and every shard is
+    there at its size): then `run --resume` has nothing to merge, and only writes again the other files it
+    recorded that are missing (`_write_missing`). A manifest without the identity (an older fusemerge, a
+    hand-made directory) is not. InputError if it is, but from inputs rewritten since (their modification times
+    are not those it recorded: same sizes and headers, maybe other data)."""
     try:
         manifest = json.loads((out / MANIFEST_NAME).read_text())
     except (OSError, ValueError):
@@ -370,12 +384,58 @@ def _finished_run(out: Path, plan: MergePlan) -> bool:
     if manifest.get("merge") != identity_digest(merge_identity(plan)):
         refuse_rewritten_inputs(out, manifest.get("input_mtimes"), plan)
         return False
-    if not all((out / name).is_file() and (out / name).stat().st_size == entry["bytes"]
-               for name, entry in files.items()):
+    shards = [s.filename for s in plan.layout.shards]
+    if not all(name in files and (out / name).is_file() and (out / name).stat().st_size == files[name]["bytes"]
+               for name in shards):
         return False
     refuse_changed_inputs(out, manifest.get("input_mtimes"), plan)
     return True
 
+def _write_missing(done: Path, plan: MergePlan, copy_tokenizer: bool) -> list[str]:
+    """Write again, into the finished merge (or part) in `done`, the files besides its shards that its manifest
+    records and that are missing (config.json, tokenizer files, fusemerge_config.yml, README.md; the index also
+    where it has another size); returns their names. Each is made as the merge made it, in a directory beside
+    `done`, and renamed in once its SHA-256 is the recorded one; InputError (nothing written) where this run
+    would write another one or none. Shards are not read. Hold `done`'s lock."""
+    part = plan.partition is not None
+    try:
+        manifest = json.loads((done / (PART_MANIFEST if part else MANIFEST_NAME)).read_text())
+    except (OSError, ValueError):
+        return []
+    extras = manifest.get("extras") if is_files_map(manifest.get("extras")) else {}
+    missing = {name: entry for name, entry in extras.items() if not (done / name).is_file()}
+    if not part and INDEX_NAME in manifest["files"]:
+        entry = manifest["files"][INDEX_NAME]
+        if not (done / INDEX_NAME).is_file() or (done / INDEX_NAME).stat().st_size != entry["bytes"]:
+            missing[INDEX_NAME] = entry
+    if not missing or any(Path(name).name != name or name in (".", "..") for name in missing):
+        return []
+    scratch = done.parent / f".{done.name}.fusemerge-missing"
+    shutil.rmtree(scratch, ignore_errors=True)  # what a run killed here left
+    scratch.mkdir()
+    try:
+        _write_extras(plan, scratch, copy_tokenizer)
+        if INDEX_NAME in missing:
+            write_index(scratch, plan.layout.index_json())
+        made = hash_files(scratch, [name for name in missing if (scratch / name).is_file()])
+        problems = []
+        for name, entry in missing.items():
+            if name in made and made[name] == (entry["sha256"], entry["bytes"]):
+                continue
+            if name not in made and name in TOKENIZER_FILES and not copy_tokenizer:
+                why = f"this run copies no tokenizer files; resume with {opt('copy_tokenizer')} to write it again"
+            else:
+                why = ("the one this run writes differs from the one it wrote (its source changed since)"
+                       if name in made else "this run does not write it (its source is gone)")
+                why += f"; merge again with {opt('overwrite')}"
+            problems.append(f"{done / name}: missing from the finished merge, and {why}")
+        if problems:
+            raise InputError(problems)
+        for name in missing:
+            os.replace(scratch / name, done / name)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return sorted(missing)
 
 
 def _main_dtype(plan: MergePlan) -> str | None:

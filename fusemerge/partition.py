@@ -408,6 +408,7 @@ def _join(out: Path, parts: list[tuple[Path, dict]], overwrite: bool) -> tuple[l
         mtimes = [manifest.get("input_mtimes") for _, manifest in parts]
         write_manifest(temp, shards + ([INDEX_NAME] if len(shards) > 1 else []), known=known,
                        merge=identity_digest(merge),
+                       extras={name: (e["sha256"], e["bytes"]) for name, e in first["extras"].items()},
                        input_mtimes=mtimes[0] if isinstance(mtimes[0], dict) and mtimes.count(mtimes[0]) == len(mtimes)
                        else None)
         (temp / JOIN_MARKER).unlink()  # the shards are all in: a kill from here on leaves nothing to move back

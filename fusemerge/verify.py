@@ -1,11 +1,13 @@
 """Integrity of a merge's output: the shard manifest written by `run`, and `verify`, which checks it.
 
 `run` records the SHA-256 and size of every output shard (and of `model.safetensors.index.json`) in
-`fusemerge_manifest.json`. A shard's hash is fed with the bytes written to it while they are written in file
-order (`PrefixDigest`: the GPU pipeline writes in file order, so its shards are hashed as the merge runs); from
-the first byte not written in order, the rest is read back from the file once it is flushed. `verify`
-re-reads them and reports every file that is missing, has another size or hash, or
-whose safetensors header does not parse.
+`fusemerge_manifest.json`, and under `extras` those of the other files it writes (config.json, tokenizer files,
+fusemerge_config.yml, README.md), which `verify` leaves alone (a model card is the user's to edit) and `run
+--resume` writes again where one is missing. A shard's hash is fed with the bytes written to it while they are
+written in file order (`PrefixDigest`: the GPU pipeline writes in file order, so its shards are hashed as the merge
+runs); from the first byte not written in order, the rest is read back from the file once it is flushed. `verify`
+re-reads them and reports every file that is missing, has another size or hash, or whose safetensors header does
+not parse.
 
     $ fusemerge verify out/
     OK: 3 shards verified
@@ -42,7 +44,8 @@ def hash_files(directory: Path, names: list[str],
 def write_manifest(directory: str | os.PathLike, names: list[str],
                    partial: dict[str, PrefixDigest] | None = None,
                    known: dict[str, tuple[str, int]] | None = None, merge: str | None = None,
-                   input_mtimes: dict[str, int] | None = None) -> Path:
+                   input_mtimes: dict[str, int] | None = None,
+                   extras: dict[str, tuple[str, int]] | None = None) -> Path:
     """Hash the files `names` of `directory` and write `fusemerge_manifest.json` there (flushed to disk).
 
     The manifest maps each file name to `{"sha256", "bytes"}` and records the fusemerge version. `partial`
@@ -50,7 +53,8 @@ def write_manifest(directory: str | os.PathLike, names: list[str],
     `known` holds (sha256, bytes) already computed (the parts' manifests, `fusemerge finalize`): not re-read.
     `merge`: the SHA-256 of the merge's identity (`partition.merge_identity`), so that `run --resume` of the
     same merge into a finished directory knows it has nothing to do; `input_mtimes`: the inputs' modification
-    times it read (journal.input_mtimes), so that it knows when they were rewritten since.
+    times it read (journal.input_mtimes), so that it knows when they were rewritten since; `extras`: (sha256,
+    bytes) of the merge's other files (config.json, tokenizer files, ...), so that it knows when one is missing.
     """
     directory = Path(directory)
     known = known or {}
@@ -63,6 +67,8 @@ def write_manifest(directory: str | os.PathLike, names: list[str],
         manifest["merge"] = merge
     if input_mtimes is not None:
         manifest["input_mtimes"] = input_mtimes
+    if extras is not None:
+        manifest["extras"] = {name: {"sha256": digest, "bytes": size} for name, (digest, size) in extras.items()}
     path = directory / MANIFEST_NAME
     write_json(path, manifest)
     return path

@@ -375,6 +375,49 @@ def test_finalize_of_a_finalized_merge_removes_what_an_overwrite_left(
     assert not old.exists() and files(out) == files(fam["reference"]) and leftovers(out) == []
 
 
+@pytest.mark.parametrize("name, part", [
+    ("config.json", False), ("README.md", False), ("fusemerge_config.yml", False), ("tokenizer.json", False),
+    ("tokenizer_config.json", False), ("model.safetensors.index.json", False), ("config.json", True),
+])
+def test_resume_of_a_finished_merge_writes_a_missing_file_again(fam: dict, tmp_path: Path, name: str,
+                                                               part: bool) -> None:
+    """A finished merge whose config.json (or model card, tokenizer file, index) was deleted since counted as
+    finished: --resume said "nothing to resume" and left the model without it (the manifest listed only the
+    shards and the index, and a missing index made it "exists and is not empty"). Now the manifest lists the
+    other files too, and --resume writes the missing one again, the same bytes, without reading the shards."""
+    out = tmp_path / "out"
+    opts, done = _finished(fam, out, part)
+    before = files(done)
+    shard_times = {p.name: p.stat().st_mtime_ns for p in done.glob("*.safetensors")}
+    (done / name).unlink()
+    r = invoke("run", fam["config"], out, *opts, "--resume")
+    assert r.exit_code == 0, r.output
+    assert f"fusemerge: note: wrote {name} into {done} again: missing from the finished merge there" in r.stderr
+    assert files(done) == before and leftovers(done) == []
+    assert {p.name: p.stat().st_mtime_ns for p in done.glob("*.safetensors")} == shard_times
+    if not part:
+        assert before == files(fam["reference"]) and verify(out) == []
+    r = invoke("run", fam["config"], out, *opts, "--resume")  # and now nothing is missing
+    assert r.exit_code == 0 and "wrote" not in r.stderr and "nothing to resume" in r.stderr, r.output
+
+
+def test_resume_without_copy_tokenizer_does_not_write_a_missing_tokenizer_file(fam: dict, tmp_path: Path) -> None:
+    """A tokenizer file deleted from a finished merge, resumed with --no-copy-tokenizer: refused, naming it, and
+    nothing written; resumed with --copy-tokenizer: written again."""
+    out = tmp_path / "out"
+    _finished(fam, out, part=False)
+    (out / "tokenizer.json").unlink()
+    before = files(out)
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--resume", "--no-copy-tokenizer")
+    assert r.exit_code == 2, r.output
+    assert errors(r.stderr) == [f"fusemerge: error: {out / 'tokenizer.json'}: missing from the finished merge, "
+                                "and this run copies no tokenizer files; resume with --copy-tokenizer to write "
+                                "it again"], r.stderr
+    assert files(out) == before and leftovers(out) == []
+    r = invoke("run", fam["config"], out, *RUN_OPTS, "--resume", "--copy-tokenizer")
+    assert r.exit_code == 0 and files(out) == files(fam["reference"]), r.output
+
+
 def _rewrite_in_place(shard: Path) -> None:
     """New data, the same header and size: what a checkpoint overwritten by a later save of it looks like."""
     data = bytearray(shard.read_bytes())
