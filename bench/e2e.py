@@ -42,6 +42,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -66,6 +67,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--dtype", default="bfloat16", help="dtype of the synthetic models and of the merge output")
     p.add_argument("--input-shard-size", type=int, default=None, help="shard the input models (bytes)")
+    p.add_argument("--format", choices=["safetensors", "bin"], default="safetensors",
+                   help="file format of the inputs: bin saves each model with torch.save (pytorch_model.bin, or "
+                        "pytorch_model-*-of-*.bin shards and their index with --input-shard-size)")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +101,8 @@ def ensure_models(args: argparse.Namespace) -> dict:
     """Generate the synthetic family once per shape; reuse it when family.json matches."""
     dtype = getattr(torch, args.dtype)
     key = f"llama-h{args.hidden}-i{args.intermediate}-l{args.layers}-v{args.vocab}-e{args.experts}-{args.dtype}"
-    root = args.workdir / (key + (f"-s{args.input_shard_size}" if args.input_shard_size else ""))
+    root = args.workdir / (key + (f"-s{args.input_shard_size}" if args.input_shard_size else "")
+                           + ("-bin" if args.format == "bin" else ""))
     shape = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, vocab=args.vocab)
     meta = root / "family.json"
     if meta.exists():
@@ -109,14 +114,36 @@ def ensure_models(args: argparse.Namespace) -> dict:
     print(f"models: generating {root} ...", flush=True)
     t0 = time.perf_counter()
     fam = make_llama_family(root, n_experts=args.experts, dtype=dtype, shard_bytes=args.input_shard_size, **shape)
+    if args.format == "bin":
+        meta.rename(meta.with_suffix(".converting"))  # not reused until every model is converted
+        for model in [fam["base"], *fam["experts"]]:
+            save_as_bin(model)
+        meta.with_suffix(".converting").rename(meta)
     print(f"models: {fam['total_bytes'] / GB:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return fam
 
 
+def save_as_bin(model: Path) -> None:
+    """Replace the safetensors files of `model` by torch.save ones with the same shards (HF's layout)."""
+    shards = sorted(model.glob("*.safetensors"))
+    names = (["pytorch_model.bin"] if len(shards) == 1 else
+             [f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin" for i in range(len(shards))])
+    weight_map = {}
+    for shard, name in zip(shards, names, strict=True):
+        tensors = load_file(shard)
+        torch.save(tensors, model / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        shard.unlink()
+    (model / "model.safetensors.index.json").unlink(missing_ok=True)
+    if len(names) > 1:
+        (model / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 
 def input_files(fam: dict) -> list[Path]:
-    """The safetensors files of the family's base and experts."""
-    return sorted(f for d in [fam["base"], *fam["experts"]] for f in Path(d).glob("*.safetensors"))
+    """The tensor files (safetensors or .bin) of the family's base and experts."""
+    return sorted(f for d in [fam["base"], *fam["experts"]] for pattern in ("*.safetensors", "pytorch_model*.bin")
+                  for f in Path(d).glob(pattern))
 
 
 def method_params(args: argparse.Namespace) -> dict:
@@ -350,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             "torch": versions["torch" if tool == "fusemerge" else "mergekit_torch"],
             **shape,
             "dtype": args.dtype,
+            "format": args.format,
             "merge_dtype": merge_dtype,
             "repeats": args.repeats,
             "wall_s": f"{s['wall']:.3f}",
