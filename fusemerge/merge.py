@@ -45,6 +45,7 @@ from fusemerge.streaming.writer import (
     make_temp_dir,
     move_into_place,
     remove_replaced,
+    replaced_outputs,
     temp_dir_path,
     write_index,
 )
@@ -140,11 +141,13 @@ def run(
     config_file = plan.config.source_path
     t0 = time.perf_counter()
     if resume and (done := already_merged(out, plan, overwrite)) is not None:  # a requeued job of a merge done
-        with out_dir_lock(done, notify):
-            # what an --overwrite into it stopped before deleting, and files deleted from it since it finished
-            remove_replaced(done, notify)
-            if written := _write_missing(done, plan, copy_tokenizer):
-                notify(f"wrote {', '.join(written)} into {done} again: missing from the finished merge there")
+        # what an --overwrite into it stopped before deleting, and files deleted from it since it finished; the
+        # lock only where there is one (a finished merge may lie where this user cannot write)
+        if (missing := _missing_files(done, plan)) or replaced_outputs(done):
+            with out_dir_lock(done, notify):
+                remove_replaced(done, notify)
+                if missing and (written := _write_missing(done, plan, copy_tokenizer, missing)):
+                    notify(f"wrote {', '.join(written)} into {done} again: missing from the finished merge there")
         if plan.partition is not None:
             notify(f"part {plan.partition[0]}/{plan.partition[1]} is already merged in {done}; nothing to resume")
         else:
@@ -391,25 +394,31 @@ def _finished_run(out: Path, plan: MergePlan) -> bool:
     refuse_changed_inputs(out, manifest.get("input_mtimes"), plan)
     return True
 
-def _write_missing(done: Path, plan: MergePlan, copy_tokenizer: bool) -> list[str]:
-    """Write again, into the finished merge (or part) in `done`, the files besides its shards that its manifest
-    records and that are missing (config.json, tokenizer files, fusemerge_config.yml, README.md; the index also
-    where it has another size); returns their names. Each is made as the merge made it, in a directory beside
-    `done`, and renamed in once its SHA-256 is the recorded one; InputError (nothing written) where this run
-    would write another one or none. Shards are not read. Hold `done`'s lock."""
+def _missing_files(done: Path, plan: MergePlan) -> dict[str, dict]:
+    """The files besides its shards that the manifest of the finished merge (or part) in `done` records and that
+    are missing (config.json, tokenizer files, fusemerge_config.yml, README.md; the index also where it has
+    another size): name -> {"sha256", "bytes"}."""
     part = plan.partition is not None
     try:
         manifest = json.loads((done / (PART_MANIFEST if part else MANIFEST_NAME)).read_text())
     except (OSError, ValueError):
-        return []
+        return {}
     extras = manifest.get("extras") if is_files_map(manifest.get("extras")) else {}
     missing = {name: entry for name, entry in extras.items() if not (done / name).is_file()}
     if not part and INDEX_NAME in manifest["files"]:
         entry = manifest["files"][INDEX_NAME]
         if not (done / INDEX_NAME).is_file() or (done / INDEX_NAME).stat().st_size != entry["bytes"]:
             missing[INDEX_NAME] = entry
-    if not missing or any(Path(name).name != name or name in (".", "..") for name in missing):
-        return []
+    if any(Path(name).name != name or name in (".", "..") for name in missing):
+        return {}
+    return missing
+
+
+def _write_missing(done: Path, plan: MergePlan, copy_tokenizer: bool, missing: dict[str, dict]) -> list[str]:
+    """Write again into the finished merge (or part) in `done` the files `missing` (`_missing_files`); returns
+    their names. Each is made as the merge made it, in a directory beside `done`, and renamed in once its
+    SHA-256 is the recorded one; InputError (nothing written) where this run would write another one or none.
+    Shards are not read. Hold `done`'s lock."""
     scratch = done.parent / f".{done.name}.fusemerge-missing"
     shutil.rmtree(scratch, ignore_errors=True)  # what a run killed here left
     scratch.mkdir()

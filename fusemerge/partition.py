@@ -64,6 +64,7 @@ from fusemerge.streaming.writer import (
     make_temp_dir,
     move_into_place,
     remove_replaced,
+    replaced_outputs,
     temp_dir_path,
     write_index,
 )
@@ -194,8 +195,9 @@ def finalize(out_dir: str | os.PathLike, *, overwrite: bool = False, keep_parts:
     root = parts_root(out)
     if not root.is_dir():
         if (out / MANIFEST_NAME).is_file():  # finalized before: the parts were moved into it
-            with out_dir_lock(out, note):
-                remove_replaced(out, note)  # the output an earlier --overwrite replaced, if it was left behind
+            if replaced_outputs(out):  # the output an earlier --overwrite replaced, left behind
+                with out_dir_lock(out, note):
+                    remove_replaced(out, note)
             raise InputError(f"{root}: not found, and {out} holds a finished merge (finalized already?; "
                              f"`fusemerge verify {out}` checks it)")
         raise InputError(f"{root}: not found: no parts of a partitioned merge into {out} (merge each part with "

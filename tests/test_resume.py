@@ -355,6 +355,42 @@ def test_resume_of_a_finished_merge_removes_what_an_interrupted_overwrite_left(
     assert not old.exists() and files(done) == before and leftovers(done) == []
 
 
+def test_resume_of_a_finished_merge_with_nothing_to_do_takes_no_lock(
+        fam: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished merge may lie where this user cannot write (a read-only mount, another user's): a --resume of
+    it with nothing left over and nothing missing writes nothing there, the lock file included."""
+    import fusemerge.merge as merge_module
+
+    out = tmp_path / "out"
+    opts, done = _finished(fam, out, False)
+
+    def no_lock(*args, **kwargs):
+        raise AssertionError("a lock was taken")
+
+    monkeypatch.setattr(merge_module, "out_dir_lock", no_lock)
+    r = invoke("run", fam["config"], out, *opts, "--resume")
+    assert r.exit_code == 0 and "nothing to resume" in r.stderr, r.output
+
+
+def test_an_index_the_model_was_not_read_through_is_not_an_input(tmp_path: Path) -> None:
+    """A model directory holding both model.safetensors.index.json and pytorch_model.bin.index.json (many Hub
+    repositories do) is read through the first: the second is not one of the merge's inputs, so touching or
+    removing it changes nothing for --resume."""
+    fam = make_llama_family(tmp_path / "models", n_experts=1, seed=4, shard_bytes=6000, **SHAPE)
+    unused = fam["base"] / "pytorch_model.bin.index.json"
+    unused.write_text(json.dumps({"metadata": {}, "weight_map": {"x": "pytorch_model-00001-of-00002.bin"}}))
+    cfg = tmp_path / "c.yml"
+    write_config_yaml(cfg, "ties", fam["base"], fam["experts"], density=0.4)
+    out = tmp_path / "out"
+    assert invoke("run", cfg, out, *RUN_OPTS).exit_code == 0
+    _touch(unused)
+    r = invoke("run", cfg, out, *RUN_OPTS, "--resume")
+    assert r.exit_code == 0 and "nothing to resume" in r.stderr, r.output
+    _touch(fam["base"] / "model.safetensors.index.json")  # the one it was read through is an input
+    r = invoke("run", cfg, out, *RUN_OPTS, "--resume")
+    assert r.exit_code == 2 and "modified after" in r.stderr, r.output
+
+
 def test_finalize_of_a_finalized_merge_removes_what_an_overwrite_left(
         fam: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The same for `finalize` run again on a finalized merge (its parts gone): the old output a `finalize

@@ -39,11 +39,19 @@ def _read_all(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64,
-                                   torch.int32, torch.int8, torch.uint8, torch.bool])
+                                   torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+                                   # saved as an untyped storage with the dtype (torch._utils._rebuild_tensor_v3)
+                                   *[getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "uint16",
+                                                                        "uint32", "uint64") if hasattr(torch, name)]])
 def test_every_tensor_reads_back_as_saved(tmp_path, dtype) -> None:
     g = torch.Generator().manual_seed(7)
     base = torch.randn(11, 13, generator=g) * 50
-    value = base > 0 if dtype == torch.bool else base.to(dtype)
+    if dtype == torch.bool:
+        value = base > 0
+    elif dtype in (torch.float8_e4m3fn, torch.float8_e5m2) or not dtype.is_floating_point:
+        value = base.abs().to(torch.int64).to(dtype) if dtype.is_signed is False else base.to(dtype)
+    else:
+        value = base.to(dtype)
     state = {
         "w": value,
         "scalar": value[0, 0].clone(),
@@ -58,7 +66,7 @@ def test_every_tensor_reads_back_as_saved(tmp_path, dtype) -> None:
     assert set(got) == set(state)
     for name, want in state.items():
         assert got[name].dtype == want.dtype and got[name].shape == want.shape, name
-        assert torch.equal(got[name], want), name
+        assert torch.equal(got[name].reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)), name
     entries = open_model(tmp_path).tensors
     assert (entries["tied"].start, entries["tied"].end) == (entries["w"].start, entries["w"].end)
 
@@ -173,8 +181,8 @@ def test_a_missing_bin_shard_is_named(tmp_path) -> None:
 
 def test_what_is_not_a_state_dict_of_plain_tensors_is_refused(tmp_path) -> None:
     cases = {
-        "code.bin": ({"w": torch.zeros(2), "x": NotATensor()}, "its pickle names tests.test_torch_bin.NotATensor"),
-        "module.bin": (torch.nn.Linear(2, 2), "its pickle names torch.nn.modules.linear.Linear"),
+        "code.bin": ({"w": torch.zeros(2), "x": NotATensor()}, "its pickle has tests.test_torch_bin.NotATensor"),
+        "module.bin": (torch.nn.Linear(2, 2), "its pickle has torch.nn.modules.linear.Linear"),
         "view.bin": ({"w": torch.zeros(4, 3).t()}, r"tensor 'w': saved as a non-contiguous view \(shape \[3, 4\]"),
         "number.bin": ({"w": torch.zeros(2), "step": 3}, "tensor 'step': is a int, not a tensor"),
         "list.bin": ([torch.zeros(2)], "holds a list, not a state dict"),
@@ -202,11 +210,11 @@ def test_legacy_and_damaged_files_are_refused(tmp_path) -> None:
 
 def test_a_compressed_storage_is_refused(tmp_path) -> None:
     torch.save({"w": torch.arange(100.0)}, tmp_path / "plain.bin")
-    with zipfile.ZipFile(tmp_path / "plain.bin") as src, \
-            zipfile.ZipFile(tmp_path / "deflated.bin", "w", zipfile.ZIP_DEFLATED) as dst:
+    with zipfile.ZipFile(tmp_path / "plain.bin") as src, zipfile.ZipFile(tmp_path / "deflated.bin", "w") as dst:
         for info in src.infolist():
-            dst.writestr(info.filename, src.read(info))
-    with pytest.raises(InputError, match="compressed in the zip"):
+            how = zipfile.ZIP_DEFLATED if "/data/" in info.filename else zipfile.ZIP_STORED
+            dst.writestr(info.filename, src.read(info), compress_type=how)
+    with pytest.raises(InputError, match="tensor 'w': its storage is compressed in the zip"):
         read_bin_header(tmp_path / "deflated.bin")
 
 
@@ -223,6 +231,74 @@ def test_the_unpickler_runs_no_code(tmp_path, monkeypatch) -> None:
         for info in src.infolist():
             body = pickle.dumps(Exploit(), protocol=2) if info.filename.endswith("data.pkl") else src.read(info)
             dst.writestr(info.filename, body)
-    with pytest.raises(InputError, match=r"its pickle names (__builtin__|builtins)\.eval"):
+    with pytest.raises(InputError, match=r"its pickle has (__builtin__|builtins)\.eval"):
         read_bin_header(tmp_path / "evil.bin")
     assert not (tmp_path / "PWNED").exists()
+
+
+def _with_pickle(src: Path, dst: Path, body: bytes) -> None:
+    """`src` (a torch.save file) with its data.pkl replaced by `body`."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, body if info.filename.endswith("/data.pkl") else zin.read(info))
+
+
+def test_a_pickle_cannot_change_how_other_files_are_read(tmp_path) -> None:
+    """pickle's BUILD sets an object's state: on a storage type it would change the dtype every later file's
+    tensors of that type are read as. Refused, and a clean file read after it reads as saved."""
+    torch.save({"w": torch.arange(6, dtype=torch.float16)}, tmp_path / "clean.bin")
+    poison = (b"\x80\x02ctorch\nHalfStorage\n}X\x05\x00\x00\x00dtypeX\x04\x00\x00\x00BF16sb0"
+              b"}X\x01\x00\x00\x00aK\x01s.")
+    _with_pickle(tmp_path / "clean.bin", tmp_path / "poison.bin", poison)
+    with pytest.raises(InputError, match=r"state set on an object \(pickle BUILD\)"):
+        read_bin_header(tmp_path / "poison.bin")
+    entry = read_bin_header(tmp_path / "clean.bin").tensors["w"]
+    assert entry.dtype == "F16" and entry.nbytes == 12
+
+
+def test_a_state_dicts_metadata_is_accepted(tmp_path) -> None:
+    """module.state_dict() carries `_metadata` (set on the OrderedDict by BUILD): allowed, and dropped."""
+    state = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.LayerNorm(3)).state_dict()
+    assert hasattr(state, "_metadata")
+    torch.save(state, tmp_path / "m.bin")
+    assert set(read_bin_header(tmp_path / "m.bin").tensors) == set(state)
+
+
+def test_work_and_sizes_are_bounded(tmp_path) -> None:
+    torch.save({"w": torch.zeros(4)}, tmp_path / "small.bin")
+    # a million empty dicts on the stack (a memory bomb of 1 MB): stopped after the opcode budget
+    _with_pickle(tmp_path / "small.bin", tmp_path / "bomb.bin", b"\x80\x02" + b"}" * 1_000_000 + b".")
+    with pytest.raises(InputError, match="more than 256 steps per stored tensor"):
+        read_bin_header(tmp_path / "bomb.bin")
+    # a compressed pickle (torch.save never compresses): refused before it is read
+    with zipfile.ZipFile(tmp_path / "small.bin") as zin, \
+            zipfile.ZipFile(tmp_path / "deflated.bin", "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info))
+    with pytest.raises(InputError, match="is compressed, which torch.save never does"):
+        read_bin_header(tmp_path / "deflated.bin")
+
+
+def test_a_storage_past_the_end_of_the_file_is_refused(tmp_path) -> None:
+    """A zip directory claiming more bytes for a storage than the file has: refused when the header is read
+    (plan, inspect), not when the merge reaches it."""
+    torch.save({"w": torch.zeros(64)}, tmp_path / "w.bin")
+    raw = bytearray((tmp_path / "w.bin").read_bytes())
+    with zipfile.ZipFile(tmp_path / "w.bin") as zf:
+        name = next(i.filename for i in zf.infolist() if i.filename.endswith("/data/0")).encode()
+    entry = raw.index(b"PK\x01\x02")
+    while raw[entry + 46:entry + 46 + len(name)] != name:  # the central directory entry of data/0
+        entry = raw.index(b"PK\x01\x02", entry + 4)
+    raw[entry + 20:entry + 28] = (1 << 22).to_bytes(4, "little") * 2  # compressed and uncompressed size: 4 MiB
+    (tmp_path / "long.bin").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=r"truncated: the storage of tensor 'w' ends at byte \d+ but the file"):
+        read_bin_header(tmp_path / "long.bin")
+
+
+def test_complex_and_fnuz_dtypes_are_named(tmp_path) -> None:
+    cases = [torch.complex64, *[getattr(torch, n) for n in ("float8_e4m3fnuz",) if hasattr(torch, n)]]
+    for dtype in cases:
+        torch.save({"w": torch.zeros(3, dtype=dtype)}, tmp_path / "c.bin")
+        name = str(dtype).removeprefix("torch.")
+        with pytest.raises(InputError, match=f"holds {name} tensors, a dtype fusemerge does not read"):
+            read_bin_header(tmp_path / "c.bin")

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from fusemerge import __version__
 from fusemerge.errors import InputError
 from fusemerge.options import opt, opt_name
-from fusemerge.streaming.model_index import BIN_INDEX_NAME, CONFIG_NAME, INDEX_NAME
+from fusemerge.streaming.model_index import CONFIG_NAME
 from fusemerge.streaming.torch_bin import ZIP_MAGIC
 from fusemerge.streaming.writer import OutputLayout
 from fusemerge.verify import file_digest
@@ -85,9 +85,10 @@ def _input_paths(plan: MergePlan) -> dict[Path, str]:
         for f in model.files:
             files.setdefault(Path(os.path.abspath(f)), "sampled")
         directory = model.path if Path(model.path).is_dir() else Path(model.path).parent
-        for name in (CONFIG_NAME, INDEX_NAME, BIN_INDEX_NAME):
-            if (directory / name).is_file():
-                files.setdefault(Path(os.path.abspath(directory / name)), "file")
+        # config.json, and the index the shards were found through (not one beside it that was not read)
+        for path in (directory / CONFIG_NAME, model.index):
+            if path is not None and path.is_file():
+                files.setdefault(Path(os.path.abspath(path)), "file")
     return files
 
 

@@ -27,12 +27,15 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 @dataclass
 class ModelIndex:
-    """Every tensor of one model. `path` is what the user gave; `config` is the parsed config.json, if any."""
+    """Every tensor of one model. `path` is what the user gave; `config` is the parsed config.json, if any;
+    `index` the index file its shards were found through, if any (of the two a directory may hold, the one
+    read)."""
 
     path: Path
     files: list[Path]
     tensors: dict[str, TensorEntry]
     config: dict | None
+    index: Path | None = None
 
     @property
     def num_parameters(self) -> int:
@@ -88,7 +91,7 @@ def open_model(path: str | os.PathLike) -> ModelIndex:
 
     config = _read_config((path if path.is_dir() else path.parent) / CONFIG_NAME, problems)
     raise_if(problems)
-    return ModelIndex(path, list(headers), tensors, config)
+    return ModelIndex(path, list(headers), tensors, config, path / index_name if weight_map is not None else None)
 
 
 def _hub_hint(path: Path) -> str:

@@ -33,6 +33,7 @@ FUSEMERGE_CPU_WORKERS=threads in the environment (an application that must not b
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -42,6 +43,7 @@ import pickle
 import selectors
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
@@ -120,6 +122,31 @@ def fork_map(k: int, body: Callable[[int], T]) -> list[T]:
     return [values[pid] for pid in pids]
 
 
+@contextlib.contextmanager
+def _stop_signals_deferred():
+    """Ctrl-C and SIGTERM wait, from before a fork until the child ignores them (_start_child) and the parent
+    knows the child's pid: in between, the parent's handler would run in the child, or the parent would stop
+    with a child it does not know of, left running. The mask keeps them from this thread and from the child (it
+    inherits it); another thread of this process (the journal's) may still take one, and CPython then runs the
+    Python handler in the main thread at once, so the main thread's handlers are swapped for one that notes the
+    signal, which is raised again once the parent is done. (Not the main thread: its handlers do not run here.)"""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    noted: list[int] = []
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is not None:  # None: not set from Python, so not restorable
+                saved[sig] = signal.signal(sig, lambda signum, frame: noted.append(signum))
+    try:
+        yield
+    finally:  # the parent's (a child never returns from the body)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one sent to this thread meanwhile is handled now
+        for sig in dict.fromkeys(noted):
+            signal.raise_signal(sig)
+
+
 def _run_children(k: int, child: Callable[[int, int], None], on_data: Callable[[int, bytes], BaseException | None],
                   on_exit: Callable[[int, int], BaseException | None]) -> list[int]:
     """Fork k children, child w running `child(w, write_fd)` (which never returns), and read their pipes until
@@ -134,11 +161,7 @@ def _run_children(k: int, child: Callable[[int, int], None], on_data: Callable[[
     try:
         for w in range(k):
             read_fd, write_fd = os.pipe()
-            # Ctrl-C and SIGTERM wait from before the fork until the child ignores them (_start_child) and the
-            # parent knows the child's pid: in between, the parent's handler would run in the child, or the
-            # parent would stop without the child to kill
-            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-            try:
+            with _stop_signals_deferred():
                 try:
                     pid = os.fork()
                 except BaseException:  # EAGAIN / ENOMEM: this pipe has no child; the ones before are killed below
@@ -151,8 +174,6 @@ def _run_children(k: int, child: Callable[[int, int], None], on_data: Callable[[
                 os.close(write_fd)
                 pipes[pid] = read_fd
                 selector.register(read_fd, selectors.EVENT_READ, pid)
-            finally:  # the parent's: a signal that came meanwhile is handled now
-                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         while len(statuses) < len(pipes) and error is None:
             for key, _ in selector.select():
                 pid = key.data

@@ -6,13 +6,16 @@ So a tensor is a byte range of the `.bin` file, exactly as in a safetensors file
 same `TensorEntry`s (absolute byte offsets), and `ChunkReader` memory-maps and streams them unchanged. Nothing
 is loaded, and no `torch.load` runs.
 
-The pickle is not executed: a restricted unpickler accepts only the few names a state dict of plain tensors
-uses (`torch._utils._rebuild_tensor_v2`, the typed storage classes, `collections.OrderedDict`) and builds
-descriptors, not tensors; anything else (code, custom classes, quantized or sparse tensors) is refused. So
-reading a `.bin` from an untrusted source is as safe as reading a safetensors file. Also refused, each with its
-reason: the legacy non-zip format (torch < 1.6), compressed members, big-endian data and tensors whose elements
-are not contiguous in row-major order (a saved transposed view). Tensors that share a storage (tied weights)
-are entries over the same bytes.
+The pickle is not executed. A restricted unpickler resolves only the names a state dict of plain tensors uses
+(`torch._utils._rebuild_tensor_v2` / `_v3`, the storage classes, the dtypes, `collections.OrderedDict`) and
+builds descriptors from them, not tensors; any other name (code, modules, custom classes, quantized or sparse
+tensors) is refused, and so is setting state on anything but an `OrderedDict` (pickle's BUILD; a state dict's
+`_metadata`, which is dropped). Its work is bounded: at most OPS_PER_MEMBER opcodes per member of the zip, so a
+file cannot make it allocate much more than its own size, and every size, stride and offset must be an int64.
+Also refused, each with its reason: the legacy non-zip format (torch < 1.6), compressed members, big-endian
+data, dtypes fusemerge does not read (complex, the float8 `fnuz` kinds) and tensors whose elements are not
+contiguous in row-major order (a saved transposed view). Tensors that share a storage (tied weights) are entries
+over the same bytes.
 """
 
 from __future__ import annotations
@@ -30,10 +33,13 @@ from fusemerge.errors import InputError
 from fusemerge.streaming.safetensors_header import DTYPES, SafetensorsHeader, TensorEntry
 
 ZIP_MAGIC = b"PK\x03\x04"
-MAX_PICKLE_BYTES = 256 << 20
+MAX_PICKLE_BYTES = 64 << 20  # a state dict's data.pkl is ~110 bytes a tensor (90 KB for 800)
+OPS_PER_MEMBER = 256  # torch.save's pickle takes ~20-30 opcodes a tensor (a storage member each), ~10 a module
+MAX_DIMS = 64
+_INT64 = 1 << 63
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length (30 bytes)
 
-# torch's typed storage classes, as `torch.save` pickles them -> safetensors dtype code
+# torch's typed storage classes, as `torch.save` pickles them for the dtypes it has had long -> safetensors code
 STORAGE_DTYPES = {
     "DoubleStorage": "F64",
     "FloatStorage": "F32",
@@ -45,48 +51,94 @@ STORAGE_DTYPES = {
     "CharStorage": "I8",
     "ByteStorage": "U8",
     "BoolStorage": "BOOL",
-    "Float8_e4m3fnStorage": "F8_E4M3",
-    "Float8_e5m2Storage": "F8_E5M2",
 }
+# the dtypes `_rebuild_tensor_v3` names (float8, uint16-64: saved as an untyped storage and a torch.<dtype>)
+TORCH_DTYPES = {str(torch_dtype).removeprefix("torch."): code for code, (torch_dtype, _) in DTYPES.items()}
+UNREAD_DTYPES = {"ComplexFloatStorage": "complex64", "ComplexDoubleStorage": "complex128", "complex32": "complex32",
+                 "complex64": "complex64", "complex128": "complex128", "float8_e4m3fnuz": "float8_e4m3fnuz",
+                 "float8_e5m2fnuz": "float8_e5m2fnuz", "ComplexHalfStorage": "complex32"}
 
 
 @dataclass(frozen=True)
 class _Storage:
-    """A `persistent_load`ed storage: its member key in the archive, dtype code and size in elements."""
+    """A `persistent_load`ed storage: its member key in the archive, dtype code (None: untyped, bytes) and
+    size in bytes."""
 
     key: str
-    dtype: str
-    numel: int
+    dtype: str | None
+    nbytes: int
 
 
 @dataclass(frozen=True)
 class _Tensor:
-    """What `_rebuild_tensor_v2` would build: a view of `storage`."""
+    """What `_rebuild_tensor_v2` / `_v3` would build: a view of `storage` (offset in elements of `dtype`)."""
 
     storage: _Storage
+    dtype: str
     offset: int
     shape: tuple[int, ...]
     stride: tuple[int, ...]
 
 
-@dataclass(frozen=True)
 class _StorageType:
-    dtype: str
+    """A storage class the pickle named (`torch.FloatStorage`, `torch.storage.UntypedStorage`): its dtype code,
+    None for untyped. A new one at each GLOBAL, so that nothing a pickle does reaches the next file."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: str | None):
+        self.dtype = dtype
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_rest) -> _Tensor:
-    """`torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None)`
-    (and the older `_rebuild_tensor(storage, offset, size, stride)`), as a descriptor."""
+class _Dtype:
+    """A `torch.<dtype>` the pickle named (for `_rebuild_tensor_v3`)."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, code: str):
+        self.code = code
+
+
+class _Refused(Exception):
+    """The pickle names or does something a state dict of plain tensors does not."""
+
+
+class _Unread(Exception):
+    """The pickle holds a tensor of a dtype fusemerge does not read."""
+
+
+class _TooLarge(Exception):
+    """The pickle runs more opcodes than a state dict of its archive's size could."""
+
+
+def _ints(values: object, dims: int = MAX_DIMS) -> bool:
+    """Whether `values` is a tuple of at most `dims` int64 values >= 0 (what sizes, strides and offsets are)."""
+    return (isinstance(values, tuple) and len(values) <= dims
+            and all(type(v) is int and 0 <= v < _INT64 for v in values))
+
+
+def _tensor(storage, offset, size, stride, dtype: str) -> _Tensor:
     if not isinstance(storage, _Storage):
         raise _Refused("a tensor whose storage is not a plain saved storage")
-    if not (_ints(size) and _ints(stride) and _ints((storage_offset,))):
-        raise ValueError(f"a tensor of size {size!r}, stride {stride!r}, offset {storage_offset!r}")
-    return _Tensor(storage, storage_offset, tuple(size), tuple(stride))
+    if not (_ints(size) and _ints(stride) and _ints((offset,))) or len(size) != len(stride):
+        raise ValueError("a tensor whose size, stride or offset is not int64s")
+    return _Tensor(storage, dtype, offset, size, stride)
 
 
-def _ints(values) -> bool:
-    """Whether `values` is a tuple of non-negative ints (what sizes, strides and offsets are)."""
-    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+def _rebuild_tensor_v2(storage, offset, size, stride, *_rest) -> _Tensor:
+    """`torch._utils._rebuild_tensor_v2(storage, offset, size, stride, requires_grad, hooks, metadata=None)`
+    (and the older `_rebuild_tensor(storage, offset, size, stride)`), as a descriptor."""
+    if not isinstance(storage, _Storage) or storage.dtype is None:
+        raise _Refused("a tensor whose storage is not a typed saved storage")
+    return _tensor(storage, offset, size, stride, storage.dtype)
+
+
+def _rebuild_tensor_v3(storage, offset, size, stride, _requires_grad, _hooks, dtype, *_rest) -> _Tensor:
+    """`torch._utils._rebuild_tensor_v3(storage, offset, size, stride, requires_grad, hooks, dtype, metadata)`:
+    an untyped storage and the dtype (torch >= 2.1 saves float8 and uint16-64 tensors so)."""
+    if not isinstance(dtype, _Dtype):
+        raise _Refused("a tensor whose dtype is not a torch dtype")
+    return _tensor(storage, offset, size, stride, dtype.code)
 
 
 def _rebuild_parameter(data, *_rest):
@@ -94,53 +146,76 @@ def _rebuild_parameter(data, *_rest):
     return data
 
 
-class _Refused(Exception):
-    """The pickle names something a state dict of plain tensors does not need."""
+def _allowed(module: str, name: str):
+    """What the pickle gets for the global `module.name`, made anew; raises _Refused / _Unread otherwise."""
+    if module == "collections" and name == "OrderedDict":
+        return collections.OrderedDict
+    if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
+        return _rebuild_tensor_v2
+    if module == "torch._utils" and name == "_rebuild_tensor_v3":
+        return _rebuild_tensor_v3
+    if module == "torch._utils" and name == "_rebuild_parameter":
+        return _rebuild_parameter
+    if module == "torch" and name in STORAGE_DTYPES:
+        return _StorageType(STORAGE_DTYPES[name])
+    if module == "torch.storage" and name == "UntypedStorage":
+        return _StorageType(None)
+    if module == "torch" and name in TORCH_DTYPES:
+        return _Dtype(TORCH_DTYPES[name])
+    if module == "torch" and name in UNREAD_DTYPES:
+        raise _Unread(UNREAD_DTYPES[name])
+    full = f"{module}.{name}"
+    raise _Refused(full if full.isprintable() else ascii(full))
 
 
-_ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    **{("torch", name): _StorageType(code) for name, code in STORAGE_DTYPES.items() if code in DTYPES},
-}
+def _counted(load):
+    """`load` (one opcode's method of pickle's unpickler), counted against the unpickler's budget."""
+    def step(self):
+        self.ops_left -= 1
+        if self.ops_left < 0:
+            raise _TooLarge
+        load(self)
+    return step
 
 
 class _StateDictUnpickler(pickle._Unpickler):
-    """Unpickles `data.pkl` into descriptors, resolving only the names in `_ALLOWED`.
+    """Unpickles `data.pkl` into descriptors, resolving only the names `_allowed` gives, in at most `max_ops`
+    opcodes.
 
     The pure-Python unpickler, not the C one: a damaged pickle must not make it allocate what a length or index
-    in it claims (the C one sizes its memo by the largest index it is given, and preallocates counted bytes),
-    so that memory stays bounded by the pickle's own size. The one opcode that still would (BYTEARRAY8) and the
-    out-of-band buffers are taken out: a state dict uses neither. A 90 KB pickle of 800 tensors takes ~30 ms.
+    in it claims (the C one sizes its memo by the largest index it is given, and preallocates counted bytes).
+    The one opcode that still would (BYTEARRAY8) and the out-of-band buffers are taken out: a state dict uses
+    neither. A 90 KB pickle of 800 tensors takes ~30 ms.
     """
 
-    dispatch = {op: load for op, load in pickle._Unpickler.dispatch.items()
+    dispatch = {op: _counted(load) for op, load in pickle._Unpickler.dispatch.items()
                 if op not in (pickle.BYTEARRAY8[0], pickle.NEXT_BUFFER[0], pickle.READONLY_BUFFER[0])}
 
+    def __init__(self, file, max_ops: int):
+        super().__init__(file)
+        self.ops_left = max_ops
+
     def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED[module, name]
-        except KeyError:
-            name = f"{module}.{name}"
-            raise _Refused(name if name.isprintable() else ascii(name)) from None
+        return _allowed(module, name)
+
+    def load_build(self):
+        """BUILD sets an object's state: allowed on an OrderedDict alone (a state dict's `_metadata`, dropped)."""
+        state = self.stack.pop()
+        if type(self.stack[-1]) is not collections.OrderedDict or not isinstance(state, dict):
+            raise _Refused("state set on an object (pickle BUILD)")
+
+    dispatch[pickle.BUILD[0]] = _counted(load_build)
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise _Refused(f"persistent id {pid!r}")
+            raise _Refused("a persistent id other than a storage's")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
-            raise _Refused(f"storage type {storage_type!r}")
+            raise _Refused("a storage of another type")
         if not (isinstance(key, str) and _ints((numel,))):
-            raise ValueError(f"a storage {key!r} of {numel!r} elements")
-        return _Storage(key, storage_type.dtype, numel)
-
-
-def is_torch_zip(path: Path) -> bool:
-    """Whether `path` starts like a zip archive (a `torch.save` file of torch >= 1.6)."""
-    with open(path, "rb") as f:
-        return f.read(4) == ZIP_MAGIC
+            raise ValueError("a storage whose key is not a string or whose size is not an int64")
+        itemsize = DTYPES[storage_type.dtype][1] if storage_type.dtype is not None else 1
+        return _Storage(key, storage_type.dtype, numel * itemsize)
 
 
 def read_bin_header(path: str | Path) -> SafetensorsHeader:
@@ -174,6 +249,34 @@ def read_bin_header(path: str | Path) -> SafetensorsHeader:
                              f"{_one_line(e)})") from e
 
 
+def _read_stored(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int) -> bytes:
+    """A small member's bytes, read whole (its CRC checked); it must be stored (torch.save compresses nothing)
+    and at most `limit` bytes."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise InputError(f"{path}: its {info.filename} is compressed, which torch.save never does: not a torch "
+                         "checkpoint, or a repacked one; save it again with torch.save")
+    if info.file_size > limit:
+        raise InputError(f"{path}: its {info.filename} has {info.file_size} bytes, over the {limit}-byte limit: "
+                         "not a torch checkpoint of a state dict, or a damaged file")
+    return zf.read(info)
+
+
+def _unpickle(path: Path, raw: bytes, members: int):
+    try:
+        return _StateDictUnpickler(io.BytesIO(raw), OPS_PER_MEMBER * (members + 64)).load()
+    except _Refused as e:
+        raise InputError(f"{path}: holds more than plain tensors (its pickle has {e}), which fusemerge does not "
+                         "run; save the state dict of tensors alone, or convert it to safetensors") from e
+    except _Unread as e:
+        raise InputError(f"{path}: holds {e} tensors, a dtype fusemerge does not read") from e
+    except _TooLarge as e:
+        raise InputError(f"{path}: its data.pkl runs more than {OPS_PER_MEMBER} steps per stored tensor, far more "
+                         "than a state dict's: not a state dict, or a damaged file") from e
+    except Exception as e:  # a damaged pickle fails in many ways; each one means unreadable
+        raise InputError(f"{path}: its data.pkl cannot be read as a state dict ({type(e).__name__}: "
+                         f"{_one_line(e)})") from e
+
+
 def _parse_archive(path: Path, f, zf: zipfile.ZipFile) -> SafetensorsHeader:
     members = {info.filename: info for info in zf.infolist()}
     pickles = [name for name in members if name.endswith("/data.pkl") and name.count("/") == 1]
@@ -181,34 +284,23 @@ def _parse_archive(path: Path, f, zf: zipfile.ZipFile) -> SafetensorsHeader:
         raise InputError(f"{path}: a zip file, but not a torch checkpoint (no <archive>/data.pkl)")
     prefix = pickles[0][: -len("data.pkl")]
     order = members.get(prefix + "byteorder")
-    if order is not None and zf.read(order).strip() != b"little":
+    if order is not None and _read_stored(path, zf, order, 16).strip() != b"little":
         raise InputError(f"{path}: saved with big-endian byte order; load it with torch and save it again here")
-    info = members[pickles[0]]
-    if info.file_size > MAX_PICKLE_BYTES:
-        raise InputError(f"{path}: its data.pkl has {info.file_size} bytes, over the {MAX_PICKLE_BYTES}-byte limit "
-                         "(a state dict's is a few hundred KB): not a state dict, or a damaged file")
-    raw = zf.read(info)  # whole (and its CRC checked) before unpickling: the pickle reads from memory
-    try:
-        state = _StateDictUnpickler(io.BytesIO(raw)).load()
-    except _Refused as e:
-        raise InputError(f"{path}: holds more than plain tensors (its pickle names {e}), which fusemerge does not "
-                         "run; save the state dict of tensors alone, or convert it to safetensors") from e
-    except Exception as e:  # a damaged pickle fails in many ways; each one means unreadable
-        raise InputError(f"{path}: its data.pkl cannot be read as a state dict ({type(e).__name__}: "
-                         f"{_one_line(e)})") from e
+    state = _unpickle(path, _read_stored(path, zf, members[pickles[0]], MAX_PICKLE_BYTES), len(members))
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]  # a training checkpoint's weights (what mergekit also accepts)
     if not isinstance(state, dict):
         raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
 
+    file_size = f.seek(0, 2)
     problems: list[str] = []
     offsets: dict[str, tuple[int, int]] = {}  # storage key -> (absolute data offset, bytes)
     tensors: dict[str, TensorEntry] = {}
     for name, value in state.items():
-        where = f"{path}: tensor {name!r}"
         if not isinstance(name, str):
-            problems.append(f"{path}: key {name!r} is not a tensor name (a string)")
+            problems.append(f"{path}: a key of type {type(name).__name__} is not a tensor name (a string)")
             continue
+        where = f"{path}: tensor {name!r}"
         if not isinstance(value, _Tensor):
             problems.append(f"{where}: is a {type(value).__name__}, not a tensor")
             continue
@@ -221,23 +313,27 @@ def _parse_archive(path: Path, f, zf: zipfile.ZipFile) -> SafetensorsHeader:
             if info.compress_type != zipfile.ZIP_STORED:
                 problems.append(f"{where}: its storage is compressed in the zip; save it again with torch.save")
                 continue
-            offsets[storage.key] = (_data_offset(f, info), info.file_size)
+            start = _data_offset(f, info)
+            if start + info.file_size > file_size:
+                problems.append(f"{path}: truncated: the storage of tensor {name!r} ends at byte "
+                                f"{start + info.file_size} but the file has {file_size} bytes")
+                continue
+            offsets[storage.key] = (start, min(info.file_size, storage.nbytes))
         start, size = offsets[storage.key]
-        itemsize = DTYPES[storage.dtype][1]
+        itemsize = DTYPES[value.dtype][1]
         numel = math.prod(value.shape)
+        first, nbytes = value.offset * itemsize, numel * itemsize
+        if first + nbytes > size:
+            problems.append(f"{where}: elements [{value.offset}, {value.offset + numel}) run past its storage "
+                            f"of {size // itemsize}")
+            continue
         if numel and not _dense(value.shape, value.stride):
             problems.append(f"{where}: saved as a non-contiguous view (shape {list(value.shape)}, stride "
                             f"{list(value.stride)}); save .contiguous() tensors, or convert to safetensors")
             continue
-        first, nbytes = value.offset * itemsize, numel * itemsize
-        if value.offset < 0 or first + nbytes > min(size, storage.numel * itemsize):
-            problems.append(f"{where}: elements [{value.offset}, {value.offset + numel}) run past its storage "
-                            f"of {size // itemsize}")
-            continue
-        tensors[name] = TensorEntry(name, storage.dtype, value.shape, path, start + first, start + first + nbytes)
+        tensors[name] = TensorEntry(name, value.dtype, value.shape, path, start + first, start + first + nbytes)
     if problems:
         raise InputError(problems)
-    file_size = f.seek(0, 2)
     return SafetensorsHeader(path, 0, 0, file_size, tensors, None)
 
 
@@ -268,6 +364,6 @@ def _row_major(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     """Whether a view's elements are contiguous in row-major order: its strides are row-major ones, except maybe
-    on dimensions of size 1 (whose stride is never used)."""
-    return len(stride) == len(shape) and all(
-        s == r for d, s, r in zip(shape, stride, _row_major(shape), strict=True) if d != 1)
+    on dimensions of size 1 (whose stride is never used). Called once the elements are known to fit a storage,
+    so the products stay small."""
+    return all(s == r for d, s, r in zip(shape, stride, _row_major(shape), strict=True) if d != 1)

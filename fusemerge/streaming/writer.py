@@ -407,17 +407,23 @@ def _remove_replaced(old_dir: Path) -> None:
                     "directory removes it, or remove it by hand", old_dir, opt_name("overwrite"), e.strerror or e)
 
 
-def remove_replaced(out_dir: Path, notify: Callable[[str], None]) -> None:
-    """Remove outputs an earlier --overwrite of `out_dir` replaced but could not delete (a run killed between
-    the swap and the delete, a directory it could not empty); call with OUT_DIR's lock held."""
+def replaced_outputs(out_dir: Path) -> list[str]:
+    """The outputs an earlier --overwrite of `out_dir` replaced and did not delete (a run killed between the swap
+    and the delete, a directory it could not empty), beside it."""
     out_dir = Path(os.path.abspath(out_dir))
     prefix = REPLACED_PREFIX.format(name=out_dir.name)
     try:
-        leftovers = [e.path for e in os.scandir(out_dir.parent) if e.name.startswith(prefix) and e.is_dir()
-                     and not e.is_symlink() and len(e.name) == len(prefix) + 8]
+        return [e.path for e in os.scandir(out_dir.parent) if e.name.startswith(prefix) and e.is_dir()
+                and not e.is_symlink() and len(e.name) == len(prefix) + 8]
     except OSError:
-        return
-    for path in leftovers:
+        return []
+
+
+def remove_replaced(out_dir: Path, notify: Callable[[str], None]) -> None:
+    """Remove the outputs an earlier --overwrite of `out_dir` replaced but did not delete (`replaced_outputs`);
+    call with OUT_DIR's lock held."""
+    out_dir = Path(os.path.abspath(out_dir))
+    for path in replaced_outputs(out_dir):
         shutil.rmtree(path, ignore_errors=True)
         if os.path.exists(path):
             notify(f"{path}: an output an earlier {opt_name('overwrite')} replaced; it could not be removed")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -352,4 +354,33 @@ def test_a_failed_fork_leaks_no_pipe_and_leaves_no_child(monkeypatch) -> None:
         processes.fork_map(3, lambda w: w)
     monkeypatch.setattr(processes.os, "fork", real_fork)
     assert fds() == before
+    assert no_children_left()
+
+
+def test_ctrl_c_taken_by_another_thread_during_a_fork_leaves_no_child(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C that another thread of the parent takes right after a fork (the main thread has it blocked there):
+    CPython runs the handler in the main thread at once, which raised KeyboardInterrupt before the parent had
+    recorded the child's pid, so that child was never killed and ran on. The handler now waits until the pid is
+    recorded: KeyboardInterrupt, and every child killed and reaped."""
+    from fusemerge.streaming import processes
+
+    real_fork = os.fork
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait, daemon=True)  # a thread with the signals unblocked
+    other.start()
+
+    def fork() -> int:
+        pid = real_fork()
+        if pid:  # the parent, with the child's pid not recorded yet
+            os.kill(os.getpid(), signal.SIGINT)  # to the process: the other thread takes it
+            time.sleep(0.2)  # and the main thread would run the handler here
+        return pid
+
+    monkeypatch.setattr(processes.os, "fork", fork)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            processes.fork_map(2, lambda w: time.sleep(30))
+    finally:
+        idle.set()
+        other.join()
     assert no_children_left()
