@@ -25,10 +25,11 @@ from tests import test_fuzz as tf  # noqa: E402
 
 # Share of the cases per property, and cases counted per example (the documents test loads twice).
 SHARES = [
-    (tf.test_read_header_fuzz, 0.30, 1),
+    (tf.test_read_header_fuzz, 0.25, 1),
+    (tf.test_read_bin_header_fuzz, 0.10, 1),
     (tf.test_open_model_fuzz, 0.10, 1),
     (tf.test_load_config_documents_fuzz, 0.20, 2),
-    (tf.test_load_config_text_fuzz, 0.36, 1),
+    (tf.test_load_config_text_fuzz, 0.31, 1),
     (tf.test_cli_inspect_fuzz, 0.02, 1),
     (tf.test_cli_plan_fuzz, 0.02, 1),
 ]
