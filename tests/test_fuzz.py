@@ -213,12 +213,15 @@ def test_read_header_regressions(case: str) -> None:
 
 
 def _torch_saves() -> list[bytes]:
-    """A few real torch.save files: dtypes, a view at an offset, a tied storage, a nested state_dict, a number."""
+    """A few real torch.save files: dtypes, a view at an offset, a tied storage, a nested state_dict, a number,
+    untyped storages."""
     w = torch.arange(12, dtype=torch.float32).reshape(3, 4)
     docs = [
         {"a": w, "b": w.to(torch.bfloat16), "row": w[1], "tied": w},
         {"state_dict": {"x": torch.ones(2, dtype=torch.int64), "y": torch.zeros(0)}},
         {"s": torch.tensor(3.0, dtype=torch.float16), "n": 1},
+        *([{"f8": torch.ones(5).to(torch.float8_e4m3fn), "u": torch.ones(2, dtype=torch.uint16)}]  # _rebuild_tensor_v3
+          if hasattr(torch, "float8_e4m3fn") and hasattr(torch, "uint16") else []),
     ]
     out = []
     for doc in docs:
