@@ -146,6 +146,7 @@ def run(
         if (missing := _missing_files(done, plan)) or replaced_outputs(done):
             with out_dir_lock(done, notify):
                 remove_replaced(done, notify)
+                missing = _missing_files(done, plan)  # again, under the lock: another run may have changed it
                 if missing and (written := _write_missing(done, plan, copy_tokenizer, missing)):
                     notify(f"wrote {', '.join(written)} into {done} again: missing from the finished merge there")
         if plan.partition is not None:
@@ -409,7 +410,7 @@ def _missing_files(done: Path, plan: MergePlan) -> dict[str, dict]:
         entry = manifest["files"][INDEX_NAME]
         if not (done / INDEX_NAME).is_file() or (done / INDEX_NAME).stat().st_size != entry["bytes"]:
             missing[INDEX_NAME] = entry
-    if any(Path(name).name != name or name in (".", "..") for name in missing):
+    if any(not name or Path(name).name != name or name in (".", "..") for name in missing):
         return {}
     return missing
 

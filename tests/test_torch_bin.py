@@ -280,8 +280,8 @@ def test_work_and_sizes_are_bounded(tmp_path) -> None:
 
 
 def test_a_storage_past_the_end_of_the_file_is_refused(tmp_path) -> None:
-    """A zip directory claiming more bytes for a storage than the file has: refused when the header is read
-    (plan, inspect), not when the merge reaches it."""
+    """A zip directory claiming more bytes for a storage than the file has, or than lie before the next member:
+    refused when the header is read (plan, inspect), not when the merge reaches it."""
     torch.save({"w": torch.zeros(64)}, tmp_path / "w.bin")
     raw = bytearray((tmp_path / "w.bin").read_bytes())
     with zipfile.ZipFile(tmp_path / "w.bin") as zf:
@@ -289,10 +289,12 @@ def test_a_storage_past_the_end_of_the_file_is_refused(tmp_path) -> None:
     entry = raw.index(b"PK\x01\x02")
     while raw[entry + 46:entry + 46 + len(name)] != name:  # the central directory entry of data/0
         entry = raw.index(b"PK\x01\x02", entry + 4)
-    raw[entry + 20:entry + 28] = (1 << 22).to_bytes(4, "little") * 2  # compressed and uncompressed size: 4 MiB
-    (tmp_path / "long.bin").write_bytes(bytes(raw))
-    with pytest.raises(InputError, match=r"truncated: the storage of tensor 'w' ends at byte \d+ but the file"):
-        read_bin_header(tmp_path / "long.bin")
+    for size, message in [(1 << 22, r"truncated: the storage of tensor 'w' ends at byte \d+ but the file"),
+                          (256 + 64, r"tensor 'w': its storage runs into the zip's next header")]:
+        raw[entry + 20:entry + 28] = size.to_bytes(4, "little") * 2  # compressed and uncompressed size
+        (tmp_path / "long.bin").write_bytes(bytes(raw))
+        with pytest.raises(InputError, match=message):
+            read_bin_header(tmp_path / "long.bin")
 
 
 def test_complex_and_fnuz_dtypes_are_named(tmp_path) -> None:
@@ -302,3 +304,22 @@ def test_complex_and_fnuz_dtypes_are_named(tmp_path) -> None:
         name = str(dtype).removeprefix("torch.")
         with pytest.raises(InputError, match=f"holds {name} tensors, a dtype fusemerge does not read"):
             read_bin_header(tmp_path / "c.bin")
+
+
+@pytest.mark.parametrize("case, body, message", [
+    # an OrderedDict made from a 3-key dict, twice: a copy of a container per opcode (quadratic memory)
+    ("copy", b"\x80\x02ccollections\nOrderedDict\n}(X\x01\x00\x00\x00aK\x01X\x01\x00\x00\x00bK\x02u\x85R.",
+     r"an OrderedDict made from another object \(pickle REDUCE\)"),
+    # a key nested 10,000 tuples deep (200,000 within the budget of a file with more members: its hash recursed
+    # in C until the stack overflowed, SIGSEGV)
+    ("deep key", b"\x80\x02}K\x00" + b"\x85" * 10_000 + b"K\x01s.", "a dict key that is not a string"),
+    # a call whose arguments are a 1 MB string (unpacked into a million arguments)
+    ("star args", b"\x80\x02ctorch._utils\n_rebuild_parameter\nX\x00\x00\x10\x00" + b"a" * (1 << 20) + b"R.",
+     r"a call with other than a short tuple of arguments"),
+    ("dup", b"\x80\x02}2.", "the opcode DUP, which torch.save does not write"),
+])
+def test_opcodes_and_calls_beyond_a_state_dicts_are_refused(tmp_path, case, body, message) -> None:
+    torch.save({"w": torch.zeros(2)}, tmp_path / "src.bin")
+    _with_pickle(tmp_path / "src.bin", tmp_path / "x.bin", body)
+    with pytest.raises(InputError, match=message):
+        read_bin_header(tmp_path / "x.bin")

@@ -140,11 +140,21 @@ def _stop_signals_deferred():
     try:
         yield
     finally:  # the parent's (a child never returns from the body)
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # one sent to this thread meanwhile is handled now
+        # the mask first, the noting handlers still in place (one sent to this thread meanwhile is noted), then
+        # each handler back, each restore done even if a signal's handler raises during another
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        _restore(list(saved.items()))
         for sig in dict.fromkeys(noted):
             signal.raise_signal(sig)
+
+
+def _restore(handlers: list) -> None:
+    """signal.signal(sig, handler) for each (sig, handler), all of them whatever a handler raises meanwhile."""
+    if handlers:
+        try:
+            signal.signal(*handlers[0])
+        finally:
+            _restore(handlers[1:])
 
 
 def _run_children(k: int, child: Callable[[int, int], None], on_data: Callable[[int, bytes], BaseException | None],

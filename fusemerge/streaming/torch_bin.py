@@ -10,8 +10,9 @@ The pickle is not executed. A restricted unpickler resolves only the names a sta
 (`torch._utils._rebuild_tensor_v2` / `_v3`, the storage classes, the dtypes, `collections.OrderedDict`) and
 builds descriptors from them, not tensors; any other name (code, modules, custom classes, quantized or sparse
 tensors) is refused, and so is setting state on anything but an `OrderedDict` (pickle's BUILD; a state dict's
-`_metadata`, which is dropped). Its work is bounded: at most OPS_PER_MEMBER opcodes per member of the zip, so a
-file cannot make it allocate much more than its own size, and every size, stride and offset must be an int64.
+`_metadata`, which is dropped). Its work is bounded: only the opcodes torch.save writes run, calls take a short
+tuple, dict keys are strings or ints, at most OPS_PER_MEMBER opcodes run per member of the zip, and every size,
+stride and offset must be an int64; so no opcode costs more than what the ones before it pushed.
 Also refused, each with its reason: the legacy non-zip format (torch < 1.6), compressed members, big-endian
 data, dtypes fusemerge does not read (complex, the float8 `fnuz` kinds) and tensors whose elements are not
 contiguous in row-major order (a saved transposed view). Tensors that share a storage (tied weights) are entries
@@ -24,6 +25,7 @@ import collections
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ ZIP_MAGIC = b"PK\x03\x04"
 MAX_PICKLE_BYTES = 64 << 20  # a state dict's data.pkl is ~110 bytes a tensor (90 KB for 800)
 OPS_PER_MEMBER = 256  # torch.save's pickle takes ~20-30 opcodes a tensor (a storage member each), ~10 a module
 MAX_DIMS = 64
+MAX_PROBLEMS = 20  # reported per file
 _INT64 = 1 << 63
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length (30 bytes)
 
@@ -146,6 +149,9 @@ def _rebuild_parameter(data, *_rest):
     return data
 
 
+_CALLABLE = (collections.OrderedDict, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
+
+
 def _allowed(module: str, name: str):
     """What the pickle gets for the global `module.name`, made anew; raises _Refused / _Unread otherwise."""
     if module == "collections" and name == "OrderedDict":
@@ -168,6 +174,30 @@ def _allowed(module: str, name: str):
     raise _Refused(full if full.isprintable() else ascii(full))
 
 
+# The opcodes `torch.save` writes (protocols 2-5), and the wider integer and memo forms of those: no others run,
+# so no opcode does work beyond its own arguments (no copy of a container, no object made from a class).
+OPCODES = frozenset({
+    "PROTO", "FRAME", "STOP", "MARK", "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "TUPLE", "TUPLE1", "TUPLE2",
+    "TUPLE3", "SETITEM", "SETITEMS", "APPEND", "APPENDS", "BINUNICODE", "SHORT_BINUNICODE", "BININT", "BININT1",
+    "BININT2", "LONG1", "NEWFALSE", "NEWTRUE", "NONE", "GLOBAL", "STACK_GLOBAL", "REDUCE", "BUILD", "BINPERSID",
+    "BINPUT", "LONG_BINPUT", "MEMOIZE", "BINGET", "LONG_BINGET",
+})
+_OPCODE_NAMES = {op.code.encode("latin-1")[0]: op.name for op in pickletools.opcodes}
+MAX_REDUCE_ARGS = 8  # _rebuild_tensor_v3's, with its metadata
+
+
+def _refuse_opcode(name: str):
+    def refuse(self):
+        raise _Refused(f"the opcode {name}, which torch.save does not write")
+    return refuse
+
+
+def _check_keys(keys) -> None:
+    """Dict keys must be strings or ints: a tuple's hash recurses as deep as it nests (a crash of the C stack)."""
+    if not all(type(k) is str or type(k) is int for k in keys):
+        raise _Refused("a dict key that is not a string")
+
+
 def _counted(load):
     """`load` (one opcode's method of pickle's unpickler), counted against the unpickler's budget."""
     def step(self):
@@ -184,12 +214,14 @@ class _StateDictUnpickler(pickle._Unpickler):
 
     The pure-Python unpickler, not the C one: a damaged pickle must not make it allocate what a length or index
     in it claims (the C one sizes its memo by the largest index it is given, and preallocates counted bytes).
-    The one opcode that still would (BYTEARRAY8) and the out-of-band buffers are taken out: a state dict uses
-    neither. A 90 KB pickle of 800 tensors takes ~30 ms.
+    Only the OPCODES run; REDUCE calls only the allowed functions, with a tuple of at most MAX_REDUCE_ARGS
+    arguments (an OrderedDict with none), and dict keys are strings or ints (never a tuple, whose hash recurses
+    as deep as it nests), so each opcode's cost is bounded by what the earlier ones pushed. A 90 KB pickle of
+    800 tensors takes ~30 ms.
     """
 
-    dispatch = {op: _counted(load) for op, load in pickle._Unpickler.dispatch.items()
-                if op not in (pickle.BYTEARRAY8[0], pickle.NEXT_BUFFER[0], pickle.READONLY_BUFFER[0])}
+    dispatch = {op: _counted(load) if _OPCODE_NAMES[op] in OPCODES else _refuse_opcode(_OPCODE_NAMES[op])
+                for op, load in pickle._Unpickler.dispatch.items()}
 
     def __init__(self, file, max_ops: int):
         super().__init__(file)
@@ -197,6 +229,31 @@ class _StateDictUnpickler(pickle._Unpickler):
 
     def find_class(self, module: str, name: str):
         return _allowed(module, name)
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if type(args) is not tuple or len(args) > MAX_REDUCE_ARGS:
+            raise _Refused("a call with other than a short tuple of arguments (pickle REDUCE)")
+        if func is collections.OrderedDict and args:
+            raise _Refused("an OrderedDict made from another object (pickle REDUCE)")
+        if not any(func is f for f in _CALLABLE):
+            raise _Refused("a call of something other than a tensor rebuild (pickle REDUCE)")
+        self.stack[-1] = func(*args)
+
+    dispatch[pickle.REDUCE[0]] = _counted(load_reduce)
+
+    def load_setitem(self):
+        _check_keys(self.stack[-2:-1])
+        pickle._Unpickler.load_setitem(self)
+
+    dispatch[pickle.SETITEM[0]] = _counted(load_setitem)
+
+    def load_setitems(self):
+        _check_keys(self.stack[0::2])  # the items since the MARK (the stack before it is on the metastack)
+        pickle._Unpickler.load_setitems(self)
+
+    dispatch[pickle.SETITEMS[0]] = _counted(load_setitems)
 
     def load_build(self):
         """BUILD sets an object's state: allowed on an OrderedDict alone (a state dict's `_metadata`, dropped)."""
@@ -293,10 +350,14 @@ def _parse_archive(path: Path, f, zf: zipfile.ZipFile) -> SafetensorsHeader:
         raise InputError(f"{path}: holds a {type(state).__name__}, not a state dict of tensors")
 
     file_size = f.seek(0, 2)
+    # where each stored member's data must end: before the next member's local header, or the zip directory
+    bounds = sorted({i.header_offset for i in members.values()} | {zf.start_dir})
     problems: list[str] = []
     offsets: dict[str, tuple[int, int]] = {}  # storage key -> (absolute data offset, bytes)
     tensors: dict[str, TensorEntry] = {}
     for name, value in state.items():
+        if len(problems) >= MAX_PROBLEMS:
+            break
         if not isinstance(name, str):
             problems.append(f"{path}: a key of type {type(name).__name__} is not a tensor name (a string)")
             continue
@@ -318,20 +379,28 @@ def _parse_archive(path: Path, f, zf: zipfile.ZipFile) -> SafetensorsHeader:
                 problems.append(f"{path}: truncated: the storage of tensor {name!r} ends at byte "
                                 f"{start + info.file_size} but the file has {file_size} bytes")
                 continue
+            limit = next((b for b in bounds if b > info.header_offset), file_size)
+            if start + info.file_size > limit:
+                problems.append(f"{where}: its storage runs into the zip's next header (byte {limit}): a damaged "
+                                "zip directory")
+                continue
             offsets[storage.key] = (start, min(info.file_size, storage.nbytes))
         start, size = offsets[storage.key]
         itemsize = DTYPES[value.dtype][1]
         numel = math.prod(value.shape)
         first, nbytes = value.offset * itemsize, numel * itemsize
         if first + nbytes > size:
-            problems.append(f"{where}: elements [{value.offset}, {value.offset + numel}) run past its storage "
-                            f"of {size // itemsize}")
+            span = (f"elements [{value.offset}, {value.offset + numel})" if value.offset + numel < _INT64
+                    else "more elements than an int64 counts")
+            problems.append(f"{where}: {span} run past its storage of {size // itemsize}")
             continue
         if numel and not _dense(value.shape, value.stride):
             problems.append(f"{where}: saved as a non-contiguous view (shape {list(value.shape)}, stride "
                             f"{list(value.stride)}); save .contiguous() tensors, or convert to safetensors")
             continue
         tensors[name] = TensorEntry(name, value.dtype, value.shape, path, start + first, start + first + nbytes)
+    if len(problems) >= MAX_PROBLEMS:
+        problems.append(f"{path}: (the first {MAX_PROBLEMS} problems; there may be more)")
     if problems:
         raise InputError(problems)
     return SafetensorsHeader(path, 0, 0, file_size, tensors, None)
