@@ -195,7 +195,7 @@ def _refuse_opcode(name: str):
 def _check_keys(keys) -> None:
     """Dict keys must be strings or ints: a tuple's hash recurses as deep as it nests (a crash of the C stack)."""
     if not all(type(k) is str or type(k) is int for k in keys):
-        raise _Refused("a dict key that is not a string")
+        raise _Refused("a dict key that is not a string or an int")
 
 
 def _counted(load):
