@@ -42,13 +42,12 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.common import GB, append_csv, machine, read_all, timed_run, version_of  # noqa: E402
 from bench.parity import compare_outputs  # noqa: E402
-from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
+from fusemerge.synthetic import make_llama_family, save_as_bin, write_config_yaml  # noqa: E402
 
 DENSITY_METHODS = {"ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
 
@@ -121,23 +120,6 @@ def ensure_models(args: argparse.Namespace) -> dict:
         meta.with_suffix(".converting").rename(meta)
     print(f"models: {fam['total_bytes'] / GB:.2f} GB in {time.perf_counter() - t0:.1f} s")
     return fam
-
-
-def save_as_bin(model: Path) -> None:
-    """Replace the safetensors files of `model` by torch.save ones with the same shards (HF's layout)."""
-    shards = sorted(model.glob("*.safetensors"))
-    names = (["pytorch_model.bin"] if len(shards) == 1 else
-             [f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin" for i in range(len(shards))])
-    weight_map = {}
-    for shard, name in zip(shards, names, strict=True):
-        tensors = load_file(shard)
-        torch.save(tensors, model / name)
-        weight_map.update(dict.fromkeys(tensors, name))
-        shard.unlink()
-    (model / "model.safetensors.index.json").unlink(missing_ok=True)
-    if len(names) > 1:
-        (model / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-
 
 
 def input_files(fam: dict) -> list[Path]:

@@ -64,11 +64,11 @@ def _handle_errors(fn):
             _fail([f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}"], 1)
         except KeyboardInterrupt as e:
             command = click.get_current_context().info_name
-            how = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+            how, code = startup.STOPPED[signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT]
             _fail([{"run": f"{how}; nothing was written to the output directory (run the same command with "
                            "--resume to continue)",
                     "finalize": f"{how}; the parts are as they were (run the same command again)"}.get(
-                        command, how)], 143 if isinstance(e, Terminated) else 130)
+                        command, how)], code)
         except Exception as e:  # a bug: say so, with the traceback when asked
             if verbose:
                 traceback.print_exc()

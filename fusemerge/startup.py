@@ -16,20 +16,20 @@ import os
 import signal
 import sys
 
-_MESSAGES = {signal.SIGINT: (b"fusemerge: error: interrupted\n", 130),
-             signal.SIGTERM: (b"fusemerge: error: terminated (SIGTERM)\n", 143)}
+# what the command says and exits with when stopped by each signal (fusemerge/cli.py's `_handle_errors` too)
+STOPPED = {signal.SIGINT: ("interrupted", 130), signal.SIGTERM: ("terminated (SIGTERM)", 143)}
 _replaced: dict = {}  # signal -> the handler it gets back when start-up ends
 _state = {"begun": False}
 
 
 def _exit_at_once(signum, frame) -> None:
-    message, code = _MESSAGES[signum]
+    how, code = STOPPED[signum]
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # a closed or absent stream: nothing to flush
             pass
-    os.write(2, message)
+    os.write(2, f"fusemerge: error: {how}\n".encode())
     os._exit(code)
 
 
@@ -38,7 +38,7 @@ def begin() -> None:
     if _state["begun"]:
         return
     _state["begun"] = True
-    for signum in _MESSAGES:
+    for signum in STOPPED:
         # SIGINT ignored (a background job of a non-interactive shell, nohup) stays ignored
         if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
             continue

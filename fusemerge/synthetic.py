@@ -285,3 +285,32 @@ def write_config_yaml(
             config[key] = params[key]
     Path(path).write_text(yaml.safe_dump(config, sort_keys=False))
     return config
+
+
+def save_as_bin(model_dir: Path, layout: str = "hf") -> None:
+    """Replace the safetensors files of `model_dir` by torch.save checkpoints of the same tensors: "single" one
+    pytorch_model.bin, "index" shards pytorch_model-i-of-n.bin with pytorch_model.bin.index.json, "shards" the
+    shards alone; "hf" (Hugging Face's layout) "single" for one shard, else "index"."""
+    from safetensors.torch import load_file
+
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if layout == "hf":
+        layout = "single" if len(shards) == 1 else "index"
+    if layout not in ("single", "index", "shards"):
+        raise ValueError(f"layout {layout!r}: one of hf, single, index, shards")
+    (model_dir / "model.safetensors.index.json").unlink(missing_ok=True)
+    if layout == "single":
+        tensors = {k: v for shard in shards for k, v in load_file(shard).items()}
+        torch.save(tensors, model_dir / "pytorch_model.bin")
+        for shard in shards:
+            shard.unlink()
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):  # one shard in memory at a time
+        name = f"pytorch_model-{i + 1:05d}-of-{len(shards):05d}.bin"
+        tensors = load_file(shard)
+        torch.save(tensors, model_dir / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+        shard.unlink()
+    if layout == "index":
+        (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

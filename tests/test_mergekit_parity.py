@@ -35,9 +35,8 @@ import yaml
 
 import fusemerge
 from bench.parity import compare_dirs
-from fusemerge.synthetic import make_llama_family
+from fusemerge.synthetic import make_llama_family, save_as_bin
 from tests.test_mixed_dtypes import convert_model
-from tests.test_torch_bin import save_as_bin
 
 DEFAULT_MERGEKIT_PYTHON = Path(__file__).resolve().parents[1] / "mk-venv" / "bin" / "python"  # README.md
 SHAPE = dict(hidden=64, intermediate=160, layers=4, vocab=96)

@@ -8,14 +8,12 @@ not run (arbitrary pickles, legacy files, non-contiguous views) is refused with 
 
 from __future__ import annotations
 
-import json
 import pickle
 import zipfile
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import fusemerge
 from fusemerge.errors import InputError
@@ -23,7 +21,7 @@ from fusemerge.streaming.journal import sampled_digest
 from fusemerge.streaming.model_index import open_model
 from fusemerge.streaming.reader import ChunkReader
 from fusemerge.streaming.torch_bin import read_bin_header
-from fusemerge.synthetic import make_llama_family, write_config_yaml
+from fusemerge.synthetic import make_llama_family, save_as_bin, write_config_yaml
 
 SHAPE = dict(hidden=20, intermediate=52, layers=2, vocab=97)
 
@@ -78,25 +76,6 @@ def test_parameters_and_a_nested_state_dict_are_read(tmp_path) -> None:
     for name in ("a.bin", "b.bin"):
         got = _read_all(tmp_path / name)
         assert torch.equal(got["weight"], layer.weight.detach()) and torch.equal(got["bias"], layer.bias.detach())
-
-
-def save_as_bin(model_dir: Path, how: str) -> None:
-    """Replace the safetensors shards of `model_dir` by torch.save files: "single" one pytorch_model.bin,
-    "index" shards with pytorch_model.bin.index.json, "shards" shards named pytorch_model-i-of-n.bin alone."""
-    shards = sorted(model_dir.glob("*.safetensors"))
-    parts = [load_file(s) for s in shards]
-    for s in shards:
-        s.unlink()
-    (model_dir / "model.safetensors.index.json").unlink(missing_ok=True)
-    if how == "single":
-        torch.save({k: v for part in parts for k, v in part.items()}, model_dir / "pytorch_model.bin")
-        return
-    names = [f"pytorch_model-{i + 1:05d}-of-{len(parts):05d}.bin" for i in range(len(parts))]
-    for name, part in zip(names, parts, strict=True):
-        torch.save(part, model_dir / name)
-    if how == "index":
-        weight_map = {k: name for name, part in zip(names, parts, strict=True) for k in part}
-        (model_dir / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 @pytest.fixture(scope="module")

@@ -114,9 +114,9 @@ class _TooLarge(Exception):
     """The pickle runs more opcodes than a state dict of its archive's size could."""
 
 
-def _ints(values: object, dims: int = MAX_DIMS) -> bool:
-    """Whether `values` is a tuple of at most `dims` int64 values >= 0 (what sizes, strides and offsets are)."""
-    return (isinstance(values, tuple) and len(values) <= dims
+def _ints(values: object) -> bool:
+    """Whether `values` is a tuple of at most MAX_DIMS int64 values >= 0 (what sizes, strides and offsets are)."""
+    return (isinstance(values, tuple) and len(values) <= MAX_DIMS
             and all(type(v) is int and 0 <= v < _INT64 for v in values))
 
 
