@@ -50,7 +50,10 @@ from bench.parity import compare_dirs  # noqa: E402
 from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
-METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "passthrough")
+METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "slerp", "passthrough")
+# mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
+SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+           {"value": 0.5}]
 # Per-expert weights, cycled over the experts: a scalar, a gradient over the layers, filter rules.
 WEIGHTS = (0.5, [0.2, 0.9], [{"filter": "mlp", "value": 0.4}, {"value": 0.7}], 0.3)
 
@@ -77,8 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path:
-    """A config exercising `method` with gradients, filters and lambda; passthrough stacks layer ranges."""
+    """A config exercising `method` with gradients, filters and lambda; passthrough stacks layer ranges; slerp
+    interpolates the base and the first expert over every layer (a `slices:` config, as gradient-slerp.yml)."""
     base, experts = str(fam["base"]), [str(e) for e in fam["experts"]]
+    if method == "slerp":
+        n = fam["layers"]
+        cfg = {"merge_method": "slerp", "base_model": base, "dtype": "bfloat16", "parameters": {"t": SLERP_T},
+               "slices": [{"sources": [{"model": base, "layer_range": [0, n]},
+                                       {"model": experts[0], "layer_range": [0, n]}]}]}
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
     if method == "passthrough":  # a frankenmerge: overlapping halves of three models, 1.5x the layers
         n = fam["layers"]
         ranges = [(fam["base"], [0, n // 2]), (fam["experts"][0], [n // 4, 3 * n // 4]),

@@ -15,6 +15,10 @@ larger magnitude of the two). Each differing element is then put in the first cl
   exceeds 1 output ulp where the terms cancel to far below their size (e.g. a result of 3e-10 from
   terms of 0.01), where mergekit's fused multiply-adds (torch.addcmul) or summation order give other
   low bits than fusemerge's separate multiply-then-add in input order.
+  For slerp the weighted terms are the two models' with fusemerge's weights, and the bound also allows the
+  weights to differ by 2^-16 of their size: mergekit finds the angle between the tensors in float32 (norms
+  of chunk norms, a float32 dot product), fusemerge from exact sums (kernels/slerp.py); on the parity tests'
+  models the two tools' weights differ by about 1e-6 of their size.
 - `unexplained`: everything else.
 
 The explanations need each output tensor's inputs and resolved parameters; they come from fusemerge's
@@ -37,6 +41,7 @@ from fusemerge.planner import FLOAT_CODES, TensorPlan, build_plan  # noqa: E402
 from fusemerge.streaming.reader import ChunkReader  # noqa: E402
 
 EPS32 = 2.0**-24  # float32 unit roundoff
+SLERP_WEIGHTS = 2.0**-16  # how far (relative) mergekit's float32 slerp weights may be from fusemerge's
 
 
 @dataclass
@@ -118,10 +123,12 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
         counts["tie"] = int((left & tie).sum())
         left &= ~tie
     if bool(left.any()):
-        w = [abs(v) for v in t.weights]
+        w = [abs(v) for v in (_slerp_weights(t, xs) if method.is_slerp else t.weights)]
         if method.combines_models:
             s = sum(wi * x.abs() for wi, x in zip(w, xs, strict=True))
             den = abs(sum(t.weights)) if t.normalize else 1.0
+            if method.is_slerp:
+                s = s * (1 + SLERP_WEIGHTS / (2 * (len(xs) + 3) * EPS32))
         else:
             s = sum(wi * (x.abs() + base.abs()) for wi, x in zip(w, xs, strict=True)) * abs(t.lam)
             den = (min(w) if method.consensus == "sign" else abs(sum(t.weights))) if t.normalize else 1.0
@@ -132,6 +139,15 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
         counts["rounding"] = int(rounding.sum())
         left &= ~rounding
     return counts
+
+
+def _slerp_weights(t: TensorPlan, xs: list[torch.Tensor]) -> tuple[float, float]:
+    """fusemerge's slerp weights for tensor t's two models (the base's first)."""
+    from fusemerge.kernels.select import Segment
+    from fusemerge.kernels.slerp import slerp_weights
+
+    n = xs[0].numel()
+    return slerp_weights([Segment(n, lambda s, c: (None, [x[s:s + c] for x in xs]), whole=True)], n, t.t)
 
 
 def compare_dirs(fusemerge_dir: Path, mergekit_dir: Path, config: Path | dict) -> Parity:

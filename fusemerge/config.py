@@ -58,7 +58,6 @@ TOP_LEVEL_KEYS = (
 
 # mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
 MERGEKIT_ONLY_METHODS = (
-    "slerp",
     "nuslerp",
     "multislerp",
     "karcher",
@@ -414,7 +413,9 @@ def _scalar(value: Any) -> Any:
     return float(value)
 
 
-def _as_kind(pdef: ParamDef, value: Any) -> float | bool | str:
+def _as_kind(pdef: ParamDef, value: Any) -> float | bool | str | None:
+    if value is None:  # a required parameter (slerp's t) that no rule gives a value here
+        return None
     if pdef.kind == "float":
         return float(value)
     return value
@@ -663,6 +664,12 @@ class _Validator:
             for where, params in self.slice_params:
                 self._check_params(params, where, method, per_model=False)
             self._check_params(global_params, "parameters", method, per_model=False)
+            for pname, pdef in method.params.items():  # required ones (slerp's t): set for the whole merge
+                if pdef.default is None and pname not in global_params and not any(
+                        pname in params for _, params in self.slice_params):
+                    self.add(f"parameters.{pname}", f"missing; {method.name} needs {pname}" + (
+                        " (0 is the base model, 1 the other model: a number, a gradient [v0, v1, ...] or "
+                        "{filter, value} rules)" if pname == "t" else ""))
             scope = global_params.get("trim_scope")
             if isinstance(scope, str) and scope in TRIM_SCOPES:
                 trim_scope = scope
@@ -688,6 +695,12 @@ class _Validator:
                 models = [ref for ref in listed if base is None or ref.path != base.path]
                 if listed and not models:
                     self.add("models", f"lists only the base model; {method.name} needs at least one other model")
+                elif method.is_slerp and len(models) > 1:
+                    self.add("models", f"slerp interpolates the base model and one other model, not "
+                                       f"{len(models)} (as in mergekit); to merge more, use linear, "
+                                       "task_arithmetic, ties or dare_ties")
+                if method.is_slerp and base is not None:
+                    models = [base, *models]  # the kernels' order: the base's tensor, then the other model's
             if not self.problems and slices is None and not method.is_passthrough:
                 self._check_combinations(method, models, listed, global_params)
 
@@ -742,7 +755,10 @@ class _Validator:
 
     def _base(self, value: Any, method: Method | None) -> ModelRef | None:
         if value is None:
-            if method is not None and method.needs_base:
+            if method is not None and method.is_slerp:
+                self.add("base_model", "missing; slerp interpolates from a base model to one other model, so "
+                                       "base_model: is required")
+            elif method is not None and method.needs_base:
                 self.add("base_model", f"missing; {method.name} merges differences from a base model, "
                                        "so base_model: is required")
             return None
@@ -882,10 +898,15 @@ class _Validator:
                                   "it in every slice, with the layer_range its deltas are taken from (as mergekit)")
                 elif len(paths) < 2:
                     self.add(key, f"lists only the base model; {method.name} needs at least one other model")
+                elif method.is_slerp and len(paths) > 2:
+                    self.add(key, f"slerp interpolates the base model and one other model per slice, not "
+                                  f"{len(paths) - 1} others (as in mergekit)")
             for src in sl.sources:
                 if method.needs_base and base is not None and src.ref.path == base.path:
                     continue
                 models.setdefault(src.ref.path, src.ref)
+        if method.is_slerp and base is not None:
+            return [base, *models.values()]  # the base's tensor comes first (slerp's a), as in each tensor's inputs
         return list(models.values())
 
     def _params_mapping(self, value: Any, key: str) -> dict[str, Any]:
@@ -1079,6 +1100,8 @@ class _Validator:
         listed_index.update({id(ref): -1 for ref in models if id(ref) not in listed_index})  # the appended base
         # breadcrumbs with density + gamma > 1 is not refused: as in mergekit (n_bot = max(0, n - dn - gn)), the
         # outlier drop shrinks so that density's share is kept (select.trim_counts)
+        if "normalize" not in method.params:  # slerp: its two weights come from the tensors
+            return
         normalize = global_params.get("normalize", method.params["normalize"].default)
         if method.consensus == "none" and normalize is True:
             found = [effective(ref, "weight", listed_index[id(ref)]) for ref in models]

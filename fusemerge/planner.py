@@ -78,6 +78,7 @@ class TensorPlan:
     normalize: bool
     rescale: object  # True / False / "inverse"
     copy_only: bool = False  # a non-float tensor: copied from the reference model unchanged
+    t: float | None = None  # slerp's interpolation factor (inputs: the base's tensor, then the other model's)
 
     @property
     def numel(self) -> int:
@@ -196,6 +197,13 @@ class MergePlan:
         one_worker = not self.global_trim or self.global_workers == 1
         return 1 if self.device.type == "cpu" and self.backend == "torch" and one_worker else 2
 
+    def needs_statistics(self, t: TensorPlan) -> bool:
+        """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's
+        or a trim's, slerp's angle)."""
+        m = self.method
+        return m.is_slerp or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
+                                                                           and t.rescale is True)))
+
     def reads(self, t: TensorPlan) -> int:
         """How often tensor `t`'s inputs are read: once, or with the statistics passes first (thresholds: the
         radix select's `radix_passes`; an L1 rescale, DARE's or a trim's: max |d|, then the sums) when `t` does
@@ -204,9 +212,9 @@ class MergePlan:
         is read by the whole-model passes, its rescale's if any, and its merge. (A tie cut whose kept entries
         overflowed their room adds a counting pass: rare.)"""
         m = self.method
-        if t.copy_only or not (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True)):
+        if t.copy_only or not self.needs_statistics(t):
             return 1
-        l1 = 2 if t.rescale is True else 0
+        l1 = 2 if t.rescale is True or m.is_slerp else 0  # slerp's angle: max |x|, then the sums, as an L1 rescale
         if self.global_trim:
             return 1 + self.radix_passes + l1
         select = self.radix_passes if m.needs_thresholds else 0
@@ -226,7 +234,7 @@ class MergePlan:
             f"method        {self.method.name} ({self.method.paper})",
             f"base model    {self.base.path if self.base else '-'}",
         ]
-        label = "models" if self.method.is_linear else "experts"
+        label = "models" if self.method.combines_models else "experts"
         for i, m in enumerate(self.models):
             lines.append(f"{label + ' ' * (13 - len(label)) if i == 0 else ' ' * 13} {m.path}")
         chunked = sum(1 for t in self.tensors if t.numel > self.chunk_elems)
@@ -734,6 +742,8 @@ class _SlicePlanner:
             return
         base_entry = found[base_at[0]][2] if base_at else None
         members = [f for k, f in enumerate(found) if k not in base_at]
+        if method.combines_models and base_at:  # slerp: the base's tensor is the first input, not a base to subtract
+            members.insert(0, found[base_at[0]])
         ref_src, ref_name, ref_entry = found[0]
         labelled = [(f"{self.indices[src.ref.path].path} ('{n}')", e) for src, n, e in found[1:]]
         ref_label = f"{self.indices[ref_src.ref.path].path} ('{ref_name}')"
@@ -753,8 +763,9 @@ class _SlicePlanner:
             return cfg.slice_param(pname, sl, None, out_name, t) if pname in method.params else default
 
         try:
-            self.tensors.append(_tensor_plan(method, out_name, ref_entry, base_entry, [e for _, _, e in members],
-                                             per_model, global_param,
+            self.tensors.append(_tensor_plan(method, out_name, ref_entry,
+                                             None if method.combines_models else base_entry,
+                                             [e for _, _, e in members], per_model, global_param,
                                              self.out_code or (base_entry or ref_entry).dtype))  # the base's
         except InputError as e:
             self.problems.extend(e.problems)
@@ -1035,6 +1046,15 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     """A merged tensor's parameters as TensorPlan (and merge_tensors) take them: weights, density, gamma (one
     per model), lam, normalize, rescale, resolved by the callables and checked (InputError)."""
     problems = []
+    if method.is_slerp:
+        t = global_value("t", None)
+        if t is None:
+            raise InputError(f"tensor '{name}': t has no value here (no filter rule matches it); give slerp's t a "
+                             "rule without filter: (or a plain value) for the tensors the others leave out")
+        if not np.isfinite(np.float32(t)):
+            raise InputError(f"tensor '{name}': t resolves to {t}, beyond float32's range (the merge computes in "
+                             "float32)")
+        return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False, t=float(t))
 
     def per_model(pname: str) -> list[float]:
         return per_model_values(pname) if pname in method.params else []

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 import yaml
 
+from fusemerge.methods import METHODS
+
 BLOCK = 1 << 22  # elements generated at once: 16 MiB of float32, bounds peak memory
 BASE_STD = 0.02  # Llama-style init scale
 DELTA_STD = 0.002  # dense fine-tune noise, ~16 bf16 ulps of a typical base weight
@@ -255,13 +257,14 @@ def write_config_yaml(
 
     `weight`, `density`, `gamma`, `epsilon` go under each model's `parameters`: a scalar or a list
     (a gradient) applies to every expert, a tuple gives one value per expert. `weight` defaults
-    to 1.0 (mergekit requires it). `dtype`, `out_dtype`, `tokenizer_source` are top-level keys;
+    to 1.0 (mergekit requires it) for the methods that take it. `dtype`, `out_dtype`, `tokenizer_source` are top-level keys;
     anything else (`normalize`, `lambda`, `rescale`, ...) goes to the global `parameters`.
     For `linear` the base is not written (mergekit would add it and require a weight for it).
 
     Example: `write_config_yaml(p, "ties", base, [e1, e2], density=0.2, dtype="bfloat16")`
     """
-    params.setdefault("weight", 1.0)
+    if "weight" in METHODS[method].params:
+        params.setdefault("weight", 1.0)
     models = []
     for i, expert in enumerate(experts):
         mp = {}

@@ -145,6 +145,7 @@ def merge_tensors(
     gamma: float | Sequence[float] | None = None,
     normalize: bool | None = None,
     rescale: bool | str | None = None,
+    t: float | None = None,
     seed: int = 0,
     name: str = "",
     out_dtype: torch.dtype | str | None = None,
@@ -155,7 +156,8 @@ def merge_tensors(
     """Merge one tensor's copies with the semantics of the files path (docs/methods.md).
 
     `weight`, `density`, `gamma`: one value for every expert, or a sequence of one per expert; unset ones take
-    the method's defaults, as in a config. `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
+    the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is `base`, 1 the one expert).
+    `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
     checked as a config's `parameters:` are (InputError, one line per problem). `name` keys DARE's random
     stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
     `linear`, `experts` are the averaged models and `base`, if given, is averaged in as mergekit does. An
@@ -177,8 +179,8 @@ def merge_tensors(
         raise InputError("merge_tensors: lambda given twice (lambda_= and lambda=); give one")
     lam = params.pop("lambda_", params.pop("lambda", None))
     if params:  # as a config's unknown parameters are reported: one line each, with the nearest known name
-        known = ["weight", "density", "gamma", "normalize", "rescale", "lambda_", "seed", "name", "out_dtype",
-                 "backend", "chunk"]
+        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", "seed", "name",
+                 "out_dtype", "backend", "chunk"]
         raise InputError([f"merge_tensors: {name}: unknown parameter{did_you_mean(name, known)}; it takes "
                           f"{', '.join(known)}" for name in params])
     if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
@@ -198,7 +200,7 @@ def merge_tensors(
         raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer")
     seed = int(seed)
     given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("normalize", normalize),
-                               ("rescale", rescale), ("lambda", lam)) if v is not None}
+                               ("rescale", rescale), ("t", t), ("lambda", lam)) if v is not None}
     cfg = _config(method, base, experts, given)
     m = cfg.method
     tensors = {f"experts[{i}]": e for i, e in enumerate(experts)} | ({"base": base} if base is not None else {})
@@ -234,12 +236,13 @@ def merge_tensors(
              if device.type == "cpu" and m.sparsifier == "dare" and rescale is True else None)
     out = torch.empty(numel, dtype=out_dtype, device=device)
     with on_device(device):  # tensors on cuda:1 are merged by kernels launched on cuda:1
-        p = tensor_params(m, name=name, numel=numel,
-                          segments=[Segment(numel, lambda s, c: (fbase[s:s + c], [x[s:s + c] for x in flat]),
-                                            whole=True)],
+        def load(s: int, c: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+            return fbase[s:s + c] if fbase is not None else None, [x[s:s + c] for x in flat]
+
+        p = tensor_params(m, name=name, numel=numel, segments=[Segment(numel, load, whole=True)],
                           weights=p_args["weights"], density=p_args["density"], gamma=p_args["gamma"],
                           lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
-                          backend=kstats, masks=masks)
+                          backend=kstats, masks=masks, t=p_args.get("t"))
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

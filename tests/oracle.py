@@ -99,3 +99,22 @@ def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, l
         if normalize and sum(w) != 0:
             num = num / sum(w)
     return b32.astype(np.float64) + lam * num
+
+
+def slerp_weights(a: torch.Tensor, b: torch.Tensor, t: float) -> tuple[float, float]:
+    """mergekit's slerp weights (merge_methods/slerp.py) in float64, from float64 sums (t taken as float32)."""
+    x, y = a.reshape(-1).double().numpy(), b.reshape(-1).double().numpy()
+    na, nb = np.sqrt(np.sum(x * x)), np.sqrt(np.sum(y * y))
+    na, nb = (na if na > 1e-8 else 1.0), (nb if nb > 1e-8 else 1.0)
+    dot = float(np.clip(np.sum(x * y) / (na * nb), -1.0, 1.0))
+    t = float(np.float32(t))
+    if abs(dot) > 0.9995:
+        return 1.0 - t, t
+    theta = np.arccos(dot)
+    return float(np.sin((1 - t) * theta) / np.sin(theta)), float(np.sin(t * theta) / np.sin(theta))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> np.ndarray:
+    """The slerp of tensors a (the base's) and b in float64 (flat)."""
+    wa, wb = slerp_weights(a, b, t)
+    return wa * a.reshape(-1).double().numpy() + wb * b.reshape(-1).double().numpy()

@@ -25,7 +25,7 @@ from fusemerge.config import (
 from fusemerge.errors import InputError
 from fusemerge.methods import METHODS
 
-DELTA_METHODS = [name for name, m in METHODS.items() if m.needs_base]
+DELTA_METHODS = [name for name, m in METHODS.items() if m.needs_base and not m.is_slerp]
 MLP = "model.layers.{}.mlp.down_proj.weight"
 ATTN = "model.layers.{}.self_attn.q_proj.weight"
 
@@ -217,7 +217,7 @@ def test_values_still_checked_when_the_method_is_unknown() -> None:
 
 
 def test_mergekit_only_method_says_so() -> None:
-    assert "'slerp' is a mergekit method fusemerge does not support yet" in one_problem(cfg(method="slerp"))
+    assert "'nuslerp' is a mergekit method fusemerge does not support yet" in one_problem(cfg(method="nuslerp"))
     assert "must be a method name, not a list" in one_problem(cfg(method=["ties"]))
 
 

@@ -11,6 +11,8 @@ What must hold (issue 6, docs/mergekit.md):
   mergekit's, except where the weighted sum cancels to far below its terms and the two tools' float32
   rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
 - ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
+- slerp, of `models:` and of `slices:`, as linear (its weights from the angle between the two tensors; mergekit
+  finds that angle in float32, fusemerge exactly: bench/parity.py);
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
 - the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16), and for one
   saved as PyTorch `.bin` checkpoints (one file, and shards with an index).
@@ -104,6 +106,18 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
         # matches but for float32 rounding (mergekit sums in float32, fusemerge exactly)
         "ties_rescale": _models_config("ties", fam, rescale=True),
         "breadcrumbs_rescale": _models_config("breadcrumbs", fam, gamma=0.02, rescale=True),
+        # slerp of the base and one model: t by filter rules with gradients (mergekit's examples/gradient-slerp.yml)
+        "slerp": {"merge_method": "slerp", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                  "models": [{"model": base}, {"model": e1}],
+                  "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                                       {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}},
+        "slerp_slices": {"merge_method": "slerp", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                         "slices": [
+                             {"sources": [{"model": base, "layer_range": [0, 2]},
+                                          {"model": e2, "layer_range": [2, 4]}], "parameters": {"t": [0.2, 0.9]}},
+                             {"sources": [{"model": base, "layer_range": [1, 4]},
+                                          {"model": e3, "layer_range": [1, 4]}]}],
+                         "parameters": {"t": 0.35}},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -147,8 +161,9 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     return out
 
 
-@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes"])
-def test_linear_and_task_arithmetic_within_one_ulp(merged: dict, name: str) -> None:
+@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
+                                  "slerp_slices"])
+def test_linear_task_arithmetic_and_slerp_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)
     assert not par.problems, par.problems

@@ -661,15 +661,22 @@ def tensor_params(
     cuts: list[tuple[int, int, int, int]] | None = None,
     masks: KeepMasks | None = None,
     keep_bytes: int | None = None,
+    t: float | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
     `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection; `masks`
     (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass; `keep_bytes`:
-    top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share).
+    top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share); `t`:
+    slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py).
     """
     from fusemerge.kernels.params import ChunkParams
 
+    if method.is_slerp:
+        from fusemerge.kernels.slerp import slerp_weights
+
+        return ChunkParams(sparsifier="none", consensus="none", linear=True,
+                           weights=slerp_weights(segments, chunk, t))
     n = len(weights)
     kw: dict = {}
     if method.needs_thresholds:

@@ -5,8 +5,10 @@ This is mergekit's "generalized task arithmetic" idea without its task graph:
     sparsifier   none | magnitude (TIES trim) | dare (random drop) | breadcrumbs (drop both tails)
     consensus    none (weighted sum) | sign (TIES election + disjoint mean)
 
-`linear` averages the models themselves rather than their deltas; `passthrough` copies one model's tensors
-(optionally scaled), the building block of `slices:` layer stacking ("frankenmerges").
+`linear` averages the models themselves rather than their deltas; `slerp` interpolates a base and one other
+model along the arc between them (a weighted sum of the two whose weights come from the angle between the
+tensors: kernels/slerp.py); `passthrough` copies one model's tensors (optionally scaled), the building block
+of `slices:` layer stacking ("frankenmerges").
 """
 
 from __future__ import annotations
@@ -49,9 +51,14 @@ class Method:
         return self.name == "passthrough"
 
     @property
+    def is_slerp(self) -> bool:
+        return self.name == "slerp"
+
+    @property
     def combines_models(self) -> bool:
-        """True when the kernel combines the models themselves (a weighted sum), not deltas from a base."""
-        return self.name in ("linear", "passthrough")
+        """True when the kernel combines the models themselves (a weighted sum), not deltas from a base. For
+        slerp the models are the base, then the other model."""
+        return self.name in ("linear", "passthrough", "slerp")
 
     @property
     def needs_thresholds(self) -> bool:
@@ -77,6 +84,8 @@ RESCALE = _p("rescale", True, False, kind="rescale")
 # mergekit's rescale of a magnitude trim (its generalized task arithmetic: `rescale`, default false for ties
 # and breadcrumbs): true multiplies the kept entries by ||d||_1 / ||kept d||_1, as DARE's L1 rescale does.
 TRIM_RESCALE = _p("rescale", False, False, kind="bool")
+# slerp's interpolation factor (mergekit/merge_methods/slerp.py: `t`, required): 0 is the base, 1 the other model.
+T = _p("t", None, False)
 # passthrough's optional per-model factor (mergekit/merge_methods/passthrough.py: `scale`).
 SCALE = _p("scale", 1.0, True)
 
@@ -107,6 +116,8 @@ _ALL = [
            params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
                    "normalize": _normalize(False), "rescale": TRIM_RESCALE},
            paper="https://arxiv.org/abs/2312.06795"),
+    Method("slerp", "none", "none", needs_base=True, params={"t": T},
+           paper="https://en.wikipedia.org/wiki/Slerp"),
     Method("passthrough", "none", "none", needs_base=False,
            params={"scale": SCALE},
            paper="mergekit's passthrough: one model's tensors, copied"),

@@ -173,9 +173,8 @@ class Executor:
         return Segment(t.numel, load, cache)
 
     def needs_statistics(self, t: TensorPlan) -> bool:
-        """Whether t's parameters come from a statistics pass over its inputs (thresholds, DARE's L1 rescale)."""
-        m = self.plan.method
-        return not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare" and t.rescale is True))
+        """Whether t's parameters come from a statistics pass over its inputs (MergePlan.needs_statistics)."""
+        return self.plan.needs_statistics(t)
 
     def _resident(self, t: TensorPlan) -> bool:
         """Whether t's inputs, as the chunks hold them (`MergePlan.kept_bytes`), fit in this worker's half of the
@@ -226,7 +225,7 @@ class Executor:
             # the selections kept for the tie cut (~1% of a tensor's entries per expert, more with bf16 ties): at
             # most a worker's resident share, so that a worst case costs a counting pass, not unbounded memory
             # (1/8 of it made bench/memory.py's 64 MiB TIES merge 31% slower, for 4 MiB less)
-            keep_bytes=self.plan.resident_bytes)
+            keep_bytes=self.plan.resident_bytes, t=t.t)
         self.times.add(stats=time.perf_counter() - t0)
         return params
 

@@ -1,0 +1,130 @@
+"""slerp through files: `models:` and `slices:` configs, gradients of t, chunking, and the config's checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import fusemerge
+from fusemerge.config import resolve
+from fusemerge.errors import InputError
+from tests import oracle
+from tests.kernels.test_reference import ulp
+from tests.test_merge_e2e import SHAPE, fam, load_model  # noqa: F401  (fam: the module's fixture)
+
+T_RULES = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+           {"value": 0.5}]
+
+
+def write(tmp_path: Path, data: dict, name: str = "slerp.yml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def models_config(fam: dict, t: object = None, **extra) -> dict:
+    return {"merge_method": "slerp", "base_model": str(fam["base"]),
+            "models": [{"model": str(fam["base"])}, {"model": str(fam["experts"][0])}],
+            "parameters": {"t": T_RULES if t is None else t}, **extra}
+
+
+def test_models_config_merges_each_tensor_as_merge_tensors_does(tmp_path: Path, fam: dict) -> None:
+    fusemerge.run(write(tmp_path, models_config(fam)), tmp_path / "out", device="cpu")
+    merged, base, other = (load_model(p) for p in (tmp_path / "out", fam["base"], fam["experts"][0]))
+    assert set(merged) == set(base)
+    for name, tensor in merged.items():
+        t = resolve(T_RULES, name, SHAPE["layers"])
+        expect = fusemerge.merge_tensors(base[name], [other[name]], "slerp", t=t)
+        assert torch.equal(tensor.view(torch.int16), expect.view(torch.int16)), name
+        f64 = torch.from_numpy(oracle.slerp(base[name], other[name], t)).reshape(tensor.shape)
+        assert bool(((tensor.double() - f64).abs() <= ulp(f64, torch.bfloat16)).all()), name
+    assert not torch.equal(merged["model.layers.1.mlp.up_proj.weight"], base["model.layers.1.mlp.up_proj.weight"])
+
+
+def test_output_bytes_do_not_depend_on_memory_budget_or_workers(tmp_path: Path, fam: dict) -> None:
+    cfg = write(tmp_path, models_config(fam))
+    fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
+    fusemerge.run(cfg, tmp_path / "b", device="cpu", max_memory="64KiB", workers=2)  # every tensor chunked
+    plan = fusemerge.build_plan(cfg, device="cpu", max_memory="64KiB", workers=2)
+    assert plan.chunk_elems < SHAPE["hidden"] * SHAPE["intermediate"]
+    assert any(plan.reads(t) == 3 for t in plan.tensors)  # not kept: max |x|, the sums, then the merge
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_plan_lists_the_base_and_the_other_model(tmp_path: Path, fam: dict) -> None:
+    plan = fusemerge.build_plan(write(tmp_path, models_config(fam, t=0.4)), device="cpu")
+    assert [m.path for m in plan.models] == [fam["base"], fam["experts"][0]]
+    assert all(t.base is None and len(t.inputs) == 2 and t.t == 0.4 for t in plan.tensors)
+    summary = plan.summary()
+    assert "method        slerp" in summary and "models        " in summary
+
+
+def test_the_base_need_not_be_listed(tmp_path: Path, fam: dict) -> None:
+    data = models_config(fam, t=0.3)
+    fusemerge.run(write(tmp_path, data, "listed.yml"), tmp_path / "a", device="cpu")
+    data["models"] = data["models"][1:]
+    fusemerge.run(write(tmp_path, data, "unlisted.yml"), tmp_path / "b", device="cpu")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_slices_read_t_at_the_position_in_the_slice(tmp_path: Path, fam: dict) -> None:
+    base, e1, e2 = str(fam["base"]), str(fam["experts"][0]), str(fam["experts"][1])
+    data = {"merge_method": "slerp", "base_model": base, "slices": [
+        {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": e1, "layer_range": [1, 3]}],
+         "parameters": {"t": [0.2, 0.9]}},
+        {"sources": [{"model": base, "layer_range": [2, 3]}, {"model": e2, "layer_range": [0, 1]}]}],
+        "parameters": {"t": 0.35}}
+    fusemerge.run(write(tmp_path, data), tmp_path / "out", device="cpu")
+    merged = load_model(tmp_path / "out")
+    mb, m1, m2 = (load_model(p) for p in (fam["base"], fam["experts"][0], fam["experts"][1]))
+    name = "model.layers.{}.mlp.down_proj.weight"
+    cases = [(0, mb[name.format(0)], m1[name.format(1)], 0.2), (1, mb[name.format(1)], m1[name.format(2)], 0.9),
+             (2, mb[name.format(2)], m2[name.format(0)], 0.35)]
+    for layer, a, b, t in cases:
+        expect = fusemerge.merge_tensors(a, [b], "slerp", t=t)
+        assert torch.equal(merged[name.format(layer)].view(torch.int16), expect.view(torch.int16)), layer
+    # embeddings from the first slice at t = 0 (its gradient's start), the final norm from the last slice
+    emb = "model.embed_tokens.weight"
+    expect = fusemerge.merge_tensors(mb[emb], [m1[emb]], "slerp", t=0.2)
+    assert torch.equal(merged[emb].view(torch.int16), expect.view(torch.int16))
+    norm = "model.norm.weight"
+    expect = fusemerge.merge_tensors(mb[norm], [m2[norm]], "slerp", t=0.35)
+    assert torch.equal(merged[norm].view(torch.int16), expect.view(torch.int16))
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda d: d.pop("parameters"), "parameters.t: missing; slerp needs t (0 is the base model, 1 the other"),
+    (lambda d: d.pop("base_model"), "base_model: missing; slerp interpolates from a base model to one other"),
+    (lambda d: d["models"].append({"model": "/elsewhere/e2"}), "slerp interpolates the base model and one other "
+                                                                 "model, not 2"),
+    (lambda d: d["models"][1].update(parameters={"t": 0.5}), "models[1].parameters.t: t applies to the whole merge"),
+    (lambda d: d["parameters"].update(weight=0.5), "parameters.weight: unknown parameter for slerp"),
+    (lambda d: d["parameters"].update(t="0.5"), "parameters.t: must be a number"),
+])
+def test_config_problems_are_named(tmp_path: Path, fam: dict, change, fragment: str) -> None:
+    data = models_config(fam, t=0.5)
+    change(data)
+    with pytest.raises(InputError) as e:
+        fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    assert any(fragment in p for p in e.value.problems), e.value.problems
+
+
+def test_slices_take_the_base_and_one_other_model(tmp_path: Path, fam: dict) -> None:
+    base, e1, e2 = str(fam["base"]), str(fam["experts"][0]), str(fam["experts"][1])
+    data = {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": base, "layer_range": [0, 3]}, {"model": e1, "layer_range": [0, 3]},
+                     {"model": e2, "layer_range": [0, 3]}]}]}
+    with pytest.raises(InputError) as e:
+        fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    assert any("slices[0].sources: slerp interpolates the base model and one other model per slice, not 2 others"
+               in p for p in e.value.problems), e.value.problems
+
+
+def test_t_rules_that_leave_a_tensor_out_are_refused_in_plan(tmp_path: Path, fam: dict) -> None:
+    data = models_config(fam, t=[{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": 0.3}])
+    with pytest.raises(InputError) as e:
+        fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    assert any("tensor 'model.norm.weight': t has no value here" in p for p in e.value.problems), e.value.problems
