@@ -257,6 +257,27 @@ FM_CLONES void fm_l1_fixed(int64_t n, int in_code, const void *base, const void 
     out[1] = keep != 0 ? kept : total;
 }
 
+/* slerp.fixed_sum's sums over n elements: p = x * y * scale (exact: a product of two floats and a power of
+   two, every |p| below 2^32), out[0] = sum of trunc(p), out[1] = sum of trunc((p - trunc(p)) * 2^32); n below
+   2^31, so neither sum overflows. Conversions truncate toward zero, as torch's trunc does. */
+FM_CLONES void fm_dot_fixed(int64_t n, int in_code, const void *x, const void *y, double scale, int64_t *out) {
+    float xb[BLOCK], yb[BLOCK];
+    int64_t whole = 0, part = 0;
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
+        load_block(x, in_code, lo, m, xb);
+        load_block(y, in_code, lo, m, yb);
+        for (int k = 0; k < m; k++) {
+            double p = (double)xb[k] * (double)yb[k] * scale;
+            int64_t w = (int64_t)p;
+            whole += w;
+            part += (int64_t)((p - (double)w) * 4294967296.0);
+        }
+    }
+    out[0] = whole;
+    out[1] = part;
+}
+
 /* The set bits of hit[0..m) (flags 0 / 1, zero up to a multiple of 64) as 64-bit masks, 8 flags -> 8 bits
    by one multiplication each: mask[g] holds entries 64 g .. 64 g + 63. */
 static inline void flag_masks(const uint8_t *hit, int m, uint64_t *mask) {
@@ -380,6 +401,7 @@ _SIGNATURES = {
     "fm_hist_collect": ([_I64, _I32, _P, _P, _P, _P, _P, _I64], ctypes.c_int64),
     "fm_find_equal": ([_I64, _I32, _P, _P, ctypes.c_uint32, _I64], ctypes.c_int64),
     "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
+    "fm_dot_fixed": ([_I64, _I32, _P, _P, ctypes.c_double, _P], None),
 }
 
 _lock = threading.Lock()
@@ -579,9 +601,24 @@ def _l1_fixed(lib, base: torch.Tensor, expert: torch.Tensor, shift: int, keep: t
     return int(out[0]), int(out[1])
 
 
+def dot_fixed(x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, int] | None:
+    """slerp.fixed_sum's two sums (of the integer parts, of the 32-bit fractions) over x * y * 2^shift, or None
+    where the compiled loop does not take these chunks."""
+    return _dot_fixed(_library(), x, y, shift)
+
+
+def _dot_fixed(lib, x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, int] | None:
+    code = _takes([x, y]) if lib is not None else None
+    if code is None or x.numel() >= 2**31:
+        return None
+    out = np.zeros(2, dtype=np.int64)
+    lib.fm_dot_fixed(x.numel(), code, x.data_ptr(), y.data_ptr(), 2.0**shift, out.ctypes.data)
+    return int(out[0]), int(out[1])
+
+
 def _disagreement(lib) -> str:
     """'' if the compiled loops give the torch path's bits on a sample of every kind of merge, else which not."""
-    from fusemerge.kernels import reference
+    from fusemerge.kernels import reference, slerp
 
     g = torch.Generator().manual_seed(20261201)
     n = 3 * BLOCK + 77
@@ -660,4 +697,10 @@ def _disagreement(lib) -> str:
                 for k in (None, keep):
                     if _l1_fixed(lib, fb, fx, shift, k) != reference.l1_fixed_torch(fb, fx, shift, k):
                         return f"l1_fixed ({dtype}, shift {shift})"
+            for u, v in ((fb, fx), (fx, fx), (fx, -fx)):  # slerp's sums: every product sign and a square
+                top = float(u.float().abs().max()) * float(v.float().abs().max())
+                if top > 0.0:
+                    shift = slerp.shift_for(top)
+                    if _dot_fixed(lib, u, v, shift) != slerp.dot_fixed_torch(u, v, shift):
+                        return f"dot_fixed ({dtype})"
     return ""

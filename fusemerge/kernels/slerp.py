@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fusemerge.kernels import cpu_fused
+
 if TYPE_CHECKING:
     from fusemerge.kernels.select import Segment
 
@@ -75,17 +77,26 @@ def shift_for(max_product: float) -> int:
 
 
 def fixed_sum(x: torch.Tensor, y: torch.Tensor, shift: int) -> int:
-    """sum(x * y) * 2^(shift + FRACTION_BITS) as an integer, truncated term by term (x, y: 1-D float chunks;
-    float64 temporaries of at most BLOCK entries)."""
-    total = 0
+    """sum(x * y) * 2^(shift + FRACTION_BITS) as an integer, truncated term by term (x, y: 1-D float chunks):
+    on CPU by a compiled loop (cpu_fused.dot_fixed), else by torch operations (dot_fixed_torch); the same
+    integers."""
+    sums = cpu_fused.dot_fixed(x, y, shift) if x.device.type == "cpu" else None
+    whole, part = sums if sums is not None else dot_fixed_torch(x, y, shift)
+    return (whole << FRACTION_BITS) + part
+
+
+def dot_fixed_torch(x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, int]:
+    """(sum of trunc(p), sum of trunc((p - trunc(p)) * 2^32)) for p = x * y * 2^shift, in torch operations on
+    x's device (float64 temporaries of at most BLOCK entries)."""
+    whole = part = 0
     for s in range(0, x.numel(), BLOCK):
         p = x[s:s + BLOCK].to(torch.float64)
         p.mul_(y[s:s + BLOCK].to(torch.float64)).mul_(2.0 ** shift)  # exact: 48-bit products, a power of two
-        whole = p.trunc()
-        part = p.sub_(whole).mul_(2.0 ** FRACTION_BITS).trunc_()
-        sums = torch.stack([whole.sum(), part.sum()]).tolist()  # integers below 2^52, exact
-        total += (int(sums[0]) << FRACTION_BITS) + int(sums[1])
-    return total
+        w = p.trunc()
+        f = p.sub_(w).mul_(2.0 ** FRACTION_BITS).trunc_()
+        sums = torch.stack([w.sum(), f.sum()]).tolist()  # integers below 2^52, exact
+        whole, part = whole + int(sums[0]), part + int(sums[1])
+    return whole, part
 
 
 def slerp_weights(segments: list[Segment], chunk: int, t: float) -> tuple[float, float]:

@@ -164,3 +164,18 @@ def test_an_outlier_leaves_the_small_entries_their_precision() -> None:
     a[0], b[1] = 30.0, -30.0
     for t in (0.2, 0.5, 0.8):
         assert weights(a, b, t, chunk=1000) == weights_from_sums(t, *exact_sums(a, b))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_sums_are_the_torch_operations(dtype: torch.dtype) -> None:
+    from fusemerge.kernels import cpu_fused
+    from fusemerge.kernels.slerp import dot_fixed_torch, shift_for
+
+    if not cpu_fused.available():
+        pytest.skip(f"the compiled CPU loops are not in use: {cpu_fused.describe()}")
+    a, b = pair(70_001, 0.7, dtype, seed=21)
+    a[:3] = torch.tensor([30.0, -1e-6, 0.0]).to(dtype)
+    for x, y in ((a, b), (a, a), (b, -a)):
+        top = float(x.float().abs().max()) * float(y.float().abs().max())
+        for shift in (shift_for(top), shift_for(top) - 9):
+            assert cpu_fused.dot_fixed(x, y, shift) == dot_fixed_torch(x, y, shift)
