@@ -15,10 +15,11 @@ larger magnitude of the two). Each differing element is then put in the first cl
   exceeds 1 output ulp where the terms cancel to far below their size (e.g. a result of 3e-10 from
   terms of 0.01), where mergekit's fused multiply-adds (torch.addcmul) or summation order give other
   low bits than fusemerge's separate multiply-then-add in input order.
-  For slerp the weighted terms are the two models' with fusemerge's weights, and the bound also allows the
-  weights to differ by 2^-16 of their size: mergekit finds the angle between the tensors in float32 (norms
-  of chunk norms, a float32 dot product), fusemerge from exact sums (kernels/slerp.py); on the parity tests'
-  models the two tools' weights differ by about 1e-6 of their size.
+  For slerp the weighted terms are the two models' with fusemerge's weights, and the bound adds
+  2^-12 (|w_a| + |w_b|)(|a| + |b|): mergekit finds the angle between the tensors in float32 (norms of chunk
+  norms, a float32 dot product), fusemerge from exact sums (kernels/slerp.py), and on the 168M model of
+  bench/compare_mergekit.py the two tools' weights differ by up to 1.05e-5 of their sum. An element where
+  the terms do not cancel is within 2^-12 of its size of both tools' values, less than a bf16 ulp (2^-8).
 - `unexplained`: everything else.
 
 The explanations need each output tensor's inputs and resolved parameters; they come from fusemerge's
@@ -41,7 +42,7 @@ from fusemerge.planner import FLOAT_CODES, TensorPlan, build_plan  # noqa: E402
 from fusemerge.streaming.reader import ChunkReader  # noqa: E402
 
 EPS32 = 2.0**-24  # float32 unit roundoff
-SLERP_WEIGHTS = 2.0**-16  # how far (relative) mergekit's float32 slerp weights may be from fusemerge's
+SLERP_WEIGHTS = 2.0**-12  # how far mergekit's float32 slerp weights may be from fusemerge's, of their sum
 
 
 @dataclass
@@ -124,17 +125,18 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
         left &= ~tie
     if bool(left.any()):
         w = [abs(v) for v in (_slerp_weights(t, xs) if method.is_slerp else t.weights)]
+        extra = 0.0
         if method.combines_models:
             s = sum(wi * x.abs() for wi, x in zip(w, xs, strict=True))
             den = abs(sum(t.weights)) if t.normalize else 1.0
             if method.is_slerp:
-                s = s * (1 + SLERP_WEIGHTS / (2 * (len(xs) + 3) * EPS32))
+                extra = SLERP_WEIGHTS * sum(w) * sum(x.abs() for x in xs)
         else:
             s = sum(wi * (x.abs() + base.abs()) for wi, x in zip(w, xs, strict=True)) * abs(t.lam)
             den = (min(w) if method.consensus == "sign" else abs(sum(t.weights))) if t.normalize else 1.0
             s = s / (den or 1.0) + base.abs()
             den = 1.0
-        bound = 2 * (len(xs) + 3) * EPS32 * s / (den or 1.0)
+        bound = 2 * (len(xs) + 3) * EPS32 * s / (den or 1.0) + extra
         rounding = left & (diff <= bound)
         counts["rounding"] = int(rounding.sum())
         left &= ~rounding

@@ -257,8 +257,9 @@ def write_config_yaml(
 
     `weight`, `density`, `gamma`, `epsilon` go under each model's `parameters`: a scalar or a list
     (a gradient) applies to every expert, a tuple gives one value per expert. `weight` defaults
-    to 1.0 (mergekit requires it) for the methods that take it. `dtype`, `out_dtype`, `tokenizer_source` are top-level keys;
-    anything else (`normalize`, `lambda`, `rescale`, ...) goes to the global `parameters`.
+    to 1.0 (mergekit requires it) for the methods that take it. `dtype`, `out_dtype`, `tokenizer_source`
+    are top-level keys; anything else (`normalize`, `lambda`, `rescale`, slerp's `t`, ...) goes to the
+    global `parameters`.
     For `linear` the base is not written (mergekit would add it and require a weight for it).
 
     Example: `write_config_yaml(p, "ties", base, [e1, e2], density=0.2, dtype="bfloat16")`

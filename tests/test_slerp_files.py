@@ -11,12 +11,19 @@ import yaml
 import fusemerge
 from fusemerge.config import resolve
 from fusemerge.errors import InputError
+from fusemerge.synthetic import make_llama_family
 from tests import oracle
 from tests.kernels.test_reference import ulp
-from tests.test_merge_e2e import SHAPE, fam, load_model  # noqa: F401  (fam: the module's fixture)
+from tests.test_merge_e2e import SHAPE, load_model
 
 T_RULES = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
            {"value": 0.5}]
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict:
+    return make_llama_family(tmp_path_factory.mktemp("family"), n_experts=2, seed=4, shard_bytes=9000,
+                             expert_shard_bytes=[14000, None], **SHAPE)
 
 
 def write(tmp_path: Path, data: dict, name: str = "slerp.yml") -> Path:

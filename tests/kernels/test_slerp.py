@@ -39,7 +39,8 @@ def weights(a: torch.Tensor, b: torch.Tensor, t: float, chunk: int | None = None
 def exact_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
     """||a||^2, ||b||^2, <a, b>, each correctly rounded (math.fsum of the exact float64 products)."""
     x, y = a.reshape(-1).double().tolist(), b.reshape(-1).double().tolist()
-    return (math.fsum(u * u for u in x), math.fsum(v * v for v in y), math.fsum(u * v for u, v in zip(x, y)))
+    return (math.fsum(u * u for u in x), math.fsum(v * v for v in y),
+            math.fsum(u * v for u, v in zip(x, y, strict=True)))
 
 
 @pytest.mark.parametrize("spread", [1e-3, 0.05, 0.3, 1.0, 3.0])
