@@ -302,3 +302,20 @@ def test_opcodes_and_calls_beyond_a_state_dicts_are_refused(tmp_path, case, body
     _with_pickle(tmp_path / "src.bin", tmp_path / "x.bin", body)
     with pytest.raises(InputError, match=message):
         read_bin_header(tmp_path / "x.bin")
+
+
+def test_storages_saved_from_a_gpu_read_as_from_the_cpu(tmp_path) -> None:
+    """torch.save of CUDA tensors writes the same storages with location 'cuda:0' (the pickle's persistent id);
+    the reader ignores the location, so a GPU-saved checkpoint reads on a CPU-only machine. Made here by
+    rewriting a CPU-saved file's locations (this machine may have no GPU)."""
+    want = {"a": torch.arange(12, dtype=torch.bfloat16).reshape(3, 4), "b": torch.linspace(-1, 1, 5)}
+    torch.save(want, tmp_path / "cpu.bin")
+    with zipfile.ZipFile(tmp_path / "cpu.bin") as zf:
+        body = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    assert body.count(b"X\x03\x00\x00\x00cpu") == 1  # BINUNICODE 'cpu', memoized: the second storage refers to it
+    _with_pickle(tmp_path / "cpu.bin", tmp_path / "gpu.bin", body.replace(b"X\x03\x00\x00\x00cpu",
+                                                                          b"X\x06\x00\x00\x00cuda:0"))
+    got = _read_all(tmp_path / "gpu.bin")
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        assert torch.equal(got[name].view(torch.uint8), tensor.view(torch.uint8))
