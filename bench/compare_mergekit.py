@@ -50,7 +50,8 @@ from bench.parity import compare_dirs  # noqa: E402
 from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
-METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "slerp", "passthrough")
+METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "slerp", "model_stock",
+           "passthrough")
 # mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
            {"value": 0.5}]
@@ -81,7 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path:
     """A config exercising `method` with gradients, filters and lambda; passthrough stacks layer ranges; slerp
-    interpolates the base and the first expert over every layer (a `slices:` config, as gradient-slerp.yml)."""
+    interpolates the base and the first expert over every layer (a `slices:` config, as gradient-slerp.yml);
+    model_stock merges every expert onto the base."""
     base, experts = str(fam["base"]), [str(e) for e in fam["experts"]]
     if method == "slerp":
         n = fam["layers"]
@@ -89,6 +91,9 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
                "slices": [{"sources": [{"model": base, "layer_range": [0, n]},
                                        {"model": experts[0], "layer_range": [0, n]}]}]}
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+    if method == "model_stock":
+        write_config_yaml(path, method, base, experts, dtype="bfloat16")
         return path
     if method == "passthrough":  # a frankenmerge: overlapping halves of three models, 1.5x the layers
         n = fam["layers"]

@@ -15,11 +15,12 @@ larger magnitude of the two). Each differing element is then put in the first cl
   exceeds 1 output ulp where the terms cancel to far below their size (e.g. a result of 3e-10 from
   terms of 0.01), where mergekit's fused multiply-adds (torch.addcmul) or summation order give other
   low bits than fusemerge's separate multiply-then-add in input order.
-  For slerp the weighted terms are the two models' with fusemerge's weights, and the bound adds
-  2^-12 (|w_a| + |w_b|)(|a| + |b|): mergekit finds the angle between the tensors in float32 (norms of chunk
-  norms, a float32 dot product), fusemerge from exact sums (kernels/slerp.py), and on the 168M model of
-  bench/compare_mergekit.py the two tools' weights differ by up to 1.05e-5 of their sum. An element where
-  the terms do not cancel is within 2^-12 of its size of both tools' values, less than a bf16 ulp (2^-8).
+  For slerp and model_stock the weighted terms are the models' with fusemerge's weights, and the bound adds
+  2^-12 (sum |w_i|)(sum |x_i|): mergekit finds the angles between the tensors in float32 (norms of chunk
+  norms, float32 dot products), fusemerge from exact sums (kernels/slerp.py, kernels/model_stock.py), and on
+  the 168M model of bench/compare_mergekit.py the two tools' slerp weights differ by up to 1.05e-5 of their
+  sum. An element where the terms do not cancel is within 2^-12 of its size of both tools' values, less than
+  a bf16 ulp (2^-8).
 - `unexplained`: everything else.
 
 The explanations need each output tensor's inputs and resolved parameters; they come from fusemerge's
@@ -42,7 +43,7 @@ from fusemerge.planner import FLOAT_CODES, TensorPlan, build_plan  # noqa: E402
 from fusemerge.streaming.reader import ChunkReader  # noqa: E402
 
 EPS32 = 2.0**-24  # float32 unit roundoff
-SLERP_WEIGHTS = 2.0**-12  # how far mergekit's float32 slerp weights may be from fusemerge's, of their sum
+ANGLE_WEIGHTS = 2.0**-12  # how far mergekit's float32 slerp / model_stock weights may be from fusemerge's, of their sum
 
 
 @dataclass
@@ -124,13 +125,13 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
         counts["tie"] = int((left & tie).sum())
         left &= ~tie
     if bool(left.any()):
-        w = [abs(v) for v in (_slerp_weights(t, xs) if method.is_slerp else t.weights)]
+        w = [abs(v) for v in (_angle_weights(method, t, xs) if method.angle_weights else t.weights)]
         extra = 0.0
         if method.combines_models:
             s = sum(wi * x.abs() for wi, x in zip(w, xs, strict=True))
             den = abs(sum(t.weights)) if t.normalize else 1.0
-            if method.is_slerp:
-                extra = SLERP_WEIGHTS * sum(w) * sum(x.abs() for x in xs)
+            if method.angle_weights:
+                extra = ANGLE_WEIGHTS * sum(w) * sum(x.abs() for x in xs)
         else:
             s = sum(wi * (x.abs() + base.abs()) for wi, x in zip(w, xs, strict=True)) * abs(t.lam)
             den = (min(w) if method.consensus == "sign" else abs(sum(t.weights))) if t.normalize else 1.0
@@ -143,13 +144,15 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
     return counts
 
 
-def _slerp_weights(t: TensorPlan, xs: list[torch.Tensor]) -> tuple[float, float]:
-    """fusemerge's slerp weights for tensor t's two models (the base's first)."""
-    from fusemerge.kernels.select import Segment
-    from fusemerge.kernels.slerp import slerp_weights
+def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor]) -> tuple[float, ...]:
+    """fusemerge's slerp or model_stock weights for tensor t's models (the base's first)."""
+    from fusemerge.kernels.select import Segment, tensor_params
 
     n = xs[0].numel()
-    return slerp_weights([Segment(n, lambda s, c: (None, [x[s:s + c] for x in xs]), whole=True)], n, t.t)
+    segment = Segment(n, lambda s, c: (None, [x[s:s + c] for x in xs]), whole=True)
+    return tensor_params(method, name=t.name, numel=n, segments=[segment], weights=[], density=[], gamma=[],
+                         lam=1.0, normalize=False, rescale=False, seed=0, chunk=max(1, n), backend=None, t=t.t,
+                         models=len(xs)).weights
 
 
 def compare_dirs(fusemerge_dir: Path, mergekit_dir: Path, config: Path | dict) -> Parity:

@@ -61,7 +61,6 @@ MERGEKIT_ONLY_METHODS = (
     "nuslerp",
     "multislerp",
     "karcher",
-    "model_stock",
     "della",
     "della_linear",
     "sce",
@@ -695,12 +694,10 @@ class _Validator:
                 models = [ref for ref in listed if base is None or ref.path != base.path]
                 if listed and not models:
                     self.add("models", f"lists only the base model; {method.name} needs at least one other model")
-                elif method.is_slerp and len(models) > 1:
-                    self.add("models", f"slerp interpolates the base model and one other model, not "
-                                       f"{len(models)} (as in mergekit); to merge more, use linear, "
-                                       "task_arithmetic, ties or dare_ties")
-                if method.is_slerp and base is not None:
-                    models = [base, *models]  # the kernels' order: the base's tensor, then the other model's
+                elif models:
+                    self._check_others(method, len(models), "models")
+                if method.angle_weights and base is not None:
+                    models = [base, *models]  # the kernels' order: the base's tensor, then the others'
             if not self.problems and slices is None and not method.is_passthrough:
                 self._check_combinations(method, models, listed, global_params)
 
@@ -898,16 +895,26 @@ class _Validator:
                                   "it in every slice, with the layer_range its deltas are taken from (as mergekit)")
                 elif len(paths) < 2:
                     self.add(key, f"lists only the base model; {method.name} needs at least one other model")
-                elif method.is_slerp and len(paths) > 2:
-                    self.add(key, f"slerp interpolates the base model and one other model per slice, not "
-                                  f"{len(paths) - 1} others (as in mergekit)")
+                else:
+                    self._check_others(method, len(paths) - 1, key, " per slice")
             for src in sl.sources:
                 if method.needs_base and base is not None and src.ref.path == base.path:
                     continue
                 models.setdefault(src.ref.path, src.ref)
-        if method.is_slerp and base is not None:
-            return [base, *models.values()]  # the base's tensor comes first (slerp's a), as in each tensor's inputs
+        if method.angle_weights and base is not None:
+            return [base, *models.values()]  # the base's tensor comes first, as in each tensor's inputs
         return list(models.values())
+
+    def _check_others(self, method: Method, n: int, key: str, where: str = "") -> None:
+        """Whether `n` models besides the base is what `method` takes (Method.others, mergekit's contract)."""
+        low, high = method.others
+        if n < low or (high is not None and n > high):
+            if method.is_slerp:
+                self.add(key, f"slerp interpolates the base model and one other model{where}, not {n} (as in "
+                              "mergekit); to merge more, use linear, task_arithmetic, ties or dare_ties")
+            else:
+                self.add(key, f"{method.name} takes at least {low} models besides the base{where}, not {n} "
+                              "(as in mergekit)")
 
     def _params_mapping(self, value: Any, key: str) -> dict[str, Any]:
         if value is None:
@@ -1004,6 +1011,10 @@ class _Validator:
             if per_model and not pdef.per_model:
                 self.add(key, f"{name} applies to the whole merge, not one model; "
                               "set it under the top-level parameters:")
+                continue
+            if name == "filter_wise" and value is not False:
+                self.add(key, "only filter_wise: false is supported: model_stock's per-row variant (true) is not "
+                              "implemented yet; fusemerge merges whole tensors")
                 continue
             self._check_setting(value, pdef, key)
 

@@ -199,10 +199,10 @@ class MergePlan:
 
     def needs_statistics(self, t: TensorPlan) -> bool:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's
-        or a trim's, slerp's angle)."""
+        or a trim's, the angles of slerp and model_stock)."""
         m = self.method
-        return m.is_slerp or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
-                                                                           and t.rescale is True)))
+        return m.angle_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
+                                                                               and t.rescale is True)))
 
     def reads(self, t: TensorPlan) -> int:
         """How often tensor `t`'s inputs are read: once, or with the statistics passes first (thresholds: the
@@ -214,7 +214,7 @@ class MergePlan:
         m = self.method
         if t.copy_only or not self.needs_statistics(t):
             return 1
-        l1 = 2 if t.rescale is True or m.is_slerp else 0  # slerp's angle: max |x|, then the sums, as an L1 rescale
+        l1 = 2 if t.rescale is True or m.angle_weights else 0  # angles: max |x|, then the sums, as an L1 rescale
         if self.global_trim:
             return 1 + self.radix_passes + l1
         select = self.radix_passes if m.needs_thresholds else 0
@@ -1055,6 +1055,8 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
             raise InputError(f"tensor '{name}': t resolves to {t}, beyond float32's range (the merge computes in "
                              "float32)")
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False, t=float(t))
+    if method.is_model_stock:  # its weights come from the tensors alone
+        return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False)
 
     def per_model(pname: str) -> list[float]:
         return per_model_values(pname) if pname in method.params else []

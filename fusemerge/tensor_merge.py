@@ -242,7 +242,7 @@ def merge_tensors(
         p = tensor_params(m, name=name, numel=numel, segments=[Segment(numel, load, whole=True)],
                           weights=p_args["weights"], density=p_args["density"], gamma=p_args["gamma"],
                           lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
-                          backend=kstats, masks=masks, t=p_args.get("t"))
+                          backend=kstats, masks=masks, t=p_args.get("t"), models=n)
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

@@ -118,3 +118,22 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> np.ndarray:
     """The slerp of tensors a (the base's) and b in float64 (flat)."""
     wa, wb = slerp_weights(a, b, t)
     return wa * a.reshape(-1).double().numpy() + wb * b.reshape(-1).double().numpy()
+
+
+def model_stock_weights(base: torch.Tensor, models: list[torch.Tensor]) -> list[float]:
+    """mergekit's model_stock weights (merge_methods/model_stock.py) in float64: (1 - t, t / N, ..., t / N)."""
+    ds = [(m.reshape(-1).float() - base.reshape(-1).float()).double().numpy() for m in models]  # float32 deltas
+    n = len(ds)
+    cos = [np.clip(np.dot(ds[i], ds[j]) / max(np.linalg.norm(ds[i]) * np.linalg.norm(ds[j]), 1e-6), -1.0, 1.0)
+           for i in range(n) for j in range(i + 1, n)]
+    c = float(np.mean(cos))
+    den = 1 + (n - 1) * c
+    t = 0.0 if abs(den) < 1e-6 else n * c / den
+    return [1.0 - t] + [t / n] * n
+
+
+def model_stock(base: torch.Tensor, models: list[torch.Tensor]) -> np.ndarray:
+    """The model_stock merge of `models` onto `base` in float64 (flat)."""
+    w = model_stock_weights(base, models)
+    xs = [base.reshape(-1).double().numpy()] + [m.reshape(-1).double().numpy() for m in models]
+    return sum(wi * x for wi, x in zip(w, xs, strict=True))

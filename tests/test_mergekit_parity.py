@@ -11,8 +11,8 @@ What must hold (issue 6, docs/mergekit.md):
   mergekit's, except where the weighted sum cancels to far below its terms and the two tools' float32
   rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
 - ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
-- slerp, of `models:` and of `slices:`, as linear (its weights from the angle between the two tensors; mergekit
-  finds that angle in float32, fusemerge exactly: bench/parity.py);
+- slerp and model_stock, of `models:` and of `slices:`, as linear (their weights from the angles between the
+  tensors; mergekit finds those angles in float32, fusemerge exactly: bench/parity.py);
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
 - the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16), and for one
   saved as PyTorch `.bin` checkpoints (one file, and shards with an index).
@@ -118,6 +118,18 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
                              {"sources": [{"model": base, "layer_range": [1, 4]},
                                           {"model": e3, "layer_range": [1, 4]}]}],
                          "parameters": {"t": 0.35}},
+        # model_stock of the base and three models, and over slices (the base listed second in one)
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
+                        "out_dtype": "bfloat16", "models": [{"model": base}, {"model": e1}, {"model": e2},
+                                                            {"model": e3}], "parameters": {"filter_wise": False}},
+        "model_stock_slices": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
+                               "out_dtype": "bfloat16", "slices": [
+                                   {"sources": [{"model": base, "layer_range": [0, 2]},
+                                                {"model": e1, "layer_range": [0, 2]},
+                                                {"model": e2, "layer_range": [2, 4]}]},
+                                   {"sources": [{"model": e3, "layer_range": [2, 4]},
+                                                {"model": base, "layer_range": [2, 4]},
+                                                {"model": e1, "layer_range": [2, 4]}]}]},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -162,8 +174,8 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
-                                  "slerp_slices"])
-def test_linear_task_arithmetic_and_slerp_within_one_ulp(merged: dict, name: str) -> None:
+                                  "slerp_slices", "model_stock", "model_stock_slices"])
+def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)
     assert not par.problems, par.problems

@@ -126,7 +126,7 @@ def test_slices_take_the_base_and_one_other_model(tmp_path: Path, fam: dict) -> 
                      {"model": e2, "layer_range": [0, 3]}]}]}
     with pytest.raises(InputError) as e:
         fusemerge.build_plan(write(tmp_path, data), device="cpu")
-    assert any("slices[0].sources: slerp interpolates the base model and one other model per slice, not 2 others"
+    assert any("slices[0].sources: slerp interpolates the base model and one other model per slice, not 2 (as in"
                in p for p in e.value.problems), e.value.problems
 
 

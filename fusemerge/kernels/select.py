@@ -662,13 +662,15 @@ def tensor_params(
     masks: KeepMasks | None = None,
     keep_bytes: int | None = None,
     t: float | None = None,
+    models: int = 0,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
     `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection; `masks`
     (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass; `keep_bytes`:
     top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share); `t`:
-    slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py).
+    slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py);
+    `models`: how many models (the base's tensor first) slerp and model_stock sum.
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -677,6 +679,11 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=slerp_weights(segments, chunk, t))
+    if method.is_model_stock:
+        from fusemerge.kernels.model_stock import model_stock_weights
+
+        return ChunkParams(sparsifier="none", consensus="none", linear=True,
+                           weights=model_stock_weights(segments, chunk, models - 1))
     n = len(weights)
     kw: dict = {}
     if method.needs_thresholds:

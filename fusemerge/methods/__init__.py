@@ -6,9 +6,10 @@ This is mergekit's "generalized task arithmetic" idea without its task graph:
     consensus    none (weighted sum) | sign (TIES election + disjoint mean)
 
 `linear` averages the models themselves rather than their deltas; `slerp` interpolates a base and one other
-model along the arc between them (a weighted sum of the two whose weights come from the angle between the
-tensors: kernels/slerp.py); `passthrough` copies one model's tensors (optionally scaled), the building block
-of `slices:` layer stacking ("frankenmerges").
+model along the arc between them, and `model_stock` moves the base toward the models' average by an amount
+the angles between their deltas decide: both are a weighted sum of the models whose weights come from a
+statistics pass over the tensor (kernels/slerp.py, kernels/model_stock.py); `passthrough` copies one model's
+tensors (optionally scaled), the building block of `slices:` layer stacking ("frankenmerges").
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Method:
     needs_base: bool
     params: dict[str, ParamDef] = field(default_factory=dict)
     paper: str = ""
+    others: tuple[int, int | None] = (1, None)  # how many models besides the base it takes (min, max or None)
 
     @property
     def is_linear(self) -> bool:
@@ -55,10 +57,20 @@ class Method:
         return self.name == "slerp"
 
     @property
+    def is_model_stock(self) -> bool:
+        return self.name == "model_stock"
+
+    @property
+    def angle_weights(self) -> bool:
+        """True when each tensor's weights come from the angles between its models (slerp, model_stock): the
+        base's tensor is then the first of the models the kernel sums, not a base to subtract."""
+        return self.name in ("slerp", "model_stock")
+
+    @property
     def combines_models(self) -> bool:
         """True when the kernel combines the models themselves (a weighted sum), not deltas from a base. For
-        slerp the models are the base, then the other model."""
-        return self.name in ("linear", "passthrough", "slerp")
+        slerp and model_stock the models are the base, then the others."""
+        return self.name in ("linear", "passthrough") or self.angle_weights
 
     @property
     def needs_thresholds(self) -> bool:
@@ -86,6 +98,8 @@ RESCALE = _p("rescale", True, False, kind="rescale")
 TRIM_RESCALE = _p("rescale", False, False, kind="bool")
 # slerp's interpolation factor (mergekit/merge_methods/slerp.py: `t`, required): 0 is the base, 1 the other model.
 T = _p("t", None, False)
+# model_stock's per-row variant (mergekit: `filter_wise`, default false); only false is supported.
+FILTER_WISE = _p("filter_wise", False, False, kind="bool")
 # passthrough's optional per-model factor (mergekit/merge_methods/passthrough.py: `scale`).
 SCALE = _p("scale", 1.0, True)
 
@@ -117,7 +131,9 @@ _ALL = [
                    "normalize": _normalize(False), "rescale": TRIM_RESCALE},
            paper="https://arxiv.org/abs/2312.06795"),
     Method("slerp", "none", "none", needs_base=True, params={"t": T},
-           paper="https://en.wikipedia.org/wiki/Slerp"),
+           paper="https://en.wikipedia.org/wiki/Slerp", others=(1, 1)),
+    Method("model_stock", "none", "none", needs_base=True, params={"filter_wise": FILTER_WISE},
+           paper="https://arxiv.org/abs/2403.19522", others=(2, None)),
     Method("passthrough", "none", "none", needs_base=False,
            params={"scale": SCALE},
            paper="mergekit's passthrough: one model's tensors, copied"),

@@ -414,12 +414,17 @@ def test_a_pinned_budget_below_the_smallest_chunk_is_refused(tmp_path, fam) -> N
         Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=floor - 1)
 
 
+@pytest.mark.parametrize("method", ["slerp", "model_stock"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize(("max_memory", "pinned"), [(None, "64KiB"), ("64KiB", "16KiB")])
-def test_slerp_through_the_pipeline(tmp_path, fam, backend, max_memory, pinned) -> None:
-    """slerp's statistics (kernels/slerp.py) on resident tensors, and on those too large to keep (read 3x)."""
-    cfg = tmp_path / "slerp.yml"
-    write_config_yaml(cfg, "slerp", fam["base"], [fam["experts"][0]], t=[0.1, 0.8])
+@pytest.mark.parametrize(("max_memory", "pinned"), [(None, "64KiB"), ("64KiB", "32KiB")])
+def test_angle_weights_through_the_pipeline(tmp_path, fam, method, backend, max_memory, pinned) -> None:
+    """The statistics of slerp and model_stock (kernels/slerp.py, model_stock.py) on resident tensors, and on
+    those too large to keep (read 3x)."""
+    cfg = tmp_path / f"{method}.yml"
+    if method == "slerp":
+        write_config_yaml(cfg, "slerp", fam["base"], [fam["experts"][0]], t=[0.1, 0.8])
+    else:
+        write_config_yaml(cfg, "model_stock", fam["base"], fam["experts"])
     fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
     plan, _, _ = pipeline_run(cfg, tmp_path / "p", max_memory=max_memory, pinned=pinned, backend=backend)
     assert (max_memory is None) == all(plan.reads(t) == 1 for t in plan.tensors)  # 64 KiB: the embedding is read 3x

@@ -1,0 +1,82 @@
+"""model_stock through files: `models:` and `slices:` configs, chunking, and the config's checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusemerge
+from fusemerge.errors import InputError
+from fusemerge.synthetic import make_llama_family
+from tests import oracle
+from tests.kernels.test_reference import ulp
+from tests.test_merge_e2e import SHAPE, load_model
+from tests.test_slerp_files import write
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory) -> dict:
+    return make_llama_family(tmp_path_factory.mktemp("family"), n_experts=3, seed=6, shard_bytes=9000,
+                             expert_shard_bytes=[14000, None, 5000], **SHAPE)
+
+
+def models_config(fam: dict, **extra) -> dict:
+    return {"merge_method": "model_stock", "base_model": str(fam["base"]),
+            "models": [{"model": str(m)} for m in (fam["base"], *fam["experts"])], **extra}
+
+
+def test_models_config_merges_each_tensor_as_merge_tensors_does(tmp_path: Path, fam: dict) -> None:
+    fusemerge.run(write(tmp_path, models_config(fam)), tmp_path / "out", device="cpu")
+    merged, base = load_model(tmp_path / "out"), load_model(fam["base"])
+    others = [load_model(p) for p in fam["experts"]]
+    assert set(merged) == set(base)
+    for name, tensor in merged.items():
+        inputs = [o[name] for o in others]
+        expect = fusemerge.merge_tensors(base[name], inputs, "model_stock")
+        assert torch.equal(tensor.view(torch.int16), expect.view(torch.int16)), name
+        f64 = torch.from_numpy(oracle.model_stock(base[name], inputs)).reshape(tensor.shape)
+        assert bool(((tensor.double() - f64).abs() <= ulp(f64, torch.bfloat16)).all()), name
+
+
+def test_output_bytes_do_not_depend_on_memory_budget_or_workers(tmp_path: Path, fam: dict) -> None:
+    cfg = write(tmp_path, models_config(fam, parameters={"filter_wise": False}))
+    fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
+    fusemerge.run(cfg, tmp_path / "b", device="cpu", max_memory="96KiB", workers=2)
+    plan = fusemerge.build_plan(cfg, device="cpu", max_memory="96KiB", workers=2)
+    assert any(plan.reads(t) == 3 for t in plan.tensors)
+    assert [m.path for m in plan.models] == [fam["base"], *fam["experts"]]
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
+def test_slices_take_the_base_wherever_it_is_listed(tmp_path: Path, fam: dict) -> None:
+    base, e1, e2, e3 = (str(p) for p in (fam["base"], *fam["experts"]))
+    data = {"merge_method": "model_stock", "base_model": base, "slices": [
+        {"sources": [{"model": e1, "layer_range": [0, 3]}, {"model": base, "layer_range": [0, 3]},
+                     {"model": e3, "layer_range": [0, 3]}]}]}
+    fusemerge.run(write(tmp_path, data), tmp_path / "out", device="cpu")
+    merged, mb, m1, m3 = (load_model(p) for p in (tmp_path / "out", fam["base"], fam["experts"][0],
+                                                  fam["experts"][2]))
+    for name in ("model.layers.2.mlp.up_proj.weight", "model.embed_tokens.weight", "model.norm.weight"):
+        expect = fusemerge.merge_tensors(mb[name], [m1[name], m3[name]], "model_stock")
+        assert torch.equal(merged[name].view(torch.int16), expect.view(torch.int16)), name
+    del e2
+
+
+@pytest.mark.parametrize(("change", "fragment"), [
+    (lambda d: d.update(models=d["models"][:2]), "models: model_stock takes at least 2 models besides the base, "
+                                                 "not 1 (as in mergekit)"),
+    (lambda d: d.update(parameters={"filter_wise": True}), "parameters.filter_wise: only filter_wise: false is "
+                                                           "supported"),
+    (lambda d: d.update(parameters={"weight": 0.5}), "parameters.weight: unknown parameter for model_stock"),
+    (lambda d: d["models"][1].update(parameters={"filter_wise": False}), "models[1].parameters.filter_wise: "
+                                                                         "filter_wise applies to the whole merge"),
+    (lambda d: d.pop("base_model"), "base_model: missing; model_stock merges differences from a base model"),
+])
+def test_config_problems_are_named(tmp_path: Path, fam: dict, change, fragment: str) -> None:
+    data = models_config(fam)
+    change(data)
+    with pytest.raises(InputError) as e:
+        fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    assert any(fragment in p for p in e.value.problems), e.value.problems
