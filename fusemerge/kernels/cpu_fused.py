@@ -278,6 +278,42 @@ FM_CLONES void fm_dot_fixed(int64_t n, int in_code, const void *x, const void *y
     out[1] = part;
 }
 
+/* model_stock's sums over n elements of the deltas d_i = x_i - base (float32, as reference.delta): for every
+   pair i <= j with scale[i * nexp + j] != 0, slerp.fixed_sum's two sums of p = d_i * d_j * scale into
+   out[2 (i * nexp + j)] and out[2 (i * nexp + j) + 1]; one read of the chunk for all pairs. */
+FM_CLONES void fm_gram_fixed(int64_t n, int in_code, int nexp, const void *base, const void *const *experts,
+                             const double *scale, int64_t *out) {
+    float b[BLOCK];
+    float *d = (float *)malloc(sizeof(float) * BLOCK * (size_t)nexp);
+    if (d == 0) return;
+    for (int q = 0; q < 2 * nexp * nexp; q++) out[q] = 0;
+    for (int64_t lo = 0; lo < n; lo += BLOCK) {
+        int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
+        load_block(base, in_code, lo, m, b);
+        for (int i = 0; i < nexp; i++) {
+            float *di = d + (size_t)i * BLOCK;
+            load_block(experts[i], in_code, lo, m, di);
+            for (int k = 0; k < m; k++) di[k] = di[k] - b[k];
+        }
+        for (int i = 0; i < nexp; i++)
+            for (int j = i; j < nexp; j++) {
+                double s = scale[i * nexp + j];
+                if (s == 0.0) continue;
+                const float *di = d + (size_t)i * BLOCK, *dj = d + (size_t)j * BLOCK;
+                int64_t whole = 0, part = 0;
+                for (int k = 0; k < m; k++) {
+                    double p = (double)di[k] * (double)dj[k] * s;
+                    int64_t w = (int64_t)p;
+                    whole += w;
+                    part += (int64_t)((p - (double)w) * 4294967296.0);
+                }
+                out[2 * (i * nexp + j)] += whole;
+                out[2 * (i * nexp + j) + 1] += part;
+            }
+    }
+    free(d);
+}
+
 /* The set bits of hit[0..m) (flags 0 / 1, zero up to a multiple of 64) as 64-bit masks, 8 flags -> 8 bits
    by one multiplication each: mask[g] holds entries 64 g .. 64 g + 63. */
 static inline void flag_masks(const uint8_t *hit, int m, uint64_t *mask) {
@@ -402,6 +438,7 @@ _SIGNATURES = {
     "fm_find_equal": ([_I64, _I32, _P, _P, ctypes.c_uint32, _I64], ctypes.c_int64),
     "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
     "fm_dot_fixed": ([_I64, _I32, _P, _P, ctypes.c_double, _P], None),
+    "fm_gram_fixed": ([_I64, _I32, _I32, _P, _P, _P, _P], None),
 }
 
 _lock = threading.Lock()
@@ -616,6 +653,28 @@ def _dot_fixed(lib, x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, 
     return int(out[0]), int(out[1])
 
 
+def gram_fixed(base: torch.Tensor, experts: list[torch.Tensor], shifts: dict[tuple[int, int], int]
+               ) -> dict[tuple[int, int], tuple[int, int]] | None:
+    """slerp.fixed_sum's two sums over d_i * d_j * 2^shift for every pair (i, j) of `shifts` (i <= j), d_i the
+    float32 deltas experts[i] - base, in one read of the chunk; None where the compiled loop does not take it."""
+    return _gram_fixed(_library(), base, experts, shifts)
+
+
+def _gram_fixed(lib, base: torch.Tensor, experts: list[torch.Tensor], shifts: dict[tuple[int, int], int]
+                ) -> dict[tuple[int, int], tuple[int, int]] | None:
+    code = _takes([base, *experts]) if lib is not None else None
+    if code is None or base.numel() >= 2**31 or not experts:
+        return None
+    nexp = len(experts)
+    scale = np.zeros(nexp * nexp, dtype=np.float64)
+    for (i, j), s in shifts.items():
+        scale[i * nexp + j] = 2.0**s
+    out = np.zeros(2 * nexp * nexp, dtype=np.int64)
+    ptrs = (ctypes.c_void_p * nexp)(*[x.data_ptr() for x in experts])
+    lib.fm_gram_fixed(base.numel(), code, nexp, base.data_ptr(), ptrs, scale.ctypes.data, out.ctypes.data)
+    return {(i, j): (int(out[2 * (i * nexp + j)]), int(out[2 * (i * nexp + j) + 1])) for i, j in shifts}
+
+
 def _disagreement(lib) -> str:
     """'' if the compiled loops give the torch path's bits on a sample of every kind of merge, else which not."""
     from fusemerge.kernels import reference, slerp
@@ -703,4 +762,11 @@ def _disagreement(lib) -> str:
                     shift = slerp.shift_for(top)
                     if _dot_fixed(lib, u, v, shift) != slerp.dot_fixed_torch(u, v, shift):
                         return f"dot_fixed ({dtype})"
+            others = [fx, fb, (fb.float() - 0.5 * fx.float()).to(dtype)]  # finite; one delta of zeros
+            ds = [x.float() - fb.float() for x in others]
+            shifts = {(i, j): slerp.shift_for(max(float(ds[i].abs().max() * ds[j].abs().max()), 2.0**-100))
+                      for i in range(3) for j in range(i, 3) if (i, j) != (1, 2)}
+            want = {p: slerp.dot_fixed_torch(ds[p[0]], ds[p[1]], s) for p, s in shifts.items()}
+            if _gram_fixed(lib, fb, others, shifts) != want:
+                return f"gram_fixed ({dtype})"
     return ""

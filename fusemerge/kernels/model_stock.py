@@ -11,10 +11,11 @@ w_0 and N >= 2 others w_1 .. w_N, with deltas d_i = w_i - w_0:
 So the result is the weighted sum (1 - t) w_0 + (t / N) w_1 + ... + (t / N) w_N, which the `linear` kernels
 compute; this file finds those N + 1 weights. The norms and dot products of the deltas (float32, as every
 delta: METHODS.md) are the fixed-point sums of kernels/slerp.py (exact to 2^-32 of a unit set by the largest
-product), so the weights are the same for every chunking, device and thread count; the cosines and t are
-found in float64 and the weights rounded to float32. (mergekit computes all of it in float32.) Where a delta
-is NaN or infinite the angles have no meaning: the weights are those of t = 1, the plain average of the
-models, so the non-finite entries stay where they are (mergekit's tensor becomes NaN everywhere).
+product; on CPU all pairs in one compiled read of a chunk), so the weights are the same for every chunking,
+device and thread count; the cosines and t are found in float64 and the weights rounded to float32.
+(mergekit computes all of it in float32.) Where a delta is NaN or infinite the angles have no meaning: the
+weights are those of t = 1, the plain average of the models, so the non-finite entries stay where they are
+(mergekit's tensor becomes NaN everywhere).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fusemerge.kernels.slerp import FRACTION_BITS, fixed_sum, shift_for
+from fusemerge.kernels import cpu_fused, reference
+from fusemerge.kernels.slerp import FRACTION_BITS, dot_fixed_torch, shift_for
 
 if TYPE_CHECKING:
     from fusemerge.kernels.select import Segment
@@ -58,16 +60,11 @@ def model_stock_weights(segments: list[Segment], chunk: int, n: int) -> tuple[fl
     time: one pass for each delta's largest magnitude, one for the sums (none when the tensor is kept)."""
     from fusemerge.kernels.select import _chunks
 
-    def deltas(models) -> list:
-        base = models[0].float()
-        return [x.float() - base for x in models[1:]]
-
     top = [0.0] * n
     for _, _, models in _chunks(segments, chunk):
-        for i, d in enumerate(deltas(models)):
-            if d.numel():
-                m = float(d.abs().max())
-                top[i] = math.inf if math.isnan(m) else max(top[i], m)  # max(x, nan) is x: a NaN would be lost
+        for i, x in enumerate(models[1:]):
+            m = reference.max_abs(models[0], x)  # max |x - base|, NaN where a delta is NaN
+            top[i] = math.inf if math.isnan(m) else max(top[i], m)  # max(x, nan) is x: a NaN would be lost
     if not all(math.isfinite(m) for m in top):
         return weights_from_cosine(1.0, n)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
@@ -76,8 +73,17 @@ def model_stock_weights(segments: list[Segment], chunk: int, n: int) -> tuple[fl
     sums = dict.fromkeys(pairs, 0)
     if live:
         for _, _, models in _chunks(segments, chunk):
-            ds = deltas(models)
-            for i, j in live:
-                sums[(i, j)] += fixed_sum(ds[i], ds[j], shifts[(i, j)])
+            for p, (whole, part) in _gram(models[0], models[1:], shifts).items():
+                sums[p] += (whole << FRACTION_BITS) + part
     dots = {p: math.ldexp(float(sums[p]), -(shifts[p] + FRACTION_BITS)) if p in shifts else 0.0 for p in pairs}
     return weights_from_cosine(cosine_from_sums(dots, n), n)
+
+
+def _gram(base, experts, shifts: dict[tuple[int, int], int]) -> dict[tuple[int, int], tuple[int, int]]:
+    """The fixed-point sums of every pair of `shifts` over one chunk: on CPU one compiled read of the chunk for
+    all pairs (cpu_fused.gram_fixed), else torch operations on the float32 deltas; the same integers."""
+    found = cpu_fused.gram_fixed(base, list(experts), shifts) if base.device.type == "cpu" else None
+    if found is not None:
+        return found
+    ds = [x.float() - base.float() for x in experts]
+    return {(i, j): dot_fixed_torch(ds[i], ds[j], s) for (i, j), s in shifts.items()}

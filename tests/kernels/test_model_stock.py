@@ -108,3 +108,19 @@ def test_merge_tensors_needs_two_models_besides_the_base() -> None:
         merge_tensors(base, models[:1], "model_stock")
     with pytest.raises(InputError, match="weight: unknown parameter for model_stock"):
         merge_tensors(base, models, "model_stock", weight=0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_compiled_sums_are_the_torch_operations(dtype: torch.dtype) -> None:
+    from fusemerge.kernels import cpu_fused
+    from fusemerge.kernels.slerp import dot_fixed_torch, shift_for
+
+    if not cpu_fused.available():
+        pytest.skip(f"the compiled CPU loops are not in use: {cpu_fused.describe()}")
+    base, models = family(5, 3001, dtype, seed=31)
+    models[2] = base.clone()  # a zero delta
+    ds = [m.float() - base.float() for m in models]
+    shifts = {(i, j): shift_for(float(ds[i].abs().max() * ds[j].abs().max()) or 1.0) - (i + j) % 3
+              for i in range(5) for j in range(i, 5) if (i, j) != (0, 3)}
+    want = {p: dot_fixed_torch(ds[p[0]], ds[p[1]], s) for p, s in shifts.items()}
+    assert cpu_fused.gram_fixed(base, models, shifts) == want
