@@ -56,6 +56,8 @@ TOP_LEVEL_KEYS = (
     "name",
 )
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 # mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
 MERGEKIT_ONLY_METHODS = (
     "nuslerp",
@@ -663,12 +665,17 @@ class _Validator:
             for where, params in self.slice_params:
                 self._check_params(params, where, method, per_model=False)
             self._check_params(global_params, "parameters", method, per_model=False)
-            for pname, pdef in method.params.items():  # required ones (slerp's t): set for the whole merge
-                if pdef.default is None and pname not in global_params and not any(
-                        pname in params for _, params in self.slice_params):
-                    self.add(f"parameters.{pname}", f"missing; {method.name} needs {pname}" + (
-                        " (0 is the base model, 1 the other model: a number, a gradient [v0, v1, ...] or "
-                        "{filter, value} rules)" if pname == "t" else ""))
+            for pname, pdef in method.params.items():  # required ones (slerp's t): for every tensor
+                if pdef.default is not None or pname in global_params:
+                    continue
+                what = (" (0 is the base model, 1 the other model: a number, a gradient [v0, v1, ...] or "
+                        "{filter, value} rules)" if pname == "t" else "")
+                unset = [where for where, params in self.slice_params if pname not in params]
+                if not self.slice_params:
+                    self.add(f"parameters.{pname}", f"missing; {method.name} needs {pname}{what}")
+                for where in unset:  # a slice without it, and no top-level value to fall back to
+                    self.add(where.removesuffix(".parameters"), f"{pname} is missing here and under the top-level "
+                                                                f"parameters:; {method.name} needs {pname}{what}")
             scope = global_params.get("trim_scope")
             if isinstance(scope, str) and scope in TRIM_SCOPES:
                 trim_scope = scope
@@ -892,7 +899,9 @@ class _Validator:
             if method.needs_base and base is not None:
                 if base.path not in paths:
                     self.add(key, f"the base model {base.model!r} is not among the sources; {method.name} needs "
-                                  "it in every slice, with the layer_range its deltas are taken from (as mergekit)")
+                                  "it in every slice, with the layer_range "
+                                  + ("it interpolates from" if method.angle_weights else "its deltas are taken from")
+                                  + " (as mergekit)")
                 elif len(paths) < 2:
                     self.add(key, f"lists only the base model; {method.name} needs at least one other model")
                 else:
@@ -1005,12 +1014,15 @@ class _Validator:
                     self.add(key, f"must be true or false, not {_kind_name(value)}")
                 continue
             if pdef is None:
-                self.add(key, f"unknown parameter for {method.name}{did_you_mean(str(name), allowed)}; "
-                              f"it takes {', '.join(allowed)}")
+                takes = (f"it takes {', '.join(allowed)}" if allowed else
+                         f"{method.name} takes no per-model parameters"
+                         + (f" ({', '.join(method.params)} go(es) under parameters:)" if method.params else ""))
+                self.add(key, f"unknown parameter for {method.name}{did_you_mean(str(name), allowed)}; {takes}")
                 continue
             if per_model and not pdef.per_model:
-                self.add(key, f"{name} applies to the whole merge, not one model; "
-                              "set it under the top-level parameters:")
+                self.add(key, f"{name} applies to the whole merge, not one model; set it under the "
+                              + ("slice's or the top-level parameters:" if ".sources[" in where
+                                 else "top-level parameters:"))
                 continue
             if name == "filter_wise" and value is not False:
                 self.add(key, "only filter_wise: false is supported: model_stock's per-row variant (true) is not "
@@ -1090,6 +1102,9 @@ class _Validator:
             return
         if not math.isfinite(value):
             self.add(key, f"must be a finite number, not {value!r}")
+            return
+        if abs(value) > FLOAT32_MAX:  # the merge computes in float32, where it would be infinite
+            self.add(key, f"{value!r} is beyond float32's range (the merge computes in float32)")
             return
         low_bad = pdef.low is not None and (value <= pdef.low if pdef.low_open else value < pdef.low)
         high_bad = pdef.high is not None and value > pdef.high

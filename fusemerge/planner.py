@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fusemerge.config import (
+    FLOAT32_MAX,
     LAYER_NAME_RE,
     MergeConfig,
     OutputSlice,
@@ -429,11 +430,10 @@ def build_plan(
         sliced = _SlicePlanner(cfg, method, open_once, base, out_code, problems)
         tensors, warnings, models, reference = sliced.plan()
         num_layers, checked_only = cfg.num_output_layers, False
-        n_inputs = max([len(t.inputs) + (t.base is not None) for t in tensors] + [2])
     else:
         tensors, warnings, models, reference, num_layers, checked_only = _models_plan(
             cfg, method, open_once, base, out_code, problems)
-        n_inputs = max(len(models) + 1, 2)
+    n_inputs = max([len(t.inputs) + (t.base is not None) for t in tensors] + [2])  # what a chunk reads
     problems.extend(_global_trim_problems(cfg, tensors))
     warnings = [*cfg.notes, *warnings, *_output_warnings(cfg, [reference, *models], tensors)]
     if cfg.tokenizer_source and not problems:
@@ -674,11 +674,14 @@ class _SlicePlanner:
             for offset in range(sl.num_layers):
                 self._plan_layer(i, sl, offset, out_layer)
                 out_layer += 1
-        # Non-layer tensors: the names the first source model has outside the layer stack, and the post weights
-        # of the last slice's first model (with a tied first model, the last slice's lm_head.weight)
+        # Non-layer tensors: the names the first source model has outside the layer stack, the post weights of
+        # the last slice's first model (with a tied first model, the last slice's lm_head.weight)
         last = cfg.slices[-1].sources[0]
         names = {n for n in self.indices[first.ref.path].tensors if layer_index(n) is None}
         names |= {n for n in self.indices[last.ref.path].tensors if layer_index(n) is None and not _is_pre_weight(n)}
+        # and the reference's, whose config.json the output takes: an untied base listed after a tied model
+        # would otherwise lose its lm_head.weight, and the output load with a random head
+        names |= {n for n in reference.tensors if layer_index(n) is None}
         kept = len(cfg.slices[0].sources)
         if len(cfg.slices[-1].sources) > kept:
             dropped = ", ".join(src.ref.model for src in cfg.slices[-1].sources[kept:])
@@ -1027,7 +1030,7 @@ def _tensor_plan(method: Method, name: str, ref_entry: TensorEntry, base_entry: 
         scale = per_model_values("scale") if "scale" in method.params else []
         if scale == [1.0] and out_code == ref_entry.dtype:
             return _copy_plan(name, entries[0])
-        if not all(np.isfinite(np.float32(v)) for v in scale):
+        if not all(abs(v) <= FLOAT32_MAX for v in scale):
             raise InputError(f"tensor '{name}': scale resolves to {scale}, beyond float32's range (the merge "
                              "computes in float32)")
         if ref_entry.dtype not in FLOAT_CODES:  # F64 / FP8: copied as they are, never scaled or converted
@@ -1051,7 +1054,7 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         if t is None:
             raise InputError(f"tensor '{name}': t has no value here (no filter rule matches it); give slerp's t a "
                              "rule without filter: (or a plain value) for the tensors the others leave out")
-        if not np.isfinite(np.float32(t)):
+        if not abs(t) <= FLOAT32_MAX:  # the config refuses a plain t this large; a gradient may resolve to it
             raise InputError(f"tensor '{name}': t resolves to {t}, beyond float32's range (the merge computes in "
                              "float32)")
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False, t=float(t))
@@ -1073,7 +1076,7 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     lam = float(global_value("lambda", 1.0))
     for what, values in (("weight", weights), ("lambda", [lam])):
         for i, v in enumerate(values):
-            if not np.isfinite(np.float32(v)):  # the math is float32: 1e39 would be infinite there
+            if not abs(v) <= FLOAT32_MAX:  # the math is float32: 1e39 would be infinite there
                 where = f" of model {i}" if what == "weight" else ""
                 problems.append(f"tensor '{name}': {what}{where} resolves to {v}, beyond float32's range "
                                 "(the merge computes in float32)")

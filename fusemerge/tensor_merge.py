@@ -59,6 +59,9 @@ def _config(method: str, base: torch.Tensor | None, experts: list[torch.Tensor],
         values = _per_expert(value)
         if values is not None and not per_expert:
             problems.append(f"merge_tensors: {pname}: {value!r}; expected one value for the whole merge")
+            pdef = METHODS[method].params.get(pname) if method in METHODS else None
+            if pdef is not None and pdef.default is None:  # a required one (slerp's t) was given: not "missing"
+                top[pname] = 0.0
         elif values is None:
             top[pname] = _as_flag(pname, _as_value(value))
         elif len(values) != n:

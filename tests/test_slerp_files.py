@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,67 @@ def test_t_rules_that_leave_a_tensor_out_are_refused_in_plan(tmp_path: Path, fam
     with pytest.raises(InputError) as e:
         fusemerge.build_plan(write(tmp_path, data), device="cpu")
     assert any("tensor 'model.norm.weight': t has no value here" in p for p in e.value.problems), e.value.problems
+
+
+def test_an_untied_base_listed_after_a_tied_model_keeps_its_head(tmp_path: Path) -> None:
+    """Found in review: the non-layer names came from the first source only, so with a tied model first the
+    untied base's lm_head.weight was never planned, and the output (config.json: untied) loaded a random head.
+    mergekit writes slerp(base lm_head, the other's tied embedding)."""
+    untied = make_llama_family(tmp_path / "u", n_experts=1, seed=1, **SHAPE)
+    tied = make_llama_family(tmp_path / "t", n_experts=1, seed=1, tie_embeddings=True, **SHAPE)
+    base, other = str(untied["base"]), str(tied["experts"][0])
+    data = {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": other, "layer_range": [0, 3]}, {"model": base, "layer_range": [0, 3]}]}]}
+    fusemerge.run(write(tmp_path, data), tmp_path / "out", device="cpu")
+    merged, mb, mo = (load_model(p) for p in (tmp_path / "out", untied["base"], tied["experts"][0]))
+    assert "lm_head.weight" not in mo
+    expect = fusemerge.merge_tensors(mb["lm_head.weight"], [mo["model.embed_tokens.weight"]], "slerp", t=0.5)
+    assert torch.equal(merged["lm_head.weight"].view(torch.int16), expect.view(torch.int16))
+
+
+def test_chunks_are_sized_for_the_two_inputs(tmp_path: Path, fam: dict) -> None:
+    """Found in review: a models: config sized its chunks for three inputs (the base counted twice)."""
+    base, other = str(fam["base"]), str(fam["experts"][0])
+    a = fusemerge.build_plan(write(tmp_path, models_config(fam, t=0.5), "m.yml"), device="cpu", max_memory="1MiB")
+    sliced = {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "slices": [
+        {"sources": [{"model": base, "layer_range": [0, 3]}, {"model": other, "layer_range": [0, 3]}]}]}
+    b = fusemerge.build_plan(write(tmp_path, sliced, "s.yml"), device="cpu", max_memory="1MiB")
+    assert a.chunk_elems == b.chunk_elems
+
+
+@pytest.mark.parametrize(("data", "want"), [
+    # no per-model parameters at all: say so, not "it takes " and nothing
+    (lambda d: d["models"][1].update(parameters={"weight": 0.5}),
+     "models[1].parameters.weight: unknown parameter for slerp; slerp takes no per-model parameters (t go(es) "
+     "under parameters:)"),
+    # beyond float32: one line from the config, no numpy warning, not one per tensor
+    (lambda d: d["parameters"].update(t=1e39), "parameters.t: 1e+39 is beyond float32's range (the merge computes in "
+                                               "float32)"),
+])
+def test_one_clear_line(tmp_path: Path, fam: dict, data, want: str) -> None:
+    cfg = models_config(fam, t=0.5)
+    data(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InputError) as e:
+            fusemerge.build_plan(write(tmp_path, cfg), device="cpu")
+    assert e.value.problems == [f"{tmp_path / 'slerp.yml'}: {want}"], e.value.problems
+
+
+def test_a_slice_without_t_is_named_once(tmp_path: Path, fam: dict) -> None:
+    base, other = str(fam["base"]), str(fam["experts"][0])
+    data = {"merge_method": "slerp", "base_model": base, "slices": [
+        {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": other, "layer_range": [0, 2]}],
+         "parameters": {"t": 0.3}},
+        {"sources": [{"model": base, "layer_range": [2, 3]}, {"model": other, "layer_range": [2, 3]}]}]}
+    with pytest.raises(InputError) as e:
+        fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    assert len(e.value.problems) == 1 and "slices[1]: t is missing here and under the top-level parameters:" in \
+        e.value.problems[0], e.value.problems
+
+
+def test_merge_tensors_reports_a_list_t_once() -> None:
+    a, b = torch.ones(4), torch.zeros(4)
+    with pytest.raises(InputError) as e:
+        fusemerge.merge_tensors(a, [b], "slerp", t=[0.5])
+    assert e.value.problems == ["merge_tensors: t: [0.5]; expected one value for the whole merge"]
