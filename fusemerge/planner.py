@@ -679,10 +679,16 @@ class _SlicePlanner:
         last = cfg.slices[-1].sources[0]
         names = {n for n in self.indices[first.ref.path].tensors if layer_index(n) is None}
         names |= {n for n in self.indices[last.ref.path].tensors if layer_index(n) is None and not _is_pre_weight(n)}
-        # and the reference's, whose config.json the output takes: an untied base listed after a tied model
-        # would otherwise lose its lm_head.weight, and the output load with a random head
-        names |= {n for n in reference.tensors if layer_index(n) is None}
+        # and the reference's, whose config.json the output takes, where the slice's sources have them: an untied
+        # base listed after a tied model would otherwise lose its lm_head.weight (a random head on load)
         kept = len(cfg.slices[0].sources)
+        for name in sorted(n for n in reference.tensors if layer_index(n) is None and n not in names):
+            at = 0 if _is_pre_weight(name) else len(cfg.slices) - 1
+            if all(_entry(self.indices[src.ref.path], name) is not None for src in cfg.slices[at].sources[:kept]):
+                names.add(name)
+            else:
+                self.warnings.append(f"tensor '{name}' of {reference.path} is not in every source of slices[{at}], "
+                                     "which it would come from: not written")
         if len(cfg.slices[-1].sources) > kept:
             dropped = ", ".join(src.ref.model for src in cfg.slices[-1].sources[kept:])
             self.warnings.append(f"slices[{len(cfg.slices) - 1}]: the tensors after the layers (final norm, lm_head) "

@@ -181,9 +181,10 @@ def merge_tensors(
     if "lambda_" in params and "lambda" in params:
         raise InputError("merge_tensors: lambda given twice (lambda_= and lambda=); give one")
     lam = params.pop("lambda_", params.pop("lambda", None))
+    filter_wise = params.pop("filter_wise", None)  # model_stock's: false only, as in a config
     if params:  # as a config's unknown parameters are reported: one line each, with the nearest known name
-        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", "seed", "name",
-                 "out_dtype", "backend", "chunk"]
+        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", "filter_wise", "seed",
+                 "name", "out_dtype", "backend", "chunk"]
         raise InputError([f"merge_tensors: {name}: unknown parameter{did_you_mean(name, known)}; it takes "
                           f"{', '.join(known)}" for name in params])
     if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
@@ -195,6 +196,12 @@ def merge_tensors(
     if not experts:
         raise InputError("merge_tensors: experts: at least one tensor is needed")
     _check_tensors(base, experts)
+    if method in METHODS and METHODS[method].angle_weights:  # a config refuses a model listed twice; here the same
+        others = [e for e in experts if e is not base]  # tensor twice would weigh it twice in the angles
+        twice = [i for i, e in enumerate(experts) if e is not base and sum(x is e for x in others) > 1]
+        if twice:
+            raise InputError(f"merge_tensors: experts: experts{twice} are the same tensor; {method} takes each "
+                             "model once (as a config refuses a model listed twice)")
     if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
         raise InputError(f"merge_tensors: chunk: {chunk!r}; expected a positive number of elements")
     chunk = int(chunk)
@@ -203,7 +210,8 @@ def merge_tensors(
         raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer")
     seed = int(seed)
     given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("normalize", normalize),
-                               ("rescale", rescale), ("t", t), ("lambda", lam)) if v is not None}
+                               ("rescale", rescale), ("t", t), ("lambda", lam), ("filter_wise", filter_wise))
+             if v is not None}
     cfg = _config(method, base, experts, given)
     m = cfg.method
     tensors = {f"experts[{i}]": e for i, e in enumerate(experts)} | ({"base": base} if base is not None else {})

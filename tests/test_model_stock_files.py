@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import fusemerge
 from fusemerge.errors import InputError
@@ -80,3 +81,31 @@ def test_config_problems_are_named(tmp_path: Path, fam: dict, change, fragment: 
     with pytest.raises(InputError) as e:
         fusemerge.build_plan(write(tmp_path, data), device="cpu")
     assert any(fragment in p for p in e.value.problems), e.value.problems
+
+
+def test_a_base_tensor_the_slices_sources_lack_is_not_written(tmp_path: Path) -> None:
+    """Found in review: taking the base's non-layer names (for its lm_head) must not refuse what merged before,
+    a passthrough whose base_model (not a source) has a tensor its sources lack: that one is left out, warned."""
+    fam = make_llama_family(tmp_path / "f", n_experts=1, seed=1, **SHAPE)
+    shard = fam["base"] / "model.safetensors"
+    tensors = load_file(shard)
+    tensors["model.extra_proj.weight"] = torch.zeros(4, 4, dtype=torch.bfloat16)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    data = {"merge_method": "passthrough", "base_model": str(fam["base"]),
+            "slices": [{"sources": [{"model": str(fam["experts"][0]), "layer_range": [0, 3]}]}]}
+    plan = fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    assert "model.extra_proj.weight" not in {t.name for t in plan.tensors}
+    assert any("tensor 'model.extra_proj.weight'" in w and "not written" in w for w in plan.warnings), plan.warnings
+
+
+def test_merge_tensors_takes_filter_wise_false_and_each_model_once() -> None:
+    g = torch.Generator().manual_seed(0)
+    b = torch.randn(500, generator=g)
+    m1, m2 = (b + 0.01 * torch.randn(500, generator=g) for _ in range(2))
+    assert torch.equal(fusemerge.merge_tensors(b, [m1, m2], "model_stock", filter_wise=False),
+                       fusemerge.merge_tensors(b, [m1, m2], "model_stock"))
+    with pytest.raises(InputError, match="only filter_wise: false is supported"):
+        fusemerge.merge_tensors(b, [m1, m2], "model_stock", filter_wise=True)
+    with pytest.raises(InputError, match=r"experts\[0, 1\] are the same tensor; model_stock takes each model once"):
+        fusemerge.merge_tensors(b, [m1, m1, m2], "model_stock")
+    fusemerge.merge_tensors(b, [b, m1, m2], "model_stock")  # the base itself among them: the base listed

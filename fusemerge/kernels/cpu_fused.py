@@ -280,12 +280,13 @@ FM_CLONES void fm_dot_fixed(int64_t n, int in_code, const void *x, const void *y
 
 /* model_stock's sums over n elements of the deltas d_i = x_i - base (float32, as reference.delta): for every
    pair i <= j with scale[i * nexp + j] != 0, slerp.fixed_sum's two sums of p = d_i * d_j * scale into
-   out[2 (i * nexp + j)] and out[2 (i * nexp + j) + 1]; one read of the chunk for all pairs. */
-FM_CLONES void fm_gram_fixed(int64_t n, int in_code, int nexp, const void *base, const void *const *experts,
+   out[2 (i * nexp + j)] and out[2 (i * nexp + j) + 1]; one read of the chunk for all pairs. Returns 0, or -1
+   where its scratch cannot be allocated (the caller then takes the torch path). */
+FM_CLONES int fm_gram_fixed(int64_t n, int in_code, int nexp, const void *base, const void *const *experts,
                              const double *scale, int64_t *out) {
     float b[BLOCK];
     float *d = (float *)malloc(sizeof(float) * BLOCK * (size_t)nexp);
-    if (d == 0) return;
+    if (d == 0) return -1;
     for (int q = 0; q < 2 * nexp * nexp; q++) out[q] = 0;
     for (int64_t lo = 0; lo < n; lo += BLOCK) {
         int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
@@ -312,6 +313,7 @@ FM_CLONES void fm_gram_fixed(int64_t n, int in_code, int nexp, const void *base,
             }
     }
     free(d);
+    return 0;
 }
 
 /* The set bits of hit[0..m) (flags 0 / 1, zero up to a multiple of 64) as 64-bit masks, 8 flags -> 8 bits
@@ -438,7 +440,7 @@ _SIGNATURES = {
     "fm_find_equal": ([_I64, _I32, _P, _P, ctypes.c_uint32, _I64], ctypes.c_int64),
     "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
     "fm_dot_fixed": ([_I64, _I32, _P, _P, ctypes.c_double, _P], None),
-    "fm_gram_fixed": ([_I64, _I32, _I32, _P, _P, _P, _P], None),
+    "fm_gram_fixed": ([_I64, _I32, _I32, _P, _P, _P, _P], ctypes.c_int),
 }
 
 _lock = threading.Lock()
@@ -671,7 +673,8 @@ def _gram_fixed(lib, base: torch.Tensor, experts: list[torch.Tensor], shifts: di
         scale[i * nexp + j] = 2.0**s
     out = np.zeros(2 * nexp * nexp, dtype=np.int64)
     ptrs = (ctypes.c_void_p * nexp)(*[x.data_ptr() for x in experts])
-    lib.fm_gram_fixed(base.numel(), code, nexp, base.data_ptr(), ptrs, scale.ctypes.data, out.ctypes.data)
+    if lib.fm_gram_fixed(base.numel(), code, nexp, base.data_ptr(), ptrs, scale.ctypes.data, out.ctypes.data):
+        return None  # no scratch: the torch operations
     return {(i, j): (int(out[2 * (i * nexp + j)]), int(out[2 * (i * nexp + j) + 1])) for i, j in shifts}
 
 

@@ -14,8 +14,8 @@ delta: METHODS.md) are the fixed-point sums of kernels/slerp.py (exact to 2^-32 
 product; on CPU all pairs in one compiled read of a chunk), so the weights are the same for every chunking,
 device and thread count; the cosines and t are found in float64 and the weights rounded to float32.
 (mergekit computes all of it in float32.) Where a delta is NaN or infinite the angles have no meaning: the
-weights are those of t = 1, the plain average of the models, so the non-finite entries stay where they are
-(mergekit's tensor becomes NaN everywhere).
+weights are those of t = 1, the models' average, so the result is non-finite only where an input is (NaN where
+the base is infinite: 0 * inf); mergekit's tensor becomes NaN everywhere.
 """
 
 from __future__ import annotations
