@@ -1016,7 +1016,7 @@ class _Validator:
             if pdef is None:
                 takes = (f"it takes {', '.join(allowed)}" if allowed else
                          f"{method.name} takes no per-model parameters"
-                         + (f" ({', '.join(method.params)} go(es) under parameters:)" if method.params else ""))
+                         + (f" (set {', '.join(method.params)} under parameters:)" if method.params else ""))
                 self.add(key, f"unknown parameter for {method.name}{did_you_mean(str(name), allowed)}; {takes}")
                 continue
             if per_model and not pdef.per_model:
@@ -1126,7 +1126,7 @@ class _Validator:
         listed_index.update({id(ref): -1 for ref in models if id(ref) not in listed_index})  # the appended base
         # breadcrumbs with density + gamma > 1 is not refused: as in mergekit (n_bot = max(0, n - dn - gn)), the
         # outlier drop shrinks so that density's share is kept (select.trim_counts)
-        if "normalize" not in method.params:  # slerp: its two weights come from the tensors
+        if "normalize" not in method.params:  # slerp, model_stock: their weights come from the tensors
             return
         normalize = global_params.get("normalize", method.params["normalize"].default)
         if method.consensus == "none" and normalize is True:

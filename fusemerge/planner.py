@@ -751,7 +751,7 @@ class _SlicePlanner:
             return
         base_entry = found[base_at[0]][2] if base_at else None
         members = [f for k, f in enumerate(found) if k not in base_at]
-        if method.combines_models and base_at:  # slerp: the base's tensor is the first input, not a base to subtract
+        if method.combines_models and base_at:  # slerp, model_stock: the base's tensor is the first input
             members.insert(0, found[base_at[0]])
         ref_src, ref_name, ref_entry = found[0]
         labelled = [(f"{self.indices[src.ref.path].path} ('{n}')", e) for src, n, e in found[1:]]

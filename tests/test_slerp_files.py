@@ -167,8 +167,8 @@ def test_chunks_are_sized_for_the_two_inputs(tmp_path: Path, fam: dict) -> None:
 @pytest.mark.parametrize(("data", "want"), [
     # no per-model parameters at all: say so, not "it takes " and nothing
     (lambda d: d["models"][1].update(parameters={"weight": 0.5}),
-     "models[1].parameters.weight: unknown parameter for slerp; slerp takes no per-model parameters (t go(es) "
-     "under parameters:)"),
+     "models[1].parameters.weight: unknown parameter for slerp; slerp takes no per-model parameters (set t under "
+     "parameters:)"),
     # beyond float32: one line from the config, no numpy warning, not one per tensor
     (lambda d: d["parameters"].update(t=1e39), "parameters.t: 1e+39 is beyond float32's range (the merge computes in "
                                                "float32)"),
