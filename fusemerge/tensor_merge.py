@@ -159,7 +159,8 @@ def merge_tensors(
     """Merge one tensor's copies with the semantics of the files path (docs/methods.md).
 
     `weight`, `density`, `gamma`: one value for every expert, or a sequence of one per expert; unset ones take
-    the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is `base`, 1 the one expert).
+    the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is `base`, 1 the one expert);
+    `filter_wise`: model_stock's (false only), whose experts are the two or more models merged onto `base`.
     `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
     checked as a config's `parameters:` are (InputError, one line per problem). `name` keys DARE's random
     stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
