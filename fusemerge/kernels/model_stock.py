@@ -58,13 +58,13 @@ def cosine_from_sums(dots: dict[tuple[int, int], float], n: int) -> float:
 def model_stock_weights(segments: list[Segment], chunk: int, n: int) -> tuple[float, ...]:
     """The weights (base first) of the n + 1 models of `segments` (the base's first), read `chunk` entries at a
     time: one pass for each delta's largest magnitude, one for the sums (none when the tensor is kept)."""
-    from fusemerge.kernels.select import _chunks
+    from fusemerge.kernels.select import _chunks, largest
 
     top = [0.0] * n
     for _, _, models in _chunks(segments, chunk):
         for i, x in enumerate(models[1:]):
             m = reference.max_abs(models[0], x)  # max |x - base|, NaN where a delta is NaN
-            top[i] = math.inf if math.isnan(m) else max(top[i], m)  # max(x, nan) is x: a NaN would be lost
+            top[i] = largest(top[i], m)
     if not all(math.isfinite(m) for m in top):
         return weights_from_cosine(1.0, n)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]

@@ -593,6 +593,12 @@ def trim_counts(sparsifier: str, numel: int, density: float, gamma: float = 0.0)
     raise ValueError(f"no trim for sparsifier {sparsifier!r}")
 
 
+def largest(top: float, m: float) -> float:
+    """max(top, m) for a running largest magnitude, a NaN counting as infinite (max(x, nan) is x: it would be
+    lost, and a tensor with a NaN must be seen as one)."""
+    return math.inf if math.isnan(m) else max(top, m)
+
+
 def fixed_point_shift(max_abs: float, numel: int) -> int:
     """The power of two S so that sum over numel entries of trunc(|d| * 2^S) stays below 2^62."""
     _, e = math.frexp(max_abs)  # max_abs < 2^e
@@ -630,7 +636,7 @@ def l1_scales(backend: ModuleType, segments: list[Segment], chunk: int, n: int,
     for _, base, experts in _chunks(segments, chunk):
         for i in range(n):
             m = backend.max_abs(base, experts[i])
-            top[i] = math.inf if math.isnan(m) else max(top[i], m)  # max(x, nan) is x: a NaN would be lost
+            top[i] = largest(top[i], m)
     live = [i for i in range(n) if top[i] != 0.0 and math.isfinite(top[i])]  # a NaN or Inf delta: factor 1
     shift = {i: fixed_point_shift(top[i], total) for i in live}
     found = {i: [0, 0] for i in live}

@@ -103,14 +103,14 @@ def dot_fixed_torch(x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, 
 def slerp_weights(segments: list[Segment], chunk: int, t: float) -> tuple[float, float]:
     """The weights (w_a, w_b) of tensor (a, b) = the two models of `segments` (the base's first), read `chunk`
     entries at a time: one pass for the largest magnitudes, one for the sums (a and b when they are resident)."""
-    from fusemerge.kernels.select import _chunks
+    from fusemerge.kernels.select import _chunks, largest
 
     top = [0.0, 0.0]
     for _, _, (a, b) in _chunks(segments, chunk):
         for i, x in enumerate((a, b)):
             if x.numel():
                 m = float(x.abs().max())
-                top[i] = math.inf if math.isnan(m) else max(top[i], m)  # max(x, nan) is x: a NaN would be lost
+                top[i] = largest(top[i], m)
     if not all(math.isfinite(m) for m in top):
         return lerp_weights(t)
     pairs = [(0, 0), (1, 1), (0, 1)]  # ||a||^2, ||b||^2, <a, b>; a zero tensor's sums are 0 without a pass
