@@ -257,6 +257,20 @@ FM_CLONES void fm_l1_fixed(int64_t n, int in_code, const void *base, const void 
     out[1] = keep != 0 ? kept : total;
 }
 
+/* whole += trunc(p), part += trunc((p - trunc(p)) * 2^32) for p = x[k] * y[k] * scale, k < m: slerp.fixed_sum's
+   terms (every |p| below 2^32; conversions truncate toward zero, as torch's trunc does). */
+static inline void fixed_add(const float *x, const float *y, int m, double scale, int64_t *whole, int64_t *part) {
+    int64_t w_sum = 0, p_sum = 0;
+    for (int k = 0; k < m; k++) {
+        double p = (double)x[k] * (double)y[k] * scale;
+        int64_t w = (int64_t)p;
+        w_sum += w;
+        p_sum += (int64_t)((p - (double)w) * 4294967296.0);
+    }
+    *whole += w_sum;
+    *part += p_sum;
+}
+
 /* slerp.fixed_sum's sums over n elements: p = x * y * scale (exact: a product of two floats and a power of
    two, every |p| below 2^32), out[0] = sum of trunc(p), out[1] = sum of trunc((p - trunc(p)) * 2^32); n below
    2^31, so neither sum overflows. Conversions truncate toward zero, as torch's trunc does. */
@@ -267,12 +281,7 @@ FM_CLONES void fm_dot_fixed(int64_t n, int in_code, const void *x, const void *y
         int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
         load_block(x, in_code, lo, m, xb);
         load_block(y, in_code, lo, m, yb);
-        for (int k = 0; k < m; k++) {
-            double p = (double)xb[k] * (double)yb[k] * scale;
-            int64_t w = (int64_t)p;
-            whole += w;
-            part += (int64_t)((p - (double)w) * 4294967296.0);
-        }
+        fixed_add(xb, yb, m, scale, &whole, &part);
     }
     out[0] = whole;
     out[1] = part;
@@ -299,17 +308,9 @@ FM_CLONES int fm_gram_fixed(int64_t n, int in_code, int nexp, const void *base, 
         for (int i = 0; i < nexp; i++)
             for (int j = i; j < nexp; j++) {
                 double s = scale[i * nexp + j];
-                if (s == 0.0) continue;
-                const float *di = d + (size_t)i * BLOCK, *dj = d + (size_t)j * BLOCK;
-                int64_t whole = 0, part = 0;
-                for (int k = 0; k < m; k++) {
-                    double p = (double)di[k] * (double)dj[k] * s;
-                    int64_t w = (int64_t)p;
-                    whole += w;
-                    part += (int64_t)((p - (double)w) * 4294967296.0);
-                }
-                out[2 * (i * nexp + j)] += whole;
-                out[2 * (i * nexp + j) + 1] += part;
+                if (s != 0.0)
+                    fixed_add(d + (size_t)i * BLOCK, d + (size_t)j * BLOCK, m, s, &out[2 * (i * nexp + j)],
+                              &out[2 * (i * nexp + j) + 1]);
             }
     }
     free(d);
