@@ -19,6 +19,12 @@ reads of one pass:
 - select / fusemerge-torch         the torch backend's radix select on the same CUDA tensors
 - select-pass / fusemerge-triton   the bracket kernel alone (bounds given): the pass's share of the select
 
+The statistics of slerp and model_stock (fixed_dots.gram_sums on a tensor held whole on the GPU: the largest
+magnitudes, then every pair's exact dot product), as GB/s over the reads of its two passes (2 x 2 inputs for
+slerp, 2 x (N + 1) for model_stock); their merge is the linear kernel's, timed above:
+- angles / fusemerge-triton        triton_select.max_abs + the gram kernel (all pairs in one read)
+- angles / fusemerge-torch         the torch backend's float64 operations on the same CUDA tensors, pair by pair
+
 Times come from triton.testing.do_bench (median, 0.2 and 0.8 quantiles, in ms). GB = 10^9 bytes.
 A markdown table goes to stdout; rows are appended to bench/results/kernels.csv.
 
@@ -30,6 +36,7 @@ Run (from the repository root, on a machine with a CUDA GPU):
     python bench/kernels.py --methods ties --experts 8 --unroll 2 --late-count  # the launch choices
     python bench/kernels.py --only-select --experts 2 4 8     # the selection rows only
     python bench/kernels.py --only-select --dtype float32     # fp32 inputs (few ties: more candidates)
+    python bench/kernels.py --only-select --methods model_stock slerp   # the angle methods' statistics only
     TRITON_INTERPRET=1 python bench/kernels.py --smoke     # CPU check of the script itself, measures nothing
 """
 
@@ -51,6 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 METHOD_NAMES = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"]
+ANGLE_NAMES = ["slerp", "model_stock"]  # statistics rows only: their merge is the linear kernel
 PROVIDERS = ["fusemerge-triton", "fusemerge-torch", "mergekit-eager"]
 CSV_FIELDS = [
     "date", "device", "torch", "triton", "fusemerge", "kind", "method", "provider", "experts", "numel", "dtype",
@@ -64,13 +72,13 @@ GB = 1e9
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=METHOD_NAMES, choices=METHOD_NAMES)
+    p.add_argument("--methods", nargs="+", default=METHOD_NAMES + ANGLE_NAMES, choices=METHOD_NAMES + ANGLE_NAMES)
     p.add_argument("--experts", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--log2-numel", type=int, default=26, help="elements per expert: 2^this (default 2^26)")
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES),
                    help="input and output dtype (fp32 deltas tie less: more candidates inside the bracket)")
-    p.add_argument("--no-select", action="store_true", help="skip the selection rows")
+    p.add_argument("--no-select", action="store_true", help="skip the selection and angle (statistics) rows")
     p.add_argument("--only-select", action="store_true", help="only the selection rows (no merge rows)")
     p.add_argument("--block", type=int, default=None, help="override triton_merge.BLOCK (elements per program)")
     p.add_argument("--num-warps", type=int, default=None, help="override triton_merge.NUM_WARPS")
@@ -263,7 +271,7 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
                      "median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": gbps, "copy_gbps": copy_gbps,
                      "frac_copy": gbps / copy_gbps})
 
-    for mname in [] if args.only_select else args.methods:
+    for mname in [] if args.only_select else [m for m in args.methods if m in METHOD_NAMES]:
         method = METHODS[mname]
         normalize = bool(method.params["normalize"].default)
         params = chunk_params(method, base, experts, weights, 1.0, normalize)
@@ -307,7 +315,35 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
             if "fusemerge-torch" in args.providers:
                 record("select", mname, "fusemerge-torch",
                        timer(lambda r=ranks: selection(reference, base, experts, r, False)), reads)
+        for mname in [m for m in ANGLE_NAMES if m in args.methods]:
+            if mname == "slerp" and n_exp != args.experts[0]:
+                continue  # two models whatever N: one row set
+            # slerp: experts 0 and 1 as (a, b) (rows of the staging buffer, read in place); model_stock: the base
+            # and the N experts
+            models = [experts[0], staging[1]] if mname == "slerp" else [base, *experts]
+            nbytes = 2 * len(models) * n * esize
+            found = {}
+            for prov, backend in (("fusemerge-triton", triton_select), ("fusemerge-torch", reference)):
+                if prov in args.providers:
+                    found[prov] = angle_weights(backend, mname, models)
+                    record("angles", mname, prov, timer(lambda b=backend, m=mname, x=models: angle_weights(b, m, x)),
+                           nbytes)
+            if len(set(found.values())) > 1:
+                raise AssertionError(f"{mname} N={n_exp}: the backends' weights differ: {found}")
     return rows
+
+
+def angle_weights(backend, mname: str, models: list[torch.Tensor]) -> tuple[float, ...]:
+    """slerp's (w_a, w_b) at t = 0.4, or model_stock's N + 1 weights, of `models` (the base's first) held whole."""
+    from fusemerge.kernels import select
+    from fusemerge.kernels.model_stock import model_stock_weights
+    from fusemerge.kernels.slerp import slerp_weights
+
+    n = models[0].numel()
+    seg = select.Segment(n, lambda lo, cnt: (None, [x[lo:lo + cnt] for x in models]), whole=True)
+    if mname == "slerp":
+        return slerp_weights(backend, [seg], n, 0.4)
+    return model_stock_weights(backend, [seg], n, len(models) - 1)
 
 
 def main(argv: list[str] | None = None) -> int:

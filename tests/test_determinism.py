@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import fusemerge
 from fusemerge.synthetic import make_llama_family, write_config_yaml
 from tests.kernels.test_reference import PARAMS
 
 SHAPE = dict(hidden=20, intermediate=52, layers=2, vocab=97)
-METHODS = ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "dare_linear"]
+METHODS = ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "dare_linear", "slerp", "model_stock"]
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -33,8 +34,15 @@ def configs(tmp_path_factory, fam) -> dict[str, Path]:
     out = {}
     for method in METHODS:
         out[method] = root / f"{method}.yml"
-        write_config_yaml(out[method], method, fam["base"], fam["experts"], weight=(1.0, 0.7, 1.2),
-                          **PARAMS[method])
+        if method in PARAMS:
+            write_config_yaml(out[method], method, fam["base"], fam["experts"], weight=(1.0, 0.7, 1.2),
+                              **PARAMS[method])
+    # the angle methods: weights from exact sums over each tensor (kernels/fixed_dots.py)
+    models = [{"model": str(m)} for m in (fam["base"], *fam["experts"])]
+    out["slerp"].write_text(yaml.safe_dump({"merge_method": "slerp", "base_model": str(fam["base"]),
+                                            "models": models[:2], "parameters": {"t": [0.2, 0.6, 0.9]}}))
+    out["model_stock"].write_text(yaml.safe_dump({"merge_method": "model_stock", "base_model": str(fam["base"]),
+                                                  "models": models}))
     return out
 
 

@@ -211,13 +211,14 @@ FM_CLONES void fm_hist_hi(int64_t n, int in_code, const void *base, const void *
 }
 
 /* The largest bits(|x - base|) over n elements, as a bit pattern (a NaN's exceed infinity's, so a NaN
-   delta gives a NaN, as reference.max_abs's torch max does); 0 for n = 0. */
+   delta gives a NaN, as reference.max_abs's torch max does); 0 for n = 0. base NULL: of |x| (x - 0 is x). */
 FM_CLONES uint32_t fm_max_abs(int64_t n, int in_code, const void *base, const void *x) {
     float b[BLOCK], xb[BLOCK];
     uint32_t top = 0;
+    if (base == 0) memset(b, 0, sizeof b);
     for (int64_t lo = 0; lo < n; lo += BLOCK) {
         int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
-        load_block(base, in_code, lo, m, b);
+        if (base != 0) load_block(base, in_code, lo, m, b);
         load_block(x, in_code, lo, m, xb);
         for (int k = 0; k < m; k++) {
             uint32_t a = f2u(xb[k] - b[k]) & 0x7FFFFFFFu;
@@ -257,8 +258,8 @@ FM_CLONES void fm_l1_fixed(int64_t n, int in_code, const void *base, const void 
     out[1] = keep != 0 ? kept : total;
 }
 
-/* whole += trunc(p), part += trunc((p - trunc(p)) * 2^32) for p = x[k] * y[k] * scale, k < m: slerp.fixed_sum's
-   terms (every |p| below 2^32; conversions truncate toward zero, as torch's trunc does). */
+/* whole += trunc(p), part += trunc((p - trunc(p)) * 2^32) for p = x[k] * y[k] * scale, k < m: the terms of
+   fixed_dots.py's sums (every |p| below 2^32; conversions truncate toward zero, as torch's trunc does). */
 static inline void fixed_add(const float *x, const float *y, int m, double scale, int64_t *whole, int64_t *part) {
     int64_t w_sum = 0, p_sum = 0;
     for (int k = 0; k < m; k++) {
@@ -271,49 +272,34 @@ static inline void fixed_add(const float *x, const float *y, int m, double scale
     *part += p_sum;
 }
 
-/* slerp.fixed_sum's sums over n elements: p = x * y * scale (exact: a product of two floats and a power of
-   two, every |p| below 2^32), out[0] = sum of trunc(p), out[1] = sum of trunc((p - trunc(p)) * 2^32); n below
-   2^31, so neither sum overflows. Conversions truncate toward zero, as torch's trunc does. */
-FM_CLONES void fm_dot_fixed(int64_t n, int in_code, const void *x, const void *y, double scale, int64_t *out) {
-    float xb[BLOCK], yb[BLOCK];
-    int64_t whole = 0, part = 0;
-    for (int64_t lo = 0; lo < n; lo += BLOCK) {
-        int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
-        load_block(x, in_code, lo, m, xb);
-        load_block(y, in_code, lo, m, yb);
-        fixed_add(xb, yb, m, scale, &whole, &part);
-    }
-    out[0] = whole;
-    out[1] = part;
-}
-
-/* model_stock's sums over n elements of the deltas d_i = x_i - base (float32, as reference.delta): for every
-   pair i <= j with scale[i * nexp + j] != 0, slerp.fixed_sum's two sums of p = d_i * d_j * scale into
-   out[2 (i * nexp + j)] and out[2 (i * nexp + j) + 1]; one read of the chunk for all pairs. Returns 0, or -1
-   where its scratch cannot be allocated (the caller then takes the torch path). */
-FM_CLONES int fm_gram_fixed(int64_t n, int in_code, int nexp, const void *base, const void *const *experts,
+/* fixed_dots.py's sums over n elements (below 2^31, so no sum overflows) of the vectors v_i = x_i - base
+   (float32, as reference.delta; base NULL: v_i = x_i): for every pair i <= j with scale[i * nv + j] != 0, the
+   sums of trunc(p) and of trunc((p - trunc(p)) * 2^32), p = v_i * v_j * scale (exact: a product of two floats
+   and a power of two), into out[2 (i * nv + j)] and out[2 (i * nv + j) + 1]; one read of the chunk for all
+   pairs. Returns 0, or -1 where its scratch cannot be allocated (the caller then takes the torch path). */
+FM_CLONES int fm_gram_fixed(int64_t n, int in_code, int nv, const void *base, const void *const *xs,
                              const double *scale, int64_t *out) {
     float b[BLOCK];
-    float *d = (float *)malloc(sizeof(float) * BLOCK * (size_t)nexp);
-    if (d == 0) return -1;
-    for (int q = 0; q < 2 * nexp * nexp; q++) out[q] = 0;
+    float *v = (float *)malloc(sizeof(float) * BLOCK * (size_t)nv);
+    if (v == 0) return -1;
+    for (int q = 0; q < 2 * nv * nv; q++) out[q] = 0;
     for (int64_t lo = 0; lo < n; lo += BLOCK) {
         int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
-        load_block(base, in_code, lo, m, b);
-        for (int i = 0; i < nexp; i++) {
-            float *di = d + (size_t)i * BLOCK;
-            load_block(experts[i], in_code, lo, m, di);
-            for (int k = 0; k < m; k++) di[k] = di[k] - b[k];
+        if (base != 0) load_block(base, in_code, lo, m, b);
+        for (int i = 0; i < nv; i++) {
+            float *vi = v + (size_t)i * BLOCK;
+            load_block(xs[i], in_code, lo, m, vi);
+            if (base != 0) for (int k = 0; k < m; k++) vi[k] = vi[k] - b[k];
         }
-        for (int i = 0; i < nexp; i++)
-            for (int j = i; j < nexp; j++) {
-                double s = scale[i * nexp + j];
+        for (int i = 0; i < nv; i++)
+            for (int j = i; j < nv; j++) {
+                double s = scale[i * nv + j];
                 if (s != 0.0)
-                    fixed_add(d + (size_t)i * BLOCK, d + (size_t)j * BLOCK, m, s, &out[2 * (i * nexp + j)],
-                              &out[2 * (i * nexp + j) + 1]);
+                    fixed_add(v + (size_t)i * BLOCK, v + (size_t)j * BLOCK, m, s, &out[2 * (i * nv + j)],
+                              &out[2 * (i * nv + j) + 1]);
             }
     }
-    free(d);
+    free(v);
     return 0;
 }
 
@@ -440,7 +426,6 @@ _SIGNATURES = {
     "fm_hist_collect": ([_I64, _I32, _P, _P, _P, _P, _P, _I64], ctypes.c_int64),
     "fm_find_equal": ([_I64, _I32, _P, _P, ctypes.c_uint32, _I64], ctypes.c_int64),
     "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
-    "fm_dot_fixed": ([_I64, _I32, _P, _P, ctypes.c_double, _P], None),
     "fm_gram_fixed": ([_I64, _I32, _I32, _P, _P, _P, _P], ctypes.c_int),
 }
 
@@ -608,17 +593,17 @@ def _find_equal(lib, base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -
     return int(lib.fm_find_equal(base.numel(), code, base.data_ptr(), expert.data_ptr(), t, q))
 
 
-def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float | None:
-    """reference.max_abs's value (NaN where a delta is NaN), or None where the compiled loop does not take these
-    chunks."""
+def max_abs(base: torch.Tensor | None, expert: torch.Tensor) -> float | None:
+    """reference.max_abs's value (NaN where a delta is NaN; base None: of |expert|), or None where the compiled
+    loop does not take these chunks."""
     return _max_abs(_library(), base, expert)
 
 
-def _max_abs(lib, base: torch.Tensor, expert: torch.Tensor) -> float | None:
-    code = _takes([base, expert]) if lib is not None else None
+def _max_abs(lib, base: torch.Tensor | None, expert: torch.Tensor) -> float | None:
+    code = _takes([expert] if base is None else [base, expert]) if lib is not None else None
     if code is None:
         return None
-    bits = lib.fm_max_abs(base.numel(), code, base.data_ptr(), expert.data_ptr())
+    bits = lib.fm_max_abs(expert.numel(), code, None if base is None else base.data_ptr(), expert.data_ptr())
     return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
 
 
@@ -641,47 +626,33 @@ def _l1_fixed(lib, base: torch.Tensor, expert: torch.Tensor, shift: int, keep: t
     return int(out[0]), int(out[1])
 
 
-def dot_fixed(x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, int] | None:
-    """slerp.fixed_sum's two sums (of the integer parts, of the 32-bit fractions) over x * y * 2^shift, or None
-    where the compiled loop does not take these chunks."""
-    return _dot_fixed(_library(), x, y, shift)
-
-
-def _dot_fixed(lib, x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, int] | None:
-    code = _takes([x, y]) if lib is not None else None
-    if code is None or x.numel() >= 2**31:
-        return None
-    out = np.zeros(2, dtype=np.int64)
-    lib.fm_dot_fixed(x.numel(), code, x.data_ptr(), y.data_ptr(), 2.0**shift, out.ctypes.data)
-    return int(out[0]), int(out[1])
-
-
-def gram_fixed(base: torch.Tensor, experts: list[torch.Tensor], shifts: dict[tuple[int, int], int]
+def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[tuple[int, int], int]
                ) -> dict[tuple[int, int], tuple[int, int]] | None:
-    """slerp.fixed_sum's two sums over d_i * d_j * 2^shift for every pair (i, j) of `shifts` (i <= j), d_i the
-    float32 deltas experts[i] - base, in one read of the chunk; None where the compiled loop does not take it."""
-    return _gram_fixed(_library(), base, experts, shifts)
+    """reference.gram_fixed's sums for every pair (i, j) of `shifts`, in one read of the chunk; None where the
+    compiled loop does not take it."""
+    return _gram_fixed(_library(), base, xs, shifts)
 
 
-def _gram_fixed(lib, base: torch.Tensor, experts: list[torch.Tensor], shifts: dict[tuple[int, int], int]
+def _gram_fixed(lib, base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[tuple[int, int], int]
                 ) -> dict[tuple[int, int], tuple[int, int]] | None:
-    code = _takes([base, *experts]) if lib is not None else None
-    if code is None or base.numel() >= 2**31 or not experts:
+    code = _takes(xs if base is None else [base, *xs]) if lib is not None and xs else None
+    if code is None or xs[0].numel() >= 2**31:
         return None
-    nexp = len(experts)
+    nexp = len(xs)
     scale = np.zeros(nexp * nexp, dtype=np.float64)
     for (i, j), s in shifts.items():
         scale[i * nexp + j] = 2.0**s
     out = np.zeros(2 * nexp * nexp, dtype=np.int64)
-    ptrs = (ctypes.c_void_p * nexp)(*[x.data_ptr() for x in experts])
-    if lib.fm_gram_fixed(base.numel(), code, nexp, base.data_ptr(), ptrs, scale.ctypes.data, out.ctypes.data):
+    ptrs = (ctypes.c_void_p * nexp)(*[x.data_ptr() for x in xs])
+    if lib.fm_gram_fixed(xs[0].numel(), code, nexp, None if base is None else base.data_ptr(), ptrs,
+                         scale.ctypes.data, out.ctypes.data):
         return None  # no scratch: the torch operations
     return {(i, j): (int(out[2 * (i * nexp + j)]), int(out[2 * (i * nexp + j) + 1])) for i, j in shifts}
 
 
 def _disagreement(lib) -> str:
     """'' if the compiled loops give the torch path's bits on a sample of every kind of merge, else which not."""
-    from fusemerge.kernels import reference, slerp
+    from fusemerge.kernels import fixed_dots, reference
 
     g = torch.Generator().manual_seed(20261201)
     n = 3 * BLOCK + 77
@@ -760,17 +731,15 @@ def _disagreement(lib) -> str:
                 for k in (None, keep):
                     if _l1_fixed(lib, fb, fx, shift, k) != reference.l1_fixed_torch(fb, fx, shift, k):
                         return f"l1_fixed ({dtype}, shift {shift})"
-            for u, v in ((fb, fx), (fx, fx), (fx, -fx)):  # slerp's sums: every product sign and a square
-                top = float(u.float().abs().max()) * float(v.float().abs().max())
-                if top > 0.0:
-                    shift = slerp.shift_for(top)
-                    if _dot_fixed(lib, u, v, shift) != slerp.dot_fixed_torch(u, v, shift):
-                        return f"dot_fixed ({dtype})"
-            others = [fx, fb, (fb.float() - 0.5 * fx.float()).to(dtype)]  # finite; one delta of zeros
-            ds = [x.float() - fb.float() for x in others]
-            shifts = {(i, j): slerp.shift_for(max(float(ds[i].abs().max() * ds[j].abs().max()), 2.0**-100))
-                      for i in range(3) for j in range(i, 3) if (i, j) != (1, 2)}
-            want = {p: slerp.dot_fixed_torch(ds[p[0]], ds[p[1]], s) for p, s in shifts.items()}
-            if _gram_fixed(lib, fb, others, shifts) != want:
-                return f"gram_fixed ({dtype})"
+            got, want = _max_abs(lib, None, x), reference.max_abs_torch(None, x)
+            if not (got == want or (math.isnan(got) and math.isnan(want))):
+                return f"max_abs of one input ({dtype})"
+            # the angle methods' sums: of the models (every product sign, a square), and of deltas, one of zeros
+            others = [fx, fb, (fb.float() - 0.5 * fx.float()).to(dtype)]
+            for base_x in (None, fb):
+                vs = [x.float() - (0.0 if base_x is None else base_x.float()) for x in others]
+                shifts = {(i, j): fixed_dots.shift_for(max(float(vs[i].abs().max() * vs[j].abs().max()), 2.0**-100))
+                          for i in range(3) for j in range(i, 3) if (i, j) != (1, 2)}
+                if _gram_fixed(lib, base_x, others, shifts) != fixed_dots.gram_fixed_torch(base_x, others, shifts):
+                    return f"gram_fixed ({dtype}, {'deltas' if base_x is not None else 'models'})"
     return ""

@@ -10,9 +10,9 @@ w_0 and N >= 2 others w_1 .. w_N, with deltas d_i = w_i - w_0:
 
 So the result is the weighted sum (1 - t) w_0 + (t / N) w_1 + ... + (t / N) w_N, which the `linear` kernels
 compute; this file finds those N + 1 weights. The norms and dot products of the deltas (float32, as every
-delta: METHODS.md) are the fixed-point sums of kernels/slerp.py (exact to 2^-32 of a unit set by the largest
-product; on CPU all pairs in one compiled read of a chunk), so the weights are the same for every chunking,
-device and thread count; the cosines and t are found in float64 and the weights rounded to float32.
+delta: METHODS.md) are the fixed-point sums of kernels/fixed_dots.py (exact to 2^-32 of a unit set by the
+largest product; all pairs in one read of a chunk), so the weights are the same for every chunking, device,
+backend and thread count; the cosines and t are found in float64 and the weights rounded to float32.
 (mergekit computes all of it in float32.) Where a delta is NaN or infinite the angles have no meaning: the
 weights are those of t = 1, the models' average, so the result is non-finite only where an input is (NaN where
 the base is infinite: 0 * inf); mergekit's tensor becomes NaN everywhere.
@@ -21,12 +21,12 @@ the base is infinite: 0 * inf); mergekit's tensor becomes NaN everywhere.
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fusemerge.kernels import cpu_fused, reference
-from fusemerge.kernels.slerp import FRACTION_BITS, dot_fixed_torch, shift_for
+from fusemerge.kernels.fixed_dots import gram_sums
 
 if TYPE_CHECKING:
     from fusemerge.kernels.select import Segment
@@ -55,35 +55,11 @@ def cosine_from_sums(dots: dict[tuple[int, int], float], n: int) -> float:
     return sum(min(1.0, max(-1.0, dots[p] / max(norms[p[0]] * norms[p[1]], EPS))) for p in pairs) / len(pairs)
 
 
-def model_stock_weights(segments: list[Segment], chunk: int, n: int) -> tuple[float, ...]:
+def model_stock_weights(backend: ModuleType, segments: list[Segment], chunk: int, n: int) -> tuple[float, ...]:
     """The weights (base first) of the n + 1 models of `segments` (the base's first), read `chunk` entries at a
-    time: one pass for each delta's largest magnitude, one for the sums (none when the tensor is kept)."""
-    from fusemerge.kernels.select import _chunks, largest
-
-    top = [0.0] * n
-    for _, _, models in _chunks(segments, chunk):
-        for i, x in enumerate(models[1:]):
-            m = reference.max_abs(models[0], x)  # max |x - base|, NaN where a delta is NaN
-            top[i] = largest(top[i], m)
-    if not all(math.isfinite(m) for m in top):
+    time by `backend`'s statistics functions (fixed_dots.gram_sums over the n deltas: two passes over the
+    chunks)."""
+    dots = gram_sums(backend, segments, chunk, n, deltas=True)
+    if dots is None:
         return weights_from_cosine(1.0, n)
-    pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    live = [p for p in pairs if top[p[0]] * top[p[1]] > 0.0]  # a zero delta's sums are 0 without a pass
-    shifts = {p: shift_for(top[p[0]] * top[p[1]]) for p in live}
-    sums = dict.fromkeys(pairs, 0)
-    if live:
-        for _, _, models in _chunks(segments, chunk):
-            for p, (whole, part) in _gram(models[0], models[1:], shifts).items():
-                sums[p] += (whole << FRACTION_BITS) + part
-    dots = {p: math.ldexp(float(sums[p]), -(shifts[p] + FRACTION_BITS)) if p in shifts else 0.0 for p in pairs}
     return weights_from_cosine(cosine_from_sums(dots, n), n)
-
-
-def _gram(base, experts, shifts: dict[tuple[int, int], int]) -> dict[tuple[int, int], tuple[int, int]]:
-    """The fixed-point sums of every pair of `shifts` over one chunk: on CPU one compiled read of the chunk for
-    all pairs (cpu_fused.gram_fixed), else torch operations on the float32 deltas; the same integers."""
-    found = cpu_fused.gram_fixed(base, list(experts), shifts) if base.device.type == "cpu" else None
-    if found is not None:
-        return found
-    ds = [x.float() - base.float() for x in experts]
-    return {(i, j): dot_fixed_torch(ds[i], ds[j], s) for (i, j), s in shifts.items()}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fusemerge.kernels import cpu_fused
+from fusemerge.kernels import cpu_fused, fixed_dots
 from fusemerge.kernels.dare_masks import KeepMasks
 from fusemerge.kernels.params import EMPTY_C, EMPTY_T, ChunkParams
 from fusemerge.kernels.philox import dare_keep_run
@@ -412,16 +412,26 @@ def bracket_pass(
     return counts, fill, keys, block
 
 
-def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
-    """max |d| over the chunk (0.0 for an empty chunk; NaN where a delta is NaN)."""
-    fused = cpu_fused.max_abs(base, expert) if base.device.type == "cpu" else None
+def max_abs(base: torch.Tensor | None, expert: torch.Tensor) -> float:
+    """max |d| over the chunk (0.0 for an empty chunk; NaN where a delta is NaN); base None: max |expert|."""
+    fused = cpu_fused.max_abs(base, expert) if expert.device.type == "cpu" else None
     return fused if fused is not None else max_abs_torch(base, expert)
 
 
-def max_abs_torch(base: torch.Tensor, expert: torch.Tensor) -> float:
+def max_abs_torch(base: torch.Tensor | None, expert: torch.Tensor) -> float:
     """max_abs in torch operations."""
-    d = delta(base, expert)
+    d = delta(base, expert) if base is not None else expert.to(F32)
     return float(d.abs().max()) if d.numel() else 0.0
+
+
+def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[tuple[int, int], int]
+               ) -> dict[tuple[int, int], tuple[int, int]]:
+    """For every pair (i, j) of `shifts`: (sum of trunc(p), sum of trunc((p - trunc(p)) * 2^32)) over the chunk,
+    p = v_i * v_j * 2^shifts[(i, j)] with v_i = float32(xs[i]) - float32(base) (base None: float32(xs[i])).
+    The caller (fixed_dots.gram_sums) picks shifts that keep every |p| below 2^32, on finite vectors. On CPU one
+    compiled read of the chunk for all pairs, else torch operations: the same integers."""
+    found = cpu_fused.gram_fixed(base, list(xs), shifts) if xs[0].device.type == "cpu" else None
+    return found if found is not None else fixed_dots.gram_fixed_torch(base, list(xs), shifts)
 
 
 def count_nonfinite(base: torch.Tensor, expert: torch.Tensor) -> int:

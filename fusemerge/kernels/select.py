@@ -684,12 +684,12 @@ def tensor_params(
         from fusemerge.kernels.slerp import slerp_weights
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
-                           weights=slerp_weights(segments, chunk, t))
+                           weights=slerp_weights(backend, segments, chunk, t))
     if method.is_model_stock:
         from fusemerge.kernels.model_stock import model_stock_weights
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
-                           weights=model_stock_weights(segments, chunk, models - 1))
+                           weights=model_stock_weights(backend, segments, chunk, models - 1))
     n = len(weights)
     kw: dict = {}
     if method.needs_thresholds:

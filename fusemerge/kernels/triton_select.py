@@ -49,6 +49,8 @@ HIST_BYTES = 32 << 20
 # are 3 int32 per (expert, bracket) per block, 0.6% of its bf16 row's bytes at 1024; the tie cut rescans one
 # block. Below 2^21: the kernel sums the counts in packed 21-bit fields. Not yet timed on a GPU.
 BRACKET_BLOCK = 1024
+# Elements per launch of the gram kernel: its int64 sums of up to 2^30 terms below 2^32 cannot overflow.
+GRAM_PIECE = 1 << 30
 # Block counts the tie cut adds up per step (one program reads a whole row of them).
 TIE_SCAN = 4096
 # select.top_cuts runs the one-pass bracket select (select.bracket_cuts) on tensors held whole on the device.
@@ -204,11 +206,14 @@ def _bracket_kernel(
 
 
 @triton.jit
-def _max_kernel(base_ptr, x_ptr, block_max_ptr, n, BLOCK: tl.constexpr):
+def _max_kernel(base_ptr, x_ptr, block_max_ptr, n, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    if HAS_BASE:
+        a = _abs_bits(base_ptr, x_ptr, offs, mask)
+    else:  # bits(|x|): 0 on masked lanes (loaded as 0)
+        a = _load_f32(x_ptr + offs, mask).to(tl.int32, bitcast=True) & 0x7FFFFFFF
     tl.store(block_max_ptr + pid, tl.max(a, axis=0))
 
 
@@ -256,14 +261,58 @@ def _l1_kernel(
         tl.store(sums_ptr + tl.num_programs(0) + pid, tl.sum(kept, axis=0))
 
 
-def _check_pair(base: torch.Tensor, expert: torch.Tensor) -> int:
+@triton.jit
+def _gram_kernel(
+    base_ptr,  # [n] (DELTAS only)
+    x_ptr,  # the input of vector i, element k at x_ptr + i * row_stride + k
+    scale_ptr,  # float64 [M * M]: 2^shift of pair (i, j), i <= j; 0.0 for a pair not summed (its sums are 0)
+    sums_ptr,  # int64 [M (M + 1) / 2, 2, programs]: per block, the sums of trunc(p) and of trunc(frac(p) 2^32)
+    row_stride,
+    n,
+    M: tl.constexpr,
+    DELTAS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    stride = tl.cast(row_stride, tl.int64)  # int64 before any i * stride (see the merge kernel)
+    if DELTAS:
+        b = _load_f32(base_ptr + offs, mask)
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    # v_i = float32(x_i) - float32(base) (DELTAS) or float32(x_i); pair (i, j) is row
+    # k = i M - i (i - 1) / 2 + (j - i) of the sums. Loops, not unrolled: M (M + 1) / 2 bodies otherwise.
+    for i in range(M):
+        u = _load_f32(x_ptr + i * stride + offs, mask)
+        if DELTAS:
+            u = u - b
+        for j in range(i, M):
+            v = _load_f32(x_ptr + j * stride + offs, mask)  # a second read of row j: from L1 / L2, not DRAM
+            if DELTAS:
+                v = v - b
+            # exact: a float32 product has 48 bits, float64 53, and the scale is a power of two; |p| < 2^32
+            p = u.to(tl.float64) * v.to(tl.float64) * tl.load(scale_ptr + i * M + j)
+            w = p.to(tl.int64)  # truncates toward zero, as torch's trunc
+            f = ((p - w.to(tl.float64)) * 4294967296.0).to(tl.int64)  # 32 bits of the fraction, the same sign
+            k = i * M - (i * (i - 1)) // 2 + (j - i)
+            tl.store(sums_ptr + (2 * k) * programs + pid, tl.sum(w, axis=0))  # |sum| < 2^42: exact in int64
+            tl.store(sums_ptr + (2 * k + 1) * programs + pid, tl.sum(f, axis=0))
+
+
+def _check_pair(base: torch.Tensor | None, expert: torch.Tensor) -> int:
+    """The chunks' length, after checking that they are 1-D contiguous chunks of one length on one GPU (or the
+    interpreter's CPU); base None: the expert alone."""
     for what, t in (("base", base), ("expert", expert)):
+        if t is None:
+            continue
         check_device(t, what)
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{what} has dtype {t.dtype}; supported: bfloat16, float16, float32")
         if t.dim() != 1 or (t.numel() > 1 and t.stride(0) != 1):
             raise ValueError(f"{what} must be a 1-D contiguous chunk, got shape {tuple(t.shape)}")
-    if base.numel() != expert.numel() or base.device != expert.device:
+    if base is not None and (base.numel() != expert.numel() or base.device != expert.device):
         raise ValueError(f"base ({base.numel()} on {base.device}) and expert ({expert.numel()} on "
                          f"{expert.device}) chunks differ")
     return expert.numel()
@@ -353,15 +402,16 @@ def sample_abs_bits(base: torch.Tensor, experts: list[torch.Tensor], step: int, 
     return out
 
 
-def max_abs(base: torch.Tensor, expert: torch.Tensor) -> float:
-    """max |d| over the chunk (0.0 for an empty chunk; NaN if any |d| is NaN)."""
+def max_abs(base: torch.Tensor | None, expert: torch.Tensor) -> float:
+    """max |d| over the chunk (0.0 for an empty chunk; NaN if any |d| is NaN); base None: max |expert|."""
     n = _check_pair(base, expert)
     if n == 0:
         return 0.0
     grid_n = triton.cdiv(n, BLOCK)
     block_max = torch.empty(grid_n, dtype=torch.int32, device=expert.device)
     with launch_guard():
-        _max_kernel[(grid_n,)](base, expert, block_max, n, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+        _max_kernel[(grid_n,)](expert if base is None else base, expert, block_max, n, HAS_BASE=base is not None,
+                               BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     return float(block_max.max().view(torch.float32))
 
 
@@ -375,6 +425,42 @@ def count_nonfinite(base: torch.Tensor, expert: torch.Tensor) -> int:
     with launch_guard():
         _nonfinite_kernel[(grid_n,)](base, expert, counts, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return int(counts.sum(dtype=torch.int64))
+
+
+def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[tuple[int, int], int]
+               ) -> dict[tuple[int, int], tuple[int, int]]:
+    """reference.gram_fixed's integers (v_i = float32(xs[i]) - float32(base), or float32(xs[i]) when base is
+    None), every pair i <= j in one read of the chunk: one launch per GRAM_PIECE elements, whose per-block
+    sums torch adds (integers: the order does not matter)."""
+    if not xs or not shifts:
+        return {}
+    n = _check_pair(base, xs[0])
+    for x in xs[1:]:
+        if _check_pair(base, x) != n or x.device != xs[0].device:
+            raise ValueError(f"vector chunks of {[x.numel() for x in xs]} elements on {[str(x.device) for x in xs]}")
+    m = len(xs)
+    if any(not 0 <= i <= j < m for i, j in shifts):
+        raise ValueError(f"pairs {sorted(shifts)} outside 0 <= i <= j < {m}")
+    if len({x.dtype for x in xs}) > 1:  # inputs saved in different dtypes: the kernel reads one (exact copies)
+        xs = [x.float() for x in xs]
+    rows, stride = expert_rows(xs)
+    scale = torch.zeros(m * m, dtype=torch.float64)
+    for (i, j), s in shifts.items():
+        scale[i * m + j] = 2.0**s
+    scale = scale.to(xs[0].device)
+    pairs = m * (m + 1) // 2
+    found = torch.zeros((pairs, 2), dtype=torch.int64, device=xs[0].device)
+    for lo in range(0, n, GRAM_PIECE):  # a piece's sums stay below 2^63: GRAM_PIECE * 2^32 terms at most
+        count = min(GRAM_PIECE, n - lo)
+        grid_n = triton.cdiv(count, BLOCK)
+        sums = torch.empty((pairs, 2, grid_n), dtype=torch.int64, device=xs[0].device)
+        with launch_guard():
+            _gram_kernel[(grid_n,)](rows if base is None else base[lo:], rows[lo:] if rows.dim() == 1 else rows[:, lo:],
+                                    scale, sums, stride, count, M=m, DELTAS=base is not None, BLOCK=BLOCK,
+                                    num_warps=NUM_WARPS, enable_fp_fusion=False)
+        found += sums.sum(dim=2)
+    table = found.tolist()
+    return {(i, j): tuple(table[i * m - i * (i - 1) // 2 + (j - i)]) for i, j in shifts}
 
 
 def l1_fixed(

@@ -33,3 +33,19 @@ def native_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("FUSEMERGE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     return tmp_path
+
+
+def _stat_backends() -> dict:
+    from fusemerge.kernels import reference, triton_select
+
+    return {"torch": (reference, "cpu"), "triton": (triton_select, DEVICE)}
+
+
+@pytest.fixture(params=["torch", "triton"])
+def stats(request) -> str:
+    """Which statistics functions a test runs: the torch backend's (on CPU: the compiled loops) or the Triton
+    kernels' (on the GPU, else through the interpreter); BACKENDS[stats] is (module, device of its inputs)."""
+    return request.param
+
+
+BACKENDS = _stat_backends()

@@ -418,7 +418,7 @@ def test_a_pinned_budget_below_the_smallest_chunk_is_refused(tmp_path, fam) -> N
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(("max_memory", "pinned"), [(None, "64KiB"), ("64KiB", "32KiB")])
 def test_angle_weights_through_the_pipeline(tmp_path, fam, method, backend, max_memory, pinned) -> None:
-    """The statistics of slerp and model_stock (kernels/slerp.py, model_stock.py) on resident tensors, and on
+    """The statistics of slerp and model_stock (kernels/fixed_dots.py) on resident tensors, and on
     those too large to keep (read 3x)."""
     cfg = tmp_path / f"{method}.yml"
     if method == "slerp":

@@ -1,0 +1,91 @@
+"""Exact dot products of whole tensors, for the methods whose weights come from angles (slerp, model_stock).
+
+`gram_sums` runs their statistics pass: for vectors v_0 .. v_{m-1} (the models themselves for slerp, the
+deltas x_i - base for model_stock) it finds every <v_i, v_j>, i <= j, over a tensor's chunks. Each sum is
+exact up to 2^-32 of a fixed-point unit, so it is the same for every chunking, device and backend:
+
+- pass 1: the largest |v_i| (backend.max_abs); a NaN or infinite entry ends the pass (None: the angle has no
+  meaning, and the methods fall back to fixed weights);
+- pass 2: a product of two float32 values is exact in float64; scaled by the power of two 2^S (S from the
+  pair's largest possible product, `shift_for`, so each scaled product is below 2^32) it splits into its
+  integer part and 32 bits of fraction. backend.gram_fixed sums both over a chunk as integers (the CPU's
+  compiled loop, the Triton kernel in triton_select.py, or `gram_fixed_torch`: the same integers), and the
+  chunks' sums are added as Python integers.
+
+(mergekit sums in float32: its cosine was off by 8e-5 on a 1M-entry tensor of bench/compare_mergekit.py's
+model, docs/mergekit.md.)
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from fusemerge.kernels.select import Segment
+
+# A block's sums add up to 2^20 integers below 2^32: every partial sum is an integer below 2^52, so float64
+# adds them exactly, in whatever order a device reduces them.
+BLOCK = 1 << 20
+PRODUCT_BITS = 32  # each scaled product is below 2^32
+FRACTION_BITS = 32  # bits of each scaled product's fraction kept: the sums are exact up to 2^-(S + 32)
+
+Pair = tuple[int, int]
+
+
+def shift_for(max_product: float) -> int:
+    """The power of two S for which every |product| * 2^S is below 2^PRODUCT_BITS."""
+    _, e = math.frexp(max_product)  # max_product < 2^e
+    return PRODUCT_BITS - e
+
+
+def dot_fixed_torch(x: torch.Tensor, y: torch.Tensor, shift: int) -> tuple[int, int]:
+    """(sum of trunc(p), sum of trunc((p - trunc(p)) * 2^32)) for p = x * y * 2^shift, in torch operations on
+    x's device (float64 temporaries of at most BLOCK entries)."""
+    whole = part = 0
+    for s in range(0, x.numel(), BLOCK):
+        p = x[s:s + BLOCK].to(torch.float64)
+        p.mul_(y[s:s + BLOCK].to(torch.float64)).mul_(2.0 ** shift)  # exact: 48-bit products, a power of two
+        w = p.trunc()
+        f = p.sub_(w).mul_(2.0 ** FRACTION_BITS).trunc_()
+        sums = torch.stack([w.sum(), f.sum()]).tolist()  # integers below 2^52, exact
+        whole, part = whole + int(sums[0]), part + int(sums[1])
+    return whole, part
+
+
+def gram_fixed_torch(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[Pair, int]
+                     ) -> dict[Pair, tuple[int, int]]:
+    """reference.gram_fixed in torch operations: the vectors are float32(x_i) - float32(base), or the x_i."""
+    vs = [x.float() - base.float() for x in xs] if base is not None else [x.float() for x in xs]
+    return {(i, j): dot_fixed_torch(vs[i], vs[j], s) for (i, j), s in shifts.items()}
+
+
+def gram_sums(backend: ModuleType, segments: list[Segment], chunk: int, m: int, deltas: bool
+              ) -> dict[Pair, float] | None:
+    """<v_i, v_j> for every i <= j < m over the tensor of `segments`, read `chunk` entries at a time, with v_i
+    the m models of the segments (deltas False) or the deltas x_i - x_0 of models 1..m from model 0 (deltas
+    True); None where an entry of some v_i is NaN or infinite. A vector of zeros needs no second pass."""
+    from fusemerge.kernels.select import _chunks, largest
+
+    def vectors(models: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        return (models[0], models[1:]) if deltas else (None, models)
+
+    top = [0.0] * m
+    for _, _, models in _chunks(segments, chunk):
+        base, xs = vectors(models)
+        for i, x in enumerate(xs):
+            if x.numel():
+                top[i] = largest(top[i], backend.max_abs(base, x))
+    if not all(math.isfinite(m) for m in top):
+        return None
+    pairs = [(i, j) for i in range(m) for j in range(i, m)]
+    shifts = {p: shift_for(top[p[0]] * top[p[1]]) for p in pairs if top[p[0]] * top[p[1]] > 0.0}
+    sums = dict.fromkeys(shifts, 0)
+    if shifts:
+        for _, _, models in _chunks(segments, chunk):
+            for p, (whole, part) in backend.gram_fixed(*vectors(models), shifts).items():
+                sums[p] += (whole << FRACTION_BITS) + part
+    return {p: math.ldexp(float(sums[p]), -(shifts[p] + FRACTION_BITS)) if p in shifts else 0.0 for p in pairs}
