@@ -449,7 +449,7 @@ def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[t
         scale[i * m + j] = 2.0**s
     scale = scale.to(xs[0].device)
     pairs = m * (m + 1) // 2
-    found = torch.zeros((pairs, 2), dtype=torch.int64, device=xs[0].device)
+    table = [[0, 0] for _ in range(pairs)]
     for lo in range(0, n, GRAM_PIECE):  # a piece's sums stay below 2^63: GRAM_PIECE * 2^32 terms at most
         count = min(GRAM_PIECE, n - lo)
         grid_n = triton.cdiv(count, BLOCK)
@@ -458,8 +458,8 @@ def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[t
             _gram_kernel[(grid_n,)](rows if base is None else base[lo:], rows[lo:] if rows.dim() == 1 else rows[:, lo:],
                                     scale, sums, stride, count, M=m, DELTAS=base is not None, BLOCK=BLOCK,
                                     num_warps=NUM_WARPS, enable_fp_fusion=False)
-        found += sums.sum(dim=2)
-    table = found.tolist()
+        for row, (w, f) in zip(table, sums.sum(dim=2).tolist(), strict=True):  # the pieces: Python integers
+            row[0], row[1] = row[0] + w, row[1] + f
     return {(i, j): tuple(table[i * m - i * (i - 1) // 2 + (j - i)]) for i, j in shifts}
 
 
