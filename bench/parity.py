@@ -146,12 +146,13 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
 
 def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor]) -> tuple[float, ...]:
     """fusemerge's slerp or model_stock weights for tensor t's models (the base's first)."""
+    from fusemerge.kernels import reference
     from fusemerge.kernels.select import Segment, tensor_params
 
     n = xs[0].numel()
     segment = Segment(n, lambda s, c: (None, [x[s:s + c] for x in xs]), whole=True)
     return tensor_params(method, name=t.name, numel=n, segments=[segment], weights=[], density=[], gamma=[],
-                         lam=1.0, normalize=False, rescale=False, seed=0, chunk=max(1, n), backend=None, t=t.t,
+                         lam=1.0, normalize=False, rescale=False, seed=0, chunk=max(1, n), backend=reference, t=t.t,
                          models=len(xs)).weights
 
 
