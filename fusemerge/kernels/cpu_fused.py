@@ -210,22 +210,29 @@ FM_CLONES void fm_hist_hi(int64_t n, int in_code, const void *base, const void *
     }
 }
 
-/* The largest bits(|x - base|) over n elements, as a bit pattern (a NaN's exceed infinity's, so a NaN
-   delta gives a NaN, as reference.max_abs's torch max does); 0 for n = 0. base NULL: of |x| (x - 0 is x). */
-FM_CLONES uint32_t fm_max_abs(int64_t n, int in_code, const void *base, const void *x) {
+/* For each of nv inputs xs[i], the largest bits(|xs[i] - base|) over n elements, as a bit pattern, into
+   out[i] (a NaN's exceed infinity's, so a NaN delta gives a NaN, as reference.max_abs's torch max does; 0 for
+   n = 0); each block of the base is read once for all inputs (nv + 1 reads, not 2 nv). base NULL: of
+   |xs[i]| (x - 0 is x). Blocks interleaved input by input, the order bench/max_abs_reads.py found fastest on
+   the CPU merge's chunks (planner.CPU_CHUNK_CAP entries). */
+FM_CLONES void fm_max_abs(int64_t n, int in_code, int nv, const void *base, const void *const *xs,
+                          uint32_t *out) {
     float b[BLOCK], xb[BLOCK];
-    uint32_t top = 0;
     if (base == 0) memset(b, 0, sizeof b);
+    for (int i = 0; i < nv; i++) out[i] = 0;
     for (int64_t lo = 0; lo < n; lo += BLOCK) {
         int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
         if (base != 0) load_block(base, in_code, lo, m, b);
-        load_block(x, in_code, lo, m, xb);
-        for (int k = 0; k < m; k++) {
-            uint32_t a = f2u(xb[k] - b[k]) & 0x7FFFFFFFu;
-            top = a > top ? a : top;
+        for (int i = 0; i < nv; i++) {
+            uint32_t top = out[i];
+            load_block(xs[i], in_code, lo, m, xb);
+            for (int k = 0; k < m; k++) {
+                uint32_t a = f2u(xb[k] - b[k]) & 0x7FFFFFFFu;
+                top = a > top ? a : top;
+            }
+            out[i] = top;
         }
     }
-    return top;
 }
 
 /* reference.l1_fixed's sums: out[0] = sum of trunc(|d| * 2^shift), out[1] the same over the entries whose
@@ -422,7 +429,7 @@ _SIGNATURES = {
                   _F32, _I32, _P, _P], ctypes.c_int),
     "fm_hist_hi": ([_I64, _I32, _P, _P, _P], None),
     "fm_select_lo": ([_I64, _I32, _P, _P, ctypes.c_uint32, _P], ctypes.c_int64),
-    "fm_max_abs": ([_I64, _I32, _P, _P], ctypes.c_uint32),
+    "fm_max_abs": ([_I64, _I32, _I32, _P, _P, _P], None),
     "fm_hist_collect": ([_I64, _I32, _P, _P, _P, _P, _P, _I64], ctypes.c_int64),
     "fm_find_equal": ([_I64, _I32, _P, _P, ctypes.c_uint32, _I64], ctypes.c_int64),
     "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
@@ -593,18 +600,20 @@ def _find_equal(lib, base: torch.Tensor, expert: torch.Tensor, t: int, q: int) -
     return int(lib.fm_find_equal(base.numel(), code, base.data_ptr(), expert.data_ptr(), t, q))
 
 
-def max_abs(base: torch.Tensor | None, expert: torch.Tensor) -> float | None:
-    """reference.max_abs's value (NaN where a delta is NaN; base None: of |expert|), or None where the compiled
-    loop does not take these chunks."""
-    return _max_abs(_library(), base, expert)
+def max_abs(base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[float] | None:
+    """reference.max_abs's values, one per input of `xs` (NaN where a delta is NaN; base None: of |x|), in one
+    read of the base, or None where the compiled loop does not take these chunks."""
+    return _max_abs(_library(), base, xs)
 
 
-def _max_abs(lib, base: torch.Tensor | None, expert: torch.Tensor) -> float | None:
-    code = _takes([expert] if base is None else [base, expert]) if lib is not None else None
+def _max_abs(lib, base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[float] | None:
+    code = _takes(xs if base is None else [base, *xs]) if lib is not None and xs else None
     if code is None:
         return None
-    bits = lib.fm_max_abs(expert.numel(), code, None if base is None else base.data_ptr(), expert.data_ptr())
-    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+    bits = np.zeros(len(xs), dtype=np.uint32)
+    ptrs = (ctypes.c_void_p * len(xs))(*[x.data_ptr() for x in xs])
+    lib.fm_max_abs(xs[0].numel(), code, len(xs), None if base is None else base.data_ptr(), ptrs, bits.ctypes.data)
+    return [float(v) for v in bits.view(np.float32)]
 
 
 def l1_fixed(base: torch.Tensor, expert: torch.Tensor, shift: int, keep: torch.Tensor | None
@@ -687,6 +696,11 @@ def _disagreement(lib) -> str:
                 if (got is None or not torch.equal(got.view(torch.uint8), want.view(torch.uint8))
                         or not torch.equal(*counts)):
                     return f"merge ({p.sparsifier}, {p.consensus}, {dtype} -> {out_dtype})"
+        for base_x in (b, None):  # every input in one read of the base; a NaN, an infinity and -0.0 among them
+            got, want = _max_abs(lib, base_x, xs), [reference.max_abs_torch(base_x, x) for x in xs]
+            if got is None or not all(u == v or (math.isnan(u) and math.isnan(v))
+                                      for u, v in zip(got, want, strict=True)):
+                return f"max_abs ({dtype}, {'deltas' if base_x is not None else 'of the inputs'})"
         for x in xs:
             noisy = (x.float() + torch.randn(n, generator=g) * 1e-3).to(dtype)  # every bin, not the 1/64 grid's
             for y in (x, noisy):
@@ -717,9 +731,6 @@ def _disagreement(lib) -> str:
                         if found[0] != found[1] or not (np.array_equal(got[0], want[0])
                                                         and np.array_equal(got[1], want[1])):
                             return f"hist_collect ({dtype})"
-            got, want = _max_abs(lib, b, x), reference.max_abs_torch(b, x)
-            if not (got == want or (math.isnan(got) and math.isnan(want))):
-                return f"max_abs ({dtype})"
             finite = ~(x.float() - b.float()).isfinite()
             fb, fx = b.masked_fill(finite, 0.0), x.masked_fill(finite, 0.5)  # the sums take finite deltas
             fx = (fx.float() + torch.randn(n, generator=g) * 1e-3).to(dtype)  # float32: every mantissa bit
@@ -731,9 +742,6 @@ def _disagreement(lib) -> str:
                 for k in (None, keep):
                     if _l1_fixed(lib, fb, fx, shift, k) != reference.l1_fixed_torch(fb, fx, shift, k):
                         return f"l1_fixed ({dtype}, shift {shift})"
-            got, want = _max_abs(lib, None, x), reference.max_abs_torch(None, x)
-            if not (got == want or (math.isnan(got) and math.isnan(want))):
-                return f"max_abs of one input ({dtype})"
             # the angle methods' sums: of the models (every product sign, a square), and of deltas, one of zeros
             others = [fx, fb, (fb.float() - 0.5 * fx.float()).to(dtype)]
             for base_x in (None, fb):

@@ -4,8 +4,8 @@
 deltas x_i - base for model_stock) it finds every <v_i, v_j>, i <= j, over a tensor's chunks. Each sum is
 exact up to 2^-32 of a fixed-point unit, so it is the same for every chunking, device and backend:
 
-- pass 1: the largest |v_i| (backend.max_abs); after a NaN or infinite entry there is no pass 2 (None: the
-  angle has no meaning, and the methods fall back to fixed weights);
+- pass 1: the largest |v_i| (backend.max_abs, all of them in one read); after a NaN or infinite entry there
+  is no pass 2 (None: the angle has no meaning, and the methods fall back to fixed weights);
 - pass 2: a product of two float32 values is exact in float64; scaled by the power of two 2^S (S from the
   pair's largest possible product, `shift_for`, so each scaled product is below 2^32) it splits into its
   integer part and 32 bits of fraction. backend.gram_fixed sums both over a chunk as integers (the CPU's
@@ -76,9 +76,8 @@ def gram_sums(backend: ModuleType, segments: list[Segment], chunk: int, m: int, 
     top = [0.0] * m
     for _, _, models in _chunks(segments, chunk):
         base, xs = vectors(models)
-        for i, x in enumerate(xs):
-            if x.numel():
-                top[i] = largest(top[i], backend.max_abs(base, x))
+        if xs[0].numel():
+            top = [largest(t, v) for t, v in zip(top, backend.max_abs(base, xs), strict=True)]
     if not all(math.isfinite(v) for v in top):
         return None
     pairs = [(i, j) for i in range(m) for j in range(i, m)]

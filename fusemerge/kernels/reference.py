@@ -412,10 +412,11 @@ def bracket_pass(
     return counts, fill, keys, block
 
 
-def max_abs(base: torch.Tensor | None, expert: torch.Tensor) -> float:
-    """max |d| over the chunk (0.0 for an empty chunk; NaN where a delta is NaN); base None: max |expert|."""
-    fused = cpu_fused.max_abs(base, expert) if expert.device.type == "cpu" else None
-    return fused if fused is not None else max_abs_torch(base, expert)
+def max_abs(base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[float]:
+    """max |d| over the chunk for each input of `xs` (0.0 for an empty chunk; NaN where a delta is NaN); base
+    None: max |x|. On CPU one compiled read of the base for all of them."""
+    fused = cpu_fused.max_abs(base, list(xs)) if xs and xs[0].device.type == "cpu" else None
+    return fused if fused is not None else [max_abs_torch(base, x) for x in xs]
 
 
 def max_abs_torch(base: torch.Tensor | None, expert: torch.Tensor) -> float:

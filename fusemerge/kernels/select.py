@@ -634,9 +634,7 @@ def l1_scales(backend: ModuleType, segments: list[Segment], chunk: int, n: int,
     total = sum(s.numel for s in segments)
     top = [0.0] * n
     for _, base, experts in _chunks(segments, chunk):
-        for i in range(n):
-            m = backend.max_abs(base, experts[i])
-            top[i] = largest(top[i], m)
+        top = [largest(t, m) for t, m in zip(top, backend.max_abs(base, experts[:n]), strict=True)]
     live = [i for i in range(n) if top[i] != 0.0 and math.isfinite(top[i])]  # a NaN or Inf delta: factor 1
     shift = {i: fixed_point_shift(top[i], total) for i in live}
     found = {i: [0, 0] for i in live}

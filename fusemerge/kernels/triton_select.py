@@ -13,7 +13,8 @@ backends agree exactly by construction, whatever the block size or the order of 
 - `abs_hist_hi`, `abs_hist_lo`: the two levels of the radix select over a = bits(|d|) (int32,
   sign cleared; non-negative floats order like their bits), histograms by integer atomics;
 - `count_equal`, `nth_equal`: per-block counts of a == t, then `tie_cuts` (the index cut of exact top-k);
-- `max_abs`: the maximum of a as a bit pattern (NaN, whose bits exceed inf's, propagates);
+- `max_abs`: the maximum of a as a bit pattern (NaN, whose bits exceed inf's, propagates), of every expert
+  in one launch that reads the base once (N + 1 reads, not 2 N);
 - `l1_fixed`: sum trunc(|d| * 2^shift) computed from the float's bits with integer shifts (exact: the
   same integers as the reference's float32 product, which is exact whenever the result is >= 1).
 
@@ -206,15 +207,29 @@ def _bracket_kernel(
 
 
 @triton.jit
-def _max_kernel(base_ptr, x_ptr, block_max_ptr, n, HAS_BASE: tl.constexpr, BLOCK: tl.constexpr):
+def _max_kernel(
+    base_ptr,  # [n] (HAS_BASE only)
+    x_ptr,  # input i's element k at x_ptr + i * row_stride + k
+    block_max_ptr,  # int32 [M, programs]: per block, the largest bits(|d_i|)
+    row_stride,
+    n,
+    M: tl.constexpr,
+    HAS_BASE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    stride = tl.cast(row_stride, tl.int64)  # int64 before any i * stride (see the merge kernel)
     if HAS_BASE:
-        a = _abs_bits(base_ptr, x_ptr, offs, mask)
-    else:  # bits(|x|): 0 on masked lanes (loaded as 0)
-        a = _load_f32(x_ptr + offs, mask).to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    tl.store(block_max_ptr + pid, tl.max(a, axis=0))
+        b = _load_f32(base_ptr + offs, mask)  # once for all M inputs
+    else:
+        b = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(M):
+        d = _load_f32(x_ptr + i * stride + offs, mask) - b  # x - 0.0 is x, -0.0 included (only |d| is kept)
+        a = tl.where(mask, d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        tl.store(block_max_ptr + i * programs + pid, tl.max(a, axis=0))
 
 
 @triton.jit
@@ -318,6 +333,15 @@ def _check_pair(base: torch.Tensor | None, expert: torch.Tensor) -> int:
     return expert.numel()
 
 
+def _same_chunks(base: torch.Tensor | None, xs: list[torch.Tensor]) -> int:
+    """_check_pair for every input of `xs`, which must also share one length and device."""
+    n = _check_pair(base, xs[0])
+    for x in xs[1:]:
+        if _check_pair(base, x) != n or x.device != xs[0].device:
+            raise ValueError(f"vector chunks of {[x.numel() for x in xs]} elements on {[str(x.device) for x in xs]}")
+    return n
+
+
 def _hist(base: torch.Tensor, expert: torch.Tensor, low: bool, hi_bin: int) -> torch.Tensor:
     n = _check_pair(base, expert)
     nbins = LO_BINS if low else HI_BINS
@@ -402,17 +426,23 @@ def sample_abs_bits(base: torch.Tensor, experts: list[torch.Tensor], step: int, 
     return out
 
 
-def max_abs(base: torch.Tensor | None, expert: torch.Tensor) -> float:
-    """max |d| over the chunk (0.0 for an empty chunk; NaN if any |d| is NaN); base None: max |expert|."""
-    n = _check_pair(base, expert)
+def max_abs(base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[float]:
+    """max |d| over the chunk for each input of `xs` (0.0 for an empty chunk; NaN if any |d| is NaN); base
+    None: max |x|. One launch and one read of the base for all of them, and one host sync."""
+    if not xs:
+        return []
+    n = _same_chunks(base, xs)
     if n == 0:
-        return 0.0
+        return [0.0] * len(xs)
+    if len({x.dtype for x in xs}) > 1:  # inputs saved in different dtypes: the kernel reads one (exact copies)
+        xs = [x.float() for x in xs]
+    rows, stride = expert_rows(xs)
     grid_n = triton.cdiv(n, BLOCK)
-    block_max = torch.empty(grid_n, dtype=torch.int32, device=expert.device)
+    block_max = torch.empty((len(xs), grid_n), dtype=torch.int32, device=xs[0].device)
     with launch_guard():
-        _max_kernel[(grid_n,)](expert if base is None else base, expert, block_max, n, HAS_BASE=base is not None,
-                               BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    return float(block_max.max().view(torch.float32))
+        _max_kernel[(grid_n,)](rows if base is None else base, rows, block_max, stride, n, M=len(xs),
+                               HAS_BASE=base is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    return block_max.max(dim=1).values.view(torch.float32).tolist()
 
 
 def count_nonfinite(base: torch.Tensor, expert: torch.Tensor) -> int:
@@ -434,10 +464,7 @@ def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[t
     sums torch adds (integers: the order does not matter)."""
     if not xs or not shifts:
         return {}
-    n = _check_pair(base, xs[0])
-    for x in xs[1:]:
-        if _check_pair(base, x) != n or x.device != xs[0].device:
-            raise ValueError(f"vector chunks of {[x.numel() for x in xs]} elements on {[str(x.device) for x in xs]}")
+    n = _same_chunks(base, xs)
     m = len(xs)
     if any(not 0 <= i <= j < m for i, j in shifts):
         raise ValueError(f"pairs {sorted(shifts)} outside 0 <= i <= j < {m}")

@@ -130,10 +130,11 @@ def test_dare_statistics(dtype, size: int) -> None:
     """max |d| (NaN where a delta is) and the fixed-point L1 sums, with and without a keep mask."""
     import math
 
-    base, experts = family(2, size, dtype, 11, edges=True)
-    for x in experts:
-        got, want = cpu_fused.max_abs(base, x), reference.max_abs_torch(base, x)
-        assert got == want or (math.isnan(got) and math.isnan(want)), (got, want)
+    base, experts = family(3, size, dtype, 11, edges=True)
+    for b in (base, None):  # all inputs in one call, of deltas and of the inputs themselves
+        got, want = cpu_fused.max_abs(b, experts), [reference.max_abs_torch(b, x) for x in experts]
+        assert len(got) == 3
+        assert all(u == v or (math.isnan(u) and math.isnan(v)) for u, v in zip(got, want, strict=True)), (got, want)
     base, experts = family(2, size, dtype, 12, edges=False)  # the sums take tensors of finite deltas
     keep = torch.rand(size, generator=torch.Generator().manual_seed(1)) < 0.3
     for x in experts:

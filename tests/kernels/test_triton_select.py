@@ -104,17 +104,36 @@ def test_nth_equal_finds_ties_in_later_blocks(device):
 def test_max_abs(n, dtype, device):
     base, expert = make_pair(n, dtype, 200 + n, device)
     d = expert.cpu().float() - base.cpu().float()
-    got = ts.max_abs(base, expert)
-    assert got == float(d.abs().max()) == reference.max_abs(base.cpu(), expert.cpu())
+    [got] = ts.max_abs(base, [expert])
+    assert got == float(d.abs().max()) == reference.max_abs(base.cpu(), [expert.cpu()])[0]
+
+
+@pytest.mark.parametrize("n", [1, 1000, 3 * 1024 + 5])
+def test_max_abs_of_many_inputs_in_one_launch(n, device):
+    """Every input's max in one launch: of separate chunks, of a staging buffer's rows (read in place), of
+    mixed dtypes, and without a base; each the single input's value."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(n, generator=g) * s).to(torch.bfloat16) for s in (0.1, 3.0, 1e-3, 0.0)]
+    want = [reference.max_abs_torch(base, x) for x in xs]
+    buf = torch.stack([base, *xs]).to(device)
+    assert ts.max_abs(buf[0], [buf[i] for i in range(1, 5)]) == want
+    assert ts.max_abs(base.to(device), [x.to(device) for x in xs]) == want
+    mixed = [xs[0].float(), *xs[1:]]
+    assert ts.max_abs(base.to(device), [x.to(device) for x in mixed]) == want
+    assert ts.max_abs(None, [x.to(device) for x in xs]) == [reference.max_abs_torch(None, x) for x in xs]
+    assert ts.max_abs(base.to(device), []) == []
 
 
 def test_max_abs_empty_and_nan(device):
     empty = torch.empty(0, dtype=torch.bfloat16, device=device)
-    assert ts.max_abs(empty, empty) == 0.0
+    assert ts.max_abs(empty, [empty, empty]) == [0.0, 0.0]
     base, expert = make_pair(100, torch.float32, 1, device)
+    other = expert.clone()
     expert[17] = float("nan")
     with np.errstate(invalid="ignore"):
-        assert math.isnan(ts.max_abs(base, expert))
+        got = ts.max_abs(base, [other, expert])
+    assert math.isnan(got[1]) and got[0] == reference.max_abs_torch(base, other)  # one NaN spoils only its own
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
@@ -169,7 +188,9 @@ def test_rejects_bad_inputs(device):
     with pytest.raises(ValueError, match="hi_bin"):
         ts.abs_hist_lo(base, expert, ts.HI_BINS)
     with pytest.raises(ValueError, match="1-D"):
-        ts.max_abs(base.view(2, 5), expert.view(2, 5))
+        ts.max_abs(base.view(2, 5), [expert.view(2, 5)])
+    with pytest.raises(ValueError, match="vector chunks"):
+        ts.max_abs(None, [expert, expert[:5]])
 
 
 def test_empty_chunk(device):
