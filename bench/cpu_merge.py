@@ -77,7 +77,7 @@ def cases(n: int, experts: int):
         ("DARE max |d|", lambda: [reference.max_abs_torch(b32, x) for x in x32],
          lambda: cpu_fused.max_abs(base, xs), "value"),
         ("DARE L1 sums", lambda: [reference.l1_fixed_torch(b32, x, 40, k) for x, k in zip(x32, keeps, strict=True)],
-         lambda: [cpu_fused.l1_fixed(base, x, 40, k) for x, k in zip(xs, keeps, strict=True)], "value"),
+         lambda: cpu_fused.l1_fixed(base, xs, [40] * len(xs), keeps), "value"),
     ]
     return out
 

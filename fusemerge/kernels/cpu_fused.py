@@ -213,7 +213,7 @@ FM_CLONES void fm_hist_hi(int64_t n, int in_code, const void *base, const void *
 /* For each of nv inputs xs[i], the largest bits(|xs[i] - base|) over n elements, as a bit pattern, into
    out[i] (a NaN's exceed infinity's, so a NaN delta gives a NaN, as reference.max_abs's torch max does; 0 for
    n = 0); each block of the base is read once for all inputs (nv + 1 reads, not 2 nv). base NULL: of
-   |xs[i]| (x - 0 is x). Blocks interleaved input by input, the order bench/max_abs_reads.py found fastest on
+   |xs[i]| (x - 0 is x). Blocks interleaved input by input, the order bench/stat_reads.py found fastest on
    the CPU merge's chunks (planner.CPU_CHUNK_CAP entries). */
 FM_CLONES void fm_max_abs(int64_t n, int in_code, int nv, const void *base, const void *const *xs,
                           uint32_t *out) {
@@ -235,34 +235,47 @@ FM_CLONES void fm_max_abs(int64_t n, int in_code, int nv, const void *base, cons
     }
 }
 
-/* reference.l1_fixed's sums: out[0] = sum of trunc(|d| * 2^shift), out[1] the same over the entries whose
-   keep[j] is nonzero (keep NULL: out[1] = out[0]). Every |d| * 2^shift is below 2^62 / n
-   (select.fixed_point_shift, and only for tensors whose deltas are all finite). trunc(|d| * 2^shift) from
-   the float's bits by integer shifts, which vectorize (a float -> int64 conversion does not on x86-64-v3):
-   the torch operations' value, since the product is exact whenever it is 1 or more. */
-FM_CLONES void fm_l1_fixed(int64_t n, int in_code, const void *base, const void *x, int shift,
-                           const uint8_t *keep, int64_t *out) {
+/* reference.l1_fixed's sums for each of nv experts xs[i]: out[2 i] = sum of trunc(|d_i| * 2^shift[i]),
+   out[2 i + 1] the same over the entries whose keep[i][j] is nonzero (keep NULL or keep[i] NULL:
+   out[2 i + 1] = out[2 i]; xs[i] NULL: skipped, both 0); each block of the base is read once for all
+   experts. Every |d| * 2^shift is
+   below 2^62 / n (select.fixed_point_shift, and only for tensors whose deltas are all finite).
+   trunc(|d| * 2^shift) from the float's bits by integer shifts: the torch operations' value, since the
+   product is exact whenever it is 1 or more. Written branch-free in unsigned 64-bit lanes (both shifts
+   clamped, one of them 0) so that gcc 12 vectorizes it; it did not vectorize the earlier form, a conditional
+   choice of shift (4.4 -> 0.55 ns per entry and expert, bench/stat_reads.py). A float -> int64 conversion
+   does not vectorize on x86-64-v3. */
+FM_CLONES void fm_l1_fixed(int64_t n, int in_code, int nv, const void *base, const void *const *xs,
+                           const int32_t *shift, const uint8_t *const *keep, int64_t *out) {
     float b[BLOCK], xb[BLOCK];
     uint8_t ones[BLOCK];
     memset(ones, 1, BLOCK);
-    int64_t total = 0, kept = 0;
+    for (int i = 0; i < 2 * nv; i++) out[i] = 0;
     for (int64_t lo = 0; lo < n; lo += BLOCK) {
         int m = (int)(n - lo < BLOCK ? n - lo : BLOCK);
         load_block(base, in_code, lo, m, b);
-        load_block(x, in_code, lo, m, xb);
-        const uint8_t *mk = keep != 0 ? keep + lo : ones;
-        for (int k = 0; k < m; k++) {
-            uint32_t a = f2u(xb[k] - b[k]) & 0x7FFFFFFFu;
-            uint32_t e = a >> 23;  /* |d| = m * 2^(max(e, 1) - 150) */
-            int64_t mant = (int64_t)((a & 0x7FFFFFu) | (e ? 0x800000u : 0u));
-            int64_t up = (int64_t)(e ? e : 1) - 150 + shift;  /* q = mant * 2^up, truncated */
-            int64_t q = up >= 0 ? mant << (up < 40 ? up : 40) : (up > -24 ? mant >> -up : 0);
-            total += q;
-            kept += q & -(int64_t)mk[k];
+        for (int i = 0; i < nv; i++) {
+            if (xs[i] == 0) continue;
+            load_block(xs[i], in_code, lo, m, xb);
+            const uint8_t *mk = keep != 0 && keep[i] != 0 ? keep[i] + lo : ones;
+            int32_t sh = shift[i];
+            uint64_t total = 0, kept = 0;
+            for (int k = 0; k < m; k++) {
+                uint32_t a = f2u(xb[k] - b[k]) & 0x7FFFFFFFu;
+                uint32_t e = a >> 23;  /* |d| = mant * 2^(max(e, 1) - 150) */
+                uint64_t mant = (a & 0x7FFFFFu) | (e ? 0x800000u : 0u);
+                /* q = trunc(mant * 2^s): one of the two shifts is 0; mant < 2^24, so >> 63 gives 0 */
+                int32_t s = (int32_t)(e ? e : 1u) - 150 + sh;
+                uint64_t up = (uint64_t)(s < 0 ? 0 : (s > 40 ? 40 : s));
+                uint64_t down = (uint64_t)(s > 0 ? 0 : (s < -63 ? 63 : -s));
+                uint64_t q = (mant << up) >> down;
+                total += q;
+                kept += q & (0 - (uint64_t)mk[k]);
+            }
+            out[2 * i] += (int64_t)total;  /* below 2^62: the caller's shifts */
+            out[2 * i + 1] += (int64_t)kept;
         }
     }
-    out[0] = total;
-    out[1] = keep != 0 ? kept : total;
 }
 
 /* whole += trunc(p), part += trunc((p - trunc(p)) * 2^32) for p = x[k] * y[k] * scale, k < m: the terms of
@@ -432,7 +445,7 @@ _SIGNATURES = {
     "fm_max_abs": ([_I64, _I32, _I32, _P, _P, _P], None),
     "fm_hist_collect": ([_I64, _I32, _P, _P, _P, _P, _P, _I64], ctypes.c_int64),
     "fm_find_equal": ([_I64, _I32, _P, _P, ctypes.c_uint32, _I64], ctypes.c_int64),
-    "fm_l1_fixed": ([_I64, _I32, _P, _P, _I32, _P, _P], None),
+    "fm_l1_fixed": ([_I64, _I32, _I32, _P, _P, _P, _P, _P], None),
     "fm_gram_fixed": ([_I64, _I32, _I32, _P, _P, _P, _P], ctypes.c_int),
 }
 
@@ -616,23 +629,30 @@ def _max_abs(lib, base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[flo
     return [float(v) for v in bits.view(np.float32)]
 
 
-def l1_fixed(base: torch.Tensor, expert: torch.Tensor, shift: int, keep: torch.Tensor | None
-             ) -> tuple[int, int] | None:
-    """reference.l1_fixed's sums (`keep`: the DARE keep mask, bool; None: every entry), or None where the
-    compiled loop does not take these chunks."""
-    return _l1_fixed(_library(), base, expert, shift, keep)
+def l1_fixed(base: torch.Tensor, xs: list[torch.Tensor], shifts: list[int | None],
+             keeps: list[torch.Tensor | None] | None) -> list[tuple[int, int]] | None:
+    """reference.l1_fixed's sums per expert (`keeps[i]`: expert i's DARE keep mask, bool; None: every entry;
+    shifts[i] None: (0, 0), not read), in one read of the base, or None where the compiled loop does not take
+    these chunks."""
+    return _l1_fixed(_library(), base, xs, shifts, keeps)
 
 
-def _l1_fixed(lib, base: torch.Tensor, expert: torch.Tensor, shift: int, keep: torch.Tensor | None
-              ) -> tuple[int, int] | None:
-    code = _takes([base, expert]) if lib is not None else None
-    if code is None or (keep is not None and (keep.dtype != torch.bool or not keep.is_contiguous()
-                                              or keep.numel() != base.numel())):
+def _l1_fixed(lib, base: torch.Tensor, xs: list[torch.Tensor], shifts: list[int | None],
+              keeps: list[torch.Tensor | None] | None) -> list[tuple[int, int]] | None:
+    code = _takes([base, *xs]) if lib is not None and xs else None
+    masks = keeps if keeps is not None else [None] * len(xs)
+    if code is None or len(masks) != len(xs) or len(shifts) != len(xs) or any(
+            k is not None and (k.dtype != torch.bool or not k.is_contiguous() or k.numel() != base.numel())
+            for k in masks):
         return None
-    out = np.zeros(2, dtype=np.int64)
-    lib.fm_l1_fixed(base.numel(), code, base.data_ptr(), expert.data_ptr(), shift,
-                    keep.data_ptr() if keep is not None else None, out.ctypes.data)
-    return int(out[0]), int(out[1])
+    out = np.zeros(2 * len(xs), dtype=np.int64)
+    ptrs = (ctypes.c_void_p * len(xs))(*[x.data_ptr() if h is not None else None
+                                         for x, h in zip(xs, shifts, strict=True)])
+    keep_ptrs = (ctypes.c_void_p * len(xs))(*[k.data_ptr() if k is not None else None for k in masks])
+    shift_arr = np.array([h if h is not None else 0 for h in shifts], dtype=np.int32)
+    lib.fm_l1_fixed(base.numel(), code, len(xs), base.data_ptr(), ptrs, shift_arr.ctypes.data, keep_ptrs,
+                    out.ctypes.data)
+    return [(int(out[2 * i]), int(out[2 * i + 1])) for i in range(len(xs))]
 
 
 def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[tuple[int, int], int]
@@ -740,8 +760,12 @@ def _disagreement(lib) -> str:
             keep = torch.rand(n, generator=g) < 0.4
             for shift in (20, 40, -3):
                 for k in (None, keep):
-                    if _l1_fixed(lib, fb, fx, shift, k) != reference.l1_fixed_torch(fb, fx, shift, k):
+                    if _l1_fixed(lib, fb, [fx], [shift], [k]) != [reference.l1_fixed_torch(fb, fx, shift, k)]:
                         return f"l1_fixed ({dtype}, shift {shift})"
+            mixed = [(20, None), (40, keep), (None, keep), (-3, keep)]  # several experts in one read, one skipped
+            if _l1_fixed(lib, fb, [fx] * 4, [h for h, _ in mixed], [k for _, k in mixed]) != [
+                    reference.l1_fixed_torch(fb, fx, h, k) if h is not None else (0, 0) for h, k in mixed]:
+                return f"l1_fixed of several experts ({dtype})"
             # the angle methods' sums: of the models (every product sign, a square), and of deltas, one of zeros
             others = [fx, fb, (fb.float() - 0.5 * fx.float()).to(dtype)]
             for base_x in (None, fb):

@@ -442,26 +442,32 @@ def count_nonfinite(base: torch.Tensor, expert: torch.Tensor) -> int:
 
 def l1_fixed(
     base: torch.Tensor,
-    expert: torch.Tensor,
-    shift: int,
-    keep: tuple[int, float, int] | None = None,
+    xs: list[torch.Tensor],
+    shifts: list[int | None],
+    keeps: list[tuple[int, float, int]] | None = None,
     *,
     masks: KeepMasks | None = None,
-) -> tuple[int, int]:
-    """Fixed-point L1 sums: (sum trunc(|d| * 2^shift), the same over DARE-kept entries).
+) -> list[tuple[int, int]]:
+    """Fixed-point L1 sums per expert: (sum trunc(|d_i| * 2^shifts[i]), the same over DARE-kept entries);
+    shifts[i] None: (0, 0), expert i skipped (no mask drawn).
 
-    `keep` = (key, density, start) selects the kept entries as in merge_chunk; None: all kept. `masks`
-    (CPU): where the drawn keep mask is stored for the merge pass, when it fits.
-    """
-    kept_mask = None
-    if keep is not None:
+    `keeps[i]` = (key, density, start) selects expert i's kept entries as in merge_chunk; None: all kept.
+    `masks` (CPU): where the drawn keep masks are stored for the merge pass, when they fit. On CPU one
+    compiled read of the base for all experts."""
+    if len(shifts) != len(xs) or (keeps is not None and len(keeps) != len(xs)):
+        raise ValueError(f"{len(xs)} experts, {len(shifts)} shifts and {len(keeps or [])} keeps")
+    kept_masks: list[torch.Tensor | None] = [None] * len(xs)
+    for i, keep in enumerate(keeps or []):
+        if shifts[i] is None:
+            continue
         key, density, start = keep
         if masks is not None and base.device.type == "cpu":
-            kept_mask = masks.draw(key, start, base.numel(), density, keep=True)
+            kept_masks[i] = masks.draw(key, start, base.numel(), density, keep=True)
         else:
-            kept_mask = dare_keep_run(key, start, base.numel(), density, base.device)
-    fused = cpu_fused.l1_fixed(base, expert, shift, kept_mask) if base.device.type == "cpu" else None
-    return fused if fused is not None else l1_fixed_torch(base, expert, shift, kept_mask)
+            kept_masks[i] = dare_keep_run(key, start, base.numel(), density, base.device)
+    fused = cpu_fused.l1_fixed(base, list(xs), list(shifts), kept_masks) if base.device.type == "cpu" else None
+    return fused if fused is not None else [l1_fixed_torch(base, x, h, k) if h is not None else (0, 0)
+                                            for x, h, k in zip(xs, shifts, kept_masks, strict=True)]
 
 
 def l1_fixed_torch(base: torch.Tensor, expert: torch.Tensor, shift: int, kept_mask: torch.Tensor | None

@@ -611,23 +611,27 @@ def dare_scales(
 ) -> list[float]:
     """mergekit's L1 rescale of DARE per expert (l1_scales, the kept entries drawn as the merge draws them).
     `masks`: where the torch backend keeps the drawn masks for the merge pass."""
-    return l1_scales(backend, segments, chunk, len(keys), lambda i, base, x, shift, start: backend.l1_fixed(
-        base, x, shift, (keys[i], density[i], start), masks=masks))
+    return l1_scales(backend, segments, chunk, len(keys), lambda base, xs, shifts, start: backend.l1_fixed(
+        base, xs, shifts, [(keys[i], density[i], start) for i in range(len(keys))], masks=masks))
 
 
 def trim_scales(backend: ModuleType, segments: list[Segment], chunk: int,
                 cuts: list[tuple[int, int, int, int]]) -> list[float]:
     """mergekit's L1 rescale of a magnitude trim per expert (ties, breadcrumbs with `rescale: true`;
     l1_scales, the kept entries those of the cuts (t_keep, c_keep, t_drop, c_drop), as the merge keeps them)."""
-    return l1_scales(backend, segments, chunk, len(cuts), lambda i, base, x, shift, start: backend.l1_fixed_top(
-        base, x, shift, start, cuts[i]))
+    return l1_scales(backend, segments, chunk, len(cuts), lambda base, xs, shifts, start: [
+        backend.l1_fixed_top(base, x, h, start, c) if h is not None else (0, 0)
+        for x, h, c in zip(xs, shifts, cuts, strict=True)])
 
 
-def l1_scales(backend: ModuleType, segments: list[Segment], chunk: int, n: int,
-              sums: Callable[[int, torch.Tensor, torch.Tensor, int, int], tuple[int, int]]) -> list[float]:
+def l1_scales(
+    backend: ModuleType, segments: list[Segment], chunk: int, n: int,
+    sums: Callable[[torch.Tensor, list[torch.Tensor], list[int | None], int], list[tuple[int, int]]],
+) -> list[float]:
     """||d||_1 / ||kept d||_1 over the tensor, per expert (1.0 if nothing is kept, and where a delta is NaN or
-    infinite, whose norm has no finite ratio). `sums(i, base, expert, shift, start)`: the chunk's fixed-point
-    sums (all, kept) for expert i.
+    infinite, whose norm has no finite ratio). `sums(base, experts, shifts, start)`: the chunk's fixed-point
+    sums (all, kept) of every expert; shifts[i] None: expert i's need no sums (give (0, 0)). Every expert is
+    passed, so the GPU reads a staging buffer's rows in place (a subset of rows would be a stacked copy).
 
     Both norms are fixed-point integer sums, so the factor is identical for every chunking.
     """
@@ -636,14 +640,14 @@ def l1_scales(backend: ModuleType, segments: list[Segment], chunk: int, n: int,
     for _, base, experts in _chunks(segments, chunk):
         top = [largest(t, m) for t, m in zip(top, backend.max_abs(base, experts[:n]), strict=True)]
     live = [i for i in range(n) if top[i] != 0.0 and math.isfinite(top[i])]  # a NaN or Inf delta: factor 1
-    shift = {i: fixed_point_shift(top[i], total) for i in live}
+    shift = [fixed_point_shift(top[i], total) if i in live else None for i in range(n)]
     found = {i: [0, 0] for i in live}
     if live:
         for start, base, experts in _chunks(segments, chunk):
-            for i in live:
-                a, k = sums(i, base, experts[i], shift[i], start)
-                found[i][0] += a
-                found[i][1] += k
+            for i, (a, k) in enumerate(sums(base, experts[:n], shift, start)):
+                if i in found:
+                    found[i][0] += a
+                    found[i][1] += k
     return [float(np.float32(found[i][0] / found[i][1])) if i in found and found[i][1] else 1.0 for i in range(n)]
 
 

@@ -16,7 +16,8 @@ backends agree exactly by construction, whatever the block size or the order of 
 - `max_abs`: the maximum of a as a bit pattern (NaN, whose bits exceed inf's, propagates), of every expert
   in one launch that reads the base once (N + 1 reads, not 2 N);
 - `l1_fixed`: sum trunc(|d| * 2^shift) computed from the float's bits with integer shifts (exact: the
-  same integers as the reference's float32 product, which is exact whenever the result is >= 1).
+  same integers as the reference's float32 product, which is exact whenever the result is >= 1), of every
+  expert in one launch that reads the base once.
 
 Bytes moved per element: the bracket pass reads the base and each expert once, (N + 1) reads of the input
 dtype for all N experts, and writes 12 bytes per 1024 elements per (expert, bracket) plus 8 per candidate; the
@@ -241,39 +242,46 @@ def _nonfinite_kernel(base_ptr, x_ptr, block_count_ptr, n, BLOCK: tl.constexpr):
     tl.store(block_count_ptr + pid, tl.sum((a >= 0x7F800000).to(tl.int32), axis=0))
 
 
-@triton.jit(do_not_specialize=["shift", "start"])
+@triton.jit
 def _l1_kernel(
     base_ptr,
-    x_ptr,
-    sums_ptr,  # int64 [2, programs]: row 0 all entries, row 1 DARE-kept entries
-    key_ptr,  # int64 [1]: DARE key (KEEP only)
-    density_ptr,  # float32 [1]: DARE density (KEEP only)
+    x_ptr,  # expert i's element k at x_ptr + i * row_stride + k
+    sums_ptr,  # int64 [M, 2, programs]: per block, expert i's sum over all entries, then over the DARE-kept ones
+    shift_ptr,  # int32 [M]: each expert's power of two
+    key_ptr,  # int64 [M]: DARE keys (KEEP only)
+    density_ptr,  # float32 [M]: DARE densities (KEEP only)
+    start_ptr,  # int64 [M]: global flat index of element 0 in each expert's stream (KEEP only)
+    row_stride,
     n,
-    shift,
-    start,  # global flat index of element 0 (KEEP only)
+    M: tl.constexpr,
     KEEP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
-    a = _abs_bits(base_ptr, x_ptr, offs, mask)
-    # |d| = m * 2^(e - 150) with m the 24-bit significand (implicit bit unless subnormal, e = max(E, 1));
-    # trunc(|d| * 2^shift) = m << s or m >> -s for s = e - 150 + shift. Shift amounts are clamped to
-    # [0, 63]: m < 2^24, so m >> 63 = 0 is the right answer, and m << 63 only happens outside the contract.
-    expo = a >> 23
-    frac = a & 0x7FFFFF
-    m = tl.where(expo == 0, frac, frac | 0x800000).to(tl.int64)
-    s = tl.maximum(expo, 1) - 150 + shift
-    up = tl.minimum(tl.maximum(s, 0), 63).to(tl.int64)
-    down = tl.minimum(tl.maximum(-s, 0), 63).to(tl.int64)
-    q = tl.where(s >= 0, m << up, m >> down)
-    q = tl.where(mask, q, 0)
-    tl.store(sums_ptr + pid, tl.sum(q, axis=0))
-    if KEEP:
-        u = tl.rand(tl.load(key_ptr), start + offs)
-        kept = tl.where(u < tl.load(density_ptr), q, 0)
-        tl.store(sums_ptr + tl.num_programs(0) + pid, tl.sum(kept, axis=0))
+    stride = tl.cast(row_stride, tl.int64)  # int64 before any i * stride (see the merge kernel)
+    b = _load_f32(base_ptr + offs, mask)  # once for all M experts
+    for i in range(M):
+        d = _load_f32(x_ptr + i * stride + offs, mask) - b
+        a = tl.where(mask, d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        # |d| = m * 2^(e - 150) with m the 24-bit significand (implicit bit unless subnormal, e = max(E, 1));
+        # trunc(|d| * 2^shift) = m << s or m >> -s for s = e - 150 + shift. Shift amounts are clamped to
+        # [0, 63]: m < 2^24, so m >> 63 = 0 is the right answer, and m << 63 only happens outside the contract.
+        expo = a >> 23
+        frac = a & 0x7FFFFF
+        m = tl.where(expo == 0, frac, frac | 0x800000).to(tl.int64)
+        s = tl.maximum(expo, 1) - 150 + tl.load(shift_ptr + i)
+        up = tl.minimum(tl.maximum(s, 0), 63).to(tl.int64)
+        down = tl.minimum(tl.maximum(-s, 0), 63).to(tl.int64)
+        q = tl.where(s >= 0, m << up, m >> down)
+        q = tl.where(mask, q, 0)
+        tl.store(sums_ptr + (2 * i) * programs + pid, tl.sum(q, axis=0))
+        if KEEP:
+            u = tl.rand(tl.load(key_ptr + i), tl.load(start_ptr + i) + offs)
+            kept = tl.where(u < tl.load(density_ptr + i), q, 0)
+            tl.store(sums_ptr + (2 * i + 1) * programs + pid, tl.sum(kept, axis=0))
 
 
 @triton.jit
@@ -490,37 +498,51 @@ def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[t
     return {(i, j): tuple(table[i * m - i * (i - 1) // 2 + (j - i)]) for i, j in shifts}
 
 
+SKIP_SHIFT = -(1 << 20)  # every |d| * 2^SKIP_SHIFT truncates to 0 (infinity's and NaN's bits too)
+
+
 def l1_fixed(
     base: torch.Tensor,
-    expert: torch.Tensor,
-    shift: int,
-    keep: tuple[int, float, int] | None = None,
+    xs: list[torch.Tensor],
+    shifts: list[int | None],
+    keeps: list[tuple[int, float, int]] | None = None,
     *,
     masks: object = None,
-) -> tuple[int, int]:
-    """Fixed-point L1 sums: (sum trunc(|d| * 2^shift), the same over the DARE-kept entries).
+) -> list[tuple[int, int]]:
+    """Fixed-point L1 sums per expert: (sum trunc(|d_i| * 2^shifts[i]), the same over the DARE-kept entries);
+    shifts[i] None: (0, 0) (its row is still read, with SKIP_SHIFT: the rows of a staging buffer stay in place).
 
-    `keep` = (key, density, start) keeps entry j where `tl.rand(key, start + j) < float32(density)`, as the
-    merge does; None: every entry is kept (both sums equal). The caller picks `shift` so the sums fit in
-    int64 (select.fixed_point_shift); non-finite |d| are outside the contract.
-    `masks` is accepted for the torch backend's signature and not used (the kernel draws the stream).
+    `keeps[i]` = (key, density, start) keeps entry j where `tl.rand(key, start + j) < float32(density)`, as
+    the merge does; None: every entry is kept (both sums equal). The caller picks each shift so the sums fit
+    in int64 (select.fixed_point_shift); non-finite |d| are outside the contract. One launch and one read of
+    the base for all experts, one host sync. `masks` is accepted for the torch backend's signature and not
+    used (the kernel draws the stream).
     """
-    n = _check_pair(base, expert)
+    if len(shifts) != len(xs) or (keeps is not None and len(keeps) != len(xs)):
+        raise ValueError(f"{len(xs)} experts, {len(shifts)} shifts and {len(keeps or [])} keeps")
+    if not xs:
+        return []
+    n = _same_chunks(base, xs)
     if n == 0:
-        return 0, 0
+        return [(0, 0)] * len(xs)
+    if len({x.dtype for x in xs}) > 1:  # inputs saved in different dtypes: the kernel reads one (exact copies)
+        xs = [x.float() for x in xs]
+    rows, stride = expert_rows(xs)
+    m = len(xs)
     grid_n = triton.cdiv(n, BLOCK)
-    sums = torch.zeros((2, grid_n), dtype=torch.int64, device=expert.device)
-    if keep is None:
-        key, density, start = 0, 1.0, 0
-    else:
-        key, density, start = keep
-    key_t = torch.tensor([key], dtype=torch.int64).to(expert.device)
-    density_t = torch.tensor([density], dtype=torch.float32).to(expert.device)
+    sums = torch.zeros((m, 2, grid_n), dtype=torch.int64, device=base.device)
+    rows_keep = [k if k is not None and h is not None else (0, 1.0, 0)  # density 1: all kept
+                 for k, h in zip(keeps if keeps is not None else [None] * m, shifts, strict=True)]
+    keys, density, starts = zip(*rows_keep, strict=True)
+    shift_t = torch.tensor([h if h is not None else SKIP_SHIFT for h in shifts], dtype=torch.int32).to(base.device)
+    key_t = torch.tensor(keys, dtype=torch.int64).to(base.device)
+    density_t = torch.tensor(density, dtype=torch.float32).to(base.device)
+    start_t = torch.tensor(starts, dtype=torch.int64).to(base.device)
     with launch_guard():
-        _l1_kernel[(grid_n,)](base, expert, sums, key_t, density_t, n, shift, start, KEEP=keep is not None,
-                              BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
-    total = int(sums[0].sum())
-    return (total, int(sums[1].sum())) if keep is not None else (total, total)
+        _l1_kernel[(grid_n,)](base, rows, sums, shift_t, key_t, density_t, start_t, stride, n, M=m,
+                              KEEP=keeps is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
+    found = sums.sum(dim=2).tolist()
+    return [(total, kept if keeps is not None else total) for total, kept in found]
 
 
 def l1_fixed_top(base: torch.Tensor, expert: torch.Tensor, shift: int, start: int,

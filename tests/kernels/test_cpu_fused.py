@@ -137,13 +137,19 @@ def test_dare_statistics(dtype, size: int) -> None:
         assert all(u == v or (math.isnan(u) and math.isnan(v)) for u, v in zip(got, want, strict=True)), (got, want)
     base, experts = family(2, size, dtype, 12, edges=False)  # the sums take tensors of finite deltas
     keep = torch.rand(size, generator=torch.Generator().manual_seed(1)) < 0.3
+    every = []  # (expert, shift, mask) of every case, then all of them in one call
     for x in experts:
         top = reference.max_abs_torch(base, x)
         for shift in {0, 30, 62 - size.bit_length() - math.frexp(top)[1] if top else 1, -126, 127 - 30}:
             if top and top * 2.0**shift * max(size, 1) >= 2**62:
                 continue
             for k in (None, keep):
-                assert cpu_fused.l1_fixed(base, x, shift, k) == reference.l1_fixed_torch(base, x, shift, k), shift
+                want = reference.l1_fixed_torch(base, x, shift, k)
+                assert cpu_fused.l1_fixed(base, [x], [shift], [k]) == [want], shift
+                every.append((x, shift, k, want))
+        every.append((x, None, keep, (0, 0)))  # skipped: not read
+    got = cpu_fused.l1_fixed(base, [e[0] for e in every], [e[1] for e in every], [e[2] for e in every])
+    assert got == [e[3] for e in every]
 
 
 @needs_compiled
@@ -190,8 +196,9 @@ def fresh(monkeypatch, native_cache):
     ("(u + 0x7FFFu + ((u >> 16) & 1u)) >> 16", "u >> 16"),  # truncation, as the Triton interpreter's cast
     ("acc[k] = qi[k];", "acc[k] = 0.0f + qi[k];"),  # a sum from 0.0: -0.0 becomes +0.0
     ("top = a > top ? a : top;", "top = a > top && a < 0x7F800000u ? a : top;"),  # a NaN lost
-    ("kept += q & -(int64_t)mk[k];", "kept += q;"),
-    ("(up > -24 ? mant >> -up : 0)", "(up > -24 ? (mant + 1) >> -up : 0)"),  # rounding up
+    ("kept += q & (0 - (uint64_t)mk[k]);", "kept += q;"),
+    ("uint64_t q = (mant << up) >> down;", "uint64_t q = ((mant << up) + (down != 0)) >> down;"),  # rounding up
+    ("(s < -63 ? 63 : -s)", "(s < -63 ? 0 : -s)"),  # a shift past the significand keeps it
     ("hist[bin[k]] += 1;", "hist[bin[k] & 0x7FFE] += 1;"),
     ("(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFFu)", "(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFEu)"),
     ("bits |= ((flags * 0x0102040810204080ull) >> 56) << (8 * j);",  # the matches of a block's first 8 entries only

@@ -45,6 +45,12 @@ def oracle_l1(base, expert, shift: int, keep) -> tuple[int, int]:
     return int(q.sum()), int(q[u < np.float32(density)].sum())
 
 
+def l1_one(backend, base, expert, shift: int, keep=None) -> tuple[int, int]:
+    """backend.l1_fixed of one expert."""
+    [got] = backend.l1_fixed(base, [expert], [shift], [keep] if keep is not None else None)
+    return got
+
+
 def _contract_shift(base, expert) -> int:
     top = float(np.abs(expert.cpu().float().numpy() - base.cpu().float().numpy()).max())
     return fixed_point_shift(top, expert.numel()) if top > 0 else 0
@@ -143,10 +149,10 @@ def test_l1_fixed(n, dtype, device):
     shift = _contract_shift(base, expert)
     key = dare_key(0, "model.layers.1.self_attn.o_proj.weight", 2)
     for keep in (None, (key, 0.3, START), (key, 0.9, 7), (-key, 1.0, 0)):
-        got = ts.l1_fixed(base, expert, shift, keep)
+        got = l1_one(ts, base, expert, shift, keep)
         assert got == oracle_l1(base, expert, shift, keep)
-        assert got == reference.l1_fixed(base.cpu(), expert.cpu(), shift, keep)
-    total, _ = ts.l1_fixed(base, expert, shift)
+        assert got == l1_one(reference, base.cpu(), expert.cpu(), shift, keep)
+    total, _ = l1_one(ts, base, expert, shift)
     assert 0 <= total < 2**62
 
 
@@ -166,17 +172,44 @@ def test_l1_fixed_shift_extremes_and_subnormals(shift, device):
     assert math.ldexp(top, shift) * expert.numel() < 2**62
     base, expert = base.to(device), expert.to(device)
     keep = (dare_key(1, "x", 0), 0.5, START)
-    got = ts.l1_fixed(base, expert, shift, keep)
+    got = l1_one(ts, base, expert, shift, keep)
     assert got == oracle_l1(base, expert, shift, keep)
-    assert got == reference.l1_fixed(base.cpu(), expert.cpu(), shift, keep)
+    assert got == l1_one(reference, base.cpu(), expert.cpu(), shift, keep)
 
 
 def test_l1_fixed_subnormal_scale_up(device):
     """Subnormal deltas with a large shift: the significand has no implicit bit."""
     base = torch.zeros(257, device=device)
     expert = torch.arange(1, 258, dtype=torch.int32).view(torch.float32).to(device)  # 1..257 x 2^-149
-    assert ts.l1_fixed(base, expert, 149) == (sum(range(1, 258)),) * 2
-    assert ts.l1_fixed(base, expert, 127) == oracle_l1(base, expert, 127, None)
+    assert l1_one(ts, base, expert, 149) == (sum(range(1, 258)),) * 2
+    assert l1_one(ts, base, expert, 127) == oracle_l1(base, expert, 127, None)
+
+
+@pytest.mark.parametrize("n", [1, 1000, 3 * 1024 + 5])
+def test_l1_fixed_of_many_experts_in_one_launch(n, device):
+    """Every expert's sums in one launch, each with its own shift and keep stream: of separate chunks, of a
+    staging buffer's rows (in place), of mixed dtypes; a skipped expert (shift None, here one whose delta is
+    infinite) gives (0, 0); each equal to the oracle and to the torch backend."""
+    g = torch.Generator().manual_seed(n + 7)
+    base = torch.randn(n, generator=g).to(torch.bfloat16)
+    xs = [(base.float() + torch.randn(n, generator=g) * s).to(torch.bfloat16) for s in (0.1, 3.0, 1e-3, 0.5)]
+    xs[2][n // 2] = float("inf")
+    shifts = [_contract_shift(base, x) for x in xs]
+    shifts[2] = None
+    keeps = [(dare_key(3, "t", i), d, START + 11) for i, d in enumerate((0.3, 0.9, 0.5, 1.0))]
+    for k in (keeps, None):
+        want = [oracle_l1(base, x, h, k[i] if k else None) if h is not None else (0, 0)
+                for i, (x, h) in enumerate(zip(xs, shifts, strict=True))]
+        assert reference.l1_fixed(base, xs, shifts, k) == want
+        buf = torch.stack([base, *xs]).to(device)
+        assert ts.l1_fixed(buf[0], [buf[i] for i in range(1, 5)], shifts, k) == want
+        assert ts.l1_fixed(base.to(device), [x.to(device) for x in xs], shifts, k) == want
+        mixed = [xs[0].float(), *xs[1:]]
+        assert ts.l1_fixed(base.to(device), [x.to(device) for x in mixed], shifts, k) == want
+    with pytest.raises(ValueError, match="shifts"):
+        ts.l1_fixed(base.to(device), [xs[0].to(device)], [1, 2])
+    with pytest.raises(ValueError, match="shifts"):
+        reference.l1_fixed(base, [xs[0]], [1], [keeps[0], keeps[1]])
 
 
 def test_rejects_bad_inputs(device):
@@ -199,7 +232,8 @@ def test_empty_chunk(device):
     assert int(ts.abs_hist_lo(empty, empty, 5).sum()) == 0
     assert ts.count_equal(empty, empty, 0) == 0
     assert ts.nth_equal(empty, empty, 0, 1) == -1
-    assert ts.l1_fixed(empty, empty, 10, (1, 0.5, 0)) == (0, 0)
+    assert ts.l1_fixed(empty, [empty, empty], [10, None], [(1, 0.5, 0), (2, 0.5, 0)]) == [(0, 0), (0, 0)]
+    assert ts.l1_fixed(empty, [], []) == []
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
