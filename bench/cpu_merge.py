@@ -1,15 +1,16 @@
 """How fast does the CPU merge a chunk: the torch operations against the compiled loops (kernels/cpu_fused.py)?
 
 Times, in one thread, each CPU kernel of a merge on one chunk of `--chunk` entries of `--experts` experts
-(bf16 models loaded as the executor loads them: float32 for the torch operations, bf16 for the compiled
-loops, which read it as it is): the merge of every kind (linear, task arithmetic, TIES, breadcrumbs-TIES,
-DARE-TIES with drawn masks) and the statistics (the radix select's high histogram and low-bin selection,
-DARE's max |d| and L1 sums). Alternates the two ways per round; reports nanoseconds per entry and expert
-(medians), the speed-up, and checks that both give the same bytes. Rows are appended to
+(bf16 models, or --dtype, loaded as the executor loads them: float32 for the torch operations, the file's
+dtype for the compiled loops, which read it as it is): the merge of every kind (linear, task arithmetic, TIES,
+breadcrumbs-TIES, DARE-TIES with drawn masks) and the statistics (the radix select's high histogram and
+low-bin selection, DARE's max |d| and L1 sums). Alternates the two ways per round; reports nanoseconds per
+entry and expert (medians), the speed-up, and checks that both give the same bytes. Rows are appended to
 bench/results/cpu_merge.csv.
 
     python bench/cpu_merge.py                      # 4 experts, chunks of 2^18, 9 rounds
     python bench/cpu_merge.py --experts 8 --chunk 1048576
+    python bench/cpu_merge.py --dtype float16
 """
 
 from __future__ import annotations
@@ -37,15 +38,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experts", type=int, default=4)
     p.add_argument("--chunk", type=int, default=1 << 18, help="entries per chunk (a merge's default on CPU)")
     p.add_argument("--rounds", type=int, default=9, help="each way timed once per round, in turn")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="the models' dtype (and the merge's output dtype)")
     p.add_argument("--results", type=Path, default=REPO / "bench" / "results" / "cpu_merge.csv")
     return p.parse_args(argv)
 
 
-def cases(n: int, experts: int):
-    """(name, torch call, compiled call, compare) of every kernel, on bf16-rounded data and float32 copies."""
+def cases(n: int, experts: int, dtype: torch.dtype = torch.bfloat16):
+    """(name, torch call, compiled call, compare) of every kernel, on `dtype`-rounded data and float32 copies."""
     g = torch.Generator().manual_seed(0)
-    base = (torch.randn(n, generator=g) * 0.02).bfloat16()
-    xs = [(base.float() + torch.randn(n, generator=g) * 0.002).bfloat16() for _ in range(experts)]
+    base = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    xs = [(base.float() + torch.randn(n, generator=g) * 0.002).to(dtype) for _ in range(experts)]
     b32, x32 = base.float(), [x.float() for x in xs]
     a = [(x - b32).abs().view(torch.int32) for x in x32]
     t = tuple(int(v.kthvalue(n * 4 // 5).values) for v in a)
@@ -66,8 +69,8 @@ def cases(n: int, experts: int):
     out = []
     for name, p in merges.items():
         k = keeps if p.sparsifier == "dare" else None
-        out.append((f"merge {name}", lambda p=p, k=k: reference.merge_torch(b32, x32, 0, p, torch.bfloat16, keeps=k),
-                    lambda p=p, k=k: cpu_fused.merge(base, xs, 0, p, torch.bfloat16, None, k), "bytes"))
+        out.append((f"merge {name}", lambda p=p, k=k: reference.merge_torch(b32, x32, 0, p, dtype, keeps=k),
+                    lambda p=p, k=k: cpu_fused.merge(base, xs, 0, p, dtype, None, k), "bytes"))
     hi = t[0] >> 16
     out += [
         ("histogram (high 16 bits)", lambda: [reference.hist_hi_torch(b32, x) for x in x32],
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     all_same = True
     table = []
-    for name, torch_call, compiled_call, kind in cases(args.chunk, args.experts):
+    for name, torch_call, compiled_call, kind in cases(args.chunk, args.experts, getattr(torch, args.dtype)):
         ok = same(kind, torch_call(), compiled_call())
         all_same &= ok
         times: dict[str, list[float]] = {"torch": [], "compiled": []}
@@ -114,14 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         table.append((name, ns, ok))
     m = machine()
     date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"\n## CPU merge kernels: {args.experts} experts, chunks of {args.chunk:,} bf16 entries, one thread\n\n"
+    print(f"\n## CPU merge kernels: {args.experts} experts, chunks of {args.chunk:,} {args.dtype} entries, "
+          "one thread\n\n"
           f"- machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {date}; torch {torch.__version__}\n"
           f"- compiled: {how}\n- command: `{command}`\n- medians of {args.rounds} rounds (each way once per round)\n\n"
           "| kernel | torch ns / entry / expert | compiled | speed-up | same bytes |\n|---|---:|---:|---:|---|")
     for name, ns, ok in table:
         print(f"| {name} | {ns['torch']:.2f} | {ns['compiled']:.2f} | {ns['torch'] / ns['compiled']:.1f}x | {ok} |")
-        rows.append({"date": date, "cpu": m["cpu"], "cores": m["cores"], "kernel": name, "experts": args.experts,
-                     "chunk": args.chunk, "rounds": args.rounds, "torch_ns": f"{ns['torch']:.3f}",
+        rows.append({"date": date, "cpu": m["cpu"], "cores": m["cores"], "kernel": name, "dtype": args.dtype,
+                     "experts": args.experts, "chunk": args.chunk, "rounds": args.rounds,
+                     "torch_ns": f"{ns['torch']:.3f}",
                      "compiled_ns": f"{ns['compiled']:.3f}", "same": ok, "torch_version": torch.__version__,
                      "command": command})
     append_csv(args.results, rows)

@@ -5,11 +5,11 @@ first pass too), then the fixed-point L1 sums of |x_i - base| over all and over 
 `cpu_fused.max_abs(base, xs)` and `cpu_fused.l1_fixed(base, xs, ...)` read each block of the base once for all
 N experts (N + 1 reads); one call per expert reads the base N times (2 N reads), though a base that fits the
 cache is then read from the cache. Times both ways of each, alternating per round, in one thread, on bf16
-chunks (the L1 sums with drawn keep masks of density 0.3); prints medians (ns per entry and expert) and their
-ratio, and checks both give the same values.
+(or --dtype) chunks (the L1 sums with drawn keep masks of density 0.3); prints medians (ns per entry and
+expert) and their ratio, and checks both give the same values.
 
     python bench/stat_reads.py                           # N in {4, 8}, chunks of 2^18 and 2^22
-    python bench/stat_reads.py --experts 8 --chunks 262144
+    python bench/stat_reads.py --experts 8 --chunks 262144 --dtype float16
 """
 
 from __future__ import annotations
@@ -33,21 +33,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experts", type=int, nargs="+", default=[4, 8])
     p.add_argument("--chunks", type=int, nargs="+", default=[1 << 18, 1 << 22], help="entries per chunk")
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     args = p.parse_args(argv)
     if not cpu_fused.available():
         print(f"the CPU merge is not compiled here: {cpu_fused.describe()}")
         return 1
     torch.set_num_threads(1)
     m = machine()
-    print(f"machine: {m['cpu']}, {m['cores']} cores; medians of {args.rounds} rounds, one thread, bf16\n\n"
+    dtype = getattr(torch, args.dtype)
+    print(f"machine: {m['cpu']}, {m['cores']} cores; medians of {args.rounds} rounds, one thread, {args.dtype}\n\n"
           "| pass | experts | chunk | one call per expert, ns / entry / expert | one call for all | ratio |\n"
           "|---|---:|---:|---:|---:|---:|")
     ok = True
     for n_exp in args.experts:
         for n in args.chunks:
             g = torch.Generator().manual_seed(n_exp * n)
-            base = torch.randn(n, generator=g).bfloat16()
-            xs = [(base.float() + torch.randn(n, generator=g) * 0.01).bfloat16() for _ in range(n_exp)]
+            base = torch.randn(n, generator=g).to(dtype)
+            xs = [(base.float() + torch.randn(n, generator=g) * 0.01).to(dtype) for _ in range(n_exp)]
             keeps = [dare_keep_run(i + 1, 0, n, 0.3) for i in range(n_exp)]
             shifts = [40] * n_exp  # |d| < 2^4 here: sums below 2^62
             passes = {

@@ -42,12 +42,17 @@ SOURCE = "#include <stdint.h>\n#include <stdlib.h>\n#include <string.h>\n" + nat
 static inline uint32_t f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 static inline float u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
 
-/* An fp16 value as float32, exactly (a subnormal is man * 2^-24). */
+/* An fp16 value as float32, exactly: a normal one by moving its fields, infinity and NaN (payload kept) by
+   the all-ones exponent, a subnormal as man * 2^-24 (an int -> float conversion and a product by a power of
+   two, normal in float32: no flush-to-zero mode can change it). All three are computed and one is selected by
+   masks, without branches, so gcc vectorizes the loads (with the branches it did not: an fp16 input took
+   1.21 ns per entry and expert in max_abs, a bf16 input 0.08, on the 2-core AMD EPYC). */
 static inline float h2f(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, man = h & 0x3FFu;
-    if (e == 0x1F) return u2f(sign | 0x7F800000u | (man << 13));
-    if (e != 0) return u2f(sign | ((e + 112u) << 23) | (man << 13));
-    return u2f(sign | f2u((float)man * 5.9604644775390625e-08f));
+    uint32_t sub = -(uint32_t)(e == 0), special = -(uint32_t)(e == 0x1Fu);
+    uint32_t normal = ((e + 112u) << 23) | (man << 13);
+    uint32_t tiny = f2u((float)(int32_t)man * 5.9604644775390625e-08f);
+    return u2f(sign | (normal & ~(sub | special)) | ((0x7F800000u | (man << 13)) & special) | (tiny & sub));
 }
 
 static inline float load(const void *p, int code, int64_t j) {
@@ -694,6 +699,13 @@ def _disagreement(lib) -> str:
     base[9:12] = -0.0  # every expert -0.0 too: a sum that must start from its first term keeps the zero's sign
     for x in experts:
         x[9:12] = -0.0
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)  # all 16-bit patterns
+    for dtype in (torch.float16, torch.bfloat16):  # the loads' widening of every value (NaNs: the same bytes)
+        x, p = every.view(dtype), ChunkParams("none", "none", True, (1.0,), normalize=False)
+        got = _merge(lib, None, [x], 0, p, torch.float32, None, None)
+        if got is None or not torch.equal(got.view(torch.int32),
+                                          reference.merge_torch(None, [x], 0, p, torch.float32).view(torch.int32)):
+            return f"the widening of every {dtype} value"
     for dtype in (torch.float32, torch.bfloat16):
         b, xs = base.to(dtype), [x.to(dtype) for x in experts]
         t = [int(torch.quantile((x.float() - b.float()).abs(), 0.7).view(torch.int32)) for x in xs]

@@ -430,7 +430,10 @@ def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[t
     """For every pair (i, j) of `shifts`: (sum of trunc(p), sum of trunc((p - trunc(p)) * 2^32)) over the chunk,
     p = v_i * v_j * 2^shifts[(i, j)] with v_i = float32(xs[i]) - float32(base) (base None: float32(xs[i])).
     The caller (fixed_dots.gram_sums) picks shifts that keep every |p| below 2^32, on finite vectors. On CPU one
-    compiled read of the chunk for all pairs, else torch operations: the same integers."""
+    compiled read of the chunk for all pairs, else torch operations: the same integers. Pairs must have
+    0 <= i <= j < len(xs), as the Triton backend requires."""
+    if any(not 0 <= i <= j < len(xs) for i, j in shifts):
+        raise ValueError(f"pairs {sorted(shifts)} outside 0 <= i <= j < {len(xs)}")
     found = cpu_fused.gram_fixed(base, list(xs), shifts) if xs[0].device.type == "cpu" else None
     return found if found is not None else fixed_dots.gram_fixed_torch(base, list(xs), shifts)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fusemerge.kernels import cpu_fused, reference
+from fusemerge.kernels import cpu_fused, native_build, reference
 from fusemerge.kernels.params import EMPTY_T, ChunkParams
 from fusemerge.kernels.philox import dare_keep_run, dare_key
 
@@ -153,6 +153,30 @@ def test_dare_statistics(dtype, size: int) -> None:
 
 
 @needs_compiled
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_pattern_widens_exactly(dtype) -> None:
+    """All 65536 bit patterns of fp16 / bf16 (zeros, subnormals, infinities, NaNs with payloads) read by the
+    compiled loops: max |x| of each pattern alone, and a linear merge with weight 1 to float32, which is the
+    widened value (NaN: any NaN, as the product quiets a signaling one) and the torch path's bytes."""
+    import math
+
+    x = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    wide = x.float()
+    p = ChunkParams("none", "none", True, (1.0,), normalize=False)
+    got = cpu_fused.merge(None, [x], 0, p, torch.float32, None, None)
+    assert got is not None
+    finite = ~wide.isnan()
+    assert torch.equal(got[finite].view(torch.int32), wide[finite].view(torch.int32))
+    assert bool(got[~finite].isnan().all())
+    want = reference.merge_torch(None, [x], 0, p, torch.float32)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    singles = cpu_fused.max_abs(None, [x[k:k + 1] for k in range(0, x.numel(), 997)])
+    for k, v in zip(range(0, x.numel(), 997), singles, strict=True):
+        w = abs(float(wide[k]))
+        assert v == w or (math.isnan(v) and math.isnan(w)), (k, v, w)
+
+
+@needs_compiled
 def test_inputs_it_does_not_take_go_the_torch_way() -> None:
     base, experts = family(2, 100, torch.float32, 5, edges=False)
     p = params("ties", base, experts, 6)
@@ -200,6 +224,8 @@ def fresh(monkeypatch, native_cache):
     ("uint64_t q = (mant << up) >> down;", "uint64_t q = ((mant << up) + (down != 0)) >> down;"),  # rounding up
     ("(s < -63 ? 63 : -s)", "(s < -63 ? 0 : -s)"),  # a shift past the significand keeps it
     ("hist[bin[k]] += 1;", "hist[bin[k] & 0x7FFE] += 1;"),
+    ("(float)(int32_t)man * 5.9604644775390625e-08f", "(float)(int32_t)man * 1.1920928955078125e-07f"),  # fp16
+    ("((0x7F800000u | (man << 13)) & special)", "(0x7F800000u & special)"),  # fp16 NaN read as infinity
     ("(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFFu)", "(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFEu)"),
     ("bits |= ((flags * 0x0102040810204080ull) >> 56) << (8 * j);",  # the matches of a block's first 8 entries only
      "bits |= j ? 0 : ((flags * 0x0102040810204080ull) >> 56);"),
@@ -216,6 +242,14 @@ def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None
     base, experts = family(2, 100, torch.bfloat16, 5, edges=False)
     p = params("ties", base, experts, 6)
     assert cpu_fused.merge(base, experts, 0, p, torch.bfloat16, None, None) is None
+
+
+@pytest.mark.skipif(native_build.compiler() is None or native_build.disabled(),
+                    reason="no C compiler here, or FUSEMERGE_NATIVE=0")
+def test_the_compiled_loops_are_used_where_a_compiler_is_found(fresh) -> None:
+    """A library that fails its load-time check falls back to torch, and the tests above that need it then
+    skip: so where a compiler is found (CI), the library must build and agree, or this test fails."""
+    assert cpu_fused.available(), cpu_fused.describe()
 
 
 def test_fusemerge_native_0_asks_for_torch(fresh, monkeypatch) -> None:

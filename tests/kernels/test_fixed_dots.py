@@ -15,7 +15,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from fusemerge.kernels import fixed_dots
+from fusemerge.kernels import fixed_dots, reference
 from fusemerge.kernels import triton_select as ts
 from tests.kernels.conftest import BACKENDS
 
@@ -136,8 +136,11 @@ def test_max_abs_of_one_input(stats: str, bad: float) -> None:
 def test_bad_arguments_are_refused(device: str) -> None:
     base, xs = vectors(2, 100, torch.float32, seed=1)
     base, xs = base.to(device), [x.to(device) for x in xs]
-    with pytest.raises(ValueError, match="outside"):
-        ts.gram_fixed(base, xs, {(1, 0): 3})
+    for pairs in ({(1, 0): 3}, {(0, 2): 3}, {(-1, 0): 3}):  # every backend refuses them alike
+        with pytest.raises(ValueError, match="outside"):
+            ts.gram_fixed(base, xs, pairs)
+        with pytest.raises(ValueError, match="outside"):
+            reference.gram_fixed(base.cpu(), [x.cpu() for x in xs], pairs)
     with pytest.raises(ValueError, match="elements"):
         ts.gram_fixed(None, [xs[0], xs[1][:50]], {(0, 1): 3})
     assert ts.gram_fixed(base, xs, {}) == {}
