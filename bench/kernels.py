@@ -25,6 +25,12 @@ slerp, 2 x (N + 1) for model_stock); their merge is the linear kernel's, timed a
 - angles / fusemerge-triton        triton_select.max_abs + the gram kernel (all pairs in one read)
 - angles / fusemerge-torch         the torch backend's float64 operations on the same CUDA tensors, pair by pair
 
+DARE's L1 rescale statistics (select.dare_scales on a tensor held whole: max |d| of every expert, then the
+fixed-point L1 sums over all and over the kept entries), as GB/s over the 2 x (N + 1) reads of its two passes
+(with --methods dare_ties or dare_linear; one row set for both):
+- rescale / fusemerge-triton       triton_select.max_abs + l1_fixed (every expert in one launch per pass)
+- rescale / fusemerge-torch        the torch backend's operations on the same CUDA tensors, expert by expert
+
 Times come from triton.testing.do_bench (median, 0.2 and 0.8 quantiles, in ms). GB = 10^9 bytes.
 A markdown table goes to stdout; rows are appended to bench/results/kernels.csv.
 
@@ -37,6 +43,7 @@ Run (from the repository root, on a machine with a CUDA GPU):
     python bench/kernels.py --only-select --experts 2 4 8     # the selection rows only
     python bench/kernels.py --only-select --dtype float32     # fp32 inputs (few ties: more candidates)
     python bench/kernels.py --only-select --methods model_stock slerp   # the angle methods' statistics only
+    python bench/kernels.py --only-select --methods dare_ties           # DARE's L1 rescale statistics only
     TRITON_INTERPRET=1 python bench/kernels.py --smoke     # CPU check of the script itself, measures nothing
 """
 
@@ -330,7 +337,28 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
                            nbytes)
             if len(set(found.values())) > 1:
                 raise AssertionError(f"{mname} N={n_exp}: the backends' weights differ: {found}")
+        if {"dare_ties", "dare_linear"} & set(args.methods):  # one statistics pass for both: the L1 rescale
+            found = {}
+            for prov, backend in (("fusemerge-triton", triton_select), ("fusemerge-torch", reference)):
+                if prov in args.providers:
+                    found[prov] = tuple(rescale_factors(backend, base, experts))
+                    record("rescale", "dare", prov, timer(lambda b=backend: rescale_factors(b, base, experts)),
+                           2 * reads)
+            if len(set(found.values())) > 1:
+                raise AssertionError(f"DARE N={n_exp}: the backends' L1 factors differ: {found}")
     return rows
+
+
+def rescale_factors(backend, base: torch.Tensor, experts: list[torch.Tensor]) -> list[float]:
+    """DARE's L1 rescale factors (select.dare_scales: max |d| of every expert, then the fixed-point L1 sums over
+    all and over the kept entries, density 0.3) of a tensor held whole."""
+    from fusemerge.kernels import select
+    from fusemerge.kernels.philox import dare_key
+
+    n = base.numel()
+    seg = select.Segment(n, lambda lo, cnt: (base[lo:lo + cnt], [x[lo:lo + cnt] for x in experts]), whole=True)
+    keys = [dare_key(0, "bench", i) for i in range(len(experts))]
+    return select.dare_scales(backend, [seg], n, keys, [0.3] * len(experts))
 
 
 def angle_weights(backend, mname: str, models: list[torch.Tensor]) -> tuple[float, ...]:

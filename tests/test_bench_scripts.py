@@ -21,3 +21,18 @@ def test_every_bench_script_parses_its_options() -> None:
         if proc.returncode != 0 or "usage:" not in out:
             failed[name] = out[-2000:]
     assert not failed, failed
+
+
+def test_the_kernel_benchmark_runs_through_the_interpreter(tmp_path) -> None:
+    """bench/kernels.py --smoke on CPU (Triton's interpreter, tiny sizes): every row of the GPU run's script is
+    reached, and its checks that the Triton kernels and the torch backend give the same bytes, cuts, weights
+    and L1 factors pass (an AssertionError exits non-zero)."""
+    import os
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--smoke", "--experts", "2", "3",
+                           "--results", str(tmp_path / "k.csv")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for kind in ("| merge | ties |", "| select | ties |", "| angles | model_stock |", "| rescale | dare |"):
+        assert kind in proc.stdout, kind
