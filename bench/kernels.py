@@ -305,7 +305,7 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
     if not args.no_select:
         reads = (n_exp + 1) * n * esize
         for mname in ("ties", "breadcrumbs_ties"):
-            if mname not in args.methods and not args.only_select:
+            if mname not in args.methods:
                 continue
             ranks = selection_ranks(METHODS[mname], n, n_exp)
             if "fusemerge-triton" in args.providers:

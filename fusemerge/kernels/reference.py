@@ -447,7 +447,7 @@ def l1_fixed(
     base: torch.Tensor,
     xs: list[torch.Tensor],
     shifts: list[int | None],
-    keeps: list[tuple[int, float, int]] | None = None,
+    keeps: list[tuple[int, float, int] | None] | None = None,
     *,
     masks: KeepMasks | None = None,
 ) -> list[tuple[int, int]]:
@@ -461,7 +461,7 @@ def l1_fixed(
         raise ValueError(f"{len(xs)} experts, {len(shifts)} shifts and {len(keeps or [])} keeps")
     kept_masks: list[torch.Tensor | None] = [None] * len(xs)
     for i, keep in enumerate(keeps or []):
-        if shifts[i] is None:
+        if shifts[i] is None or keep is None:
             continue
         key, density, start = keep
         if masks is not None and base.device.type == "cpu":

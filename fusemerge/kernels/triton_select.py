@@ -505,7 +505,7 @@ def l1_fixed(
     base: torch.Tensor,
     xs: list[torch.Tensor],
     shifts: list[int | None],
-    keeps: list[tuple[int, float, int]] | None = None,
+    keeps: list[tuple[int, float, int] | None] | None = None,
     *,
     masks: object = None,
 ) -> list[tuple[int, int]]:

@@ -197,7 +197,7 @@ def test_l1_fixed_of_many_experts_in_one_launch(n, device):
     shifts = [_contract_shift(base, x) for x in xs]
     shifts[2] = None
     keeps = [(dare_key(3, "t", i), d, START + 11) for i, d in enumerate((0.3, 0.9, 0.5, 1.0))]
-    for k in (keeps, None):
+    for k in (keeps, None, [None, *keeps[1:]]):  # an entry None: that expert keeps every entry
         want = [oracle_l1(base, x, h, k[i] if k else None) if h is not None else (0, 0)
                 for i, (x, h) in enumerate(zip(xs, shifts, strict=True))]
         assert reference.l1_fixed(base, xs, shifts, k) == want
