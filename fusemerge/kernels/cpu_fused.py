@@ -243,8 +243,8 @@ FM_CLONES void fm_max_abs(int64_t n, int in_code, int nv, const void *base, cons
 /* reference.l1_fixed's sums for each of nv experts xs[i]: out[2 i] = sum of trunc(|d_i| * 2^shift[i]),
    out[2 i + 1] the same over the entries whose keep[i][j] is nonzero (keep NULL or keep[i] NULL:
    out[2 i + 1] = out[2 i]; xs[i] NULL: skipped, both 0); each block of the base is read once for all
-   experts. Every |d| * 2^shift is
-   below 2^62 / n (select.fixed_point_shift, and only for tensors whose deltas are all finite).
+   experts. Every |d| * 2^shift is below 2^62 / n (select.fixed_point_shift, and only for tensors whose
+   deltas are all finite).
    trunc(|d| * 2^shift) from the float's bits by integer shifts: the torch operations' value, since the
    product is exact whenever it is 1 or more. Written branch-free in unsigned 64-bit lanes (both shifts
    clamped, one of them 0) so that gcc 12 vectorizes it; it did not vectorize the earlier form, a conditional

@@ -62,11 +62,15 @@ _NOT_FOUND = tl.constexpr(2**62)
 
 
 @triton.jit
+def _bits_of_abs(d, mask):
+    """bits(|d|) as int32 (sign cleared), 0 on masked lanes."""
+    return tl.where(mask, d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+
+
+@triton.jit
 def _abs_bits(base_ptr, x_ptr, offs, mask):
     """a = bits(|float32(x) - float32(base)|) as int32, 0 on masked lanes."""
-    d = _load_f32(x_ptr + offs, mask) - _load_f32(base_ptr + offs, mask)
-    a = d.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    return tl.where(mask, a, 0)
+    return _bits_of_abs(_load_f32(x_ptr + offs, mask) - _load_f32(base_ptr + offs, mask), mask)
 
 
 @triton.jit(do_not_specialize=["hi_bin"])
@@ -228,8 +232,7 @@ def _max_kernel(
     else:
         b = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(M):
-        d = _load_f32(x_ptr + i * stride + offs, mask) - b  # x - 0.0 is x, -0.0 included (only |d| is kept)
-        a = tl.where(mask, d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        a = _bits_of_abs(_load_f32(x_ptr + i * stride + offs, mask) - b, mask)  # x - 0.0: x (|d| is kept)
         tl.store(block_max_ptr + i * programs + pid, tl.max(a, axis=0))
 
 
@@ -264,8 +267,7 @@ def _l1_kernel(
     stride = tl.cast(row_stride, tl.int64)  # int64 before any i * stride (see the merge kernel)
     b = _load_f32(base_ptr + offs, mask)  # once for all M experts
     for i in range(M):
-        d = _load_f32(x_ptr + i * stride + offs, mask) - b
-        a = tl.where(mask, d.to(tl.int32, bitcast=True) & 0x7FFFFFFF, 0)
+        a = _bits_of_abs(_load_f32(x_ptr + i * stride + offs, mask) - b, mask)
         # |d| = m * 2^(e - 150) with m the 24-bit significand (implicit bit unless subnormal, e = max(E, 1));
         # trunc(|d| * 2^shift) = m << s or m >> -s for s = e - 150 + shift. Shift amounts are clamped to
         # [0, 63]: m < 2^24, so m >> 63 = 0 is the right answer, and m << 63 only happens outside the contract.
@@ -339,6 +341,12 @@ def _check_pair(base: torch.Tensor | None, expert: torch.Tensor) -> int:
         raise ValueError(f"base ({base.numel()} on {base.device}) and expert ({expert.numel()} on "
                          f"{expert.device}) chunks differ")
     return expert.numel()
+
+
+def _rows(xs: list[torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """expert_rows of `xs`, read as float32 copies (exact) where they were saved in different dtypes: a kernel
+    reads one."""
+    return expert_rows([x.float() for x in xs] if len({x.dtype for x in xs}) > 1 else xs)
 
 
 def _same_chunks(base: torch.Tensor | None, xs: list[torch.Tensor]) -> int:
@@ -442,9 +450,7 @@ def max_abs(base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[float]:
     n = _same_chunks(base, xs)
     if n == 0:
         return [0.0] * len(xs)
-    if len({x.dtype for x in xs}) > 1:  # inputs saved in different dtypes: the kernel reads one (exact copies)
-        xs = [x.float() for x in xs]
-    rows, stride = expert_rows(xs)
+    rows, stride = _rows(xs)
     grid_n = triton.cdiv(n, BLOCK)
     block_max = torch.empty((len(xs), grid_n), dtype=torch.int32, device=xs[0].device)
     with launch_guard():
@@ -476,9 +482,7 @@ def gram_fixed(base: torch.Tensor | None, xs: list[torch.Tensor], shifts: dict[t
     m = len(xs)
     if any(not 0 <= i <= j < m for i, j in shifts):
         raise ValueError(f"pairs {sorted(shifts)} outside 0 <= i <= j < {m}")
-    if len({x.dtype for x in xs}) > 1:  # inputs saved in different dtypes: the kernel reads one (exact copies)
-        xs = [x.float() for x in xs]
-    rows, stride = expert_rows(xs)
+    rows, stride = _rows(xs)
     scale = torch.zeros(m * m, dtype=torch.float64)
     for (i, j), s in shifts.items():
         scale[i * m + j] = 2.0**s
@@ -525,9 +529,7 @@ def l1_fixed(
     n = _same_chunks(base, xs)
     if n == 0:
         return [(0, 0)] * len(xs)
-    if len({x.dtype for x in xs}) > 1:  # inputs saved in different dtypes: the kernel reads one (exact copies)
-        xs = [x.float() for x in xs]
-    rows, stride = expert_rows(xs)
+    rows, stride = _rows(xs)
     m = len(xs)
     grid_n = triton.cdiv(n, BLOCK)
     sums = torch.zeros((m, 2, grid_n), dtype=torch.int64, device=base.device)
