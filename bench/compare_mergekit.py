@@ -51,7 +51,7 @@ from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "slerp", "model_stock",
-           "passthrough")
+           "nuslerp", "passthrough")
 # mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
            {"value": 0.5}]
@@ -83,7 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path:
     """A config exercising `method` with gradients, filters and lambda; passthrough stacks layer ranges; slerp
     interpolates the base and the first expert over every layer (a `slices:` config, as gradient-slerp.yml);
-    model_stock merges every expert onto the base."""
+    model_stock merges every expert onto the base; nuslerp interpolates the first two experts' task vectors (weights
+    a gradient and a scalar)."""
     base, experts = str(fam["base"]), [str(e) for e in fam["experts"]]
     if method == "slerp":
         n = fam["layers"]
@@ -94,6 +95,9 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
         return path
     if method == "model_stock":
         write_config_yaml(path, method, base, experts, dtype="bfloat16")
+        return path
+    if method == "nuslerp":
+        write_config_yaml(path, method, base, experts[:2], weight=([0.2, 0.9], 0.5), dtype="bfloat16")
         return path
     if method == "passthrough":  # a frankenmerge: overlapping halves of three models, 1.5x the layers
         n = fam["layers"]

@@ -125,14 +125,16 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
         counts["tie"] = int((left & tie).sum())
         left &= ~tie
     if bool(left.any()):
-        w = [abs(v) for v in (_angle_weights(method, t, xs) if method.angle_weights else t.weights)]
+        w = [abs(v) for v in (_angle_weights(method, t, xs, base) if method.tensor_weights else t.weights)]
         extra = 0.0
         if method.combines_models:
             s = sum(wi * x.abs() for wi, x in zip(w, xs, strict=True))
             den = abs(sum(t.weights)) if t.normalize else 1.0
-            if method.angle_weights:
+            if method.tensor_weights:
                 extra = ANGLE_WEIGHTS * sum(w) * sum(x.abs() for x in xs)
         else:
+            if method.tensor_weights:  # nuslerp with a base: the weights of the deltas
+                extra = ANGLE_WEIGHTS * sum(w) * sum((x - base).abs() for x in xs)
             s = sum(wi * (x.abs() + base.abs()) for wi, x in zip(w, xs, strict=True)) * abs(t.lam)
             den = (min(w) if method.consensus == "sign" else abs(sum(t.weights))) if t.normalize else 1.0
             s = s / (den or 1.0) + base.abs()
@@ -144,14 +146,17 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
     return counts
 
 
-def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor]) -> tuple[float, ...]:
-    """fusemerge's slerp or model_stock weights for tensor t's models (the base's first)."""
+def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Tensor | None
+                   ) -> tuple[float, ...]:
+    """fusemerge's slerp, model_stock or nuslerp weights for tensor t's models (for slerp and model_stock the
+    base's first; a nuslerp with a base weighs the deltas from `base`)."""
     from fusemerge.kernels import reference
     from fusemerge.kernels.select import Segment, tensor_params
 
     n = xs[0].numel()
-    segment = Segment(n, lambda s, c: (None, [x[s:s + c] for x in xs]), whole=True)
-    return tensor_params(method, name=t.name, numel=n, segments=[segment], weights=[], density=[], gamma=[],
+    segment = Segment(n, lambda s, c: (base[s:s + c] if base is not None else None, [x[s:s + c] for x in xs]),
+                      whole=True)
+    return tensor_params(method, name=t.name, numel=n, segments=[segment], weights=t.weights, density=[], gamma=[],
                          lam=1.0, normalize=False, rescale=False, seed=0, chunk=max(1, n), backend=reference, t=t.t,
                          models=len(xs)).weights
 

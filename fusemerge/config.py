@@ -60,7 +60,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
 MERGEKIT_ONLY_METHODS = (
-    "nuslerp",
     "multislerp",
     "karcher",
     "della",
@@ -640,6 +639,8 @@ class _Validator:
 
         method = self._method(raw.get("merge_method", _UNSET))
         base = self._base(raw.get("base_model"), method)
+        if method is not None and method.is_nuslerp and base is not None:
+            method = method.with_base()  # the arc between the two deltas from the base (mergekit's task vectors)
         slices: list[OutputSlice] | None = None
         if "slices" in raw:
             if "models" in raw:
@@ -906,6 +907,8 @@ class _Validator:
                     self.add(key, f"lists only the base model; {method.name} needs at least one other model")
                 else:
                     self._check_others(method, len(paths) - 1, key, " per slice")
+            elif method.is_nuslerp:  # no base: each slice interpolates its two sources
+                self._check_others(method, len(paths), key, " per slice")
             for src in sl.sources:
                 if method.needs_base and base is not None and src.ref.path == base.path:
                     continue
@@ -921,6 +924,9 @@ class _Validator:
             if method.is_slerp:
                 self.add(key, f"slerp interpolates the base model and one other model{where}, not {n} (as in "
                               "mergekit); to merge more, use linear, task_arithmetic, ties or dare_ties")
+            elif method.is_nuslerp:
+                self.add(key, f"nuslerp interpolates exactly two models{where} (besides the base_model, if "
+                              f"given), not {n} (as in mergekit)")
             else:
                 self.add(key, f"{method.name} takes at least {low} models besides the base{where}, not {n} "
                               "(as in mergekit)")
@@ -1023,6 +1029,10 @@ class _Validator:
                 self.add(key, f"{name} applies to the whole merge, not one model; set it under the "
                               + ("slice's or the top-level parameters:" if ".sources[" in where
                                  else "top-level parameters:"))
+                continue
+            if name == "nuslerp_flatten" and value is False:
+                self.add(key, "only nuslerp_flatten: true is supported: nuslerp's per-row and per-column variants "
+                              "(false) are not implemented yet; fusemerge interpolates whole tensors")
                 continue
             if name == "filter_wise" and value is not False:
                 self.add(key, "only filter_wise: false is supported: model_stock's per-row variant (true) is not "

@@ -200,9 +200,9 @@ class MergePlan:
 
     def needs_statistics(self, t: TensorPlan) -> bool:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's
-        or a trim's, the angles of slerp and model_stock)."""
+        or a trim's, the angles of slerp, model_stock and nuslerp)."""
         m = self.method
-        return m.angle_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
+        return m.tensor_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
                                                                                and t.rescale is True)))
 
     def reads(self, t: TensorPlan) -> int:
@@ -215,7 +215,7 @@ class MergePlan:
         m = self.method
         if t.copy_only or not self.needs_statistics(t):
             return 1
-        l1 = 2 if t.rescale is True or m.angle_weights else 0  # angles: max |x|, then the sums, as an L1 rescale
+        l1 = 2 if t.rescale is True or m.tensor_weights else 0  # angles: max |x|, then the sums, as an L1 rescale
         if self.global_trim:
             return 1 + self.radix_passes + l1
         select = self.radix_passes if m.needs_thresholds else 0

@@ -251,7 +251,7 @@ def make_llama_family(
 
 
 def write_config_yaml(
-    path: Path, method: str, base: Path | str, experts: Sequence[Path | str], **params: Any
+    path: Path, method: str, base: Path | str | None, experts: Sequence[Path | str], **params: Any
 ) -> dict[str, Any]:
     """Write a mergekit-compatible merge config and return it as a dict.
 
@@ -260,7 +260,8 @@ def write_config_yaml(
     to 1.0 (mergekit requires it) for the methods that take it. `dtype`, `out_dtype`, `tokenizer_source`
     are top-level keys; anything else (`normalize`, `lambda`, `rescale`, slerp's `t`, ...) goes to the
     global `parameters`.
-    For `linear` the base is not written (mergekit would add it and require a weight for it).
+    For `linear` the base is not written (mergekit would add it and require a weight for it); nor where `base`
+    is None (a nuslerp of two models).
 
     Example: `write_config_yaml(p, "ties", base, [e1, e2], density=0.2, dtype="bfloat16")`
     """
@@ -279,7 +280,7 @@ def write_config_yaml(
                 mp[key] = value
         models.append({"model": str(expert), "parameters": mp})
     config: dict[str, Any] = {"models": models, "merge_method": method}
-    if method != "linear":
+    if method != "linear" and base is not None:
         config["base_model"] = str(base)
     global_params = {k: v for k, v in params.items() if k not in PER_MODEL_PARAMS and k not in TOP_LEVEL_KEYS}
     if global_params:

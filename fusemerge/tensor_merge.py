@@ -160,7 +160,9 @@ def merge_tensors(
 
     `weight`, `density`, `gamma`: one value for every expert, or a sequence of one per expert; unset ones take
     the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is `base`, 1 the one expert);
-    `filter_wise`: model_stock's (false only), whose experts are the two or more models merged onto `base`.
+    `filter_wise`: model_stock's (false only), whose experts are the two or more models merged onto `base`;
+    `nuslerp_flatten` (true only), `nuslerp_row_wise`: nuslerp's, whose experts are its two models (interpolated
+    themselves, or with `base` their deltas from it) and `weight` their two weights.
     `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
     checked as a config's `parameters:` are (InputError, one line per problem). `name` keys DARE's random
     stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
@@ -182,10 +184,10 @@ def merge_tensors(
     if "lambda_" in params and "lambda" in params:
         raise InputError("merge_tensors: lambda given twice (lambda_= and lambda=); give one")
     lam = params.pop("lambda_", params.pop("lambda", None))
-    filter_wise = params.pop("filter_wise", None)  # model_stock's: false only, as in a config
+    flags = {k: params.pop(k) for k in ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise") if k in params}
     if params:  # as a config's unknown parameters are reported: one line each, with the nearest known name
-        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", "filter_wise", "seed",
-                 "name", "out_dtype", "backend", "chunk"]
+        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", "filter_wise",
+                 "nuslerp_flatten", "nuslerp_row_wise", "seed", "name", "out_dtype", "backend", "chunk"]
         raise InputError([f"merge_tensors: {name}: unknown parameter{did_you_mean(name, known)}; it takes "
                           f"{', '.join(known)}" for name in params])
     if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
@@ -197,7 +199,7 @@ def merge_tensors(
     if not experts:
         raise InputError("merge_tensors: experts: at least one tensor is needed")
     _check_tensors(base, experts)
-    if method in METHODS and METHODS[method].angle_weights:  # a config refuses a model listed twice; here the same
+    if method in METHODS and METHODS[method].tensor_weights:  # a config refuses a model listed twice; here the same
         others = [e for e in experts if e is not base]  # tensor twice would weigh it twice in the angles
         twice = [i for i, e in enumerate(experts) if e is not base and sum(x is e for x in others) > 1]
         if twice:
@@ -211,7 +213,7 @@ def merge_tensors(
         raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer")
     seed = int(seed)
     given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("normalize", normalize),
-                               ("rescale", rescale), ("t", t), ("lambda", lam), ("filter_wise", filter_wise))
+                               ("rescale", rescale), ("t", t), ("lambda", lam), *flags.items())
              if v is not None}
     cfg = _config(method, base, experts, given)
     m = cfg.method

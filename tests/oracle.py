@@ -120,6 +120,35 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: float) -> np.ndarray:
     return wa * a.reshape(-1).double().numpy() + wb * b.reshape(-1).double().numpy()
 
 
+def nuslerp_weights(x0: torch.Tensor, x1: torch.Tensor, w: tuple[float, float], base: torch.Tensor | None = None
+                    ) -> tuple[float, float]:
+    """mergekit's nuslerp weights (merge_methods/nuslerp.py, flatten) in float64, from float64 sums of the two
+    vectors: the models, or their float32 deltas from `base`."""
+    def vec(x: torch.Tensor) -> np.ndarray:
+        return (x.reshape(-1).float() - base.reshape(-1).float() if base is not None else x.reshape(-1).float()
+                ).double().numpy()
+
+    v0, v1 = vec(x0), vec(x1)
+    total = w[0] + w[1]
+    t = 0.5 if abs(total) < 1e-6 else w[1] / total
+    n0, n1 = max(np.linalg.norm(v0), 1e-7), max(np.linalg.norm(v1), 1e-7)
+    cos = float(np.clip(np.dot(v0, v1) / (n0 * n1), -1.0, 1.0))
+    if 1 - cos * cos <= 1e-16:
+        return 1.0 - t, t
+    theta = np.arccos(cos)
+    return float(np.sin((1 - t) * theta) / np.sin(theta)), float(np.sin(t * theta) / np.sin(theta))
+
+
+def nuslerp(x0: torch.Tensor, x1: torch.Tensor, w: tuple[float, float], base: torch.Tensor | None = None
+            ) -> np.ndarray:
+    """The nuslerp of two models (or, with `base`, of their deltas, added to it) in float64 (flat)."""
+    a, b = nuslerp_weights(x0, x1, w, base)
+    if base is None:
+        return a * x0.reshape(-1).double().numpy() + b * x1.reshape(-1).double().numpy()
+    d = [(x.reshape(-1).float() - base.reshape(-1).float()).double().numpy() for x in (x0, x1)]
+    return base.reshape(-1).double().numpy() + a * d[0] + b * d[1]
+
+
 def model_stock_weights(base: torch.Tensor, models: list[torch.Tensor]) -> list[float]:
     """mergekit's model_stock weights (merge_methods/model_stock.py) in float64: (1 - t, t / N, ..., t / N)."""
     ds = [(m.reshape(-1).float() - base.reshape(-1).float()).double().numpy() for m in models]  # float32 deltas

@@ -217,7 +217,7 @@ def test_values_still_checked_when_the_method_is_unknown() -> None:
 
 
 def test_mergekit_only_method_says_so() -> None:
-    assert "'nuslerp' is a mergekit method fusemerge does not support yet" in one_problem(cfg(method="nuslerp"))
+    assert "'della' is a mergekit method fusemerge does not support yet" in one_problem(cfg(method="della"))
     assert "must be a method name, not a list" in one_problem(cfg(method=["ties"]))
 
 
@@ -899,3 +899,43 @@ def test_key_near_misses_are_case_blind_and_anchor_holders_are_not_misses() -> N
     (line,) = problems({**cfg(), "trim_scope": "global"})  # at the top level itself: the hint is not "top level"
     assert "trim_scope: unknown top-level key; a merge parameter such as 'trim_scope' goes under the top-level " \
            "parameters:" in line, line
+
+
+def test_nuslerp_interpolates_the_deltas_given_a_base_and_the_models_without() -> None:
+    with_base = load_config(cfg(method="nuslerp", models=[{"model": "base"}, {"model": "e1"}, {"model": "e2"}]))
+    assert with_base.method.needs_base and not with_base.method.combines_models
+    assert [m.model for m in with_base.models] == ["e1", "e2"]  # the listed base is not one of the two
+    without = load_config(cfg(method="nuslerp", base=None))
+    assert not without.method.needs_base and without.method.combines_models
+    assert [m.model for m in without.models] == ["e1", "e2"]
+    assert without.method.name == with_base.method.name == "nuslerp"
+
+
+@pytest.mark.parametrize("base", ["base", None])
+@pytest.mark.parametrize("n", [1, 3])
+def test_nuslerp_takes_exactly_two_models(base: str | None, n: int) -> None:
+    models = [{"model": f"e{i}"} for i in range(n)]
+    assert one_problem(cfg(method="nuslerp", base=base, models=models)) == (
+        f"config: models: nuslerp interpolates exactly two models (besides the base_model, if given), not {n} "
+        "(as in mergekit)")
+
+
+def test_nuslerp_slices_take_two_sources_besides_the_base() -> None:
+    def sl(*models: str) -> dict:
+        return {"sources": [{"model": m, "layer_range": [0, 2]} for m in models]}
+
+    load_config({"merge_method": "nuslerp", "slices": [sl("e1", "e2")]})
+    load_config({"merge_method": "nuslerp", "base_model": "b", "slices": [sl("e1", "b", "e2")]})
+    assert one_problem({"merge_method": "nuslerp", "slices": [sl("e1", "e2", "e3")]}) == (
+        "config: slices[0].sources: nuslerp interpolates exactly two models per slice (besides the base_model, "
+        "if given), not 3 (as in mergekit)")
+    assert "not 1" in one_problem({"merge_method": "nuslerp", "base_model": "b", "slices": [sl("b", "e1")]})
+
+
+def test_nuslerp_flatten_false_is_refused_and_row_wise_is_mergekits_no_op() -> None:
+    assert one_problem(cfg(method="nuslerp", parameters={"nuslerp_flatten": False})) == (
+        "config: parameters.nuslerp_flatten: only nuslerp_flatten: true is supported: nuslerp's per-row and "
+        "per-column variants (false) are not implemented yet; fusemerge interpolates whole tensors")
+    load_config(cfg(method="nuslerp", parameters={"nuslerp_flatten": True, "nuslerp_row_wise": True}))
+    assert "must be true or false" in one_problem(cfg(method="nuslerp", parameters={"nuslerp_flatten": "no"}))
+    assert "density: unknown parameter for nuslerp" in one_problem(cfg(method="nuslerp", parameters={"density": 0.5}))

@@ -19,7 +19,8 @@ from fusemerge.synthetic import make_llama_family, write_config_yaml
 from tests.kernels.test_reference import PARAMS
 
 SHAPE = dict(hidden=20, intermediate=52, layers=2, vocab=97)
-METHODS = ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "dare_linear", "slerp", "model_stock"]
+METHODS = ["ties", "dare_ties", "breadcrumbs_ties", "task_arithmetic", "dare_linear", "slerp", "model_stock",
+           "nuslerp", "nuslerp_no_base"]
 HAS_CUDA = torch.cuda.is_available()
 
 
@@ -43,6 +44,11 @@ def configs(tmp_path_factory, fam) -> dict[str, Path]:
                                             "models": models[:2], "parameters": {"t": [0.2, 0.6, 0.9]}}))
     out["model_stock"].write_text(yaml.safe_dump({"merge_method": "model_stock", "base_model": str(fam["base"]),
                                                   "models": models}))
+    two = [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(fam["experts"][1:], ([0.4, 1.0], 0.9),
+                                                                             strict=True)]
+    out["nuslerp"].write_text(yaml.safe_dump({"merge_method": "nuslerp", "base_model": str(fam["base"]),
+                                              "models": two}))
+    out["nuslerp_no_base"].write_text(yaml.safe_dump({"merge_method": "nuslerp", "models": two}))
     return out
 
 

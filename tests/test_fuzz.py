@@ -378,14 +378,15 @@ def test_open_model_fuzz(files: dict[str, bytes]) -> None:
 
 _MERGEKIT_KEYS = ["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "weight", "density",
                   "gamma", "epsilon", "lambda", "normalize", "rescale", "trim_scope", "int8_mask", "filter", "value",
-                  "slices", "modules", "model", "tokenizer", "tokenizer_source", "source", "chat_template", "name"]
+                  "slices", "modules", "model", "tokenizer", "tokenizer_source", "source", "chat_template", "name",
+                  "nuslerp_flatten", "nuslerp_row_wise"]
 _yaml_scalars = (
     st.none()
     | st.booleans()
     | st.integers()
     | st.sampled_from([10**400, -(10**400), 2**64])
     | st.floats()
-    | st.sampled_from(["ties", "dare_ties", "linear", "task_arithmetic", "breadcrumbs", "slerp", "bf16",
+    | st.sampled_from(["ties", "dare_ties", "linear", "task_arithmetic", "breadcrumbs", "slerp", "nuslerp", "bf16",
                        "torch.float16", "mlp", "*", "union", "base", "inverse", "tensor", "global", "./m", "a+b", "~",
                        "", " "])
     | st.text(st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=6)

@@ -11,8 +11,9 @@ What must hold (issue 6, docs/mergekit.md):
   mergekit's, except where the weighted sum cancels to far below its terms and the two tools' float32
   rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
 - ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
-- slerp and model_stock, of `models:` and of `slices:`, as linear (their weights from the angles between the
-  tensors; mergekit finds those angles in float32, fusemerge exactly: bench/parity.py);
+- slerp, model_stock and nuslerp (with and without a base), of `models:` and of `slices:`, as linear (their
+  weights from the angles between the tensors; mergekit finds those angles in float32, fusemerge exactly:
+  bench/parity.py);
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
 - the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16), and for one
   saved as PyTorch `.bin` checkpoints (one file, and shards with an index).
@@ -130,6 +131,22 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
                                    {"sources": [{"model": e3, "layer_range": [2, 4]},
                                                 {"model": base, "layer_range": [2, 4]},
                                                 {"model": e1, "layer_range": [2, 4]}]}]},
+        # nuslerp of two task vectors (a base), with a gradient weight; of two models (no base); and over slices
+        "nuslerp": {"merge_method": "nuslerp", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                    "models": [{"model": e1, "parameters": {"weight": [0.2, 0.9]}},
+                               {"model": e2, "parameters": {"weight": 0.6}}]},
+        "nuslerp_no_base": {"merge_method": "nuslerp", "dtype": "float32", "out_dtype": "bfloat16",
+                            "models": [{"model": e3, "parameters": {"weight": 1.0}},
+                                       {"model": e1, "parameters": {"weight": [
+                                           {"filter": "mlp", "value": 3.0}, {"value": 0.5}]}}]},
+        "nuslerp_slices": {"merge_method": "nuslerp", "base_model": base, "dtype": "float32",
+                           "out_dtype": "bfloat16", "slices": [
+                               {"sources": [{"model": base, "layer_range": [0, 2]},
+                                            {"model": e1, "layer_range": [0, 2], "parameters": {"weight": 2.0}},
+                                            {"model": e2, "layer_range": [2, 4], "parameters": {"weight": 1.0}}]},
+                               {"sources": [{"model": e3, "layer_range": [2, 4], "parameters": {"weight": 1.0}},
+                                            {"model": base, "layer_range": [2, 4]},
+                                            {"model": e1, "layer_range": [2, 4], "parameters": {"weight": 1.0}}]}]},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -174,7 +191,8 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
-                                  "slerp_slices", "model_stock", "model_stock_slices"])
+                                  "slerp_slices", "model_stock", "model_stock_slices", "nuslerp", "nuslerp_no_base",
+                                  "nuslerp_slices"])
 def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

@@ -1,8 +1,10 @@
-"""Exact dot products of whole tensors, for the methods whose weights come from angles (slerp, model_stock).
+"""Exact dot products of whole tensors, for the methods whose weights come from angles (slerp, model_stock,
+nuslerp).
 
-`gram_sums` runs their statistics pass: for vectors v_0 .. v_{m-1} (the models themselves for slerp, the
-deltas x_i - base for model_stock) it finds every <v_i, v_j>, i <= j, over a tensor's chunks. Each sum is
-exact up to 2^-32 of a fixed-point unit, so it is the same for every chunking, device and backend:
+`gram_sums` runs their statistics pass: for vectors v_0 .. v_{m-1} (the models themselves for slerp and a
+nuslerp without a base, the deltas x_i - base for model_stock and a nuslerp with one) it finds every
+<v_i, v_j>, i <= j, over a tensor's chunks. Each sum is exact up to 2^-32 of a fixed-point unit, so it is the
+same for every chunking, device and backend:
 
 - pass 1: the largest |v_i| (backend.max_abs, all of them in one read); after a NaN or infinite entry there
   is no pass 2 (None: the angle has no meaning, and the methods fall back to fixed weights);
@@ -67,15 +69,19 @@ def gram_sums(backend: ModuleType, segments: list[Segment], chunk: int, m: int, 
               ) -> dict[Pair, float] | None:
     """<v_i, v_j> for every i <= j < m over the tensor of `segments`, read `chunk` entries at a time, with v_i
     the m models of the segments (deltas False) or the deltas x_i - x_0 of models 1..m from model 0 (deltas
-    True); None where an entry of some v_i is NaN or infinite. A vector of zeros needs no second pass."""
+    True); where the segments have a base (a delta method's chunks), the deltas of the m models from it. None
+    where an entry of some v_i is NaN or infinite. A vector of zeros needs no second pass."""
     from fusemerge.kernels.select import _chunks, largest
 
-    def vectors(models: list[torch.Tensor]) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def vectors(base: torch.Tensor | None, models: list[torch.Tensor]
+                ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        if base is not None:
+            return base, models
         return (models[0], models[1:]) if deltas else (None, models)
 
     top = [0.0] * m
-    for _, _, models in _chunks(segments, chunk):
-        base, xs = vectors(models)
+    for _, given, models in _chunks(segments, chunk):
+        base, xs = vectors(given, models)
         if xs[0].numel():
             top = [largest(t, v) for t, v in zip(top, backend.max_abs(base, xs), strict=True)]
     if not all(math.isfinite(v) for v in top):
@@ -84,7 +90,7 @@ def gram_sums(backend: ModuleType, segments: list[Segment], chunk: int, m: int, 
     shifts = {p: shift_for(top[p[0]] * top[p[1]]) for p in pairs if top[p[0]] * top[p[1]] > 0.0}
     sums = dict.fromkeys(shifts, 0)
     if shifts:
-        for _, _, models in _chunks(segments, chunk):
-            for p, (whole, part) in backend.gram_fixed(*vectors(models), shifts).items():
+        for _, given, models in _chunks(segments, chunk):
+            for p, (whole, part) in backend.gram_fixed(*vectors(given, models), shifts).items():
                 sums[p] += (whole << FRACTION_BITS) + part
     return {p: math.ldexp(float(sums[p]), -(shifts[p] + FRACTION_BITS)) if p in shifts else 0.0 for p in pairs}

@@ -677,7 +677,8 @@ def tensor_params(
     `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection; `masks`
     (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass; `keep_bytes`:
     top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share); `t`:
-    slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py);
+    slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py;
+    nuslerp's from `weights` and the angle, kernels/nuslerp.py);
     `models`: how many models (the base's tensor first) slerp and model_stock sum.
     """
     from fusemerge.kernels.params import ChunkParams
@@ -692,6 +693,11 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=model_stock_weights(backend, segments, chunk, models - 1))
+    if method.is_nuslerp:  # with a base: base + a d_0 + b d_1, task arithmetic's kernels; without: a x_0 + b x_1
+        from fusemerge.kernels.nuslerp import nuslerp_weights
+
+        return ChunkParams(sparsifier="none", consensus="none", linear=method.combines_models,
+                           weights=nuslerp_weights(backend, segments, chunk, weights))
     n = len(weights)
     kw: dict = {}
     if method.needs_thresholds:

@@ -8,13 +8,15 @@ This is mergekit's "generalized task arithmetic" idea without its task graph:
 `linear` averages the models themselves rather than their deltas; `slerp` interpolates a base and one other
 model along the arc between them, and `model_stock` moves the base toward the models' average by an amount
 the angles between their deltas decide: both are a weighted sum of the models whose weights come from a
-statistics pass over the tensor (kernels/slerp.py, kernels/model_stock.py); `passthrough` copies one model's
+statistics pass over the tensor (kernels/slerp.py, kernels/model_stock.py). `nuslerp` interpolates two models
+along their arc (no base) or, with a base, their two deltas from it (kernels/nuslerp.py): a weighted sum of
+the models, or task arithmetic with two weights, found the same way. `passthrough` copies one model's
 tensors (optionally scaled), the building block of `slices:` layer stacking ("frankenmerges").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs")
@@ -61,6 +63,22 @@ class Method:
         return self.name == "model_stock"
 
     @property
+    def is_nuslerp(self) -> bool:
+        return self.name == "nuslerp"
+
+    @property
+    def tensor_weights(self) -> bool:
+        """True when each tensor's weights come from a statistics pass over its models (the angles of slerp,
+        model_stock and nuslerp), not from the config alone."""
+        return self.angle_weights or self.is_nuslerp
+
+    def with_base(self) -> Method:
+        """nuslerp given a base_model: it interpolates the two deltas from the base (mergekit's task vectors),
+        so the kernels take the base as a base (task arithmetic with the two weights of the arc)."""
+        assert self.is_nuslerp
+        return replace(self, needs_base=True)
+
+    @property
     def angle_weights(self) -> bool:
         """True when each tensor's weights come from the angles between its models (slerp, model_stock): the
         base's tensor is then the first of the models the kernel sums, not a base to subtract."""
@@ -70,7 +88,8 @@ class Method:
     def combines_models(self) -> bool:
         """True when the kernel combines the models themselves (a weighted sum), not deltas from a base. For
         slerp and model_stock the models are the base, then the others."""
-        return self.name in ("linear", "passthrough") or self.angle_weights
+        return (self.name in ("linear", "passthrough") or self.angle_weights
+                or (self.is_nuslerp and not self.needs_base))
 
     @property
     def needs_thresholds(self) -> bool:
@@ -100,6 +119,11 @@ TRIM_RESCALE = _p("rescale", False, False, kind="bool")
 T = _p("t", None, False)
 # model_stock's per-row variant (mergekit: `filter_wise`, default false); only false is supported.
 FILTER_WISE = _p("filter_wise", False, False, kind="bool")
+# nuslerp's variants (mergekit/merge_methods/nuslerp.py): the whole tensor as one vector (flatten, the default) is
+# supported; false (one arc per row, or per column with nuslerp_row_wise) is not. row_wise only acts when
+# flatten is false, as in mergekit.
+NUSLERP_FLATTEN = _p("nuslerp_flatten", True, False, kind="bool")
+NUSLERP_ROW_WISE = _p("nuslerp_row_wise", False, False, kind="bool")
 # passthrough's optional per-model factor (mergekit/merge_methods/passthrough.py: `scale`).
 SCALE = _p("scale", 1.0, True)
 
@@ -134,6 +158,10 @@ _ALL = [
            paper="https://en.wikipedia.org/wiki/Slerp", others=(1, 1)),
     Method("model_stock", "none", "none", needs_base=True, params={"filter_wise": FILTER_WISE},
            paper="https://arxiv.org/abs/2403.19522", others=(2, None)),
+    # nuslerp: exactly two models besides the base, which is optional; weights default to 1 (mergekit requires them)
+    Method("nuslerp", "none", "none", needs_base=False,
+           params={"weight": WEIGHT, "nuslerp_flatten": NUSLERP_FLATTEN, "nuslerp_row_wise": NUSLERP_ROW_WISE},
+           paper="mergekit's nuslerp: the arc between two models or two task vectors", others=(2, 2)),
     Method("passthrough", "none", "none", needs_base=False,
            params={"scale": SCALE},
            paper="mergekit's passthrough: one model's tensors, copied"),

@@ -414,15 +414,18 @@ def test_a_pinned_budget_below_the_smallest_chunk_is_refused(tmp_path, fam) -> N
         Pipeline(Executor(plan, None, pipeline=True), readers=8, pinned_bytes=floor - 1)
 
 
-@pytest.mark.parametrize("method", ["slerp", "model_stock"])
+@pytest.mark.parametrize("method", ["slerp", "model_stock", "nuslerp", "nuslerp_no_base"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(("max_memory", "pinned"), [(None, "64KiB"), ("64KiB", "32KiB")])
 def test_angle_weights_through_the_pipeline(tmp_path, fam, method, backend, max_memory, pinned) -> None:
-    """The statistics of slerp and model_stock (kernels/fixed_dots.py) on resident tensors, and on
+    """The statistics of slerp, model_stock and nuslerp (kernels/fixed_dots.py) on resident tensors, and on
     those too large to keep (read 3x)."""
     cfg = tmp_path / f"{method}.yml"
     if method == "slerp":
         write_config_yaml(cfg, "slerp", fam["base"], [fam["experts"][0]], t=[0.1, 0.8])
+    elif method.startswith("nuslerp"):
+        write_config_yaml(cfg, "nuslerp", None if method == "nuslerp_no_base" else fam["base"], fam["experts"][:2],
+                          weight=([0.2, 1.0], 0.7))
     else:
         write_config_yaml(cfg, "model_stock", fam["base"], fam["experts"])
     fusemerge.run(cfg, tmp_path / "ref", device="cpu", backend="torch")
