@@ -250,10 +250,8 @@ def _l1_kernel(
     base_ptr,
     x_ptr,  # expert i's element k at x_ptr + i * row_stride + k
     sums_ptr,  # int64 [M, 2, programs]: per block, expert i's sum over all entries, then over the DARE-kept ones
-    shift_ptr,  # int32 [M]: each expert's power of two
-    key_ptr,  # int64 [M]: DARE keys (KEEP only)
-    density_ptr,  # float32 [M]: DARE densities (KEEP only)
-    start_ptr,  # int64 [M]: global flat index of element 0 in each expert's stream (KEEP only)
+    table_ptr,  # int64 [4, M]: each expert's power of two; DARE key, density (float32 bits), and the global flat
+    # index of element 0 in its stream (KEEP only); one table, so one host-to-device copy per call
     row_stride,
     n,
     M: tl.constexpr,
@@ -274,15 +272,16 @@ def _l1_kernel(
         expo = a >> 23
         frac = a & 0x7FFFFF
         m = tl.where(expo == 0, frac, frac | 0x800000).to(tl.int64)
-        s = tl.maximum(expo, 1) - 150 + tl.load(shift_ptr + i)
+        s = tl.maximum(expo, 1) - 150 + tl.load(table_ptr + i).to(tl.int32)
         up = tl.minimum(tl.maximum(s, 0), 63).to(tl.int64)
         down = tl.minimum(tl.maximum(-s, 0), 63).to(tl.int64)
         q = tl.where(s >= 0, m << up, m >> down)
         q = tl.where(mask, q, 0)
         tl.store(sums_ptr + (2 * i) * programs + pid, tl.sum(q, axis=0))
         if KEEP:
-            u = tl.rand(tl.load(key_ptr + i), tl.load(start_ptr + i) + offs)
-            kept = tl.where(u < tl.load(density_ptr + i), q, 0)
+            u = tl.rand(tl.load(table_ptr + M + i), tl.load(table_ptr + 3 * M + i) + offs)
+            density = tl.load(table_ptr + 2 * M + i).to(tl.int32).to(tl.float32, bitcast=True)
+            kept = tl.where(u < density, q, 0)
             tl.store(sums_ptr + (2 * i + 1) * programs + pid, tl.sum(kept, axis=0))
 
 
@@ -536,12 +535,11 @@ def l1_fixed(
     rows_keep = [k if k is not None and h is not None else (0, 1.0, 0)  # density 1: all kept
                  for k, h in zip(keeps if keeps is not None else [None] * m, shifts, strict=True)]
     keys, density, starts = zip(*rows_keep, strict=True)
-    shift_t = torch.tensor([h if h is not None else SKIP_SHIFT for h in shifts], dtype=torch.int32).to(base.device)
-    key_t = torch.tensor(keys, dtype=torch.int64).to(base.device)
-    density_t = torch.tensor(density, dtype=torch.float32).to(base.device)
-    start_t = torch.tensor(starts, dtype=torch.int64).to(base.device)
+    density_bits = torch.tensor(density, dtype=torch.float32).view(torch.int32).tolist()  # float32(density)
+    table = torch.tensor([*(h if h is not None else SKIP_SHIFT for h in shifts), *keys, *density_bits, *starts],
+                         dtype=torch.int64).to(base.device)
     with launch_guard():
-        _l1_kernel[(grid_n,)](base, rows, sums, shift_t, key_t, density_t, start_t, stride, n, M=m,
+        _l1_kernel[(grid_n,)](base, rows, sums, table, stride, n, M=m,
                               KEEP=keeps is not None, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False)
     found = sums.sum(dim=2).tolist()
     return [(total, kept if keeps is not None else total) for total, kept in found]
