@@ -207,6 +207,20 @@ def test_2d_inputs_other_masks_and_far_cuts() -> None:
         assert_same(base, experts, 2**62, far, torch.bfloat16)
 
 
+def _has_f16c() -> bool:
+    """Whether this CPU has AVX2 and F16C, where the compiled loops widen fp16 by vcvtph2ps (Linux x86-64)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx2" in flags and "f16c" in flags
+
+
+PORTABLE = "#define FM_NO_F16C 1\n"  # the portable fp16 widening (h2f), where F16C would widen instead
+F16C = pytest.mark.skipif(not _has_f16c(), reason="no F16C here: the compiled loops widen fp16 by h2f")
+
+
 @pytest.fixture
 def fresh(monkeypatch, native_cache):
     """A process that has not yet built the CPU merge, with its own cache."""
@@ -224,8 +238,16 @@ def fresh(monkeypatch, native_cache):
     ("uint64_t q = (mant << up) >> down;", "uint64_t q = ((mant << up) + (down != 0)) >> down;"),  # rounding up
     ("(s < -63 ? 63 : -s)", "(s < -63 ? 0 : -s)"),  # a shift past the significand keeps it
     ("hist[bin[k]] += 1;", "hist[bin[k] & 0x7FFE] += 1;"),
-    ("(float)(int32_t)man * 5.9604644775390625e-08f", "(float)(int32_t)man * 1.1920928955078125e-07f"),  # fp16
-    ("((0x7F800000u | (man << 13)) & special)", "(0x7F800000u & special)"),  # fp16 NaN read as infinity
+    ("(float)(int32_t)man * 5.9604644775390625e-08f", "(float)(int32_t)man * 1.1920928955078125e-07f",
+     PORTABLE),  # an fp16 subnormal
+    ("((0x7F800000u | (man << 13)) & special)", "(0x7F800000u & special)", PORTABLE),  # fp16 NaN read as infinity
+    pytest.param(("_mm256_storeu_ps(dst + k + 8, _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1)));",
+                  "_mm256_storeu_ps(dst + k + 8, _mm256_cvtph_ps(_mm256_castsi256_si128(h)));"),
+                 marks=F16C),  # by F16C, the second 8 of 16 halves read as the first 8
+    pytest.param(("memcpy(dst + k, wide, sizeof(float) * (size_t)(m - k));",
+                  "memcpy(dst + k, wide, sizeof(float) * (size_t)(m - k - 1));"), marks=F16C),  # a short block's last
+    pytest.param(("bad = _mm256_sub_epi16(bad, _mm256_cmpeq_epi16(_mm256_and_si256(h, expo), expo));",
+                  "bad = _mm256_sub_epi16(bad, _mm256_cmpeq_epi16(h, expo));"), marks=F16C),  # NaNs not counted
     ("(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFFu)", "(int32_t)(a[g + __builtin_ctzll(bits)] & 0xFFFEu)"),
     ("bits |= ((flags * 0x0102040810204080ull) >> 56) << (8 * j);",  # the matches of a block's first 8 entries only
      "bits |= j ? 0 : ((flags * 0x0102040810204080ull) >> 56);"),
@@ -235,8 +257,11 @@ def fresh(monkeypatch, native_cache):
      "for (; bits; bits &= bits - 1) out[found++] = (int32_t)(a[g + __builtin_ctzll(bits)] | 1u);"),
 ])
 def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None:
-    assert wrong[0] in cpu_fused.SOURCE
-    monkeypatch.setattr(cpu_fused, "SOURCE", cpu_fused.SOURCE.replace(*wrong))
+    """A change of the source that gives other bits (`wrong`: the text, its replacement and what to put before
+    the source, if anything) makes the load-time check fall back to torch."""
+    text, replacement, *before = wrong
+    assert text in cpu_fused.SOURCE
+    monkeypatch.setattr(cpu_fused, "SOURCE", "".join(before) + cpu_fused.SOURCE.replace(text, replacement))
     assert not cpu_fused.available()
     assert "disagreed with the torch path" in cpu_fused.describe()
     base, experts = family(2, 100, torch.bfloat16, 5, edges=False)
