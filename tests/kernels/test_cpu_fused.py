@@ -269,6 +269,20 @@ def test_a_library_that_disagrees_is_not_used(fresh, monkeypatch, wrong) -> None
     assert cpu_fused.merge(base, experts, 0, p, torch.bfloat16, None, None) is None
 
 
+def test_an_avx2_gram_loop_that_disagrees_is_not_used(fresh, monkeypatch) -> None:
+    """The AVX2 loop rounding frac(p) 2^32 to nearest instead of toward zero: the load-time check refuses it on
+    a machine that runs it (AVX2 without AVX-512)."""
+    if not cpu_fused.available() or cpu_fused.gram_loop() != 1:
+        pytest.skip("this machine does not run the AVX2 gram loop")
+    monkeypatch.setattr(cpu_fused, "_state", {})
+    old = "f1 = _mm256_add_pd(f1, _mm256_round_pd(_mm256_mul_pd(_mm256_sub_pd(pb, tb), two32),\n" \
+          "                                               _MM_FROUND_TO_ZERO"
+    assert old in cpu_fused.SOURCE
+    monkeypatch.setattr(cpu_fused, "SOURCE", cpu_fused.SOURCE.replace(old, old.replace("TO_ZERO", "TO_NEAREST_INT")))
+    assert not cpu_fused.available()
+    assert "disagreed with the torch path" in cpu_fused.describe() and "gram_fixed" in cpu_fused.describe()
+
+
 @pytest.mark.skipif(native_build.compiler() is None or native_build.disabled(),
                     reason="no C compiler here, or FUSEMERGE_NATIVE=0")
 def test_the_compiled_loops_are_used_where_a_compiler_is_found(fresh) -> None:

@@ -144,3 +144,49 @@ def test_bad_arguments_are_refused(device: str) -> None:
     with pytest.raises(ValueError, match="elements"):
         ts.gram_fixed(None, [xs[0], xs[1][:50]], {(0, 1): 3})
     assert ts.gram_fixed(base, xs, {}) == {}
+
+
+def _compiled_loops() -> list[int]:
+    """The compiled gram loops this machine can run (0: gcc's; 1: AVX2's), none without the library."""
+    from fusemerge.kernels import cpu_fused
+
+    if not cpu_fused.available():
+        return []
+    lib = cpu_fused._library()
+    one = cpu_fused._gram_fixed(lib, None, [torch.ones(8)], {(0, 0): 0}, 1)
+    return [0, 1] if one is not None else [0]
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 511, 512, 513, 1031])
+@pytest.mark.parametrize("deltas", [False, True], ids=["models", "deltas"])
+def test_both_compiled_loops_give_the_exact_terms(n: int, deltas: bool) -> None:
+    """gcc's loop and the AVX2 one (trunc and sums in doubles), on every sign, zeros of both signs, tiny and
+    subnormal products, and products just below the 2^32 the shifts allow: the Fraction oracle's integers."""
+    from fusemerge.kernels import cpu_fused
+
+    loops = _compiled_loops()
+    if not loops:
+        pytest.skip(f"no compiled loops here: {cpu_fused.describe()}")
+    base, xs = vectors(3, n, torch.float32, seed=n)
+    edge = torch.tensor([0.0, -0.0, 1e-30, -2.0**-140, 65535.996, -65535.996, 3.0, -1.0e-3])
+    for x in xs:
+        x[: min(n, 8)] = edge[: min(n, 8)]
+    b = base if deltas else None
+    vs = as_vectors(b, xs)
+    shifts = shifts_for(vs, drop={(0, 2)})
+    want = oracle(vs, shifts)
+    for loop in loops:
+        assert cpu_fused._gram_fixed(cpu_fused._library(), b, xs, shifts, loop) == want, f"loop {loop}"
+
+
+def test_the_machine_runs_the_loop_its_instructions_allow() -> None:
+    """AVX2 without AVX-512 runs the AVX2 loop; with AVX-512 (or elsewhere) gcc's (Linux x86-64: /proc/cpuinfo)."""
+    from pathlib import Path
+
+    from fusemerge.kernels import cpu_fused
+
+    info = Path("/proc/cpuinfo")
+    if cpu_fused.gram_loop() is None or not info.is_file() or "flags" not in info.read_text():
+        pytest.skip("no compiled loops, or no /proc/cpuinfo flags here")
+    flags = set(next(line for line in info.read_text().splitlines() if line.startswith("flags")).split())
+    assert cpu_fused.gram_loop() == int("avx2" in flags and "avx512dq" not in flags)
