@@ -8,10 +8,13 @@
   `threads`, several files at a time.
 - `append_csv(path, rows)`: append result rows, header when the file is new, so the history stays.
 - `model_tensors(dir)`: tensor name -> the safetensors file holding it.
+- `add_chunk_loop_args(p)`, `compiled_loops_here()`: the options and the check shared by the benchmarks of one
+  compiled CPU loop on chunks (stat_reads.py, gram_loops.py).
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import os
 import platform
@@ -194,3 +197,23 @@ def append_csv(path: Path, rows: list[dict]) -> None:
             writer.writerows(old)
         writer.writerows(rows)
     print(f"\nappended {len(rows)} row(s) to {path}")
+
+
+def add_chunk_loop_args(p: argparse.ArgumentParser) -> None:
+    """--chunks (entries per chunk), --rounds and --dtype, as the compiled-loop benchmarks take them."""
+    p.add_argument("--chunks", type=int, nargs="+", default=[1 << 18, 1 << 22], help="entries per chunk")
+    p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+
+
+def compiled_loops_here() -> bool:
+    """Whether the CPU's compiled loops load here; says why not where they do not. Sets one torch thread."""
+    import torch
+
+    from fusemerge.kernels import cpu_fused
+
+    if not cpu_fused.available():
+        print(f"the CPU merge is not compiled here: {cpu_fused.describe()}")
+        return False
+    torch.set_num_threads(1)
+    return True

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine  # noqa: E402
+from bench.common import add_chunk_loop_args, compiled_loops_here, machine  # noqa: E402
 from fusemerge.kernels import cpu_fused  # noqa: E402
 from fusemerge.kernels.philox import dare_keep_run  # noqa: E402
 
@@ -31,14 +31,10 @@ from fusemerge.kernels.philox import dare_keep_run  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--experts", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--chunks", type=int, nargs="+", default=[1 << 18, 1 << 22], help="entries per chunk")
-    p.add_argument("--rounds", type=int, default=15)
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    add_chunk_loop_args(p)
     args = p.parse_args(argv)
-    if not cpu_fused.available():
-        print(f"the CPU merge is not compiled here: {cpu_fused.describe()}")
+    if not compiled_loops_here():
         return 1
-    torch.set_num_threads(1)
     m = machine()
     dtype = getattr(torch, args.dtype)
     print(f"machine: {m['cpu']}, {m['cores']} cores; medians of {args.rounds} rounds, one thread, {args.dtype}\n\n"

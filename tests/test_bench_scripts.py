@@ -36,3 +36,15 @@ def test_the_kernel_benchmark_runs_through_the_interpreter(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for kind in ("| merge | ties |", "| select | ties |", "| angles | model_stock |", "| rescale | dare |"):
         assert kind in proc.stdout, kind
+
+
+def test_the_compiled_loop_benchmarks_run_and_check_their_results(tmp_path) -> None:
+    """stat_reads.py and gram_loops.py at a tiny size: each exits non-zero where its two ways disagree (or where
+    the compiled loops do not load, which the CI machine's C compiler rules out)."""
+    tiny = ["--chunks", "1000", "--rounds", "1"]
+    runs = {"stat_reads.py": ["--experts", "2"], "gram_loops.py": ["--vectors", "2", "3"]}
+    for name, extra in runs.items():
+        proc = subprocess.run([sys.executable, str(REPO / "bench" / name), *tiny, *extra], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, (name, proc.stdout[-3000:] + proc.stderr[-3000:])
+        assert "True" in proc.stdout.splitlines()[-1], (name, proc.stdout[-2000:])

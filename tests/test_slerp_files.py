@@ -33,6 +33,13 @@ def write(tmp_path: Path, data: dict, name: str = "slerp.yml") -> Path:
     return path
 
 
+def plan_problems(tmp_path: Path, data: dict) -> list[str]:
+    """The problems `build_plan` names for the config `data`, which it must refuse."""
+    with pytest.raises(InputError) as e:
+        fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    return e.value.problems
+
+
 def models_config(fam: dict, t: object = None, **extra) -> dict:
     return {"merge_method": "slerp", "base_model": str(fam["base"]),
             "models": [{"model": str(fam["base"])}, {"model": str(fam["experts"][0])}],
@@ -115,9 +122,8 @@ def test_slices_read_t_at_the_position_in_the_slice(tmp_path: Path, fam: dict) -
 def test_config_problems_are_named(tmp_path: Path, fam: dict, change, fragment: str) -> None:
     data = models_config(fam, t=0.5)
     change(data)
-    with pytest.raises(InputError) as e:
-        fusemerge.build_plan(write(tmp_path, data), device="cpu")
-    assert any(fragment in p for p in e.value.problems), e.value.problems
+    problems = plan_problems(tmp_path, data)
+    assert any(fragment in p for p in problems), problems
 
 
 def test_slices_take_the_base_and_one_other_model(tmp_path: Path, fam: dict) -> None:
@@ -125,17 +131,15 @@ def test_slices_take_the_base_and_one_other_model(tmp_path: Path, fam: dict) -> 
     data = {"merge_method": "slerp", "base_model": base, "parameters": {"t": 0.5}, "slices": [
         {"sources": [{"model": base, "layer_range": [0, 3]}, {"model": e1, "layer_range": [0, 3]},
                      {"model": e2, "layer_range": [0, 3]}]}]}
-    with pytest.raises(InputError) as e:
-        fusemerge.build_plan(write(tmp_path, data), device="cpu")
+    problems = plan_problems(tmp_path, data)
     assert any("slices[0].sources: slerp interpolates the base model and one other model per slice, not 2 (as in"
-               in p for p in e.value.problems), e.value.problems
+               in p for p in problems), problems
 
 
 def test_t_rules_that_leave_a_tensor_out_are_refused_in_plan(tmp_path: Path, fam: dict) -> None:
     data = models_config(fam, t=[{"filter": "self_attn", "value": 0.5}, {"filter": "mlp", "value": 0.3}])
-    with pytest.raises(InputError) as e:
-        fusemerge.build_plan(write(tmp_path, data), device="cpu")
-    assert any("tensor 'model.norm.weight': t has no value here" in p for p in e.value.problems), e.value.problems
+    problems = plan_problems(tmp_path, data)
+    assert any("tensor 'model.norm.weight': t has no value here" in p for p in problems), problems
 
 
 def test_an_untied_base_listed_after_a_tied_model_keeps_its_head(tmp_path: Path) -> None:

@@ -353,10 +353,11 @@ static inline void fixed_add(const float *x, const float *y, int m, double scale
 #include <immintrin.h>
 #define FM_AVX2_GRAM 1
 /* fixed_add's sums with AVX2, for machines without AVX-512: there x86 has no vector double -> int64
-   conversion, so gcc's fixed_add converts one entry at a time (bench/gram_loops.py times both). Here trunc(p) and trunc(frac(p) 2^32) stay doubles (vroundpd, exact) and are summed as doubles,
-   which is exact: each is an integer below 2^32 in magnitude, so a lane's sum over m <= 2^20 entries stays an
-   integer below 2^52, whatever the order; each lane's sums are then converted once. The same integers as
-   fixed_add, 4 entries per instruction. */
+   conversion, so gcc's fixed_add converts one entry at a time (bench/gram_loops.py times both). Here trunc(p)
+   and trunc(frac(p) 2^32) stay doubles (vroundpd, exact) and are summed as doubles, which is exact: each is
+   an integer below 2^32 in magnitude, so a lane's sum over m <= 2^20 entries stays an integer below 2^52,
+   whatever the order; each lane's sums are then converted once. The same integers as fixed_add, 4 entries
+   per instruction. */
 __attribute__((target("avx2"))) static void fixed_add_avx2(const float *x, const float *y, int m, double scale,
                                                              int64_t *whole, int64_t *part) {
     const __m256d sc = _mm256_set1_pd(scale), two32 = _mm256_set1_pd(4294967296.0);
