@@ -66,7 +66,6 @@ MERGEKIT_ONLY_METHODS = (
     "della_linear",
     "sce",
     "arcee_fusion",
-    "nearswap",
     "ram",
     "ramplus_tl",
 )
@@ -669,8 +668,11 @@ class _Validator:
             for pname, pdef in method.params.items():  # required ones (slerp's t): for every tensor
                 if pdef.default is not None or pname in global_params:
                     continue
-                what = (" (0 is the base model, 1 the other model: a number, a gradient [v0, v1, ...] or "
-                        "{filter, value} rules)" if pname == "t" else "")
+                what = ""
+                if pname == "t":
+                    what = (" (0 is the base model, 1 the other model" if method.is_slerp else
+                            " (the distance within which an entry takes the other model's value")
+                    what += ": a number, a gradient [v0, v1, ...] or {filter, value} rules)"
                 unset = [where for where, params in self.slice_params if pname not in params]
                 if not self.slice_params:
                     self.add(f"parameters.{pname}", f"missing; {method.name} needs {pname}{what}")
@@ -763,6 +765,9 @@ class _Validator:
             if method is not None and method.is_slerp:
                 self.add("base_model", "missing; slerp interpolates from a base model to one other model, so "
                                        "base_model: is required")
+            elif method is not None and method.is_nearswap:
+                self.add("base_model", "missing; nearswap moves a base model's entries toward one other model's, "
+                                       "so base_model: is required")
             elif method is not None and method.needs_base:
                 self.add("base_model", f"missing; {method.name} merges differences from a base model, "
                                        "so base_model: is required")
@@ -924,6 +929,9 @@ class _Validator:
             if method.is_slerp:
                 self.add(key, f"slerp interpolates the base model and one other model{where}, not {n} (as in "
                               "mergekit); to merge more, use linear, task_arithmetic, ties or dare_ties")
+            elif method.is_nearswap:
+                self.add(key, f"nearswap mixes the base model and one other model{where}, not {n} (as in "
+                              "mergekit)")
             elif method.is_nuslerp:
                 self.add(key, f"nuslerp interpolates exactly two models{where} (besides the base_model, if "
                               f"given), not {n} (as in mergekit)")

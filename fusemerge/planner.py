@@ -1055,7 +1055,7 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     """A merged tensor's parameters as TensorPlan (and merge_tensors) take them: weights, density, gamma (one
     per model), lam, normalize, rescale, resolved by the callables and checked (InputError)."""
     problems = []
-    if method.is_slerp:
+    if method.is_slerp or method.is_nearswap:
         t = global_value("t", None)
         if t is None:
             raise InputError(f"tensor '{name}': t has no value here (no filter rule matches it); give slerp's t a "

@@ -166,3 +166,13 @@ def model_stock(base: torch.Tensor, models: list[torch.Tensor]) -> np.ndarray:
     w = model_stock_weights(base, models)
     xs = [base.reshape(-1).double().numpy()] + [m.reshape(-1).double().numpy() for m in models]
     return sum(wi * x for wi, x in zip(w, xs, strict=True))
+
+
+def nearswap(a: torch.Tensor, b: torch.Tensor, t: float) -> np.ndarray:
+    """mergekit's nearswap (merge_methods/nearswap.py) of the base a and the other model b in float64 (flat):
+    w = clip(t / max(|a - b|, 1e-6), 0, 1), then w b + (1 - w) a (t taken as float32)."""
+    x, y = a.reshape(-1).double().numpy(), b.reshape(-1).double().numpy()
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        w = np.clip(float(np.float32(t)) / np.maximum(np.abs(x - y), float(np.float32(1e-6))), 0.0, 1.0)
+        w = np.where(np.isnan(x - y), np.nan, w)  # np.maximum keeps a NaN, np.clip too: as torch's clamp
+        return w * y + (1.0 - w) * x

@@ -25,7 +25,8 @@ from fusemerge.config import (
 from fusemerge.errors import InputError
 from fusemerge.methods import METHODS
 
-DELTA_METHODS = [name for name, m in METHODS.items() if m.needs_base and not m.is_slerp]  # slerp: its own message
+# slerp and nearswap: their own messages (test_slerp_files.py, test_nearswap_files.py)
+DELTA_METHODS = [name for name, m in METHODS.items() if m.needs_base and not m.is_slerp and not m.is_nearswap]
 MLP = "model.layers.{}.mlp.down_proj.weight"
 ATTN = "model.layers.{}.self_attn.q_proj.weight"
 

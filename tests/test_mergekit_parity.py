@@ -14,6 +14,7 @@ What must hold (issue 6, docs/mergekit.md):
 - slerp, model_stock and nuslerp (with and without a base), of `models:` and of `slices:`, as linear (their
   weights from the angles between the tensors; mergekit finds those angles in float32, fusemerge exactly:
   bench/parity.py);
+- nearswap (its float32 operations are mergekit's): byte-identical;
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
 - the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16), and for one
   saved as PyTorch `.bin` checkpoints (one file, and shards with an index).
@@ -147,6 +148,12 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
                                {"sources": [{"model": e3, "layer_range": [2, 4], "parameters": {"weight": 1.0}},
                                             {"model": base, "layer_range": [2, 4]},
                                             {"model": e1, "layer_range": [2, 4], "parameters": {"weight": 1.0}}]}]},
+        # nearswap of the base and one model, t a gradient; and t from filter rules
+        "nearswap": {"merge_method": "nearswap", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                     "models": [{"model": base}, {"model": e1}], "parameters": {"t": [0.0005, 0.004]}},
+        "nearswap_rules": {"merge_method": "nearswap", "base_model": base, "dtype": "float32",
+                           "out_dtype": "bfloat16", "models": [{"model": e2}, {"model": base}],
+                           "parameters": {"t": [{"filter": "mlp", "value": 0.003}, {"value": 0.0008}]}},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -208,6 +215,21 @@ def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str)
     par = compare_dirs(fm, mk, config)
     assert not par.problems, par.problems
     assert par.unexplained == 0 and par.differ == par.tie + par.rounding, par.summary()
+
+
+@pytest.mark.parametrize("name", ["nearswap", "nearswap_rules"])
+def test_nearswap_is_byte_identical(merged: dict, name: str) -> None:
+    """The same float32 operations as mergekit's (its `t / x` is a reciprocal, then a product): the same bytes."""
+    config, fm, mk = merged[name]
+    par = compare_dirs(fm, mk, config)
+    assert par.identical_bytes and par.elements > 0, par.summary()
+    from tests.test_merge_e2e import load_model
+
+    cfg = yaml.safe_load(config.read_text())
+    out, base = load_model(fm), load_model(Path(cfg["base_model"]))
+    other = load_model(Path(next(m["model"] for m in cfg["models"] if m["model"] != cfg["base_model"])))
+    mixed = sum(int(((out[k] != base[k]) & (out[k] != other[k])).sum()) for k in out)
+    assert mixed > par.elements // 100  # t mixes entries, not only swaps or keeps them
 
 
 def test_passthrough_slices_are_byte_identical(merged: dict) -> None:

@@ -34,6 +34,8 @@ class ChunkParams:
     t_drop, c_drop: per expert, breadcrumbs' dropped top outliers in_top(t_drop, c_drop)
     keys, density:  per expert, DARE's Philox key (signed int64) and keep probability
     scale:      per expert, rescale factor for kept entries (1.0 = none)
+    nearswap:   nearswap's t (None for every other method): the base and the one expert, mixed per entry
+                (reference.nearswap_torch; the other fields are then unused)
     """
 
     sparsifier: str
@@ -49,6 +51,7 @@ class ChunkParams:
     keys: tuple[int, ...] = ()
     density: tuple[float, ...] = ()
     scale: tuple[float, ...] = ()
+    nearswap: float | None = None
 
     @property
     def n(self) -> int:

@@ -134,6 +134,8 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
         raise ValueError(f"{len(experts)} expert chunks but {p.n} weights")
     if base is None and not p.linear:
         raise ValueError("this method needs a base model chunk")
+    if p.nearswap is not None:  # torch operations on every device and backend (no compiled loop or Triton kernel)
+        return nearswap_torch(base, experts[0], p.nearswap, out_dtype, nonfinite)
     keeps = None
     if experts and experts[0].device.type == "cpu" and cpu_fused.available():  # the same bits, in one pass
         if p.sparsifier == "dare":
@@ -266,6 +268,28 @@ def _linear(models: list[torch.Tensor], p: ChunkParams, out_dtype: torch.dtype) 
     if p.normalize:
         num.div_(_scalar(p.weight_sum(), device))
     return _rounded(num, out_dtype)
+
+
+# NEARSWAP_MIN: mergekit's clamp of |a - b| (merge_methods/nearswap.py: `absdiff.clamp(min=1e-6)`), as float32.
+NEARSWAP_MIN = float(np.float32(1e-6))
+
+
+def nearswap_torch(base: torch.Tensor, other: torch.Tensor, t: float, out_dtype: torch.dtype,
+                   nonfinite: torch.Tensor | None = None) -> torch.Tensor:
+    """nearswap of one chunk: `w = clamp(t / max(|a - b|, 1e-6), 0, 1)`, then `w b + (1 - w) a`, in float32
+    with mergekit's operations: its `t / x` is torch's `x.reciprocal() * t` (two roundings, which a true
+    division would not give), `1 - w`, the two products and their sum, then one rounding to `out_dtype`.
+    Where a and b are within t of each other the other model's entry is taken (w = 1); far apart, the base's
+    stays, and a NaN in either gives NaN. `nonfinite`: slot 0 the other model's NaN / Inf count, slot 1 the
+    base's, as merge_torch counts them."""
+    if nonfinite is not None:
+        _count_nonfinite_into(nonfinite, 0, other)
+        _count_nonfinite_into(nonfinite, 1, base)
+    device = other.device
+    a, b = base.to(F32), other.to(F32)
+    w = (a - b).abs_().clamp_min_(NEARSWAP_MIN).reciprocal_().mul_(_scalar(t, device)).clamp_(0.0, 1.0)
+    keep = torch.sub(_scalar(1.0, device), w).mul_(a)
+    return _rounded(w.mul_(b).add_(keep), out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -678,7 +678,7 @@ def tensor_params(
     (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass; `keep_bytes`:
     top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share); `t`:
     slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py;
-    nuslerp's from `weights` and the angle, kernels/nuslerp.py);
+    nuslerp's from `weights` and the angle, kernels/nuslerp.py), or nearswap's distance;
     `models`: how many models (the base's tensor first) slerp and model_stock sum.
     """
     from fusemerge.kernels.params import ChunkParams
@@ -693,6 +693,8 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=model_stock_weights(backend, segments, chunk, models - 1))
+    if method.is_nearswap:  # no statistics: t alone decides each entry (reference.nearswap_torch)
+        return ChunkParams(sparsifier="none", consensus="none", linear=False, weights=(1.0,), nearswap=float(t))
     if method.is_nuslerp:  # with a base: base + a d_0 + b d_1, task arithmetic's kernels; without: a x_0 + b x_1
         from fusemerge.kernels.nuslerp import nuslerp_weights
 

@@ -418,6 +418,11 @@ def merge_chunk(
         _check_chunk(base, "base", n, device)
     if start < 0 or start + n > 2**63 - 1:
         raise ValueError(f"start {start} out of range")
+    if params.nearswap is not None:  # no Triton kernel for nearswap yet: the torch backend's operations, here
+        from fusemerge.kernels.reference import nearswap_torch
+
+        mixed = nearswap_torch(base, rows[0], params.nearswap, out_dtype, nonfinite)
+        return mixed if out is None else out.copy_(mixed)
     if out is None:
         out = torch.empty(n, dtype=out_dtype, device=device)
     else:

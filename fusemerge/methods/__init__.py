@@ -10,7 +10,8 @@ model along the arc between them, and `model_stock` moves the base toward the mo
 the angles between their deltas decide: both are a weighted sum of the models whose weights come from a
 statistics pass over the tensor (kernels/slerp.py, kernels/model_stock.py). `nuslerp` interpolates two models
 along their arc (no base) or, with a base, their two deltas from it (kernels/nuslerp.py): a weighted sum of
-the models, or task arithmetic with two weights, found the same way. `passthrough` copies one model's
+the models, or task arithmetic with two weights, found the same way. `nearswap` mixes the base and one other
+model entry by entry, toward the other where the two are within `t` of each other. `passthrough` copies one model's
 tensors (optionally scaled), the building block of `slices:` layer stacking ("frankenmerges").
 """
 
@@ -65,6 +66,10 @@ class Method:
     @property
     def is_nuslerp(self) -> bool:
         return self.name == "nuslerp"
+
+    @property
+    def is_nearswap(self) -> bool:
+        return self.name == "nearswap"
 
     @property
     def tensor_weights(self) -> bool:
@@ -162,6 +167,9 @@ _ALL = [
     Method("nuslerp", "none", "none", needs_base=False,
            params={"weight": WEIGHT, "nuslerp_flatten": NUSLERP_FLATTEN, "nuslerp_row_wise": NUSLERP_ROW_WISE},
            paper="mergekit's nuslerp: the arc between two models or two task vectors", others=(2, 2)),
+    # nearswap: the base and exactly one other model, mixed per entry by how close they are (t required, as slerp's)
+    Method("nearswap", "none", "none", needs_base=True, params={"t": T},
+           paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", others=(1, 1)),
     Method("passthrough", "none", "none", needs_base=False,
            params={"scale": SCALE},
            paper="mergekit's passthrough: one model's tensors, copied"),
