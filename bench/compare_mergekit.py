@@ -51,7 +51,7 @@ from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "slerp", "model_stock",
-           "nuslerp", "passthrough")
+           "nuslerp", "nearswap", "passthrough")
 # mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
            {"value": 0.5}]
@@ -84,7 +84,8 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
     """A config exercising `method` with gradients, filters and lambda; passthrough stacks layer ranges; slerp
     interpolates the base and the first expert over every layer (a `slices:` config, as gradient-slerp.yml);
     model_stock merges every expert onto the base; nuslerp interpolates the first two experts' task vectors (weights
-    a gradient and a scalar)."""
+    a gradient and a scalar); nearswap mixes the base and the first expert (t a gradient over the layers, around
+    the synthetic experts' distance from the base)."""
     base, experts = str(fam["base"]), [str(e) for e in fam["experts"]]
     if method == "slerp":
         n = fam["layers"]
@@ -98,6 +99,11 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
         return path
     if method == "nuslerp":
         write_config_yaml(path, method, base, experts[:2], weight=([0.2, 0.9], 0.5), dtype="bfloat16")
+        return path
+    if method == "nearswap":
+        cfg = {"merge_method": "nearswap", "base_model": base, "dtype": "bfloat16",
+               "models": [{"model": base}, {"model": experts[0]}], "parameters": {"t": [0.0005, 0.004]}}
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
     if method == "passthrough":  # a frankenmerge: overlapping halves of three models, 1.5x the layers
         n = fam["layers"]
