@@ -1058,8 +1058,9 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     if method.is_slerp or method.is_nearswap:
         t = global_value("t", None)
         if t is None:
-            raise InputError(f"tensor '{name}': t has no value here (no filter rule matches it); give slerp's t a "
-                             "rule without filter: (or a plain value) for the tensors the others leave out")
+            raise InputError(f"tensor '{name}': t has no value here (no filter rule matches it); give "
+                             f"{method.name}'s t a rule without filter: (or a plain value) for the tensors the others "
+                             "leave out")
         if not abs(t) <= FLOAT32_MAX:  # the config refuses a plain t this large; a gradient may resolve to it
             raise InputError(f"tensor '{name}': t resolves to {t}, beyond float32's range (the merge computes in "
                              "float32)")

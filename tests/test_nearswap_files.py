@@ -86,6 +86,13 @@ def test_slices_take_t_at_the_position_in_the_slice(tmp_path: Path, fam: dict) -
         assert torch.equal(merged[name.format(layer)].view(torch.int16), expect.view(torch.int16)), layer
 
 
+def test_t_rules_that_leave_a_tensor_out_are_refused_in_plan(tmp_path: Path, fam: dict) -> None:
+    data = models_config(fam, t=[{"filter": "self_attn", "value": 0.001}, {"filter": "mlp", "value": 0.003}])
+    problems = plan_problems(tmp_path, data)
+    assert any("tensor 'model.norm.weight': t has no value here (no filter rule matches it); give nearswap's t a "
+               "rule without filter:" in p for p in problems), problems
+
+
 @pytest.mark.parametrize(("change", "fragment"), [
     (lambda d: d.pop("parameters"), "parameters.t: missing; nearswap needs t (the distance within which"),
     (lambda d: d.pop("base_model"), "base_model: missing; nearswap moves a base model's entries toward one"),
