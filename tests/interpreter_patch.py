@@ -9,9 +9,9 @@ tests/streaming/test_pipeline.py::test_angle_weights_through_the_pipeline, trito
 
 `install()` skips a helper's patch while a launch is running that has already patched the modules the helper
 sees: the first helper of a launch that sees another (Triton's own tl.sum and tl.cumsum see tl.core) is patched
-as before, and the helpers after it that see the same modules are not. Where Triton's
-interpreter no longer has the two names this relies on, it installs nothing and the tests run as slowly as
-before. FUSEMERGE_TEST_PLAIN_INTERPRETER=1 turns it off.
+as before, and the helpers after it that see the same modules are not. Where Triton's interpreter no longer has
+the two names this relies on, it installs nothing and the tests run as slowly as before.
+FUSEMERGE_TEST_PLAIN_INTERPRETER=1 turns it off.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def install() -> bool:
         return False
     real = getattr(interpreter, "_patch_lang", None)
     scope_type = getattr(interpreter, "_LangPatchScope", None)
-    if real is None or scope_type is None or getattr(real, "fusemerge_shortcut", False):
-        return bool(real is not None and getattr(real, "fusemerge_shortcut", False))
+    if getattr(real, "fusemerge_shortcut", False):
+        return True  # installed already (the conftest, then a script that installs it too)
+    if real is None or scope_type is None:
+        return False
     launch: list[set[int]] = []  # the modules patched since the running launch began (empty: none running)
 
     def patch_lang(fn):
