@@ -14,7 +14,7 @@ from fusemerge.synthetic import make_llama_family
 from tests import oracle
 from tests.kernels.test_reference import ulp
 from tests.test_merge_e2e import SHAPE, load_model
-from tests.test_slerp_files import plan_problems, write
+from tests.test_slerp_files import assert_listing_the_base_changes_nothing, plan_problems, write
 
 # the synthetic experts' entries lie ~0.002 from the base's: these t swap some entries whole and mix others
 T_RULES = [{"filter": "self_attn", "value": [0.0005, 0.004, 0.001]}, {"value": 0.002}]
@@ -61,11 +61,7 @@ def test_output_bytes_do_not_depend_on_budget_workers_or_backend(tmp_path: Path,
 
 
 def test_the_base_need_not_be_listed(tmp_path: Path, fam: dict) -> None:
-    data = models_config(fam, t=0.003)
-    fusemerge.run(write(tmp_path, data, "listed.yml"), tmp_path / "a", device="cpu")
-    data["models"] = data["models"][1:]
-    fusemerge.run(write(tmp_path, data, "unlisted.yml"), tmp_path / "b", device="cpu")
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert_listing_the_base_changes_nothing(tmp_path, models_config(fam, t=0.003))
 
 
 def test_slices_take_t_at_the_position_in_the_slice(tmp_path: Path, fam: dict) -> None:

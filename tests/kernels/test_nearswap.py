@@ -55,6 +55,7 @@ def test_mergekits_operations_bit_for_bit(dtype: torch.dtype) -> None:
     t = 0.0013
     got = reference.nearswap_torch(a, b, t, torch.float32)
     assert torch.equal(got.view(torch.int32), mergekits(a, b, t).view(torch.int32))
+    # and on this data a true division gives other bits, so the equality above tells the two apart
     true_division = (torch.full_like(a, t, dtype=torch.float32) / (a.float() - b.float()).abs().clamp(min=1e-6))
     assert not torch.equal(true_division.clamp(0, 1), (t / (a.float() - b.float()).abs().clamp(min=1e-6)).clamp(0, 1))
 
@@ -70,6 +71,7 @@ def test_edges() -> None:
     assert out[4:6].isnan().all()  # a NaN in either model
     assert out[6].isnan()  # an infinite other model: w = 0, 0 * inf is NaN (as in mergekit)
     assert out[7].isinf()  # an infinite base: w = 0, the base stays
+    assert out[8].view(torch.int32) == 0  # -0 and +0: w = 1, and 1 * +0 + 0 * -0 is +0
     kept = reference.nearswap_torch(a[:4], b[:4], 0.0, torch.float32)
     assert torch.equal(kept, a[:4])  # t = 0: the base
     assert torch.equal(reference.nearswap_torch(a[:4], b[:4], -1.0, torch.float32), a[:4])  # w clamped to 0
@@ -102,7 +104,7 @@ def test_merge_tensors_chunks_and_shapes() -> None:
     assert torch.equal(whole.view(torch.int16), merge_tensors(a, [b], "nearswap", t=0.001, chunk=50).view(torch.int16))
     f64 = torch.from_numpy(oracle.nearswap(a, b, 0.001)).reshape(37, 11)
     assert bool(((whole.double() - f64).abs() <= ulp(f64, torch.bfloat16)).all())
-    with pytest.raises(InputError, match="t"):
+    with pytest.raises(InputError, match="t: missing; nearswap needs t"):
         merge_tensors(a, [b], "nearswap")
     with pytest.raises(InputError, match="one other model"):
         merge_tensors(a, [b, b.clone()], "nearswap", t=0.001)
