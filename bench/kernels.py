@@ -25,6 +25,10 @@ slerp, 2 x (N + 1) for model_stock); their merge is the linear kernel's, timed a
 - angles / fusemerge-triton        triton_select.max_abs + the gram kernel (all pairs in one read)
 - angles / fusemerge-torch         the torch backend's float64 operations on the same CUDA tensors, pair by pair
 
+nearswap's merge rows (the base and one other model, whatever N: one row set, at the first --experts, as
+GB/s over 2 reads + 1 write, N shown as 1): fusemerge-triton is kernels/triton_nearswap.py, fusemerge-torch the
+torch backend's operations, mergekit-eager mergekit's code as it reads.
+
 DARE's L1 rescale statistics (select.dare_scales on a tensor held whole: max |d| of every expert, then the
 fixed-point L1 sums over all and over the kept entries), as GB/s over the 2 x (N + 1) reads of its two passes
 (with --methods dare_ties or dare_linear; one row set for both):
@@ -41,6 +45,7 @@ Run (from the repository root, on a machine with a CUDA GPU):
     python bench/kernels.py --methods ties dare_ties --block 512 --num-warps 4  # tune the merge launch
     python bench/kernels.py --methods ties --experts 8 --unroll 2 --late-count  # the launch choices
     python bench/kernels.py --only-select --experts 2 4 8     # the selection rows only
+    python bench/kernels.py --methods nearswap --experts 2                # nearswap's rows only
     python bench/kernels.py --only-select --dtype float32     # fp32 inputs (few ties: more candidates)
     python bench/kernels.py --only-select --methods model_stock slerp   # the angle methods' statistics only
     python bench/kernels.py --only-select --methods dare_ties           # DARE's L1 rescale statistics only
@@ -66,6 +71,8 @@ sys.path.insert(0, str(REPO))
 
 METHOD_NAMES = ["linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties"]
 ANGLE_NAMES = ["slerp", "model_stock"]  # statistics rows only: their merge is the linear kernel
+PAIR_NAMES = ["nearswap"]  # the base and one other model, whatever N: one row set, at the first --experts
+NEARSWAP_T = 0.005  # the other model's entries are ~0.01 from the base's: some swapped, most mixed
 PROVIDERS = ["fusemerge-triton", "fusemerge-torch", "mergekit-eager"]
 CSV_FIELDS = [
     "date", "device", "torch", "triton", "fusemerge", "kind", "method", "provider", "experts", "numel", "dtype",
@@ -79,7 +86,8 @@ GB = 1e9
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--methods", nargs="+", default=METHOD_NAMES + ANGLE_NAMES, choices=METHOD_NAMES + ANGLE_NAMES)
+    p.add_argument("--methods", nargs="+", default=METHOD_NAMES + PAIR_NAMES + ANGLE_NAMES,
+                   choices=METHOD_NAMES + PAIR_NAMES + ANGLE_NAMES)
     p.add_argument("--experts", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--log2-numel", type=int, default=26, help="elements per expert: 2^this (default 2^26)")
     p.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
@@ -302,6 +310,9 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
                 print(f"{mname} N={n_exp} {prov}: out of GPU memory, row skipped", file=sys.stderr)
             _release(device)
 
+    if "nearswap" in args.methods and not args.only_select and n_exp == args.experts[0]:
+        rows += bench_nearswap(args, base, experts[0], out, counts, meta, timer)
+
     if not args.no_select:
         reads = (n_exp + 1) * n * esize
         for mname in ("ties", "breadcrumbs_ties"):
@@ -346,6 +357,44 @@ def bench_experts(args: argparse.Namespace, n_exp: int, n: int, device: torch.de
                            2 * reads)
             if len(set(found.values())) > 1:
                 raise AssertionError(f"DARE N={n_exp}: the backends' L1 factors differ: {found}")
+    return rows
+
+
+def bench_nearswap(args: argparse.Namespace, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor,
+                   counts: torch.Tensor | None, meta: dict, timer: Timer) -> list[dict]:
+    """nearswap's merge rows: the base `a` and one other model `b`, 2 reads + 1 write per entry, against a copy
+    of the same byte count (its ceiling, shown as N=1)."""
+    from fusemerge.kernels import reference, triton_merge
+    from fusemerge.kernels.params import ChunkParams
+
+    dtype, t = a.dtype, NEARSWAP_T
+    params = ChunkParams("none", "none", False, (1.0,), nearswap=t)
+
+    def mergekits() -> torch.Tensor:  # mergekit 0.1.5's merge_methods/nearswap.py, on float32 copies
+        af, bf = a.float(), b.float()
+        weight = (t / torch.abs(af - bf).clamp(min=1e-6)).clamp(min=0, max=1)
+        return (weight * bf + (1 - weight) * af).to(dtype)
+
+    providers = {
+        "fusemerge-triton": lambda: triton_merge.merge_chunk(a, [b], 0, params, dtype, out=out,
+                                                             nonfinite=None if counts is None else counts[:2]),
+        "fusemerge-torch": lambda: reference.merge_chunk(a, [b], 0, params, dtype),
+        "mergekit-eager": mergekits,
+    }
+    if "fusemerge-triton" in args.providers:
+        if not torch.equal(providers["fusemerge-triton"]().view(torch.uint8),
+                           reference.merge_chunk(a, [b], 0, params, dtype).view(torch.uint8)):
+            raise AssertionError("nearswap: the Triton kernel and the torch backend disagree")
+    rows = []
+    nbytes = 3 * a.numel() * dtype.itemsize
+    copy_gbps = copy_bandwidth(nbytes // 2, a.device, timer)
+    for prov in args.providers:
+        med, p20, p80 = timer(providers[prov])
+        gbps = nbytes / (med * 1e-3) / GB
+        rows.append({**meta, "kind": "merge", "method": "nearswap", "provider": prov, "experts": 1,
+                     "median_ms": med, "p20_ms": p20, "p80_ms": p80, "gbps": gbps, "copy_gbps": copy_gbps,
+                     "frac_copy": gbps / copy_gbps})
+        _release(a.device)
     return rows
 
 

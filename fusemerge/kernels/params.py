@@ -35,7 +35,7 @@ class ChunkParams:
     keys, density:  per expert, DARE's Philox key (signed int64) and keep probability
     scale:      per expert, rescale factor for kept entries (1.0 = none)
     nearswap:   nearswap's t (None for every other method): the base and the one expert, mixed per entry
-                (reference.nearswap_torch; the other fields are then unused)
+                (reference.nearswap_torch, triton_nearswap.nearswap_chunk; the other fields are then unused)
     """
 
     sparsifier: str

@@ -134,7 +134,7 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
         raise ValueError(f"{len(experts)} expert chunks but {p.n} weights")
     if base is None and not p.linear:
         raise ValueError("this method needs a base model chunk")
-    if p.nearswap is not None:  # torch operations on every device and backend (no compiled loop or Triton kernel)
+    if p.nearswap is not None:  # the torch backend: torch operations (the Triton backend: kernels/triton_nearswap.py)
         return nearswap_torch(base, experts[0], p.nearswap, out_dtype, nonfinite)
     keeps = None
     if experts and experts[0].device.type == "cpu" and cpu_fused.available():  # the same bits, in one pass

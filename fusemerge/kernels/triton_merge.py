@@ -418,11 +418,6 @@ def merge_chunk(
         _check_chunk(base, "base", n, device)
     if start < 0 or start + n > 2**63 - 1:
         raise ValueError(f"start {start} out of range")
-    if params.nearswap is not None:  # no Triton kernel for nearswap yet: the torch backend's operations, here
-        from fusemerge.kernels.reference import nearswap_torch
-
-        mixed = nearswap_torch(base, rows[0], params.nearswap, out_dtype, nonfinite)
-        return mixed if out is None else out.copy_(mixed)
     if out is None:
         out = torch.empty(n, dtype=out_dtype, device=device)
     else:
@@ -434,6 +429,10 @@ def merge_chunk(
         raise ValueError(f"nonfinite must be an int64 tensor of {params.n + 1} counters on {device}")
     if n == 0:
         return out
+    if params.nearswap is not None:  # its own kernel (kernels/triton_nearswap.py): the base and one other model
+        from fusemerge.kernels.triton_nearswap import nearswap_chunk
+
+        return nearswap_chunk(base, rows[0], params.nearswap, out, nonfinite)
 
     x, row_stride = expert_rows(experts if isinstance(experts, torch.Tensor) else rows)
     f, i = _device_params(params, device)

@@ -1,5 +1,5 @@
 """nearswap (reference.nearswap_torch): against float64 on fresh random data, against mergekit's operations bit for
-bit, its edges, and the Triton backend's merge_chunk (the same torch operations) giving the same bytes."""
+bit, its edges, and the Triton kernel (kernels/triton_nearswap.py) giving the torch backend's bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from fusemerge import merge_tensors
 from fusemerge.errors import InputError
-from fusemerge.kernels import reference, triton_merge
+from fusemerge.kernels import reference, triton_merge, triton_nearswap
 from fusemerge.kernels.params import ChunkParams
 from tests import oracle
 from tests.kernels.test_reference import ulp
@@ -94,6 +94,65 @@ def test_merge_chunk_of_both_backends_gives_the_same_bytes(dtype: torch.dtype, d
     assert got.data_ptr() == out.data_ptr()
     assert torch.equal(got.cpu().view(torch.int16), expect.view(torch.int16))
     assert nf.tolist() == [0, 0]
+
+
+INT_VIEW = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+EDGE_A = [1.0, 1.0, 1.0, 1.0, 0.5, float("nan"), 1.0, float("inf"), -0.0, -0.0, 0.0, 3e38, -3e38, 1e-40]
+EDGE_B = [1.0, 1.5, 1.0001, 3.0, float("nan"), 0.5, float("inf"), 1.0, 0.0, -0.0, -0.0, -3e38, 3e38, -1e-40]
+
+
+def _same_bits(x: torch.Tensor, y: torch.Tensor) -> bool:
+    return x.dtype == y.dtype and torch.equal(x.cpu().view(INT_VIEW[x.dtype]), y.cpu().view(INT_VIEW[y.dtype]))
+
+
+@pytest.mark.parametrize("in_dtype", DTYPES)
+@pytest.mark.parametrize("out_dtype", DTYPES)
+@pytest.mark.parametrize("t", [0.0013, 0.0005, 0.0, -0.0, -1.0, 1e30, 1e39])
+def test_kernel_gives_the_torch_backends_bits(in_dtype: torch.dtype, out_dtype: torch.dtype, t: float,
+                                              device: str) -> None:
+    """Fresh data of an odd length (a partial last block) with the edges in front: NaN, Inf, signed zeros,
+    subnormals, overflowing differences; every t, including -0.0 (w = -0.0, kept by the clamps) and 1e39
+    (an infinite float32 t). 0.0013 is not a float32: a kernel that took t as float64 would differ."""
+    a, b = pair(9001, 0.05, in_dtype, seed=17 + DTYPES.index(in_dtype))
+    a[:len(EDGE_A)] = torch.tensor(EDGE_A).to(in_dtype)
+    b[:len(EDGE_B)] = torch.tensor(EDGE_B).to(in_dtype)
+    expect = reference.nearswap_torch(a, b, t, out_dtype)
+    out = torch.full((a.numel(),), 7.0, dtype=out_dtype, device=device)
+    got = triton_nearswap.nearswap_chunk(a.to(device), b.to(device), t, out)
+    assert got.data_ptr() == out.data_ptr()
+    assert _same_bits(got, expect)
+
+
+def test_kernel_mixes_the_input_dtypes_and_counts_nonfinite(device: str) -> None:
+    """A bf16 base and a float32 other model (merge_chunk passes them as they are); the counts as the torch
+    backend's, slot 0 the other model's, slot 1 the base's, added to what the counters held."""
+    a, b = pair(3001, 0.05, torch.float32, seed=23)
+    a, b = a.to(torch.bfloat16), b
+    a[:len(EDGE_A)] = torch.tensor(EDGE_A).to(torch.bfloat16)
+    b[:len(EDGE_B)] = torch.tensor(EDGE_B)
+    a[2000], a[2001], b[2999] = float("-inf"), float("nan"), float("nan")  # beyond the first block of 1024
+    expect_nf = torch.tensor([5, 7], dtype=torch.int64)
+    reference.nearswap_torch(a, b, 0.001, torch.bfloat16, expect_nf)
+    nf = torch.tensor([5, 7], dtype=torch.int64, device=device)
+    out = torch.empty(a.numel(), dtype=torch.bfloat16, device=device)
+    got = triton_nearswap.nearswap_chunk(a.to(device), b.to(device), 0.001, out, nf)
+    assert _same_bits(got, reference.nearswap_torch(a, b, 0.001, torch.bfloat16))
+    assert nf.tolist() == expect_nf.tolist() == [5 + 3, 7 + 4]  # NaN, Inf, and those beyond the first block
+
+
+def test_kernel_refuses_what_it_cannot_read(device: str) -> None:
+    a = torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match="one length"):
+        triton_nearswap.nearswap_chunk(a, torch.zeros(9, device=device), 0.1, torch.empty(8, device=device))
+    with pytest.raises(ValueError, match="one length"):
+        triton_nearswap.nearswap_chunk(a, a.to(torch.int32), 0.1, torch.empty(8, device=device))
+    with pytest.raises(ValueError, match="not contiguous"):
+        triton_nearswap.nearswap_chunk(torch.zeros(16, device=device)[::2], a, 0.1, torch.empty(8, device=device))
+    with pytest.raises(ValueError, match="2 counters"):
+        triton_nearswap.nearswap_chunk(a, a, 0.1, torch.empty(8, device=device),
+                                       torch.zeros(3, dtype=torch.int64, device=device))
+    empty = torch.empty(0, device=device)
+    assert triton_nearswap.nearswap_chunk(empty, empty, 0.1, torch.empty(0, device=device)).numel() == 0
 
 
 def test_merge_tensors_chunks_and_shapes() -> None:

@@ -22,6 +22,7 @@ import torch
 
 from fusemerge.kernels import reference
 from fusemerge.kernels import triton_merge as tm
+from fusemerge.kernels import triton_nearswap as tn
 from fusemerge.kernels.layout import expert_rows
 from fusemerge.kernels.params import EMPTY_C, EMPTY_T, ChunkParams
 from fusemerge.kernels.philox import dare_key, philox_rand
@@ -505,14 +506,17 @@ def test_merge_tensors_on_a_second_gpu(method):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_kernel_has_no_fma_and_precise_division():
-    """enable_fp_fusion=False: no fma/mad in the PTX; the division is div.rn (not div.full)."""
+    """enable_fp_fusion=False: no fma/mad in the PTX of the merge kernel and nearswap's; the division is div.rn
+    (not div.full)."""
     base, experts = make_inputs(4096, 3, torch.bfloat16, 2, "cuda")
     p = make_params("magnitude", "sign", False, base, experts, 0, 2)
     p = ChunkParams(p.sparsifier, p.consensus, p.linear, p.weights, lam=p.lam, normalize=True,
                     t_keep=p.t_keep, c_keep=p.c_keep)
     tm.merge_chunk(base, experts, 0, p, torch.bfloat16)
-    kernels = [k for cache in tm._merge_kernel.device_caches.values() for k in cache[0].values()]
-    assert kernels
+    tm.merge_chunk(base, experts[:1], 0, ChunkParams("none", "none", False, (1.0,), nearswap=0.001), torch.bfloat16)
+    kernels = [k for fn in (tm._merge_kernel, tn._nearswap_kernel) for cache in fn.device_caches.values()
+               for k in cache[0].values()]
+    assert len(kernels) >= 2
     for k in kernels:
         ptx = k.asm["ptx"]
         assert not re.search(r"\b(fma|mad)\.[a-z.]*f32", ptx), "FMA contraction in the merge kernel"
@@ -524,7 +528,7 @@ _OFFLINE_COMPILE = textwrap.dedent("""
     import triton, triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from fusemerge.kernels import triton_merge as tm, triton_select as ts
+    from fusemerge.kernels import triton_merge as tm, triton_nearswap as tn, triton_select as ts
 
     target = GPUTarget("cuda", 90, 32)
     sig = {"out_ptr": "*bf16", "base_ptr": "*bf16", "x_ptr": "*bf16", "f_ptr": "*fp32", "i_ptr": "*i64",
@@ -542,11 +546,21 @@ _OFFLINE_COMPILE = textwrap.dedent("""
             ptx = k.asm["ptx"]
             fma = len(re.findall(r"\\b(?:fma|mad)\\.[a-z.]*f32", ptx))
             print(sp, sign, linear, norm, n, fusion, fma, "div.full.f32" in ptx, ptx.count("div.rn.f32"))
+    sig = {"out_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "nf_ptr": "*i64", "t": "fp32", "n": "i32",
+           "COUNT": "constexpr", "BLOCK": "constexpr"}
+    ns_attrs = {(i,): [["tt.divisibility", 16]] for i in (0, 1, 2, 3, 5)}  # the pointers and n
+    for fusion in (False, True):  # nearswap's kernel (kernels/triton_nearswap.py), as a variant named "ns"
+        k = triton.compile(ASTSource(tn._nearswap_kernel, sig, {"COUNT": True, "BLOCK": tm.BLOCK}, ns_attrs),
+                           target=target, options={"num_warps": tm.NUM_WARPS, "enable_fp_fusion": fusion})
+        ptx = k.asm["ptx"]
+        fma = len(re.findall(r"\\b(?:fma|mad)\\.[a-z.]*f32", ptx))
+        print("ns - - - -", fusion, fma, "div.full.f32" in ptx, ptx.count("div.rn.f32"))
 """)
 
 
 def test_kernels_compile_for_sm90_without_fma(tmp_path):
-    """Offline (no GPU needed): the merge kernel compiles to PTX for sm_90 with no fma/mad.f32 and div.rn.
+    """Offline (no GPU needed): the merge kernel and nearswap's compile to PTX for sm_90 with no fma/mad.f32
+    and div.rn.
 
     The same variants compiled with enable_fp_fusion=True do contain FMAs, so the check has teeth.
     """
@@ -560,7 +574,7 @@ def test_kernels_compile_for_sm90_without_fma(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = [line.split() for line in run.stdout.strip().splitlines()]
-    assert len(lines) == 7
+    assert len(lines) == 9 and [line[0] for line in lines[-2:]] == ["ns", "ns"]
     for sp, sign, linear, norm, n, fusion, fma, div_full, div_rn in lines:
         if fusion == "False":
             assert fma == "0", f"FMA in variant {(sp, sign, linear, norm, n)}"
