@@ -15,7 +15,7 @@ larger magnitude of the two). Each differing element is then put in the first cl
   exceeds 1 output ulp where the terms cancel to far below their size (e.g. a result of 3e-10 from
   terms of 0.01), where mergekit's fused multiply-adds (torch.addcmul) or summation order give other
   low bits than fusemerge's separate multiply-then-add in input order.
-  For slerp and model_stock the weighted terms are the models' with fusemerge's weights, and the bound adds
+  For slerp, model_stock and karcher the weighted terms are the models' with fusemerge's weights, and the bound adds
   2^-12 (sum |w_i|)(sum |x_i|): mergekit finds the angles between the tensors in float32 (norms of chunk
   norms, float32 dot products), fusemerge from exact sums (kernels/slerp.py, kernels/model_stock.py), and on
   the 168M model of bench/compare_mergekit.py the two tools' slerp weights differ by up to 1.05e-5 of their
@@ -148,7 +148,7 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
 
 def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Tensor | None
                    ) -> tuple[float, ...]:
-    """fusemerge's slerp, model_stock or nuslerp weights for tensor t's models (for slerp and model_stock the
+    """fusemerge's slerp, model_stock, nuslerp or karcher weights for tensor t's models (for slerp and model_stock the
     base's first; a nuslerp with a base weighs the deltas from `base`)."""
     from fusemerge.kernels import reference
     from fusemerge.kernels.select import Segment, tensor_params
@@ -158,7 +158,7 @@ def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Te
                       whole=True)
     return tensor_params(method, name=t.name, numel=n, segments=[segment], weights=t.weights, density=[], gamma=[],
                          lam=1.0, normalize=False, rescale=False, seed=0, chunk=max(1, n), backend=reference, t=t.t,
-                         models=len(xs)).weights
+                         models=len(xs), karcher=t.karcher).weights
 
 
 def compare_dirs(fusemerge_dir: Path, mergekit_dir: Path, config: Path | dict) -> Parity:

@@ -61,7 +61,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 # mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
 MERGEKIT_ONLY_METHODS = (
     "multislerp",
-    "karcher",
     "della",
     "della_linear",
     "sce",
@@ -417,6 +416,8 @@ def _as_kind(pdef: ParamDef, value: Any) -> float | bool | str | None:
         return None
     if pdef.kind == "float":
         return float(value)
+    if pdef.kind == "int":
+        return int(value)
     return value
 
 
@@ -696,7 +697,7 @@ class _Validator:
                 if len(listed) > 1 or (base is not None and listed and listed[0].path != base.path):
                     self.add("models", "passthrough copies exactly one model (the base_model, if given, counts as "
                                        "one, as in mergekit); to stack layers of several models use slices:")
-            elif method.is_linear:
+            elif method.is_linear or method.is_karcher:  # a base given is averaged in, as mergekit does
                 models = list(listed)
                 if base is not None and not any(ref.path == base.path for ref in listed):
                     models.append(base)
@@ -1097,6 +1098,10 @@ class _Validator:
             self._check_scalar(value, pdef, f"{key}.value")
 
     def _check_gradient(self, values: list[Any], pdef: ParamDef, key: str) -> None:
+        if pdef.kind == "int":
+            self.add(key, f"{pdef.name} is a whole number: give one value (or filter rules), not a gradient, "
+                          "which would interpolate between them")
+            return
         for i, v in enumerate(values):
             if isinstance(v, list):
                 self.add(f"{key}[{i}]", "a gradient is a flat list of values; lists do not nest")
@@ -1114,6 +1119,9 @@ class _Validator:
             return
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             self.add(key, f"must be a number, not {_kind_name(value)}")
+            return
+        if pdef.kind == "int" and not (isinstance(value, int) or (math.isfinite(value) and value == int(value))):
+            self.add(key, f"must be a whole number, not {value!r}")
             return
         if isinstance(value, int) and abs(value) > 2**1023:  # float(value) would raise OverflowError
             self.add(key, "must be a finite number, not an integer too large for a float")

@@ -80,6 +80,7 @@ class TensorPlan:
     rescale: object  # True / False / "inverse"
     copy_only: bool = False  # a non-float tensor: copied from the reference model unchanged
     t: float | None = None  # slerp's interpolation factor (inputs: the base's tensor, then the other model's)
+    karcher: tuple[int, float] | None = None  # karcher's (max_iter, tol)
 
     @property
     def numel(self) -> int:
@@ -200,7 +201,7 @@ class MergePlan:
 
     def needs_statistics(self, t: TensorPlan) -> bool:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's
-        or a trim's, the angles of slerp, model_stock and nuslerp)."""
+        or a trim's, the angles of slerp, model_stock, nuslerp and karcher)."""
         m = self.method
         return m.tensor_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
                                                                                and t.rescale is True)))
@@ -1067,6 +1068,12 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False, t=float(t))
     if method.is_model_stock:  # its weights come from the tensors alone
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False)
+    if method.is_karcher:  # so do karcher's, by an iteration that these two settle
+        max_iter, tol = global_value("max_iter", None), global_value("tol", None)  # None: no rule gives one here
+        max_iter = method.params["max_iter"].default if max_iter is None else max_iter
+        tol = method.params["tol"].default if tol is None else tol
+        return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
+                    karcher=(int(max_iter), float(tol)))
 
     def per_model(pname: str) -> list[float]:
         return per_model_values(pname) if pname in method.params else []

@@ -162,7 +162,9 @@ def merge_tensors(
     the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is `base`, 1 the one expert);
     `filter_wise`: model_stock's (false only), whose experts are the two or more models merged onto `base`;
     `nuslerp_flatten` (true only), `nuslerp_row_wise`: nuslerp's, whose experts are its two models (interpolated
-    themselves, or with `base` their deltas from it) and `weight` their two weights.
+    themselves, or with `base` their deltas from it) and `weight` their two weights; `max_iter`, `tol`:
+    karcher's (defaults 10 and 1e-5), whose experts are the models averaged (with `base`, if given, as for
+    `linear`).
     `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
     checked as a config's `parameters:` are (InputError, one line per problem). `name` keys DARE's random
     stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
@@ -184,10 +186,12 @@ def merge_tensors(
     if "lambda_" in params and "lambda" in params:
         raise InputError("merge_tensors: lambda given twice (lambda_= and lambda=); give one")
     lam = params.pop("lambda_", params.pop("lambda", None))
-    flags = {k: params.pop(k) for k in ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise") if k in params}
+    flags = {k: params.pop(k) for k in ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol")
+             if k in params}
     if params:  # as a config's unknown parameters are reported: one line each, with the nearest known name
         known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", "filter_wise",
-                 "nuslerp_flatten", "nuslerp_row_wise", "seed", "name", "out_dtype", "backend", "chunk"]
+                 "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "seed", "name", "out_dtype", "backend",
+                 "chunk"]
         raise InputError([f"merge_tensors: {name}: unknown parameter{did_you_mean(name, known)}; it takes "
                           f"{', '.join(known)}" for name in params])
     if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
@@ -256,7 +260,8 @@ def merge_tensors(
         p = tensor_params(m, name=name, numel=numel, segments=[Segment(numel, load, whole=True)],
                           weights=p_args["weights"], density=p_args["density"], gamma=p_args["gamma"],
                           lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
-                          backend=kstats, masks=masks, t=p_args.get("t"), models=n)
+                          backend=kstats, masks=masks, t=p_args.get("t"), models=n,
+                          karcher=p_args.get("karcher"))
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

@@ -11,7 +11,7 @@ What must hold (issue 6, docs/mergekit.md):
   mergekit's, except where the weighted sum cancels to far below its terms and the two tools' float32
   rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
 - ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
-- slerp, model_stock and nuslerp (with and without a base), of `models:` and of `slices:`, as linear (their
+- slerp, model_stock, nuslerp (with and without a base) and karcher, of `models:` and of `slices:`, as linear (their
   weights from the angles between the tensors; mergekit finds those angles in float32, fusemerge exactly:
   bench/parity.py);
 - nearswap (its float32 operations are mergekit's): byte-identical;
@@ -148,6 +148,14 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
                                {"sources": [{"model": e3, "layer_range": [2, 4], "parameters": {"weight": 1.0}},
                                             {"model": base, "layer_range": [2, 4]},
                                             {"model": e1, "layer_range": [2, 4], "parameters": {"weight": 1.0}}]}]},
+        # karcher of three models and the unlisted base (mergekit averages it in), max_iter by filter rules; and of
+        # two models with no base over slices
+        "karcher": {"merge_method": "karcher", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                    "models": [{"model": e1}, {"model": e2}, {"model": e3}],
+                    "parameters": {"max_iter": [{"filter": "mlp", "value": 2}, {"value": 10}], "tol": 1e-6}},
+        "karcher_slices": {"merge_method": "karcher", "dtype": "float32", "out_dtype": "bfloat16", "slices": [
+            {"sources": [{"model": e1, "layer_range": [0, 2]}, {"model": e2, "layer_range": [2, 4]}]},
+            {"sources": [{"model": e3, "layer_range": [1, 4]}, {"model": base, "layer_range": [1, 4]}]}]},
         # nearswap of the base and one model, t a gradient; and t from filter rules
         "nearswap": {"merge_method": "nearswap", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
                      "models": [{"model": base}, {"model": e1}], "parameters": {"t": [0.0005, 0.004]}},
@@ -199,7 +207,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
                                   "slerp_slices", "model_stock", "model_stock_slices", "nuslerp", "nuslerp_no_base",
-                                  "nuslerp_slices"])
+                                  "nuslerp_slices", "karcher", "karcher_slices"])
 def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

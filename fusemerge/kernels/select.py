@@ -671,6 +671,7 @@ def tensor_params(
     keep_bytes: int | None = None,
     t: float | None = None,
     models: int = 0,
+    karcher: tuple[int, float] | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
@@ -679,7 +680,8 @@ def tensor_params(
     top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share); `t`:
     slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py;
     nuslerp's from `weights` and the angle, kernels/nuslerp.py), or nearswap's distance;
-    `models`: how many models (the base's tensor first) slerp and model_stock sum.
+    `models`: how many models (the base's tensor first) slerp and model_stock sum, or karcher averages;
+    `karcher`: its (max_iter, tol).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -693,6 +695,11 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=model_stock_weights(backend, segments, chunk, models - 1))
+    if method.is_karcher:
+        from fusemerge.kernels.karcher import karcher_weights
+
+        return ChunkParams(sparsifier="none", consensus="none", linear=True,
+                           weights=karcher_weights(backend, segments, chunk, models, *(karcher or ())))
     if method.is_nearswap:  # no statistics: t alone decides each entry (reference.nearswap_torch)
         return ChunkParams(sparsifier="none", consensus="none", linear=False, weights=(1.0,), nearswap=float(t))
     if method.is_nuslerp:  # with a base: base + a d_0 + b d_1, task arithmetic's kernels; without: a x_0 + b x_1

@@ -11,7 +11,9 @@ the angles between their deltas decide: both are a weighted sum of the models wh
 statistics pass over the tensor (kernels/slerp.py, kernels/model_stock.py). `nuslerp` interpolates two models
 along their arc (no base) or, with a base, their two deltas from it (kernels/nuslerp.py): a weighted sum of
 the models, or task arithmetic with two weights, found the same way. `nearswap` mixes the base and one other
-model entry by entry, toward the other where the two are within `t` of each other. `passthrough` copies one model's
+model entry by entry, toward the other where the two are within `t` of each other. `karcher` takes the models'
+Karcher mean on the unit sphere, scaled by their mean norm: a weighted sum of the models whose weights come from
+their angles too (kernels/karcher.py). `passthrough` copies one model's
 tensors (optionally scaled), the building block of `slices:` layer stacking ("frankenmerges").
 """
 
@@ -31,7 +33,7 @@ class ParamDef:
     name: str
     default: Any
     per_model: bool  # True: may differ per model (weight, density); False: one value per tensor (lambda)
-    kind: str  # "float", "bool" or "rescale"
+    kind: str  # "float", "int" (a whole number: no gradient), "bool" or "rescale"
     low: float | None = None  # inclusive lower bound for floats
     high: float | None = None  # inclusive upper bound for floats
     low_open: bool = False  # True: the lower bound is exclusive (density in (0, 1])
@@ -72,10 +74,14 @@ class Method:
         return self.name == "nearswap"
 
     @property
+    def is_karcher(self) -> bool:
+        return self.name == "karcher"
+
+    @property
     def tensor_weights(self) -> bool:
         """True when each tensor's weights come from a statistics pass over its models (the angles of slerp,
-        model_stock and nuslerp), not from the config alone."""
-        return self.angle_weights or self.is_nuslerp
+        model_stock, nuslerp and karcher), not from the config alone."""
+        return self.angle_weights or self.is_nuslerp or self.is_karcher
 
     def with_base(self) -> Method:
         """nuslerp given a base_model: it interpolates the two deltas from the base (mergekit's task vectors),
@@ -93,7 +99,7 @@ class Method:
     def combines_models(self) -> bool:
         """True when the kernel combines the models themselves (a weighted sum), not deltas from a base. For
         slerp and model_stock the models are the base, then the others."""
-        return (self.name in ("linear", "passthrough") or self.angle_weights
+        return (self.name in ("linear", "passthrough", "karcher") or self.angle_weights
                 or (self.is_nuslerp and not self.needs_base))
 
     @property
@@ -129,6 +135,9 @@ FILTER_WISE = _p("filter_wise", False, False, kind="bool")
 # flatten is false, as in mergekit.
 NUSLERP_FLATTEN = _p("nuslerp_flatten", True, False, kind="bool")
 NUSLERP_ROW_WISE = _p("nuslerp_row_wise", False, False, kind="bool")
+# karcher's iteration (mergekit/merge_methods/karcher.py: `max_iter`, `tol`, its defaults).
+MAX_ITER = _p("max_iter", 10, False, kind="int", low=0, high=10000)
+TOL = _p("tol", 1e-5, False, low=0.0)
 # passthrough's optional per-model factor (mergekit/merge_methods/passthrough.py: `scale`).
 SCALE = _p("scale", 1.0, True)
 
@@ -170,6 +179,9 @@ _ALL = [
     # nearswap: the base and exactly one other model, mixed per entry by how close they are (t required, as slerp's)
     Method("nearswap", "none", "none", needs_base=True, params={"t": T},
            paper="https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001", others=(1, 1)),
+    # karcher: every model, the base too when given (as linear averages it), one weight each from the angles
+    Method("karcher", "none", "none", needs_base=False, params={"max_iter": MAX_ITER, "tol": TOL},
+           paper="https://arxiv.org/abs/2603.04972"),
     Method("passthrough", "none", "none", needs_base=False,
            params={"scale": SCALE},
            paper="mergekit's passthrough: one model's tensors, copied"),
