@@ -14,7 +14,7 @@ from fusemerge.synthetic import make_llama_family
 from tests.kernels.test_karcher import mergekits
 from tests.kernels.test_reference import ulp
 from tests.test_merge_e2e import SHAPE, load_model
-from tests.test_slerp_files import plan_problems, write
+from tests.test_slerp_files import assert_problem_named, merge_twice, write
 
 MAX_ITER = [{"filter": "mlp", "value": 0}, {"value": 10}]
 
@@ -74,12 +74,9 @@ def test_listing_the_base_or_leaving_it_out(tmp_path: Path, fam: dict) -> None:
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_output_bytes_do_not_depend_on_budget_workers_or_backend(tmp_path: Path, fam: dict, backend: str) -> None:
     cfg = write(tmp_path, models_config(fam), "karcher.yml")
-    fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
-    fusemerge.run(cfg, tmp_path / "b", device="cpu", backend=backend, max_memory="96KiB", workers=2)
-    plan = fusemerge.build_plan(cfg, device="cpu", max_memory="96KiB", workers=2)
+    plan = merge_twice(tmp_path, cfg, "96KiB", backend)
     assert any(plan.reads(t) == 3 for t in plan.tensors)  # the angles' two passes, then the merge
     assert [m.path for m in plan.models] == [*fam["experts"][:2], fam["base"]]
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_slices_average_each_slices_sources(tmp_path: Path, fam: dict) -> None:
@@ -110,6 +107,4 @@ def test_slices_average_each_slices_sources(tmp_path: Path, fam: dict) -> None:
 ])
 def test_config_problems_are_named(tmp_path: Path, fam: dict, change, fragment: str) -> None:
     data = models_config(fam)
-    change(data)
-    problems = plan_problems(tmp_path, data)
-    assert any(fragment in p for p in problems), problems
+    assert_problem_named(tmp_path, data, change, fragment)

@@ -14,7 +14,7 @@ from fusemerge.synthetic import make_llama_family
 from tests import oracle
 from tests.kernels.test_reference import ulp
 from tests.test_merge_e2e import SHAPE, load_model
-from tests.test_slerp_files import plan_problems, write
+from tests.test_slerp_files import assert_problem_named, merge_twice, write
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +43,9 @@ def test_models_config_merges_each_tensor_as_merge_tensors_does(tmp_path: Path, 
 
 def test_output_bytes_do_not_depend_on_memory_budget_or_workers(tmp_path: Path, fam: dict) -> None:
     cfg = write(tmp_path, models_config(fam, parameters={"filter_wise": False}))
-    fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
-    fusemerge.run(cfg, tmp_path / "b", device="cpu", max_memory="96KiB", workers=2)
-    plan = fusemerge.build_plan(cfg, device="cpu", max_memory="96KiB", workers=2)
+    plan = merge_twice(tmp_path, cfg, "96KiB")
     assert any(plan.reads(t) == 3 for t in plan.tensors)
     assert [m.path for m in plan.models] == [fam["base"], *fam["experts"]]
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_slices_take_the_base_wherever_it_is_listed(tmp_path: Path, fam: dict) -> None:
@@ -77,9 +74,7 @@ def test_slices_take_the_base_wherever_it_is_listed(tmp_path: Path, fam: dict) -
 ])
 def test_config_problems_are_named(tmp_path: Path, fam: dict, change, fragment: str) -> None:
     data = models_config(fam)
-    change(data)
-    problems = plan_problems(tmp_path, data)
-    assert any(fragment in p for p in problems), problems
+    assert_problem_named(tmp_path, data, change, fragment)
 
 
 def test_a_base_tensor_the_slices_sources_lack_is_not_written(tmp_path: Path) -> None:

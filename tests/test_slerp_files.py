@@ -40,6 +40,22 @@ def plan_problems(tmp_path: Path, data: dict) -> list[str]:
     return e.value.problems
 
 
+def assert_problem_named(tmp_path: Path, data: dict, change, fragment: str) -> None:
+    """`change(data)` makes a config that build_plan refuses, with a problem that contains `fragment`."""
+    change(data)
+    problems = plan_problems(tmp_path, data)
+    assert any(fragment in p for p in problems), problems
+
+
+def merge_twice(tmp_path: Path, cfg: Path, max_memory: str, backend: str = "auto"):
+    """`cfg` merged with one worker and again with `backend`, `max_memory` and two workers: the same bytes. Returns
+    the second run's plan, for the caller to check how it reads the tensors."""
+    fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
+    fusemerge.run(cfg, tmp_path / "b", device="cpu", backend=backend, max_memory=max_memory, workers=2)
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    return fusemerge.build_plan(cfg, device="cpu", max_memory=max_memory, workers=2)
+
+
 def models_config(fam: dict, t: object = None, **extra) -> dict:
     return {"merge_method": "slerp", "base_model": str(fam["base"]),
             "models": [{"model": str(fam["base"])}, {"model": str(fam["experts"][0])}],
@@ -61,12 +77,9 @@ def test_models_config_merges_each_tensor_as_merge_tensors_does(tmp_path: Path, 
 
 def test_output_bytes_do_not_depend_on_memory_budget_or_workers(tmp_path: Path, fam: dict) -> None:
     cfg = write(tmp_path, models_config(fam))
-    fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
-    fusemerge.run(cfg, tmp_path / "b", device="cpu", max_memory="64KiB", workers=2)  # every tensor chunked
-    plan = fusemerge.build_plan(cfg, device="cpu", max_memory="64KiB", workers=2)
-    assert plan.chunk_elems < SHAPE["hidden"] * SHAPE["intermediate"]
+    plan = merge_twice(tmp_path, cfg, "64KiB")
+    assert plan.chunk_elems < SHAPE["hidden"] * SHAPE["intermediate"]  # every tensor chunked
     assert any(plan.reads(t) == 3 for t in plan.tensors)  # not kept: max |x|, the sums, then the merge
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
 
 
 def test_plan_lists_the_base_and_the_other_model(tmp_path: Path, fam: dict) -> None:
@@ -125,9 +138,7 @@ def test_slices_read_t_at_the_position_in_the_slice(tmp_path: Path, fam: dict) -
 ])
 def test_config_problems_are_named(tmp_path: Path, fam: dict, change, fragment: str) -> None:
     data = models_config(fam, t=0.5)
-    change(data)
-    problems = plan_problems(tmp_path, data)
-    assert any(fragment in p for p in problems), problems
+    assert_problem_named(tmp_path, data, change, fragment)
 
 
 def test_slices_take_the_base_and_one_other_model(tmp_path: Path, fam: dict) -> None:
