@@ -157,8 +157,8 @@ def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Te
     segment = Segment(n, lambda s, c: (base[s:s + c] if base is not None else None, [x[s:s + c] for x in xs]),
                       whole=True)
     return tensor_params(method, name=t.name, numel=n, segments=[segment], weights=t.weights, density=[], gamma=[],
-                         lam=1.0, normalize=False, rescale=False, seed=0, chunk=max(1, n), backend=reference, t=t.t,
-                         models=len(xs), karcher=t.karcher).weights
+                         lam=1.0, normalize=t.normalize, rescale=False, seed=0, chunk=max(1, n), backend=reference,
+                         t=t.t, models=len(xs), karcher=t.karcher, eps=t.eps).weights
 
 
 def compare_dirs(fusemerge_dir: Path, mergekit_dir: Path, config: Path | dict) -> Parity:

@@ -60,7 +60,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
 MERGEKIT_ONLY_METHODS = (
-    "multislerp",
     "della",
     "della_linear",
     "sce",
@@ -639,8 +638,8 @@ class _Validator:
 
         method = self._method(raw.get("merge_method", _UNSET))
         base = self._base(raw.get("base_model"), method)
-        if method is not None and method.is_nuslerp and base is not None:
-            method = method.with_base()  # the arc between the two deltas from the base (mergekit's task vectors)
+        if method is not None and method.base_optional and base is not None:
+            method = method.with_base()  # the arc between the deltas from the base (mergekit's task vectors)
         slices: list[OutputSlice] | None = None
         if "slices" in raw:
             if "models" in raw:
@@ -913,7 +912,7 @@ class _Validator:
                     self.add(key, f"lists only the base model; {method.name} needs at least one other model")
                 else:
                     self._check_others(method, len(paths) - 1, key, " per slice")
-            elif method.is_nuslerp:  # no base: each slice interpolates its two sources
+            elif method.base_optional:  # no base: each slice interpolates its sources
                 self._check_others(method, len(paths), key, " per slice")
             for src in sl.sources:
                 if method.needs_base and base is not None and src.ref.path == base.path:

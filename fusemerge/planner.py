@@ -81,6 +81,7 @@ class TensorPlan:
     copy_only: bool = False  # a non-float tensor: copied from the reference model unchanged
     t: float | None = None  # slerp's interpolation factor (inputs: the base's tensor, then the other model's)
     karcher: tuple[int, float] | None = None  # karcher's (max_iter, tol)
+    eps: float | None = None  # multislerp's (normalize: its normalize_weights)
 
     @property
     def numel(self) -> int:
@@ -1094,6 +1095,16 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
                 where = f" of model {i}" if what == "weight" else ""
                 problems.append(f"tensor '{name}': {what}{where} resolves to {v}, beyond float32's range "
                                 "(the merge computes in float32)")
+    if method.is_multislerp:
+        normalize = bool(global_value("normalize_weights", True))
+        if normalize and sums_to_zero(weights):
+            problems.append(f"tensor '{name}': the weights resolve to {weights}, which add up to 0, and "
+                            "normalize_weights is true, so multislerp would divide by 0: give the models' "
+                            "parameters.weight values that do not cancel there, or set normalize_weights: false")
+        if problems:
+            raise InputError(problems)
+        return dict(weights=weights, density=[], gamma=[], lam=1.0, normalize=normalize, rescale=False,
+                    eps=float(global_value("eps", 1e-8)))
     normalize = bool(global_value("normalize", False))
     if normalize and method.consensus == "none" and weights and sums_to_zero(weights):
         # the config refuses scalar weights that do; gradients and filter rules resolve per tensor

@@ -138,6 +138,10 @@ def _out_dtype(out_dtype: object, default: torch.dtype) -> torch.dtype:
                      "torch.bfloat16 (or their names)")
 
 
+# The settings of single methods that merge_tensors takes as keywords, as a config's parameters: give them.
+METHOD_FLAGS = ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "normalize_weights", "eps")
+
+
 def merge_tensors(
     base: torch.Tensor | None,
     experts: Sequence[torch.Tensor],
@@ -186,12 +190,10 @@ def merge_tensors(
     if "lambda_" in params and "lambda" in params:
         raise InputError("merge_tensors: lambda given twice (lambda_= and lambda=); give one")
     lam = params.pop("lambda_", params.pop("lambda", None))
-    flags = {k: params.pop(k) for k in ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol")
-             if k in params}
+    flags = {k: params.pop(k) for k in METHOD_FLAGS if k in params}
     if params:  # as a config's unknown parameters are reported: one line each, with the nearest known name
-        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", "filter_wise",
-                 "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "seed", "name", "out_dtype", "backend",
-                 "chunk"]
+        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", *METHOD_FLAGS, "seed", "name",
+                 "out_dtype", "backend", "chunk"]
         raise InputError([f"merge_tensors: {name}: unknown parameter{did_you_mean(name, known)}; it takes "
                           f"{', '.join(known)}" for name in params])
     if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
@@ -261,7 +263,7 @@ def merge_tensors(
                           weights=p_args["weights"], density=p_args["density"], gamma=p_args["gamma"],
                           lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
                           backend=kstats, masks=masks, t=p_args.get("t"), models=n,
-                          karcher=p_args.get("karcher"))
+                          karcher=p_args.get("karcher"), eps=p_args.get("eps"))
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

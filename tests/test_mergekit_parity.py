@@ -11,9 +11,9 @@ What must hold (issue 6, docs/mergekit.md):
   mergekit's, except where the weighted sum cancels to far below its terms and the two tools' float32
   rounding (fused multiply-add vs multiply then add) shows (bench/parity.py `rounding`);
 - ties, breadcrumbs and breadcrumbs_ties: every element more than 1 ulp apart sits at a trim-threshold tie;
-- slerp, model_stock, nuslerp (with and without a base) and karcher, of `models:` and of `slices:`, as linear (their
-  weights from the angles between the tensors; mergekit finds those angles in float32, fusemerge exactly:
-  bench/parity.py);
+- slerp, model_stock, karcher, and nuslerp and multislerp (with and without a base), of `models:` and of
+  `slices:`, as linear (their weights from the angles between the tensors; mergekit finds those angles in
+  float32, fusemerge exactly: bench/parity.py);
 - nearswap (its float32 operations are mergekit's): byte-identical;
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
 - the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16), and for one
@@ -156,6 +156,26 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
         "karcher_slices": {"merge_method": "karcher", "dtype": "float32", "out_dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 2]}, {"model": e2, "layer_range": [2, 4]}]},
             {"sources": [{"model": e3, "layer_range": [1, 4]}, {"model": base, "layer_range": [1, 4]}]}]},
+        # multislerp of three task vectors (a base), weights a gradient and rules; of three models (no base, weights
+        # not normalized, another eps); and over slices
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                       "models": [{"model": e1, "parameters": {"weight": 1.0}},
+                                  {"model": e2, "parameters": {"weight": [0.2, 2.0]}},
+                                  {"model": e3, "parameters": {"weight": [{"filter": "mlp", "value": 0.3},
+                                                                          {"value": 0.8}]}}]},
+        "multislerp_no_base": {"merge_method": "multislerp", "dtype": "float32", "out_dtype": "bfloat16",
+                               "models": [{"model": e3, "parameters": {"weight": 0.3}},
+                                          {"model": e1, "parameters": {"weight": 0.4}},
+                                          {"model": base, "parameters": {"weight": 0.2}}],
+                               "parameters": {"normalize_weights": False, "eps": 1e-6}},
+        "multislerp_slices": {"merge_method": "multislerp", "base_model": base, "dtype": "float32",
+                              "out_dtype": "bfloat16", "slices": [
+                                  {"sources": [{"model": base, "layer_range": [0, 2]},
+                                               {"model": e1, "layer_range": [0, 2], "parameters": {"weight": 2.0}},
+                                               {"model": e2, "layer_range": [2, 4], "parameters": {"weight": 1.0}},
+                                               {"model": e3, "layer_range": [1, 3], "parameters": {"weight": 0.5}}]},
+                                  {"sources": [{"model": e3, "layer_range": [2, 4], "parameters": {"weight": 1.0}},
+                                               {"model": base, "layer_range": [2, 4]}]}]},
         # nearswap of the base and one model, t a gradient; and t from filter rules
         "nearswap": {"merge_method": "nearswap", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
                      "models": [{"model": base}, {"model": e1}], "parameters": {"t": [0.0005, 0.004]}},
@@ -207,7 +227,8 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
                                   "slerp_slices", "model_stock", "model_stock_slices", "nuslerp", "nuslerp_no_base",
-                                  "nuslerp_slices", "karcher", "karcher_slices"])
+                                  "nuslerp_slices", "karcher", "karcher_slices", "multislerp",
+                                  "multislerp_no_base", "multislerp_slices"])
 def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

@@ -672,6 +672,7 @@ def tensor_params(
     t: float | None = None,
     models: int = 0,
     karcher: tuple[int, float] | None = None,
+    eps: float | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
@@ -681,7 +682,7 @@ def tensor_params(
     slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py;
     nuslerp's from `weights` and the angle, kernels/nuslerp.py), or nearswap's distance;
     `models`: how many models (the base's tensor first) slerp and model_stock sum, or karcher averages;
-    `karcher`: its (max_iter, tol).
+    `karcher`: its (max_iter, tol); `eps`: multislerp's (with `normalize`, its normalize_weights).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -695,6 +696,12 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=model_stock_weights(backend, segments, chunk, models - 1))
+    if method.is_multislerp:  # as nuslerp: with a base, base + sum w_i d_i; without, sum w_i x_i
+        from fusemerge.kernels.multislerp import EPS, multislerp_weights
+
+        return ChunkParams(sparsifier="none", consensus="none", linear=method.combines_models,
+                           weights=multislerp_weights(backend, segments, chunk, weights, normalize,
+                                                      EPS if eps is None else eps, name))
     if method.is_karcher:
         from fusemerge.kernels.karcher import karcher_weights
 

@@ -13,7 +13,8 @@ along their arc (no base) or, with a base, their two deltas from it (kernels/nus
 the models, or task arithmetic with two weights, found the same way. `nearswap` mixes the base and one other
 model entry by entry, toward the other where the two are within `t` of each other. `karcher` takes the models'
 Karcher mean on the unit sphere, scaled by their mean norm: a weighted sum of the models whose weights come from
-their angles too (kernels/karcher.py). `passthrough` copies one model's
+their angles too (kernels/karcher.py). `multislerp` interpolates N models (or, with a base, their deltas) on the
+sphere at their weights, as nuslerp does two (kernels/multislerp.py). `passthrough` copies one model's
 tensors (optionally scaled), the building block of `slices:` layer stacking ("frankenmerges").
 """
 
@@ -74,19 +75,29 @@ class Method:
         return self.name == "nearswap"
 
     @property
+    def is_multislerp(self) -> bool:
+        return self.name == "multislerp"
+
+    @property
+    def base_optional(self) -> bool:
+        """True for the methods that take a base_model or not, and then work on the deltas from it (nuslerp,
+        multislerp: `with_base`)."""
+        return self.name in ("nuslerp", "multislerp")
+
+    @property
     def is_karcher(self) -> bool:
         return self.name == "karcher"
 
     @property
     def tensor_weights(self) -> bool:
         """True when each tensor's weights come from a statistics pass over its models (the angles of slerp,
-        model_stock, nuslerp and karcher), not from the config alone."""
-        return self.angle_weights or self.is_nuslerp or self.is_karcher
+        model_stock, nuslerp, multislerp and karcher), not from the config alone."""
+        return self.angle_weights or self.base_optional or self.is_karcher
 
     def with_base(self) -> Method:
-        """nuslerp given a base_model: it interpolates the two deltas from the base (mergekit's task vectors),
-        so the kernels take the base as a base (task arithmetic with the two weights of the arc)."""
-        assert self.is_nuslerp
+        """nuslerp or multislerp given a base_model: it interpolates the deltas from the base (mergekit's task
+        vectors), so the kernels take the base as a base (task arithmetic with the weights of the arc)."""
+        assert self.base_optional
         return replace(self, needs_base=True)
 
     @property
@@ -100,7 +111,7 @@ class Method:
         """True when the kernel combines the models themselves (a weighted sum), not deltas from a base. For
         slerp and model_stock the models are the base, then the others."""
         return (self.name in ("linear", "passthrough", "karcher") or self.angle_weights
-                or (self.is_nuslerp and not self.needs_base))
+                or (self.base_optional and not self.needs_base))
 
     @property
     def needs_thresholds(self) -> bool:
@@ -138,6 +149,9 @@ NUSLERP_ROW_WISE = _p("nuslerp_row_wise", False, False, kind="bool")
 # karcher's iteration (mergekit/merge_methods/karcher.py: `max_iter`, `tol`, its defaults).
 MAX_ITER = _p("max_iter", 10, False, kind="int", low=0, high=10000)
 TOL = _p("tol", 1e-5, False, low=0.0)
+# multislerp's (mergekit/merge_methods/multislerp.py): divide the weights by their sum; the norms' guard.
+NORMALIZE_WEIGHTS = _p("normalize_weights", True, False, kind="bool")
+EPS = _p("eps", 1e-8, False, low=0.0)
 # passthrough's optional per-model factor (mergekit/merge_methods/passthrough.py: `scale`).
 SCALE = _p("scale", 1.0, True)
 
@@ -182,6 +196,10 @@ _ALL = [
     # karcher: every model, the base too when given (as linear averages it), one weight each from the angles
     Method("karcher", "none", "none", needs_base=False, params={"max_iter": MAX_ITER, "tol": TOL},
            paper="https://arxiv.org/abs/2603.04972"),
+    # multislerp: one or more models besides the base, which is optional; weights default to 1 (mergekit requires them)
+    Method("multislerp", "none", "none", needs_base=False,
+           params={"weight": WEIGHT, "normalize_weights": NORMALIZE_WEIGHTS, "eps": EPS},
+           paper="https://goddard.blog/posts/multislerp-wow-what-a-cool-idea"),
     Method("passthrough", "none", "none", needs_base=False,
            params={"scale": SCALE},
            paper="mergekit's passthrough: one model's tensors, copied"),
