@@ -51,7 +51,7 @@ from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "slerp", "model_stock",
-           "nuslerp", "nearswap", "passthrough")
+           "nuslerp", "nearswap", "karcher", "multislerp", "passthrough")
 # mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
            {"value": 0.5}]
@@ -85,7 +85,8 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
     interpolates the base and the first expert over every layer (a `slices:` config, as gradient-slerp.yml);
     model_stock merges every expert onto the base; nuslerp interpolates the first two experts' task vectors (weights
     a gradient and a scalar); nearswap mixes the base and the first expert (t a gradient over the layers, around
-    the synthetic experts' distance from the base)."""
+    the synthetic experts' distance from the base); karcher averages the base and every expert; multislerp
+    interpolates every expert's task vector at the cycled weights."""
     base, experts = str(fam["base"]), [str(e) for e in fam["experts"]]
     if method == "slerp":
         n = fam["layers"]
@@ -104,6 +105,13 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
         cfg = {"merge_method": "nearswap", "base_model": base, "dtype": "bfloat16",
                "models": [{"model": base}, {"model": experts[0]}], "parameters": {"t": [0.0005, 0.004]}}
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+    if method == "karcher":
+        write_config_yaml(path, method, base, experts, dtype="bfloat16")
+        return path
+    if method == "multislerp":
+        write_config_yaml(path, method, base, experts, dtype="bfloat16",
+                          weight=tuple(WEIGHTS[i % len(WEIGHTS)] for i in range(len(experts))))
         return path
     if method == "passthrough":  # a frankenmerge: overlapping halves of three models, 1.5x the layers
         n = fam["layers"]
