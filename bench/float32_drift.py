@@ -4,8 +4,9 @@ The one question: where fusemerge and mergekit 0.1.5 disagree on a karcher or mu
 (bench/compare_mergekit.py counts those elements as "unexplained"), which tool is off? For each tensor of a
 config, three results against mergekit's own code run in float64 on the same inputs (the reference):
 - fusemerge: `merge_tensors` with the tensor's resolved parameters (what `fusemerge run` writes);
-- mergekit in float32: its code as it reads (merge_methods/karcher.py, multislerp.py), as a `dtype: float32`
-  config runs it, in this process's torch;
+- mergekit in float32: its code as it reads (merge_methods/karcher.py, multislerp.py; written out in
+  tests/kernels/test_karcher.py and test_multislerp.py), as a `dtype: float32` config runs it, in this
+  process's torch;
 then the elements of each, rounded to bf16, more than one bf16 ulp (of the float64 value) from the reference.
 For karcher it also prints mergekit's last step norm: its float32 iteration stops only once a step is below
 `tol`, which float32 noise in the angles of nearly parallel models can keep it from reaching.
@@ -30,8 +31,8 @@ from bench.common import machine  # noqa: E402
 from fusemerge import merge_tensors  # noqa: E402
 from fusemerge.planner import build_plan  # noqa: E402
 from fusemerge.streaming.reader import ChunkReader  # noqa: E402
-from tests.kernels.test_karcher import mergekits as karcher_reference  # noqa: E402
-from tests.kernels.test_multislerp import mergekits as multislerp_reference  # noqa: E402
+from tests.kernels.test_karcher import mergekits_steps as karcher_mergekit  # noqa: E402
+from tests.kernels.test_multislerp import mergekits as multislerp_mergekit  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,59 +40,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("config", type=Path, help="a karcher or multislerp config (mergekit YAML)")
     p.add_argument("--tensors", type=int, default=0, help="only the first N tensors, largest first (0: all)")
     return p.parse_args(argv)
-
-
-def karcher_float32(xs: list[torch.Tensor], max_iter: int, tol: float) -> tuple[torch.Tensor, float]:
-    """mergekit 0.1.5's karcher_merge_tensors on float32 tensors, step for step; and its last step's norm."""
-    tensors = [x.float().reshape(-1) for x in xs]
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
-    units = [torch.zeros_like(t) if n.item() == 0.0 else t / n for t, n in zip(tensors, norms, strict=True)]
-    valid = [i for i, n in enumerate(norms) if n.item() > tol]
-    alphas = [1.0 / len(tensors)] * len(tensors)
-    total = sum(alphas[i] for i in valid)
-    weights, vunits = [alphas[i] / total for i in valid], [units[i] for i in valid]
-    mean = torch.zeros_like(vunits[0])
-    for a, u in zip(weights, vunits, strict=True):
-        mean += a * u
-    norm = torch.linalg.vector_norm(mean)
-    mean = vunits[0].clone() if norm.item() < tol else mean / norm
-    step = 0.0
-    for _ in range(max_iter):
-        tangent = torch.zeros_like(mean)
-        for a, u in zip(weights, vunits, strict=True):
-            dot = torch.clamp(torch.dot(mean, u), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if theta.item() < tol:
-                continue
-            tangent += a * (theta / torch.sin(theta)) * (u - dot * mean)
-        tn = torch.linalg.vector_norm(tangent)
-        step = tn.item()
-        if step < tol:
-            break
-        mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
-        un = torch.linalg.vector_norm(mean)
-        if un.item() > tol:
-            mean = mean / un
-    return sum(a * n for a, n in zip(alphas, norms, strict=True)) * mean, step
-
-
-def multislerp_float32(xs: list[torch.Tensor], weight: list[float], base: torch.Tensor | None, normalize: bool,
-                       eps: float) -> torch.Tensor:
-    """mergekit 0.1.5's multislerp on float32 tensors, operation for operation."""
-    t = torch.stack([x.float().reshape(-1) for x in xs])
-    if base is not None:
-        t = t - base.float().reshape(-1)
-    w = torch.tensor(weight, dtype=torch.float32)
-    if normalize:
-        w = w / w.sum()
-    norms = torch.norm(t, dim=-1, keepdim=True)
-    units = t / (norms + eps)
-    mean = (units * w.view(-1, 1)).sum(0)
-    mean = mean / torch.norm(mean)
-    tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
-    tn = torch.norm(tangent) + eps
-    res = (mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)) * (norms.squeeze(-1) * w).sum()
-    return res + base.float().reshape(-1) if base is not None else res
 
 
 def over_one_ulp(y: torch.Tensor, ref: torch.Tensor) -> int:
@@ -125,15 +73,15 @@ def main(argv: list[str] | None = None) -> int:
             extra = ""
             if method.is_karcher:
                 max_iter, tol = t.karcher
-                ref = karcher_reference(xs, max_iter, tol)
+                ref = karcher_mergekit(xs, max_iter, tol)[0]
                 ours = merge_tensors(None, xs, "karcher", max_iter=max_iter, tol=tol)
-                theirs, step = karcher_float32(xs, max_iter, tol)
+                theirs, step = karcher_mergekit(xs, max_iter, tol, torch.float32)
                 extra = f" {step:.3g} |"
             else:
-                ref = multislerp_reference(xs, t.weights, base, t.normalize, t.eps)
+                ref = multislerp_mergekit(xs, t.weights, base, t.normalize, t.eps)
                 ours = merge_tensors(base, xs, "multislerp", weight=t.weights, normalize_weights=t.normalize,
                                      eps=t.eps)
-                theirs = multislerp_float32(xs, t.weights, base, t.normalize, t.eps)
+                theirs = multislerp_mergekit(xs, t.weights, base, t.normalize, t.eps, torch.float32)
             a, b = over_one_ulp(ours.to(torch.bfloat16), ref), over_one_ulp(theirs, ref)
             totals = [totals[0] + ref.numel(), totals[1] + a, totals[2] + b]
             print(f"| {t.name} | {ref.numel():,} | {a:,} | {b:,} |{extra}")

@@ -19,15 +19,23 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 def mergekits(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> torch.Tensor:
     """mergekit 0.1.5's karcher_merge_tensors (merge_methods/karcher.py) as it reads, in float64 on whole tensors."""
-    xs = [x.double().reshape(-1) for x in xs]
+    return mergekits_steps(xs, max_iter, tol)[0]
+
+
+def mergekits_steps(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5,
+                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, float]:
+    """mergekits in `dtype` (float32: what a `dtype: float32` config runs; bench/float32_drift.py), and the norm
+    of the last step it took (0 for no step)."""
+    xs = [x.to(dtype).reshape(-1) for x in xs]
+    step = 0.0
     if len(xs) == 1:
-        return xs[0]
+        return xs[0], step
     alphas = [1.0 / len(xs)] * len(xs)
     norms = [torch.linalg.vector_norm(x) for x in xs]
     units = [torch.zeros_like(x) if float(nm) == 0.0 else x / nm for x, nm in zip(xs, norms, strict=True)]
     valid = [i for i, nm in enumerate(norms) if float(nm) > tol]
     if not valid:
-        return sum(x * 0 for x in xs)
+        return sum(x * 0 for x in xs), step
     a = [alphas[i] / sum(alphas[j] for j in valid) for i in valid]
     us = [units[i] for i in valid]
     mean = sum(ai * u for ai, u in zip(a, us, strict=True))
@@ -41,13 +49,14 @@ def mergekits(xs: list[torch.Tensor], max_iter: int = 10, tol: float = 1e-5) -> 
                 continue
             tangent += ai * (theta / torch.sin(theta)) * (u - dot * mean)
         tn = torch.linalg.vector_norm(tangent)
-        if float(tn) < tol:
+        step = float(tn)
+        if step < tol:
             break
         mean = torch.cos(tn) * mean + torch.sin(tn) * (tangent / tn)
         un = torch.linalg.vector_norm(mean)
         if float(un) > tol:
             mean = mean / un
-    return sum(al * nm for al, nm in zip(alphas, norms, strict=True)) * mean
+    return sum(al * nm for al, nm in zip(alphas, norms, strict=True)) * mean, step
 
 
 def family(n: int, size: int, dtype: torch.dtype, seed: int, spread: float = 1.0) -> list[torch.Tensor]:

@@ -19,14 +19,15 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
 def mergekits(xs: list[torch.Tensor], weight: list[float], base: torch.Tensor | None = None, normalize: bool = True,
-              eps: float = 1e-8) -> torch.Tensor:
-    """mergekit 0.1.5's multislerp (merge_methods/multislerp.py) as it reads, in float64 on whole tensors."""
+              eps: float = 1e-8, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """mergekit 0.1.5's multislerp (merge_methods/multislerp.py) as it reads, in `dtype` on whole tensors (float32:
+    what a `dtype: float32` config runs; bench/float32_drift.py)."""
     if len(xs) == 1:
-        return xs[0].double().reshape(-1)
-    t = torch.stack([x.double().reshape(-1) for x in xs])
+        return xs[0].to(dtype).reshape(-1)
+    t = torch.stack([x.to(dtype).reshape(-1) for x in xs])
     if base is not None:
-        t = t - base.double().reshape(-1)
-    w = torch.tensor(weight, dtype=torch.float64)
+        t = t - base.to(dtype).reshape(-1)
+    w = torch.tensor(weight, dtype=dtype)
     if normalize:
         w = w / w.sum()
     norms = torch.norm(t, dim=-1, keepdim=True)
@@ -40,7 +41,7 @@ def mergekits(xs: list[torch.Tensor], weight: list[float], base: torch.Tensor | 
         tangent = ((units - (units * mean).sum(-1, keepdim=True) * mean) * w.view(-1, 1)).sum(0)
         tn = torch.norm(tangent) + eps
         res = (mean * torch.cos(tn) + tangent * (torch.sin(tn) / tn)) * (norms.squeeze(-1) * w).sum()
-    return res + base.double().reshape(-1) if base is not None else res
+    return res + base.to(dtype).reshape(-1) if base is not None else res
 
 
 def weights(stats: str, xs: list[torch.Tensor], lam: list[float], base: torch.Tensor | None = None,
