@@ -95,7 +95,7 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
                                        {"model": experts[0], "layer_range": [0, n]}]}]}
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
-    if method == "model_stock":
+    if method in ("model_stock", "karcher"):  # no per-model parameters
         write_config_yaml(path, method, base, experts, dtype="bfloat16")
         return path
     if method == "nuslerp":
@@ -105,9 +105,6 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
         cfg = {"merge_method": "nearswap", "base_model": base, "dtype": "bfloat16",
                "models": [{"model": base}, {"model": experts[0]}], "parameters": {"t": [0.0005, 0.004]}}
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        return path
-    if method == "karcher":
-        write_config_yaml(path, method, base, experts, dtype="bfloat16")
         return path
     if method == "multislerp":
         write_config_yaml(path, method, base, experts, dtype="bfloat16",
