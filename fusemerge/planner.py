@@ -202,7 +202,7 @@ class MergePlan:
 
     def needs_statistics(self, t: TensorPlan) -> bool:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's
-        or a trim's, the angles of slerp, model_stock, nuslerp and karcher)."""
+        or a trim's, the angles of slerp, model_stock, nuslerp, multislerp and karcher)."""
         m = self.method
         return m.tensor_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
                                                                                and t.rescale is True)))
@@ -1069,12 +1069,10 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False, t=float(t))
     if method.is_model_stock:  # its weights come from the tensors alone
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False)
-    if method.is_karcher:  # so do karcher's, by an iteration that these two settle
-        max_iter, tol = global_value("max_iter", None), global_value("tol", None)  # None: no rule gives one here
-        max_iter = method.params["max_iter"].default if max_iter is None else max_iter
-        tol = method.params["tol"].default if tol is None else tol
+    if method.is_karcher:  # so do karcher's, by an iteration that these two settle (a rule that leaves a tensor
+        # out gives it the default, as for every optional parameter)
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
-                    karcher=(int(max_iter), float(tol)))
+                    karcher=(int(global_value("max_iter", 10)), float(global_value("tol", 1e-5))))
 
     def per_model(pname: str) -> list[float]:
         return per_model_values(pname) if pname in method.params else []

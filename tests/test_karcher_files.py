@@ -96,6 +96,15 @@ def test_slices_average_each_slices_sources(tmp_path: Path, fam: dict) -> None:
         assert torch.equal(merged[name].view(torch.int16), expect.view(torch.int16)), name
 
 
+def test_settings_by_rules_that_leave_a_tensor_out_take_the_defaults(tmp_path: Path, fam: dict) -> None:
+    data = models_config(fam, parameters={"max_iter": [{"filter": "mlp", "value": 3}],
+                                          "tol": [{"filter": "self_attn", "value": 1e-3}]})
+    plan = fusemerge.build_plan(write(tmp_path, data, "rules.yml"), device="cpu")
+    by_name = {t.name: t for t in plan.tensors}
+    assert by_name["model.layers.1.mlp.up_proj.weight"].karcher == (3, 1e-5)
+    assert by_name["model.layers.1.self_attn.q_proj.weight"].karcher == (10, 1e-3)
+
+
 @pytest.mark.parametrize(("change", "fragment"), [
     (lambda d: d.update(parameters={"max_iter": [1, 4]}), "parameters.max_iter: max_iter is a whole number"),
     (lambda d: d.update(parameters={"max_iter": 2.5}), "parameters.max_iter: must be a whole number, not 2.5"),

@@ -59,6 +59,15 @@ def test_output_bytes_do_not_depend_on_budget_workers_or_backend(tmp_path: Path,
                for t in plan.tensors)
 
 
+def test_settings_by_rules_that_leave_a_tensor_out_take_the_defaults(tmp_path: Path, fam: dict) -> None:
+    data = models_config(fam, parameters={"eps": [{"filter": "mlp", "value": 1e-3}],
+                                          "normalize_weights": [{"filter": "self_attn", "value": False}]})
+    plan = fusemerge.build_plan(write(tmp_path, data, "rules.yml"), device="cpu")
+    by_name = {t.name: t for t in plan.tensors}
+    mlp, attn = by_name["model.layers.1.mlp.up_proj.weight"], by_name["model.layers.1.self_attn.q_proj.weight"]
+    assert (mlp.eps, mlp.normalize) == (1e-3, True) and (attn.eps, attn.normalize) == (1e-8, False)
+
+
 def test_the_base_listed_is_the_base(tmp_path: Path, fam: dict) -> None:
     data = models_config(fam)
     data["models"].insert(1, {"model": str(fam["base"])})
