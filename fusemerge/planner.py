@@ -1069,10 +1069,13 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False, t=float(t))
     if method.is_model_stock:  # its weights come from the tensors alone
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False)
-    if method.is_karcher:  # so do karcher's, by an iteration that these two settle (a rule that leaves a tensor
-        # out gives it the default, as for every optional parameter)
+
+    def setting(pname: str) -> object:  # a method's own parameter: its value here, or its default (Method.params)
+        return global_value(pname, method.params[pname].default)
+
+    if method.is_karcher:  # so do karcher's, by an iteration that these two settle
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
-                    karcher=(int(global_value("max_iter", 10)), float(global_value("tol", 1e-5))))
+                    karcher=(int(setting("max_iter")), float(setting("tol"))))
 
     def per_model(pname: str) -> list[float]:
         return per_model_values(pname) if pname in method.params else []
@@ -1094,7 +1097,7 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
                 problems.append(f"tensor '{name}': {what}{where} resolves to {v}, beyond float32's range "
                                 "(the merge computes in float32)")
     if method.is_multislerp:
-        normalize = bool(global_value("normalize_weights", True))
+        normalize = bool(setting("normalize_weights"))
         if normalize and sums_to_zero(weights):
             problems.append(f"tensor '{name}': the weights resolve to {weights}, which add up to 0, and "
                             "normalize_weights is true, so multislerp would divide by 0: give the models' "
@@ -1102,7 +1105,7 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         if problems:
             raise InputError(problems)
         return dict(weights=weights, density=[], gamma=[], lam=1.0, normalize=normalize, rescale=False,
-                    eps=float(global_value("eps", 1e-8)))
+                    eps=float(setting("eps")))
     normalize = bool(global_value("normalize", False))
     if normalize and method.consensus == "none" and weights and sums_to_zero(weights):
         # the config refuses scalar weights that do; gradients and filter rules resolve per tensor

@@ -94,3 +94,15 @@ def gram_sums(backend: ModuleType, segments: list[Segment], chunk: int, m: int, 
             for p, (whole, part) in backend.gram_fixed(*vectors(given, models), shifts).items():
                 sums[p] += (whole << FRACTION_BITS) + part
     return {p: math.ldexp(float(sums[p]), -(shifts[p] + FRACTION_BITS)) if p in shifts else 0.0 for p in pairs}
+
+
+def gram_matrix(dots: dict[Pair, float], m: int) -> list[list[float]]:
+    """gram_sums' sums (i <= j) as the full symmetric m x m matrix."""
+    return [[dots[(min(i, j), max(i, j))] for j in range(m)] for i in range(m)]
+
+
+def combination_norm(c: list[float], gram: list[list[float]]) -> float:
+    """|| sum c_i v_i || of the vectors whose Gram matrix is `gram`, in float64 (karcher's and multislerp's
+    iterates, kept as coefficients)."""
+    k = len(c)
+    return math.sqrt(max(sum(c[i] * c[j] * gram[i][j] for i in range(k) for j in range(k)), 0.0))

@@ -27,20 +27,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fusemerge.kernels.fixed_dots import gram_sums
+from fusemerge.kernels.fixed_dots import combination_norm, gram_matrix, gram_sums
 
 if TYPE_CHECKING:
     from fusemerge.kernels.select import Segment
 
 MAX_ITER = 10  # mergekit's defaults
 TOL = 1e-5
-
-
-def _combination_norm(c: list[float], units: list[list[float]]) -> float:
-    """|| sum c_i u_i || from the unit vectors' Gram matrix."""
-    k = len(c)
-    sq = sum(c[i] * c[j] * units[i][j] for i in range(k) for j in range(k))
-    return math.sqrt(max(sq, 0.0))
 
 
 def weights_from_gram(gram: list[list[float]], max_iter: int = MAX_ITER, tol: float = TOL) -> tuple[float, ...]:
@@ -63,7 +56,7 @@ def weights_from_gram(gram: list[list[float]], max_iter: int = MAX_ITER, tol: fl
     units = [[gram[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]  # <u_i, u_j> over the valid
     alpha = [1.0 / k] * k  # 1/N each, normalized over the valid ones: 1/k
     c = list(alpha)
-    norm = _combination_norm(c, units)
+    norm = combination_norm(c, units)
     c = [1.0] + [0.0] * (k - 1) if norm < tol else [x / norm for x in c]
     for _ in range(max_iter):
         v = [0.0] * k
@@ -75,11 +68,11 @@ def weights_from_gram(gram: list[list[float]], max_iter: int = MAX_ITER, tol: fl
             f = alpha[i] * theta / math.sin(theta)
             v = [v[j] - f * cos * c[j] for j in range(k)]
             v[i] += f
-        v_norm = _combination_norm(v, units)
+        v_norm = combination_norm(v, units)
         if v_norm < tol:
             break
         c = [math.cos(v_norm) * c[j] + math.sin(v_norm) * v[j] / v_norm for j in range(k)]
-        m_norm = _combination_norm(c, units)
+        m_norm = combination_norm(c, units)
         if m_norm > tol:
             c = [x / m_norm for x in c]
     scale = sum(norms) / n
@@ -98,5 +91,4 @@ def karcher_weights(backend: ModuleType, segments: list[Segment], chunk: int, n:
     dots = gram_sums(backend, segments, chunk, n, deltas=False)
     if dots is None:
         return (float(np.float32(1.0 / n)),) * n
-    gram = [[dots[(min(i, j), max(i, j))] for j in range(n)] for i in range(n)]
-    return weights_from_gram(gram, max_iter, tol)
+    return weights_from_gram(gram_matrix(dots, n), max_iter, tol)

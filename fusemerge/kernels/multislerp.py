@@ -27,18 +27,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from fusemerge.errors import InputError
-from fusemerge.kernels.fixed_dots import gram_sums
+from fusemerge.kernels.fixed_dots import combination_norm, gram_matrix, gram_sums
 
 if TYPE_CHECKING:
     from fusemerge.kernels.select import Segment
 
 EPS = 1e-8  # mergekit's default `eps`
-
-
-def _norm(c: list[float], gram: list[list[float]]) -> float:
-    """|| sum c_i v_i || from the Gram matrix of the v_i."""
-    n = len(c)
-    return math.sqrt(max(sum(c[i] * c[j] * gram[i][j] for i in range(n) for j in range(n)), 0.0))
 
 
 def normalized(weights: list[float], normalize: bool) -> list[float]:
@@ -67,7 +61,7 @@ def weights_from_gram(gram: list[list[float]], lam: list[float], eps: float = EP
     norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(n)]
     inv = [1.0 / (nm + eps) if nm + eps > 0 else 0.0 for nm in norms]  # u_i = v_i * inv_i
     raw = [lam[i] * inv[i] for i in range(n)]  # mean = sum l_i u_i, as coefficients of the v_i
-    mean_norm = _norm(raw, gram)
+    mean_norm = combination_norm(raw, gram)
     if mean_norm < eps:
         if n == 2:
             return tuple(float(np.float32(x)) for x in lam)
@@ -78,7 +72,7 @@ def weights_from_gram(gram: list[list[float]], lam: list[float], eps: float = EP
     dots = [inv[i] * sum(gram[i][j] * m[j] for j in range(n)) for i in range(n)]
     s = sum(lam[i] * dots[i] for i in range(n))
     tangent = [raw[j] - s * m[j] for j in range(n)]
-    tn = _norm(tangent, gram) + eps
+    tn = combination_norm(tangent, gram) + eps
     if tn == 0.0:  # eps = 0 and every u_i already at m: the exponential map is m
         result = m
     else:
@@ -99,5 +93,4 @@ def multislerp_weights(backend: ModuleType, segments: list[Segment], chunk: int,
     dots = gram_sums(backend, segments, chunk, n, deltas=False)
     if dots is None:
         return tuple(lam)
-    gram = [[dots[(min(i, j), max(i, j))] for j in range(n)] for i in range(n)]
-    return weights_from_gram(gram, lam, eps, name)
+    return weights_from_gram(gram_matrix(dots, n), lam, eps, name)

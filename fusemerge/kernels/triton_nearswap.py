@@ -69,7 +69,7 @@ def nearswap_chunk(base: torch.Tensor, other: torch.Tensor, t: float, out: torch
     `base` and `other` are 1-D contiguous chunks of the same length on one CUDA device (or CPU under
     TRITON_INTERPRET=1), each bfloat16, float16 or float32; `out` the same length, any of the three dtypes.
     `nonfinite` (optional, int64 [2] on that device): slot 0 += the other model's NaN / Inf count, slot 1 the
-    base's. triton_merge.merge_chunk checks the arguments and calls this for `ChunkParams.nearswap`."""
+    base's. triton_merge.merge_chunk calls this for `ChunkParams.nearswap`."""
     check_device(other, "other")
     for what, x in (("base", base), ("other", other), ("out", out)):
         if x.dtype not in SUPPORTED_DTYPES or x.dim() != 1 or x.numel() != out.numel() or x.device != out.device:
