@@ -50,7 +50,7 @@ from bench.parity import compare_dirs  # noqa: E402
 from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
-METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "slerp", "model_stock",
+METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "della", "slerp", "model_stock",
            "nuslerp", "nearswap", "karcher", "multislerp", "passthrough")
 # mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
@@ -122,7 +122,7 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
                     "dtype": "bfloat16"}
     if method != "linear":
         params["lambda"] = 0.9
-    if method in ("ties", "breadcrumbs_ties", "dare_ties", "breadcrumbs", "dare_linear"):
+    if method in ("ties", "breadcrumbs_ties", "dare_ties", "breadcrumbs", "dare_linear", "della", "della_linear"):
         params["density"] = density
     if method == "ties":
         params["normalize"] = True

@@ -7,9 +7,9 @@ larger magnitude of the two). Each differing element is then put in the first cl
   one of that expert's cut values (the k-th largest |delta|; for breadcrumbs also the largest dropped
   outlier's magnitude). fusemerge keeps the lowest indices among tied entries, mergekit keeps argsort's
   pick, so the kept sets differ on those entries only (a documented difference).
-- `dare`: for DARE methods every differing element; the masks differ by design (fusemerge's Philox
-  stream keyed by seed, tensor and expert vs mergekit's global torch RNG), so no element-wise
-  agreement is expected.
+- `dare`: for DARE methods every differing element, and for DELLA's (della, della_linear) those of a tensor
+  with a density below 1; the masks differ by design (fusemerge's Philox stream keyed by seed, tensor and
+  expert vs mergekit's global torch RNG), so no element-wise agreement is expected.
 - `rounding`: the difference is within float32 rounding of the terms that were summed: at most
   `2 (n + 3) 2^-24 S`, S = the sum of the magnitudes of the weighted terms (n inputs). This only
   exceeds 1 output ulp where the terms cancel to far below their size (e.g. a result of 3e-10 from
@@ -110,7 +110,7 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
     """Classify the differing elements `mask` (flat) of output tensor `t` (see the module docstring)."""
     left = mask.clone()
     counts = {"tie": 0, "dare": 0, "rounding": 0}
-    if method.sparsifier == "dare":
+    if method.sparsifier == "dare" or (method.sparsifier == "della" and min(t.density, default=1.0) < 1.0):
         counts["dare"] = int(left.sum())
         return counts
     xs = [reader.read_tensor(e).float().reshape(-1) for e in t.inputs]

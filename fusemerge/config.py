@@ -60,8 +60,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
 MERGEKIT_ONLY_METHODS = (
-    "della",
-    "della_linear",
     "sce",
     "arcee_fusion",
     "ram",
@@ -1151,6 +1149,15 @@ class _Validator:
         listed_index.update({id(ref): -1 for ref in models if id(ref) not in listed_index})  # the appended base
         # breadcrumbs with density + gamma > 1 is not refused: as in mergekit (n_bot = max(0, n - dn - gn)), the
         # outlier drop shrinks so that density's share is kept (select.trim_counts)
+        if "epsilon" in method.params:  # DELLA: density +/- epsilon inside (0, 1); gradients are checked per tensor
+            from fusemerge.kernels.della import check_epsilon
+
+            for ref in models:
+                index = listed_index[id(ref)]
+                (d, dkey), (e, ekey) = effective(ref, "density", index), effective(ref, "epsilon", index)
+                problem = check_epsilon(d, e) if _is_number(d) and _is_number(e) else None
+                if problem is not None:
+                    self.add(", ".join(dict.fromkeys((dkey, ekey))), problem)
         if "normalize" not in method.params:  # slerp, model_stock: their weights come from the tensors
             return
         normalize = global_params.get("normalize", method.params["normalize"].default)

@@ -32,6 +32,7 @@ from fusemerge.config import (
     sums_to_zero,
 )
 from fusemerge.errors import InputError
+from fusemerge.kernels.della import aligned_chunk, check_epsilon, rank_layout, unit
 from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.methods import Method
 from fusemerge.options import opt, opt_name
@@ -82,6 +83,14 @@ class TensorPlan:
     t: float | None = None  # slerp's interpolation factor (inputs: the base's tensor, then the other model's)
     karcher: tuple[int, float] | None = None  # karcher's (max_iter, tol)
     eps: float | None = None  # multislerp's (normalize: its normalize_weights)
+    epsilon: list[float] | None = None  # DELLA's, per expert
+
+    def chunk(self, elems: int) -> int:
+        """Elements per chunk of this tensor for a chunk size of `elems`: DELLA's whole rank units
+        (kernels/della.py), else `elems`."""
+        if self.epsilon is None:
+            return elems
+        return aligned_chunk(rank_layout(self.shape), elems)
 
     @property
     def numel(self) -> int:
@@ -201,10 +210,10 @@ class MergePlan:
         return 1 if self.device.type == "cpu" and self.backend == "torch" and one_worker else 2
 
     def needs_statistics(self, t: TensorPlan) -> bool:
-        """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's
-        or a trim's, the angles of slerp, model_stock, nuslerp, multislerp and karcher)."""
+        """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's,
+        DELLA's or a trim's, the angles of slerp, model_stock, nuslerp, multislerp and karcher)."""
         m = self.method
-        return m.tensor_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier == "dare"
+        return m.tensor_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier in ("dare", "della")
                                                                                and t.rescale is True)))
 
     def reads(self, t: TensorPlan) -> int:
@@ -453,6 +462,12 @@ def build_plan(
         need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
         raise InputError(f"{opt('max_memory', format_size(o.budget))} is too small: {n_workers} worker(s) x "
                          f"{n_inputs} inputs need at least {need}")
+    wide = [t for t in tensors if t.epsilon is not None and unit(rank_layout(t.shape)) > chunk]
+    if wide:  # DELLA ranks a row's entries together: a chunk holds whole rows
+        t = max(wide, key=lambda t: unit(rank_layout(t.shape)))
+        raise InputError(f"{opt('max_memory', format_size(o.budget))} is too small for {method.name}: it ranks "
+                         f"the {unit(rank_layout(t.shape)):,} entries of each row of tensor '{t.name}' (shape "
+                         f"{list(t.shape)}) together, and a chunk holds {chunk:,}; raise {opt_name('max_memory')}")
 
     plan = MergePlan(cfg, method, base, models, reference, tensors, layout,
                      CODE_NAMES.get(out_code) if out_code else None, dev, backend_name, o.budget, chunk, n_workers,
@@ -1082,9 +1097,12 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
 
     density = per_model("density")
     gamma = per_model("gamma")
+    epsilon = per_model("epsilon")
     for i, d in enumerate(density):
         if not 0.0 < d <= 1.0:
             problems.append(f"tensor '{name}': density of model {i} resolves to {d}, outside (0, 1]")
+        elif epsilon and check_epsilon(d, epsilon[i]) is not None:
+            problems.append(f"tensor '{name}': model {i}'s {check_epsilon(d, epsilon[i])}")
     for i, g in enumerate(gamma):
         if not 0.0 <= g <= 1.0:
             problems.append(f"tensor '{name}': gamma of model {i} resolves to {g}, outside [0, 1]")
@@ -1113,8 +1131,9 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
                         f"true, so the merge would divide by 0{ZERO_SUM_HINT}")
     if problems:
         raise InputError(problems)
+    extra = {"epsilon": epsilon} if epsilon else {}
     return dict(weights=weights, density=density, gamma=gamma, lam=lam, normalize=normalize,
-                rescale=global_value("rescale", False))
+                rescale=global_value("rescale", False), **extra)
 
 
 ZERO_SUM_HINT = ": give the models' parameters.weight values that do not cancel there, or set normalize: false"

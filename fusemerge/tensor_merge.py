@@ -12,6 +12,7 @@ from fusemerge.config import DTYPE_ALIASES, MergeConfig, did_you_mean, validate_
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import KeepMasks
+from fusemerge.kernels.della import aligned_chunk, rank_layout
 from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.kernels.select import Segment, tensor_params
 from fusemerge.methods import METHODS
@@ -55,7 +56,7 @@ def _config(method: str, base: torch.Tensor | None, experts: list[torch.Tensor],
     top: dict[str, object] = {}
     problems = []
     for pname, value in given.items():
-        per_expert = pname in ("weight", "density", "gamma")
+        per_expert = pname in ("weight", "density", "gamma", "epsilon")
         values = _per_expert(value)
         if values is not None and not per_expert:
             problems.append(f"merge_tensors: {pname}: {value!r}; expected one value for the whole merge")
@@ -150,6 +151,7 @@ def merge_tensors(
     weight: float | Sequence[float] | None = None,
     density: float | Sequence[float] | None = None,
     gamma: float | Sequence[float] | None = None,
+    epsilon: float | Sequence[float] | None = None,
     normalize: bool | None = None,
     rescale: bool | str | None = None,
     t: float | None = None,
@@ -162,16 +164,16 @@ def merge_tensors(
 ) -> torch.Tensor:
     """Merge one tensor's copies with the semantics of the files path (docs/methods.md).
 
-    `weight`, `density`, `gamma`: one value for every expert, or a sequence of one per expert; unset ones take
-    the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is `base`, 1 the one expert);
-    `filter_wise`: model_stock's (false only), whose experts are the two or more models merged onto `base`;
-    `nuslerp_flatten` (true only), `nuslerp_row_wise`: nuslerp's, whose experts are its two models (interpolated
-    themselves, or with `base` their deltas from it) and `weight` their two weights; `max_iter`, `tol`:
-    karcher's (defaults 10 and 1e-5), whose experts are the models averaged (with `base`, if given, as for
-    `linear`).
+    `weight`, `density`, `gamma`, `epsilon` (della's): one value for every expert, or a sequence of one per
+    expert; unset ones take the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is
+    `base`, 1 the one expert); `filter_wise`: model_stock's (false only), whose experts are the two or more
+    models merged onto `base`; `nuslerp_flatten` (true only), `nuslerp_row_wise`: nuslerp's, whose experts are
+    its two models (interpolated themselves, or with `base` their deltas from it) and `weight` their two weights;
+    `max_iter`, `tol`: karcher's (defaults 10 and 1e-5), whose experts are the models averaged (with `base`, if
+    given, as for `linear`). DELLA's chunks are whole rows of the shape (`chunk` rounded down to them).
     `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
-    checked as a config's `parameters:` are (InputError, one line per problem). `name` keys DARE's random
-    stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
+    checked as a config's `parameters:` are (InputError, one line per problem). `name` keys DARE's and DELLA's
+    random stream (the same name and seed give the same mask as a file merge of a tensor of that name). For
     `linear`, `experts` are the averaged models and `base`, if given, is averaged in as mergekit does. An
     expert that *is* `base` (the same tensor object) is the base listed under `models:`: not an expert, and
     for `linear` averaged once, with its weight. Inputs: float32, float16 or bfloat16 tensors of one shape and
@@ -192,8 +194,8 @@ def merge_tensors(
     lam = params.pop("lambda_", params.pop("lambda", None))
     flags = {k: params.pop(k) for k in METHOD_FLAGS if k in params}
     if params:  # as a config's unknown parameters are reported: one line each, with the nearest known name
-        known = ["weight", "density", "gamma", "normalize", "rescale", "t", "lambda_", *METHOD_FLAGS, "seed", "name",
-                 "out_dtype", "backend", "chunk"]
+        known = ["weight", "density", "gamma", "epsilon", "normalize", "rescale", "t", "lambda_", *METHOD_FLAGS,
+                 "seed", "name", "out_dtype", "backend", "chunk"]
         raise InputError([f"merge_tensors: {name}: unknown parameter{did_you_mean(name, known)}; it takes "
                           f"{', '.join(known)}" for name in params])
     if isinstance(experts, torch.Tensor):  # a stacked tensor: its rows are the experts (as list() of it was)
@@ -218,7 +220,8 @@ def merge_tensors(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):  # 0.0 would key other DARE masks than 0
         raise InputError(f"merge_tensors: seed: {seed!r}; expected an integer")
     seed = int(seed)
-    given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("normalize", normalize),
+    given = {k: v for k, v in (("weight", weight), ("density", density), ("gamma", gamma), ("epsilon", epsilon),
+                               ("normalize", normalize),
                                ("rescale", rescale), ("t", t), ("lambda", lam), *flags.items())
              if v is not None}
     cfg = _config(method, base, experts, given)
@@ -250,6 +253,8 @@ def merge_tensors(
         flat = [x.float() for x in flat]  # the kernels read one dtype; float32 holds every input exactly
         fbase = fbase.float() if fbase is not None else None
     numel = flat[0].numel()
+    if m.sparsifier == "della":  # its chunks are whole rows, which it ranks together (kernels/della.py)
+        chunk = aligned_chunk(rank_layout(shape), chunk)
     # CPU DARE with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per entry
     # and expert, 1/16 of bf16 inputs) instead of drawing Philox twice
     masks = (KeepMasks(KeepMasks.bytes_for(numel, chunk, n))
@@ -263,7 +268,8 @@ def merge_tensors(
                           weights=p_args["weights"], density=p_args["density"], gamma=p_args["gamma"],
                           lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
                           backend=kstats, masks=masks, t=p_args.get("t"), models=n,
-                          karcher=p_args.get("karcher"), eps=p_args.get("eps"))
+                          karcher=p_args.get("karcher"), eps=p_args.get("eps"), epsilon=p_args.get("epsilon"),
+                          shape=tuple(shape))
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

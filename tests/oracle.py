@@ -24,8 +24,31 @@ def topk_mask(absd: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def della_ranks(absd: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """mergekit's della_magprune ranks (a 1-D tensor unsqueezed to one row; argsort of argsort along dimension 1,
+    here a stable one: equal |d| in index order) as (rank - min rank, max rank - min rank), flat."""
+    a = absd.reshape(shape if len(shape) >= 2 else (1, absd.size))
+    ranks = np.argsort(np.argsort(a, axis=1, kind="stable"), axis=1, kind="stable").astype(np.float64) + 1
+    low, high = ranks.min(axis=1, keepdims=True), ranks.max(axis=1, keepdims=True)
+    return (ranks - low).reshape(-1), np.broadcast_to(high - low, a.shape).reshape(-1)
+
+
+def della_keep(absd: np.ndarray, shape: tuple[int, ...], density: float, epsilon: float, u: np.ndarray
+               ) -> np.ndarray:
+    """DELLA's keep test u < p, p = (density - epsilon) + rank_norm * 2 * epsilon in float32 as mergekit computes
+    it (an entry ranked alone: p = density)."""
+    if density >= 1.0:
+        return np.ones(absd.size, dtype=bool)
+    r, span = della_ranks(absd, shape)
+    f = np.float32
+    q = np.where(span > 0, (r.astype(f) / np.maximum(span, 1).astype(f)), f(0.0)).astype(f)
+    p = (f(density - epsilon) + (q * f(2.0)) * f(epsilon)).astype(f)
+    p = np.where(span > 0, p, f(density))
+    return u < p
+
+
 def sparsify(method, d32: np.ndarray, i: int, density: float, gamma: float, seed: int, name: str,
-             rescale) -> np.ndarray:
+             rescale, epsilon: float = 0.15, shape: tuple[int, ...] | None = None) -> np.ndarray:
     """float64 sparsified delta of one expert."""
     n = d32.size
     absd = np.abs(d32.astype(np.float64))
@@ -46,6 +69,10 @@ def sparsify(method, d32: np.ndarray, i: int, density: float, gamma: float, seed
         if rescale == "inverse":
             return dh / density
         return l1_rescaled(dh, absd, rescale)
+    if method.sparsifier == "della":
+        u = philox_rand(dare_key(seed, name, i), torch.arange(n, dtype=torch.int64)).numpy()
+        kept = della_keep(np.abs(d32), shape if shape is not None else (n,), density, epsilon, u)
+        return l1_rescaled(np.where(kept, d, 0.0), absd, rescale)
     return d
 
 
@@ -58,8 +85,8 @@ def l1_rescaled(dh: np.ndarray, absd: np.ndarray, rescale) -> np.ndarray:
 
 
 def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, lam=1.0, normalize=None,
-          rescale=None, seed=0, name="") -> np.ndarray:
-    """The merged tensor in float64 (flat); `rescale` None: the method's default."""
+          rescale=None, seed=0, name="", epsilon=0.15) -> np.ndarray:
+    """The merged tensor in float64 (flat); `rescale` None: the method's default. DELLA ranks by the base's shape."""
     method = METHODS[method_name]
     if rescale is None:
         rescale = method.params["rescale"].default if "rescale" in method.params else False
@@ -67,6 +94,7 @@ def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, l
     w = [float(x) for x in weight]
     dens = density if isinstance(density, list) else [density] * n
     gam = gamma if isinstance(gamma, list) else [gamma] * n
+    eps = epsilon if isinstance(epsilon, list) else [epsilon] * n
     if normalize is None:
         normalize = method.params["normalize"].default
     if method.is_linear:
@@ -77,7 +105,7 @@ def merge(base, experts, method_name: str, *, weight, density=1.0, gamma=0.01, l
     dh = []
     for i, e in enumerate(experts):
         d32 = e.reshape(-1).to(torch.float32).numpy() - b32
-        dh.append(sparsify(method, d32, i, dens[i], gam[i], seed, name, rescale))
+        dh.append(sparsify(method, d32, i, dens[i], gam[i], seed, name, rescale, eps[i], tuple(base.shape)))
     if method.consensus == "sign":
         # the election, to the bit: float32 products summed left to right in float32
         s = np.zeros_like(b32)

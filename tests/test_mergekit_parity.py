@@ -15,6 +15,8 @@ What must hold (issue 6, docs/mergekit.md):
   `slices:`, as linear (their weights from the angles between the tensors; mergekit finds those angles in
   float32, fusemerge exactly: bench/parity.py);
 - nearswap (its float32 operations are mergekit's): byte-identical;
+- della and della_linear: at density 1 as ties (the election, the mean, the defaults); with a drop, the two tools'
+  masks differ by design (as DARE's), but keep each rank of a row's deltas at the same rate;
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
 - the same holds for a family whose models were saved in different dtypes (bf16, fp32, fp16), and for one
   saved as PyTorch `.bin` checkpoints (one file, and shards with an index).
@@ -182,6 +184,22 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
         "nearswap_rules": {"merge_method": "nearswap", "base_model": base, "dtype": "float32",
                            "out_dtype": "bfloat16", "models": [{"model": e2}, {"model": base}],
                            "parameters": {"t": [{"filter": "mlp", "value": 0.003}, {"value": 0.0008}]}},
+        # della and della_linear at density 1 (nothing dropped, so comparable element by element: the sign
+        # election, the disjoint mean and the defaults of normalize and rescale), epsilon given per model
+        "della_dense": {"merge_method": "della", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                        "models": [{"model": e1, "parameters": {"weight": 0.6, "epsilon": 0.3}},
+                                   {"model": e2, "parameters": {"weight": [0.2, 0.9]}},
+                                   {"model": e3, "parameters": {"weight": 1.0}}],
+                        "parameters": {"density": 1.0, "epsilon": 0.1}},
+        "della_linear_dense": {"merge_method": "della_linear", "base_model": base, "dtype": "float32",
+                               "out_dtype": "bfloat16", "models": [{"model": e1, "parameters": {"weight": 0.6}},
+                                                                   {"model": e2, "parameters": {"weight": 1.4}}],
+                               "parameters": {"density": 1.0, "lambda": 0.8}},
+        # one model's drop, unrescaled: where the output is not the base is what each tool kept (the masks differ
+        # by design; their keep rates by rank must not)
+        "della_linear_drop": {"merge_method": "della_linear", "base_model": base, "dtype": "float32",
+                              "out_dtype": "bfloat16", "models": [{"model": e1, "parameters": {"weight": 1.0}}],
+                              "parameters": {"density": 0.4, "epsilon": 0.3, "rescale": False}},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -238,12 +256,45 @@ def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices", "ties_rescale",
-                                  "breadcrumbs_rescale", "ties_mixed_dtypes", "ties_bin"])
+                                  "breadcrumbs_rescale", "ties_mixed_dtypes", "ties_bin", "della_dense",
+                                  "della_linear_dense"])
 def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)
     assert not par.problems, par.problems
     assert par.unexplained == 0 and par.differ == par.tie + par.rounding, par.summary()
+
+
+def test_della_keeps_deltas_at_mergekits_rates_by_rank(merged: dict) -> None:
+    """mergekit's della_magprune and fusemerge's drop (different random streams) keep each row's deltas at the same
+    rates by rank: over each 2-D tensor's rows, the kept fraction of each fifth of the ranks (by |delta|) agrees
+    between the tools within 5 binomial sigmas, rises from the smallest fifth to the largest, and is near
+    density - 0.8 epsilon and density + 0.8 epsilon at the two ends."""
+    from tests.test_merge_e2e import load_model
+
+    config, fm, mk = merged["della_linear_drop"]
+    cfg = yaml.safe_load(config.read_text())
+    base, expert = load_model(Path(cfg["base_model"])), load_model(Path(cfg["models"][0]["model"]))
+    outs = [load_model(fm), load_model(mk)]
+    kept = torch.zeros(2, 5)
+    total = torch.zeros(5)
+    for name, b in base.items():
+        if b.dim() != 2 or b.shape[1] < 50:
+            continue
+        d = expert[name].float() - b.float()
+        rank = d.abs().argsort(dim=1, stable=True).argsort(dim=1)
+        fifth = (rank * 5) // b.shape[1]
+        live = d != 0  # a zero delta leaves the base either way
+        for k, out in enumerate(outs):
+            keep = (out[name] != b) & live
+            kept[k] += torch.bincount(fifth[keep], minlength=5).float()
+        total += torch.bincount(fifth[live], minlength=5).float()
+    rates = kept / total
+    sigma = (rates.mean(0) * (1 - rates.mean(0)) / total).sqrt()
+    assert bool(((rates[0] - rates[1]).abs() <= 5 * sigma * 2**0.5).all()), rates
+    for r in rates:
+        assert bool((r[1:] > r[:-1]).all()), rates
+        assert abs(float(r[0]) - (0.4 - 0.8 * 0.3)) < 0.03 and abs(float(r[-1]) - (0.4 + 0.8 * 0.3)) < 0.03, rates
 
 
 @pytest.mark.parametrize("name", ["nearswap", "nearswap_rules"])

@@ -31,7 +31,8 @@ from fusemerge.kernels.params import EMPTY_T, ChunkParams
 IN_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Output codes: float32 and bf16 are rounded here; fp16 is written as float32 and rounded by torch.
 OUT_CODES = {torch.float32: 0, torch.bfloat16: 1}
-SPARSIFIERS = {"none": 0, "magnitude": 1, "dare": 2, "breadcrumbs": 3}
+# DELLA's masks are drawn by the caller (kernels/della.py), as DARE's: the loop takes both as code 2
+SPARSIFIERS = {"none": 0, "magnitude": 1, "dare": 2, "breadcrumbs": 3, "della": 2}
 # Elements per block of the merge loop: each expert's products for a block are kept (N x 2 KiB of float32)
 # between the sign election and the disjoint mean, so the chunk is read once; 512 keeps them in L1/L2.
 BLOCK = 512
@@ -634,7 +635,7 @@ def merge(base: torch.Tensor | None, experts: list[torch.Tensor], start: int, p:
           out_dtype: torch.dtype, nonfinite: torch.Tensor | None, keeps: list[torch.Tensor] | None
           ) -> torch.Tensor | None:
     """reference.merge_torch's result for this chunk, or None where the compiled loop does not take it (then
-    the torch path runs). `keeps`: DARE's keep masks (bool, one per expert), drawn by the caller."""
+    the torch path runs). `keeps`: DARE's or DELLA's keep masks (bool, one per expert), drawn by the caller."""
     return _merge(_library(), base, experts, start, p, out_dtype, nonfinite, keeps)
 
 
@@ -659,7 +660,7 @@ def _merge(lib, base, experts, start, p, out_dtype, nonfinite, keeps) -> torch.T
     t_drop = np.array(p.t_drop or empty_t, dtype=np.int32)
     c_drop = np.array(p.c_drop or (0,) * nexp, dtype=np.int64)
     ptrs = (ctypes.c_void_p * nexp)(*[x.data_ptr() for x in experts])
-    if p.sparsifier == "dare":
+    if p.sparsifier in ("dare", "della"):
         if keeps is None or len(keeps) != nexp or any(k.dtype != torch.bool or k.numel() != n for k in keeps):
             return None
         keeps = [k.contiguous() for k in keeps]

@@ -24,7 +24,7 @@ EMPTY_C = 0
 class ChunkParams:
     """Per-tensor merge parameters shared by all chunks of the tensor.
 
-    sparsifier: "none" | "magnitude" | "dare" | "breadcrumbs"
+    sparsifier: "none" | "magnitude" | "dare" | "breadcrumbs" | "della"
     consensus:  "none" | "sign"
     linear:     True for `linear` (average the models, not deltas; `base` is not used)
     weights:    one per expert (for linear: one per averaged model)
@@ -32,7 +32,9 @@ class ChunkParams:
     normalize:  divide by the (agreeing) weight sum
     t_keep, c_keep: per expert, the kept set is in_top(t_keep, c_keep) (magnitude, breadcrumbs)
     t_drop, c_drop: per expert, breadcrumbs' dropped top outliers in_top(t_drop, c_drop)
-    keys, density:  per expert, DARE's Philox key (signed int64) and keep probability
+    keys, density:  per expert, DARE's Philox key (signed int64) and keep probability (DELLA's: its key and mean
+                keep probability)
+    epsilon, ranks: DELLA's, per expert its epsilon, and the tensor's rank groups (m, inner) (kernels/della.py)
     scale:      per expert, rescale factor for kept entries (1.0 = none)
     nearswap:   nearswap's t (None for every other method): the base and the one expert, mixed per entry
                 (reference.nearswap_torch, triton_nearswap.nearswap_chunk; the other fields are then unused)
@@ -51,6 +53,8 @@ class ChunkParams:
     keys: tuple[int, ...] = ()
     density: tuple[float, ...] = ()
     scale: tuple[float, ...] = ()
+    epsilon: tuple[float, ...] = ()
+    ranks: tuple[int, int] = (1, 1)
     nearswap: float | None = None
 
     @property

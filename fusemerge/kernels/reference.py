@@ -21,6 +21,7 @@ import torch
 
 from fusemerge.kernels import cpu_fused, fixed_dots
 from fusemerge.kernels.dare_masks import KeepMasks
+from fusemerge.kernels.della import della_keep
 from fusemerge.kernels.params import EMPTY_C, EMPTY_T, ChunkParams
 from fusemerge.kernels.philox import dare_keep_run
 
@@ -80,11 +81,14 @@ def keep_mask(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMa
     """The sparsifier's keep mask for expert `i` on this chunk as int32 -1/0 (None: keep everything).
 
     DARE: `keep` is the chunk's drawn mask (bool), else `masks` may hold it from the statistics pass, else it
-    is drawn."""
+    is drawn. DELLA: `keep`, else drawn from the chunk's ranks (kernels/della.py)."""
     if p.sparsifier == "none":
         return None
     if p.sparsifier == "dare":
         keep = dare_keep(d, i, start, p, masks) if keep is None else keep
+        return keep.to(torch.int32).neg_()
+    if p.sparsifier == "della":
+        keep = della_keep_of(d, i, start, p) if keep is None else keep
         return keep.to(torch.int32).neg_()
     a = abs_bits(d)
     keep = top_mask(a, start, p.t_keep[i], p.c_keep[i])
@@ -98,6 +102,11 @@ def dare_keep(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMa
     if masks is not None and d.device.type == "cpu":
         return masks.draw(p.keys[i], start, d.numel(), p.density[i])
     return dare_keep_run(p.keys[i], start, d.numel(), p.density[i], d.device)
+
+
+def della_keep_of(d: torch.Tensor, i: int, start: int, p: ChunkParams) -> torch.Tensor:
+    """DELLA's keep mask (bool) of expert `i` on the delta chunk `d` (whole rank units, kernels/della.py)."""
+    return della_keep(d, start, p.keys[i], p.density[i], p.epsilon[i], p.ranks)
 
 
 def merge_chunk(
@@ -140,6 +149,8 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
     if experts and experts[0].device.type == "cpu" and cpu_fused.available():  # the same bits, in one pass
         if p.sparsifier == "dare":
             keeps = [dare_keep(x, i, start, p, masks) for i, x in enumerate(experts)]
+        elif p.sparsifier == "della":
+            keeps = [della_keep_of(delta(base, x), i, start, p) for i, x in enumerate(experts)]
         fused = cpu_fused.merge(base, experts, start, p, out_dtype, nonfinite, keeps)
         if fused is not None:
             return fused
@@ -150,7 +161,7 @@ def merge_torch(base: torch.Tensor | None, experts: list[torch.Tensor], start: i
                 out_dtype: torch.dtype, *, nonfinite: torch.Tensor | None = None, masks: KeepMasks | None = None,
                 keeps: list[torch.Tensor] | None = None) -> torch.Tensor:
     """merge_chunk in torch operations, one IEEE operation per call (the reference cpu_fused is checked
-    against). `keeps`: DARE's keep masks (bool, one per expert) already drawn for this chunk."""
+    against). `keeps`: DARE's or DELLA's keep masks (bool, one per expert) already drawn for this chunk."""
     device = experts[0].device
     if nonfinite is not None:
         for i, x in enumerate(experts):
@@ -492,6 +503,13 @@ def l1_fixed(
             kept_masks[i] = masks.draw(key, start, base.numel(), density, keep=True)
         else:
             kept_masks[i] = dare_keep_run(key, start, base.numel(), density, base.device)
+    return l1_fixed_masks(base, xs, shifts, kept_masks)
+
+
+def l1_fixed_masks(base: torch.Tensor, xs: list[torch.Tensor], shifts: list[int | None],
+                   kept_masks: list[torch.Tensor | None]) -> list[tuple[int, int]]:
+    """l1_fixed's sums with each expert's keep mask given (bool; None: every entry kept), on any torch device;
+    on CPU one compiled read of the base for all experts."""
     fused = cpu_fused.l1_fixed(base, list(xs), list(shifts), kept_masks) if base.device.type == "cpu" else None
     return fused if fused is not None else [l1_fixed_torch(base, x, h, k) if h is not None else (0, 0)
                                             for x, h, k in zip(xs, shifts, kept_masks, strict=True)]

@@ -673,6 +673,8 @@ def tensor_params(
     models: int = 0,
     karcher: tuple[int, float] | None = None,
     eps: float | None = None,
+    epsilon: list[float] | None = None,
+    shape: tuple[int, ...] | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
@@ -682,7 +684,9 @@ def tensor_params(
     slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py;
     nuslerp's from `weights` and the angle, kernels/nuslerp.py), or nearswap's distance;
     `models`: how many models (the base's tensor first) slerp and model_stock sum, or karcher averages;
-    `karcher`: its (max_iter, tol); `eps`: multislerp's (with `normalize`, its normalize_weights).
+    `karcher`: its (max_iter, tol); `eps`: multislerp's (with `normalize`, its normalize_weights); `epsilon`, `shape`:
+    DELLA's epsilon per expert and the tensor's shape, whose rank groups the drop ranks in (`chunk`: whole units
+    of them, della.aligned_chunk).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -737,5 +741,14 @@ def tensor_params(
         else:
             scale = (1.0,) * n
         kw = dict(keys=tuple(keys), density=tuple(density), scale=scale)
+    elif method.sparsifier == "della":
+        from fusemerge.kernels.della import della_scales, rank_layout
+        from fusemerge.kernels.philox import dare_key
+
+        keys = [dare_key(seed, name, i) for i in range(n)]
+        layout = rank_layout(shape if shape is not None else (numel,))
+        scale = (tuple(della_scales(backend, segments, chunk, keys, density, epsilon, layout)) if rescale is True
+                 else (1.0,) * n)
+        kw = dict(keys=tuple(keys), density=tuple(density), scale=scale, epsilon=tuple(epsilon), ranks=layout)
     return ChunkParams(sparsifier=method.sparsifier, consensus=method.consensus, linear=method.combines_models,
                        weights=tuple(weights), lam=lam, normalize=normalize, **kw)

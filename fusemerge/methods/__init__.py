@@ -3,6 +3,7 @@
 This is mergekit's "generalized task arithmetic" idea without its task graph:
 
     sparsifier   none | magnitude (TIES trim) | dare (random drop) | breadcrumbs (drop both tails)
+                 | della (random drop, each delta's keep probability from its rank in its row)
     consensus    none (weighted sum) | sign (TIES election + disjoint mean)
 
 `linear` averages the models themselves rather than their deltas; `slerp` interpolates a base and one other
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs")
+SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs", "della")
 CONSENSUS = ("none", "sign")
 
 
@@ -137,6 +138,11 @@ RESCALE = _p("rescale", True, False, kind="rescale")
 # mergekit's rescale of a magnitude trim (its generalized task arithmetic: `rescale`, default false for ties
 # and breadcrumbs): true multiplies the kept entries by ||d||_1 / ||kept d||_1, as DARE's L1 rescale does.
 TRIM_RESCALE = _p("rescale", False, False, kind="bool")
+# DELLA's (mergekit/merge_methods/generalized_task_arithmetic.py: `epsilon`, per model, default 0.15): the keep
+# probabilities run from density - epsilon (smallest |d| of a row) to density + epsilon (largest); and its
+# rescale, mergekit's L1 rescale as DARE's (default true; DARE's `inverse` has no per-entry counterpart here).
+EPSILON = _p("epsilon", 0.15, True, low=0.0, high=1.0)
+DELLA_RESCALE = _p("rescale", True, False, kind="bool")
 # slerp's interpolation factor (mergekit/merge_methods/slerp.py: `t`, required): 0 is the base, 1 the other model.
 T = _p("t", None, False)
 # model_stock's per-row variant (mergekit: `filter_wise`, default false); only false is supported.
@@ -182,6 +188,14 @@ _ALL = [
            params={"weight": WEIGHT, "density": DENSITY, "gamma": GAMMA, "lambda": LAMBDA,
                    "normalize": _normalize(False), "rescale": TRIM_RESCALE},
            paper="https://arxiv.org/abs/2312.06795"),
+    Method("della", "della", "sign", needs_base=True,
+           params={"weight": WEIGHT, "density": DENSITY, "epsilon": EPSILON, "lambda": LAMBDA,
+                   "normalize": _normalize(True), "rescale": DELLA_RESCALE},
+           paper="https://arxiv.org/abs/2406.11617"),
+    Method("della_linear", "della", "none", needs_base=True,
+           params={"weight": WEIGHT, "density": DENSITY, "epsilon": EPSILON, "lambda": LAMBDA,
+                   "normalize": _normalize(False), "rescale": DELLA_RESCALE},
+           paper="https://arxiv.org/abs/2406.11617"),
     Method("slerp", "none", "none", needs_base=True, params={"t": T},
            paper="https://en.wikipedia.org/wiki/Slerp", others=(1, 1)),
     Method("model_stock", "none", "none", needs_base=True, params={"filter_wise": FILTER_WISE},

@@ -220,13 +220,14 @@ class Executor:
         params = tensor_params(
             self.plan.method, name=t.name, numel=t.numel, segments=[segment],
             weights=t.weights, density=t.density, gamma=t.gamma, lam=t.lam, normalize=t.normalize,
-            rescale=t.rescale, seed=self.plan.seed, chunk=chunk or self.plan.chunk_elems, backend=self.stat_kernels,
+            rescale=t.rescale, seed=self.plan.seed, chunk=t.chunk(chunk or self.plan.chunk_elems),
+            backend=self.stat_kernels,
             cuts=self.global_cuts[t.name] if self.global_cuts is not None else None, masks=masks,
             # the selections kept for the tie cut (~1% of a tensor's entries per expert, more with bf16 ties): at
             # most a worker's resident share, so that a worst case costs a counting pass, not unbounded memory
             # (1/8 of it made bench/memory.py's 64 MiB TIES merge 31% slower, for 4 MiB less)
             keep_bytes=self.plan.resident_bytes, t=t.t, models=len(t.inputs),
-            karcher=t.karcher, eps=t.eps)
+            karcher=t.karcher, eps=t.eps, epsilon=t.epsilon, shape=t.shape)
         self.times.add(stats=time.perf_counter() - t0)
         return params
 
@@ -306,7 +307,7 @@ class Executor:
     # -- merging -------------------------------------------------------------------------------
 
     def merge_tensor(self, t: TensorPlan) -> None:
-        chunk = self.plan.chunk_elems
+        chunk = t.chunk(self.plan.chunk_elems)
         in_bytes = sum(e.itemsize for e in t.entries)  # per element, all inputs together
         out_item = torch.empty((), dtype=FLOAT_CODES.get(t.out_dtype, torch.uint8)).element_size()
         if t.copy_only:  # bytes as they are, a chunk at a time (passthrough copies whole embeddings)

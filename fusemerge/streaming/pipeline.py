@@ -78,6 +78,11 @@ class Pipeline:
             raise InputError(f"{opt_name('max_pinned_memory')}: {format_size(budget)} for this GPU's pipeline (each "
                              f"GPU takes an equal share) is too small: its buffers for {self.rows} inputs and "
                              f"{self.readers} readers need at least {format_size(self._pinned(self.chunk))}")
+        wide = [t for t in self.plan.tensors if t.chunk(self.chunk) > self.chunk]
+        if wide:  # DELLA ranks a row's entries together: a chunk holds whole rows
+            raise InputError(f"{opt_name('max_pinned_memory')}: this GPU's pipeline holds chunks of {self.chunk:,} "
+                             f"elements, and {self.plan.method.name} ranks the {wide[0].chunk(self.chunk):,} entries "
+                             f"of each row of tensor '{wide[0].name}' together; raise {opt_name('max_pinned_memory')}")
         self._error: BaseException | None = None
         self._stop = threading.Event()
         self._jobs: queue.Queue = queue.Queue()
@@ -206,7 +211,8 @@ class Pipeline:
     def _run(self, order: list[TensorPlan]) -> None:
         order = file_order(self.plan, order)
         streamed = [t for t in order if not t.copy_only]
-        units = [(t, s, min(self.chunk, t.numel - s)) for t in streamed for s in range(0, t.numel, self.chunk)]
+        units = [(t, s, min(t.chunk(self.chunk), t.numel - s)) for t in streamed
+                 for s in range(0, t.numel, t.chunk(self.chunk))]
         for _ in range(self.n_out):
             self._free_out.put(self._host(1, self.chunk * 4)[0])
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None
@@ -229,7 +235,7 @@ class Pipeline:
                 if t.copy_only:  # non-float tensors are copied as they are
                     self._copy_tensor(t)
                 else:
-                    chunks = (_ready(ready) for _ in range(-(-t.numel // self.chunk)))  # as they arrive
+                    chunks = (_ready(ready) for _ in range(-(-t.numel // t.chunk(self.chunk))))  # as they arrive
                     self._merge_tensor(t, chunks)
                 self._check()
         except BaseException as e:
@@ -293,8 +299,9 @@ class Pipeline:
                 segment = Segment(t.numel, lambda a, c: _views(t, resident, a, c), whole=True,
                                   scratch=max(0, self.plan.budget - held))
                 params = self.ex.chunk_params(t, segment)
-            for start in range(0, t.numel, self.chunk):
-                count = min(self.chunk, t.numel - start)
+            step = t.chunk(self.chunk)
+            for start in range(0, t.numel, step):
+                count = min(step, t.numel - start)
                 base, experts = _views(t, resident, start, count)
                 self._kernel(t, base, experts, start, count, params, out_dtype, nonfinite, self._next_buffer())
         done = self._record(self.compute)  # the tensor's last kernel: its NaN / Inf counts are final
@@ -340,7 +347,7 @@ class Pipeline:
             self._stat_gpu = torch.empty((self.rows, self.chunk * 4), dtype=torch.uint8, device=self.device)
             self._stat_pool = ThreadPoolExecutor(min(self.rows, self.readers), thread_name_prefix="fusemerge-stat")
         bufs, copied = self._stat_bufs, [None, None]
-        places = [(i, start) for i, t in enumerate(tensors) for start in range(0, t.numel, self.chunk)]
+        places = [(i, start) for i, t in enumerate(tensors) for start in range(0, t.numel, t.chunk(self.chunk))]
         after = {p: places[(k + 1) % len(places)] for k, p in enumerate(places)}
         pending: dict[tuple[int, int], tuple[int, list]] = {}
         turn = [0]
@@ -351,7 +358,7 @@ class Pipeline:
             if copied[k] is not None:
                 copied[k].synchronize()  # its last H2D is done: the buffer can be refilled
             t = tensors[i]
-            count = min(self.chunk, t.numel - start)
+            count = min(t.chunk(self.chunk), t.numel - start)
             pending[i, start] = (k, [self._stat_pool.submit(self._timed_read, e, start, count, bufs[k][r])
                                      for r, e in enumerate(t.entries)])
 

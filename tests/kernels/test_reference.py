@@ -28,6 +28,8 @@ PARAMS = {
     "dare_linear": {"density": 0.6},
     "breadcrumbs": {"density": 0.3, "gamma": 0.05},
     "breadcrumbs_ties": {"density": 0.3, "gamma": 0.05},
+    "della": {"density": 0.5, "epsilon": 0.2},
+    "della_linear": {"density": 0.4, "epsilon": 0.1},
 }
 
 
