@@ -255,10 +255,10 @@ def merge_tensors(
     numel = flat[0].numel()
     if m.sparsifier == "della":  # its chunks are whole rows, which it ranks together (kernels/della.py)
         chunk = aligned_chunk(rank_layout(shape), chunk)
-    # CPU DARE with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per entry
-    # and expert, 1/16 of bf16 inputs) instead of drawing Philox twice
+    # CPU DARE (or DELLA) with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per
+    # entry and expert, 1/16 of bf16 inputs) instead of drawing Philox (and sorting) twice
     masks = (KeepMasks(KeepMasks.bytes_for(numel, chunk, n))
-             if device.type == "cpu" and m.sparsifier == "dare" and rescale is True else None)
+             if device.type == "cpu" and m.sparsifier in ("dare", "della") and rescale is True else None)
     out = torch.empty(numel, dtype=out_dtype, device=device)
     with on_device(device):  # tensors on cuda:1 are merged by kernels launched on cuda:1
         def load(s: int, c: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -169,7 +170,7 @@ def _ready(proc: subprocess.Popen, timeout: float) -> bool:
 
 
 class KeepMasks:
-    """DARE keep masks of one tensor, bit-packed: drawn once by its statistics pass (the L1 rescale) and
+    """DARE (or DELLA) keep masks of one tensor, bit-packed: drawn once by its statistics pass (the L1 rescale) and
     used again by its merge pass, instead of drawing the stream twice.
 
     Stored masks go one after another into one block of ``max_bytes`` (allocated at the first store, freed
@@ -203,9 +204,11 @@ class KeepMasks:
         full, rest = divmod(numel, chunk)
         return experts * (full * -(-chunk // 8) + -(-rest // 8))
 
-    def draw(self, key: int, start: int, n: int, density: float, *, keep: bool = False) -> torch.Tensor:
+    def draw(self, key: int, start: int, n: int, density: float, *, keep: bool = False,
+             make: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """dare_keep_run(key, start, n, density) on CPU: a stored mask if there is one (then forgotten),
-        else drawn, and stored for one later use when `keep` and it fits."""
+        else drawn, and stored for one later use when `keep` and it fits. `make`: what draws the mask instead
+        (DELLA's, kernels/della.py: a bool tensor of n entries, the same for the same key, start and n)."""
         ident = (key, start, n, keep_below(density))
         place = self._held.pop(ident, None)
         if place is not None:
@@ -217,7 +220,10 @@ class KeepMasks:
         self.drawn += 1
         size = -(-n // 8)
         store = keep and self.used_bytes + size <= self.max_bytes
-        if self.workers is not None:
+        if make is not None:
+            mask = make()
+            packed = np.packbits(mask.numpy(), bitorder="little") if store else None
+        elif self.workers is not None:
             packed = self.workers.draw_packed(key, start, n, density)
             mask = _unpack(packed, n)
         else:

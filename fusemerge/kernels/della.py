@@ -40,9 +40,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fusemerge.kernels.philox import philox_rand
+from fusemerge.kernels.philox import philox_rand_run
 
 if TYPE_CHECKING:
+    from fusemerge.kernels.dare_masks import KeepMasks
     from fusemerge.kernels.select import Segment
 
 EPSILON = 0.15  # mergekit's default
@@ -100,22 +101,32 @@ def della_keep(d: torch.Tensor, start: int, key: int, density: float, epsilon: f
         del ranks
         p = q.mul_(2.0).mul_(torch.full((), float(eps), dtype=f32, device=d.device))
         p.add_(torch.full((), float(lo), dtype=f32, device=d.device))
-    draws = philox_rand(key, torch.arange(start, start + n, dtype=torch.int64, device=d.device))
+    draws = philox_rand_run(key, start, n, d.device)
     return draws.lt_(p).to(torch.bool)
 
 
 def della_scales(backend: ModuleType, segments: list[Segment], chunk: int, keys: Sequence[int],
-                 density: Sequence[float], epsilon: Sequence[float], layout: tuple[int, int]) -> list[float]:
+                 density: Sequence[float], epsilon: Sequence[float], layout: tuple[int, int],
+                 masks: KeepMasks | None = None) -> list[float]:
     """mergekit's L1 rescale per expert, ||d||_1 / ||kept d||_1 over the tensor (select.l1_scales: exact
-    fixed-point sums), the kept entries drawn as the merge draws them. `chunk`: whole units."""
+    fixed-point sums), the kept entries drawn as the merge draws them. `chunk`: whole units. `masks` (CPU):
+    where the masks made here are kept for the merge pass (which then need not sort again)."""
     from fusemerge.kernels import reference
     from fusemerge.kernels.select import l1_scales
 
+    def keep(base: torch.Tensor, x: torch.Tensor, i: int, start: int) -> torch.Tensor:
+        def make() -> torch.Tensor:
+            return della_keep(reference.delta(base, x), start, keys[i], density[i], epsilon[i], layout)
+
+        if masks is not None and base.device.type == "cpu":
+            return masks.draw(keys[i], start, base.numel(), density[i], keep=True, make=make)
+        return make()
+
     def sums(base: torch.Tensor, xs: list[torch.Tensor], shifts: list[int | None], start: int
              ) -> list[tuple[int, int]]:
-        masks = [della_keep(reference.delta(base, x), start, keys[i], density[i], epsilon[i], layout)
-                 if shifts[i] is not None and density[i] < 1.0 else None for i, x in enumerate(xs)]
-        return reference.l1_fixed_masks(base, xs, shifts, masks)
+        kept = [keep(base, x, i, start) if shifts[i] is not None and density[i] < 1.0 else None
+                for i, x in enumerate(xs)]
+        return reference.l1_fixed_masks(base, xs, shifts, kept)
 
     return l1_scales(backend, segments, chunk, len(keys), sums)
 

@@ -49,7 +49,7 @@ import hashlib
 import numpy as np
 import torch
 
-from fusemerge.kernels.philox_native import keep_run
+from fusemerge.kernels.philox_native import keep_run, uniform_run
 from fusemerge.kernels.philox_numpy import (  # noqa: F401 (constants re-exported)
     _CHUNK_NUMPY,
     _M32,
@@ -174,7 +174,8 @@ def dare_keep_run(key: int, start: int, n: int, density: float, device: torch.de
     if start < 0 or n < 0 or start + n > (1 << 63):
         raise ValueError(f"entries [{start}, {start + n}) are outside [0, 2^63)")
     if torch.device(device).type != "cpu":
-        return dare_keep(key, torch.arange(start, start + n, dtype=torch.int64, device=device), density)
+        u = philox_rand_run(key, start, n, device)
+        return u < torch.tensor(density, dtype=torch.float32, device=u.device)
     k0, k1 = _split_key(key)
     out = np.empty(n, dtype=np.bool_)
     keep_run(k0, k1, start, n, keep_below(density), out)
@@ -202,6 +203,30 @@ def philox_rand(key: int, offsets: torch.Tensor) -> torch.Tensor:
     else:
         u = _uniform_torch(k0, k1, flat)
     return u.reshape(offsets.shape)
+
+
+def philox_rand_run(key: int, start: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``philox_rand(key, torch.arange(start, start + n))``: on CPU by the compiled loop where a C compiler is
+    found (philox_native.uniform_run, about 10x numpy's speed), on CUDA by one Triton launch
+    (triton_rand.uniform_run), else as philox_rand.
+
+    >>> import torch
+    >>> key = dare_key(0, "w", 0)
+    >>> torch.equal(philox_rand_run(key, 2**32 - 3, 9), philox_rand(key, torch.arange(2**32 - 3, 2**32 + 6)))
+    True
+    """
+    if start < 0 or n < 0 or start + n > (1 << 63):
+        raise ValueError(f"entries [{start}, {start + n}) are outside [0, 2^63)")
+    if torch.device(device).type == "cpu":
+        k0, k1 = _split_key(key)
+        u = uniform_run(k0, k1, start, n)
+        if u is not None:
+            return torch.from_numpy(u)
+    elif torch.device(device).type == "cuda":
+        from fusemerge.kernels.triton_rand import uniform_run as uniform_run_cuda
+
+        return uniform_run_cuda(key, start, n, device)
+    return philox_rand(key, torch.arange(start, start + n, dtype=torch.int64, device=device))
 
 
 def dare_keep(key: int, offsets: torch.Tensor, density: float) -> torch.Tensor:

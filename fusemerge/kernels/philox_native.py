@@ -1,4 +1,5 @@
-"""DARE's keep test on CPU as compiled code: philox_numpy.keep_run's loop in C, built at first use.
+"""DARE's keep test on CPU as compiled code: philox_numpy.keep_run's loop in C, built at first use (and the same
+rounds giving tl.rand's float32 draws, `uniform_run`, which DELLA's per-entry test needs).
 
 The CPU merge spends most of a DARE merge drawing Philox 4x32-10 (dare_masks.py). In numpy each of the
 ~50 element-wise steps of the 10 rounds is its own pass over a uint64 array: 19.5 ns per entry and expert
@@ -54,6 +55,28 @@ FM_CLONES void fm_keep_run(uint32_t k0, uint32_t k1, uint32_t high, uint32_t fir
         out[j] = folded < below;
     }}
 }}
+
+/* out[j] = tl.rand's float32 draw at counter (first + j, high, 0, 0): the folded word (below 2^31) converted
+   to float32 (round to nearest even), times float32({philox_numpy.UNIFORM_SCALE}) (one rounding: no add to fuse
+   it with). DELLA tests each entry against its own probability, so it needs the draws themselves. */
+FM_CLONES void fm_uniform_run(uint32_t k0, uint32_t k1, uint32_t high, uint32_t first, int64_t n, float *out) {{
+    uint32_t ks0[{philox_numpy.N_ROUNDS}], ks1[{philox_numpy.N_ROUNDS}];
+    for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
+        ks0[r] = k0; ks1[r] = k1;
+        k0 += {PHILOX_KEY_A}u; k1 += {PHILOX_KEY_B}u;
+    }}
+    for (int64_t j = 0; j < n; j++) {{
+        uint32_t c0 = first + (uint32_t)j, c1 = high, c2 = 0, c3 = 0;
+        for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
+            uint64_t pa = (uint64_t){PHILOX_ROUND_A}u * c0, pb = (uint64_t){PHILOX_ROUND_B}u * c2;
+            uint32_t d0 = (uint32_t)(pb >> 32) ^ c1 ^ ks0[r];
+            uint32_t d2 = (uint32_t)(pa >> 32) ^ c3 ^ ks1[r];
+            c1 = (uint32_t)pb; c3 = (uint32_t)pa; c0 = d0; c2 = d2;
+        }}
+        int32_t folded = (int32_t)(c0 >= 0x80000000u ? ~c0 : c0);
+        out[j] = (float)folded * {philox_numpy.UNIFORM_SCALE}f;
+    }}
+}}
 """
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
 _NAME = "fm_keep_run"
@@ -97,6 +120,48 @@ def _call(fn, k0: int, k1: int, start: int, n: int, below: int, out: np.ndarray)
 
 def _function():
     return native_build.loaded(_state, _lock, _load, "DARE keep masks on CPU")
+
+
+_ustate: dict[str, object] = {}
+
+
+def _load_uniform() -> tuple[object | None, str]:
+    if native_build.disabled():
+        return None, "numpy (FUSEMERGE_NATIVE=0)"
+    lib, where = native_build.load("philox", SOURCE, FLAGS)
+    fn = getattr(lib, "fm_uniform_run", None) if lib is not None else None
+    if fn is None:
+        return None, f"numpy ({where})"
+    fn.argtypes = [ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_int64,
+                   ctypes.c_void_p]
+    fn.restype = None
+    from fusemerge.kernels.philox import _uniform_numpy
+
+    for k0, k1, start, n in ((0x12345678, 0x9ABCDEF0, (1 << 32) - 700, 700), (0xFFFFFFFF, 0, 3 << 32, 999),
+                             (7, 7, 5, 4096)):
+        got = np.empty(n, dtype=np.float32)
+        _call_uniform(fn, k0, k1, start, n, got)
+        want = _uniform_numpy(k0, k1, np.arange(start, start + n, dtype=np.int64))
+        if not np.array_equal(got.view(np.uint32), want.view(np.uint32)):
+            return None, f"numpy ({where} disagreed with numpy's draws)"
+    return fn, f"compiled ({where})"
+
+
+def _call_uniform(fn, k0: int, k1: int, start: int, n: int, out: np.ndarray) -> None:
+    for lo, hi in philox_numpy.same_high_runs(start, n):
+        fn(k0, k1, lo >> 32, lo & _M32, hi - lo, out[lo - start:].ctypes.data)
+
+
+def uniform_run(k0: int, k1: int, start: int, n: int) -> np.ndarray | None:
+    """tl.rand's float32 draws for the n consecutive counters from `start` (key words k0, k1), compiled; None where
+    the compiled loop is not in use (the caller takes numpy's, philox._uniform_numpy, the same bits)."""
+    fn = native_build.loaded(_ustate, _lock, _load_uniform, "Philox draws on CPU")
+    if fn is None:
+        return None
+    out = np.empty(n, dtype=np.float32)
+    if n:
+        _call_uniform(fn, k0, k1, start, n, out)
+    return out
 
 
 def available() -> bool:

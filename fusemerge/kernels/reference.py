@@ -88,7 +88,7 @@ def keep_mask(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMa
         keep = dare_keep(d, i, start, p, masks) if keep is None else keep
         return keep.to(torch.int32).neg_()
     if p.sparsifier == "della":
-        keep = della_keep_of(d, i, start, p) if keep is None else keep
+        keep = della_keep_of(d, i, start, p, masks) if keep is None else keep
         return keep.to(torch.int32).neg_()
     a = abs_bits(d)
     keep = top_mask(a, start, p.t_keep[i], p.c_keep[i])
@@ -104,9 +104,16 @@ def dare_keep(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMa
     return dare_keep_run(p.keys[i], start, d.numel(), p.density[i], d.device)
 
 
-def della_keep_of(d: torch.Tensor, i: int, start: int, p: ChunkParams) -> torch.Tensor:
-    """DELLA's keep mask (bool) of expert `i` on the delta chunk `d` (whole rank units, kernels/della.py)."""
-    return della_keep(d, start, p.keys[i], p.density[i], p.epsilon[i], p.ranks)
+def della_keep_of(d: torch.Tensor, i: int, start: int, p: ChunkParams, masks: KeepMasks | None = None
+                  ) -> torch.Tensor:
+    """DELLA's keep mask (bool) of expert `i` on the delta chunk `d` (whole rank units, kernels/della.py): the
+    one the statistics pass kept in `masks`, else made."""
+    def make() -> torch.Tensor:
+        return della_keep(d, start, p.keys[i], p.density[i], p.epsilon[i], p.ranks)
+
+    if masks is not None and d.device.type == "cpu" and p.density[i] < 1.0:
+        return masks.draw(p.keys[i], start, d.numel(), p.density[i], make=make)
+    return make()
 
 
 def merge_chunk(
@@ -150,7 +157,7 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
         if p.sparsifier == "dare":
             keeps = [dare_keep(x, i, start, p, masks) for i, x in enumerate(experts)]
         elif p.sparsifier == "della":
-            keeps = [della_keep_of(delta(base, x), i, start, p) for i, x in enumerate(experts)]
+            keeps = [della_keep_of(delta(base, x), i, start, p, masks) for i, x in enumerate(experts)]
         fused = cpu_fused.merge(base, experts, start, p, out_dtype, nonfinite, keeps)
         if fused is not None:
             return fused

@@ -679,7 +679,7 @@ def tensor_params(
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
     `segments` give the tensor's data; `cuts` (trim_scope: global) skips the per-tensor selection; `masks`
-    (DARE with the L1 rescale): where the keep masks drawn here are kept for the merge pass; `keep_bytes`:
+    (DARE or DELLA with the L1 rescale): where the keep masks drawn here are kept for the merge pass; `keep_bytes`:
     top_cuts' bound on the selected entries it keeps in host memory (a run passes its per-worker share); `t`:
     slerp's interpolation factor (its two models' weights come from the angle between them, kernels/slerp.py;
     nuslerp's from `weights` and the angle, kernels/nuslerp.py), or nearswap's distance;
@@ -747,8 +747,8 @@ def tensor_params(
 
         keys = [dare_key(seed, name, i) for i in range(n)]
         layout = rank_layout(shape if shape is not None else (numel,))
-        scale = (tuple(della_scales(backend, segments, chunk, keys, density, epsilon, layout)) if rescale is True
-                 else (1.0,) * n)
+        scale = (tuple(della_scales(backend, segments, chunk, keys, density, epsilon, layout, masks))
+                 if rescale is True else (1.0,) * n)
         kw = dict(keys=tuple(keys), density=tuple(density), scale=scale, epsilon=tuple(epsilon), ranks=layout)
     return ChunkParams(sparsifier=method.sparsifier, consensus=method.consensus, linear=method.combines_models,
                        weights=tuple(weights), lam=lam, normalize=normalize, **kw)

@@ -80,6 +80,9 @@ class StageTimes:
         where = (f" (by {self.mask_workers} worker processes)" if self.mask_workers
                  else f" (in the {self.worker_processes} merge worker processes)" if self.worker_processes
                  else " (in the merge threads)")
+        if self.mask_code == "della":
+            return (f"DELLA masks: {self.masks_drawn:,} chunk runs ranked and drawn{where}, {self.masks_reused:,} "
+                    "reused by the merge pass from the statistics pass")
         how = {"compiled": " by the compiled keep test", "numpy": " by numpy"}.get(self.mask_code.split(" (")[0], "")
         return (f"DARE masks: {self.masks_drawn:,} chunk runs drawn{where}{how}, {self.masks_reused:,} reused by "
                 "the merge pass from the statistics pass")
@@ -184,21 +187,23 @@ class Executor:
 
     # -- statistics ----------------------------------------------------------------------------
 
-    def _cpu_dare(self) -> bool:
+    def _cpu_dare(self, sparsifier: str = "dare") -> bool:
         return self.plan.device.type == "cpu" and self.plan.backend == "torch" and not self.pipeline \
-            and self.plan.method.sparsifier == "dare"
+            and self.plan.method.sparsifier == sparsifier
 
     def keep_masks(self, t: TensorPlan) -> KeepMasks | None:
         """How the CPU path draws t's DARE masks (kernels/dare_masks.py): in the mask workers when they run,
-        and, with the L1 rescale, drawn once for the statistics pass and kept for the merge pass. The packed
-        bits (1 per entry and expert) live in the part of this worker's resident budget that t's cached
+        and, with the L1 rescale, drawn once for the statistics pass and kept for the merge pass (DELLA's
+        too). The packed bits (1 per entry and expert) live in the part of this worker's resident budget that t's cached
         inputs leave free."""
+        free = self.plan.resident_bytes - (self.plan.kept_bytes(t) if self._resident(t) else 0)
+        need = KeepMasks.bytes_for(t.numel, t.chunk(self.plan.chunk_elems), len(t.inputs))
+        if self._cpu_dare(sparsifier="della"):  # DELLA's masks (a sort per row): made once, for both passes
+            return KeepMasks(min(free, need)) if t.rescale is True else None
         if not self._cpu_dare() or (t.rescale is not True and self.mask_workers is None):
             return None
         if t.rescale is not True:
             return KeepMasks(0, self.mask_workers)
-        free = self.plan.resident_bytes - (self.plan.kept_bytes(t) if self._resident(t) else 0)
-        need = KeepMasks.bytes_for(t.numel, self.plan.chunk_elems, len(t.inputs))
         return KeepMasks(min(free, need), self.mask_workers)
 
     def _start_mask_workers(self, order: list[TensorPlan]) -> None:
@@ -382,6 +387,9 @@ class Executor:
         try:
             if self._cpu_dare():  # built (or found) and checked once, before any worker forks or thread starts
                 self.times.mask_code = philox_native.describe()
+            elif self._cpu_dare(sparsifier="della"):  # its draws' compiled loop, likewise
+                philox_native.uniform_run(0, 0, 0, 0)
+                self.times.mask_code = "della"
             if plan.global_trim:
                 self.compute_global_cuts()
             order = sorted(plan.tensors, key=lambda t: -t.numel)  # largest first: balanced workers
