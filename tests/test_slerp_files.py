@@ -49,9 +49,11 @@ def assert_problem_named(tmp_path: Path, data: dict, change, fragment: str) -> N
 
 def merge_twice(tmp_path: Path, cfg: Path, max_memory: str, backend: str = "auto"):
     """`cfg` merged with one worker and again with `backend`, `max_memory` and two workers: the same bytes. Returns
-    the second run's plan, for the caller to check how it reads the tensors."""
+    the second run's CPU plan, for the caller to check how it reads the tensors. backend="triton" runs on the GPU
+    where there is one (no interpreter there), else on CPU through the interpreter."""
     fusemerge.run(cfg, tmp_path / "a", device="cpu", workers=1)
-    fusemerge.run(cfg, tmp_path / "b", device="cpu", backend=backend, max_memory=max_memory, workers=2)
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    fusemerge.run(cfg, tmp_path / "b", device=device, backend=backend, max_memory=max_memory, workers=2)
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     return fusemerge.build_plan(cfg, device="cpu", max_memory=max_memory, workers=2)
 

@@ -19,6 +19,16 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 
 
+def on_kernels(x):
+    """x (a tensor, None, or a list of them) moved to DEVICE, where backend="triton" runs: CUDA on a GPU machine,
+    where the kernels refuse CPU tensors (no interpreter there), else CPU."""
+    if x is None:
+        return None
+    if isinstance(x, (list, tuple)):
+        return [on_kernels(e) for e in x]
+    return x.to(DEVICE)
+
+
 @pytest.fixture
 def device() -> str:
     """Where kernel inputs live: "cuda" on a GPU machine, "cpu" under the interpreter."""

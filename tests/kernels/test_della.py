@@ -13,6 +13,7 @@ from fusemerge.errors import InputError
 from fusemerge.kernels.della import aligned_chunk, della_keep, rank_layout
 from fusemerge.kernels.philox import dare_key, philox_rand
 from tests import oracle
+from tests.kernels.conftest import on_kernels
 from tests.kernels.test_reference import ulp
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -54,7 +55,8 @@ def test_backends_and_chunkings_give_the_same_bits(method: str) -> None:
     kw = dict(density=[0.4, 0.6, 0.5], epsilon=0.2, name="model.layers.0.mlp.up_proj.weight")
     first = merge_tensors(base, experts, method, **kw)
     for backend, chunk in (("torch", 50), ("torch", 175), ("triton", 100), ("triton", 1 << 20)):
-        got = merge_tensors(base, experts, method, backend=backend, chunk=chunk, **kw)
+        on = on_kernels if backend == "triton" else (lambda x: x)
+        got = merge_tensors(on(base), on(experts), method, backend=backend, chunk=chunk, **kw).cpu()
         assert torch.equal(got.view(torch.int16), first.view(torch.int16)), (backend, chunk)
 
 

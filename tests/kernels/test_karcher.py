@@ -131,13 +131,14 @@ def test_edges() -> None:
 def test_merge_tensors_through_the_kernels(stats: str) -> None:
     xs = family(3, 37 * 11, torch.bfloat16, seed=8)
     xs = [x.reshape(37, 11) for x in xs]
-    backend = "torch" if stats == "torch" else "triton"
-    got = merge_tensors(None, xs, "karcher", backend=backend, chunk=100)
+    backend, device = ("torch", "cpu") if stats == "torch" else ("triton", BACKENDS[stats][1])
+    xs = [x.to(device) for x in xs]
+    got = merge_tensors(None, xs, "karcher", backend=backend, chunk=100).cpu()
     assert got.shape == (37, 11) and got.dtype == torch.bfloat16
     want = mergekits(xs).reshape(37, 11)
     assert bool(((got.double() - want).abs() <= ulp(want, torch.bfloat16)).all())
     # a base is averaged in as one more model, as linear does (mergekit: the base is one of the entries)
-    base = family(1, 37 * 11, torch.bfloat16, seed=9)[0].reshape(37, 11)
+    base = family(1, 37 * 11, torch.bfloat16, seed=9)[0].reshape(37, 11).to(device)
     with_base = merge_tensors(base, xs, "karcher", backend=backend)
     assert torch.equal(with_base.view(torch.int16), merge_tensors(None, [base, *xs], "karcher",
                                                                    backend=backend).view(torch.int16))

@@ -13,7 +13,7 @@ from fusemerge.errors import InputError
 from fusemerge.kernels.model_stock import cosine_from_sums, model_stock_weights, weights_from_cosine
 from fusemerge.kernels.select import Segment
 from tests import oracle
-from tests.kernels.conftest import BACKENDS
+from tests.kernels.conftest import BACKENDS, on_kernels
 from tests.kernels.test_reference import ulp
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -103,7 +103,7 @@ def test_merge_matches_float64_oracle(dtype: torch.dtype, n: int, size: int) -> 
 def test_triton_backend_gives_the_torch_backends_bits() -> None:
     base, models = family(4, 3001, torch.bfloat16, seed=8)
     x = merge_tensors(base, models, "model_stock", chunk=1000, backend="torch")
-    y = merge_tensors(base, models, "model_stock", chunk=1000, backend="triton")
+    y = merge_tensors(on_kernels(base), on_kernels(models), "model_stock", chunk=1000, backend="triton").cpu()
     assert torch.equal(x.view(torch.int16), y.view(torch.int16))
 
 

@@ -112,9 +112,10 @@ def test_edges() -> None:
 def test_merge_tensors_through_the_kernels(stats: str) -> None:
     xs = family(4, 37 * 11, torch.bfloat16, seed=8)
     xs = [x.reshape(37, 11) for x in xs]
-    backend = "torch" if stats == "torch" else "triton"
+    backend, device = ("torch", "cpu") if stats == "torch" else ("triton", BACKENDS[stats][1])
     for base in (None, xs[0]):
-        got = merge_tensors(base, xs[1:], "multislerp", weight=[1.0, 0.5, 2.0], backend=backend, chunk=100)
+        got = merge_tensors(base if base is None else base.to(device), [x.to(device) for x in xs[1:]], "multislerp",
+                            weight=[1.0, 0.5, 2.0], backend=backend, chunk=100).cpu()
         assert got.shape == (37, 11) and got.dtype == torch.bfloat16
         want = mergekits(xs[1:], [1.0, 0.5, 2.0], base).reshape(37, 11)
         assert bool(((got.double() - want).abs() <= ulp(want, torch.bfloat16)).all())

@@ -13,7 +13,7 @@ from fusemerge.errors import InputError
 from fusemerge.kernels.nuslerp import lerp_weights, nuslerp_weights, t_from_weights, weights_from_sums
 from fusemerge.kernels.select import Segment
 from tests import oracle
-from tests.kernels.conftest import BACKENDS
+from tests.kernels.conftest import BACKENDS, on_kernels
 from tests.kernels.test_reference import ulp
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -208,7 +208,8 @@ def test_triton_backend_gives_the_torch_backends_bits(with_base: bool) -> None:
     base, x0, x1 = family(3001, 0.6, torch.bfloat16, seed=8)
     base = base if with_base else None
     x = merge_tensors(base, [x0, x1], "nuslerp", weight=[0.4, 1.1], chunk=1000, backend="torch")
-    y = merge_tensors(base, [x0, x1], "nuslerp", weight=[0.4, 1.1], chunk=1000, backend="triton")
+    y = merge_tensors(on_kernels(base), on_kernels([x0, x1]), "nuslerp", weight=[0.4, 1.1], chunk=1000,
+                      backend="triton").cpu()
     assert torch.equal(x.view(torch.int16), y.view(torch.int16))
 
 

@@ -13,7 +13,7 @@ from fusemerge.errors import InputError
 from fusemerge.kernels.select import Segment
 from fusemerge.kernels.slerp import DOT_THRESHOLD, lerp_weights, slerp_weights, weights_from_sums
 from tests import oracle
-from tests.kernels.conftest import BACKENDS
+from tests.kernels.conftest import BACKENDS, on_kernels
 from tests.kernels.test_reference import ulp
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -137,7 +137,7 @@ def test_t_0_and_1_give_the_models_themselves() -> None:
 def test_triton_backend_gives_the_torch_backends_bits() -> None:
     a, b = pair(3001, 0.6, torch.bfloat16, seed=8)
     x = merge_tensors(a, [b], "slerp", t=0.45, chunk=1000, backend="torch")
-    y = merge_tensors(a, [b], "slerp", t=0.45, chunk=1000, backend="triton")
+    y = merge_tensors(on_kernels(a), on_kernels([b]), "slerp", t=0.45, chunk=1000, backend="triton").cpu()
     assert torch.equal(x.view(torch.int16), y.view(torch.int16))
 
 
