@@ -98,9 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=None, help="override triton_merge.BLOCK (elements per program)")
     p.add_argument("--num-warps", type=int, default=None, help="override triton_merge.NUM_WARPS")
     p.add_argument("--unroll", type=int, default=None,
-                   help="override triton_merge.UNROLL (experts whose loads are issued together)")
+                   help="override triton_merge.UNROLL and SUM_UNROLL (experts whose loads are issued together)")
     p.add_argument("--late-count", action=argparse.BooleanOptionalAction, default=None,
-                   help="override triton_merge.LATE_COUNT (one NaN / Inf reduction per block, not per input)")
+                   help="override triton_merge.LATE_COUNT and SUM_LATE_COUNT (one NaN / Inf reduction per block, "
+                        "not per input)")
     p.add_argument("--count", action=argparse.BooleanOptionalAction, default=True,
                    help="merge rows count NaN / Inf as a merge does (nonfinite=; default); --no-count times the "
                         "kernel without it (how the 2026-11-24 table was measured)")
@@ -455,12 +456,13 @@ def main(argv: list[str] | None = None) -> int:
         triton_merge.BLOCK = args.block
     if args.num_warps:
         triton_merge.NUM_WARPS = args.num_warps
-    if args.unroll:
-        triton_merge.UNROLL = args.unroll
+    if args.unroll:  # for every variant, the plain sum's own choice too
+        triton_merge.UNROLL = triton_merge.SUM_UNROLL = args.unroll
     if args.late_count is not None:
-        triton_merge.LATE_COUNT = args.late_count
+        triton_merge.LATE_COUNT = triton_merge.SUM_LATE_COUNT = args.late_count
     meta["command"] += (f"  # merge BLOCK={triton_merge.BLOCK} num_warps={triton_merge.NUM_WARPS} "
-                        f"unroll={triton_merge.UNROLL} late_count={triton_merge.LATE_COUNT} count={args.count}")
+                        f"unroll={triton_merge.UNROLL} late_count={triton_merge.LATE_COUNT} (sum: "
+                        f"{triton_merge.SUM_UNROLL}, {triton_merge.SUM_LATE_COUNT}) count={args.count}")
     timer = Timer(args.smoke)
     rows: list[dict] = []
     for n_exp in args.experts:

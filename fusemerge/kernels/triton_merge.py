@@ -51,12 +51,13 @@ from fusemerge.kernels.params import MAX_EXPERTS, ChunkParams
 # Elements per program: 8 per thread at 4 warps, i.e. one 16-byte load per thread per bf16 input (when the
 # chunk length and row stride are multiples of 16, which Triton specializes on). Compiled offline for sm_90
 # (Triton 3.9): 32-40 registers for linear / task arithmetic, 63-96 for ties / dare_ties / breadcrumbs_ties
-# at N = 8, 127 for dare_ties at N = 40, no spills. Not yet timed on a GPU: bench/kernels.py --block
-# --num-warps sweeps it. The block size does not change any result.
+# at N = 8, 127 for dare_ties at N = 40, no spills. An H200 sweep (2026-12-04, bench/RESULTS.md: 512, 1024 and
+# 2048 at 4 warps, 2048 at 8) found 1024 / 4 fastest for ties and dare_ties. The block size changes no result.
 BLOCK = 1024
 NUM_WARPS = 4
-# Two launch choices bench/kernels.py compares on a GPU (--unroll, --late-count), kept at what was measured
-# (2026-11-24) until a GPU run decides; any value gives the same bits (tests/kernels). Offline model (sm_90,
+# Two launch choices bench/kernels.py compares on a GPU (--unroll, --late-count); any value gives the same bits
+# (tests/kernels). An H200 sweep (2026-12-04) kept 1 / False for every variant but the plain sum (below): the
+# offline model's prediction for ties (75-90% of copy with both) was wrong, 35% -> 32%. Offline model (sm_90,
 # Triton 3.9, ties N = 8, bf16): only ~24 warps of 80 registers fit an SM, each with one 16-byte load in
 # flight per thread, ~12 KB per SM where ~3 TB/s x ~700 ns of latency needs ~16 KB: ties ran at 63-68% of
 # copy. UNROLL = 2 issues two experts' loads before either is used; LATE_COUNT replaces the per-input NaN /
@@ -65,6 +66,12 @@ NUM_WARPS = 4
 # (`python bench/kernel_resources.py`).
 UNROLL = 1
 LATE_COUNT = False
+# The plain weighted sum of deltas (task arithmetic: no sparsifier, no sign consensus, not linear) takes both.
+# Measured side by side on an H200 (2026-12-04, bf16, N = 8, 2^26 elements, gpu_checks.sh's sweep, bench/RESULTS.md):
+# task arithmetic 0.414 ms (77% of copy) -> 0.335 ms (95%) with UNROLL = 2 and LATE_COUNT; in the same run TIES went
+# 0.915 -> 0.999 ms and DARE-TIES 1.990 -> 2.009 ms with them, so the other variants keep UNROLL / LATE_COUNT.
+SUM_UNROLL = 2
+SUM_LATE_COUNT = True
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # Sparsifier codes, as tl.constexpr flag values.
 SPARSIFIERS = {"none": 0, "magnitude": 1, "dare": 2, "breadcrumbs": 3}
@@ -439,6 +446,8 @@ def merge_chunk(
 
     x, row_stride = expert_rows(experts if isinstance(experts, torch.Tensor) else rows)
     f, i = _device_params(params, device)
+    plain_sum = not params.linear and params.sparsifier == "none" and params.consensus == "none"
+    unroll, late_count = (SUM_UNROLL, SUM_LATE_COUNT) if plain_sum else (UNROLL, LATE_COUNT)
     grid = (triton.cdiv(n, BLOCK),)
     with launch_guard():
         _merge_kernel[grid](
@@ -458,8 +467,8 @@ def merge_chunk(
             NORMALIZE=params.normalize,
             COUNT=nonfinite is not None,
             BLOCK=BLOCK,
-            UNROLL=UNROLL,
-            LATE_COUNT=LATE_COUNT,
+            UNROLL=unroll,
+            LATE_COUNT=late_count,
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )

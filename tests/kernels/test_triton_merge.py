@@ -241,7 +241,8 @@ def test_launch_choices_do_not_change_the_result(block, warps, unroll, late, dev
     not depend on them. Inputs hold NaN / Inf in some blocks (and only some inputs) so the counts are tested."""
     n = 5000
     for sparsifier, consensus, linear in (("magnitude", "sign", False), ("dare", "sign", False),
-                                          ("breadcrumbs", "none", False), ("none", "none", True)):
+                                          ("breadcrumbs", "none", False), ("none", "none", True),
+                                          ("none", "none", False)):
         base, experts = make_inputs(n, 3, torch.bfloat16, 9, device)
         experts[1][[7, 4100]] = float("nan")
         experts[2][4101] = float("inf")
@@ -256,6 +257,8 @@ def test_launch_choices_do_not_change_the_result(block, warps, unroll, late, dev
         monkeypatch.setattr(tm, "NUM_WARPS", warps)
         monkeypatch.setattr(tm, "UNROLL", unroll)
         monkeypatch.setattr(tm, "LATE_COUNT", late)
+        monkeypatch.setattr(tm, "SUM_UNROLL", unroll)  # the plain sum's own choice
+        monkeypatch.setattr(tm, "SUM_LATE_COUNT", late)
         nf = torch.zeros(4, dtype=torch.int64, device=device)
         got = tm.merge_chunk(base, inputs, START, p, torch.bfloat16, nonfinite=nf)
         monkeypatch.undo()
