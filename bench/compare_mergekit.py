@@ -50,7 +50,7 @@ from bench.parity import compare_dirs  # noqa: E402
 from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
-METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "della", "slerp", "model_stock",
+METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "della", "sce", "slerp", "model_stock",
            "nuslerp", "nearswap", "karcher", "multislerp", "passthrough")
 # mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
@@ -86,7 +86,7 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
     model_stock merges every expert onto the base; nuslerp interpolates the first two experts' task vectors (weights
     a gradient and a scalar); nearswap mixes the base and the first expert (t a gradient over the layers, around
     the synthetic experts' distance from the base); karcher averages the base and every expert; multislerp
-    interpolates every expert's task vector at the cycled weights."""
+    interpolates every expert's task vector at the cycled weights; sce keeps the --density entries of most variance."""
     base, experts = str(fam["base"]), [str(e) for e in fam["experts"]]
     if method == "slerp":
         n = fam["layers"]
@@ -104,6 +104,11 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
     if method == "nearswap":
         cfg = {"merge_method": "nearswap", "base_model": base, "dtype": "bfloat16",
                "models": [{"model": base}, {"model": experts[0]}], "parameters": {"t": [0.0005, 0.004]}}
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+    if method == "sce":  # no weights (they come from the deltas): select_topk, the selection, from --density
+        cfg = {"merge_method": "sce", "base_model": base, "dtype": "bfloat16",
+               "models": [{"model": e} for e in experts], "parameters": {"select_topk": density}}
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
     if method == "multislerp":

@@ -7,6 +7,8 @@ larger magnitude of the two). Each differing element is then put in the first cl
   one of that expert's cut values (the k-th largest |delta|; for breadcrumbs also the largest dropped
   outlier's magnitude). fusemerge keeps the lowest indices among tied entries, mergekit keeps argsort's
   pick, so the kept sets differ on those entries only (a documented difference).
+  For sce, the entries whose variance over the experts equals the k-th largest (its selection's cut); the
+  weights it finds from the kept entries then differ too, which `rounding` allows for.
 - `dare`: for DARE methods every differing element, and for DELLA's (della, della_linear) those of a tensor
   with a density below 1; the masks differ by design (fusemerge's Philox stream keyed by seed, tensor and
   expert vs mergekit's global torch RNG), so no element-wise agreement is expected.
@@ -20,7 +22,8 @@ larger magnitude of the two). Each differing element is then put in the first cl
   norms, float32 dot products), fusemerge from exact sums (kernels/slerp.py, kernels/model_stock.py), and on
   the 168M model of bench/compare_mergekit.py the two tools' slerp weights differ by up to 1.05e-5 of their
   sum. An element where the terms do not cancel is within 2^-12 of its size of both tools' values, less than
-  a bf16 ulp (2^-8).
+  a bf16 ulp (2^-8). For sce with a selection the bound adds 4 r sum |d_i|, r the largest share of an expert's
+  sum of squares that sits on the selection's tied entries (which the two tools may keep differently).
 - `unexplained`: everything else.
 
 The explanations need each output tensor's inputs and resolved parameters; they come from fusemerge's
@@ -124,8 +127,20 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
                 tie |= mag == c
         counts["tie"] = int((left & tie).sum())
         left &= ~tie
+    sce_extra = 0.0
+    if method.is_sce and base is not None and (t.select_topk if t.select_topk is not None else 1.0) < 1.0:
+        tie = _sce_ties(xs, base, t.select_topk)
+        counts["tie"] = int((left & tie).sum())
+        left &= ~tie
+        # The tied entries the two tools keep differ, and so do the sums of squares the weights come from: each
+        # expert's by at most its tied entries' share r_i, each weight w_i = m_i / sum m by at most 2 max r
+        # (relative), and each entry's weighted mean of the agreeing deltas by at most twice that.
+        ds = [x - base for x in xs]
+        share = [float((d[tie] ** 2).sum()) / max(float((d ** 2).sum()), 1e-300) for d in ds]
+        sce_extra = 4 * max(share) * sum(d.abs() for d in ds)
+    stat_weights = method.tensor_weights or method.is_sce  # from a statistics pass, not the config
     if bool(left.any()):
-        w = [abs(v) for v in (_angle_weights(method, t, xs, base) if method.tensor_weights else t.weights)]
+        w = [abs(v) for v in (_angle_weights(method, t, xs, base) if stat_weights else t.weights)]
         extra = 0.0
         if method.combines_models:
             s = sum(wi * x.abs() for wi, x in zip(w, xs, strict=True))
@@ -133,13 +148,15 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
             if method.tensor_weights:
                 extra = ANGLE_WEIGHTS * sum(w) * sum(x.abs() for x in xs)
         else:
-            if method.tensor_weights:  # nuslerp with a base: the weights of the deltas
+            if stat_weights:  # nuslerp with a base, sce: the weights of the deltas
                 extra = ANGLE_WEIGHTS * sum(w) * sum((x - base).abs() for x in xs)
             s = sum(wi * (x.abs() + base.abs()) for wi, x in zip(w, xs, strict=True)) * abs(t.lam)
-            den = (min(w) if method.consensus == "sign" else abs(sum(t.weights))) if t.normalize else 1.0
+            # sce divides by its agreeing weights' sum as a normalized sign consensus does
+            den = (min(w) if method.consensus == "sign" else abs(sum(t.weights))) if t.normalize or method.is_sce \
+                else 1.0
             s = s / (den or 1.0) + base.abs()
             den = 1.0
-        bound = 2 * (len(xs) + 3) * EPS32 * s / (den or 1.0) + extra
+        bound = 2 * (len(xs) + 3) * EPS32 * s / (den or 1.0) + extra + sce_extra
         rounding = left & (diff <= bound)
         counts["rounding"] = int(rounding.sum())
         left &= ~rounding
@@ -158,7 +175,22 @@ def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Te
                       whole=True)
     return tensor_params(method, name=t.name, numel=n, segments=[segment], weights=t.weights, density=[], gamma=[],
                          lam=1.0, normalize=t.normalize, rescale=False, seed=0, chunk=max(1, n), backend=reference,
-                         t=t.t, models=len(xs), karcher=t.karcher, eps=t.eps).weights
+                         t=t.t, models=len(xs), karcher=t.karcher, eps=t.eps, select_topk=t.select_topk).weights
+
+
+def _sce_ties(xs: list[torch.Tensor], base: torch.Tensor, select_topk: float) -> torch.Tensor:
+    """The entries whose variance over the experts equals the k-th largest, where sce's selection cuts (fusemerge
+    keeps the lowest indices among them, mergekit torch.topk's pick)."""
+    import numpy as np
+
+    from fusemerge.kernels.sce import deltas, variance
+
+    v = variance(deltas(base, xs))
+    n = v.numel()
+    k = int(np.float32(np.float32(int(torch.count_nonzero(v))) * np.float32(select_topk))) if select_topk > 0 else 0
+    if not 0 < k < n:
+        return torch.zeros(n, dtype=torch.bool)
+    return v == v.kthvalue(n - k + 1).values
 
 
 def compare_dirs(fusemerge_dir: Path, mergekit_dir: Path, config: Path | dict) -> Parity:

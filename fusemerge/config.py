@@ -60,7 +60,6 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
 MERGEKIT_ONLY_METHODS = (
-    "sce",
     "arcee_fusion",
     "ram",
     "ramplus_tl",

@@ -107,7 +107,7 @@ def merge_identity(plan: MergePlan) -> dict:
     return {
         "fusemerge_version": __version__,
         "config": whole.config.to_yaml(),
-        "seed": whole.seed if whole.method.sparsifier == "dare" else None,
+        "seed": whole.seed if whole.method.sparsifier in ("dare", "della") else None,
         "layout": layout_entries(whole.layout),
         "index": whole.layout.index_json(),
         "inputs": [{"bytes": f["bytes"], "sha256": f["sha256"], "hashed": f["hashed"]} for f in input_files(whole)],

@@ -84,6 +84,7 @@ class TensorPlan:
     karcher: tuple[int, float] | None = None  # karcher's (max_iter, tol)
     eps: float | None = None  # multislerp's (normalize: its normalize_weights)
     epsilon: list[float] | None = None  # DELLA's, per expert
+    select_topk: float | None = None  # SCE's
 
     def chunk(self, elems: int) -> int:
         """Elements per chunk of this tensor for a chunk size of `elems`: DELLA's whole rank units
@@ -213,8 +214,8 @@ class MergePlan:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's,
         DELLA's or a trim's, the angles of slerp, model_stock, nuslerp, multislerp and karcher)."""
         m = self.method
-        return m.tensor_weights or (not m.is_linear and (m.needs_thresholds or (m.sparsifier in ("dare", "della")
-                                                                               and t.rescale is True)))
+        return m.tensor_weights or m.is_sce or (not m.is_linear and (m.needs_thresholds or (
+            m.sparsifier in ("dare", "della") and t.rescale is True)))
 
     def reads(self, t: TensorPlan) -> int:
         """How often tensor `t`'s inputs are read: once, or with the statistics passes first (thresholds: the
@@ -226,10 +227,11 @@ class MergePlan:
         m = self.method
         if t.copy_only or not self.needs_statistics(t):
             return 1
-        l1 = 2 if t.rescale is True or m.tensor_weights else 0  # angles: max |x|, then the sums, as an L1 rescale
+        # angles, SCE's weights: max |x| (SCE: and its non-zero count), then the sums, as an L1 rescale
+        l1 = 2 if t.rescale is True or m.tensor_weights or m.is_sce else 0
         if self.global_trim:
             return 1 + self.radix_passes + l1
-        select = self.radix_passes if m.needs_thresholds else 0
+        select = self.radix_passes if m.needs_thresholds or (m.is_sce and t.select_topk < 1.0) else 0
         return 1 if self.kept_bytes(t) <= self.resident_bytes else 1 + select + l1
 
     def read_bytes(self) -> int:
@@ -1088,6 +1090,9 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     def setting(pname: str) -> object:  # a method's own parameter: its value here, or its default (Method.params)
         return global_value(pname, method.params[pname].default)
 
+    if method.is_sce:  # its weights come from the tensors; select_topk picks the entries kept
+        return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
+                    select_topk=float(setting("select_topk")))
     if method.is_karcher:  # so do karcher's, by an iteration that these two settle
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
                     karcher=(int(setting("max_iter")), float(setting("tol"))))

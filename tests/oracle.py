@@ -204,3 +204,33 @@ def nearswap(a: torch.Tensor, b: torch.Tensor, t: float) -> np.ndarray:
         w = np.clip(float(np.float32(t)) / np.maximum(np.abs(x - y), float(np.float32(1e-6))), 0.0, 1.0)
         w = np.where(np.isnan(x - y), np.nan, w)  # np.maximum keeps a NaN, np.clip too: as torch's clamp
         return w * y + (1.0 - w) * x
+
+
+def sce(base: torch.Tensor, experts: list[torch.Tensor], select_topk: float = 1.0) -> np.ndarray:
+    """mergekit's sce (merge_methods/sce.py) in float64 (flat), with its selection made exact: the k =
+    int(float32(count_nonzero(v)) * float32(select_topk)) entries of largest v (v: the population variance over the
+    experts of the float32 deltas, computed in float64 and rounded to float32), ties by lowest index (a stable
+    sort); the weights m_i / sum m (m_i the mean of the kept d_i^2, exact: math.fsum), 1 / N each where that sum
+    is below 1e-6; the election on the float32 sum of the kept deltas; then sum of the agreeing d_i w_i over
+    max(sum of their w_i, 1e-6)."""
+    f32 = np.float32
+    b32 = base.reshape(-1).float().numpy()
+    d32 = np.stack([x.reshape(-1).float().numpy() - b32 for x in experts])  # float32, as METHODS.md pins
+    n = d32.shape[1]
+    if select_topk < 1.0:
+        v = d32.astype(np.float64).var(axis=0).astype(f32)
+        k = int(f32(f32(np.count_nonzero(v)) * f32(select_topk))) if select_topk > 0 else 0
+        keep = topk_mask(v.astype(np.float64), k)
+        d32 = d32 * keep.astype(f32)
+    m = [math.fsum((row.astype(np.float64) ** 2).tolist()) / n for row in d32]
+    total = sum(m)
+    w = [1.0 / len(m)] * len(m) if abs(total) < 1e-6 else [x / total for x in m]
+    s = np.zeros(n, dtype=f32)
+    for row in d32:
+        s = (s + row).astype(f32)
+    g = np.where(s >= 0, 1.0, -1.0)
+    d64 = d32.astype(np.float64)
+    e = [np.where(np.sign(row) == g, wi, 0.0) for row, wi in zip(d64, w, strict=True)]
+    num = sum(row * ei for row, ei in zip(d64, e, strict=True))
+    den = np.maximum(sum(e), float(f32(1e-6)))
+    return b32.astype(np.float64) + num / den

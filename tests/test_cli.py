@@ -309,7 +309,8 @@ def load_file_all(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("edit, needle", [
-    (lambda c: c.update(merge_method="sce"), "'sce' is a mergekit method fusemerge does not support yet"),
+    (lambda c: c.update(merge_method="arcee_fusion"),
+     "'arcee_fusion' is a mergekit method fusemerge does not support yet"),
     (lambda c: c.update(modules={"text": {}}), "modules: configs are not supported yet"),
     (lambda c: (c.pop("models"), c.update(slices=[{"sources": [{"model": c["base_model"], "layer_range": [0, 2]}],
                                                     "base_model": c["base_model"]}])),

@@ -218,7 +218,8 @@ def test_values_still_checked_when_the_method_is_unknown() -> None:
 
 
 def test_mergekit_only_method_says_so() -> None:
-    assert "'sce' is a mergekit method fusemerge does not support yet" in one_problem(cfg(method="sce"))
+    problem = one_problem(cfg(method="arcee_fusion"))
+    assert "'arcee_fusion' is a mergekit method fusemerge does not support yet" in problem
     assert "must be a method name, not a list" in one_problem(cfg(method=["ties"]))
 
 

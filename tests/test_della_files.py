@@ -95,3 +95,15 @@ def test_density_and_epsilon_are_checked(tmp_path: Path, fam: dict) -> None:
     data["parameters"]["epsilon"] = 0.9
     data["models"][0]["parameters"].update(density=0.5, epsilon=0.3)
     assert fusemerge.build_plan(write(tmp_path, data, "ok.yml"), device="cpu").method.name == "della"
+
+
+def test_the_seed_is_part_of_a_resumed_or_partitioned_merge(tmp_path: Path, fam: dict) -> None:
+    """DELLA's masks depend on the seed, as DARE's: the journal of a resumable run and the identity the parts of a
+    partitioned merge share both record it, so a resume or a part run with another --seed is told apart."""
+    from fusemerge.partition import merge_identity
+    from fusemerge.streaming.journal import fingerprint
+
+    cfg = write(tmp_path, models_config(fam), "della.yml")
+    one, two = (fusemerge.build_plan(cfg, device="cpu", seed=s) for s in (1, 2))
+    assert fingerprint(one)["seed"] == 1 and fingerprint(two)["seed"] == 2
+    assert merge_identity(one)["seed"] == 1 and merge_identity(one) != merge_identity(two)

@@ -15,6 +15,7 @@ What must hold (issue 6, docs/mergekit.md):
   `slices:`, as linear (their weights from the angles between the tensors; mergekit finds those angles in
   float32, fusemerge exactly: bench/parity.py);
 - nearswap (its float32 operations are mergekit's): byte-identical;
+- sce: as linear without a selection; with one (select_topk < 1), as ties, its ties those of the variance;
 - della and della_linear: at density 1 as ties (the election, the mean, the defaults); with a drop, the two tools'
   masks differ by design (as DARE's), but keep each rank of a row's deltas at the same rate;
 - passthrough slices (layer stacking): byte-identical, and the same num_hidden_layers in config.json;
@@ -200,6 +201,13 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
         "della_linear_drop": {"merge_method": "della_linear", "base_model": base, "dtype": "float32",
                               "out_dtype": "bfloat16", "models": [{"model": e1, "parameters": {"weight": 1.0}}],
                               "parameters": {"density": 0.4, "epsilon": 0.3, "rescale": False}},
+        # sce: every entry (its weights from the deltas, then the election and the weighted disjoint mean), and a
+        # selection by filter rules (the entries of most variance; bf16 models tie there often)
+        "sce": {"merge_method": "sce", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                "models": [{"model": e1}, {"model": e2}, {"model": e3}]},
+        "sce_select": {"merge_method": "sce", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                       "models": [{"model": e1}, {"model": e2}, {"model": e3}],
+                       "parameters": {"select_topk": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]}},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -246,7 +254,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
                                   "slerp_slices", "model_stock", "model_stock_slices", "nuslerp", "nuslerp_no_base",
                                   "nuslerp_slices", "karcher", "karcher_slices", "multislerp",
-                                  "multislerp_no_base", "multislerp_slices"])
+                                  "multislerp_no_base", "multislerp_slices", "sce"])
 def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)
@@ -257,7 +265,7 @@ def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices", "ties_rescale",
                                   "breadcrumbs_rescale", "ties_mixed_dtypes", "ties_bin", "della_dense",
-                                  "della_linear_dense"])
+                                  "della_linear_dense", "sce_select"])
 def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

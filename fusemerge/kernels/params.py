@@ -24,7 +24,7 @@ EMPTY_C = 0
 class ChunkParams:
     """Per-tensor merge parameters shared by all chunks of the tensor.
 
-    sparsifier: "none" | "magnitude" | "dare" | "breadcrumbs" | "della"
+    sparsifier: "none" | "magnitude" | "dare" | "breadcrumbs" | "della" | "sce"
     consensus:  "none" | "sign"
     linear:     True for `linear` (average the models, not deltas; `base` is not used)
     weights:    one per expert (for linear: one per averaged model)
@@ -38,6 +38,9 @@ class ChunkParams:
     scale:      per expert, rescale factor for kept entries (1.0 = none)
     nearswap:   nearswap's t (None for every other method): the base and the one expert, mixed per entry
                 (reference.nearswap_torch, triton_nearswap.nearswap_chunk; the other fields are then unused)
+    sce_cut:    SCE's (sparsifier "sce"): the entries kept, in_top(t, c) of the float32 bits of the variance over
+                the experts, or None (select_topk >= 1: every entry); `weights` are its computed weights
+                (kernels/sce.py)
     """
 
     sparsifier: str
@@ -56,6 +59,7 @@ class ChunkParams:
     epsilon: tuple[float, ...] = ()
     ranks: tuple[int, int] = (1, 1)
     nearswap: float | None = None
+    sce_cut: tuple[int, int] | None = None
 
     @property
     def n(self) -> int:

@@ -152,6 +152,11 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
         raise ValueError("this method needs a base model chunk")
     if p.nearswap is not None:  # the torch backend: torch operations (the Triton backend: kernels/triton_nearswap.py)
         return nearswap_torch(base, experts[0], p.nearswap, out_dtype, nonfinite)
+    if p.sparsifier == "sce":  # torch operations on every backend (kernels/sce.py)
+        from fusemerge.kernels.sce import merge_sce
+
+        _count_all(nonfinite, base, experts, p)
+        return merge_sce(base, experts, start, p, out_dtype)
     keeps = None
     if experts and experts[0].device.type == "cpu" and cpu_fused.available():  # the same bits, in one pass
         if p.sparsifier == "dare":
@@ -170,11 +175,7 @@ def merge_torch(base: torch.Tensor | None, experts: list[torch.Tensor], start: i
     """merge_chunk in torch operations, one IEEE operation per call (the reference cpu_fused is checked
     against). `keeps`: DARE's or DELLA's keep masks (bool, one per expert) already drawn for this chunk."""
     device = experts[0].device
-    if nonfinite is not None:
-        for i, x in enumerate(experts):
-            _count_nonfinite_into(nonfinite, i, x)
-        if base is not None and not p.linear:
-            _count_nonfinite_into(nonfinite, p.n, base)
+    _count_all(nonfinite, base, experts, p)
     if p.linear:
         return _linear(experts, p, out_dtype)
     base32 = base.to(F32)
@@ -226,6 +227,16 @@ def _rounded(y: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     int_dtype, bits = CANONICAL_NAN[out_dtype]
     out.view(int_dtype).masked_fill_(torch.isnan(y), bits)
     return out
+
+
+def _count_all(nonfinite: torch.Tensor | None, base: torch.Tensor | None, experts: list[torch.Tensor],
+               p: ChunkParams) -> None:
+    """The chunk's NaN / Inf counts into `nonfinite` (if given): expert i's at slot i, the base's at slot N."""
+    if nonfinite is not None:
+        for i, x in enumerate(experts):
+            _count_nonfinite_into(nonfinite, i, x)
+        if base is not None and not p.linear:
+            _count_nonfinite_into(nonfinite, p.n, base)
 
 
 def _count_nonfinite_into(nonfinite: torch.Tensor, slot: int, x: torch.Tensor) -> None:

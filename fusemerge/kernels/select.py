@@ -675,6 +675,7 @@ def tensor_params(
     eps: float | None = None,
     epsilon: list[float] | None = None,
     shape: tuple[int, ...] | None = None,
+    select_topk: float | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
@@ -686,7 +687,7 @@ def tensor_params(
     `models`: how many models (the base's tensor first) slerp and model_stock sum, or karcher averages;
     `karcher`: its (max_iter, tol); `eps`: multislerp's (with `normalize`, its normalize_weights); `epsilon`, `shape`:
     DELLA's epsilon per expert and the tensor's shape, whose rank groups the drop ranks in (`chunk`: whole units
-    of them, della.aligned_chunk).
+    of them, della.aligned_chunk); `select_topk`: SCE's (kernels/sce.py: its cut and weights).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -711,6 +712,11 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=karcher_weights(backend, segments, chunk, models, *(karcher or ())))
+    if method.is_sce:
+        from fusemerge.kernels.sce import SELECT_TOPK, sce_params
+
+        return sce_params(backend, segments, chunk, SELECT_TOPK if select_topk is None else select_topk,
+                          keep_bytes=keep_bytes)
     if method.is_nearswap:  # no statistics: t alone decides each entry (reference.nearswap_torch)
         return ChunkParams(sparsifier="none", consensus="none", linear=False, weights=(1.0,), nearswap=float(t))
     if method.is_nuslerp:  # with a base: base + a d_0 + b d_1, task arithmetic's kernels; without: a x_0 + b x_1

@@ -397,7 +397,7 @@ def merge_chunk(
     the result; otherwise it is allocated. `nonfinite` (optional, int64 [N + 1] on the same device): entry
     i += the number of NaN / Inf values in expert i's chunk, entry N in the base's (not for linear). `masks` is
     accepted for the torch backend's signature and not used: the kernel draws DARE's stream in registers.
-    DELLA's chunks (whole rank units) merge by the torch backend's operations on their device.
+    DELLA's chunks (whole rank units) and SCE's merge by the torch backend's operations on their device.
 
     >>> from fusemerge.kernels.params import ChunkParams
     >>> staging = torch.stack([torch.ones(4), -3 * torch.ones(4)]).cuda()  # doctest: +SKIP
@@ -405,8 +405,8 @@ def merge_chunk(
     ...             ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
     tensor([-2., -2., -2., -2.], device='cuda:0')
     """
-    if params.sparsifier == "della":  # ranks need a sort: the torch merge on this device (kernels/della.py)
-        return _della_chunk(base, experts, start, params, out_dtype, out, nonfinite)
+    if params.sparsifier in ("della", "sce"):  # a sort per row, a variance's top set: torch ops on this device
+        return _torch_chunk(base, experts, start, params, out_dtype, out, nonfinite)
     _check_params(params)
     rows = [experts[i] for i in range(len(experts))]
     if len(rows) != params.n:
@@ -475,16 +475,15 @@ def merge_chunk(
     return out
 
 
-def _della_chunk(base, experts, start, params, out_dtype, out, nonfinite) -> torch.Tensor:
-    """DELLA's chunk: its keep masks come from a sort of each rank group (kernels/della.py), which this kernel
-    does not do, so the torch backend's operations merge it on the chunk's device: the same bits as the
-    torch backend on CPU."""
-    from fusemerge.kernels.reference import merge_torch
+def _torch_chunk(base, experts, start, params, out_dtype, out, nonfinite) -> torch.Tensor:
+    """DELLA's and SCE's chunks: DELLA's keep masks come from a sort of each rank group (kernels/della.py),
+    SCE's from the top set of the variance over the experts (kernels/sce.py), which this kernel does not do, so
+    the torch backend's operations merge them on the chunk's device: the same bits as the torch backend on CPU."""
+    from fusemerge.kernels import reference
 
     rows = [experts[i] for i in range(len(experts))]
     if len(rows) != params.n:
         raise ValueError(f"{len(rows)} expert chunks but {params.n} weights")
     if base is None:
-        raise ValueError("della merges need a base chunk")
-    result = merge_torch(base, rows, start, params, out_dtype, nonfinite=nonfinite)
-    return result if out is None else out.copy_(result)
+        raise ValueError(f"{params.sparsifier} merges need a base chunk")
+    return reference.merge_chunk(base, rows, start, params, out_dtype, out=out, nonfinite=nonfinite)

@@ -4,6 +4,7 @@ This is mergekit's "generalized task arithmetic" idea without its task graph:
 
     sparsifier   none | magnitude (TIES trim) | dare (random drop) | breadcrumbs (drop both tails)
                  | della (random drop, each delta's keep probability from its rank in its row)
+                 | sce (keep the entries whose deltas vary most across the experts; weights from the deltas)
     consensus    none (weighted sum) | sign (TIES election + disjoint mean)
 
 `linear` averages the models themselves rather than their deltas; `slerp` interpolates a base and one other
@@ -24,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs", "della")
+SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs", "della", "sce")
 CONSENSUS = ("none", "sign")
 
 
@@ -115,6 +116,11 @@ class Method:
                 or (self.base_optional and not self.needs_base))
 
     @property
+    def is_sce(self) -> bool:
+        """SCE: its weights, and with select_topk < 1 its kept entries, come from a statistics pass (kernels/sce.py)."""
+        return self.sparsifier == "sce"
+
+    @property
     def needs_thresholds(self) -> bool:
         """True when each tensor needs a selection pass (k-th largest |delta|) before merging."""
         return self.sparsifier in ("magnitude", "breadcrumbs")
@@ -143,6 +149,9 @@ TRIM_RESCALE = _p("rescale", False, False, kind="bool")
 # rescale, mergekit's L1 rescale as DARE's (default true; DARE's `inverse` has no per-entry counterpart here).
 EPSILON = _p("epsilon", 0.15, True, low=0.0, high=1.0)
 DELLA_RESCALE = _p("rescale", True, False, kind="bool")
+# SCE's selection (mergekit/merge_methods/sce.py: `select_topk`, default 1.0): the fraction of the entries, those
+# whose deltas vary most across the experts, that are kept (1: all of them; 0: none).
+SELECT_TOPK = _p("select_topk", 1.0, False, low=0.0, high=1.0)
 # slerp's interpolation factor (mergekit/merge_methods/slerp.py: `t`, required): 0 is the base, 1 the other model.
 T = _p("t", None, False)
 # model_stock's per-row variant (mergekit: `filter_wise`, default false); only false is supported.
@@ -196,6 +205,9 @@ _ALL = [
            params={"weight": WEIGHT, "density": DENSITY, "epsilon": EPSILON, "lambda": LAMBDA,
                    "normalize": _normalize(False), "rescale": DELLA_RESCALE},
            paper="https://arxiv.org/abs/2406.11617"),
+    # sce: no per-model weight (mergekit's has none): each expert's weight comes from its own deltas
+    Method("sce", "sce", "sign", needs_base=True, params={"select_topk": SELECT_TOPK},
+           paper="https://arxiv.org/abs/2408.07990"),
     Method("slerp", "none", "none", needs_base=True, params={"t": T},
            paper="https://en.wikipedia.org/wiki/Slerp", others=(1, 1)),
     Method("model_stock", "none", "none", needs_base=True, params={"filter_wise": FILTER_WISE},

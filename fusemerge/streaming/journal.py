@@ -63,7 +63,7 @@ def fingerprint(plan: MergePlan) -> dict:
     return {
         "fusemerge_version": __version__,
         "config": plan.config.to_yaml(),
-        "seed": plan.seed if plan.method.sparsifier == "dare" else None,  # only DARE's masks depend on it
+        "seed": plan.seed if plan.method.sparsifier in ("dare", "della") else None,  # only their masks use it
         "layout": layout_entries(plan.layout),
         "inputs": input_files(plan),
         "partition": list(plan.partition) if plan.partition is not None else None,

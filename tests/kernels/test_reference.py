@@ -14,8 +14,9 @@ from fusemerge.kernels.select import Segment, top_cuts, trim_counts
 from fusemerge.methods import METHODS
 from tests import oracle
 
-MERGE_METHODS = [name for name, m in METHODS.items()  # passthrough copies; slerp, model_stock, nuslerp, nearswap:
-                 if not m.is_passthrough and not m.tensor_weights and not m.is_nearswap]  # their own files
+MERGE_METHODS = [name for name, m in METHODS.items()  # passthrough copies; slerp, model_stock, nuslerp, nearswap,
+                 if not m.is_passthrough and not m.tensor_weights and not m.is_nearswap  # sce: their own files
+                 and not m.is_sce]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SIZES = [1, 7, 1000, 4099]
