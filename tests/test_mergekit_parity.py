@@ -208,6 +208,13 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
         "sce_select": {"merge_method": "sce", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
                        "models": [{"model": e1}, {"model": e2}, {"model": e3}],
                        "parameters": {"select_topk": [{"filter": "mlp", "value": 0.3}, {"value": 0.7}]}},
+        "sce_slices": {"merge_method": "sce", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                       "slices": [
+                           {"sources": [{"model": base, "layer_range": [0, 2]}, {"model": e1, "layer_range": [2, 4]},
+                                        {"model": e3, "layer_range": [0, 2]}], "parameters": {"select_topk": 0.4}},
+                           {"sources": [{"model": base, "layer_range": [3, 4]}, {"model": e2, "layer_range": [0, 1]},
+                                        {"model": e3, "layer_range": [3, 4]}]}],
+                       "parameters": {"select_topk": 0.8}},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -265,7 +272,7 @@ def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
 
 @pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties", "ties_slices", "ties_rescale",
                                   "breadcrumbs_rescale", "ties_mixed_dtypes", "ties_bin", "della_dense",
-                                  "della_linear_dense", "sce_select"])
+                                  "della_linear_dense", "sce_select", "sce_slices"])
 def test_trimming_methods_differ_only_at_threshold_ties(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

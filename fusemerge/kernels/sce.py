@@ -48,17 +48,17 @@ def deltas(base: torch.Tensor, xs: Sequence[torch.Tensor]) -> list[torch.Tensor]
 
 
 def variance(ds: Sequence[torch.Tensor]) -> torch.Tensor:
-    """float32 of the population variance over the experts of each entry, computed in float64 in expert order."""
-    wide = [d.to(F64) for d in ds]
-    mean = wide[0].clone()
-    for w in wide[1:]:
-        mean.add_(w)
-    mean.div_(len(wide))
-    acc = None
-    for w in wide:
-        dev = (w - mean).square_()
-        acc = dev if acc is None else acc.add_(dev)
-    return acc.div_(len(wide)).to(F32)
+    """float32 of the population variance over the experts of each entry, computed in float64 in expert order:
+    mean = (d_0 + d_1 + ...) / N, then ((d_0 - mean)^2 + ...) / N. Three float64 temporaries at a time (24 bytes
+    per entry, what the planner's per-element budget allows for), whatever N."""
+    mean = ds[0].to(F64)
+    for d in ds[1:]:
+        mean.add_(d.to(F64))
+    mean.div_(len(ds))
+    acc = torch.zeros_like(mean)
+    for d in ds:
+        acc.add_(d.to(F64).sub_(mean).square_())
+    return acc.div_(len(ds)).to(F32)
 
 
 def selected(ds: Sequence[torch.Tensor], start: int, cut: tuple[int, int]) -> torch.Tensor:
@@ -78,14 +78,16 @@ def _kept(ds: list[torch.Tensor], start: int, cut: tuple[int, int] | None) -> li
 
 
 def _variance_segments(segments: list[Segment]) -> list[Segment]:
-    """Segments whose one "expert" is v and whose base is 0, so top_cuts ranks the entries by v's bits."""
+    """Segments whose one "expert" is v and whose base is 0, so top_cuts ranks the entries by v's bits. Never
+    `whole`: the bracket select would load v of the whole tensor at once, and its float64 temporaries (24 bytes
+    per entry) with it; the radix select reads it a chunk at a time."""
     def wrap(seg: Segment) -> Segment:
         def load(s: int, c: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
             base, xs = seg.load(s, c)
             v = variance(deltas(base, xs))
             return torch.zeros_like(v), [v]
 
-        return Segment(seg.numel, load, whole=seg.whole, scratch=seg.scratch)
+        return Segment(seg.numel, load)
 
     return [wrap(s) for s in segments]
 
