@@ -34,26 +34,35 @@ from fusemerge.kernels.philox_numpy import (
 # loop over entries (8 or 16 lanes of 32x32 -> 64-bit multiplies with AVX2 / AVX-512).
 SOURCE = "#include <stdint.h>\n" + native_build.CLONES + f"""
 
+/* Philox4x32-10's round keys for the key (k0, k1). */
+static inline void fm_round_keys(uint32_t k0, uint32_t k1, uint32_t *ks0, uint32_t *ks1) {{
+    for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
+        ks0[r] = k0; ks1[r] = k1;
+        k0 += {PHILOX_KEY_A}u; k1 += {PHILOX_KEY_B}u;
+    }}
+}}
+
+/* Word c0 of Philox4x32-10 at counter (c0, c1, 0, 0) under the round keys, folded as tl.rand folds it: read as
+   int32 x, x < 0 -> ~x (below 2^31). Inlined into each caller's clone. */
+static inline uint32_t fm_folded(const uint32_t *ks0, const uint32_t *ks1, uint32_t c0, uint32_t c1) {{
+    uint32_t c2 = 0, c3 = 0;
+    for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
+        uint64_t pa = (uint64_t){PHILOX_ROUND_A}u * c0, pb = (uint64_t){PHILOX_ROUND_B}u * c2;
+        uint32_t d0 = (uint32_t)(pb >> 32) ^ c1 ^ ks0[r];
+        uint32_t d2 = (uint32_t)(pa >> 32) ^ c3 ^ ks1[r];
+        c1 = (uint32_t)pb; c3 = (uint32_t)pa; c0 = d0; c2 = d2;
+    }}
+    return c0 >= 0x80000000u ? ~c0 : c0;
+}}
+
 /* out[j] = (folded c0 of Philox4x32-10 at counter (first + j, high, 0, 0), key (k0, k1)) < below, for
    j < n; first + n - 1 must not pass 2^32 - 1 (the caller splits runs at multiples of 2^32). */
 FM_CLONES void fm_keep_run(uint32_t k0, uint32_t k1, uint32_t high, uint32_t first, int64_t n,
                            uint32_t below, uint8_t *out) {{
     uint32_t ks0[{philox_numpy.N_ROUNDS}], ks1[{philox_numpy.N_ROUNDS}];
-    for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
-        ks0[r] = k0; ks1[r] = k1;
-        k0 += {PHILOX_KEY_A}u; k1 += {PHILOX_KEY_B}u;
-    }}
-    for (int64_t j = 0; j < n; j++) {{
-        uint32_t c0 = first + (uint32_t)j, c1 = high, c2 = 0, c3 = 0;
-        for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
-            uint64_t pa = (uint64_t){PHILOX_ROUND_A}u * c0, pb = (uint64_t){PHILOX_ROUND_B}u * c2;
-            uint32_t d0 = (uint32_t)(pb >> 32) ^ c1 ^ ks0[r];
-            uint32_t d2 = (uint32_t)(pa >> 32) ^ c3 ^ ks1[r];
-            c1 = (uint32_t)pb; c3 = (uint32_t)pa; c0 = d0; c2 = d2;
-        }}
-        uint32_t folded = c0 >= 0x80000000u ? ~c0 : c0;  /* c0 read as int32 x; x < 0 -> ~x */
-        out[j] = folded < below;
-    }}
+    fm_round_keys(k0, k1, ks0, ks1);
+    for (int64_t j = 0; j < n; j++)
+        out[j] = fm_folded(ks0, ks1, first + (uint32_t)j, high) < below;
 }}
 
 /* out[j] = tl.rand's float32 draw at counter (first + j, high, 0, 0): the folded word (below 2^31) converted
@@ -61,21 +70,9 @@ FM_CLONES void fm_keep_run(uint32_t k0, uint32_t k1, uint32_t high, uint32_t fir
    it with). DELLA tests each entry against its own probability, so it needs the draws themselves. */
 FM_CLONES void fm_uniform_run(uint32_t k0, uint32_t k1, uint32_t high, uint32_t first, int64_t n, float *out) {{
     uint32_t ks0[{philox_numpy.N_ROUNDS}], ks1[{philox_numpy.N_ROUNDS}];
-    for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
-        ks0[r] = k0; ks1[r] = k1;
-        k0 += {PHILOX_KEY_A}u; k1 += {PHILOX_KEY_B}u;
-    }}
-    for (int64_t j = 0; j < n; j++) {{
-        uint32_t c0 = first + (uint32_t)j, c1 = high, c2 = 0, c3 = 0;
-        for (int r = 0; r < {philox_numpy.N_ROUNDS}; r++) {{
-            uint64_t pa = (uint64_t){PHILOX_ROUND_A}u * c0, pb = (uint64_t){PHILOX_ROUND_B}u * c2;
-            uint32_t d0 = (uint32_t)(pb >> 32) ^ c1 ^ ks0[r];
-            uint32_t d2 = (uint32_t)(pa >> 32) ^ c3 ^ ks1[r];
-            c1 = (uint32_t)pb; c3 = (uint32_t)pa; c0 = d0; c2 = d2;
-        }}
-        int32_t folded = (int32_t)(c0 >= 0x80000000u ? ~c0 : c0);
-        out[j] = (float)folded * {philox_numpy.UNIFORM_SCALE}f;
-    }}
+    fm_round_keys(k0, k1, ks0, ks1);
+    for (int64_t j = 0; j < n; j++)
+        out[j] = (float)(int32_t)fm_folded(ks0, ks1, first + (uint32_t)j, high) * {philox_numpy.UNIFORM_SCALE}f;
 }}
 """
 FLAGS = ["-O3", "-shared", "-fPIC", "-std=c99"]
