@@ -51,7 +51,10 @@ from fusemerge.planner import CODE_NAMES, build_plan  # noqa: E402
 from fusemerge.synthetic import make_llama_family, write_config_yaml  # noqa: E402
 
 METHODS = ("linear", "task_arithmetic", "ties", "breadcrumbs_ties", "dare_ties", "della", "sce", "slerp", "model_stock",
-           "nuslerp", "nearswap", "karcher", "multislerp", "passthrough")
+           "nuslerp", "nearswap", "karcher", "multislerp", "ram", "ramplus_tl", "passthrough")
+# ram's epsilon: about the synthetic experts' median |delta| (fusemerge.synthetic), so entries are changed by none,
+# one or several experts
+RAM_EPSILON = 0.0012
 # mergekit's examples/gradient-slerp.yml: t by filter rules with gradients over the layers
 SLERP_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]}, {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
            {"value": 0.5}]
@@ -104,6 +107,11 @@ def synthetic_config(method: str, fam: dict, path: Path, density: float) -> Path
     if method == "nearswap":
         cfg = {"merge_method": "nearswap", "base_model": base, "dtype": "bfloat16",
                "models": [{"model": base}, {"model": experts[0]}], "parameters": {"t": [0.0005, 0.004]}}
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return path
+    if method in ("ram", "ramplus_tl"):  # no weights; epsilon near the synthetic experts' median |delta|
+        cfg = {"merge_method": method, "base_model": base, "dtype": "bfloat16",
+               "models": [{"model": e} for e in experts], "parameters": {"epsilon": RAM_EPSILON}}
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return path
     if method == "sce":  # no weights (they come from the deltas): select_topk, the selection, from --density

@@ -58,11 +58,10 @@ TOP_LEVEL_KEYS = (
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
-# mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown".
+# mergekit's own merge methods that fusemerge does not implement, for a clearer message than "unknown" (arcee_fusion's
+# threshold comes from quantiles of a random sample of each tensor).
 MERGEKIT_ONLY_METHODS = (
     "arcee_fusion",
-    "ram",
-    "ramplus_tl",
 )
 
 # Every spelling a user may write for the supported dtypes -> the canonical torch name.
@@ -1148,7 +1147,8 @@ class _Validator:
         listed_index.update({id(ref): -1 for ref in models if id(ref) not in listed_index})  # the appended base
         # breadcrumbs with density + gamma > 1 is not refused: as in mergekit (n_bot = max(0, n - dn - gn)), the
         # outlier drop shrinks so that density's share is kept (select.trim_counts)
-        if "epsilon" in method.params:  # DELLA: density +/- epsilon inside (0, 1); gradients are checked per tensor
+        # DELLA: density +/- epsilon inside (0, 1); gradients are checked per tensor (RAM's epsilon is another one)
+        if "epsilon" in method.params and "density" in method.params:
             from fusemerge.kernels.della import check_epsilon
 
             for ref in models:

@@ -85,6 +85,7 @@ class TensorPlan:
     eps: float | None = None  # multislerp's (normalize: its normalize_weights)
     epsilon: list[float] | None = None  # DELLA's, per expert
     select_topk: float | None = None  # SCE's
+    ram: tuple[float, tuple[float, float] | None] | None = None  # RAM's epsilon and RAM+'s (r, alpha) or None
 
     def chunk(self, elems: int) -> int:
         """Elements per chunk of this tensor for a chunk size of `elems`: DELLA's whole rank units
@@ -214,6 +215,8 @@ class MergePlan:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's,
         DELLA's or a trim's, the angles of slerp, model_stock, nuslerp, multislerp and karcher)."""
         m = self.method
+        if m.is_ram:  # RAM+'s counts; ram has no statistics
+            return t.ram is not None and t.ram[1] is not None
         return m.tensor_weights or m.is_sce or (not m.is_linear and (m.needs_thresholds or (
             m.sparsifier in ("dare", "della") and t.rescale is True)))
 
@@ -227,6 +230,8 @@ class MergePlan:
         m = self.method
         if t.copy_only or not self.needs_statistics(t):
             return 1
+        if m.is_ram:  # RAM+'s counting pass, then the merge
+            return 1 if self.kept_bytes(t) <= self.resident_bytes else 2
         # angles, SCE's weights: max |x| (SCE: and its non-zero count), then the sums, as an L1 rescale
         l1 = 2 if t.rescale is True or m.tensor_weights or m.is_sce else 0
         if self.global_trim:
@@ -1090,6 +1095,10 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
     def setting(pname: str) -> object:  # a method's own parameter: its value here, or its default (Method.params)
         return global_value(pname, method.params[pname].default)
 
+    if method.is_ram:  # epsilon decides what counts as changed; RAM+'s scales come from the tensors
+        plus = (float(setting("r")), float(setting("alpha"))) if "r" in method.params else None
+        return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
+                    ram=(float(setting("epsilon")), plus))
     if method.is_sce:  # its weights come from the tensors; select_topk picks the entries kept
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
                     select_topk=float(setting("select_topk")))

@@ -141,7 +141,7 @@ def _out_dtype(out_dtype: object, default: torch.dtype) -> torch.dtype:
 
 # The settings of single methods that merge_tensors takes as keywords, as a config's parameters: give them.
 METHOD_FLAGS = ("filter_wise", "nuslerp_flatten", "nuslerp_row_wise", "max_iter", "tol", "normalize_weights", "eps",
-                "select_topk")
+                "select_topk", "r", "alpha")
 
 
 def merge_tensors(
@@ -171,6 +171,7 @@ def merge_tensors(
     models merged onto `base`; `nuslerp_flatten` (true only), `nuslerp_row_wise`: nuslerp's, whose experts are
     its two models (interpolated themselves, or with `base` their deltas from it) and `weight` their two weights;
     `select_topk`: sce's (default 1: every entry; its weights come from the deltas, so it takes no `weight`);
+    `epsilon` (one value), `r`, `alpha`: ram's and ramplus_tl's (defaults 1e-5, 0.1, 0.2; no `weight` either);
     `max_iter`, `tol`: karcher's (defaults 10 and 1e-5), whose experts are the models averaged (with `base`, if
     given, as for `linear`). DELLA's chunks are whole rows of the shape (`chunk` rounded down to them).
     `lambda` is passed as `lambda_=0.5` or `**{"lambda": 0.5}`. They are
@@ -271,7 +272,7 @@ def merge_tensors(
                           lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
                           backend=kstats, masks=masks, t=p_args.get("t"), models=n,
                           karcher=p_args.get("karcher"), eps=p_args.get("eps"), epsilon=p_args.get("epsilon"),
-                          shape=tuple(shape), select_topk=p_args.get("select_topk"))
+                          shape=tuple(shape), select_topk=p_args.get("select_topk"), ram=p_args.get("ram"))
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

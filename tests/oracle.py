@@ -234,3 +234,25 @@ def sce(base: torch.Tensor, experts: list[torch.Tensor], select_topk: float = 1.
     num = sum(row * ei for row, ei in zip(d64, e, strict=True))
     den = np.maximum(sum(e), float(f32(1e-6)))
     return b32.astype(np.float64) + num / den
+
+
+def ram(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 1e-5,
+        plus: tuple[float, float] | None = None) -> np.ndarray:
+    """mergekit's ram (and, with `plus` = (r, alpha), ramplus_tl; merge_methods/ram.py) in float64 (flat): the
+    deltas changed where |d| > float32(epsilon) (float32 deltas, as METHODS.md pins); where one expert changed an
+    entry its delta, where several did their mean; RAM+ scales each expert's own entries by
+    1 + r clamp(shared / max(own, epsilon), 0, alpha), the counts over the tensor."""
+    f32 = np.float32
+    b32 = base.reshape(-1).float().numpy()
+    d32 = np.stack([x.reshape(-1).float().numpy() - b32 for x in experts])
+    nz = np.abs(d32) > f32(epsilon)
+    count = nz.sum(axis=0)
+    lam = np.ones(len(experts))
+    if plus is not None:
+        r, alpha = plus
+        shared = (nz & (count > 1)).sum(axis=1)
+        own = (nz & (count == 1)).sum(axis=1)
+        lam = 1.0 + r * np.clip(shared / np.maximum(own, epsilon), 0.0, alpha)
+    z = d32.astype(np.float64) * nz
+    merged = sum(z[i] * (count == 1) * lam[i] + z[i] * (count > 1) / np.maximum(count, 1) for i in range(len(experts)))
+    return b32.astype(np.float64) + merged

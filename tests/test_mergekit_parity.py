@@ -15,6 +15,7 @@ What must hold (issue 6, docs/mergekit.md):
   `slices:`, as linear (their weights from the angles between the tensors; mergekit finds those angles in
   float32, fusemerge exactly: bench/parity.py);
 - nearswap (its float32 operations are mergekit's): byte-identical;
+- ram and ramplus_tl (mergekit's float32 operations): byte-identical;
 - sce: as linear without a selection; with one (select_topk < 1), as ties, its ties those of the variance;
 - della and della_linear: at density 1 as ties (the election, the mean, the defaults); with a drop, the two tools'
   masks differ by design (as DARE's), but keep each rank of a row's deltas at the same rate;
@@ -215,6 +216,14 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
                            {"sources": [{"model": base, "layer_range": [3, 4]}, {"model": e2, "layer_range": [0, 1]},
                                         {"model": e3, "layer_range": [3, 4]}]}],
                        "parameters": {"select_topk": 0.8}},
+        # ram and ramplus_tl: epsilon around the synthetic experts' median |delta|, so entries are changed by none,
+        # one or several experts; by filter rules for ram
+        "ram": {"merge_method": "ram", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                "models": [{"model": e1}, {"model": e2}, {"model": e3}],
+                "parameters": {"epsilon": [{"filter": "mlp", "value": 0.0015}, {"value": 0.001}]}},
+        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                       "models": [{"model": e1}, {"model": e2}, {"model": e3}],
+                       "parameters": {"epsilon": 0.0012, "r": 0.4, "alpha": 0.5}},
         "passthrough": {"merge_method": "passthrough", "base_model": base, "dtype": "bfloat16", "slices": [
             {"sources": [{"model": e1, "layer_range": [0, 3]}]},
             {"sources": [{"model": e2, "layer_range": [1, 4]}]},
@@ -310,6 +319,14 @@ def test_della_keeps_deltas_at_mergekits_rates_by_rank(merged: dict) -> None:
     for r in rates:
         assert bool((r[1:] > r[:-1]).all()), rates
         assert abs(float(r[0]) - (0.4 - 0.8 * 0.3)) < 0.03 and abs(float(r[-1]) - (0.4 + 0.8 * 0.3)) < 0.03, rates
+
+
+@pytest.mark.parametrize("name", ["ram", "ramplus_tl"])
+def test_ram_is_byte_identical(merged: dict, name: str) -> None:
+    """mergekit's float32 operations, in its order (RAM+'s scales from the same counts): the same bytes."""
+    config, fm, mk = merged[name]
+    par = compare_dirs(fm, mk, config)
+    assert par.identical_bytes and par.elements > 0, par.summary()
 
 
 @pytest.mark.parametrize("name", ["nearswap", "nearswap_rules"])

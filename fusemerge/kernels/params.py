@@ -24,7 +24,7 @@ EMPTY_C = 0
 class ChunkParams:
     """Per-tensor merge parameters shared by all chunks of the tensor.
 
-    sparsifier: "none" | "magnitude" | "dare" | "breadcrumbs" | "della" | "sce"
+    sparsifier: "none" | "magnitude" | "dare" | "breadcrumbs" | "della" | "sce" | "ram"
     consensus:  "none" | "sign"
     linear:     True for `linear` (average the models, not deltas; `base` is not used)
     weights:    one per expert (for linear: one per averaged model)
@@ -41,6 +41,8 @@ class ChunkParams:
     sce_cut:    SCE's (sparsifier "sce"): the entries kept, in_top(t, c) of the float32 bits of the variance over
                 the experts, or None (select_topk >= 1: every entry); `weights` are its computed weights
                 (kernels/sce.py)
+    ram:        RAM's (sparsifier "ram"): (epsilon, RAM+'s per-expert scales of its own entries or None for ram)
+                (kernels/ram.py)
     """
 
     sparsifier: str
@@ -60,6 +62,7 @@ class ChunkParams:
     ranks: tuple[int, int] = (1, 1)
     nearswap: float | None = None
     sce_cut: tuple[int, int] | None = None
+    ram: tuple[float, tuple[float, ...] | None] | None = None
 
     @property
     def n(self) -> int:

@@ -157,6 +157,11 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
 
         _count_all(nonfinite, base, experts, p)
         return merge_sce(base, experts, start, p, out_dtype)
+    if p.sparsifier == "ram":  # likewise (kernels/ram.py)
+        from fusemerge.kernels.ram import merge_ram
+
+        _count_all(nonfinite, base, experts, p)
+        return merge_ram(base, experts, p, out_dtype)
     keeps = None
     if experts and experts[0].device.type == "cpu" and cpu_fused.available():  # the same bits, in one pass
         if p.sparsifier == "dare":

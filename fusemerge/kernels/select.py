@@ -676,6 +676,7 @@ def tensor_params(
     epsilon: list[float] | None = None,
     shape: tuple[int, ...] | None = None,
     select_topk: float | None = None,
+    ram: tuple[float, tuple[float, float] | None] | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
@@ -687,7 +688,8 @@ def tensor_params(
     `models`: how many models (the base's tensor first) slerp and model_stock sum, or karcher averages;
     `karcher`: its (max_iter, tol); `eps`: multislerp's (with `normalize`, its normalize_weights); `epsilon`, `shape`:
     DELLA's epsilon per expert and the tensor's shape, whose rank groups the drop ranks in (`chunk`: whole units
-    of them, della.aligned_chunk); `select_topk`: SCE's (kernels/sce.py: its cut and weights).
+    of them, della.aligned_chunk); `select_topk`: SCE's (kernels/sce.py: its cut and weights); `ram`: RAM's
+    (epsilon, RAM+'s (r, alpha) or None; kernels/ram.py).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -712,6 +714,11 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=karcher_weights(backend, segments, chunk, models, *(karcher or ())))
+    if method.is_ram:
+        from fusemerge.kernels.ram import EPSILON, ram_params
+
+        eps, plus = ram if ram is not None else (EPSILON, None)
+        return ram_params(backend, segments, chunk, eps, plus)
     if method.is_sce:
         from fusemerge.kernels.sce import SELECT_TOPK, sce_params
 

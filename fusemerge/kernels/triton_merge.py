@@ -405,7 +405,7 @@ def merge_chunk(
     ...             ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
     tensor([-2., -2., -2., -2.], device='cuda:0')
     """
-    if params.sparsifier in ("della", "sce"):  # a sort per row, a variance's top set: torch ops on this device
+    if params.sparsifier in ("della", "sce", "ram"):  # a sort per row, a variance's top set, RAM's counts: torch ops
         return _torch_chunk(base, experts, start, params, out_dtype, out, nonfinite)
     _check_params(params)
     rows = [experts[i] for i in range(len(experts))]
@@ -476,9 +476,10 @@ def merge_chunk(
 
 
 def _torch_chunk(base, experts, start, params, out_dtype, out, nonfinite) -> torch.Tensor:
-    """DELLA's and SCE's chunks: DELLA's keep masks come from a sort of each rank group (kernels/della.py),
-    SCE's from the top set of the variance over the experts (kernels/sce.py), which this kernel does not do, so
-    the torch backend's operations merge them on the chunk's device: the same bits as the torch backend on CPU."""
+    """DELLA's, SCE's and RAM's chunks: DELLA's keep masks come from a sort of each rank group (kernels/della.py),
+    SCE's from the top set of the variance over the experts (kernels/sce.py), RAM's from how many experts changed
+    each entry (kernels/ram.py), which this kernel does not do, so the torch backend's operations merge them on the
+    chunk's device: the same bits as the torch backend on CPU."""
     from fusemerge.kernels import reference
 
     rows = [experts[i] for i in range(len(experts))]

@@ -5,6 +5,7 @@ This is mergekit's "generalized task arithmetic" idea without its task graph:
     sparsifier   none | magnitude (TIES trim) | dare (random drop) | breadcrumbs (drop both tails)
                  | della (random drop, each delta's keep probability from its rank in its row)
                  | sce (keep the entries whose deltas vary most across the experts; weights from the deltas)
+                 | ram (an entry one expert changed keeps its delta, one several changed their mean)
     consensus    none (weighted sum) | sign (TIES election + disjoint mean)
 
 `linear` averages the models themselves rather than their deltas; `slerp` interpolates a base and one other
@@ -25,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs", "della", "sce")
+SPARSIFIERS = ("none", "magnitude", "dare", "breadcrumbs", "della", "sce", "ram")
 CONSENSUS = ("none", "sign")
 
 
@@ -121,6 +122,11 @@ class Method:
         return self.sparsifier == "sce"
 
     @property
+    def is_ram(self) -> bool:
+        """ram and ramplus_tl (kernels/ram.py); ramplus_tl's scales come from a counting pass over each tensor."""
+        return self.sparsifier == "ram"
+
+    @property
     def needs_thresholds(self) -> bool:
         """True when each tensor needs a selection pass (k-th largest |delta|) before merging."""
         return self.sparsifier in ("magnitude", "breadcrumbs")
@@ -152,6 +158,12 @@ DELLA_RESCALE = _p("rescale", True, False, kind="bool")
 # SCE's selection (mergekit/merge_methods/sce.py: `select_topk`, default 1.0): the fraction of the entries, those
 # whose deltas vary most across the experts, that are kept (1: all of them; 0: none).
 SELECT_TOPK = _p("select_topk", 1.0, False, low=0.0, high=1.0)
+# RAM's and RAM+'s (mergekit/merge_methods/ram.py: `epsilon` 1e-5, `r` 0.1, `alpha` 0.2; one value per tensor): an
+# entry counts as changed by an expert where |delta| > epsilon; RAM+ scales an expert's own entries by
+# 1 + r * clamp(shared / own, 0, alpha).
+RAM_EPSILON = _p("epsilon", 1e-5, False, low=0.0)
+RAM_R = _p("r", 0.1, False)
+RAM_ALPHA = _p("alpha", 0.2, False, low=0.0)
 # slerp's interpolation factor (mergekit/merge_methods/slerp.py: `t`, required): 0 is the base, 1 the other model.
 T = _p("t", None, False)
 # model_stock's per-row variant (mergekit: `filter_wise`, default false); only false is supported.
@@ -208,6 +220,12 @@ _ALL = [
     # sce: no per-model weight (mergekit's has none): each expert's weight comes from its own deltas
     Method("sce", "sce", "sign", needs_base=True, params={"select_topk": SELECT_TOPK},
            paper="https://arxiv.org/abs/2408.07990"),
+    # ram, ramplus_tl: no per-model weight (mergekit's have none)
+    Method("ram", "ram", "none", needs_base=True, params={"epsilon": RAM_EPSILON},
+           paper="https://arxiv.org/abs/2601.13572"),
+    Method("ramplus_tl", "ram", "none", needs_base=True,
+           params={"epsilon": RAM_EPSILON, "r": RAM_R, "alpha": RAM_ALPHA},
+           paper="https://arxiv.org/abs/2601.13572"),
     Method("slerp", "none", "none", needs_base=True, params={"t": T},
            paper="https://en.wikipedia.org/wiki/Slerp", others=(1, 1)),
     Method("model_stock", "none", "none", needs_base=True, params={"filter_wise": FILTER_WISE},

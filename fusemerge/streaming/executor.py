@@ -232,7 +232,8 @@ class Executor:
             # most a worker's resident share, so that a worst case costs a counting pass, not unbounded memory
             # (1/8 of it made bench/memory.py's 64 MiB TIES merge 31% slower, for 4 MiB less)
             keep_bytes=self.plan.resident_bytes, t=t.t, models=len(t.inputs),
-            karcher=t.karcher, eps=t.eps, epsilon=t.epsilon, shape=t.shape, select_topk=t.select_topk)
+            karcher=t.karcher, eps=t.eps, epsilon=t.epsilon, shape=t.shape, select_topk=t.select_topk,
+            ram=t.ram)
         self.times.add(stats=time.perf_counter() - t0)
         return params
 

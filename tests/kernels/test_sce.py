@@ -27,11 +27,12 @@ def fresh(shape: tuple[int, ...], n: int, dtype: torch.dtype, seed: int) -> tupl
     return base.to(dtype), experts
 
 
-def within_ulp(got: torch.Tensor, want: np.ndarray, dtype: torch.dtype, base: torch.Tensor) -> bool:
-    """Within an ulp of the output dtype, plus float32's rounding at the scale of the base (the result is
-    base + q in float32: where the two cancel, a float32 output's ulp is far below that rounding)."""
+def within_ulp(got: torch.Tensor, want: np.ndarray, dtype: torch.dtype, scale: torch.Tensor) -> bool:
+    """Within an ulp of the output dtype, plus float32's rounding at `scale`, the magnitude of the terms summed
+    (the base, for sce: the result is base + q in float32, where the two cancel a float32 output's ulp is far
+    below that rounding)."""
     w = torch.from_numpy(want).reshape(got.shape)
-    tol = ulp(w, dtype) + 4 * ulp(base.double(), torch.float32)
+    tol = ulp(w, dtype) + 4 * ulp(scale.double().reshape(got.shape), torch.float32)
     return bool(((got.double() - w).abs() <= tol).all())
 
 
