@@ -47,8 +47,9 @@ def _changed(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float
 
 
 def ram_params(backend: ModuleType, segments: list[Segment], chunk: int, epsilon: float,
-               plus: tuple[float, float] | None) -> ChunkParams:
-    """The ChunkParams of a RAM tensor; `plus` (r, alpha): RAM+'s per-expert scales from its counts (one pass)."""
+               plus: tuple[float, float] | None, experts: int) -> ChunkParams:
+    """The ChunkParams of a RAM tensor of `experts` experts; `plus` (r, alpha): RAM+'s per-expert scales from its
+    counts (one pass over `segments`; ram reads nothing here: the pipeline gives it segments that cannot load)."""
     del backend  # counts need no kernel: torch operations on the chunks' device
     lambdas: tuple[float, ...] | None = None
     if plus is not None:
@@ -61,18 +62,11 @@ def ram_params(backend: ModuleType, segments: list[Segment], chunk: int, epsilon
             o = [int((m & one).sum()) for m in nz]
             shared = s if shared is None else [a + b for a, b in zip(shared, s, strict=True)]
             own = o if not own else [a + b for a, b in zip(own, o, strict=True)]
-        if shared is None:
-            raise ValueError("RAM needs at least one expert")
+        if shared is None:  # an empty tensor: nothing to count
+            shared, own = [0] * experts, [0] * experts
         lambdas = plus_scales(shared, own, epsilon, *plus)
-    n = len(lambdas) if lambdas is not None else None
-    return ChunkParams(sparsifier="ram", consensus="none", linear=False,
-                       weights=(1.0,) * (n if n is not None else _experts(segments)),
+    return ChunkParams(sparsifier="ram", consensus="none", linear=False, weights=(1.0,) * experts,
                        ram=(float(epsilon), lambdas))
-
-
-def _experts(segments: list[Segment]) -> int:
-    _, xs = segments[0].load(0, 0)
-    return len(xs)
 
 
 def plus_scales(shared: Sequence[int], own: Sequence[int], epsilon: float, r: float, alpha: float

@@ -718,7 +718,7 @@ def tensor_params(
         from fusemerge.kernels.ram import EPSILON, ram_params
 
         eps, plus = ram if ram is not None else (EPSILON, None)
-        return ram_params(backend, segments, chunk, eps, plus)
+        return ram_params(backend, segments, chunk, eps, plus, models)
     if method.is_sce:
         from fusemerge.kernels.sce import SELECT_TOPK, sce_params
 
