@@ -15,8 +15,8 @@ from fusemerge.methods import METHODS
 from tests import oracle
 
 MERGE_METHODS = [name for name, m in METHODS.items()  # passthrough copies; slerp, model_stock, nuslerp, nearswap,
-                 if not m.is_passthrough and not m.tensor_weights and not m.is_nearswap  # sce: their own files
-                 and not m.is_sce]
+                 if not m.is_passthrough and not m.tensor_weights and not m.is_nearswap  # sce, ram: their own files
+                 and not m.is_sce and not m.is_ram]
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 SIZES = [1, 7, 1000, 4099]
