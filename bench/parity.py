@@ -166,9 +166,17 @@ def explain(t: TensorPlan, method, reader: ChunkReader, diff: torch.Tensor, mask
 def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Tensor | None
                    ) -> tuple[float, ...]:
     """fusemerge's slerp, model_stock, nuslerp or karcher weights for tensor t's models (for slerp and model_stock the
-    base's first; a nuslerp with a base weighs the deltas from `base`)."""
+    base's first; a nuslerp with a base weighs the deltas from `base`); model_stock with filter_wise: one tensor per
+    model, each entry its row's weight."""
     from fusemerge.kernels import reference
     from fusemerge.kernels.select import Segment, tensor_params
+
+    if method.is_model_stock and t.filter_wise:
+        from fusemerge.kernels.model_stock import row_weights
+
+        cols = t.row_length
+        a, b = row_weights(xs, cols)
+        return (a.double().repeat_interleave(cols), *(b.double().repeat_interleave(cols),) * (len(xs) - 1))
 
     n = xs[0].numel()
     segment = Segment(n, lambda s, c: (base[s:s + c] if base is not None else None, [x[s:s + c] for x in xs]),

@@ -1038,10 +1038,6 @@ class _Validator:
                 self.add(key, "only nuslerp_flatten: true is supported: nuslerp's per-row and per-column variants "
                               "(false) are not implemented yet; fusemerge interpolates whole tensors")
                 continue
-            if name == "filter_wise" and value is not False:
-                self.add(key, "only filter_wise: false is supported: model_stock's per-row variant (true) is not "
-                              "implemented yet; fusemerge merges whole tensors")
-                continue
             self._check_setting(value, pdef, key)
 
     def _check_values_only(self, params: Mapping[str, Any], where: str) -> None:

@@ -32,7 +32,7 @@ from fusemerge.config import (
     sums_to_zero,
 )
 from fusemerge.errors import InputError
-from fusemerge.kernels.della import aligned_chunk, check_epsilon, rank_layout, unit
+from fusemerge.kernels.della import check_epsilon, rank_layout, unit, whole_units
 from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.methods import Method
 from fusemerge.options import opt, opt_name
@@ -86,13 +86,26 @@ class TensorPlan:
     epsilon: list[float] | None = None  # DELLA's, per expert
     select_topk: float | None = None  # SCE's
     ram: tuple[float, tuple[float, float] | None] | None = None  # RAM's epsilon and RAM+'s (r, alpha) or None
+    filter_wise: bool = False  # model_stock's per-row weights
+
+    @property
+    def unit(self) -> int:
+        """Entries a chunk holds whole: DELLA's rank units (kernels/della.py), model_stock filter_wise's rows (the
+        last dimension; a 1-D tensor is one row); else 1."""
+        if self.epsilon is not None:
+            return unit(rank_layout(self.shape))
+        if self.filter_wise:
+            return max(1, self.shape[-1] if len(self.shape) >= 2 else self.numel)
+        return 1
+
+    @property
+    def row_length(self) -> int:
+        """model_stock filter_wise's row length (the unit)."""
+        return self.unit
 
     def chunk(self, elems: int) -> int:
-        """Elements per chunk of this tensor for a chunk size of `elems`: DELLA's whole rank units
-        (kernels/della.py), else `elems`."""
-        if self.epsilon is None:
-            return elems
-        return aligned_chunk(rank_layout(self.shape), elems)
+        """Elements per chunk of this tensor for a chunk size of `elems`: a whole number of units, at least one."""
+        return whole_units(self.unit, elems)
 
     @property
     def numel(self) -> int:
@@ -215,6 +228,8 @@ class MergePlan:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's,
         DELLA's or a trim's, the angles of slerp, model_stock, nuslerp, multislerp and karcher)."""
         m = self.method
+        if m.is_model_stock and t.filter_wise:  # each row's weights from the row itself, in the merge pass
+            return False
         if m.is_ram:  # RAM+'s counts; ram has no statistics
             return t.ram is not None and t.ram[1] is not None
         return m.tensor_weights or m.is_sce or (not m.is_linear and (m.needs_thresholds or (
@@ -469,11 +484,12 @@ def build_plan(
         need = format_size(2 * MIN_CHUNK * n_workers * _bytes_per_elem(n_inputs))
         raise InputError(f"{opt('max_memory', format_size(o.budget))} is too small: {n_workers} worker(s) x "
                          f"{n_inputs} inputs need at least {need}")
-    wide = [t for t in tensors if t.epsilon is not None and unit(rank_layout(t.shape)) > chunk]
-    if wide:  # DELLA ranks a row's entries together: a chunk holds whole rows
-        t = max(wide, key=lambda t: unit(rank_layout(t.shape)))
-        raise InputError(f"{opt('max_memory', format_size(o.budget))} is too small for {method.name}: it ranks "
-                         f"the {unit(rank_layout(t.shape)):,} entries of each row of tensor '{t.name}' (shape "
+    wide = [t for t in tensors if t.unit > chunk]
+    if wide:  # DELLA ranks a row's entries together, filter-wise model_stock weighs them: a chunk holds whole rows
+        t = max(wide, key=lambda t: t.unit)
+        verb = "ranks" if t.epsilon is not None else "weighs"
+        raise InputError(f"{opt('max_memory', format_size(o.budget))} is too small for {method.name}: it {verb} "
+                         f"the {t.unit:,} entries of each row of tensor '{t.name}' (shape "
                          f"{list(t.shape)}) together, and a chunk holds {chunk:,}; raise {opt_name('max_memory')}")
 
     plan = MergePlan(cfg, method, base, models, reference, tensors, layout,
@@ -1089,8 +1105,9 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
             raise InputError(f"tensor '{name}': t resolves to {t}, beyond float32's range (the merge computes in "
                              "float32)")
         return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False, t=float(t))
-    if method.is_model_stock:  # its weights come from the tensors alone
-        return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False)
+    if method.is_model_stock:  # its weights come from the tensors alone (per row with filter_wise)
+        return dict(weights=[], density=[], gamma=[], lam=1.0, normalize=False, rescale=False,
+                    filter_wise=bool(global_value("filter_wise", False)))
 
     def setting(pname: str) -> object:  # a method's own parameter: its value here, or its default (Method.params)
         return global_value(pname, method.params[pname].default)

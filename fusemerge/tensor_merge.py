@@ -12,7 +12,7 @@ from fusemerge.config import DTYPE_ALIASES, MergeConfig, did_you_mean, validate_
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import KeepMasks
-from fusemerge.kernels.della import aligned_chunk, rank_layout
+from fusemerge.kernels.della import aligned_chunk, rank_layout, whole_units
 from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.kernels.select import Segment, tensor_params
 from fusemerge.methods import METHODS
@@ -167,7 +167,7 @@ def merge_tensors(
 
     `weight`, `density`, `gamma`, `epsilon` (della's): one value for every expert, or a sequence of one per
     expert; unset ones take the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is
-    `base`, 1 the one expert); `filter_wise`: model_stock's (false only), whose experts are the two or more
+    `base`, 1 the one expert); `filter_wise`: model_stock's (true: weights per row), whose experts are the two or more
     models merged onto `base`; `nuslerp_flatten` (true only), `nuslerp_row_wise`: nuslerp's, whose experts are
     its two models (interpolated themselves, or with `base` their deltas from it) and `weight` their two weights;
     `select_topk`: sce's (default 1: every entry; its weights come from the deltas, so it takes no `weight`);
@@ -256,8 +256,12 @@ def merge_tensors(
         flat = [x.float() for x in flat]  # the kernels read one dtype; float32 holds every input exactly
         fbase = fbase.float() if fbase is not None else None
     numel = flat[0].numel()
+    rows = None  # model_stock filter_wise's row length: its chunks are whole rows, each weighted by its own cosines
     if m.sparsifier == "della":  # its chunks are whole rows, which it ranks together (kernels/della.py)
         chunk = aligned_chunk(rank_layout(shape), chunk)
+    elif m.is_model_stock and p_args.get("filter_wise"):
+        rows = max(1, shape[-1] if len(shape) >= 2 else numel)
+        chunk = whole_units(rows, chunk)
     # CPU DARE (or DELLA) with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per
     # entry and expert, 1/16 of bf16 inputs) instead of drawing Philox (and sorting) twice
     masks = (KeepMasks(KeepMasks.bytes_for(numel, chunk, n))
@@ -272,7 +276,8 @@ def merge_tensors(
                           lam=p_args["lam"], normalize=p_args["normalize"], rescale=rescale, seed=seed, chunk=chunk,
                           backend=kstats, masks=masks, t=p_args.get("t"), models=n,
                           karcher=p_args.get("karcher"), eps=p_args.get("eps"), epsilon=p_args.get("epsilon"),
-                          shape=tuple(shape), select_topk=p_args.get("select_topk"), ram=p_args.get("ram"))
+                          shape=tuple(shape), select_topk=p_args.get("select_topk"), ram=p_args.get("ram"),
+                          filter_rows=rows)
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

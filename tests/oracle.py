@@ -256,3 +256,12 @@ def ram(base: torch.Tensor, experts: list[torch.Tensor], epsilon: float = 1e-5,
     z = d32.astype(np.float64) * nz
     merged = sum(z[i] * (count == 1) * lam[i] + z[i] * (count > 1) / np.maximum(count, 1) for i in range(len(experts)))
     return b32.astype(np.float64) + merged
+
+
+def model_stock_rows(base: torch.Tensor, models: list[torch.Tensor]) -> np.ndarray:
+    """mergekit's model_stock with filter_wise: true in float64 (flat): model_stock's rule on each row (the last
+    dimension; a 1-D tensor is one row)."""
+    cols = base.shape[-1] if base.dim() >= 2 else base.numel()
+    b = base.reshape(-1, cols)
+    ms = [m.reshape(-1, cols) for m in models]
+    return np.concatenate([model_stock(b[r], [m[r] for m in ms]) for r in range(b.shape[0])])

@@ -128,6 +128,10 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
         "model_stock": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
                         "out_dtype": "bfloat16", "models": [{"model": base}, {"model": e1}, {"model": e2},
                                                             {"model": e3}], "parameters": {"filter_wise": False}},
+        "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
+                                    "out_dtype": "bfloat16", "models": [{"model": base}, {"model": e1},
+                                                                        {"model": e2}, {"model": e3}],
+                                    "parameters": {"filter_wise": True}},
         "model_stock_slices": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
                                "out_dtype": "bfloat16", "slices": [
                                    {"sources": [{"model": base, "layer_range": [0, 2]},
@@ -268,9 +272,9 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
-                                  "slerp_slices", "model_stock", "model_stock_slices", "nuslerp", "nuslerp_no_base",
-                                  "nuslerp_slices", "karcher", "karcher_slices", "multislerp",
-                                  "multislerp_no_base", "multislerp_slices", "sce"])
+                                  "slerp_slices", "model_stock", "model_stock_filter_wise", "model_stock_slices",
+                                  "nuslerp", "nuslerp_no_base", "nuslerp_slices", "karcher", "karcher_slices",
+                                  "multislerp", "multislerp_no_base", "multislerp_slices", "sce"])
 def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]
     par = compare_dirs(fm, mk, config)

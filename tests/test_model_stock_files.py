@@ -65,8 +65,7 @@ def test_slices_take_the_base_wherever_it_is_listed(tmp_path: Path, fam: dict) -
 @pytest.mark.parametrize(("change", "fragment"), [
     (lambda d: d.update(models=d["models"][:2]), "models: model_stock takes at least 2 models besides the base, "
                                                  "not 1 (as in mergekit)"),
-    (lambda d: d.update(parameters={"filter_wise": True}), "parameters.filter_wise: only filter_wise: false is "
-                                                           "supported"),
+    (lambda d: d.update(parameters={"filter_wise": "rows"}), "parameters.filter_wise"),
     (lambda d: d.update(parameters={"weight": 0.5}), "parameters.weight: unknown parameter for model_stock"),
     (lambda d: d["models"][1].update(parameters={"filter_wise": False}), "models[1].parameters.filter_wise: "
                                                                          "filter_wise applies to the whole merge"),
@@ -92,14 +91,45 @@ def test_a_base_tensor_the_slices_sources_lack_is_not_written(tmp_path: Path) ->
     assert any("tensor 'model.extra_proj.weight'" in w and "not written" in w for w in plan.warnings), plan.warnings
 
 
-def test_merge_tensors_takes_filter_wise_false_and_each_model_once() -> None:
+def test_merge_tensors_takes_filter_wise_and_each_model_once() -> None:
     g = torch.Generator().manual_seed(0)
     b = torch.randn(500, generator=g)
     m1, m2 = (b + 0.01 * torch.randn(500, generator=g) for _ in range(2))
     assert torch.equal(fusemerge.merge_tensors(b, [m1, m2], "model_stock", filter_wise=False),
                        fusemerge.merge_tensors(b, [m1, m2], "model_stock"))
-    with pytest.raises(InputError, match="only filter_wise: false is supported"):
-        fusemerge.merge_tensors(b, [m1, m2], "model_stock", filter_wise=True)
+    # a 1-D tensor is one row: filter_wise gives the whole tensor's weights, bit for bit
+    assert torch.equal(fusemerge.merge_tensors(b, [m1, m2], "model_stock", filter_wise=True),
+                       fusemerge.merge_tensors(b, [m1, m2], "model_stock"))
     with pytest.raises(InputError, match=r"experts\[0, 1\] are the same tensor; model_stock takes each model once"):
         fusemerge.merge_tensors(b, [m1, m1, m2], "model_stock")
     fusemerge.merge_tensors(b, [b, m1, m2], "model_stock")  # the base itself among them: the base listed
+
+
+def test_filter_wise_merges_each_row_as_the_oracle_does(tmp_path: Path, fam: dict) -> None:
+    """filter_wise: true weighs every row by its own cosines (mergekit's per-row rule): each tensor is merge_tensors'
+    bytes and within a bf16 ulp of the float64 oracle row by row; the same bytes at a budget whose chunks hold a few
+    rows and with two workers; the rows' weights differ from the whole tensor's."""
+    cfg = write(tmp_path, models_config(fam, parameters={"filter_wise": True}))
+    plan = merge_twice(tmp_path, cfg, "96KiB")
+    assert all(plan.reads(t) == 1 for t in plan.tensors)  # no statistics pass: each chunk's rows weigh themselves
+    assert all(t.chunk(plan.chunk_elems) % t.shape[-1] == 0 for t in plan.tensors if len(t.shape) == 2)
+    merged, base = load_model(tmp_path / "a"), load_model(fam["base"])
+    others = [load_model(p) for p in fam["experts"]]
+    differ = 0
+    for name, tensor in merged.items():
+        inputs = [o[name] for o in others]
+        expect = fusemerge.merge_tensors(base[name], inputs, "model_stock", filter_wise=True)
+        assert torch.equal(tensor.view(torch.int16), expect.view(torch.int16)), name
+        f64 = torch.from_numpy(oracle.model_stock_rows(base[name], inputs)).reshape(tensor.shape)
+        assert bool(((tensor.double() - f64).abs() <= ulp(f64, torch.bfloat16)).all()), name
+        whole = fusemerge.merge_tensors(base[name], inputs, "model_stock")
+        differ += int((whole != tensor).sum())
+    assert differ > 1000
+
+
+def test_filter_wise_refuses_a_budget_too_small_for_a_row(tmp_path: Path) -> None:
+    wide = make_llama_family(tmp_path / "wide", n_experts=2, seed=3, hidden=16, intermediate=400, layers=1, vocab=64)
+    cfg = write(tmp_path, models_config(wide, parameters={"filter_wise": True}))
+    with pytest.raises(InputError, match=r"too small for model_stock: it weighs the 400 entries of each row of "
+                                         r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight'"):
+        fusemerge.build_plan(cfg, device="cpu", max_memory="64KiB", workers=2)

@@ -65,7 +65,11 @@ def unit(layout: tuple[int, int]) -> int:
 def aligned_chunk(layout: tuple[int, int], chunk: int) -> int:
     """The largest whole number of units in `chunk` elements, at least one unit (the caller checks that one
     unit fits its memory: planner.py refuses a merge whose unit exceeds the chunk)."""
-    u = unit(layout)
+    return whole_units(unit(layout), chunk)
+
+
+def whole_units(u: int, chunk: int) -> int:
+    """The largest multiple of `u` entries in `chunk`, at least `u` (DELLA's units, model_stock filter_wise's rows)."""
     return max(u, chunk - chunk % u)
 
 

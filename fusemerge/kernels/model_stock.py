@@ -1,6 +1,7 @@
 """model_stock's weights for a tensor: how far the base moves toward the models' average, from their angles.
 
-mergekit (merge_methods/model_stock.py, the paper's rule per tensor, `filter_wise: false`), for a base tensor
+mergekit (merge_methods/model_stock.py, the paper's rule per tensor, `filter_wise: false`; per row with
+`filter_wise: true`, `row_weights` below), for a base tensor
 w_0 and N >= 2 others w_1 .. w_N, with deltas d_i = w_i - w_0:
 
     cos_ij = clamp(<d_i, d_j> / max(||d_i|| ||d_j||, 1e-6), -1, 1)       every pair i < j
@@ -25,6 +26,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from fusemerge.kernels.fixed_dots import gram_sums
 
@@ -63,3 +65,58 @@ def model_stock_weights(backend: ModuleType, segments: list[Segment], chunk: int
     if dots is None:
         return weights_from_cosine(1.0, n)
     return weights_from_cosine(cosine_from_sums(dots, n), n)
+
+
+def _row_dots(x: torch.Tensor, y: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """float64 [rows]: each row's <x, y> (float32 [rows, cols] inputs), exact to 2^-32 of a fixed-point unit set
+    per row by `top` (float64 [rows], at least every |x_j y_j| of the row) as fixed_dots' sums are: each product
+    scaled below 2^32 and split into its integer part and 32 bits of fraction, whose row sums are exact in float64
+    (a row of up to 2^21 entries), so the result does not depend on the device or its summation order."""
+    from fusemerge.kernels.fixed_dots import FRACTION_BITS, PRODUCT_BITS
+
+    live = top > 0
+    _, e = torch.frexp(torch.where(live, top, torch.ones_like(top)))  # top < 2^e
+    shift = (PRODUCT_BITS - e).to(torch.float64).unsqueeze(1)
+    p = torch.ldexp(x.to(torch.float64).mul_(y.to(torch.float64)), shift)  # exact: 48-bit products, a power of 2
+    whole = p.trunc()
+    part = p.sub_(whole).mul_(2.0**FRACTION_BITS).trunc_()
+    total = whole.sum(dim=1).add_(part.sum(dim=1).mul_(2.0**-FRACTION_BITS))
+    return torch.where(live, torch.ldexp(total, -shift.squeeze(1)), torch.zeros_like(total))
+
+
+def row_weights(models: list[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """model_stock with `filter_wise: true` (mergekit: the cosines per row, along the last dimension; a 1-D tensor is
+    one row): for each row of the models (the base's first, then n >= 2 others; chunks of whole rows of `cols`), the
+    float32 weights (1 - t, t / n) of the base and of each other model, t from the row's mean pairwise cosine of the
+    deltas as weights_from_cosine finds it (float64, exact row sums). A row with a NaN or infinite delta takes t = 1
+    (the models' average), as a whole tensor does."""
+    x0 = models[0].to(torch.float32).reshape(-1, cols)
+    ds = [m.to(torch.float32).reshape(-1, cols) - x0 for m in models[1:]]
+    n = len(ds)
+    top = [d.abs().amax(dim=1).to(torch.float64) for d in ds]
+    finite = torch.stack([torch.isfinite(t) for t in top]).all(dim=0)
+    top = [torch.where(finite, t, torch.zeros_like(t)) for t in top]
+    dots = {(i, j): _row_dots(ds[i], ds[j], top[i] * top[j]) for i in range(n) for j in range(i, n)}
+    norms = [dots[(i, i)].sqrt() for i in range(n)]
+    cos = torch.zeros_like(norms[0])
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    for i, j in pairs:
+        cos.add_((dots[(i, j)] / (norms[i] * norms[j]).clamp_min(EPS)).clamp_(-1.0, 1.0))
+    cos.div_(len(pairs))
+    den = 1.0 + (n - 1) * cos
+    t = torch.where(den.abs() < EPS, torch.zeros_like(cos), n * cos / den)
+    t = torch.where(finite, t, torch.ones_like(t))
+    return (1.0 - t).to(torch.float32), (t / n).to(torch.float32)
+
+
+def merge_rows(models: list[torch.Tensor], cols: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk (whole rows) of a filter-wise model_stock merge: per row (1 - t) w_0 + (t / n) w_1 + ... + (t / n)
+    w_n, left to right in float32 (as the linear kernels sum the whole-tensor weights), rounded once."""
+    from fusemerge.kernels.reference import _rounded
+
+    a, b = row_weights(models, cols)
+    rows = [m.to(torch.float32).reshape(-1, cols) for m in models]
+    out = rows[0] * a.unsqueeze(1)
+    for x in rows[1:]:
+        out.add_(x * b.unsqueeze(1))
+    return _rounded(out.reshape(-1), out_dtype)

@@ -43,6 +43,8 @@ class ChunkParams:
                 (kernels/sce.py)
     ram:        RAM's (sparsifier "ram"): (epsilon, RAM+'s per-expert scales of its own entries or None for ram)
                 (kernels/ram.py)
+    filter_rows: model_stock's with filter_wise: true: the row length; each row's weights come from its own
+                cosines (kernels/model_stock.py: merge_rows; `weights` are then unused)
     """
 
     sparsifier: str
@@ -63,6 +65,7 @@ class ChunkParams:
     nearswap: float | None = None
     sce_cut: tuple[int, int] | None = None
     ram: tuple[float, tuple[float, ...] | None] | None = None
+    filter_rows: int | None = None
 
     @property
     def n(self) -> int:

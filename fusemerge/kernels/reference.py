@@ -157,6 +157,11 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
 
         _count_all(nonfinite, base, experts, p)
         return merge_sce(base, experts, start, p, out_dtype)
+    if p.filter_rows is not None:  # model_stock per row: torch operations (kernels/model_stock.py)
+        from fusemerge.kernels.model_stock import merge_rows
+
+        _count_all(nonfinite, base, experts, p)
+        return merge_rows(experts, p.filter_rows, out_dtype)
     if p.sparsifier == "ram":  # likewise (kernels/ram.py)
         from fusemerge.kernels.ram import merge_ram
 

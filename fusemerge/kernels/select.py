@@ -677,6 +677,7 @@ def tensor_params(
     shape: tuple[int, ...] | None = None,
     select_topk: float | None = None,
     ram: tuple[float, tuple[float, float] | None] | None = None,
+    filter_rows: int | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
@@ -689,7 +690,8 @@ def tensor_params(
     `karcher`: its (max_iter, tol); `eps`: multislerp's (with `normalize`, its normalize_weights); `epsilon`, `shape`:
     DELLA's epsilon per expert and the tensor's shape, whose rank groups the drop ranks in (`chunk`: whole units
     of them, della.aligned_chunk); `select_topk`: SCE's (kernels/sce.py: its cut and weights); `ram`: RAM's
-    (epsilon, RAM+'s (r, alpha) or None; kernels/ram.py).
+    (epsilon, RAM+'s (r, alpha) or None; kernels/ram.py); `filter_rows`: model_stock filter_wise's row length
+    (no statistics: each chunk's rows weigh themselves).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -698,6 +700,9 @@ def tensor_params(
 
         return ChunkParams(sparsifier="none", consensus="none", linear=True,
                            weights=slerp_weights(backend, segments, chunk, t))
+    if method.is_model_stock and filter_rows is not None:
+        return ChunkParams(sparsifier="none", consensus="none", linear=True, weights=(1.0,) * models,
+                           filter_rows=filter_rows)
     if method.is_model_stock:
         from fusemerge.kernels.model_stock import model_stock_weights
 

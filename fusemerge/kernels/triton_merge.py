@@ -405,7 +405,8 @@ def merge_chunk(
     ...             ChunkParams("none", "none", False, (1.0, 1.0)), torch.float32)
     tensor([-2., -2., -2., -2.], device='cuda:0')
     """
-    if params.sparsifier in ("della", "sce", "ram"):  # a sort per row, a variance's top set, RAM's counts: torch ops
+    # a sort per row, a variance's top set, RAM's counts, model_stock's weights per row: torch operations
+    if params.sparsifier in ("della", "sce", "ram") or params.filter_rows is not None:
         return _torch_chunk(base, experts, start, params, out_dtype, out, nonfinite)
     _check_params(params)
     rows = [experts[i] for i in range(len(experts))]
@@ -485,6 +486,6 @@ def _torch_chunk(base, experts, start, params, out_dtype, out, nonfinite) -> tor
     rows = [experts[i] for i in range(len(experts))]
     if len(rows) != params.n:
         raise ValueError(f"{len(rows)} expert chunks but {params.n} weights")
-    if base is None:
+    if base is None and not params.linear:
         raise ValueError(f"{params.sparsifier} merges need a base chunk")
     return reference.merge_chunk(base, rows, start, params, out_dtype, out=out, nonfinite=nonfinite)

@@ -113,3 +113,52 @@ def test_merge_tensors_needs_two_models_besides_the_base() -> None:
         merge_tensors(base, models[:1], "model_stock")
     with pytest.raises(InputError, match="weight: unknown parameter for model_stock"):
         merge_tensors(base, models, "model_stock", weight=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_filter_wise_weighs_each_row_by_its_own_cosines(dtype: torch.dtype, n: int) -> None:
+    """filter_wise: true (mergekit's per-row rule along the last dimension): within an ulp of the float64 oracle row
+    by row, on rows whose deltas share more or less (so their weights differ); the same bits in any chunking of
+    whole rows and on the Triton backend (the torch operations on its device)."""
+    g = torch.Generator().manual_seed(n)
+    rows, cols = 23, 37
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+    share = torch.linspace(0.0, 1.0, rows).unsqueeze(1)  # row r's deltas share `share[r]` of a common part
+    common = torch.randn(rows, cols, generator=g) * 0.004
+    models = [(base.float() + share * common + torch.randn(rows, cols, generator=g) * 0.004).to(dtype)
+              for _ in range(n)]
+    got = merge_tensors(base, models, "model_stock", filter_wise=True, chunk=3 * cols)
+    f64 = torch.from_numpy(oracle.model_stock_rows(base, models)).reshape(rows, cols)
+    # as test_merge_matches_float64_oracle: float32 weights and sums, at the scale of the weighted terms (|t| <~ 1)
+    mag = base.double().abs() + sum(m.double().abs() for m in models)
+    tol = 2.0**-20 * mag if dtype == torch.float32 else torch.maximum(ulp(f64, dtype), 2.0**-20 * mag)
+    assert bool(((got.double() - f64).abs() <= tol).all())
+    for chunk in (cols, 10 * cols + 5, 1 << 20):
+        assert torch.equal(merge_tensors(base, models, "model_stock", filter_wise=True, chunk=chunk).view(-1),
+                           got.view(-1)), chunk
+    tri = merge_tensors(on_kernels(base), on_kernels(models), "model_stock", filter_wise=True, backend="triton",
+                        chunk=4 * cols).cpu()
+    assert torch.equal(tri.view(-1), got.view(-1))
+    assert not torch.equal(got, merge_tensors(base, models, "model_stock"))
+
+
+def test_filter_wise_gives_a_row_with_a_nan_the_average() -> None:
+    """A row whose deltas hold a NaN takes t = 1 (the models' average, as a whole tensor with one does); the other
+    rows keep their own weights."""
+    base, models = family(3, 64, torch.float32, seed=2)
+    base, models = base.reshape(4, 16), [m.reshape(4, 16).clone() for m in models]
+    models[1][2, 5] = float("nan")
+    got = _rows(base, models)
+    want_avg = (sum(m[2].double() for m in models) / 3)
+    finite = torch.isfinite(want_avg)
+    assert torch.allclose(got[2][finite].double(), want_avg[finite], rtol=0, atol=1e-6)
+    clean = merge_tensors(base[[0, 1, 3]], [m[[0, 1, 3]] for m in models], "model_stock", filter_wise=True)
+    assert torch.equal(got[[0, 1, 3]], clean)
+
+
+def _rows(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    from fusemerge.kernels.model_stock import merge_rows
+
+    return merge_rows([base.reshape(-1), *[m.reshape(-1) for m in models]], base.shape[-1],
+                      torch.float32).reshape(base.shape)
