@@ -177,6 +177,13 @@ def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Te
         cols = t.row_length
         a, b = row_weights(xs, cols)
         return (a.double().repeat_interleave(cols), *(b.double().repeat_interleave(cols),) * (len(xs) - 1))
+    if method.is_nuslerp and t.nuslerp_rows:  # per row: (a, b) of the two models or their deltas
+        from fusemerge.kernels import nuslerp
+
+        cols = t.row_length
+        vs = [(x - base if base is not None else x).reshape(-1, cols) for x in xs]
+        a, b = nuslerp.row_weights(vs[0], vs[1], nuslerp.t_from_weights(*t.weights))
+        return a.double().repeat_interleave(cols), b.double().repeat_interleave(cols)
 
     n = xs[0].numel()
     segment = Segment(n, lambda s, c: (base[s:s + c] if base is not None else None, [x[s:s + c] for x in xs]),

@@ -1034,10 +1034,6 @@ class _Validator:
                               + ("slice's or the top-level parameters:" if ".sources[" in where
                                  else "top-level parameters:"))
                 continue
-            if name == "nuslerp_flatten" and value is False:
-                self.add(key, "only nuslerp_flatten: true is supported: nuslerp's per-row and per-column variants "
-                              "(false) are not implemented yet; fusemerge interpolates whole tensors")
-                continue
             self._check_setting(value, pdef, key)
 
     def _check_values_only(self, params: Mapping[str, Any], where: str) -> None:

@@ -87,6 +87,7 @@ class TensorPlan:
     select_topk: float | None = None  # SCE's
     ram: tuple[float, tuple[float, float] | None] | None = None  # RAM's epsilon and RAM+'s (r, alpha) or None
     filter_wise: bool = False  # model_stock's per-row weights
+    nuslerp_rows: bool = False  # nuslerp_flatten: false: one arc per row
 
     @property
     def unit(self) -> int:
@@ -94,13 +95,13 @@ class TensorPlan:
         last dimension; a 1-D tensor is one row); else 1."""
         if self.epsilon is not None:
             return unit(rank_layout(self.shape))
-        if self.filter_wise:
+        if self.filter_wise or self.nuslerp_rows:
             return max(1, self.shape[-1] if len(self.shape) >= 2 else self.numel)
         return 1
 
     @property
     def row_length(self) -> int:
-        """model_stock filter_wise's row length (the unit)."""
+        """model_stock filter_wise's and a per-row nuslerp's row length (the unit)."""
         return self.unit
 
     def chunk(self, elems: int) -> int:
@@ -228,7 +229,7 @@ class MergePlan:
         """Whether t's parameters come from a statistics pass over its inputs (thresholds, an L1 rescale, DARE's,
         DELLA's or a trim's, the angles of slerp, model_stock, nuslerp, multislerp and karcher)."""
         m = self.method
-        if m.is_model_stock and t.filter_wise:  # each row's weights from the row itself, in the merge pass
+        if t.filter_wise or t.nuslerp_rows:  # each row's weights from the row itself, in the merge pass
             return False
         if m.is_ram:  # RAM+'s counts; ram has no statistics
             return t.ram is not None and t.ram[1] is not None
@@ -1160,9 +1161,15 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         # the config refuses scalar weights that do; gradients and filter rules resolve per tensor
         problems.append(f"tensor '{name}': the weights resolve to {weights}, which add up to 0, and normalize is "
                         f"true, so the merge would divide by 0{ZERO_SUM_HINT}")
+    extra: dict[str, object] = {"epsilon": epsilon} if epsilon else {}
+    if method.is_nuslerp and not setting("nuslerp_flatten"):  # one arc per row (the last dimension)
+        if setting("nuslerp_row_wise"):
+            problems.append(f"tensor '{name}': nuslerp_row_wise: true with nuslerp_flatten: false (one arc per column) "
+                            "is not supported yet; fusemerge interpolates each row (nuslerp_row_wise: false) or the "
+                            "whole tensor (nuslerp_flatten: true)")
+        extra["nuslerp_rows"] = True
     if problems:
         raise InputError(problems)
-    extra = {"epsilon": epsilon} if epsilon else {}
     return dict(weights=weights, density=density, gamma=gamma, lam=lam, normalize=normalize,
                 rescale=global_value("rescale", False), **extra)
 

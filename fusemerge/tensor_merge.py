@@ -167,9 +167,10 @@ def merge_tensors(
 
     `weight`, `density`, `gamma`, `epsilon` (della's): one value for every expert, or a sequence of one per
     expert; unset ones take the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is
-    `base`, 1 the one expert); `filter_wise`: model_stock's (true: weights per row), whose experts are the two or more
-    models merged onto `base`; `nuslerp_flatten` (true only), `nuslerp_row_wise`: nuslerp's, whose experts are
-    its two models (interpolated themselves, or with `base` their deltas from it) and `weight` their two weights;
+    `base`, 1 the one expert); `filter_wise`: model_stock's (true: weights per row), whose experts are the two or
+    more models merged onto `base`; `nuslerp_flatten` (false: one arc per row), `nuslerp_row_wise` (not with
+    flatten false): nuslerp's, whose experts are its two models (interpolated themselves, or with `base` their
+    deltas from it) and `weight` their two weights;
     `select_topk`: sce's (default 1: every entry; its weights come from the deltas, so it takes no `weight`);
     `epsilon` (one value), `r`, `alpha`: ram's and ramplus_tl's (defaults 1e-5, 0.1, 0.2; no `weight` either);
     `max_iter`, `tol`: karcher's (defaults 10 and 1e-5), whose experts are the models averaged (with `base`, if
@@ -259,7 +260,7 @@ def merge_tensors(
     rows = None  # model_stock filter_wise's row length: its chunks are whole rows, each weighted by its own cosines
     if m.sparsifier == "della":  # its chunks are whole rows, which it ranks together (kernels/della.py)
         chunk = aligned_chunk(rank_layout(shape), chunk)
-    elif m.is_model_stock and p_args.get("filter_wise"):
+    elif (m.is_model_stock and p_args.get("filter_wise")) or p_args.get("nuslerp_rows"):
         rows = max(1, shape[-1] if len(shape) >= 2 else numel)
         chunk = whole_units(rows, chunk)
     # CPU DARE (or DELLA) with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per

@@ -265,3 +265,12 @@ def model_stock_rows(base: torch.Tensor, models: list[torch.Tensor]) -> np.ndarr
     b = base.reshape(-1, cols)
     ms = [m.reshape(-1, cols) for m in models]
     return np.concatenate([model_stock(b[r], [m[r] for m in ms]) for r in range(b.shape[0])])
+
+
+def nuslerp_rows(x0: torch.Tensor, x1: torch.Tensor, w: tuple[float, float], base: torch.Tensor | None = None
+                 ) -> np.ndarray:
+    """nuslerp with nuslerp_flatten: false (mergekit: one arc per row of the last dimension) in float64 (flat)."""
+    cols = x0.shape[-1] if x0.dim() >= 2 else x0.numel()
+    r0, r1 = x0.reshape(-1, cols), x1.reshape(-1, cols)
+    rb = base.reshape(-1, cols) if base is not None else None
+    return np.concatenate([nuslerp(r0[r], r1[r], w, rb[r] if rb is not None else None) for r in range(r0.shape[0])])

@@ -934,10 +934,8 @@ def test_nuslerp_slices_take_two_sources_besides_the_base() -> None:
     assert "not 1" in one_problem({"merge_method": "nuslerp", "base_model": "b", "slices": [sl("b", "e1")]})
 
 
-def test_nuslerp_flatten_false_is_refused_and_row_wise_is_mergekits_no_op() -> None:
-    assert one_problem(cfg(method="nuslerp", parameters={"nuslerp_flatten": False})) == (
-        "config: parameters.nuslerp_flatten: only nuslerp_flatten: true is supported: nuslerp's per-row and "
-        "per-column variants (false) are not implemented yet; fusemerge interpolates whole tensors")
+def test_nuslerp_flatten_takes_both_values_and_row_wise_is_mergekits_no_op() -> None:
+    load_config(cfg(method="nuslerp", parameters={"nuslerp_flatten": False}))  # one arc per row
     load_config(cfg(method="nuslerp", parameters={"nuslerp_flatten": True, "nuslerp_row_wise": True}))
     assert "must be true or false" in one_problem(cfg(method="nuslerp", parameters={"nuslerp_flatten": "no"}))
     assert "density: unknown parameter for nuslerp" in one_problem(cfg(method="nuslerp", parameters={"density": 0.5}))

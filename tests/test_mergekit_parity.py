@@ -128,6 +128,15 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
         "model_stock": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
                         "out_dtype": "bfloat16", "models": [{"model": base}, {"model": e1}, {"model": e2},
                                                             {"model": e3}], "parameters": {"filter_wise": False}},
+        # nuslerp with one arc per row, with a base and without
+        "nuslerp_rows": {"merge_method": "nuslerp", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                         "models": [{"model": e1, "parameters": {"weight": 0.4}},
+                                    {"model": e2, "parameters": {"weight": 1.1}}],
+                         "parameters": {"nuslerp_flatten": False}},
+        "nuslerp_rows_no_base": {"merge_method": "nuslerp", "dtype": "float32", "out_dtype": "bfloat16",
+                                 "models": [{"model": e1, "parameters": {"weight": 0.7}},
+                                            {"model": e3, "parameters": {"weight": 0.5}}],
+                                 "parameters": {"nuslerp_flatten": False}},
         "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
                                     "out_dtype": "bfloat16", "models": [{"model": base}, {"model": e1},
                                                                         {"model": e2}, {"model": e3}],
@@ -273,7 +282,8 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
                                   "slerp_slices", "model_stock", "model_stock_filter_wise", "model_stock_slices",
-                                  "nuslerp", "nuslerp_no_base", "nuslerp_slices", "karcher", "karcher_slices",
+                                  "nuslerp", "nuslerp_no_base", "nuslerp_slices", "nuslerp_rows",
+                                  "nuslerp_rows_no_base", "karcher", "karcher_slices",
                                   "multislerp", "multislerp_no_base", "multislerp_slices", "sce"])
 def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]

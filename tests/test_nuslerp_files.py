@@ -76,8 +76,7 @@ def test_slices_take_the_base_wherever_it_is_listed(tmp_path: Path, fam: dict) -
 @pytest.mark.parametrize(("change", "fragment"), [
     (lambda d: d["models"].pop(), "models: nuslerp interpolates exactly two models (besides the base_model, if "
                                   "given), not 1 (as in mergekit)"),
-    (lambda d: d.update(parameters={"nuslerp_flatten": False}), "parameters.nuslerp_flatten: only "
-                                                                "nuslerp_flatten: true is supported"),
+    (lambda d: d.update(parameters={"nuslerp_flatten": "rows"}), "parameters.nuslerp_flatten"),
     (lambda d: d.update(parameters={"t": 0.5}), "parameters.t: unknown parameter for nuslerp"),
     (lambda d: d["models"][1].update(parameters={"nuslerp_row_wise": False}),
      "models[1].parameters.nuslerp_row_wise: nuslerp_row_wise applies to the whole merge"),
@@ -94,7 +93,30 @@ def test_merge_tensors_takes_nuslerps_flags() -> None:
     plain = fusemerge.merge_tensors(b, [m1, m2], "nuslerp")
     assert torch.equal(fusemerge.merge_tensors(b, [m1, m2], "nuslerp", nuslerp_flatten=True,
                                                nuslerp_row_wise=True), plain)  # row_wise: mergekit's no-op here
-    with pytest.raises(InputError, match="only nuslerp_flatten: true is supported"):
-        fusemerge.merge_tensors(b, [m1, m2], "nuslerp", nuslerp_flatten=False)
+    # a 1-D tensor is one row: one arc per row is the whole tensor's arc, bit for bit
+    assert torch.equal(fusemerge.merge_tensors(b, [m1, m2], "nuslerp", nuslerp_flatten=False), plain)
+    with pytest.raises(InputError, match="nuslerp_row_wise: true with nuslerp_flatten: false"):
+        fusemerge.merge_tensors(b, [m1, m2], "nuslerp", nuslerp_flatten=False, nuslerp_row_wise=True)
     with pytest.raises(InputError, match=r"experts\[0, 1\] are the same tensor; nuslerp takes each model once"):
         fusemerge.merge_tensors(None, [m1, m1], "nuslerp")
+
+
+@pytest.mark.parametrize("base", [True, False])
+def test_one_arc_per_row_through_files(tmp_path: Path, fam: dict, base: bool) -> None:
+    """nuslerp_flatten: false: each tensor is merge_tensors' bytes (weights a gradient over the layers); the same
+    bytes at a budget whose chunks hold a few rows and with two workers; one read (no statistics pass)."""
+    from fusemerge.config import resolve
+
+    cfg = write(tmp_path, models_config(fam, base, parameters={"nuslerp_flatten": False}))
+    plan = merge_twice(tmp_path, cfg, "96KiB")
+    assert all(plan.reads(t) == 1 for t in plan.tensors)
+    assert plan.chunk_elems < max(t.numel for t in plan.tensors)
+    assert all(t.chunk(plan.chunk_elems) % t.shape[-1] == 0 for t in plan.tensors if len(t.shape) == 2)
+    merged = load_model(tmp_path / "a")
+    mb = load_model(fam["base"])
+    m1, m3 = load_model(fam["experts"][0]), load_model(fam["experts"][2])
+    for name, tensor in merged.items():
+        w0 = resolve([0.3, 1.0], name, SHAPE["layers"])
+        expect = fusemerge.merge_tensors(mb[name] if base else None, [m1[name], m3[name]], "nuslerp",
+                                         weight=[w0, 0.8], nuslerp_flatten=False)
+        assert torch.equal(tensor.view(torch.int16), expect.view(torch.int16)), name

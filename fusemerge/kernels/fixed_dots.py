@@ -106,3 +106,18 @@ def combination_norm(c: list[float], gram: list[list[float]]) -> float:
     iterates, kept as coefficients)."""
     k = len(c)
     return math.sqrt(max(sum(c[i] * c[j] * gram[i][j] for i in range(k) for j in range(k)), 0.0))
+
+
+def row_dots(x: torch.Tensor, y: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """float64 [rows]: each row's <x, y> (float32 [rows, cols] inputs), exact to 2^-32 of a fixed-point unit set
+    per row by `top` (float64 [rows], at least every |x_j y_j| of the row) as fixed_dots' sums are: each product
+    scaled below 2^32 and split into its integer part and 32 bits of fraction, whose row sums are exact in float64
+    (a row of up to 2^21 entries), so the result does not depend on the device or its summation order."""
+    live = top > 0
+    _, e = torch.frexp(torch.where(live, top, torch.ones_like(top)))  # top < 2^e
+    shift = (PRODUCT_BITS - e).to(torch.float64).unsqueeze(1)
+    p = torch.ldexp(x.to(torch.float64).mul_(y.to(torch.float64)), shift)  # exact: 48-bit products, a power of 2
+    whole = p.trunc()
+    part = p.sub_(whole).mul_(2.0**FRACTION_BITS).trunc_()
+    total = whole.sum(dim=1).add_(part.sum(dim=1).mul_(2.0**-FRACTION_BITS))
+    return torch.where(live, torch.ldexp(total, -shift.squeeze(1)), torch.zeros_like(total))

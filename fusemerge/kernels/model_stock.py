@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fusemerge.kernels.fixed_dots import gram_sums
+from fusemerge.kernels.fixed_dots import gram_sums, row_dots
 
 if TYPE_CHECKING:
     from fusemerge.kernels.select import Segment
@@ -67,23 +67,6 @@ def model_stock_weights(backend: ModuleType, segments: list[Segment], chunk: int
     return weights_from_cosine(cosine_from_sums(dots, n), n)
 
 
-def _row_dots(x: torch.Tensor, y: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """float64 [rows]: each row's <x, y> (float32 [rows, cols] inputs), exact to 2^-32 of a fixed-point unit set
-    per row by `top` (float64 [rows], at least every |x_j y_j| of the row) as fixed_dots' sums are: each product
-    scaled below 2^32 and split into its integer part and 32 bits of fraction, whose row sums are exact in float64
-    (a row of up to 2^21 entries), so the result does not depend on the device or its summation order."""
-    from fusemerge.kernels.fixed_dots import FRACTION_BITS, PRODUCT_BITS
-
-    live = top > 0
-    _, e = torch.frexp(torch.where(live, top, torch.ones_like(top)))  # top < 2^e
-    shift = (PRODUCT_BITS - e).to(torch.float64).unsqueeze(1)
-    p = torch.ldexp(x.to(torch.float64).mul_(y.to(torch.float64)), shift)  # exact: 48-bit products, a power of 2
-    whole = p.trunc()
-    part = p.sub_(whole).mul_(2.0**FRACTION_BITS).trunc_()
-    total = whole.sum(dim=1).add_(part.sum(dim=1).mul_(2.0**-FRACTION_BITS))
-    return torch.where(live, torch.ldexp(total, -shift.squeeze(1)), torch.zeros_like(total))
-
-
 def row_weights(models: list[torch.Tensor], cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """model_stock with `filter_wise: true` (mergekit: the cosines per row, along the last dimension; a 1-D tensor is
     one row): for each row of the models (the base's first, then n >= 2 others; chunks of whole rows of `cols`), the
@@ -96,7 +79,7 @@ def row_weights(models: list[torch.Tensor], cols: int) -> tuple[torch.Tensor, to
     top = [d.abs().amax(dim=1).to(torch.float64) for d in ds]
     finite = torch.stack([torch.isfinite(t) for t in top]).all(dim=0)
     top = [torch.where(finite, t, torch.zeros_like(t)) for t in top]
-    dots = {(i, j): _row_dots(ds[i], ds[j], top[i] * top[j]) for i in range(n) for j in range(i, n)}
+    dots = {(i, j): row_dots(ds[i], ds[j], top[i] * top[j]) for i in range(n) for j in range(i, n)}
     norms = [dots[(i, i)].sqrt() for i in range(n)]
     cos = torch.zeros_like(norms[0])
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]

@@ -1,6 +1,7 @@
 """nuslerp's two weights for a tensor: the angle between two models (or their deltas), from exact sums.
 
-mergekit (merge_methods/nuslerp.py, `nuslerp_flatten: true`, its default) takes exactly two models besides the
+mergekit (merge_methods/nuslerp.py, `nuslerp_flatten: true`, its default; false: one arc per row, `row_weights`
+below) takes exactly two models besides the
 optional base, with weights w_0, w_1, and the whole tensor as one vector:
 
     t = w_1 / (w_0 + w_1)            (0.5 where |w_0 + w_1| < 1e-6)
@@ -35,6 +36,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from fusemerge.kernels.fixed_dots import gram_sums
 
@@ -90,3 +92,39 @@ def nuslerp_weights(backend: ModuleType, segments: list[Segment], chunk: int, we
     if dots is None:
         return lerp_weights(t)
     return weights_from_sums(t, dots[(0, 0)], dots[(1, 1)], dots[(0, 1)])
+
+
+def row_weights(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nuslerp_flatten: false` (mergekit: one arc per row of the last dimension): the float32 weights (a, b) of
+    each row of the two vectors (float32 [rows, cols]), weights_from_sums applied to the row's exact sums
+    (fixed_dots.row_dots); the trigonometry runs on the host in Python's math, as for a whole tensor, so the weights
+    are the same on every device. A row with a NaN or infinite entry takes the linear weights."""
+    from fusemerge.kernels.fixed_dots import row_dots
+
+    top0, top1 = (v.abs().amax(dim=1).to(torch.float64) for v in (v0, v1))
+    finite = torch.isfinite(top0) & torch.isfinite(top1)
+    top0, top1 = (torch.where(finite, x, torch.zeros_like(x)) for x in (top0, top1))
+    sums = torch.stack([row_dots(v0, v0, top0 * top0), row_dots(v1, v1, top1 * top1),
+                        row_dots(v0, v1, top0 * top1)]).cpu().tolist()
+    ok = finite.cpu().tolist()
+    pairs = [weights_from_sums(t, aa, bb, ab) if good else lerp_weights(t)
+             for aa, bb, ab, good in zip(*sums, ok, strict=True)]
+    a = torch.tensor([p[0] for p in pairs], dtype=torch.float32, device=v0.device)
+    b = torch.tensor([p[1] for p in pairs], dtype=torch.float32, device=v0.device)
+    return a, b
+
+
+def merge_rows(base: torch.Tensor | None, models: list[torch.Tensor], cols: int, t: float, out_dtype: torch.dtype
+               ) -> torch.Tensor:
+    """One chunk (whole rows) of a per-row nuslerp: each row a x_0 + b x_1 (no base), or base + (a d_0 + b d_1)
+    with one, as the whole-tensor merge's kernels sum (float32 products, added in order, rounded once)."""
+    from fusemerge.kernels.reference import _rounded
+
+    x0, x1 = (m.to(torch.float32).reshape(-1, cols) for m in models)
+    b32 = base.to(torch.float32).reshape(-1, cols) if base is not None else None
+    v0, v1 = (x0 - b32, x1 - b32) if b32 is not None else (x0, x1)
+    a, b = row_weights(v0, v1, t)
+    out = (v0 * a.unsqueeze(1)).add_(v1 * b.unsqueeze(1))
+    if b32 is not None:
+        out = b32 + out
+    return _rounded(out.reshape(-1), out_dtype)

@@ -43,8 +43,9 @@ class ChunkParams:
                 (kernels/sce.py)
     ram:        RAM's (sparsifier "ram"): (epsilon, RAM+'s per-expert scales of its own entries or None for ram)
                 (kernels/ram.py)
-    filter_rows: model_stock's with filter_wise: true: the row length; each row's weights come from its own
-                cosines (kernels/model_stock.py: merge_rows; `weights` are then unused)
+    filter_rows: model_stock's with filter_wise: true, or a per-row nuslerp's (nuslerp_t its t): the row length;
+                each row's weights come from the row itself (kernels/model_stock.py, kernels/nuslerp.py: merge_rows;
+                `weights` are then unused)
     """
 
     sparsifier: str
@@ -66,6 +67,7 @@ class ChunkParams:
     sce_cut: tuple[int, int] | None = None
     ram: tuple[float, tuple[float, ...] | None] | None = None
     filter_rows: int | None = None
+    nuslerp_t: float | None = None
 
     @property
     def n(self) -> int:

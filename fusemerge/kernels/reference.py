@@ -157,10 +157,14 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
 
         _count_all(nonfinite, base, experts, p)
         return merge_sce(base, experts, start, p, out_dtype)
-    if p.filter_rows is not None:  # model_stock per row: torch operations (kernels/model_stock.py)
+    if p.filter_rows is not None:  # model_stock or nuslerp per row: torch operations
+        _count_all(nonfinite, base, experts, p)
+        if p.nuslerp_t is not None:
+            from fusemerge.kernels import nuslerp
+
+            return nuslerp.merge_rows(None if p.linear else base, experts, p.filter_rows, p.nuslerp_t, out_dtype)
         from fusemerge.kernels.model_stock import merge_rows
 
-        _count_all(nonfinite, base, experts, p)
         return merge_rows(experts, p.filter_rows, out_dtype)
     if p.sparsifier == "ram":  # likewise (kernels/ram.py)
         from fusemerge.kernels.ram import merge_ram

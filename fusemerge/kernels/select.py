@@ -731,6 +731,11 @@ def tensor_params(
                           keep_bytes=keep_bytes)
     if method.is_nearswap:  # no statistics: t alone decides each entry (reference.nearswap_torch)
         return ChunkParams(sparsifier="none", consensus="none", linear=False, weights=(1.0,), nearswap=float(t))
+    if method.is_nuslerp and filter_rows is not None:  # one arc per row, weighed as its chunk is merged
+        from fusemerge.kernels.nuslerp import t_from_weights
+
+        return ChunkParams(sparsifier="none", consensus="none", linear=method.combines_models, weights=(1.0, 1.0),
+                           filter_rows=filter_rows, nuslerp_t=t_from_weights(*weights))
     if method.is_nuslerp:  # with a base: base + a d_0 + b d_1, task arithmetic's kernels; without: a x_0 + b x_1
         from fusemerge.kernels.nuslerp import nuslerp_weights
 

@@ -250,3 +250,43 @@ def test_the_modules_examples_hold() -> None:
     import fusemerge.kernels.nuslerp as module
 
     assert doctest.testmod(module).attempted == 3 and doctest.testmod(module).failed == 0
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_arc_per_row_without_flatten(with_base: bool, dtype: torch.dtype) -> None:
+    """nuslerp_flatten: false (mergekit: one arc per row of the last dimension): within the oracle's tolerance row by
+    row, on rows whose two vectors are apart by more or less (so their weights differ); the same bits in any chunking
+    of whole rows and on the Triton backend; other weights than the whole tensor's."""
+    g = torch.Generator().manual_seed(DTYPES.index(dtype) + 10 * with_base)
+    rows, cols = 19, 41
+    base = (torch.randn(rows, cols, generator=g) * 0.02).to(dtype)
+    spread = torch.linspace(0.05, 3.0, rows).unsqueeze(1)
+    x0, x1 = ((base.float() + torch.randn(rows, cols, generator=g) * 0.02 * spread).to(dtype) for _ in range(2))
+    b = base if with_base else None
+    w = (0.3, 0.9)
+    got = merge_tensors(b, [x0, x1], "nuslerp", weight=list(w), nuslerp_flatten=False, chunk=2 * cols)
+    assert got.dtype == dtype and got.shape == x0.shape
+    expect = torch.from_numpy(oracle.nuslerp_rows(x0, x1, w, b)).reshape(rows, cols)
+    # the weighted terms' scale: these rows' arc weights stay below 4 (the most apart rows are ~70 degrees)
+    terms = (x0.double().abs() + x1.double().abs()) * 4 + (base.double().abs() if with_base else 0)
+    assert _close(got, expect, terms, dtype)
+    for chunk in (cols, 7 * cols + 3, 1 << 20):
+        again = merge_tensors(b, [x0, x1], "nuslerp", weight=list(w), nuslerp_flatten=False, chunk=chunk)
+        assert torch.equal(again.view(-1), got.view(-1)), chunk
+    tri = merge_tensors(on_kernels(b), on_kernels([x0, x1]), "nuslerp", weight=list(w), nuslerp_flatten=False,
+                        backend="triton", chunk=3 * cols).cpu()
+    assert torch.equal(tri.view(-1), got.view(-1))
+    if with_base:
+        assert not torch.equal(got, merge_tensors(b, [x0, x1], "nuslerp", weight=list(w)))
+
+
+def test_a_row_with_a_nan_takes_the_linear_weights() -> None:
+    from fusemerge.kernels.nuslerp import lerp_weights, row_weights
+
+    g = torch.Generator().manual_seed(1)
+    v0, v1 = torch.randn(3, 8, generator=g), torch.randn(3, 8, generator=g)
+    v1[1, 4] = float("nan")
+    a, b = row_weights(v0, v1, 0.25)
+    assert (float(a[1]), float(b[1])) == lerp_weights(0.25)
+    assert float(a[0]) != lerp_weights(0.25)[0] and float(a[2]) != lerp_weights(0.25)[0]
