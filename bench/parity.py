@@ -177,6 +177,14 @@ def _angle_weights(method, t: TensorPlan, xs: list[torch.Tensor], base: torch.Te
         cols = t.row_length
         a, b = row_weights(xs, cols)
         return (a.double().repeat_interleave(cols), *(b.double().repeat_interleave(cols),) * (len(xs) - 1))
+    if method.is_nuslerp and t.nuslerp_cols:  # per column: (a, b) from each column's sums over the tensor
+        from fusemerge.kernels.nuslerp import column_weights, t_from_weights
+
+        cols, n = t.columns, xs[0].numel()
+        seg = Segment(n, lambda s, c: (base[s:s + c] if base is not None else None, [x[s:s + c] for x in xs]))
+        a, b = column_weights([seg], n, t_from_weights(*t.weights), cols)
+        rows = n // cols
+        return (torch.tensor(a, dtype=torch.float64).repeat(rows), torch.tensor(b, dtype=torch.float64).repeat(rows))
     if method.is_nuslerp and t.nuslerp_rows:  # per row: (a, b) of the two models or their deltas
         from fusemerge.kernels import nuslerp
 

@@ -88,6 +88,7 @@ class TensorPlan:
     ram: tuple[float, tuple[float, float] | None] | None = None  # RAM's epsilon and RAM+'s (r, alpha) or None
     filter_wise: bool = False  # model_stock's per-row weights
     nuslerp_rows: bool = False  # nuslerp_flatten: false: one arc per row
+    nuslerp_cols: bool = False  # and nuslerp_row_wise: true: one arc per column (the vectors along dimension 0)
 
     @property
     def unit(self) -> int:
@@ -97,7 +98,14 @@ class TensorPlan:
             return unit(rank_layout(self.shape))
         if self.filter_wise or self.nuslerp_rows:
             return max(1, self.shape[-1] if len(self.shape) >= 2 else self.numel)
+        if self.nuslerp_cols:
+            return self.columns
         return 1
+
+    @property
+    def columns(self) -> int:
+        """A per-column nuslerp's columns: the indices of dimensions 1.. (1 for a 1-D tensor)."""
+        return max(1, math.prod(self.shape[1:]))
 
     @property
     def row_length(self) -> int:
@@ -1162,12 +1170,8 @@ def tensor_parameters(method: Method, name: str, per_model_values: Callable[[str
         problems.append(f"tensor '{name}': the weights resolve to {weights}, which add up to 0, and normalize is "
                         f"true, so the merge would divide by 0{ZERO_SUM_HINT}")
     extra: dict[str, object] = {"epsilon": epsilon} if epsilon else {}
-    if method.is_nuslerp and not setting("nuslerp_flatten"):  # one arc per row (the last dimension)
-        if setting("nuslerp_row_wise"):
-            problems.append(f"tensor '{name}': nuslerp_row_wise: true with nuslerp_flatten: false (one arc per column) "
-                            "is not supported yet; fusemerge interpolates each row (nuslerp_row_wise: false) or the "
-                            "whole tensor (nuslerp_flatten: true)")
-        extra["nuslerp_rows"] = True
+    if method.is_nuslerp and not setting("nuslerp_flatten"):  # one arc per row, or per column with row_wise
+        extra["nuslerp_cols" if setting("nuslerp_row_wise") else "nuslerp_rows"] = True
     if problems:
         raise InputError(problems)
     return dict(weights=weights, density=density, gamma=gamma, lam=lam, normalize=normalize,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -168,9 +169,9 @@ def merge_tensors(
     `weight`, `density`, `gamma`, `epsilon` (della's): one value for every expert, or a sequence of one per
     expert; unset ones take the method's defaults, as in a config. `t`: slerp's interpolation factor (0 is
     `base`, 1 the one expert); `filter_wise`: model_stock's (true: weights per row), whose experts are the two or
-    more models merged onto `base`; `nuslerp_flatten` (false: one arc per row), `nuslerp_row_wise` (not with
-    flatten false): nuslerp's, whose experts are its two models (interpolated themselves, or with `base` their
-    deltas from it) and `weight` their two weights;
+    more models merged onto `base`; `nuslerp_flatten` (false: one arc per row), `nuslerp_row_wise` (with
+    flatten false: one arc per column): nuslerp's, whose experts are its two models (interpolated themselves, or
+    with `base` their deltas from it) and `weight` their two weights;
     `select_topk`: sce's (default 1: every entry; its weights come from the deltas, so it takes no `weight`);
     `epsilon` (one value), `r`, `alpha`: ram's and ramplus_tl's (defaults 1e-5, 0.1, 0.2; no `weight` either);
     `max_iter`, `tol`: karcher's (defaults 10 and 1e-5), whose experts are the models averaged (with `base`, if
@@ -263,6 +264,9 @@ def merge_tensors(
     elif (m.is_model_stock and p_args.get("filter_wise")) or p_args.get("nuslerp_rows"):
         rows = max(1, shape[-1] if len(shape) >= 2 else numel)
         chunk = whole_units(rows, chunk)
+    columns = max(1, math.prod(shape[1:])) if p_args.get("nuslerp_cols") else None  # per-column nuslerp
+    if columns is not None:
+        chunk = whole_units(columns, chunk)
     # CPU DARE (or DELLA) with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per
     # entry and expert, 1/16 of bf16 inputs) instead of drawing Philox (and sorting) twice
     masks = (KeepMasks(KeepMasks.bytes_for(numel, chunk, n))
@@ -278,7 +282,7 @@ def merge_tensors(
                           backend=kstats, masks=masks, t=p_args.get("t"), models=n,
                           karcher=p_args.get("karcher"), eps=p_args.get("eps"), epsilon=p_args.get("epsilon"),
                           shape=tuple(shape), select_topk=p_args.get("select_topk"), ram=p_args.get("ram"),
-                          filter_rows=rows)
+                          filter_rows=rows, columns=columns)
         for s in range(0, numel, chunk):
             c = min(chunk, numel - s)
             out[s:s + c] = kmerge.merge_chunk(fbase[s:s + c] if fbase is not None else None,

@@ -274,3 +274,14 @@ def nuslerp_rows(x0: torch.Tensor, x1: torch.Tensor, w: tuple[float, float], bas
     r0, r1 = x0.reshape(-1, cols), x1.reshape(-1, cols)
     rb = base.reshape(-1, cols) if base is not None else None
     return np.concatenate([nuslerp(r0[r], r1[r], w, rb[r] if rb is not None else None) for r in range(r0.shape[0])])
+
+
+def nuslerp_cols(x0: torch.Tensor, x1: torch.Tensor, w: tuple[float, float], base: torch.Tensor | None = None
+                 ) -> np.ndarray:
+    """nuslerp with nuslerp_flatten: false and nuslerp_row_wise: true (mergekit: the vectors along dimension 0, one
+    arc per index of the others) in float64 (flat, in the tensor's order)."""
+    lead = x0.shape[0] if x0.dim() >= 1 else 1
+    c0, c1 = x0.reshape(lead, -1), x1.reshape(lead, -1)
+    cb = base.reshape(lead, -1) if base is not None else None
+    cols = [nuslerp(c0[:, c], c1[:, c], w, cb[:, c] if cb is not None else None) for c in range(c0.shape[1])]
+    return np.stack(cols, axis=1).reshape(-1)

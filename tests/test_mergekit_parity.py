@@ -137,6 +137,10 @@ def _configs(fam: dict, mixed: dict, bins: dict) -> dict[str, dict]:
                                  "models": [{"model": e1, "parameters": {"weight": 0.7}},
                                             {"model": e3, "parameters": {"weight": 0.5}}],
                                  "parameters": {"nuslerp_flatten": False}},
+        "nuslerp_cols": {"merge_method": "nuslerp", "base_model": base, "dtype": "float32", "out_dtype": "bfloat16",
+                         "models": [{"model": e2, "parameters": {"weight": 0.6}},
+                                    {"model": e3, "parameters": {"weight": 0.9}}],
+                         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
         "model_stock_filter_wise": {"merge_method": "model_stock", "base_model": base, "dtype": "float32",
                                     "out_dtype": "bfloat16", "models": [{"model": base}, {"model": e1},
                                                                         {"model": e2}, {"model": e3}],
@@ -283,7 +287,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
 @pytest.mark.parametrize("name", ["linear", "task_arithmetic", "task_arithmetic_mixed_dtypes", "slerp",
                                   "slerp_slices", "model_stock", "model_stock_filter_wise", "model_stock_slices",
                                   "nuslerp", "nuslerp_no_base", "nuslerp_slices", "nuslerp_rows",
-                                  "nuslerp_rows_no_base", "karcher", "karcher_slices",
+                                  "nuslerp_rows_no_base", "nuslerp_cols", "karcher", "karcher_slices",
                                   "multislerp", "multislerp_no_base", "multislerp_slices", "sce"])
 def test_weighted_sums_within_one_ulp(merged: dict, name: str) -> None:
     config, fm, mk = merged[name]

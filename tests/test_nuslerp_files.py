@@ -95,8 +95,9 @@ def test_merge_tensors_takes_nuslerps_flags() -> None:
                                                nuslerp_row_wise=True), plain)  # row_wise: mergekit's no-op here
     # a 1-D tensor is one row: one arc per row is the whole tensor's arc, bit for bit
     assert torch.equal(fusemerge.merge_tensors(b, [m1, m2], "nuslerp", nuslerp_flatten=False), plain)
-    with pytest.raises(InputError, match="nuslerp_row_wise: true with nuslerp_flatten: false"):
-        fusemerge.merge_tensors(b, [m1, m2], "nuslerp", nuslerp_flatten=False, nuslerp_row_wise=True)
+    # and one arc per column of a 1-D tensor is its one vector too
+    assert torch.equal(fusemerge.merge_tensors(b, [m1, m2], "nuslerp", nuslerp_flatten=False, nuslerp_row_wise=True),
+                       plain)
     with pytest.raises(InputError, match=r"experts\[0, 1\] are the same tensor; nuslerp takes each model once"):
         fusemerge.merge_tensors(None, [m1, m1], "nuslerp")
 
@@ -119,4 +120,23 @@ def test_one_arc_per_row_through_files(tmp_path: Path, fam: dict, base: bool) ->
         w0 = resolve([0.3, 1.0], name, SHAPE["layers"])
         expect = fusemerge.merge_tensors(mb[name] if base else None, [m1[name], m3[name]], "nuslerp",
                                          weight=[w0, 0.8], nuslerp_flatten=False)
+        assert torch.equal(tensor.view(torch.int16), expect.view(torch.int16)), name
+
+
+def test_one_arc_per_column_through_files(tmp_path: Path, fam: dict) -> None:
+    """nuslerp_flatten: false with nuslerp_row_wise: true: each column's sums run over every chunk (a statistics pass,
+    three reads of a tensor not held whole); each tensor is merge_tensors' bytes, and the same at a budget whose
+    chunks hold a few rows with two workers."""
+    from fusemerge.config import resolve
+
+    cfg = write(tmp_path, models_config(fam, parameters={"nuslerp_flatten": False, "nuslerp_row_wise": True}))
+    plan = merge_twice(tmp_path, cfg, "96KiB")
+    big = [t for t in plan.tensors if plan.kept_bytes(t) > plan.resident_bytes]
+    assert big and all(plan.reads(t) == 3 for t in big)
+    merged, mb = load_model(tmp_path / "a"), load_model(fam["base"])
+    m1, m3 = load_model(fam["experts"][0]), load_model(fam["experts"][2])
+    for name, tensor in merged.items():
+        w0 = resolve([0.3, 1.0], name, SHAPE["layers"])
+        expect = fusemerge.merge_tensors(mb[name], [m1[name], m3[name]], "nuslerp", weight=[w0, 0.8],
+                                         nuslerp_flatten=False, nuslerp_row_wise=True)
         assert torch.equal(tensor.view(torch.int16), expect.view(torch.int16)), name

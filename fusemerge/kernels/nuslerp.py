@@ -32,6 +32,7 @@ the output (mergekit's are all NaN).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING
 
@@ -125,6 +126,75 @@ def merge_rows(base: torch.Tensor | None, models: list[torch.Tensor], cols: int,
     v0, v1 = (x0 - b32, x1 - b32) if b32 is not None else (x0, x1)
     a, b = row_weights(v0, v1, t)
     out = (v0 * a.unsqueeze(1)).add_(v1 * b.unsqueeze(1))
+    if b32 is not None:
+        out = b32 + out
+    return _rounded(out.reshape(-1), out_dtype)
+
+
+def column_weights(segments: list[Segment], chunk: int, t: float, cols: int
+                   ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`nuslerp_flatten: false` with `nuslerp_row_wise: true` (mergekit: one arc per index of dimensions 1.. , the
+    vector along dimension 0; `cols` = their product, 1 for a 1-D tensor): the float32 weights (a, b) of each such
+    column, from its exact sums over every chunk (whole rows of `cols`): a pass for each column's largest
+    magnitudes, then one for its fixed-point sums (fixed_dots' rule, one shift per column, the chunks' integer sums
+    added exactly as int64), then weights_from_sums per column on the host. A column with a NaN or infinite entry
+    takes the linear weights."""
+    from fusemerge.kernels.fixed_dots import FRACTION_BITS, PRODUCT_BITS
+    from fusemerge.kernels.select import _chunks
+
+    def vectors(base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        vs = [x.to(torch.float32) - base.to(torch.float32) if base is not None else x.to(torch.float32) for x in xs]
+        return [v.reshape(-1, cols) for v in vs]
+
+    top: list[torch.Tensor] | None = None
+    for _, base, xs in _chunks(segments, chunk):
+        found = [v.abs().amax(dim=0).to(torch.float64) for v in vectors(base, xs)] if xs[0].numel() else None
+        if found is not None:
+            top = found if top is None else [torch.maximum(a, b) for a, b in zip(top, found, strict=True)]
+    if top is None:
+        return lerp_weights(t)[:1] * cols, lerp_weights(t)[1:] * cols
+    finite = torch.isfinite(top[0]) & torch.isfinite(top[1])
+    top = [torch.where(finite, x, torch.zeros_like(x)) for x in top]
+    pairs = {(0, 0): top[0] * top[0], (1, 1): top[1] * top[1], (0, 1): top[0] * top[1]}
+    shifts = {}
+    for key, prod in pairs.items():
+        _, e = torch.frexp(torch.where(prod > 0, prod, torch.ones_like(prod)))  # prod < 2^e
+        shifts[key] = (PRODUCT_BITS - e).to(torch.float64)
+    whole = {key: torch.zeros(cols, dtype=torch.int64, device=top[0].device) for key in pairs}
+    part = {key: torch.zeros(cols, dtype=torch.int64, device=top[0].device) for key in pairs}
+    for _, base, xs in _chunks(segments, chunk):
+        if not xs[0].numel():
+            continue
+        v = vectors(base, xs)
+        for (i, j), s in shifts.items():
+            p = torch.ldexp(v[i].to(torch.float64).mul_(v[j].to(torch.float64)), s)  # exact, each below 2^32
+            w = p.trunc()
+            f = p.sub_(w).mul_(2.0**FRACTION_BITS).trunc_()
+            whole[(i, j)] += w.sum(dim=0).to(torch.int64)  # a chunk's rows: integer sums exact in float64
+            part[(i, j)] += f.sum(dim=0).to(torch.int64)
+    sums = {}
+    for key, s in shifts.items():
+        total = whole[key].to(torch.float64).add_(part[key].to(torch.float64).mul_(2.0**-FRACTION_BITS))
+        sums[key] = torch.where(pairs[key] > 0, torch.ldexp(total, -s), torch.zeros_like(total)).cpu().tolist()
+    ok = finite.cpu().tolist()
+    found = [weights_from_sums(t, aa, bb, ab) if good else lerp_weights(t)
+             for aa, bb, ab, good in zip(sums[(0, 0)], sums[(1, 1)], sums[(0, 1)], ok, strict=True)]
+    return tuple(w[0] for w in found), tuple(w[1] for w in found)
+
+
+def merge_columns(base: torch.Tensor | None, models: list[torch.Tensor], a: Sequence[float], b: Sequence[float],
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """One chunk (whole rows of len(a) columns) of a per-column nuslerp: a_c x_0 + b_c x_1, or base + (a_c d_0 +
+    b_c d_1), as merge_rows sums."""
+    from fusemerge.kernels.reference import _rounded
+
+    cols = len(a)
+    x0, x1 = (m.to(torch.float32).reshape(-1, cols) for m in models)
+    b32 = base.to(torch.float32).reshape(-1, cols) if base is not None else None
+    v0, v1 = (x0 - b32, x1 - b32) if b32 is not None else (x0, x1)
+    wa = torch.tensor(a, dtype=torch.float32, device=v0.device)
+    wb = torch.tensor(b, dtype=torch.float32, device=v0.device)
+    out = (v0 * wa).add_(v1 * wb)
     if b32 is not None:
         out = b32 + out
     return _rounded(out.reshape(-1), out_dtype)

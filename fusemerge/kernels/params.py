@@ -46,6 +46,8 @@ class ChunkParams:
     filter_rows: model_stock's with filter_wise: true, or a per-row nuslerp's (nuslerp_t its t): the row length;
                 each row's weights come from the row itself (kernels/model_stock.py, kernels/nuslerp.py: merge_rows;
                 `weights` are then unused)
+    nuslerp_cols: a per-column nuslerp's (nuslerp_row_wise with flatten false): each column's weights (a, b)
+                (kernels/nuslerp.py: merge_columns; chunks are whole rows of len(a))
     """
 
     sparsifier: str
@@ -68,6 +70,7 @@ class ChunkParams:
     ram: tuple[float, tuple[float, ...] | None] | None = None
     filter_rows: int | None = None
     nuslerp_t: float | None = None
+    nuslerp_cols: tuple[tuple[float, ...], tuple[float, ...]] | None = None
 
     @property
     def n(self) -> int:

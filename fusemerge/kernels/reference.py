@@ -157,6 +157,11 @@ def _merge(base, experts, start, params, out_dtype, nonfinite, masks) -> torch.T
 
         _count_all(nonfinite, base, experts, p)
         return merge_sce(base, experts, start, p, out_dtype)
+    if p.nuslerp_cols is not None:  # nuslerp per column: torch operations (kernels/nuslerp.py)
+        from fusemerge.kernels import nuslerp
+
+        _count_all(nonfinite, base, experts, p)
+        return nuslerp.merge_columns(None if p.linear else base, experts, *p.nuslerp_cols, out_dtype)
     if p.filter_rows is not None:  # model_stock or nuslerp per row: torch operations
         _count_all(nonfinite, base, experts, p)
         if p.nuslerp_t is not None:

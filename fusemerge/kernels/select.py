@@ -678,6 +678,7 @@ def tensor_params(
     select_topk: float | None = None,
     ram: tuple[float, tuple[float, float] | None] | None = None,
     filter_rows: int | None = None,
+    columns: int | None = None,
 ):
     """Run tensor `name`'s statistics pass and return the ChunkParams every chunk of it uses.
 
@@ -691,7 +692,7 @@ def tensor_params(
     DELLA's epsilon per expert and the tensor's shape, whose rank groups the drop ranks in (`chunk`: whole units
     of them, della.aligned_chunk); `select_topk`: SCE's (kernels/sce.py: its cut and weights); `ram`: RAM's
     (epsilon, RAM+'s (r, alpha) or None; kernels/ram.py); `filter_rows`: model_stock filter_wise's row length
-    (no statistics: each chunk's rows weigh themselves).
+    (no statistics: each chunk's rows weigh themselves); `columns`: a per-column nuslerp's (whole rows of them).
     """
     from fusemerge.kernels.params import ChunkParams
 
@@ -731,6 +732,11 @@ def tensor_params(
                           keep_bytes=keep_bytes)
     if method.is_nearswap:  # no statistics: t alone decides each entry (reference.nearswap_torch)
         return ChunkParams(sparsifier="none", consensus="none", linear=False, weights=(1.0,), nearswap=float(t))
+    if method.is_nuslerp and columns is not None:  # one arc per column: its sums over every chunk
+        from fusemerge.kernels.nuslerp import column_weights, t_from_weights
+
+        return ChunkParams(sparsifier="none", consensus="none", linear=method.combines_models, weights=(1.0, 1.0),
+                           nuslerp_cols=column_weights(segments, chunk, t_from_weights(*weights), columns))
     if method.is_nuslerp and filter_rows is not None:  # one arc per row, weighed as its chunk is merged
         from fusemerge.kernels.nuslerp import t_from_weights
 

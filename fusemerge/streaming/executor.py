@@ -233,7 +233,8 @@ class Executor:
             # (1/8 of it made bench/memory.py's 64 MiB TIES merge 31% slower, for 4 MiB less)
             keep_bytes=self.plan.resident_bytes, t=t.t, models=len(t.inputs),
             karcher=t.karcher, eps=t.eps, epsilon=t.epsilon, shape=t.shape, select_topk=t.select_topk,
-            ram=t.ram, filter_rows=t.row_length if t.filter_wise or t.nuslerp_rows else None)
+            ram=t.ram, filter_rows=t.row_length if t.filter_wise or t.nuslerp_rows else None,
+            columns=t.columns if t.nuslerp_cols else None)
         self.times.add(stats=time.perf_counter() - t0)
         return params
 

@@ -290,3 +290,30 @@ def test_a_row_with_a_nan_takes_the_linear_weights() -> None:
     a, b = row_weights(v0, v1, 0.25)
     assert (float(a[1]), float(b[1])) == lerp_weights(0.25)
     assert float(a[0]) != lerp_weights(0.25)[0] and float(a[2]) != lerp_weights(0.25)[0]
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("shape", [(29, 17), (6, 5, 7), (64,)])
+def test_one_arc_per_column_with_row_wise(with_base: bool, shape: tuple[int, ...]) -> None:
+    """nuslerp_flatten: false with nuslerp_row_wise: true (mergekit: the vectors along dimension 0): within the oracle's
+    tolerance column by column; the same bits in any chunking of whole rows (the column sums run over every chunk)
+    and on the Triton backend; a 1-D tensor is one column, the whole tensor's arc."""
+    g = torch.Generator().manual_seed(len(shape) + 5 * with_base)
+    base = (torch.randn(shape, generator=g) * 0.02).to(torch.bfloat16)
+    spread = torch.linspace(0.05, 3.0, shape[-1])  # columns apart by more or less
+    x0, x1 = ((base.float() + torch.randn(shape, generator=g) * 0.02 * spread).to(torch.bfloat16) for _ in range(2))
+    b = base if with_base else None
+    w = (0.3, 0.9)
+    kw = dict(weight=list(w), nuslerp_flatten=False, nuslerp_row_wise=True)
+    cols = max(1, math.prod(shape[1:]))
+    got = merge_tensors(b, [x0, x1], "nuslerp", chunk=2 * cols, **kw)
+    expect = torch.from_numpy(oracle.nuslerp_cols(x0, x1, w, b)).reshape(shape)
+    terms = (x0.double().abs() + x1.double().abs()) * 4 + (base.double().abs() if with_base else 0)
+    assert _close(got, expect, terms, torch.bfloat16)
+    for chunk in (cols, 3 * cols + 1, 1 << 20):
+        assert torch.equal(merge_tensors(b, [x0, x1], "nuslerp", chunk=chunk, **kw).view(-1), got.view(-1)), chunk
+    tri = merge_tensors(on_kernels(b), on_kernels([x0, x1]), "nuslerp", backend="triton", chunk=5 * cols,
+                        **kw).cpu()
+    assert torch.equal(tri.view(-1), got.view(-1))
+    if len(shape) == 1:
+        assert torch.equal(got, merge_tensors(b, [x0, x1], "nuslerp", weight=list(w)))
