@@ -58,8 +58,8 @@ def ram_params(backend: ModuleType, segments: list[Segment], chunk: int, epsilon
         for _, base, xs in _chunks(segments, chunk):
             _, nz, count = _changed(base, xs, epsilon)
             many, one = count > 1, count == 1
-            s = [int((m & many).sum()) for m in nz]
-            o = [int((m & one).sum()) for m in nz]
+            # both counts of every expert in one read back to the host (one wait per chunk on a GPU)
+            s, o = torch.stack([torch.stack([(m & many).sum(), (m & one).sum()]) for m in nz]).T.tolist()
             shared = s if shared is None else [a + b for a, b in zip(shared, s, strict=True)]
             own = o if not own else [a + b for a, b in zip(own, o, strict=True)]
         if shared is None:  # an empty tensor: nothing to count
