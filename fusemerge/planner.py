@@ -32,7 +32,8 @@ from fusemerge.config import (
     sums_to_zero,
 )
 from fusemerge.errors import InputError
-from fusemerge.kernels.della import check_epsilon, rank_layout, unit, whole_units
+from fusemerge.kernels.della import check_epsilon, rank_layout, unit
+from fusemerge.kernels.layout import dim0_columns, row_length, whole_units
 from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.methods import Method
 from fusemerge.options import opt, opt_name
@@ -92,25 +93,25 @@ class TensorPlan:
 
     @property
     def unit(self) -> int:
-        """Entries a chunk holds whole: DELLA's rank units (kernels/della.py), model_stock filter_wise's rows (the
-        last dimension; a 1-D tensor is one row); else 1."""
+        """Entries a chunk holds whole (kernels/layout.py): DELLA's rank units (kernels/della.py), the rows of
+        model_stock's filter_wise and nuslerp's per-row arcs, the rows of a per-column nuslerp's columns; else 1."""
         if self.epsilon is not None:
             return unit(rank_layout(self.shape))
         if self.filter_wise or self.nuslerp_rows:
-            return max(1, self.shape[-1] if len(self.shape) >= 2 else self.numel)
+            return self.row_length
         if self.nuslerp_cols:
             return self.columns
         return 1
 
     @property
     def columns(self) -> int:
-        """A per-column nuslerp's columns: the indices of dimensions 1.. (1 for a 1-D tensor)."""
-        return max(1, math.prod(self.shape[1:]))
+        """A per-column nuslerp's columns: the vectors along dimension 0 (1 for a 1-D tensor)."""
+        return dim0_columns(self.shape)
 
     @property
     def row_length(self) -> int:
-        """model_stock filter_wise's and a per-row nuslerp's row length (the unit)."""
-        return self.unit
+        """model_stock filter_wise's and a per-row nuslerp's row length: the last dimension's."""
+        return row_length(self.shape)
 
     def chunk(self, elems: int) -> int:
         """Elements per chunk of this tensor for a chunk size of `elems`: a whole number of units, at least one."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Sequence
 
@@ -13,7 +12,8 @@ from fusemerge.config import DTYPE_ALIASES, MergeConfig, did_you_mean, validate_
 from fusemerge.errors import InputError
 from fusemerge.kernels import load_backend, on_device
 from fusemerge.kernels.dare_masks import KeepMasks
-from fusemerge.kernels.della import aligned_chunk, rank_layout, whole_units
+from fusemerge.kernels.della import aligned_chunk, rank_layout
+from fusemerge.kernels.layout import dim0_columns, row_length, whole_units
 from fusemerge.kernels.params import MAX_EXPERTS
 from fusemerge.kernels.select import Segment, tensor_params
 from fusemerge.methods import METHODS
@@ -262,9 +262,9 @@ def merge_tensors(
     if m.sparsifier == "della":  # its chunks are whole rows, which it ranks together (kernels/della.py)
         chunk = aligned_chunk(rank_layout(shape), chunk)
     elif (m.is_model_stock and p_args.get("filter_wise")) or p_args.get("nuslerp_rows"):
-        rows = max(1, shape[-1] if len(shape) >= 2 else numel)
+        rows = row_length(shape)
         chunk = whole_units(rows, chunk)
-    columns = max(1, math.prod(shape[1:])) if p_args.get("nuslerp_cols") else None  # per-column nuslerp
+    columns = dim0_columns(shape) if p_args.get("nuslerp_cols") else None  # per-column nuslerp
     if columns is not None:
         chunk = whole_units(columns, chunk)
     # CPU DARE (or DELLA) with the L1 rescale: the statistics pass keeps its keep masks for the merge (1 bit per

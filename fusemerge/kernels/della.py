@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from fusemerge.kernels.layout import whole_units
 from fusemerge.kernels.philox import philox_rand_run
 
 if TYPE_CHECKING:
@@ -66,11 +67,6 @@ def aligned_chunk(layout: tuple[int, int], chunk: int) -> int:
     """The largest whole number of units in `chunk` elements, at least one unit (the caller checks that one
     unit fits its memory: planner.py refuses a merge whose unit exceeds the chunk)."""
     return whole_units(unit(layout), chunk)
-
-
-def whole_units(u: int, chunk: int) -> int:
-    """The largest multiple of `u` entries in `chunk`, at least `u` (DELLA's units, model_stock filter_wise's rows)."""
-    return max(u, chunk - chunk % u)
 
 
 def della_keep(d: torch.Tensor, start: int, key: int, density: float, epsilon: float,

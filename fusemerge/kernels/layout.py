@@ -7,6 +7,7 @@ pointers to copy to the device per chunk. Chunks handed over separately are stac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,3 +37,23 @@ def expert_rows(experts: Sequence[torch.Tensor] | torch.Tensor) -> tuple[torch.T
             return first, gap // size
     return torch.stack(list(experts)), first.numel()
 
+
+
+# How a tensor's entries group for the methods that weigh or rank them together (DELLA's rank units, model_stock's
+# filter_wise and nuslerp's per-row arcs: rows of the last dimension; nuslerp's per-column arcs: the vectors along
+# dimension 0, so a chunk holds whole rows of the other dimensions' entries).
+
+
+def row_length(shape: Sequence[int]) -> int:
+    """Entries of one row of the last dimension (a tensor of fewer than two dimensions is one row)."""
+    return max(1, shape[-1] if len(shape) >= 2 else math.prod(shape))
+
+
+def dim0_columns(shape: Sequence[int]) -> int:
+    """How many vectors run along dimension 0: the product of the other dimensions (1 for a 1-D tensor)."""
+    return max(1, math.prod(shape[1:]))
+
+
+def whole_units(u: int, chunk: int) -> int:
+    """The largest multiple of `u` entries in `chunk`, at least `u`."""
+    return max(u, chunk - chunk % u)
