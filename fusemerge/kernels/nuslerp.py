@@ -119,13 +119,20 @@ def merge_rows(base: torch.Tensor | None, models: list[torch.Tensor], cols: int,
                ) -> torch.Tensor:
     """One chunk (whole rows) of a per-row nuslerp: each row a x_0 + b x_1 (no base), or base + (a d_0 + b d_1)
     with one, as the whole-tensor merge's kernels sum (float32 products, added in order, rounded once)."""
+    return _combine(base, models, cols, lambda v0, v1: (w.unsqueeze(1) for w in row_weights(v0, v1, t)), out_dtype)
+
+
+def _combine(base: torch.Tensor | None, models: list[torch.Tensor], cols: int, weigh, out_dtype: torch.dtype
+             ) -> torch.Tensor:
+    """a v_0 + b v_1 over a chunk seen as rows of `cols` (v_i the models, or their deltas from `base`, then added
+    to it), (a, b) = weigh(v_0, v_1) broadcast over the rows; float32, rounded once."""
     from fusemerge.kernels.reference import _rounded
 
     x0, x1 = (m.to(torch.float32).reshape(-1, cols) for m in models)
     b32 = base.to(torch.float32).reshape(-1, cols) if base is not None else None
     v0, v1 = (x0 - b32, x1 - b32) if b32 is not None else (x0, x1)
-    a, b = row_weights(v0, v1, t)
-    out = (v0 * a.unsqueeze(1)).add_(v1 * b.unsqueeze(1))
+    a, b = weigh(v0, v1)
+    out = (v0 * a).add_(v1 * b)
     if b32 is not None:
         out = b32 + out
     return _rounded(out.reshape(-1), out_dtype)
@@ -186,15 +193,7 @@ def merge_columns(base: torch.Tensor | None, models: list[torch.Tensor], a: Sequ
                   out_dtype: torch.dtype) -> torch.Tensor:
     """One chunk (whole rows of len(a) columns) of a per-column nuslerp: a_c x_0 + b_c x_1, or base + (a_c d_0 +
     b_c d_1), as merge_rows sums."""
-    from fusemerge.kernels.reference import _rounded
+    def weigh(v0: torch.Tensor, v1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.tensor(w, dtype=torch.float32, device=v0.device) for w in (a, b))
 
-    cols = len(a)
-    x0, x1 = (m.to(torch.float32).reshape(-1, cols) for m in models)
-    b32 = base.to(torch.float32).reshape(-1, cols) if base is not None else None
-    v0, v1 = (x0 - b32, x1 - b32) if b32 is not None else (x0, x1)
-    wa = torch.tensor(a, dtype=torch.float32, device=v0.device)
-    wb = torch.tensor(b, dtype=torch.float32, device=v0.device)
-    out = (v0 * wa).add_(v1 * wb)
-    if b32 is not None:
-        out = b32 + out
-    return _rounded(out.reshape(-1), out_dtype)
+    return _combine(base, models, len(a), weigh, out_dtype)

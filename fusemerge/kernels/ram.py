@@ -19,7 +19,6 @@ No sort, no weights from the config (mergekit's have none). The merge runs as to
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import ModuleType
 
 import numpy as np
 import torch
@@ -46,11 +45,10 @@ def _changed(base: torch.Tensor, experts: Sequence[torch.Tensor], epsilon: float
     return ds, nz, count
 
 
-def ram_params(backend: ModuleType, segments: list[Segment], chunk: int, epsilon: float,
-               plus: tuple[float, float] | None, experts: int) -> ChunkParams:
+def ram_params(segments: list[Segment], chunk: int, epsilon: float, plus: tuple[float, float] | None,
+               experts: int) -> ChunkParams:
     """The ChunkParams of a RAM tensor of `experts` experts; `plus` (r, alpha): RAM+'s per-expert scales from its
     counts (one pass over `segments`; ram reads nothing here: the pipeline gives it segments that cannot load)."""
-    del backend  # counts need no kernel: torch operations on the chunks' device
     lambdas: tuple[float, ...] | None = None
     if plus is not None:
         shared: list[int] | None = None

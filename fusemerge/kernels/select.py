@@ -724,7 +724,7 @@ def tensor_params(
         from fusemerge.kernels.ram import EPSILON, ram_params
 
         eps, plus = ram if ram is not None else (EPSILON, None)
-        return ram_params(backend, segments, chunk, eps, plus, models)
+        return ram_params(segments, chunk, eps, plus, models)  # counts: torch operations, no kernel
     if method.is_sce:
         from fusemerge.kernels.sce import SELECT_TOPK, sce_params
 

@@ -406,7 +406,8 @@ def merge_chunk(
     tensor([-2., -2., -2., -2.], device='cuda:0')
     """
     # a sort per row, a variance's top set, RAM's counts, model_stock's weights per row: torch operations
-    if params.sparsifier in ("della", "sce", "ram") or params.filter_rows is not None or params.nuslerp_cols:
+    if params.sparsifier in ("della", "sce", "ram") or params.filter_rows is not None \
+            or params.nuslerp_cols is not None:
         return _torch_chunk(base, experts, start, params, out_dtype, out, nonfinite)
     _check_params(params)
     rows = [experts[i] for i in range(len(experts))]

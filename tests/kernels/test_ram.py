@@ -94,14 +94,13 @@ def test_parameters_are_checked():
 def test_ram_reads_nothing_for_its_parameters():
     """ram has no statistics pass: its parameters come without loading a chunk (the GPU pipeline hands such methods
     a segment that cannot load); RAM+'s counts read the segments."""
-    from fusemerge.kernels import reference
     from fusemerge.kernels.ram import ram_params
     from fusemerge.kernels.select import Segment
 
     def no_load(start: int, count: int):
         raise AssertionError("read")
 
-    p = ram_params(reference, [Segment(100, no_load)], 64, 1e-5, None, 3)
+    p = ram_params([Segment(100, no_load)], 64, 1e-5, None, 3)
     assert p.weights == (1.0, 1.0, 1.0) and p.ram == (1e-5, None)
     with pytest.raises(AssertionError, match="read"):
-        ram_params(reference, [Segment(100, no_load)], 64, 1e-5, (0.1, 0.2), 3)
+        ram_params([Segment(100, no_load)], 64, 1e-5, (0.1, 0.2), 3)
