@@ -110,7 +110,7 @@ def _plan_options(fn):
         click.option("--out-shard-size", default="5GB", show_default=True,
                      help="Bytes per output shard: 5GB, 2GiB, or mergekit's forms (an integer; 500M, 5B with k/M/B "
                           "= thousand / million / billion bytes)."),
-        click.option("--seed", type=int, default=None, help="DARE seed (default 0)."),
+        click.option("--seed", type=int, default=None, help="DARE's and DELLA's seed (default 0)."),
         click.option("--random-seed", type=int, default=None, help="mergekit's alias for --seed."),
         click.option("--workers", type=int, default=None, help="Tensors merged at once (default: 2 on CPU, 1 on GPU)."),
         click.option("--max-pinned-memory", default=None,
@@ -204,11 +204,11 @@ def main(verbose: int) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty OUT_DIR.")
 @click.option("--resume", is_flag=True,
               help="Continue a merge into OUT_DIR that was killed or interrupted, merging only the tensors it had "
-                   "not written; same bytes as an uninterrupted run. Refused (exit 2) if the config, --seed (DARE), "
-                   "--out-shard-size or an input changed since. With nothing to resume, starts from the beginning; "
-                   "into a finished merge of the same config and inputs, does nothing but write again a file deleted "
-                   "from it since (refused if an input was rewritten since it was read; --overwrite then merges "
-                   "again).")
+                   "not written; same bytes as an uninterrupted run. Refused (exit 2) if the config, --seed (DARE, "
+                   "DELLA), --out-shard-size or an input changed since. With nothing to resume, starts from the "
+                   "beginning; into a finished merge of the same config and inputs, does nothing but write again a "
+                   "file deleted from it since (refused if an input was rewritten since it was read; --overwrite "
+                   "then merges again).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("--allow-nonfinite", is_flag=True,
               help="Merge inputs that hold NaN or Inf (default: stop, naming the tensor and the input files).")
@@ -398,8 +398,10 @@ def demo(out_dir, method, device, quiet) -> None:
 @main.command()
 @click.option("--method", type=click.Choice([m for m in METHODS if m != "passthrough"]), default="ties",
               show_default=True, help="Merge method (passthrough merges nothing to time).")
-@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True)
-@click.option("--experts", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--density", type=click.FloatRange(0, 1, min_open=True), default=0.2, show_default=True,
+              help="density of the methods that take one (sce: its select_topk).")
+@click.option("--experts", type=click.IntRange(min=1), default=4, show_default=True,
+              help="models besides the base (methods that take a fixed number, such as slerp's one, take that).")
 @click.option("--hidden", type=click.IntRange(min=1), default=1024, show_default=True)
 @click.option("--intermediate", type=click.IntRange(min=1), default=2816, show_default=True)
 @click.option("--layers", type=click.IntRange(min=1), default=8, show_default=True)
@@ -418,16 +420,28 @@ def bench(method, density, experts, hidden, intermediate, layers, vocab, device,
     from fusemerge.merge import run as run_merge
     from fusemerge.synthetic import make_llama_family, write_config_yaml
 
+    m = METHODS[method]
+    lo, hi = m.others
+    n = min(max(experts, lo), hi if hi is not None else max(experts, lo))
+    if n != experts:
+        click.echo(f"{method} merges {n if hi == lo else f'at least {lo}'} model(s) besides the base: "
+                   f"{n} expert(s), not {experts}")
+    params: dict[str, object] = {}
+    if "density" in m.params:
+        params["density"] = density
+    if "select_topk" in m.params:
+        params["select_topk"] = density
+    if "t" in m.params:  # slerp's interpolation factor, nearswap's distance: required, no default
+        params["t"] = 0.5 if m.is_slerp else 1e-3
     root = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fusemerge-bench-"))
     try:
-        fam = make_llama_family(root / "models", n_experts=experts, hidden=hidden, intermediate=intermediate,
+        fam = make_llama_family(root / "models", n_experts=n, hidden=hidden, intermediate=intermediate,
                                 layers=layers, vocab=vocab, seed=0)
-        params = {"density": density} if method not in ("linear", "task_arithmetic") else {}
         write_config_yaml(root / "bench.yml", method, fam["base"], fam["experts"], **params)
         result = run_merge(root / "bench.yml", root / "out", device=device, backend=backend, max_memory=max_memory,
                            overwrite=True)
         p = result.plan
-        click.echo(f"{method}, {experts} experts + base, {fam['params']:,} parameters each, bf16, on {p.device} "
+        click.echo(f"{method}, {n} experts + base, {fam['params']:,} parameters each, bf16, on {p.device} "
                    f"({p.backend}, {p.workers} worker(s))")
         click.echo(f"{format_size(result.input_bytes)} in, {format_size(result.output_bytes)} out in "
                    f"{result.seconds:.2f} s: {result.input_gbps:.3f} GB/s of input (page cache warm: just written)")

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 import fusemerge
 from fusemerge.errors import InputError
+from fusemerge.methods import METHODS
 from tests.cli_helpers import invoke, make_cli_family
 
 
@@ -221,6 +222,16 @@ def test_bench_and_inspect_of_one_file(fam: dict) -> None:
     r = invoke("inspect", fam["base"] / "model.safetensors", "--no-tensors")
     assert r.exit_code == 0, r.output
     assert "parameters" in r.stdout and "shards      1" in r.stdout
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "passthrough"])
+def test_bench_runs_every_method_it_offers(method: str) -> None:
+    """Every --method choice merges: the density only where the method takes one (sce: its select_topk), a t where
+    it needs one, and the experts a method takes a fixed number of (slerp's one, nuslerp's two)."""
+    r = invoke("bench", "--method", method, "--hidden", "16", "--intermediate", "40", "--layers", "1", "--vocab", "37",
+               "--experts", "3")
+    assert r.exit_code == 0, r.output
+    assert "GB/s of input" in r.stdout and f"{method}, " in r.stdout
 
 
 def test_inspect_missing_path_exit_2(tmp_path: Path) -> None:
