@@ -108,16 +108,42 @@ def combination_norm(c: list[float], gram: list[list[float]]) -> float:
     return math.sqrt(max(sum(c[i] * c[j] * gram[i][j] for i in range(k) for j in range(k)), 0.0))
 
 
-def row_dots(x: torch.Tensor, y: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """float64 [rows]: each row's <x, y> (float32 [rows, cols] inputs), exact to 2^-32 of a fixed-point unit set
-    per row by `top` (float64 [rows], at least every |x_j y_j| of the row) as fixed_dots' sums are: each product
-    scaled below 2^32 and split into its integer part and 32 bits of fraction, whose row sums are exact in float64
-    (a row of up to 2^21 entries), so the result does not depend on the device or its summation order."""
-    live = top > 0
-    _, e = torch.frexp(torch.where(live, top, torch.ones_like(top)))  # top < 2^e
-    shift = (PRODUCT_BITS - e).to(torch.float64).unsqueeze(1)
+def slice_shifts(top: torch.Tensor) -> torch.Tensor:
+    """float64, per slice: the power of two S for which every |product| * 2^S of the slice is below 2^PRODUCT_BITS,
+    `top` (float64) bounding them (shift_for, vectorized; 0 for a slice whose bound is 0)."""
+    _, e = torch.frexp(torch.where(top > 0, top, torch.ones_like(top)))  # top < 2^e
+    return (PRODUCT_BITS - e).to(torch.float64)
+
+
+def fixed_parts(x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed-point sums along `dim` of p = x * y * 2^shift (float32 [rows, cols] inputs, `shift` broadcast along
+    `dim`): (sum of trunc(p), sum of trunc((p - trunc(p)) * 2^32)) as float64 integers, exact whatever the device's
+    summation order while a slice holds fewer than 2^21 entries (each term is below 2^32)."""
     p = torch.ldexp(x.to(torch.float64).mul_(y.to(torch.float64)), shift)  # exact: 48-bit products, a power of 2
     whole = p.trunc()
     part = p.sub_(whole).mul_(2.0**FRACTION_BITS).trunc_()
-    total = whole.sum(dim=1).add_(part.sum(dim=1).mul_(2.0**-FRACTION_BITS))
-    return torch.where(live, torch.ldexp(total, -shift.squeeze(1)), torch.zeros_like(total))
+    return whole.sum(dim=dim), part.sum(dim=dim)
+
+
+def fixed_value(whole: torch.Tensor, part: torch.Tensor, shift: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """float64 sums from fixed_parts' integer sums (added over any number of chunks): (whole + part 2^-32) 2^-shift,
+    0 where the slice's bound `top` is 0."""
+    total = whole.to(torch.float64).add_(part.to(torch.float64).mul_(2.0**-FRACTION_BITS))
+    return torch.where(top > 0, torch.ldexp(total, -shift), torch.zeros_like(total))
+
+
+def row_gram(vs: list[torch.Tensor]) -> tuple[dict[Pair, torch.Tensor], torch.Tensor]:
+    """Every <v_i, v_j>, i <= j, per row of the vectors (float32 [rows, cols]), exact to 2^-32 of a fixed-point unit
+    set per row and pair as gram_sums' are, so the same on every device; and which rows are finite (where a row of
+    some v_i holds a NaN or Inf its sums are not computed: 0)."""
+    top = [v.abs().amax(dim=1).to(torch.float64) for v in vs]
+    finite = torch.stack([torch.isfinite(t) for t in top]).all(dim=0)
+    top = [torch.where(finite, t, torch.zeros_like(t)) for t in top]
+    dots = {}
+    for i in range(len(vs)):
+        for j in range(i, len(vs)):
+            bound = top[i] * top[j]
+            shift = slice_shifts(bound)
+            whole, part = fixed_parts(vs[i], vs[j], shift.unsqueeze(1), dim=1)
+            dots[(i, j)] = fixed_value(whole, part, shift, bound)
+    return dots, finite

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from fusemerge.kernels.fixed_dots import gram_sums, row_dots
+from fusemerge.kernels.fixed_dots import gram_sums, row_gram
 
 if TYPE_CHECKING:
     from fusemerge.kernels.select import Segment
@@ -76,10 +76,7 @@ def row_weights(models: list[torch.Tensor], cols: int) -> tuple[torch.Tensor, to
     x0 = models[0].to(torch.float32).reshape(-1, cols)
     ds = [m.to(torch.float32).reshape(-1, cols) - x0 for m in models[1:]]
     n = len(ds)
-    top = [d.abs().amax(dim=1).to(torch.float64) for d in ds]
-    finite = torch.stack([torch.isfinite(t) for t in top]).all(dim=0)
-    top = [torch.where(finite, t, torch.zeros_like(t)) for t in top]
-    dots = {(i, j): row_dots(ds[i], ds[j], top[i] * top[j]) for i in range(n) for j in range(i, n)}
+    dots, finite = row_gram(ds)
     norms = [dots[(i, i)].sqrt() for i in range(n)]
     cos = torch.zeros_like(norms[0])
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]

@@ -98,15 +98,12 @@ def nuslerp_weights(backend: ModuleType, segments: list[Segment], chunk: int, we
 def row_weights(v0: torch.Tensor, v1: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`nuslerp_flatten: false` (mergekit: one arc per row of the last dimension): the float32 weights (a, b) of
     each row of the two vectors (float32 [rows, cols]), weights_from_sums applied to the row's exact sums
-    (fixed_dots.row_dots); the trigonometry runs on the host in Python's math, as for a whole tensor, so the weights
+    (fixed_dots.row_gram); the trigonometry runs on the host in Python's math, as for a whole tensor, so the weights
     are the same on every device. A row with a NaN or infinite entry takes the linear weights."""
-    from fusemerge.kernels.fixed_dots import row_dots
+    from fusemerge.kernels.fixed_dots import row_gram
 
-    top0, top1 = (v.abs().amax(dim=1).to(torch.float64) for v in (v0, v1))
-    finite = torch.isfinite(top0) & torch.isfinite(top1)
-    top0, top1 = (torch.where(finite, x, torch.zeros_like(x)) for x in (top0, top1))
-    sums = torch.stack([row_dots(v0, v0, top0 * top0), row_dots(v1, v1, top1 * top1),
-                        row_dots(v0, v1, top0 * top1)]).cpu().tolist()
+    dots, finite = row_gram([v0, v1])
+    sums = torch.stack([dots[(0, 0)], dots[(1, 1)], dots[(0, 1)]]).cpu().tolist()
     ok = finite.cpu().tolist()
     pairs = [weights_from_sums(t, aa, bb, ab) if good else lerp_weights(t)
              for aa, bb, ab, good in zip(*sums, ok, strict=True)]
@@ -146,7 +143,7 @@ def column_weights(segments: list[Segment], chunk: int, t: float, cols: int
     magnitudes, then one for its fixed-point sums (fixed_dots' rule, one shift per column, the chunks' integer sums
     added exactly as int64), then weights_from_sums per column on the host. A column with a NaN or infinite entry
     takes the linear weights."""
-    from fusemerge.kernels.fixed_dots import FRACTION_BITS, PRODUCT_BITS
+    from fusemerge.kernels.fixed_dots import fixed_parts, fixed_value, slice_shifts
     from fusemerge.kernels.select import _chunks
 
     def vectors(base: torch.Tensor | None, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -162,27 +159,19 @@ def column_weights(segments: list[Segment], chunk: int, t: float, cols: int
         return lerp_weights(t)[:1] * cols, lerp_weights(t)[1:] * cols
     finite = torch.isfinite(top[0]) & torch.isfinite(top[1])
     top = [torch.where(finite, x, torch.zeros_like(x)) for x in top]
-    pairs = {(0, 0): top[0] * top[0], (1, 1): top[1] * top[1], (0, 1): top[0] * top[1]}
-    shifts = {}
-    for key, prod in pairs.items():
-        _, e = torch.frexp(torch.where(prod > 0, prod, torch.ones_like(prod)))  # prod < 2^e
-        shifts[key] = (PRODUCT_BITS - e).to(torch.float64)
-    whole = {key: torch.zeros(cols, dtype=torch.int64, device=top[0].device) for key in pairs}
-    part = {key: torch.zeros(cols, dtype=torch.int64, device=top[0].device) for key in pairs}
+    bounds = {(0, 0): top[0] * top[0], (1, 1): top[1] * top[1], (0, 1): top[0] * top[1]}
+    shifts = {key: slice_shifts(bound) for key, bound in bounds.items()}
+    whole = {key: torch.zeros(cols, dtype=torch.int64, device=top[0].device) for key in bounds}
+    part = {key: torch.zeros(cols, dtype=torch.int64, device=top[0].device) for key in bounds}
     for _, base, xs in _chunks(segments, chunk):
         if not xs[0].numel():
             continue
         v = vectors(base, xs)
-        for (i, j), s in shifts.items():
-            p = torch.ldexp(v[i].to(torch.float64).mul_(v[j].to(torch.float64)), s)  # exact, each below 2^32
-            w = p.trunc()
-            f = p.sub_(w).mul_(2.0**FRACTION_BITS).trunc_()
-            whole[(i, j)] += w.sum(dim=0).to(torch.int64)  # a chunk's rows: integer sums exact in float64
-            part[(i, j)] += f.sum(dim=0).to(torch.int64)
-    sums = {}
-    for key, s in shifts.items():
-        total = whole[key].to(torch.float64).add_(part[key].to(torch.float64).mul_(2.0**-FRACTION_BITS))
-        sums[key] = torch.where(pairs[key] > 0, torch.ldexp(total, -s), torch.zeros_like(total)).cpu().tolist()
+        for (i, j), s in shifts.items():  # a chunk's integer sums, then added over the chunks exactly as int64
+            w, f = fixed_parts(v[i], v[j], s, dim=0)
+            whole[(i, j)] += w.to(torch.int64)
+            part[(i, j)] += f.to(torch.int64)
+    sums = {key: fixed_value(whole[key], part[key], s, bounds[key]).cpu().tolist() for key, s in shifts.items()}
     ok = finite.cpu().tolist()
     found = [weights_from_sums(t, aa, bb, ab) if good else lerp_weights(t)
              for aa, bb, ab, good in zip(sums[(0, 0)], sums[(1, 1)], sums[(0, 1)], ok, strict=True)]
