@@ -268,8 +268,7 @@ def test_one_arc_per_row_without_flatten(with_base: bool, dtype: torch.dtype) ->
     got = merge_tensors(b, [x0, x1], "nuslerp", weight=list(w), nuslerp_flatten=False, chunk=2 * cols)
     assert got.dtype == dtype and got.shape == x0.shape
     expect = torch.from_numpy(oracle.nuslerp_rows(x0, x1, w, b)).reshape(rows, cols)
-    # the weighted terms' scale: these rows' arc weights stay below 4 (the most apart rows are ~70 degrees)
-    terms = (x0.double().abs() + x1.double().abs()) * 4 + (base.double().abs() if with_base else 0)
+    terms = _terms(x0.reshape(rows, cols), x1.reshape(rows, cols), w, b).reshape(rows, cols)
     assert _close(got, expect, terms, dtype)
     for chunk in (cols, 7 * cols + 3, 1 << 20):
         again = merge_tensors(b, [x0, x1], "nuslerp", weight=list(w), nuslerp_flatten=False, chunk=chunk)
@@ -308,7 +307,9 @@ def test_one_arc_per_column_with_row_wise(with_base: bool, shape: tuple[int, ...
     cols = max(1, math.prod(shape[1:]))
     got = merge_tensors(b, [x0, x1], "nuslerp", chunk=2 * cols, **kw)
     expect = torch.from_numpy(oracle.nuslerp_cols(x0, x1, w, b)).reshape(shape)
-    terms = (x0.double().abs() + x1.double().abs()) * 4 + (base.double().abs() if with_base else 0)
+    lead = shape[0]
+    terms = _terms(*(x.reshape(lead, -1).T for x in (x0, x1)), w,
+                   b.reshape(lead, -1).T if b is not None else None).T.reshape(shape)
     assert _close(got, expect, terms, torch.bfloat16)
     for chunk in (cols, 3 * cols + 1, 1 << 20):
         assert torch.equal(merge_tensors(b, [x0, x1], "nuslerp", chunk=chunk, **kw).view(-1), got.view(-1)), chunk
@@ -317,3 +318,16 @@ def test_one_arc_per_column_with_row_wise(with_base: bool, shape: tuple[int, ...
     assert torch.equal(tri.view(-1), got.view(-1))
     if len(shape) == 1:
         assert torch.equal(got, merge_tensors(b, [x0, x1], "nuslerp", weight=list(w)))
+
+
+def _terms(x0: torch.Tensor, x1: torch.Tensor, w: tuple[float, float], base: torch.Tensor | None) -> torch.Tensor:
+    """Per row of the 2-D x0, x1 (and base): the magnitude of the weighted terms summed, |a| |v_0| + |b| |v_1|
+    (+ |base|), (a, b) the oracle's weights of that row (the scale float32's rounding applies at, as in
+    test_merge_matches_float64_oracle)."""
+    out = []
+    for r in range(x0.shape[0]):
+        br = base[r] if base is not None else None
+        a, b = (abs(v) for v in oracle.nuslerp_weights(x0[r], x1[r], w, br))
+        v0, v1 = ((x[r].float() - br.float()) if br is not None else x[r].float() for x in (x0, x1))
+        out.append(a * v0.double().abs() + b * v1.double().abs() + (br.double().abs() if br is not None else 0))
+    return torch.stack(out)
